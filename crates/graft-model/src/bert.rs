@@ -1,0 +1,487 @@
+//! BERT encoder (Devlin et al. 2019) and BertForSequenceClassification, as transformers
+//! defines them, with linear sites named like transformers' module paths.
+//!
+//! Dropout is not applied (the training graph is deterministic for a seed); the frozen base is
+//! used as in evaluation mode, which is also how the PEFT fixtures' logits were produced.
+use crate::hooks::{Hooks, ModelInfo, SiteInfo};
+use crate::layers::{ClassifierHead, LayerNorm, Linear};
+use crate::ops;
+use crate::weights::Weights;
+use crate::{init, Error, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The fields of a BERT config.json that the forward pass depends on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Every other field of config.json, kept so that a saved model's config round-trips.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_model_type() -> String {
+    "bert".into()
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "model config",
+            },
+            _ => Error::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        let config: Self = serde_json::from_str(&text).map_err(|source| Error::Config {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {
+            return Err(Error::InvalidConfig(format!(
+                "hidden_act `{}` is not supported (gelu, gelu_new, relu)",
+                self.hidden_act
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// A batch of token ids as the model takes it, each `[batch, seq]`.
+pub struct Inputs {
+    pub input_ids: Tensor,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    pub token_type_ids: Option<Tensor>,
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// The BERT encoder (`bert.*` in a BertForSequenceClassification checkpoint).
+pub struct Bert {
+    config: Config,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Linear,
+}
+
+/// The prefix every module path of the encoder carries in transformers' task models.
+pub const PREFIX: &str = "bert.";
+
+impl Bert {
+    pub fn load(config: Config, weights: &Weights) -> Result<Self> {
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let embeddings = Embeddings {
+            word: weights.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+            position: weights.get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type: weights.get(
+                "embeddings.token_type_embeddings.weight",
+                &[config.type_vocab_size, h],
+            )?,
+            norm: LayerNorm::load(weights, "embeddings.LayerNorm", h, eps)?,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let site = |suffix: &str, inp: usize, out: usize| -> Result<Linear> {
+                let mut linear =
+                    Linear::load(weights, &format!("{p}.{suffix}"), inp, out, true, Some(i))?;
+                linear = Linear::new(
+                    &format!("{PREFIX}{p}.{suffix}"),
+                    linear.weight().clone(),
+                    linear.bias().cloned(),
+                    Some(i),
+                );
+                Ok(linear)
+            };
+            layers.push(Layer {
+                query: site("attention.self.query", h, h)?,
+                key: site("attention.self.key", h, h)?,
+                value: site("attention.self.value", h, h)?,
+                attention_out: site("attention.output.dense", h, h)?,
+                attention_norm: LayerNorm::load(
+                    weights,
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                    eps,
+                )?,
+                intermediate: site("intermediate.dense", h, config.intermediate_size)?,
+                output: site("output.dense", config.intermediate_size, h)?,
+                output_norm: LayerNorm::load(weights, &format!("{p}.output.LayerNorm"), h, eps)?,
+            });
+        }
+        let pooler = Linear::load(weights, "pooler.dense", h, h, true, None)?;
+        let pooler = Linear::new(
+            &format!("{PREFIX}pooler.dense"),
+            pooler.weight().clone(),
+            pooler.bias().cloned(),
+            None,
+        );
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            model_type: self.config.model_type.clone(),
+            hidden_size: self.config.hidden_size,
+            num_layers: self.config.num_hidden_layers,
+            num_heads: self.config.num_attention_heads,
+            num_kv_heads: self.config.num_attention_heads,
+            head_dim: self.config.head_dim(),
+            vocab_size: self.config.vocab_size,
+        }
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.query,
+                    &l.key,
+                    &l.value,
+                    &l.attention_out,
+                    &l.intermediate,
+                    &l.output,
+                ]
+            })
+            .chain(std::iter::once(&self.pooler))
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.query,
+                    &mut l.key,
+                    &mut l.value,
+                    &mut l.attention_out,
+                    &mut l.intermediate,
+                    &mut l.output,
+                ]
+            })
+            .chain(std::iter::once(&mut self.pooler))
+    }
+
+    pub fn sites(&self) -> Vec<SiteInfo> {
+        self.linears().map(Linear::info).collect()
+    }
+
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        self.linears().find(|l| l.name() == name)
+    }
+
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        self.linears_mut().find(|l| l.name() == name)
+    }
+
+    /// Hidden states `[batch, prompt + seq, hidden]` and the widened 0/1 mask over them.
+    pub fn forward(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<(Tensor, Tensor)> {
+        let (b, s) = inputs.input_ids.dims2()?;
+        let dtype = self.embeddings.word.dtype();
+        let device = self.embeddings.word.device();
+        let prefix_len = hooks.kv_prefix_len();
+
+        let word = self
+            .embeddings
+            .word
+            .index_select(&inputs.input_ids.flatten_all()?, 0)?
+            .reshape((b, s, ()))?;
+        let token_types = match &inputs.token_type_ids {
+            Some(t) => t.clone(),
+            None => Tensor::zeros((b, s), DType::U32, device)?,
+        };
+        let mask = inputs.attention_mask.to_dtype(DType::F32)?;
+        // Prompt tuning: virtual tokens go ahead of the word embeddings, before positions and
+        // token types are added; their token type is 0 and the mask is widened with ones.
+        let (word, token_types, mask) = match hooks.prompt(b)? {
+            Some(prompt) => {
+                let n = prompt.dim(1)?;
+                (
+                    Tensor::cat(&[&prompt.to_dtype(dtype)?, &word], 1)?,
+                    Tensor::cat(&[&Tensor::zeros((b, n), DType::U32, device)?, &token_types], 1)?,
+                    Tensor::cat(&[&Tensor::ones((b, n), DType::F32, device)?, &mask], 1)?,
+                )
+            }
+            None => (word, token_types, mask),
+        };
+        let t = word.dim(1)?;
+        // Key/value prefixes act as past positions: the real tokens' positions start after them.
+        let first = prefix_len;
+        if first + t > self.config.max_position_embeddings {
+            return Err(Error::InvalidConfig(format!(
+                "sequence of {t} tokens (plus {first} prefix positions) exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let position = self.embeddings.position.narrow(0, first, t)?;
+        let token_type = self
+            .embeddings
+            .token_type
+            .index_select(&token_types.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let embedded = word
+            .broadcast_add(&position)?
+            .add(&token_type)?;
+        let mut hidden = self.embeddings.norm.forward(&embedded)?;
+
+        let key_mask = if prefix_len > 0 {
+            Tensor::cat(&[&Tensor::ones((b, prefix_len), DType::F32, device)?, &mask], 1)?
+        } else {
+            mask.clone()
+        };
+        let bias = ops::additive_mask(&key_mask, dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            hidden = self.layer_forward(i, layer, &hidden, &bias, hooks)?;
+        }
+        Ok((hidden, mask))
+    }
+
+    fn layer_forward(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        hooks: &dyn Hooks,
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let hd = self.config.head_dim();
+        let split = |y: Tensor| y.reshape((b, t, heads, hd));
+        let q = split(layer.query.forward(x, hooks)?)?;
+        let mut k = split(layer.key.forward(x, hooks)?)?;
+        let mut v = split(layer.value.forward(x, hooks)?)?;
+        if let Some((pk, pv)) = hooks.kv_prefix(index, b)? {
+            k = Tensor::cat(&[&pk.to_dtype(k.dtype())?, &k], 1)?;
+            v = Tensor::cat(&[&pv.to_dtype(v.dtype())?, &v], 1)?;
+        }
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let context = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h))?;
+        let attended = layer.attention_out.forward(&context, hooks)?;
+        let x = layer.attention_norm.forward(&(attended + x)?)?;
+        let inner = layer.intermediate.forward(&x, hooks)?;
+        let inner = match self.config.hidden_act.as_str() {
+            "gelu" => inner.gelu_erf()?,
+            "gelu_new" => inner.gelu()?,
+            _ => inner.relu()?,
+        };
+        let out = layer.output.forward(&inner, hooks)?;
+        layer.output_norm.forward(&(out + x)?)
+    }
+
+    /// transformers' BertPooler: dense + tanh on the first position.
+    pub fn pool_first(&self, hidden: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(self.pooler.forward(&first, hooks)?.tanh()?)
+    }
+}
+
+/// How a sequence is reduced to the vector the classifier reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// BERT's pooler (dense + tanh on the first token), as BertForSequenceClassification.
+    #[default]
+    Pooler,
+    /// The mean over real tokens, as sentence-transformers' all-MiniLM-L6-v2.
+    Mean,
+}
+
+/// mean over positions where `mask` is 1: `[b, t, h]`, `[b, t]` -> `[b, h]`.
+pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+    Ok(summed.broadcast_div(&counts)?)
+}
+
+/// transformers' BertForSequenceClassification: encoder, pooling, linear classifier.
+pub struct BertForSequenceClassification {
+    pub bert: Bert,
+    pub pooling: Pooling,
+    pub head: ClassifierHead,
+}
+
+impl BertForSequenceClassification {
+    /// Loads a model folder (config.json + model.safetensors); the head is initialised like
+    /// transformers' (normal(0, 0.02) weights, zero bias) from `seed`.
+    pub fn load(
+        dir: &Path,
+        num_labels: usize,
+        pooling: Pooling,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let weights = Weights::load(&dir.join("model.safetensors"), dtype, device)?.with_prefix(PREFIX);
+        let bert = Bert::load(config, &weights)?;
+        let h = bert.config.hidden_size;
+        // A checkpoint of a sequence classifier (e.g. written by `graft merge`) carries its head.
+        let head = match (
+            weights.find("classifier.weight"),
+            weights.find("classifier.bias"),
+        ) {
+            (Some(w), Some(b)) if w.dims() == [num_labels, h] => ClassifierHead::new(w.clone(), b.clone())?,
+            _ => {
+                let mut rng = init::seeded_rng(seed);
+                ClassifierHead::new(
+                    init::normal(&mut rng, &[num_labels, h], 0.02, dtype, device)?,
+                    Tensor::zeros(num_labels, dtype, device)?,
+                )?
+            }
+        };
+        Ok(Self {
+            bert,
+            pooling,
+            head,
+        })
+    }
+
+    /// Logits `[batch, num_labels]`.
+    pub fn forward(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<Tensor> {
+        let (hidden, mask) = self.bert.forward(inputs, hooks)?;
+        let pooled = match self.pooling {
+            Pooling::Pooler => self.bert.pool_first(&hidden, hooks)?,
+            Pooling::Mean => masked_mean(&hidden, &mask)?,
+        };
+        self.head.forward(&pooled)
+    }
+
+    /// Writes a complete BertForSequenceClassification checkpoint (config.json +
+    /// model.safetensors, `bert.`-prefixed names plus `classifier.*`).
+    pub fn save(&self, dir: &Path, num_labels: usize) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let c = &self.bert.config;
+        let mut tensors: Vec<(String, Tensor)> = vec![
+            ("bert.embeddings.word_embeddings.weight".into(), self.bert.embeddings.word.clone()),
+            ("bert.embeddings.position_embeddings.weight".into(), self.bert.embeddings.position.clone()),
+            ("bert.embeddings.token_type_embeddings.weight".into(), self.bert.embeddings.token_type.clone()),
+        ];
+        let norm = |name: String, n: &LayerNorm| {
+            n.tensors()
+                .map(|(suffix, t)| (format!("{name}.{suffix}"), t.clone()))
+        };
+        tensors.extend(norm("bert.embeddings.LayerNorm".into(), &self.bert.embeddings.norm));
+        for linear in self.bert.linears() {
+            tensors.push((format!("{}.weight", linear.name()), linear.weight().clone()));
+            if let Some(b) = linear.bias() {
+                tensors.push((format!("{}.bias", linear.name()), b.clone()));
+            }
+        }
+        for (i, layer) in self.bert.layers.iter().enumerate() {
+            tensors.extend(norm(format!("bert.encoder.layer.{i}.attention.output.LayerNorm"), &layer.attention_norm));
+            tensors.extend(norm(format!("bert.encoder.layer.{i}.output.LayerNorm"), &layer.output_norm));
+        }
+        for (name, var) in self.head.vars() {
+            tensors.push((format!("classifier.{name}"), var.as_tensor().clone()));
+        }
+        let path = dir.join("model.safetensors");
+        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        candle_core::safetensors::save(&map, &path)?;
+        let mut json = serde_json::to_value(c).map_err(|source| Error::Config {
+            path: dir.join("config.json"),
+            source,
+        })?;
+        json["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+        json["num_labels"] = serde_json::json!(num_labels);
+        let text = serde_json::to_string_pretty(&json).map_err(|source| Error::Config {
+            path: dir.join("config.json"),
+            source,
+        })?;
+        std::fs::write(dir.join("config.json"), text).map_err(|source| Error::Io {
+            path: dir.join("config.json"),
+            source,
+        })
+    }
+}
+
+/// The last dimension's argmax, used by evaluation.
+pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

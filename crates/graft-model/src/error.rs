@@ -1,0 +1,43 @@
+use std::path::PathBuf;
+
+/// Errors of graft-model: loading weights and configs, and building graphs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid model config: {source}")]
+    Config {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: not found ({what}); is this a model folder? Expected config.json, model.safetensors and tokenizer.json")]
+    MissingFile { path: PathBuf, what: &'static str },
+    #[error("{path}: cannot read safetensors weights: {reason}")]
+    Weights { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{name}` is missing (looked for {tried})")]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        tried: String,
+    },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("invalid model configuration: {0}")]
+    InvalidConfig(String),
+    #[error("no linear site named `{0}` in this model")]
+    UnknownSite(String),
+    #[error("model fetch failed: {0}")]
+    Fetch(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

