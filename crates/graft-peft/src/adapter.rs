@@ -1,0 +1,151 @@
+//! Hugging Face PEFT's on-disk adapter layout: `adapter_config.json` and
+//! `adapter_model.safetensors`, written atomically.
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Where PEFT saves a sequence classifier's head: prompt-learning methods wrap the model one
+/// level less deep.
+pub fn head_prefix(prompt_learning: bool) -> &'static str {
+    if prompt_learning {
+        "base_model.classifier."
+    } else {
+        "base_model.model.classifier."
+    }
+}
+
+/// Both head prefixes, for reading whatever PEFT or graft wrote.
+pub const HEAD_PREFIXES: [&str; 2] = ["base_model.model.classifier.", "base_model.classifier."];
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename: a crash leaves either
+/// the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let tmp = tmp_path(path);
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Saves an adapter folder. Tensors are written as stored (their dtype), keys sorted.
+pub fn save(dir: &Path, config: &serde_json::Value, tensors: &[(String, Tensor)]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let tmp = tmp_path(&weights);
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::rename(&tmp, &weights).map_err(|source| Error::Io {
+        path: weights.clone(),
+        source,
+    })?;
+    let text = serde_json::to_string_pretty(config).map_err(|source| Error::Json {
+        path: dir.join(CONFIG_FILE),
+        source,
+    })?;
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+/// A saved adapter folder, read.
+pub struct SavedAdapter {
+    pub dir: PathBuf,
+    pub config: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl SavedAdapter {
+    pub fn read(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: config_path.clone(),
+                source,
+            })?;
+        let weights = dir.join(WEIGHTS_FILE);
+        if !weights.is_file() {
+            return Err(Error::Io {
+                path: weights,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights missing"),
+            });
+        }
+        let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| {
+            Error::Io {
+                path: weights.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            }
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            tensors,
+        })
+    }
+
+    /// `peft_type` of adapter_config.json.
+    pub fn peft_type(&self) -> Result<&str> {
+        self.config["peft_type"]
+            .as_str()
+            .ok_or_else(|| Error::Config {
+                method: "adapter".into(),
+                reason: format!("{}: `peft_type` is missing", self.dir.join(CONFIG_FILE).display()),
+            })
+    }
+
+    /// The saved classifier head (`weight`, `bias`) under either PEFT prefix.
+    pub fn head(&self) -> Option<(Tensor, Tensor)> {
+        HEAD_PREFIXES.iter().find_map(|p| {
+            Some((
+                self.tensors.get(&format!("{p}weight"))?.clone(),
+                self.tensors.get(&format!("{p}bias"))?.clone(),
+            ))
+        })
+    }
+
+    /// Tensors that belong to the method (every key but the head's).
+    pub fn method_tensors(&self) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter(|(k, _)| !HEAD_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Takes `key` from `tensors`, checking its shape.
+pub fn take_tensor(tensors: &HashMap<String, Tensor>, key: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
+        key: key.to_string(),
+    })?;
+    if t.dims() != shape {
+        return Err(Error::TensorShape {
+            key: key.to_string(),
+            expected: shape.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(t.clone())
+}

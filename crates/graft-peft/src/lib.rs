@@ -1,0 +1,20 @@
+//! graft-peft: the PEFT-method plugin trait, the plugin loader and ABI check, and Hugging Face
+//! PEFT's adapter file layout.
+//!
+//! Built as a Rust `dylib`: the host and every plugin link this one library, and with it one
+//! copy of candle (whose process-wide tensor-id counter keys gradients). Plugins use candle and
+//! the model types through the re-exports below, never through a dependency of their own.
+pub mod abi;
+pub mod adapter;
+pub mod error;
+pub mod loader;
+pub mod method;
+pub mod targets;
+
+pub use candle_core as candle;
+pub use candle_nn;
+pub use error::{Error, PluginError, Result};
+pub use graft_model;
+pub use method::{Adapter, AttachContext, Method};
+pub use serde_json;
+pub use targets::TargetModules;

@@ -1,0 +1,72 @@
+//! The contract between graft and a PEFT method.
+use crate::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use graft_model::{Hooks, ModelInfo, SiteInfo};
+use std::collections::HashMap;
+
+/// What a method may know of the model it attaches to.
+pub struct AttachContext<'a> {
+    pub info: &'a ModelInfo,
+    pub sites: &'a [SiteInfo],
+    pub dtype: DType,
+    pub device: &'a Device,
+    /// Seeds every random initial tensor the method makes.
+    pub seed: u64,
+}
+
+/// A PEFT method: makes adapters, fresh or from saved files. One per plugin library.
+pub trait Method: Send + Sync {
+    /// Name on the command line and in configs, e.g. `lora`.
+    fn name(&self) -> &'static str;
+    /// Hugging Face PEFT's `peft_type`, e.g. `LORA`.
+    fn peft_type(&self) -> &'static str;
+    fn version(&self) -> &'static str;
+    /// Prompt-learning methods (prefix, prompt, P-tuning) save the classifier head as
+    /// `base_model.classifier.*`; the others as `base_model.model.classifier.*` (as PEFT does).
+    fn is_prompt_learning(&self) -> bool {
+        false
+    }
+    /// A new adapter from the method's config: PEFT's field names, unknown keys refused.
+    fn create(&self, config: &serde_json::Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
+    /// An adapter from a saved `adapter_config.json` (unknown keys ignored, as PEFT writes many)
+    /// and its tensors under their full PEFT keys.
+    fn load(
+        &self,
+        config: &serde_json::Value,
+        tensors: &HashMap<String, Tensor>,
+        ctx: &AttachContext,
+    ) -> Result<Box<dyn Adapter>>;
+}
+
+/// A method attached to one model: the hooks it runs and the state it trains and saves.
+pub trait Adapter: Hooks + Send + Sync {
+    /// Trainable tensors under their PEFT keys (as saved, e.g.
+    /// `base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`).
+    fn trainable(&self) -> Vec<(String, Var)>;
+    /// Training mode turns dropout on.
+    fn set_training(&mut self, _training: bool) {}
+    /// A term added to the task loss (e.g. an orthogonality regulariser).
+    fn extra_loss(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// Called after every optimizer step (e.g. a rank budget update).
+    fn after_step(&mut self, _step: usize, _grads: &GradStore) -> Result<()> {
+        Ok(())
+    }
+    /// The method's fields of `adapter_config.json` (peft_type and task fields are added by
+    /// the host).
+    fn config_json(&self) -> serde_json::Value;
+    /// Tensors to save, under their full PEFT keys.
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .trainable()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect())
+    }
+    /// Weight deltas `[out, in]` per linear site, if the method can be merged into the base.
+    fn merge_deltas(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+        Ok(None)
+    }
+}

@@ -1,0 +1,103 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read tokenizer file {path}: {source}")]
+    ReadTokenizer {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The tokenizers crate reports errors as boxed trait objects, so only the text is kept.
+    #[error(
+        "cannot parse tokenizer file {path} (expected a Hugging Face tokenizer.json): {message}"
+    )]
+    ParseTokenizer { path: PathBuf, message: String },
+
+    #[error(
+        "tokenizer {path}: max_len must be greater than the {special_tokens} special token(s) \
+         the tokenizer adds to every sequence, found max_len {max_len}"
+    )]
+    MaxLenTooSmall {
+        path: PathBuf,
+        max_len: usize,
+        special_tokens: usize,
+    },
+
+    #[error("tokenizer {path}: cannot configure truncation to max_len {max_len}: {message}")]
+    Truncation {
+        path: PathBuf,
+        max_len: usize,
+        message: String,
+    },
+
+    #[error("tokenizer {path}: cannot encode text {index} of the batch: {message}")]
+    Encode {
+        path: PathBuf,
+        index: usize,
+        message: String,
+    },
+
+    #[error(
+        "tokenizer {path}: text {index} of the batch encoded to {found} tokens, \
+         expected at most max_len {max_len}"
+    )]
+    TooLong {
+        path: PathBuf,
+        index: usize,
+        max_len: usize,
+        found: usize,
+    },
+
+    #[error("template {template:?}: {message} at character {position}")]
+    TemplateSyntax {
+        template: String,
+        /// 1-based character position in the template.
+        position: usize,
+        message: String,
+    },
+
+    #[error(
+        "template {template:?} uses column {column:?}, which is not among the available \
+         columns: {}",
+        quoted_list(.available)
+    )]
+    MissingColumn {
+        template: String,
+        column: String,
+        available: Vec<String>,
+    },
+
+    #[error("template {template:?}: no value given for column {column:?}")]
+    MissingValue { template: String, column: String },
+
+    #[error("label set is empty: expected at least one label")]
+    EmptyLabelSet,
+
+    #[error("label {position} is empty (or only whitespace): expected a non-empty label")]
+    EmptyLabel {
+        /// 1-based position in the list.
+        position: usize,
+    },
+
+    #[error("label {label:?} is given twice, at positions {first} and {second}: expected distinct labels")]
+    DuplicateLabel {
+        label: String,
+        first: usize,
+        second: usize,
+    },
+}
+
+/// Crate-wide result alias.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// `"a", "b", "c"`: quoted so that stray whitespace in a name is visible.
+pub(crate) fn quoted_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

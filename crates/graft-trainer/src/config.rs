@@ -1,0 +1,186 @@
+//! A training run's configuration: TOML, every field defaulted, unknown keys refused.
+use crate::{Error, Result};
+use graft_model::bert::Pooling;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    /// `name` picks the plugin; every other key is the method's own (PEFT's field names).
+    pub method: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A model folder (config.json, model.safetensors, tokenizer.json); empty: fetch `name`.
+    pub dir: Option<PathBuf>,
+    /// A model graft knows how to fetch (`minilm`), used when `dir` is not set.
+    pub name: String,
+    pub pooling: Pooling,
+    pub max_len: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            name: "minilm".into(),
+            pooling: Pooling::Pooler,
+            max_len: 128,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Labelled CSV; empty: `../shared/data/abstracts/train.csv` if present, else the demo set.
+    pub train: Option<PathBuf>,
+    /// Model input built from CSV columns.
+    pub template: String,
+    pub label_column: String,
+    /// Class labels as written in the CSV; index order is the classifier's output order.
+    pub labels: Vec<String>,
+    /// Share of each class held out for validation.
+    pub val_fraction: f64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train: None,
+            template: graft_tokenizer::DEFAULT_TEMPLATE.into(),
+            label_column: "label".into(),
+            labels: vec!["0".into(), "1".into()],
+            val_fraction: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub seed: u64,
+    pub epochs: usize,
+    /// Stops after this many optimizer steps even mid-epoch (0: no limit).
+    pub max_steps: usize,
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed (averaged) before one optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    /// Learning rate of the classifier head (default: `lr`).
+    pub head_lr: Option<f64>,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Share of the steps spent warming the learning rate up from 0.
+    pub warmup_ratio: f64,
+    pub schedule: Schedule,
+    /// Global gradient-norm limit (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Log a metrics line every this many steps.
+    pub log_every: usize,
+    /// Also evaluate every this many steps (0: only at the end of each epoch and of training).
+    pub eval_every: usize,
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            epochs: 1,
+            max_steps: 0,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 5e-4,
+            head_lr: None,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            warmup_ratio: 0.06,
+            schedule: Schedule::Linear,
+            max_grad_norm: 1.0,
+            log_every: 10,
+            eval_every: 0,
+            eval_batch_size: 32,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config(reason) => Error::Config(format!("{}: {reason}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    pub fn method_name(&self) -> Result<&str> {
+        self.method
+            .get("name")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::Config("[method] needs `name`, e.g. name = \"lora\"".into()))
+    }
+
+    /// The method's own settings as JSON (the table without `name`), for the plugin.
+    pub fn method_settings(&self) -> serde_json::Value {
+        let mut table = self.method.clone();
+        table.remove("name");
+        serde_json::to_value(table).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let checks: [(bool, String); 8] = [
+            (t.batch_size > 0, "train.batch_size must be at least 1".into()),
+            (t.grad_accum > 0, "train.grad_accum must be at least 1".into()),
+            (t.lr > 0.0 && t.lr.is_finite(), format!("train.lr must be positive, found {}", t.lr)),
+            (t.epochs > 0 || t.max_steps > 0, "train.epochs or train.max_steps must be positive".into()),
+            ((0.0..1.0).contains(&t.warmup_ratio), format!("train.warmup_ratio must be in [0, 1), found {}", t.warmup_ratio)),
+            (t.weight_decay >= 0.0, format!("train.weight_decay must not be negative, found {}", t.weight_decay)),
+            (self.model.max_len > 0, "model.max_len must be at least 1".into()),
+            (self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0, format!("data.val_fraction must be in (0, 1), found {}", self.data.val_fraction)),
+        ];
+        for (ok, message) in checks {
+            if !ok {
+                return Err(Error::Config(message));
+            }
+        }
+        if let Some(head_lr) = t.head_lr {
+            if !(head_lr > 0.0 && head_lr.is_finite()) {
+                return Err(Error::Config(format!("train.head_lr must be positive, found {head_lr}")));
+            }
+        }
+        Ok(())
+    }
+}

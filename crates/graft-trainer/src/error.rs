@@ -1,0 +1,40 @@
+use std::path::PathBuf;
+
+/// Errors of graft-trainer; each names the file, row or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] graft_tokenizer::Error),
+    #[error(transparent)]
+    Model(#[from] graft_model::Error),
+    #[error(transparent)]
+    Peft(#[from] graft_peft::Error),
+    #[error(transparent)]
+    Plugin(#[from] graft_peft::PluginError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("{path}: {reason}")]
+    Adapter { path: PathBuf, reason: String },
+    #[error("training diverged at step {step}: the loss is {loss}; the best adapter so far is kept in {kept}")]
+    NonFinite {
+        step: usize,
+        loss: f64,
+        kept: PathBuf,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { path, source }
+}

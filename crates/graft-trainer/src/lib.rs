@@ -1,0 +1,14 @@
+//! graft-trainer: data sets, the training loop, optimiser and schedules, metrics and run
+//! directories.
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod task;
+pub mod train;
+
+pub use config::TrainConfig;
+pub use error::{Error, Result};

@@ -1,0 +1,60 @@
+//! A run directory: resolved config, metrics.jsonl, eval.json, adapter/, curves.svg.
+use crate::error::io_error;
+use crate::Result;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct RunDir {
+    pub root: PathBuf,
+    metrics: std::fs::File,
+}
+
+impl RunDir {
+    pub const CONFIG: &'static str = "config.toml";
+    pub const METRICS: &'static str = "metrics.jsonl";
+    pub const EVAL: &'static str = "eval.json";
+    pub const ADAPTER: &'static str = "adapter";
+    pub const CURVES: &'static str = "curves.svg";
+
+    /// Creates the directory; an existing one must not hold an adapter already (nothing is
+    /// written over a finished run).
+    pub fn create(root: &Path) -> Result<Self> {
+        if root.join(Self::ADAPTER).exists() {
+            return Err(crate::Error::Config(format!(
+                "{} already holds a run (adapter/ exists); choose another --out",
+                root.display()
+            )));
+        }
+        std::fs::create_dir_all(root).map_err(io_error(root))?;
+        let path = root.join(Self::METRICS);
+        let metrics = std::fs::File::create(&path).map_err(io_error(&path))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            metrics,
+        })
+    }
+
+    pub fn adapter_dir(&self) -> PathBuf {
+        self.root.join(Self::ADAPTER)
+    }
+
+    /// Appends one JSON line and flushes it, so a crash loses no logged step.
+    pub fn log(&mut self, line: &serde_json::Value) -> Result<()> {
+        let path = self.root.join(Self::METRICS);
+        writeln!(self.metrics, "{line}").map_err(io_error(&path))?;
+        self.metrics.flush().map_err(io_error(&path))
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> Result<()> {
+        Ok(graft_peft::adapter::write_atomic(&self.root.join(name), text.as_bytes())?)
+    }
+}
+
+/// A fresh directory name under `runs/`: `runs/<method>-<unix seconds>`.
+pub fn default_run_dir(method: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    PathBuf::from("runs").join(format!("{method}-{secs}"))
+}

@@ -1,0 +1,246 @@
+//! A sequence classifier with its method attached: what train, eval, predict and merge share.
+use crate::error::io_error;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use graft_model::bert::{BertForSequenceClassification, Inputs, Pooling};
+use graft_peft::adapter::{self, SavedAdapter};
+use graft_peft::loader::Registry;
+use graft_peft::{Adapter, AttachContext, Method};
+use graft_tokenizer::{EncodedBatch, LabelSet, Padding, Template, TextTokenizer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What an adapter folder needs besides PEFT's files to be used again: `graft_task.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub method: String,
+    /// Local folder of the base model.
+    pub model_dir: PathBuf,
+    pub labels: Vec<String>,
+    pub label_column: String,
+    pub template: String,
+    pub pooling: Pooling,
+    pub max_len: usize,
+}
+
+pub const TASK_FILE: &str = "graft_task.json";
+
+impl TaskSpec {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(TASK_FILE);
+        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+        serde_json::from_str(&text).map_err(|e| Error::Adapter {
+            path,
+            reason: format!("not a graft task file: {e}"),
+        })
+    }
+}
+
+pub struct Classifier {
+    pub model: BertForSequenceClassification,
+    pub adapter: Box<dyn Adapter>,
+    pub tokenizer: TextTokenizer,
+    pub template: Template,
+    pub labels: LabelSet,
+    pub spec: TaskSpec,
+    pub peft_type: String,
+    pub prompt_learning: bool,
+    /// The adapter's deltas are in the base weights: its hooks must not run again.
+    merged: bool,
+}
+
+fn attach_context<'a>(
+    info: &'a graft_model::ModelInfo,
+    sites: &'a [graft_model::SiteInfo],
+    device: &'a Device,
+    seed: u64,
+) -> AttachContext<'a> {
+    AttachContext {
+        info,
+        sites,
+        dtype: DType::F32,
+        device,
+        seed,
+    }
+}
+
+impl Classifier {
+    /// A fresh classifier for training: base model, new head, new adapter.
+    pub fn create(
+        spec: TaskSpec,
+        method: &dyn Method,
+        settings: &serde_json::Value,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        let labels = LabelSet::new(spec.labels.clone())?;
+        let model = BertForSequenceClassification::load(
+            &spec.model_dir,
+            labels.len(),
+            spec.pooling,
+            DType::F32,
+            device,
+            seed,
+        )?;
+        let info = model.bert.info();
+        let sites = model.bert.sites();
+        let adapter = method.create(settings, &attach_context(&info, &sites, device, seed))?;
+        Self::assemble(spec, method, model, adapter, labels)
+    }
+
+    /// A trained classifier from an adapter folder written by graft (or PEFT plus a task file).
+    pub fn open(dir: &Path, registry: &Registry, device: &Device) -> Result<Self> {
+        let spec = TaskSpec::read(dir)?;
+        let saved = SavedAdapter::read(dir, device)?;
+        let adapter_error = |e: graft_peft::Error| Error::Adapter {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let peft_type = saved.peft_type().map_err(adapter_error)?.to_string();
+        let plugin = registry.by_peft_type(&peft_type)?;
+        let method = plugin.method.as_ref();
+        let labels = LabelSet::new(spec.labels.clone())?;
+        let model = BertForSequenceClassification::load(
+            &spec.model_dir,
+            labels.len(),
+            spec.pooling,
+            DType::F32,
+            device,
+            0,
+        )?;
+        let (weight, bias) = saved.head().ok_or_else(|| Error::Adapter {
+            path: dir.join(adapter::WEIGHTS_FILE),
+            reason: "the classifier head (`base_model.model.classifier.*`) is missing".into(),
+        })?;
+        model.head.load_from(&weight, &bias)?;
+        let info = model.bert.info();
+        let sites = model.bert.sites();
+        let method_tensors = saved.method_tensors();
+        let adapter = method
+            .load(&saved.config, &method_tensors, &attach_context(&info, &sites, device, 0))
+            .map_err(adapter_error)?;
+        let used: std::collections::HashSet<String> =
+            adapter.tensors().map_err(adapter_error)?.into_iter().map(|(k, _)| k).collect();
+        let mut extra: Vec<String> = method_tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        if !extra.is_empty() {
+            extra.sort();
+            return Err(adapter_error(graft_peft::Error::UnexpectedTensors { keys: extra }));
+        }
+        Self::assemble(spec, method, model, adapter, labels)
+    }
+
+    fn assemble(
+        spec: TaskSpec,
+        method: &dyn Method,
+        model: BertForSequenceClassification,
+        adapter: Box<dyn Adapter>,
+        labels: LabelSet,
+    ) -> Result<Self> {
+        let tokenizer = TextTokenizer::from_file(
+            &spec.model_dir.join("tokenizer.json"),
+            spec.max_len,
+            Padding::Longest,
+        )?;
+        let template = Template::parse(&spec.template)?;
+        Ok(Self {
+            model,
+            adapter,
+            tokenizer,
+            template,
+            labels,
+            peft_type: method.peft_type().to_string(),
+            prompt_learning: method.is_prompt_learning(),
+            merged: false,
+            spec,
+        })
+    }
+
+    /// Every tensor the optimizer updates, under its adapter-file key; the head last.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let prefix = adapter::head_prefix(self.prompt_learning);
+        let mut vars = self.adapter.trainable();
+        vars.extend(
+            self.model
+                .head
+                .vars()
+                .into_iter()
+                .map(|(name, var)| (format!("{prefix}{name}"), var)),
+        );
+        vars
+    }
+
+    pub fn inputs(&self, batch: &EncodedBatch) -> Result<Inputs> {
+        let device = self.model.head.vars()[0].1.device().clone();
+        let shape = (batch.batch, batch.seq_len);
+        Ok(Inputs {
+            input_ids: Tensor::from_slice(&batch.input_ids, shape, &device)?,
+            attention_mask: Tensor::from_slice(&batch.attention_mask, shape, &device)?,
+            token_type_ids: Some(Tensor::from_slice(&batch.token_type_ids, shape, &device)?),
+        })
+    }
+
+    /// Logits `[batch, labels]` of already rendered texts.
+    pub fn logits(&self, texts: &[String]) -> Result<Tensor> {
+        let encoded = self.tokenizer.encode_batch(texts)?;
+        let inputs = self.inputs(&encoded)?;
+        Ok(self.model.forward(&inputs, self.hooks())?)
+    }
+
+    /// The hooks a forward pass runs: the adapter's, unless it is merged into the weights.
+    pub fn hooks(&self) -> &dyn graft_model::Hooks {
+        if self.merged {
+            &graft_model::NoHooks
+        } else {
+            self.adapter.as_ref()
+        }
+    }
+
+    /// Saves the adapter folder: PEFT's two files plus graft's task file.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut config = serde_json::json!({
+            "peft_type": self.peft_type,
+            "task_type": "SEQ_CLS",
+            "base_model_name_or_path": self.spec.model_dir.display().to_string(),
+            "modules_to_save": ["classifier", "score"],
+            "inference_mode": true,
+            "revision": null,
+        });
+        if let (Some(out), serde_json::Value::Object(fields)) =
+            (config.as_object_mut(), self.adapter.config_json())
+        {
+            out.extend(fields);
+        }
+        let mut tensors = self.adapter.tensors()?;
+        tensors.extend(self.trainable().into_iter().filter_map(|(k, v)| {
+            k.contains("classifier.").then(|| (k, v.as_tensor().clone()))
+        }));
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors.dedup_by(|a, b| a.0 == b.0);
+        adapter::save(dir, &config, &tensors)?;
+        let text = serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
+        adapter::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Moves the adapter into the base weights (`merge`) or back out of them.
+    pub fn set_merged(&mut self, merge: bool) -> Result<()> {
+        if merge == self.merged {
+            return Ok(());
+        }
+        let sign = if merge { 1.0 } else { -1.0 };
+        let deltas = self.adapter.merge_deltas()?.ok_or_else(|| {
+            Error::Config(format!("method `{}` cannot be merged into the base weights", self.spec.method))
+        })?;
+        for (site, delta) in deltas {
+            let linear = self
+                .model
+                .bert
+                .linear_mut(&site)
+                .ok_or(graft_model::Error::UnknownSite(site.clone()))?;
+            let merged = (linear.weight() + (delta.to_dtype(linear.weight().dtype())? * sign)?)?;
+            linear.set_weight(merged)?;
+        }
+        self.merged = merge;
+        Ok(())
+    }
+}

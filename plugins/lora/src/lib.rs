@@ -1,0 +1,171 @@
+//! LoRA (Hu et al. 2021) as Hugging Face PEFT defines it, as a graft plugin.
+//!
+//! Same shape as every method crate: `config.rs` (PEFT's fields), `layer.rs` (the math), this
+//! file (the glue to graft-peft's traits), tests beside them.
+mod config;
+mod layer;
+
+pub use config::LoraConfig;
+pub use layer::LoraLayer;
+
+use graft_peft::candle::{DType, Device, Tensor, Var};
+use graft_peft::graft_model::init::{self, SeededRng};
+use graft_peft::graft_model::{Hooks, LinearSite};
+use graft_peft::serde_json::Value;
+use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+pub struct Lora;
+
+graft_peft::export_plugin!(Lora);
+
+/// The method for static linking (tests, builds without dynamic loading).
+pub fn method() -> Box<dyn Method> {
+    Box::new(Lora)
+}
+
+fn key(site: &str, part: &str) -> String {
+    format!("base_model.model.{site}.{part}.weight")
+}
+
+impl Method for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let config = LoraConfig::from_train_config(config)?;
+        let mut rng = init::seeded_rng(ctx.seed);
+        let mut layers = BTreeMap::new();
+        for site in config.target_modules.select("lora", ctx.sites)? {
+            let bound = init::kaiming_uniform_bound(site.in_features);
+            let a = init::uniform(&mut rng, &[config.r, site.in_features], bound, ctx.dtype, ctx.device)?;
+            let b = Tensor::zeros((site.out_features, config.r), ctx.dtype, ctx.device)?;
+            layers.insert(site.name.clone(), new_layer(a, b, config.scale())?);
+        }
+        Ok(Box::new(LoraAdapter::new(config, layers, ctx.seed)))
+    }
+
+    fn load(
+        &self,
+        config: &Value,
+        tensors: &HashMap<String, Tensor>,
+        ctx: &AttachContext,
+    ) -> Result<Box<dyn Adapter>> {
+        let config = LoraConfig::from_adapter_config(config)?;
+        let mut layers = BTreeMap::new();
+        for site in config.target_modules.select("lora", ctx.sites)? {
+            let a = adapter::take_tensor(tensors, &key(&site.name, "lora_A"), &[config.r, site.in_features])?;
+            let b = adapter::take_tensor(tensors, &key(&site.name, "lora_B"), &[site.out_features, config.r])?;
+            layers.insert(
+                site.name.clone(),
+                new_layer(a.to_dtype(ctx.dtype)?, b.to_dtype(ctx.dtype)?, config.scale())?,
+            );
+        }
+        Ok(Box::new(LoraAdapter::new(config, layers, ctx.seed)))
+    }
+}
+
+fn new_layer(a: Tensor, b: Tensor, scale: f64) -> Result<LoraLayer> {
+    Ok(LoraLayer {
+        a: Var::from_tensor(&a)?,
+        b: Var::from_tensor(&b)?,
+        scale,
+    })
+}
+
+pub struct LoraAdapter {
+    config: LoraConfig,
+    /// By site name; a BTreeMap so that saving and listing follow a stable order.
+    layers: BTreeMap<String, LoraLayer>,
+    training: bool,
+    /// Dropout masks come from here, so a seeded run is reproducible.
+    rng: Mutex<SeededRng>,
+}
+
+impl LoraAdapter {
+    fn new(config: LoraConfig, layers: BTreeMap<String, LoraLayer>, seed: u64) -> Self {
+        Self {
+            config,
+            layers,
+            training: false,
+            rng: Mutex::new(init::seeded_rng(seed ^ 0x10_4a_d0)),
+        }
+    }
+
+    pub fn layers(&self) -> &BTreeMap<String, LoraLayer> {
+        &self.layers
+    }
+
+    fn dropout_mask(&self, x: &Tensor) -> graft_peft::candle::Result<Option<Tensor>> {
+        let p = self.config.lora_dropout;
+        if !self.training || p == 0.0 {
+            return Ok(None);
+        }
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| graft_peft::candle::Error::Msg("lora: dropout RNG poisoned".into()))?;
+        let keep = init::uniform(&mut rng, x.dims(), 1.0, DType::F64, &Device::Cpu)?
+            .affine(0.5, 0.5)?
+            .ge(p)?
+            .to_dtype(x.dtype())?;
+        (keep / (1.0 - p))?.to_device(x.device()).map(Some)
+    }
+}
+
+impl Hooks for LoraAdapter {
+    fn linear(
+        &self,
+        site: &LinearSite<'_>,
+        x: &Tensor,
+        base: Tensor,
+    ) -> graft_peft::candle::Result<Tensor> {
+        match self.layers.get(site.name) {
+            Some(layer) => {
+                let keep = self.dropout_mask(x)?;
+                base + layer.delta_output(x, keep.as_ref())?
+            }
+            None => Ok(base),
+        }
+    }
+}
+
+impl Adapter for LoraAdapter {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.layers
+            .iter()
+            .flat_map(|(site, l)| {
+                [
+                    (key(site, "lora_A"), l.a.clone()),
+                    (key(site, "lora_B"), l.b.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn config_json(&self) -> Value {
+        self.config.to_json()
+    }
+
+    fn merge_deltas(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+        let mut deltas = Vec::with_capacity(self.layers.len());
+        for (site, layer) in &self.layers {
+            deltas.push((site.clone(), layer.delta_weight()?));
+        }
+        Ok(Some(deltas))
+    }
+}
