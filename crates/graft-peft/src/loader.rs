@@ -19,6 +19,17 @@ pub struct LoadedPlugin {
     pub method: Box<dyn Method>,
 }
 
+impl LoadedPlugin {
+    /// A method linked into the binary (tests; builds without dynamic loading).
+    pub fn statically_linked(method: Box<dyn Method>) -> Self {
+        Self {
+            path: PathBuf::from(format!("<statically linked {}>", method.name())),
+            abi: ABI.to_string(),
+            method,
+        }
+    }
+}
+
 impl std::fmt::Debug for LoadedPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedPlugin")

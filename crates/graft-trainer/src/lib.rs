@@ -12,3 +12,4 @@ pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};
+pub mod testkit;

@@ -53,12 +53,13 @@ fn attach_context<'a>(
     info: &'a graft_model::ModelInfo,
     sites: &'a [graft_model::SiteInfo],
     device: &'a Device,
+    dtype: DType,
     seed: u64,
 ) -> AttachContext<'a> {
     AttachContext {
         info,
         sites,
-        dtype: DType::F32,
+        dtype,
         device,
         seed,
     }
@@ -71,6 +72,7 @@ impl Classifier {
         method: &dyn Method,
         settings: &serde_json::Value,
         device: &Device,
+        dtype: DType,
         seed: u64,
     ) -> Result<Self> {
         let labels = LabelSet::new(spec.labels.clone())?;
@@ -78,19 +80,29 @@ impl Classifier {
             &spec.model_dir,
             labels.len(),
             spec.pooling,
-            DType::F32,
+            dtype,
             device,
             seed,
         )?;
         let info = model.bert.info();
         let sites = model.bert.sites();
-        let adapter = method.create(settings, &attach_context(&info, &sites, device, seed))?;
+        let adapter = method.create(settings, &attach_context(&info, &sites, device, dtype, seed))?;
         Self::assemble(spec, method, model, adapter, labels)
     }
 
-    /// A trained classifier from an adapter folder written by graft (or PEFT plus a task file).
+    /// A trained classifier from an adapter folder written by graft (PEFT's files plus
+    /// graft's task file).
     pub fn open(dir: &Path, registry: &Registry, device: &Device) -> Result<Self> {
-        let spec = TaskSpec::read(dir)?;
+        Self::open_with_spec(dir, TaskSpec::read(dir)?, registry, device)
+    }
+
+    /// A classifier from PEFT's adapter files alone, with the task described by `spec`.
+    pub fn open_with_spec(
+        dir: &Path,
+        spec: TaskSpec,
+        registry: &Registry,
+        device: &Device,
+    ) -> Result<Self> {
         let saved = SavedAdapter::read(dir, device)?;
         let adapter_error = |e: graft_peft::Error| Error::Adapter {
             path: dir.to_path_buf(),
@@ -117,7 +129,7 @@ impl Classifier {
         let sites = model.bert.sites();
         let method_tensors = saved.method_tensors();
         let adapter = method
-            .load(&saved.config, &method_tensors, &attach_context(&info, &sites, device, 0))
+            .load(&saved.config, &method_tensors, &attach_context(&info, &sites, device, DType::F32, 0))
             .map_err(adapter_error)?;
         let used: std::collections::HashSet<String> =
             adapter.tensors().map_err(adapter_error)?.into_iter().map(|(k, _)| k).collect();

@@ -155,6 +155,7 @@ pub fn train(
         plugin.method.as_ref(),
         &config.method_settings(),
         &device,
+        candle_core::DType::F32,
         t.seed,
     )?;
     let mut run = RunDir::create(out)?;

@@ -1,0 +1,211 @@
+//! Checks every PEFT method must pass, for plugin test suites (in-tree and third-party):
+//! gradients agree with finite differences, every trainable tensor gets a gradient, the loss
+//! falls on real data, and a saved adapter reloads to the same logits.
+use crate::data::Dataset;
+use crate::optim::{AdamW, ParamGroup};
+use crate::task::{Classifier, TaskSpec};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use graft_model::bert::Pooling;
+use graft_peft::Method;
+use graft_tokenizer::{LabelSet, Template, DEFAULT_TEMPLATE};
+use rand::Rng;
+use std::path::{Path, PathBuf};
+
+/// The workspace root (this crate lives in `crates/graft-trainer`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// all-MiniLM-L6-v2, fetched on first use.
+pub fn minilm_dir() -> Result<PathBuf> {
+    Ok(graft_model::zoo::MINILM.ensure(&mut |m| eprintln!("{m}"))?)
+}
+
+/// Real labelled rows: the challenge substitute beside the checkout, else the demo set.
+pub fn real_data_path() -> PathBuf {
+    let shared = workspace_root().join("../shared/data/abstracts/train.csv");
+    if shared.is_file() {
+        shared
+    } else {
+        workspace_root().join("data/demo.csv")
+    }
+}
+
+pub fn spec(method: &str, max_len: usize) -> Result<TaskSpec> {
+    Ok(TaskSpec {
+        method: method.into(),
+        model_dir: minilm_dir()?,
+        labels: vec!["0".into(), "1".into()],
+        label_column: "label".into(),
+        template: DEFAULT_TEMPLATE.into(),
+        pooling: Pooling::Pooler,
+        max_len,
+    })
+}
+
+/// `count` rows of the real data, alternating the two classes, as (texts, labels).
+pub fn real_batch(count: usize) -> Result<(Vec<String>, Vec<usize>)> {
+    let data = Dataset::read_csv(&real_data_path(), &["title", "abstract", "label"])?;
+    let template = Template::parse(DEFAULT_TEMPLATE)?;
+    let labels = data.labels("label", &LabelSet::new(vec!["0".into(), "1".into()])?)?;
+    let texts = data.texts(&template)?;
+    let mut picked = (Vec::new(), Vec::new());
+    for class in [0, 1].iter().cycle().take(count) {
+        let already = picked.1.iter().filter(|&&l| l == *class).count();
+        let index = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l == *class)
+            .nth(already)
+            .map(|(i, _)| i)
+            .ok_or_else(|| Error::Config("not enough rows of each class".into()))?;
+        picked.0.push(texts[index].clone());
+        picked.1.push(*class);
+    }
+    Ok(picked)
+}
+
+/// Task loss (cross-entropy plus the method's extra term) of `texts`.
+pub fn loss(classifier: &Classifier, texts: &[String], labels: &[usize]) -> Result<Tensor> {
+    let device = classifier.model.head.vars()[0].1.device().clone();
+    let targets = Tensor::from_iter(labels.iter().map(|&l| l as u32), &device)?;
+    let logits = classifier.logits(texts)?;
+    let mut loss = graft_model::cross_entropy(&logits, &targets)?;
+    if let Some(extra) = classifier.adapter.extra_loss()? {
+        loss = (loss + extra)?;
+    }
+    Ok(loss)
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// One sampled comparison of autograd against central differences.
+#[derive(Debug)]
+pub struct GradientSample {
+    pub tensor: String,
+    pub index: usize,
+    pub autograd: f64,
+    pub numeric: f64,
+}
+
+impl GradientSample {
+    pub fn relative_error(&self) -> f64 {
+        let scale = self.autograd.abs().max(self.numeric.abs()).max(1e-7);
+        (self.autograd - self.numeric).abs() / scale
+    }
+}
+
+fn set_entry(var: &Var, index: usize, value: f64) -> Result<()> {
+    let shape = var.shape().clone();
+    let mut values = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    values[index] = value;
+    let t = Tensor::from_vec(values, shape, var.device())?.to_dtype(var.dtype())?;
+    Ok(var.set(&t)?)
+}
+
+/// Compares autograd with central differences (step `eps`) at `per_tensor` random entries of
+/// every tensor whose name `select` accepts. Run it on an f64 classifier.
+pub fn finite_difference_check(
+    classifier: &Classifier,
+    texts: &[String],
+    labels: &[usize],
+    select: impl Fn(&str) -> bool,
+    per_tensor: usize,
+    eps: f64,
+    seed: u64,
+) -> Result<Vec<GradientSample>> {
+    let grads = loss(classifier, texts, labels)?.backward()?;
+    let mut rng = graft_model::init::seeded_rng(seed);
+    let mut samples = Vec::new();
+    for (name, var) in classifier.trainable().into_iter().filter(|(n, _)| select(n)) {
+        let grad = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| Error::Config(format!("{name} received no gradient")))?
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let values = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for _ in 0..per_tensor {
+            let index = rng.random_range(0..values.len());
+            set_entry(&var, index, values[index] + eps)?;
+            let plus = scalar(&loss(classifier, texts, labels)?)?;
+            set_entry(&var, index, values[index] - eps)?;
+            let minus = scalar(&loss(classifier, texts, labels)?)?;
+            set_entry(&var, index, values[index])?;
+            samples.push(GradientSample {
+                tensor: name.clone(),
+                index,
+                autograd: grad[index],
+                numeric: (plus - minus) / (2.0 * eps),
+            });
+        }
+    }
+    Ok(samples)
+}
+
+/// Trains `steps` AdamW steps on one real batch; returns the losses and the names of
+/// trainable tensors whose gradient was missing or all zero at the last step.
+pub fn train_steps(
+    classifier: &mut Classifier,
+    texts: &[String],
+    labels: &[usize],
+    steps: usize,
+    lr: f64,
+) -> Result<(Vec<f64>, Vec<String>)> {
+    let trainable = classifier.trainable();
+    let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
+    let mut optimizer = AdamW::new(
+        vec![ParamGroup { vars, lr, weight_decay: 0.0 }],
+        0.9,
+        0.999,
+        1e-8,
+    )?;
+    classifier.adapter.set_training(true);
+    let mut losses = Vec::new();
+    let mut silent = Vec::new();
+    for step in 0..steps {
+        let loss = loss(classifier, texts, labels)?;
+        losses.push(scalar(&loss)?);
+        let grads = loss.backward()?;
+        silent.clear();
+        for (name, var) in &trainable {
+            let nonzero = match grads.get(var.as_tensor()) {
+                Some(g) => scalar(&g.abs()?.sum_all()?)? > 0.0,
+                None => false,
+            };
+            if !nonzero {
+                silent.push(name.clone());
+            }
+        }
+        optimizer.step(&grads, 1.0)?;
+        classifier.adapter.after_step(step + 1, &grads)?;
+    }
+    classifier.adapter.set_training(false);
+    Ok((losses, silent))
+}
+
+/// Largest absolute difference between two tensors.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    scalar(&(a - b)?.abs()?.flatten_all()?.max(0)?)
+}
+
+/// A fresh classifier with `method` on MiniLM.
+pub fn classifier(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    dtype: DType,
+    max_len: usize,
+    seed: u64,
+) -> Result<Classifier> {
+    Classifier::create(
+        spec(method.name(), max_len)?,
+        method,
+        settings,
+        &Device::Cpu,
+        dtype,
+        seed,
+    )
+}

@@ -1,0 +1,149 @@
+//! `cargo xtask`: builds graft and its plugins, then runs them; fetches models.
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build graft and the method's plugin, then `graft train` (config: configs/<method>.toml).
+    Train {
+        #[arg(long, default_value = "lora")]
+        method: String,
+        /// Further `graft train` options (--config, --model, --data, --out, --epochs, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Build graft and every plugin, then `graft eval ...`.
+    Eval {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Build graft and every plugin, then `graft predict ...`.
+    Predict {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Build graft and every plugin, then run any graft subcommand: `cargo xtask graft merge ...`.
+    Graft {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Put a known model (minilm) in graft's cache.
+    FetchModel { name: String },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// Package names of the in-tree method plugins (`plugins/*/Cargo.toml`).
+fn plugin_packages() -> Result<Vec<String>> {
+    let dir = root().join("plugins");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let manifest = entry?.path().join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        if let Some(name) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("name = \"").and_then(|n| n.strip_suffix('"')))
+        {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn build(packages: &[String]) -> Result<()> {
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(root()).args(["build", "--quiet", "-p", "graft-cli"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    Ok(())
+}
+
+fn run_graft(args: &[String]) -> Result<()> {
+    let graft = target_dir().join("debug").join("graft");
+    let status = Command::new(&graft)
+        .current_dir(root())
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", graft.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Train { method, rest } => {
+            let package = format!("graft-plugin-{method}");
+            if !plugin_packages()?.contains(&package) {
+                bail!(
+                    "no in-tree plugin for method `{method}` (have: {})",
+                    plugin_packages()?.join(", ")
+                );
+            }
+            build(&[package])?;
+            let mut args = vec!["train".to_string(), "--method".into(), method.clone()];
+            let config = root().join("configs").join(format!("{method}.toml"));
+            if !rest.iter().any(|a| a == "--config") && config.is_file() {
+                args.extend(["--config".into(), format!("configs/{method}.toml")]);
+            }
+            args.extend(rest);
+            run_graft(&args)
+        }
+        Task::Eval { rest } => {
+            build(&plugin_packages()?)?;
+            run_graft(&[vec!["eval".to_string()], rest].concat())
+        }
+        Task::Predict { rest } => {
+            build(&plugin_packages()?)?;
+            run_graft(&[vec!["predict".to_string()], rest].concat())
+        }
+        Task::Graft { rest } => {
+            build(&plugin_packages()?)?;
+            run_graft(&rest)
+        }
+        Task::FetchModel { name } => {
+            let known = graft_model::zoo::find_known(&name).with_context(|| {
+                format!(
+                    "unknown model `{name}` (known: {})",
+                    graft_model::zoo::KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            let dir = known.ensure(&mut |m| eprintln!("{m}"))?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+    }
+}
