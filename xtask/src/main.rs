@@ -36,6 +36,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
+    /// Build every workspace crate (plugins and test fixtures too), then run every test.
+    Test {
+        /// Further `cargo test` arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
     /// Put a known model (minilm) in graft's cache.
     FetchModel { name: String },
 }
@@ -133,6 +139,22 @@ fn main() -> Result<()> {
         Task::Graft { rest } => {
             build(&plugin_packages()?)?;
             run_graft(&rest)
+        }
+        Task::Test { rest } => {
+            for args in [
+                vec!["build".to_string(), "--workspace".into()],
+                [vec!["test".to_string(), "--workspace".into()], rest].concat(),
+            ] {
+                let status = Command::new(cargo())
+                    .current_dir(root())
+                    .args(&args)
+                    .status()
+                    .context("running cargo")?;
+                if !status.success() {
+                    std::process::exit(status.code().unwrap_or(1));
+                }
+            }
+            Ok(())
         }
         Task::FetchModel { name } => {
             let known = graft_model::zoo::find_known(&name).with_context(|| {

@@ -96,7 +96,7 @@ enum Command {
 }
 
 fn registry(args: &PluginArgs) -> Result<Registry> {
-    Ok(Registry::discover(&search_dirs(&args.plugin_dirs))?)
+    Ok(Registry::discover(&search_dirs(&args.plugin_dirs)))
 }
 
 /// Default training data: the challenge substitute beside the checkout, else the demo set.
@@ -255,7 +255,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Plugins { plugins } => {
             let dirs = search_dirs(&plugins.plugin_dirs);
-            let registry = Registry::discover(&dirs)?;
+            let registry = Registry::discover(&dirs);
             println!("searched: {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
             for p in &registry.plugins {
                 println!(
@@ -270,6 +270,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             for refused in &registry.refused {
                 println!("refused: {refused}");
+            }
+            for shadowed in &registry.shadowed {
+                println!("shadowed by an earlier directory: {}", shadowed.display());
             }
             if registry.plugins.is_empty() {
                 bail!("no plugins found");

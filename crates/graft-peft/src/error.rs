@@ -40,7 +40,7 @@ pub enum Error {
 }
 
 /// Everything that can be wrong with a plugin library; each names the file.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {
     #[error("{path}: plugin file not found")]
     NotFound { path: PathBuf },

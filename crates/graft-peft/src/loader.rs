@@ -152,13 +152,17 @@ pub fn search_dirs(explicit: &[PathBuf]) -> Vec<PathBuf> {
 #[derive(Default)]
 pub struct Registry {
     pub plugins: Vec<LoadedPlugin>,
+    /// Libraries that failed to load; they only matter if their method is asked for.
     pub refused: Vec<PluginError>,
+    /// Plugins hidden by one of the same name in an earlier directory (PATH semantics).
+    pub shadowed: Vec<PathBuf>,
 }
 
 impl Registry {
-    /// Loads every plugin file in `dirs` (missing directories are skipped). A refused library
-    /// is recorded, not fatal: it only matters if its method is asked for.
-    pub fn discover(dirs: &[PathBuf]) -> Result<Self, PluginError> {
+    /// Loads every plugin file in `dirs` (missing directories are skipped); earlier
+    /// directories take precedence. Two plugins of one name in the same directory are a
+    /// conflict: asking for that method is then an error.
+    pub fn discover(dirs: &[PathBuf]) -> Self {
         let mut registry = Self::default();
         for dir in dirs {
             let Ok(entries) = std::fs::read_dir(dir) else {
@@ -171,15 +175,23 @@ impl Registry {
             files.sort();
             for file in files {
                 match load_plugin(&file) {
-                    Ok(plugin) => registry.add(plugin)?,
+                    Ok(plugin) => match registry.add(plugin) {
+                        Ok(()) => {}
+                        Err(PluginError::DuplicateName { first, second, .. })
+                            if first.parent() != second.parent() =>
+                        {
+                            registry.shadowed.push(second)
+                        }
+                        Err(e) => registry.refused.push(e),
+                    },
                     Err(e) => registry.refused.push(e),
                 }
             }
         }
-        Ok(registry)
+        registry
     }
 
-    /// Adds a plugin; two with the same method name from different files are an error.
+    /// Adds a plugin; another with the same method name is an error.
     pub fn add(&mut self, plugin: LoadedPlugin) -> Result<(), PluginError> {
         if let Some(existing) = self
             .plugins
@@ -201,6 +213,11 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Result<&LoadedPlugin, PluginError> {
+        if let Some(conflict) = self.refused.iter().find(
+            |e| matches!(e, PluginError::DuplicateName { name: n, .. } if n == name),
+        ) {
+            return Err(conflict.clone());
+        }
         self.plugins
             .iter()
             .find(|p| p.method.name() == name)
@@ -217,14 +234,16 @@ impl Registry {
 
     /// The plugin whose method writes adapters of this `peft_type`.
     pub fn by_peft_type(&self, peft_type: &str) -> Result<&LoadedPlugin, PluginError> {
-        self.plugins
+        let plugin = self
+            .plugins
             .iter()
             .find(|p| p.method.peft_type() == peft_type)
             .ok_or_else(|| PluginError::UnknownMethod {
                 name: format!("(peft_type {peft_type})"),
                 available: self.names().join(", "),
                 refused: String::new(),
-            })
+            })?;
+        self.get(plugin.method.name())
     }
 
     pub fn names(&self) -> Vec<&str> {

@@ -1,0 +1,90 @@
+//! Plugins loaded at run time: LoRA trains through its dynamic library; a library with its
+//! own static candle, or that is no plugin at all, is refused with a clear error.
+use graft_peft::candle::DType;
+use graft_peft::loader::{load_plugin, Registry};
+use graft_peft::PluginError;
+use graft_trainer::testkit;
+use std::path::{Path, PathBuf};
+
+/// `target/<profile>`, from this test binary's path (`target/<profile>/deps/plugins-...`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+fn library_file(stem: &str) -> String {
+    format!("{}{stem}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+}
+
+/// A workspace library built by cargo; built here if this test run has not built it yet.
+fn workspace_library(package: &str, stem: &str) -> PathBuf {
+    let file = library_file(stem);
+    let candidates = [profile_dir().join(&file), profile_dir().join("deps").join(&file)];
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return found.clone();
+    }
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", package])
+        .current_dir(testkit::workspace_root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build -p {package} failed");
+    candidates.into_iter().find(|p| p.is_file()).unwrap()
+}
+
+#[test]
+fn lora_loads_dynamically_and_trains_through_the_library() {
+    let path = workspace_library("graft-plugin-lora", "graft_plugin_lora");
+    let plugin = load_plugin(&path).unwrap();
+    assert_eq!(plugin.method.name(), "lora");
+    assert_eq!(plugin.abi, graft_peft::abi::ABI);
+    let settings = serde_json::json!({ "r": 4, "lora_alpha": 8 });
+    let mut classifier =
+        testkit::classifier(plugin.method.as_ref(), &settings, DType::F32, 48, 2).unwrap();
+    let (texts, labels) = testkit::real_batch(4).unwrap();
+    let (losses, silent) = testkit::train_steps(&mut classifier, &texts, &labels, 4, 1e-2).unwrap();
+    assert!(silent.is_empty(), "tensors without gradient: {silent:?}");
+    assert!(losses[3] < losses[0], "loss did not fall: {losses:?}");
+}
+
+#[test]
+fn discovery_finds_lora_in_a_directory() {
+    let path = workspace_library("graft-plugin-lora", "graft_plugin_lora");
+    let registry = Registry::discover(&[path.parent().unwrap().to_path_buf()]);
+    let lora = registry.get("lora").unwrap();
+    assert_eq!(lora.method.peft_type(), "LORA");
+    let unknown = registry.get("no-such-method").unwrap_err().to_string();
+    assert!(unknown.contains("no-such-method") && unknown.contains("lora"), "{unknown}");
+}
+
+#[test]
+fn a_plugin_with_its_own_static_candle_is_refused() {
+    let path = workspace_library("graft-plugin-static-candle", "static_candle_fixture");
+    let err = load_plugin(&path).unwrap_err();
+    // Its ABI string is graft's own: only the probe can catch it.
+    assert!(matches!(err, PluginError::ProbeFailed { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("static_candle_fixture"), "{message}");
+    assert!(message.contains("does not share graft's candle"), "{message}");
+}
+
+#[test]
+fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join(library_file("graft_plugin_missing"));
+    assert!(matches!(load_plugin(&missing), Err(PluginError::NotFound { .. })));
+
+    let garbage = dir.path().join(library_file("graft_plugin_garbage"));
+    std::fs::write(&garbage, b"not a shared object").unwrap();
+    let err = load_plugin(&garbage).unwrap_err();
+    assert!(matches!(err, PluginError::NotALibrary { .. }), "{err:?}");
+    assert!(err.to_string().contains("graft_plugin_garbage"));
+
+    // graft-peft itself is a library but exports no plugin entry point.
+    let peft = workspace_library("graft-peft", "graft_peft");
+    let err = load_plugin(&peft).unwrap_err();
+    assert!(
+        err.to_string().contains("graft_plugin_abi") && err.to_string().contains("graft_peft"),
+        "{err}"
+    );
+}
