@@ -1,0 +1,193 @@
+//! The `graft` command end to end: train, eval, predict, merge on the demo set, and clear
+//! errors (never a panic) for malformed input.
+use graft_peft::candle::{DType, Device};
+use graft_peft::loader::Registry;
+use graft_trainer::task::Classifier;
+use graft_trainer::testkit;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn plugin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().to_path_buf()
+}
+
+fn graft(args: &[&str]) -> Output {
+    let model = testkit::minilm_dir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
+    cmd.args(args)
+        .arg("--plugin-dir")
+        .arg(plugin_dir())
+        .current_dir(testkit::workspace_root());
+    if args[0] == "train" {
+        cmd.arg("--model").arg(model);
+    }
+    cmd.output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `graft train` on `csv` and asserts a clean failure whose message has every `needle`.
+fn assert_train_fails(csv: &Path, needles: &[&str]) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let run = out_dir.path().join("run");
+    let out = graft(&[
+        "train",
+        "--method",
+        "lora",
+        "--data",
+        csv.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "1",
+    ]);
+    let message = stderr(&out);
+    assert!(!out.status.success(), "succeeded on bad input: {message}");
+    assert!(!message.contains("panicked"), "{message}");
+    for needle in needles {
+        assert!(message.contains(needle), "`{needle}` not in: {message}");
+    }
+    assert!(!run.join("adapter").exists(), "wrote an adapter from bad input");
+}
+
+fn write_csv(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const HEADER: &str = "uuid,title,author,abstract,Keywords,label\n";
+
+#[test]
+fn malformed_csv_input_is_reported_with_file_row_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_column = write_csv(dir.path(), "no_abstract.csv", "uuid,title,label\n1,A title,1\n");
+    assert_train_fails(&missing_column, &["no_abstract.csv", "abstract"]);
+
+    let unbalanced = write_csv(
+        dir.path(),
+        "quote.csv",
+        &format!("{HEADER}1,Fine,,An abstract.,,1\n2,\"Broken,,Another abstract.,,0\n3,More,,Text.,,1\n"),
+    );
+    assert_train_fails(&unbalanced, &["quote.csv", "row 3", "quote"]);
+
+    let bad_label = write_csv(
+        dir.path(),
+        "label.csv",
+        &format!("{HEADER}1,A,,Abstract one.,,1\n2,B,,Abstract two.,,medical\n"),
+    );
+    assert_train_fails(&bad_label, &["label.csv", "row 3", "label", "medical"]);
+
+    let empty = write_csv(dir.path(), "empty.csv", "");
+    assert_train_fails(&empty, &["empty.csv", "empty"]);
+}
+
+#[test]
+fn a_model_folder_without_weights_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = testkit::minilm_dir().unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(model.join(file), dir.path().join(file)).unwrap();
+    }
+    let run = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_graft"))
+        .args(["train", "--method", "lora", "--max-steps", "1", "--data"])
+        .arg(testkit::workspace_root().join("data/demo.csv"))
+        .arg("--model")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&run)
+        .arg("--plugin-dir")
+        .arg(plugin_dir())
+        .output()
+        .unwrap();
+    let message = stderr(&out);
+    assert!(!out.status.success());
+    assert!(!message.contains("panicked"), "{message}");
+    assert!(message.contains("model.safetensors"), "{message}");
+}
+
+#[test]
+fn train_eval_predict_and_merge_on_the_demo_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let demo = testkit::workspace_root().join("data/demo.csv");
+    let demo = demo.to_str().unwrap();
+    let out = graft(&["train", "--method", "lora", "--data", demo, "--out", run.to_str().unwrap(), "--max-steps", "4"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "eval.json", "config.toml", "curves.svg"] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    for key in ["accuracy", "precision", "recall", "f1"] {
+        assert!(eval[key].is_number(), "eval.json lacks {key}");
+    }
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+
+    let adapter = run.join("adapter");
+    let adapter_arg = adapter.to_str().unwrap();
+    let eval_out = dir.path().join("eval.json");
+    let out = graft(&["eval", "--adapter", adapter_arg, "--data", demo, "--out", eval_out.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read_to_string(&eval_out).unwrap().contains("\"f1\""));
+
+    let predictions = dir.path().join("submission.csv");
+    let out = graft(&["predict", "--adapter", adapter_arg, "--data", demo, "--out", predictions.to_str().unwrap(), "--submission"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&predictions).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("uuid,Keywords,label"));
+    assert_eq!(lines.clone().count(), 40);
+    assert!(lines.all(|l| l.ends_with(",0") || l.ends_with(",1")));
+
+    let merged = dir.path().join("merged");
+    let out = graft(&["merge", "--adapter", adapter_arg, "--out", merged.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The merged model alone gives the adapter's logits.
+    let mut registry = Registry::default();
+    registry
+        .add(graft_peft::loader::LoadedPlugin::statically_linked(graft_plugin_lora::method()))
+        .unwrap();
+    let classifier = Classifier::open(&adapter, &registry, &Device::Cpu).unwrap();
+    let (texts, _) = testkit::real_batch(4).unwrap();
+    let with_adapter = classifier.logits(&texts).unwrap();
+    let merged_model = graft_model::bert::BertForSequenceClassification::load(
+        &merged,
+        2,
+        graft_model::bert::Pooling::Pooler,
+        DType::F32,
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let encoded = classifier.tokenizer.encode_batch(&texts).unwrap();
+    let inputs = classifier.inputs(&encoded).unwrap();
+    let merged_logits = merged_model.forward(&inputs, &graft_model::NoHooks).unwrap();
+    let diff = testkit::max_abs_diff(&with_adapter, &merged_logits).unwrap();
+    assert!(diff <= 1e-5, "merged model logits differ by {diff}");
+
+    // candle-transformers' bert reads the merged checkpoint and agrees with graft's encoder.
+    let text = std::fs::read_to_string(merged.join("config.json")).unwrap();
+    let reference_config: candle_transformers::models::bert::Config = serde_json::from_str(&text).unwrap();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[merged.join("model.safetensors")], DType::F32, &Device::Cpu)
+            .unwrap()
+    };
+    let reference = candle_transformers::models::bert::BertModel::load(vb, &reference_config)
+        .unwrap()
+        .forward(&inputs.input_ids, inputs.token_type_ids.as_ref().unwrap(), Some(&inputs.attention_mask))
+        .unwrap();
+    let (hidden, _) = merged_model.bert.forward(&inputs, &graft_model::NoHooks).unwrap();
+    let diff = testkit::max_abs_diff(&hidden, &reference).unwrap();
+    assert!(diff <= 1e-4, "candle-transformers on the merged model differs by {diff}");
+}
