@@ -72,10 +72,10 @@ fn plugin_packages() -> Result<Vec<String>> {
         let Ok(text) = std::fs::read_to_string(&manifest) else {
             continue;
         };
-        if let Some(name) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("name = \"").and_then(|n| n.strip_suffix('"')))
-        {
+        if let Some(name) = text.lines().find_map(|l| {
+            l.strip_prefix("name = \"")
+                .and_then(|n| n.strip_suffix('"'))
+        }) {
             names.push(name.to_string());
         }
     }
@@ -83,13 +83,15 @@ fn plugin_packages() -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn build(packages: &[String]) -> Result<()> {
-    let mut cmd = Command::new(cargo());
-    cmd.current_dir(root()).args(["build", "--quiet", "-p", "graft-cli"]);
-    for p in packages {
-        cmd.args(["-p", p]);
-    }
-    let status = cmd.status().context("running cargo build")?;
+/// Builds the whole workspace, always: graft-peft is a shared library that the binary and every
+/// plugin link, so they must come from one cargo invocation with one feature resolution (a
+/// narrower `-p` selection can resolve candle's features differently and rebuild it apart).
+fn build() -> Result<()> {
+    let status = Command::new(cargo())
+        .current_dir(root())
+        .args(["build", "--quiet", "--workspace"])
+        .status()
+        .context("running cargo build")?;
     if !status.success() {
         bail!("cargo build failed");
     }
@@ -119,7 +121,7 @@ fn main() -> Result<()> {
                     plugin_packages()?.join(", ")
                 );
             }
-            build(&[package])?;
+            build()?;
             let mut args = vec!["train".to_string(), "--method".into(), method.clone()];
             let config = root().join("configs").join(format!("{method}.toml"));
             if !rest.iter().any(|a| a == "--config") && config.is_file() {
@@ -129,43 +131,33 @@ fn main() -> Result<()> {
             run_graft(&args)
         }
         Task::Eval { rest } => {
-            build(&plugin_packages()?)?;
+            build()?;
             run_graft(&[vec!["eval".to_string()], rest].concat())
         }
         Task::Predict { rest } => {
-            build(&plugin_packages()?)?;
+            build()?;
             run_graft(&[vec!["predict".to_string()], rest].concat())
         }
         Task::Graft { rest } => {
-            build(&plugin_packages()?)?;
+            build()?;
             run_graft(&rest)
         }
         Task::Test { rest } => {
-            for args in [
-                vec!["build".to_string(), "--workspace".into()],
-                [vec!["test".to_string(), "--workspace".into()], rest].concat(),
-            ] {
-                let status = Command::new(cargo())
-                    .current_dir(root())
-                    .args(&args)
-                    .status()
-                    .context("running cargo")?;
-                if !status.success() {
-                    std::process::exit(status.code().unwrap_or(1));
-                }
+            build()?;
+            let status = Command::new(cargo())
+                .current_dir(root())
+                .args(["test", "--workspace"])
+                .args(&rest)
+                .status()
+                .context("running cargo test")?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(1));
             }
             Ok(())
         }
         Task::FetchModel { name } => {
-            let known = graft_model::zoo::find_known(&name).with_context(|| {
-                format!(
-                    "unknown model `{name}` (known: {})",
-                    graft_model::zoo::KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", ")
-                )
-            })?;
-            let dir = known.ensure(&mut |m| eprintln!("{m}"))?;
-            println!("{}", dir.display());
-            Ok(())
+            build()?;
+            run_graft(&["fetch-model".to_string(), name])
         }
     }
 }

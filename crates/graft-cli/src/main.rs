@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "graft", version, about = "Parameter-efficient fine-tuning of transformer models")]
+#[command(
+    name = "graft",
+    version,
+    about = "Parameter-efficient fine-tuning of transformer models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -88,6 +92,8 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Put a known model (minilm) in graft's cache and print its folder.
+    FetchModel { name: String },
     /// List the method plugins found, with versions, paths and ABI strings.
     Plugins {
         #[command(flatten)]
@@ -122,10 +128,18 @@ fn model_dir(config: &TrainConfig, flag: Option<PathBuf>) -> Result<PathBuf> {
         format!(
             "model.name `{}` is not a model graft can fetch (known: {}); set model.dir or --model",
             config.model.name,
-            graft_model::zoo::KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", ")
+            known_models()
         )
     })?;
     Ok(known.ensure(&mut |m| eprintln!("{m}"))?)
+}
+
+fn known_models() -> String {
+    graft_model::zoo::KNOWN
+        .iter()
+        .map(|m| m.alias)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -146,7 +160,8 @@ fn run(cli: Cli) -> Result<()> {
                 None => TrainConfig::default(),
             };
             if let Some(method) = method {
-                cfg.method.insert("name".into(), toml::Value::String(method));
+                cfg.method
+                    .insert("name".into(), toml::Value::String(method));
             }
             if let Some(epochs) = epochs {
                 cfg.train.epochs = epochs;
@@ -216,7 +231,11 @@ fn run(cli: Cli) -> Result<()> {
             let classifier = open(&adapter, &registry)?;
             let dataset = Dataset::read_csv(&data, &classifier.template.columns())?;
             let texts = dataset.texts(&classifier.template)?;
-            let mut rows = String::from(if submission { "uuid,Keywords,label\n" } else { "uuid,label\n" });
+            let mut rows = String::from(if submission {
+                "uuid,Keywords,label\n"
+            } else {
+                "uuid,label\n"
+            });
             for (records, chunk) in dataset.records.chunks(32).zip(texts.chunks(32)) {
                 let logits = classifier.logits(chunk)?;
                 for (record, class) in records.iter().zip(graft_model::bert::argmax(&logits)?) {
@@ -231,7 +250,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             graft_peft::adapter::write_atomic(&out, rows.as_bytes())
                 .with_context(|| format!("writing predictions to {}", out.display()))?;
-            eprintln!("wrote {} predictions to {}", dataset.records.len(), out.display());
+            eprintln!(
+                "wrote {} predictions to {}",
+                dataset.records.len(),
+                out.display()
+            );
         }
         Command::Merge {
             adapter,
@@ -239,7 +262,10 @@ fn run(cli: Cli) -> Result<()> {
             plugins,
         } => {
             if out.join("model.safetensors").exists() {
-                bail!("{} already holds a model; choose another --out", out.display());
+                bail!(
+                    "{} already holds a model; choose another --out",
+                    out.display()
+                );
             }
             let registry = registry(&plugins)?;
             let mut classifier = open(&adapter, &registry)?;
@@ -253,10 +279,21 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("copying {}", tokenizer.display()))?;
             eprintln!("merged model written to {}", out.display());
         }
+        Command::FetchModel { name } => {
+            let known = graft_model::zoo::find_known(&name)
+                .with_context(|| format!("unknown model `{name}` (known: {})", known_models()))?;
+            println!("{}", known.ensure(&mut |m| eprintln!("{m}"))?.display());
+        }
         Command::Plugins { plugins } => {
             let dirs = search_dirs(&plugins.plugin_dirs);
             let registry = Registry::discover(&dirs);
-            println!("searched: {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+            println!(
+                "searched: {}",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             for p in &registry.plugins {
                 println!(
                     "{:<16} {:<8} {:<15} {}\n{:<16} abi: {}",

@@ -50,7 +50,10 @@ fn assert_train_fails(csv: &Path, needles: &[&str]) {
     for needle in needles {
         assert!(message.contains(needle), "`{needle}` not in: {message}");
     }
-    assert!(!run.join("adapter").exists(), "wrote an adapter from bad input");
+    assert!(
+        !run.join("adapter").exists(),
+        "wrote an adapter from bad input"
+    );
 }
 
 fn write_csv(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -64,13 +67,19 @@ const HEADER: &str = "uuid,title,author,abstract,Keywords,label\n";
 #[test]
 fn malformed_csv_input_is_reported_with_file_row_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let missing_column = write_csv(dir.path(), "no_abstract.csv", "uuid,title,label\n1,A title,1\n");
+    let missing_column = write_csv(
+        dir.path(),
+        "no_abstract.csv",
+        "uuid,title,label\n1,A title,1\n",
+    );
     assert_train_fails(&missing_column, &["no_abstract.csv", "abstract"]);
 
     let unbalanced = write_csv(
         dir.path(),
         "quote.csv",
-        &format!("{HEADER}1,Fine,,An abstract.,,1\n2,\"Broken,,Another abstract.,,0\n3,More,,Text.,,1\n"),
+        &format!(
+            "{HEADER}1,Fine,,An abstract.,,1\n2,\"Broken,,Another abstract.,,0\n3,More,,Text.,,1\n"
+        ),
     );
     assert_train_fails(&unbalanced, &["quote.csv", "row 3", "quote"]);
 
@@ -116,9 +125,26 @@ fn train_eval_predict_and_merge_on_the_demo_set() {
     let run = dir.path().join("run");
     let demo = testkit::workspace_root().join("data/demo.csv");
     let demo = demo.to_str().unwrap();
-    let out = graft(&["train", "--method", "lora", "--data", demo, "--out", run.to_str().unwrap(), "--max-steps", "4"]);
+    let out = graft(&[
+        "train",
+        "--method",
+        "lora",
+        "--data",
+        demo,
+        "--out",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "4",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    for file in ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "eval.json", "config.toml", "curves.svg"] {
+    for file in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "eval.json",
+        "config.toml",
+        "curves.svg",
+    ] {
         assert!(run.join(file).is_file(), "{file} missing");
     }
     let eval: serde_json::Value =
@@ -136,12 +162,31 @@ fn train_eval_predict_and_merge_on_the_demo_set() {
     let adapter = run.join("adapter");
     let adapter_arg = adapter.to_str().unwrap();
     let eval_out = dir.path().join("eval.json");
-    let out = graft(&["eval", "--adapter", adapter_arg, "--data", demo, "--out", eval_out.to_str().unwrap()]);
+    let out = graft(&[
+        "eval",
+        "--adapter",
+        adapter_arg,
+        "--data",
+        demo,
+        "--out",
+        eval_out.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(std::fs::read_to_string(&eval_out).unwrap().contains("\"f1\""));
+    assert!(std::fs::read_to_string(&eval_out)
+        .unwrap()
+        .contains("\"f1\""));
 
     let predictions = dir.path().join("submission.csv");
-    let out = graft(&["predict", "--adapter", adapter_arg, "--data", demo, "--out", predictions.to_str().unwrap(), "--submission"]);
+    let out = graft(&[
+        "predict",
+        "--adapter",
+        adapter_arg,
+        "--data",
+        demo,
+        "--out",
+        predictions.to_str().unwrap(),
+        "--submission",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = std::fs::read_to_string(&predictions).unwrap();
     let mut lines = text.lines();
@@ -150,13 +195,21 @@ fn train_eval_predict_and_merge_on_the_demo_set() {
     assert!(lines.all(|l| l.ends_with(",0") || l.ends_with(",1")));
 
     let merged = dir.path().join("merged");
-    let out = graft(&["merge", "--adapter", adapter_arg, "--out", merged.to_str().unwrap()]);
+    let out = graft(&[
+        "merge",
+        "--adapter",
+        adapter_arg,
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // The merged model alone gives the adapter's logits.
     let mut registry = Registry::default();
     registry
-        .add(graft_peft::loader::LoadedPlugin::statically_linked(graft_plugin_lora::method()))
+        .add(graft_peft::loader::LoadedPlugin::statically_linked(
+            graft_plugin_lora::method(),
+        ))
         .unwrap();
     let classifier = Classifier::open(&adapter, &registry, &Device::Cpu).unwrap();
     let (texts, _) = testkit::real_batch(4).unwrap();
@@ -172,22 +225,39 @@ fn train_eval_predict_and_merge_on_the_demo_set() {
     .unwrap();
     let encoded = classifier.tokenizer.encode_batch(&texts).unwrap();
     let inputs = classifier.inputs(&encoded).unwrap();
-    let merged_logits = merged_model.forward(&inputs, &graft_model::NoHooks).unwrap();
+    let merged_logits = merged_model
+        .forward(&inputs, &graft_model::NoHooks)
+        .unwrap();
     let diff = testkit::max_abs_diff(&with_adapter, &merged_logits).unwrap();
     assert!(diff <= 1e-5, "merged model logits differ by {diff}");
 
     // candle-transformers' bert reads the merged checkpoint and agrees with graft's encoder.
     let text = std::fs::read_to_string(merged.join("config.json")).unwrap();
-    let reference_config: candle_transformers::models::bert::Config = serde_json::from_str(&text).unwrap();
+    let reference_config: candle_transformers::models::bert::Config =
+        serde_json::from_str(&text).unwrap();
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[merged.join("model.safetensors")], DType::F32, &Device::Cpu)
-            .unwrap()
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[merged.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let reference = candle_transformers::models::bert::BertModel::load(vb, &reference_config)
         .unwrap()
-        .forward(&inputs.input_ids, inputs.token_type_ids.as_ref().unwrap(), Some(&inputs.attention_mask))
+        .forward(
+            &inputs.input_ids,
+            inputs.token_type_ids.as_ref().unwrap(),
+            Some(&inputs.attention_mask),
+        )
         .unwrap();
-    let (hidden, _) = merged_model.bert.forward(&inputs, &graft_model::NoHooks).unwrap();
+    let (hidden, _) = merged_model
+        .bert
+        .forward(&inputs, &graft_model::NoHooks)
+        .unwrap();
     let diff = testkit::max_abs_diff(&hidden, &reference).unwrap();
-    assert!(diff <= 1e-4, "candle-transformers on the merged model differs by {diff}");
+    assert!(
+        diff <= 1e-4,
+        "candle-transformers on the merged model differs by {diff}"
+    );
 }

@@ -13,13 +13,20 @@ fn profile_dir() -> PathBuf {
 }
 
 fn library_file(stem: &str) -> String {
-    format!("{}{stem}{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+    format!(
+        "{}{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    )
 }
 
 /// A workspace library built by cargo; built here if this test run has not built it yet.
 fn workspace_library(package: &str, stem: &str) -> PathBuf {
     let file = library_file(stem);
-    let candidates = [profile_dir().join(&file), profile_dir().join("deps").join(&file)];
+    let candidates = [
+        profile_dir().join(&file),
+        profile_dir().join("deps").join(&file),
+    ];
     if let Some(found) = candidates.iter().find(|p| p.is_file()) {
         return found.clone();
     }
@@ -54,7 +61,10 @@ fn discovery_finds_lora_in_a_directory() {
     let lora = registry.get("lora").unwrap();
     assert_eq!(lora.method.peft_type(), "LORA");
     let unknown = registry.get("no-such-method").unwrap_err().to_string();
-    assert!(unknown.contains("no-such-method") && unknown.contains("lora"), "{unknown}");
+    assert!(
+        unknown.contains("no-such-method") && unknown.contains("lora"),
+        "{unknown}"
+    );
 }
 
 #[test]
@@ -65,14 +75,20 @@ fn a_plugin_with_its_own_static_candle_is_refused() {
     assert!(matches!(err, PluginError::ProbeFailed { .. }), "{err:?}");
     let message = err.to_string();
     assert!(message.contains("static_candle_fixture"), "{message}");
-    assert!(message.contains("does not share graft's candle"), "{message}");
+    assert!(
+        message.contains("does not share graft's candle"),
+        "{message}"
+    );
 }
 
 #[test]
 fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join(library_file("graft_plugin_missing"));
-    assert!(matches!(load_plugin(&missing), Err(PluginError::NotFound { .. })));
+    assert!(matches!(
+        load_plugin(&missing),
+        Err(PluginError::NotFound { .. })
+    ));
 
     let garbage = dir.path().join(library_file("graft_plugin_garbage"));
     std::fs::write(&garbage, b"not a shared object").unwrap();

@@ -272,7 +272,10 @@ impl Bert {
                 let n = prompt.dim(1)?;
                 (
                     Tensor::cat(&[&prompt.to_dtype(dtype)?, &word], 1)?,
-                    Tensor::cat(&[&Tensor::zeros((b, n), DType::U32, device)?, &token_types], 1)?,
+                    Tensor::cat(
+                        &[&Tensor::zeros((b, n), DType::U32, device)?, &token_types],
+                        1,
+                    )?,
                     Tensor::cat(&[&Tensor::ones((b, n), DType::F32, device)?, &mask], 1)?,
                 )
             }
@@ -293,13 +296,14 @@ impl Bert {
             .token_type
             .index_select(&token_types.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
-        let embedded = word
-            .broadcast_add(&position)?
-            .add(&token_type)?;
+        let embedded = word.broadcast_add(&position)?.add(&token_type)?;
         let mut hidden = self.embeddings.norm.forward(&embedded)?;
 
         let key_mask = if prefix_len > 0 {
-            Tensor::cat(&[&Tensor::ones((b, prefix_len), DType::F32, device)?, &mask], 1)?
+            Tensor::cat(
+                &[&Tensor::ones((b, prefix_len), DType::F32, device)?, &mask],
+                1,
+            )?
         } else {
             mask.clone()
         };
@@ -396,7 +400,8 @@ impl BertForSequenceClassification {
         seed: u64,
     ) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let weights = Weights::load(&dir.join("model.safetensors"), dtype, device)?.with_prefix(PREFIX);
+        let weights =
+            Weights::load(&dir.join("model.safetensors"), dtype, device)?.with_prefix(PREFIX);
         let bert = Bert::load(config, &weights)?;
         let h = bert.config.hidden_size;
         // A checkpoint of a sequence classifier (e.g. written by `graft merge`) carries its head.
@@ -404,7 +409,9 @@ impl BertForSequenceClassification {
             weights.find("classifier.weight"),
             weights.find("classifier.bias"),
         ) {
-            (Some(w), Some(b)) if w.dims() == [num_labels, h] => ClassifierHead::new(w.clone(), b.clone())?,
+            (Some(w), Some(b)) if w.dims() == [num_labels, h] => {
+                ClassifierHead::new(w.clone(), b.clone())?
+            }
             _ => {
                 let mut rng = init::seeded_rng(seed);
                 ClassifierHead::new(
@@ -439,15 +446,27 @@ impl BertForSequenceClassification {
         })?;
         let c = &self.bert.config;
         let mut tensors: Vec<(String, Tensor)> = vec![
-            ("bert.embeddings.word_embeddings.weight".into(), self.bert.embeddings.word.clone()),
-            ("bert.embeddings.position_embeddings.weight".into(), self.bert.embeddings.position.clone()),
-            ("bert.embeddings.token_type_embeddings.weight".into(), self.bert.embeddings.token_type.clone()),
+            (
+                "bert.embeddings.word_embeddings.weight".into(),
+                self.bert.embeddings.word.clone(),
+            ),
+            (
+                "bert.embeddings.position_embeddings.weight".into(),
+                self.bert.embeddings.position.clone(),
+            ),
+            (
+                "bert.embeddings.token_type_embeddings.weight".into(),
+                self.bert.embeddings.token_type.clone(),
+            ),
         ];
         let norm = |name: String, n: &LayerNorm| {
             n.tensors()
                 .map(|(suffix, t)| (format!("{name}.{suffix}"), t.clone()))
         };
-        tensors.extend(norm("bert.embeddings.LayerNorm".into(), &self.bert.embeddings.norm));
+        tensors.extend(norm(
+            "bert.embeddings.LayerNorm".into(),
+            &self.bert.embeddings.norm,
+        ));
         for linear in self.bert.linears() {
             tensors.push((format!("{}.weight", linear.name()), linear.weight().clone()));
             if let Some(b) = linear.bias() {
@@ -455,8 +474,14 @@ impl BertForSequenceClassification {
             }
         }
         for (i, layer) in self.bert.layers.iter().enumerate() {
-            tensors.extend(norm(format!("bert.encoder.layer.{i}.attention.output.LayerNorm"), &layer.attention_norm));
-            tensors.extend(norm(format!("bert.encoder.layer.{i}.output.LayerNorm"), &layer.output_norm));
+            tensors.extend(norm(
+                format!("bert.encoder.layer.{i}.attention.output.LayerNorm"),
+                &layer.attention_norm,
+            ));
+            tensors.extend(norm(
+                format!("bert.encoder.layer.{i}.output.LayerNorm"),
+                &layer.output_norm,
+            ));
         }
         for (name, var) in self.head.vars() {
             tensors.push((format!("classifier.{name}"), var.as_tensor().clone()));

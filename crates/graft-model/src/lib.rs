@@ -26,7 +26,10 @@ pub fn default_device() -> Result<candle_core::Device> {
 
 /// Mean cross-entropy of `logits` `[batch, classes]` against class ids `labels` `[batch]`,
 /// from ops that all have a backward (log-softmax with a detached maximum).
-pub fn cross_entropy(logits: &candle_core::Tensor, labels: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+pub fn cross_entropy(
+    logits: &candle_core::Tensor,
+    labels: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
     use candle_core::D;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;

@@ -20,10 +20,11 @@ macro_rules! abi_literal {
 pub const ABI: &str = abi_literal!();
 
 /// [`ABI`], NUL-terminated for the C-ABI symbol `graft_plugin_abi`.
-pub const ABI_CSTR: &CStr = match CStr::from_bytes_with_nul(concat!(abi_literal!(), "\0").as_bytes()) {
-    Ok(s) => s,
-    Err(_) => panic!("ABI string holds a NUL byte"),
-};
+pub const ABI_CSTR: &CStr =
+    match CStr::from_bytes_with_nul(concat!(abi_literal!(), "\0").as_bytes()) {
+        Ok(s) => s,
+        Err(_) => panic!("ABI string holds a NUL byte"),
+    };
 
 pub const SYMBOL_ABI: &str = "graft_plugin_abi";
 pub const SYMBOL_PROBE: &str = "graft_plugin_probe";

@@ -89,14 +89,15 @@ impl SavedAdapter {
         if !weights.is_file() {
             return Err(Error::Io {
                 path: weights,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "adapter weights missing"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "adapter weights missing",
+                ),
             });
         }
-        let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| {
-            Error::Io {
-                path: weights.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            }
+        let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| Error::Io {
+            path: weights.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -111,7 +112,10 @@ impl SavedAdapter {
             .as_str()
             .ok_or_else(|| Error::Config {
                 method: "adapter".into(),
-                reason: format!("{}: `peft_type` is missing", self.dir.join(CONFIG_FILE).display()),
+                reason: format!(
+                    "{}: `peft_type` is missing",
+                    self.dir.join(CONFIG_FILE).display()
+                ),
             })
     }
 
@@ -136,7 +140,11 @@ impl SavedAdapter {
 }
 
 /// Takes `key` from `tensors`, checking its shape.
-pub fn take_tensor(tensors: &HashMap<String, Tensor>, key: &str, shape: &[usize]) -> Result<Tensor> {
+pub fn take_tensor(
+    tensors: &HashMap<String, Tensor>,
+    key: &str,
+    shape: &[usize],
+) -> Result<Tensor> {
     let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
         key: key.to_string(),
     })?;

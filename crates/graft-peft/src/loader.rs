@@ -55,10 +55,11 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     }
     // SAFETY: loading a library runs its initialisers; graft only loads files named like
     // plugins from directories the user named (see docs/architecture.md, security).
-    let library = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::NotALibrary {
-        path: path_buf.clone(),
-        reason: e.to_string(),
-    })?;
+    let library =
+        unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::NotALibrary {
+            path: path_buf.clone(),
+            reason: e.to_string(),
+        })?;
     let missing = |symbol: &str| PluginError::MissingSymbol {
         path: path_buf.clone(),
         symbol: symbol.to_string(),
@@ -73,7 +74,9 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
             String::new()
         } else {
             // SAFETY: export_plugin! returns a pointer to a static NUL-terminated string.
-            unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(ptr) }
+                .to_string_lossy()
+                .into_owned()
         }
     };
     if found != ABI {
@@ -105,11 +108,12 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     // graft-peft, and a Rust-ABI Box<dyn Method> crosses the boundary intact.
     let create = unsafe { library.get::<fn() -> Box<dyn Method>>(SYMBOL_CREATE.as_bytes()) }
         .map_err(|_| missing(SYMBOL_CREATE))?;
-    let method = catch_unwind(AssertUnwindSafe(|| create())).map_err(|p| PluginError::Panicked {
-        path: path_buf.clone(),
-        call: SYMBOL_CREATE.to_string(),
-        message: panic_message(p),
-    })?;
+    let method =
+        catch_unwind(AssertUnwindSafe(|| create())).map_err(|p| PluginError::Panicked {
+            path: path_buf.clone(),
+            call: SYMBOL_CREATE.to_string(),
+            message: panic_message(p),
+        })?;
     // Plugins are never unloaded: adapters and tensors made by a plugin point into its code.
     std::mem::forget(library);
     Ok(LoadedPlugin {
@@ -213,9 +217,11 @@ impl Registry {
     }
 
     pub fn get(&self, name: &str) -> Result<&LoadedPlugin, PluginError> {
-        if let Some(conflict) = self.refused.iter().find(
-            |e| matches!(e, PluginError::DuplicateName { name: n, .. } if n == name),
-        ) {
+        if let Some(conflict) = self
+            .refused
+            .iter()
+            .find(|e| matches!(e, PluginError::DuplicateName { name: n, .. } if n == name))
+        {
             return Err(conflict.clone());
         }
         self.plugins

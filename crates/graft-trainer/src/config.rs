@@ -162,14 +162,47 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
         let checks: [(bool, String); 8] = [
-            (t.batch_size > 0, "train.batch_size must be at least 1".into()),
-            (t.grad_accum > 0, "train.grad_accum must be at least 1".into()),
-            (t.lr > 0.0 && t.lr.is_finite(), format!("train.lr must be positive, found {}", t.lr)),
-            (t.epochs > 0 || t.max_steps > 0, "train.epochs or train.max_steps must be positive".into()),
-            ((0.0..1.0).contains(&t.warmup_ratio), format!("train.warmup_ratio must be in [0, 1), found {}", t.warmup_ratio)),
-            (t.weight_decay >= 0.0, format!("train.weight_decay must not be negative, found {}", t.weight_decay)),
-            (self.model.max_len > 0, "model.max_len must be at least 1".into()),
-            (self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0, format!("data.val_fraction must be in (0, 1), found {}", self.data.val_fraction)),
+            (
+                t.batch_size > 0,
+                "train.batch_size must be at least 1".into(),
+            ),
+            (
+                t.grad_accum > 0,
+                "train.grad_accum must be at least 1".into(),
+            ),
+            (
+                t.lr > 0.0 && t.lr.is_finite(),
+                format!("train.lr must be positive, found {}", t.lr),
+            ),
+            (
+                t.epochs > 0 || t.max_steps > 0,
+                "train.epochs or train.max_steps must be positive".into(),
+            ),
+            (
+                (0.0..1.0).contains(&t.warmup_ratio),
+                format!(
+                    "train.warmup_ratio must be in [0, 1), found {}",
+                    t.warmup_ratio
+                ),
+            ),
+            (
+                t.weight_decay >= 0.0,
+                format!(
+                    "train.weight_decay must not be negative, found {}",
+                    t.weight_decay
+                ),
+            ),
+            (
+                self.model.max_len > 0,
+                "model.max_len must be at least 1".into(),
+            ),
+            (
+                self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0,
+                format!(
+                    "data.val_fraction must be in (0, 1), found {}",
+                    self.data.val_fraction
+                ),
+            ),
         ];
         for (ok, message) in checks {
             if !ok {
@@ -178,7 +211,9 @@ impl TrainConfig {
         }
         if let Some(head_lr) = t.head_lr {
             if !(head_lr > 0.0 && head_lr.is_finite()) {
-                return Err(Error::Config(format!("train.head_lr must be positive, found {head_lr}")));
+                return Err(Error::Config(format!(
+                    "train.head_lr must be positive, found {head_lr}"
+                )));
             }
         }
         Ok(())

@@ -47,7 +47,9 @@ pub fn evaluate(truth: &[usize], predicted: &[usize], num_classes: usize, loss: 
     let (precision, recall, f1) = if num_classes == 2 {
         class_scores(&confusion, 1)
     } else {
-        let scores: Vec<_> = (0..num_classes).map(|c| class_scores(&confusion, c)).collect();
+        let scores: Vec<_> = (0..num_classes)
+            .map(|c| class_scores(&confusion, c))
+            .collect();
         let n = num_classes as f64;
         (
             scores.iter().map(|s| s.0).sum::<f64>() / n,

@@ -94,7 +94,11 @@ pub fn global_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sum = 0.0;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            sum += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(sum.sqrt())
@@ -151,7 +155,11 @@ mod tests {
             .unwrap();
         let grads = loss.backward().unwrap();
         let mut opt = AdamW::new(
-            vec![ParamGroup { vars: vec![var.clone()], lr: 0.1, weight_decay: 0.5 }],
+            vec![ParamGroup {
+                vars: vec![var.clone()],
+                lr: 0.1,
+                weight_decay: 0.5,
+            }],
             0.9,
             0.999,
             1e-12,

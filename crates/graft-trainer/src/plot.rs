@@ -5,7 +5,14 @@ const W: f64 = 640.0;
 const H: f64 = 220.0;
 const PAD: f64 = 40.0;
 
-fn polyline(points: &[(f64, f64)], x_max: f64, y_min: f64, y_max: f64, top: f64, colour: &str) -> String {
+fn polyline(
+    points: &[(f64, f64)],
+    x_max: f64,
+    y_min: f64,
+    y_max: f64,
+    top: f64,
+    colour: &str,
+) -> String {
     let span = (y_max - y_min).max(1e-12);
     let coords: Vec<String> = points
         .iter()
@@ -24,7 +31,9 @@ fn polyline(points: &[(f64, f64)], x_max: f64, y_min: f64, y_max: f64, top: f64,
 fn panel(out: &mut String, title: &str, points: &[(f64, f64)], x_max: f64, top: f64, colour: &str) {
     let (lo, hi) = points
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, y)| (lo.min(*y), hi.max(*y)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, y)| {
+            (lo.min(*y), hi.max(*y))
+        });
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let _ = write!(
         out,

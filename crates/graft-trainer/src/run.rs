@@ -46,7 +46,10 @@ impl RunDir {
     }
 
     pub fn write(&self, name: &str, text: &str) -> Result<()> {
-        Ok(graft_peft::adapter::write_atomic(&self.root.join(name), text.as_bytes())?)
+        Ok(graft_peft::adapter::write_atomic(
+            &self.root.join(name),
+            text.as_bytes(),
+        )?)
     }
 }
 

@@ -86,7 +86,10 @@ impl Classifier {
         )?;
         let info = model.bert.info();
         let sites = model.bert.sites();
-        let adapter = method.create(settings, &attach_context(&info, &sites, device, dtype, seed))?;
+        let adapter = method.create(
+            settings,
+            &attach_context(&info, &sites, device, dtype, seed),
+        )?;
         Self::assemble(spec, method, model, adapter, labels)
     }
 
@@ -129,14 +132,28 @@ impl Classifier {
         let sites = model.bert.sites();
         let method_tensors = saved.method_tensors();
         let adapter = method
-            .load(&saved.config, &method_tensors, &attach_context(&info, &sites, device, DType::F32, 0))
+            .load(
+                &saved.config,
+                &method_tensors,
+                &attach_context(&info, &sites, device, DType::F32, 0),
+            )
             .map_err(adapter_error)?;
-        let used: std::collections::HashSet<String> =
-            adapter.tensors().map_err(adapter_error)?.into_iter().map(|(k, _)| k).collect();
-        let mut extra: Vec<String> = method_tensors.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        let used: std::collections::HashSet<String> = adapter
+            .tensors()
+            .map_err(adapter_error)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let mut extra: Vec<String> = method_tensors
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
         if !extra.is_empty() {
             extra.sort();
-            return Err(adapter_error(graft_peft::Error::UnexpectedTensors { keys: extra }));
+            return Err(adapter_error(graft_peft::Error::UnexpectedTensors {
+                keys: extra,
+            }));
         }
         Self::assemble(spec, method, model, adapter, labels)
     }
@@ -224,12 +241,14 @@ impl Classifier {
         }
         let mut tensors = self.adapter.tensors()?;
         tensors.extend(self.trainable().into_iter().filter_map(|(k, v)| {
-            k.contains("classifier.").then(|| (k, v.as_tensor().clone()))
+            k.contains("classifier.")
+                .then(|| (k, v.as_tensor().clone()))
         }));
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         tensors.dedup_by(|a, b| a.0 == b.0);
         adapter::save(dir, &config, &tensors)?;
-        let text = serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
         adapter::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?;
         Ok(())
     }
@@ -241,7 +260,10 @@ impl Classifier {
         }
         let sign = if merge { 1.0 } else { -1.0 };
         let deltas = self.adapter.merge_deltas()?.ok_or_else(|| {
-            Error::Config(format!("method `{}` cannot be merged into the base weights", self.spec.method))
+            Error::Config(format!(
+                "method `{}` cannot be merged into the base weights",
+                self.spec.method
+            ))
         })?;
         for (site, delta) in deltas {
             let linear = self

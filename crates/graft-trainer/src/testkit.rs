@@ -100,7 +100,11 @@ impl GradientSample {
 
 fn set_entry(var: &Var, index: usize, value: f64) -> Result<()> {
     let shape = var.shape().clone();
-    let mut values = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let mut values = var
+        .as_tensor()
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     values[index] = value;
     let t = Tensor::from_vec(values, shape, var.device())?.to_dtype(var.dtype())?;
     Ok(var.set(&t)?)
@@ -120,14 +124,22 @@ pub fn finite_difference_check(
     let grads = loss(classifier, texts, labels)?.backward()?;
     let mut rng = graft_model::init::seeded_rng(seed);
     let mut samples = Vec::new();
-    for (name, var) in classifier.trainable().into_iter().filter(|(n, _)| select(n)) {
+    for (name, var) in classifier
+        .trainable()
+        .into_iter()
+        .filter(|(n, _)| select(n))
+    {
         let grad = grads
             .get(var.as_tensor())
             .ok_or_else(|| Error::Config(format!("{name} received no gradient")))?
             .flatten_all()?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
-        let values = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let values = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         for _ in 0..per_tensor {
             let index = rng.random_range(0..values.len());
             set_entry(&var, index, values[index] + eps)?;
@@ -158,7 +170,11 @@ pub fn train_steps(
     let trainable = classifier.trainable();
     let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(
-        vec![ParamGroup { vars, lr, weight_decay: 0.0 }],
+        vec![ParamGroup {
+            vars,
+            lr,
+            weight_decay: 0.0,
+        }],
         0.9,
         0.999,
         1e-8,

@@ -62,10 +62,19 @@ pub fn evaluate_examples(
         let targets = Tensor::from_iter(labels.iter().map(|&l| l as u32), &device)?;
         let loss = graft_model::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * texts.len() as f64;
-        predicted.extend(graft_model::bert::argmax(&logits)?.into_iter().map(|p| p as usize));
+        predicted.extend(
+            graft_model::bert::argmax(&logits)?
+                .into_iter()
+                .map(|p| p as usize),
+        );
     }
     let n = examples.labels.len().max(1) as f64;
-    let evaluation = evaluate(&examples.labels, &predicted, classifier.labels.len(), loss_sum / n);
+    let evaluation = evaluate(
+        &examples.labels,
+        &predicted,
+        classifier.labels.len(),
+        loss_sum / n,
+    );
     Ok((predicted, evaluation))
 }
 
@@ -233,8 +242,11 @@ pub fn train(
             let encoded = classifier.tokenizer.encode_batch(&texts)?;
             tokens += encoded.attention_mask.iter().filter(|&&m| m == 1).count();
             let inputs = classifier.inputs(&encoded)?;
-            let targets = Tensor::from_iter(batch.iter().map(|&i| train_set.labels[i] as u32), &device)?;
-            let logits = classifier.model.forward(&inputs, classifier.adapter.as_ref())?;
+            let targets =
+                Tensor::from_iter(batch.iter().map(|&i| train_set.labels[i] as u32), &device)?;
+            let logits = classifier
+                .model
+                .forward(&inputs, classifier.adapter.as_ref())?;
             let mut loss = graft_model::cross_entropy(&logits, &targets)?;
             if let Some(extra) = classifier.adapter.extra_loss()? {
                 loss = (loss + extra)?;

@@ -58,29 +58,43 @@ impl LoraConfig {
     /// From PEFT's adapter_config.json: other keys are ignored, unsupported options refused.
     pub fn from_adapter_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        for (key, unsupported) in [("use_dora", Value::Bool(true)), ("fan_in_fan_out", Value::Bool(true))] {
+        for (key, unsupported) in [
+            ("use_dora", Value::Bool(true)),
+            ("fan_in_fan_out", Value::Bool(true)),
+        ] {
             if config.other.get(key) == Some(&unsupported) {
-                return Err(invalid(format!("`{key}: {unsupported}` is not supported by this plugin")));
+                return Err(invalid(format!(
+                    "`{key}: {unsupported}` is not supported by this plugin"
+                )));
             }
         }
         if let Some(bias) = config.other.get("bias").and_then(Value::as_str) {
             if bias != "none" {
-                return Err(invalid(format!("bias `{bias}` is not supported (only \"none\")")));
+                return Err(invalid(format!(
+                    "bias `{bias}` is not supported (only \"none\")"
+                )));
             }
         }
         Ok(config)
     }
 
     fn parse(value: &Value) -> Result<Self> {
-        let config: Self = serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
+        let config: Self =
+            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
         if config.r == 0 {
             return Err(invalid("r must be at least 1, found 0".into()));
         }
         if !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
-            return Err(invalid(format!("lora_alpha must be positive, found {}", config.lora_alpha)));
+            return Err(invalid(format!(
+                "lora_alpha must be positive, found {}",
+                config.lora_alpha
+            )));
         }
         if !(0.0..1.0).contains(&config.lora_dropout) {
-            return Err(invalid(format!("lora_dropout must be in [0, 1), found {}", config.lora_dropout)));
+            return Err(invalid(format!(
+                "lora_dropout must be in [0, 1), found {}",
+                config.lora_dropout
+            )));
         }
         Ok(config)
     }

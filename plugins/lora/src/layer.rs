@@ -28,3 +28,100 @@ impl LoraLayer {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use graft_peft::candle::{DType, Device};
+    use graft_peft::graft_model::init;
+    use graft_peft::graft_model::ops::frozen_linear;
+    use proptest::prelude::*;
+
+    fn layer(rng: &mut init::SeededRng, out: usize, inp: usize, r: usize, scale: f64) -> LoraLayer {
+        let a = init::normal(rng, &[r, inp], 0.5, DType::F64, &Device::Cpu).unwrap();
+        let b = init::normal(rng, &[out, r], 0.5, DType::F64, &Device::Cpu).unwrap();
+        LoraLayer {
+            a: Var::from_tensor(&a).unwrap(),
+            b: Var::from_tensor(&b).unwrap(),
+            scale,
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// x·(W + s·B·A)ᵀ equals x·Wᵀ + s·(x·Aᵀ)·Bᵀ, and unmerging restores W.
+        #[test]
+        fn merge_equals_forward_and_unmerge_restores(
+            out in 1usize..24, inp in 1usize..24, r in 1usize..9, alpha in 0.1f64..64.0,
+            rows in 1usize..5, seed in any::<u64>(),
+        ) {
+            let mut rng = init::seeded_rng(seed);
+            let scale = alpha / r as f64;
+            let lora = layer(&mut rng, out, inp, r, scale);
+            let w = init::normal(&mut rng, &[out, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
+            let x = init::normal(&mut rng, &[rows, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
+            let unmerged = (frozen_linear(&x, &w, None).unwrap() + lora.delta_output(&x, None).unwrap()).unwrap();
+            let merged_w = (&w + lora.delta_weight().unwrap()).unwrap();
+            let merged = frozen_linear(&x, &merged_w, None).unwrap();
+            prop_assert!(max_diff(&merged, &unmerged) <= 1e-9);
+            let restored = (&merged_w - lora.delta_weight().unwrap()).unwrap();
+            prop_assert!(max_diff(&restored, &w) <= 1e-12 * (1.0 + alpha));
+        }
+
+        /// The update is linear in the scale: doubling alpha doubles it; rsLoRA scales by
+        /// alpha/sqrt(r).
+        #[test]
+        fn update_scales_with_alpha_over_r(
+            out in 1usize..16, inp in 1usize..16, r in 1usize..9, alpha in 0.1f64..32.0,
+            seed in any::<u64>(),
+        ) {
+            let mut rng = init::seeded_rng(seed);
+            let lora = layer(&mut rng, out, inp, r, alpha / r as f64);
+            let doubled = LoraLayer { a: lora.a.clone(), b: lora.b.clone(), scale: 2.0 * alpha / r as f64 };
+            let twice = (lora.delta_weight().unwrap() * 2.0).unwrap();
+            prop_assert!(max_diff(&doubled.delta_weight().unwrap(), &twice) <= 1e-9 * (1.0 + alpha));
+            let config = crate::LoraConfig::from_train_config(&serde_json::json!({
+                "r": r, "lora_alpha": alpha, "use_rslora": true
+            })).unwrap();
+            prop_assert!((config.scale() - alpha / (r as f64).sqrt()).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn b_zero_means_no_change() {
+        let mut rng = init::seeded_rng(1);
+        let lora = layer(&mut rng, 5, 7, 2, 2.0);
+        lora.b.set(&lora.b.zeros_like().unwrap()).unwrap();
+        let x = init::normal(&mut rng, &[3, 7], 1.0, DType::F64, &Device::Cpu).unwrap();
+        assert_eq!(
+            max_diff(
+                &lora.delta_output(&x, None).unwrap(),
+                &x.zeros_like().unwrap().narrow(1, 0, 5).unwrap()
+            ),
+            0.0
+        );
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let err = crate::LoraConfig::from_train_config(&serde_json::json!({ "r": 0 })).unwrap_err();
+        assert!(err.to_string().contains("r must be at least 1"), "{err}");
+        let err =
+            crate::LoraConfig::from_train_config(&serde_json::json!({ "rank": 4 })).unwrap_err();
+        assert!(err.to_string().contains("rank"), "{err}");
+    }
+}

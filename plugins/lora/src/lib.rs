@@ -48,7 +48,13 @@ impl Method for Lora {
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
             let bound = init::kaiming_uniform_bound(site.in_features);
-            let a = init::uniform(&mut rng, &[config.r, site.in_features], bound, ctx.dtype, ctx.device)?;
+            let a = init::uniform(
+                &mut rng,
+                &[config.r, site.in_features],
+                bound,
+                ctx.dtype,
+                ctx.device,
+            )?;
             let b = Tensor::zeros((site.out_features, config.r), ctx.dtype, ctx.device)?;
             layers.insert(site.name.clone(), new_layer(a, b, config.scale())?);
         }
@@ -64,11 +70,23 @@ impl Method for Lora {
         let config = LoraConfig::from_adapter_config(config)?;
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
-            let a = adapter::take_tensor(tensors, &key(&site.name, "lora_A"), &[config.r, site.in_features])?;
-            let b = adapter::take_tensor(tensors, &key(&site.name, "lora_B"), &[site.out_features, config.r])?;
+            let a = adapter::take_tensor(
+                tensors,
+                &key(&site.name, "lora_A"),
+                &[config.r, site.in_features],
+            )?;
+            let b = adapter::take_tensor(
+                tensors,
+                &key(&site.name, "lora_B"),
+                &[site.out_features, config.r],
+            )?;
             layers.insert(
                 site.name.clone(),
-                new_layer(a.to_dtype(ctx.dtype)?, b.to_dtype(ctx.dtype)?, config.scale())?,
+                new_layer(
+                    a.to_dtype(ctx.dtype)?,
+                    b.to_dtype(ctx.dtype)?,
+                    config.scale(),
+                )?,
             );
         }
         Ok(Box::new(LoraAdapter::new(config, layers, ctx.seed)))

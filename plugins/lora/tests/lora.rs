@@ -50,17 +50,24 @@ fn finite_differences_agree_with_autograd_in_f64_for_every_lora_tensor() {
             s.numeric
         );
     }
-    assert!(samples.iter().any(|s| s.autograd.abs() > 1e-6), "gradients are not all ~0");
+    assert!(
+        samples.iter().any(|s| s.autograd.abs() > 1e-6),
+        "gradients are not all ~0"
+    );
 }
 
 #[test]
 fn trains_on_a_real_batch_and_every_tensor_gets_a_gradient() {
     let lora = graft_plugin_lora::method();
-    let mut classifier = testkit::classifier(lora.as_ref(), &settings(), DType::F32, 64, 1).unwrap();
+    let mut classifier =
+        testkit::classifier(lora.as_ref(), &settings(), DType::F32, 64, 1).unwrap();
     let (texts, labels) = testkit::real_batch(8).unwrap();
     let (losses, silent) = testkit::train_steps(&mut classifier, &texts, &labels, 6, 1e-2).unwrap();
     // Step 1: B = 0, so A's gradient is zero as in PEFT; from step 2 on every tensor has one.
-    assert!(silent.is_empty(), "no gradient at the last step: {silent:?}");
+    assert!(
+        silent.is_empty(),
+        "no gradient at the last step: {silent:?}"
+    );
     assert_eq!(classifier.trainable().len(), 24 + 2);
     assert!(
         losses.last().unwrap() < &(losses[0] * 0.9),
@@ -71,7 +78,8 @@ fn trains_on_a_real_batch_and_every_tensor_gets_a_gradient() {
 #[test]
 fn saved_adapter_reloads_to_identical_logits_and_merges_to_the_same_logits() {
     let lora = graft_plugin_lora::method();
-    let mut classifier = testkit::classifier(lora.as_ref(), &settings(), DType::F32, 64, 5).unwrap();
+    let mut classifier =
+        testkit::classifier(lora.as_ref(), &settings(), DType::F32, 64, 5).unwrap();
     let (texts, labels) = testkit::real_batch(4).unwrap();
     testkit::train_steps(&mut classifier, &texts, &labels, 3, 1e-2).unwrap();
     let before = classifier.logits(&texts).unwrap();
@@ -134,7 +142,10 @@ fn peft_lora_fixture_reproduces_its_logits() {
     let want: Vec<Vec<f32>> = serde_json::from_value(expected["logits"].clone()).unwrap();
     let want = Tensor::new(want, &Device::Cpu).unwrap();
     let diff = testkit::max_abs_diff(&logits, &want).unwrap();
-    assert!(diff <= 1e-4, "max abs diff {diff} to PEFT's logits; ours {logits}");
+    assert!(
+        diff <= 1e-4,
+        "max abs diff {diff} to PEFT's logits; ours {logits}"
+    );
     // The adapter matters at this tolerance: the same head without LoRA is 4e-3 away.
     let without: Vec<Vec<f32>> = serde_json::from_value(
         expected["diagnostics"]["logits_if_adapter_ignored_but_saved_head_used"].clone(),
