@@ -1,1 +1,1 @@
-
+//! Criterion benchmarks live in `benches/`; `cargo bench -p graft-benches` runs them.

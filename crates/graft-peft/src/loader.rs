@@ -108,12 +108,11 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     // graft-peft, and a Rust-ABI Box<dyn Method> crosses the boundary intact.
     let create = unsafe { library.get::<fn() -> Box<dyn Method>>(SYMBOL_CREATE.as_bytes()) }
         .map_err(|_| missing(SYMBOL_CREATE))?;
-    let method =
-        catch_unwind(AssertUnwindSafe(|| create())).map_err(|p| PluginError::Panicked {
-            path: path_buf.clone(),
-            call: SYMBOL_CREATE.to_string(),
-            message: panic_message(p),
-        })?;
+    let method = catch_unwind(AssertUnwindSafe(*create)).map_err(|p| PluginError::Panicked {
+        path: path_buf.clone(),
+        call: SYMBOL_CREATE.to_string(),
+        message: panic_message(p),
+    })?;
     // Plugins are never unloaded: adapters and tensors made by a plugin point into its code.
     std::mem::forget(library);
     Ok(LoadedPlugin {
