@@ -184,17 +184,21 @@ impl Classifier {
         })
     }
 
+    /// The classifier head's tensors under their adapter-file keys.
+    pub fn head_vars(&self) -> Vec<(String, Var)> {
+        let prefix = adapter::head_prefix(self.prompt_learning);
+        self.model
+            .head
+            .vars()
+            .into_iter()
+            .map(|(name, var)| (format!("{prefix}{name}"), var))
+            .collect()
+    }
+
     /// Every tensor the optimizer updates, under its adapter-file key; the head last.
     pub fn trainable(&self) -> Vec<(String, Var)> {
-        let prefix = adapter::head_prefix(self.prompt_learning);
         let mut vars = self.adapter.trainable();
-        vars.extend(
-            self.model
-                .head
-                .vars()
-                .into_iter()
-                .map(|(name, var)| (format!("{prefix}{name}"), var)),
-        );
+        vars.extend(self.head_vars());
         vars
     }
 
@@ -240,12 +244,11 @@ impl Classifier {
             out.extend(fields);
         }
         let mut tensors = self.adapter.tensors()?;
-        tensors.extend(self.trainable().into_iter().filter_map(|(k, v)| {
-            k.contains("classifier.")
-                .then(|| (k, v.as_tensor().clone()))
-        }));
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        tensors.dedup_by(|a, b| a.0 == b.0);
+        tensors.extend(
+            self.head_vars()
+                .into_iter()
+                .map(|(k, v)| (k, v.as_tensor().clone())),
+        );
         adapter::save(dir, &config, &tensors)?;
         let text =
             serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;

@@ -173,21 +173,24 @@ pub fn train(
     resolved.data.train = Some(data_path.to_path_buf());
     run.write(RunDir::CONFIG, &resolved.to_toml()?)?;
 
-    let trainable = classifier.trainable();
+    let method_vars: Vec<_> = classifier
+        .adapter
+        .trainable()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let head_vars: Vec<_> = classifier.head_vars().into_iter().map(|(_, v)| v).collect();
+    let all_vars: Vec<_> = method_vars.iter().chain(&head_vars).cloned().collect();
     let head_lr = t.head_lr.unwrap_or(t.lr);
-    let (head, method): (Vec<_>, Vec<_>) = trainable
-        .iter()
-        .partition(|(k, _)| k.contains("classifier."));
-    let all_vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(
         vec![
             ParamGroup {
-                vars: method.iter().map(|(_, v)| v.clone()).collect(),
+                vars: method_vars,
                 lr: t.lr,
                 weight_decay: t.weight_decay,
             },
             ParamGroup {
-                vars: head.iter().map(|(_, v)| v.clone()).collect(),
+                vars: head_vars,
                 lr: head_lr,
                 weight_decay: t.weight_decay,
             },
