@@ -271,12 +271,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut classifier = open(&adapter, &registry)?;
             classifier.set_merged(true)?;
             classifier
-                .model
-                .save(&out, classifier.labels.len())
+                .save_model(&out)
                 .with_context(|| format!("writing the merged model to {}", out.display()))?;
-            let tokenizer = classifier.spec.model_dir.join("tokenizer.json");
-            std::fs::copy(&tokenizer, out.join("tokenizer.json"))
-                .with_context(|| format!("copying {}", tokenizer.display()))?;
             eprintln!("merged model written to {}", out.display());
         }
         Command::FetchModel { name } => {

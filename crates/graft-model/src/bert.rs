@@ -4,7 +4,7 @@
 //! Dropout is not applied (the training graph is deterministic for a seed); the frozen base is
 //! used as in evaluation mode, which is also how the PEFT fixtures' logits were produced.
 use crate::hooks::{Hooks, ModelInfo, SiteInfo};
-use crate::layers::{ClassifierHead, LayerNorm, Linear};
+use crate::layers::{ClassifierHead, LayerNorm, Linear, Param};
 use crate::ops;
 use crate::weights::Weights;
 use crate::{init, Error, Result};
@@ -101,9 +101,9 @@ pub struct Inputs {
 }
 
 struct Embeddings {
-    word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
+    word: Param,
+    position: Param,
+    token_type: Param,
     norm: LayerNorm,
 }
 
@@ -134,12 +134,18 @@ impl Bert {
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         let embeddings = Embeddings {
-            word: weights.get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-            position: weights.get(
+            word: Param::load(
+                weights,
+                "embeddings.word_embeddings.weight",
+                &[config.vocab_size, h],
+            )?,
+            position: Param::load(
+                weights,
                 "embeddings.position_embeddings.weight",
                 &[config.max_position_embeddings, h],
             )?,
-            token_type: weights.get(
+            token_type: Param::load(
+                weights,
                 "embeddings.token_type_embeddings.weight",
                 &[config.type_vocab_size, h],
             )?,
@@ -148,16 +154,8 @@ impl Bert {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
-            let site = |suffix: &str, inp: usize, out: usize| -> Result<Linear> {
-                let mut linear =
-                    Linear::load(weights, &format!("{p}.{suffix}"), inp, out, true, Some(i))?;
-                linear = Linear::new(
-                    &format!("{PREFIX}{p}.{suffix}"),
-                    linear.weight().clone(),
-                    linear.bias().cloned(),
-                    Some(i),
-                );
-                Ok(linear)
+            let site = |suffix: &str, inp: usize, out: usize| {
+                Linear::load(weights, &format!("{p}.{suffix}"), inp, out, true, Some(i))
             };
             layers.push(Layer {
                 query: site("attention.self.query", h, h)?,
@@ -176,12 +174,6 @@ impl Bert {
             });
         }
         let pooler = Linear::load(weights, "pooler.dense", h, h, true, None)?;
-        let pooler = Linear::new(
-            &format!("{PREFIX}pooler.dense"),
-            pooler.weight().clone(),
-            pooler.bias().cloned(),
-            None,
-        );
         Ok(Self {
             config,
             embeddings,
@@ -203,6 +195,7 @@ impl Bert {
             num_kv_heads: self.config.num_attention_heads,
             head_dim: self.config.head_dim(),
             vocab_size: self.config.vocab_size,
+            word_embeddings: self.embeddings.word.key().to_string(),
         }
     }
 
@@ -238,6 +231,32 @@ impl Bert {
             .chain(std::iter::once(&mut self.pooler))
     }
 
+    /// Every base tensor under its checkpoint key, in checkpoint order.
+    pub fn params(&self) -> Vec<&Param> {
+        let e = &self.embeddings;
+        let mut params = vec![&e.word, &e.position, &e.token_type];
+        params.extend(e.norm.params());
+        for l in &self.layers {
+            for linear in [&l.query, &l.key, &l.value, &l.attention_out] {
+                params.extend(linear.params());
+            }
+            params.extend(l.attention_norm.params());
+            params.extend(l.intermediate.params());
+            params.extend(l.output.params());
+            params.extend(l.output_norm.params());
+        }
+        params.extend(self.pooler.params());
+        params
+    }
+
+    /// `(key, tensor)` of every base tensor: what full fine-tuning starts from.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params()
+            .into_iter()
+            .map(|p| (p.key().to_string(), p.value().clone()))
+            .collect()
+    }
+
     pub fn sites(&self) -> Vec<SiteInfo> {
         self.linears().map(Linear::info).collect()
     }
@@ -253,13 +272,12 @@ impl Bert {
     /// Hidden states `[batch, prompt + seq, hidden]` and the widened 0/1 mask over them.
     pub fn forward(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<(Tensor, Tensor)> {
         let (b, s) = inputs.input_ids.dims2()?;
-        let dtype = self.embeddings.word.dtype();
-        let device = self.embeddings.word.device();
+        let word_table = self.embeddings.word.resolve(hooks)?;
+        let dtype = word_table.dtype();
+        let device = word_table.device();
         let prefix_len = hooks.kv_prefix_len();
 
-        let word = self
-            .embeddings
-            .word
+        let word = word_table
             .index_select(&inputs.input_ids.flatten_all()?, 0)?
             .reshape((b, s, ()))?;
         let token_types = match &inputs.token_type_ids {
@@ -292,14 +310,15 @@ impl Bert {
                 self.config.max_position_embeddings
             )));
         }
-        let position = self.embeddings.position.narrow(0, first, t)?;
+        let position = self.embeddings.position.resolve(hooks)?.narrow(0, first, t)?;
         let token_type = self
             .embeddings
             .token_type
+            .resolve(hooks)?
             .index_select(&token_types.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
         let embedded = word.broadcast_add(&position)?.add(&token_type)?;
-        let mut hidden = self.embeddings.norm.forward(&embedded)?;
+        let mut hidden = self.embeddings.norm.forward(&embedded, hooks)?;
 
         let key_mask = if prefix_len > 0 {
             Tensor::cat(
@@ -346,7 +365,7 @@ impl Bert {
             .contiguous()?
             .reshape((b, t, h))?;
         let attended = layer.attention_out.forward(&context, hooks)?;
-        let x = layer.attention_norm.forward(&(attended + x)?)?;
+        let x = layer.attention_norm.forward(&(attended + x)?, hooks)?;
         let inner = layer.intermediate.forward(&x, hooks)?;
         let inner = match self.config.hidden_act.as_str() {
             "gelu" => inner.gelu_erf()?,
@@ -354,7 +373,7 @@ impl Bert {
             _ => inner.relu()?,
         };
         let out = layer.output.forward(&inner, hooks)?;
-        layer.output_norm.forward(&(out + x)?)
+        layer.output_norm.forward(&(out + x)?, hooks)
     }
 
     /// transformers' BertPooler: dense + tanh on the first position.
@@ -440,57 +459,30 @@ impl BertForSequenceClassification {
     }
 
     /// Writes a complete BertForSequenceClassification checkpoint (config.json +
-    /// model.safetensors, `bert.`-prefixed names plus `classifier.*`).
-    pub fn save(&self, dir: &Path, num_labels: usize) -> Result<()> {
+    /// model.safetensors, `bert.`-prefixed names plus `classifier.*`), every base tensor as
+    /// `hooks` resolves it (full fine-tuning's trained tensors, or the frozen base).
+    pub fn save(&self, dir: &Path, num_labels: usize, hooks: &dyn Hooks) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
             source,
         })?;
         let c = &self.bert.config;
-        let mut tensors: Vec<(String, Tensor)> = vec![
-            (
-                "bert.embeddings.word_embeddings.weight".into(),
-                self.bert.embeddings.word.clone(),
-            ),
-            (
-                "bert.embeddings.position_embeddings.weight".into(),
-                self.bert.embeddings.position.clone(),
-            ),
-            (
-                "bert.embeddings.token_type_embeddings.weight".into(),
-                self.bert.embeddings.token_type.clone(),
-            ),
-        ];
-        let norm = |name: String, n: &LayerNorm| {
-            n.tensors()
-                .map(|(suffix, t)| (format!("{name}.{suffix}"), t.clone()))
-        };
-        tensors.extend(norm(
-            "bert.embeddings.LayerNorm".into(),
-            &self.bert.embeddings.norm,
-        ));
-        for linear in self.bert.linears() {
-            tensors.push((format!("{}.weight", linear.name()), linear.weight().clone()));
-            if let Some(b) = linear.bias() {
-                tensors.push((format!("{}.bias", linear.name()), b.clone()));
-            }
-        }
-        for (i, layer) in self.bert.layers.iter().enumerate() {
-            tensors.extend(norm(
-                format!("bert.encoder.layer.{i}.attention.output.LayerNorm"),
-                &layer.attention_norm,
-            ));
-            tensors.extend(norm(
-                format!("bert.encoder.layer.{i}.output.LayerNorm"),
-                &layer.output_norm,
-            ));
+        let mut tensors = Vec::new();
+        for param in self.bert.params() {
+            tensors.push((param.key().to_string(), param.resolve(hooks)?.detach()));
         }
         for (name, var) in self.head.vars() {
-            tensors.push((format!("classifier.{name}"), var.as_tensor().clone()));
+            tensors.push((format!("classifier.{name}"), var.as_tensor().detach()));
         }
         let path = dir.join("model.safetensors");
         let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-        candle_core::safetensors::save(&map, &path)?;
+        // Through a temporary file and a rename: a crash never leaves half a checkpoint.
+        let tmp = dir.join(format!("model.safetensors.tmp-{}", std::process::id()));
+        candle_core::safetensors::save(&map, &tmp)?;
+        std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         let mut json = serde_json::to_value(c).map_err(|source| Error::Config {
             path: dir.join("config.json"),
             source,

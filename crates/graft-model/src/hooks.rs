@@ -1,4 +1,4 @@
-//! The three kinds of site where a PEFT method may act on a model, and nowhere else.
+//! The four kinds of site where a PEFT method may act on a model, and nowhere else.
 //!
 //! A model calls [`Hooks`] while it runs; a method implements it. The model owns every layout
 //! detail (where prompts go, how prefixes widen the mask, position ids); a method only supplies
@@ -36,6 +36,8 @@ pub struct ModelInfo {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// Checkpoint key of the input word-embedding table `[vocab, hidden]`.
+    pub word_embeddings: String,
 }
 
 /// Injection points. Every method has a default that leaves the model unchanged.
@@ -59,6 +61,13 @@ pub trait Hooks {
     /// Key and value prefixes of one layer, each `[batch, kv_prefix_len, kv_heads, head_dim]`.
     fn kv_prefix(&self, _layer: usize, _batch: usize) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
+    }
+
+    /// A tensor to use in place of the frozen base tensor `key` (its checkpoint key, e.g.
+    /// `bert.encoder.layer.0.output.LayerNorm.weight`), with the same shape and dtype; a
+    /// trainable one makes the base weight trainable (full fine-tuning).
+    fn parameter(&self, _key: &str) -> Option<Tensor> {
+        None
     }
 }
 

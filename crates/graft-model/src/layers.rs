@@ -2,19 +2,78 @@
 use crate::hooks::{Hooks, LinearSite, SiteInfo};
 use crate::ops;
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{Tensor, Var};
+
+/// A base-model tensor under its checkpoint key (e.g. `bert.embeddings.word_embeddings.weight`).
+/// Frozen unless a method substitutes a tensor of its own through [`Hooks::parameter`].
+pub struct Param {
+    key: String,
+    value: Tensor,
+}
+
+impl Param {
+    pub fn new(key: String, value: Tensor) -> Self {
+        Self { key, value }
+    }
+
+    /// Loads `name` (resolved through the weights' prefixes) with exactly `shape`.
+    pub fn load(weights: &Weights, name: &str, shape: &[usize]) -> Result<Self> {
+        Ok(Self::new(weights.canonical(name), weights.get(name, shape)?))
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The frozen base value.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+
+    /// The tensor a forward pass uses: the method's substitute if it has one, else the base.
+    /// A substitute must have the base's shape and dtype.
+    pub fn resolve(&self, hooks: &dyn Hooks) -> Result<Tensor> {
+        match hooks.parameter(&self.key) {
+            None => Ok(self.value.clone()),
+            Some(t) if t.dims() == self.value.dims() && t.dtype() == self.value.dtype() => Ok(t),
+            Some(t) => Err(Error::InvalidConfig(format!(
+                "the method's substitute for `{}` is {:?} {:?}, the base tensor is {:?} {:?}",
+                self.key,
+                t.dtype(),
+                t.dims(),
+                self.value.dtype(),
+                self.value.dims()
+            ))),
+        }
+    }
+
+    /// Replaces the base value (merging an adapter in or out); the shape must not change.
+    pub fn set(&mut self, value: Tensor) -> Result<()> {
+        if value.dims() != self.value.dims() {
+            return Err(Error::InvalidConfig(format!(
+                "{}: new value has shape {:?}, expected {:?}",
+                self.key,
+                value.dims(),
+                self.value.dims()
+            )));
+        }
+        self.value = value;
+        Ok(())
+    }
+}
 
 /// A projection with a stable Hugging Face module name; a linear site for the hooks.
 pub struct Linear {
     name: String,
-    weight: Tensor,
-    bias: Option<Tensor>,
+    weight: Param,
+    bias: Option<Param>,
     layer: Option<usize>,
 }
 
 impl Linear {
-    /// Loads `{name}.weight` (`[out, in]`) and, if `with_bias`, `{name}.bias`.
+    /// Loads `{name}.weight` (`[out, in]`) and, if `with_bias`, `{name}.bias`; the site is named
+    /// by the canonical key (`bert.` + `name`).
     pub fn load(
         weights: &Weights,
         name: &str,
@@ -23,41 +82,43 @@ impl Linear {
         with_bias: bool,
         layer: Option<usize>,
     ) -> Result<Self> {
-        let weight = weights.get(&format!("{name}.weight"), &[out_features, in_features])?;
+        let weight = Param::load(
+            weights,
+            &format!("{name}.weight"),
+            &[out_features, in_features],
+        )?;
         let bias = if with_bias {
-            Some(weights.get(&format!("{name}.bias"), &[out_features])?)
+            Some(Param::load(weights, &format!("{name}.bias"), &[out_features])?)
         } else {
             None
         };
-        Ok(Self::new(name, weight, bias, layer))
-    }
-
-    pub fn new(name: &str, weight: Tensor, bias: Option<Tensor>, layer: Option<usize>) -> Self {
-        Self {
-            name: name.to_string(),
+        Ok(Self {
+            name: weights.canonical(name),
             weight,
             bias,
             layer,
-        }
+        })
     }
 
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        let weight = self.weight.resolve(hooks)?;
+        let bias = self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?;
         // A weight that is itself trained (full fine-tuning) needs candle's full matmul backward.
-        let base = if self.weight.track_op() {
-            ops::plain_linear(x, &self.weight, self.bias.as_ref())?
+        let base = if weight.track_op() {
+            ops::plain_linear(x, &weight, bias.as_ref())?
         } else {
-            ops::frozen_linear(x, &self.weight, self.bias.as_ref())?
+            ops::frozen_linear(x, &weight, bias.as_ref())?
         };
         let site = LinearSite {
             name: &self.name,
-            weight: &self.weight,
-            bias: self.bias.as_ref(),
+            weight: &weight,
+            bias: bias.as_ref(),
         };
         Ok(hooks.linear(&site, x, base)?)
     }
 
     pub fn info(&self) -> SiteInfo {
-        let (out_features, in_features) = self.weight.dims2().unwrap_or((0, 0));
+        let (out_features, in_features) = self.weight.value().dims2().unwrap_or((0, 0));
         SiteInfo {
             name: self.name.clone(),
             in_features,
@@ -71,51 +132,46 @@ impl Linear {
     }
 
     pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+        self.weight.value()
     }
 
     /// Replaces the weight (merging an adapter in or out); the shape must not change.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
-        if weight.dims() != self.weight.dims() {
-            return Err(crate::Error::InvalidConfig(format!(
-                "{}: new weight has shape {:?}, expected {:?}",
-                self.name,
-                weight.dims(),
-                self.weight.dims()
-            )));
-        }
-        self.weight = weight;
-        Ok(())
+        self.weight.set(weight)
+    }
+
+    pub fn params(&self) -> impl Iterator<Item = &Param> {
+        std::iter::once(&self.weight).chain(self.bias.as_ref())
     }
 }
 
 /// Layer normalisation with a backward (see [`ops::layer_norm`]).
 pub struct LayerNorm {
-    gamma: Tensor,
-    beta: Tensor,
+    gamma: Param,
+    beta: Param,
     eps: f64,
 }
 
 impl LayerNorm {
     pub fn load(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            gamma: weights.get(&format!("{name}.weight"), &[size])?,
-            beta: weights.get(&format!("{name}.bias"), &[size])?,
+            gamma: Param::load(weights, &format!("{name}.weight"), &[size])?,
+            beta: Param::load(weights, &format!("{name}.bias"), &[size])?,
             eps,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::layer_norm(x, &self.gamma, &self.beta, self.eps)?)
+    pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        Ok(ops::layer_norm(
+            x,
+            &self.gamma.resolve(hooks)?,
+            &self.beta.resolve(hooks)?,
+            self.eps,
+        )?)
     }
 
-    /// `(weight, bias)` under transformers' names.
-    pub fn tensors(&self) -> [(&'static str, &Tensor); 2] {
-        [("weight", &self.gamma), ("bias", &self.beta)]
+    pub fn params(&self) -> [&Param; 2] {
+        [&self.gamma, &self.beta]
     }
 }
 
@@ -153,7 +209,7 @@ impl ClassifierHead {
     pub fn load_from(&self, weight: &Tensor, bias: &Tensor) -> Result<()> {
         for (var, value, what) in [(&self.weight, weight, "weight"), (&self.bias, bias, "bias")] {
             if var.dims() != value.dims() {
-                return Err(crate::Error::InvalidConfig(format!(
+                return Err(Error::InvalidConfig(format!(
                     "classifier.{what} has shape {:?}, the model's head expects {:?}",
                     value.dims(),
                     var.dims()

@@ -47,6 +47,12 @@ impl Weights {
         self
     }
 
+    /// The key `name` has in the model as a whole: under the first prefix (`bert.` + `name`),
+    /// the names that adapters, full fine-tuning and saved checkpoints use.
+    pub fn canonical(&self, name: &str) -> String {
+        format!("{}{name}", self.prefixes[0])
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

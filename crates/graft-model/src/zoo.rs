@@ -110,8 +110,14 @@ impl KnownModel {
         let staging = parent.join(format!(".{}.partial-{}", self.id, std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         let result = self.fetch_into(&staging).and_then(|()| {
+            let fetched = staging.join("model");
+            if std::fs::rename(&fetched, &dest).is_ok() || has_files(&dest, self.files) {
+                // Renamed, or a concurrent fetch (another test process) finished first.
+                return Ok(());
+            }
+            // An incomplete folder from an older interrupted copy: replace it.
             let _ = std::fs::remove_dir_all(&dest);
-            std::fs::rename(staging.join("model"), &dest).map_err(|source| Error::Io {
+            std::fs::rename(&fetched, &dest).map_err(|source| Error::Io {
                 path: dest.clone(),
                 source,
             })

@@ -13,6 +13,26 @@ pub struct AttachContext<'a> {
     pub device: &'a Device,
     /// Seeds every random initial tensor the method makes.
     pub seed: u64,
+    /// Every base tensor under its checkpoint key (full fine-tuning starts from them; prompt
+    /// initialisation reads the word embeddings, `info.word_embeddings`).
+    pub base_tensors: &'a [(String, Tensor)],
+    /// Token ids of a text as the model's tokenizer encodes it, special tokens included.
+    pub tokenize: &'a dyn Fn(&str) -> Result<Vec<u32>>,
+    /// Optimizer steps the training run will take (for budget schedules); 0 when not training.
+    pub total_steps: usize,
+}
+
+impl AttachContext<'_> {
+    /// The base tensor `key`.
+    pub fn base_tensor(&self, key: &str) -> Result<&Tensor> {
+        self.base_tensors
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, t)| t)
+            .ok_or_else(|| crate::Error::MissingTensor {
+                key: format!("{key} (in the base model)"),
+            })
+    }
 }
 
 /// A PEFT method: makes adapters, fresh or from saved files. One per plugin library.
@@ -25,6 +45,13 @@ pub trait Method: Send + Sync {
     /// Prompt-learning methods (prefix, prompt, P-tuning) save the classifier head as
     /// `base_model.classifier.*`; the others as `base_model.model.classifier.*` (as PEFT does).
     fn is_prompt_learning(&self) -> bool {
+        false
+    }
+    /// The adapter's tensors are the whole model (full fine-tuning): the host saves a Hugging
+    /// Face model folder (config.json, model.safetensors with every tensor resolved through the
+    /// adapter's [`graft_model::Hooks::parameter`]) instead of PEFT's adapter files, and
+    /// reopens it with [`Method::load`] given no tensors.
+    fn saves_full_model(&self) -> bool {
         false
     }
     /// A new adapter from the method's config: PEFT's field names, unknown keys refused.

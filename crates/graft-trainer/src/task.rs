@@ -45,28 +45,67 @@ pub struct Classifier {
     pub spec: TaskSpec,
     pub peft_type: String,
     pub prompt_learning: bool,
+    /// The method trains the whole model and saves it as a model folder.
+    pub full_model: bool,
     /// The adapter's deltas are in the base weights: its hooks must not run again.
     merged: bool,
 }
 
-fn attach_context<'a>(
-    info: &'a graft_model::ModelInfo,
-    sites: &'a [graft_model::SiteInfo],
-    device: &'a Device,
-    dtype: DType,
-    seed: u64,
-) -> AttachContext<'a> {
-    AttachContext {
-        info,
-        sites,
-        dtype,
-        device,
-        seed,
+/// What a method sees of the model when it attaches: shapes, sites, base tensors, tokenizer.
+struct Attachment {
+    info: graft_model::ModelInfo,
+    sites: Vec<graft_model::SiteInfo>,
+    base_tensors: Vec<(String, Tensor)>,
+    tokenizer: TextTokenizer,
+}
+
+impl Attachment {
+    fn new(model: &BertForSequenceClassification, spec: &TaskSpec) -> Result<Self> {
+        Ok(Self {
+            info: model.bert.info(),
+            sites: model.bert.sites(),
+            base_tensors: model.bert.named_tensors(),
+            tokenizer: TextTokenizer::from_file(
+                &spec.model_dir.join("tokenizer.json"),
+                spec.max_len,
+                Padding::Longest,
+            )?,
+        })
+    }
+
+    /// Runs `f` with the method's context.
+    fn with_context<T>(
+        &self,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+        total_steps: usize,
+        f: impl FnOnce(&AttachContext) -> graft_peft::Result<T>,
+    ) -> graft_peft::Result<T> {
+        let tokenize = |text: &str| -> graft_peft::Result<Vec<u32>> {
+            self.tokenizer
+                .encode(text)
+                .map_err(|e| graft_peft::Error::Config {
+                    method: "tokenizer".into(),
+                    reason: e.to_string(),
+                })
+        };
+        f(&AttachContext {
+            info: &self.info,
+            sites: &self.sites,
+            dtype,
+            device,
+            seed,
+            base_tensors: &self.base_tensors,
+            tokenize: &tokenize,
+            total_steps,
+        })
     }
 }
 
 impl Classifier {
-    /// A fresh classifier for training: base model, new head, new adapter.
+    /// A fresh classifier for training: base model, new head, new adapter. `total_steps` is
+    /// the number of optimizer steps planned (methods with budget schedules read it).
     pub fn create(
         spec: TaskSpec,
         method: &dyn Method,
@@ -74,6 +113,7 @@ impl Classifier {
         device: &Device,
         dtype: DType,
         seed: u64,
+        total_steps: usize,
     ) -> Result<Self> {
         let labels = LabelSet::new(spec.labels.clone())?;
         let model = BertForSequenceClassification::load(
@@ -84,13 +124,11 @@ impl Classifier {
             device,
             seed,
         )?;
-        let info = model.bert.info();
-        let sites = model.bert.sites();
-        let adapter = method.create(
-            settings,
-            &attach_context(&info, &sites, device, dtype, seed),
-        )?;
-        Self::assemble(spec, method, model, adapter, labels)
+        let attachment = Attachment::new(&model, &spec)?;
+        let adapter = attachment.with_context(device, dtype, seed, total_steps, |ctx| {
+            method.create(settings, ctx)
+        })?;
+        Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer)
     }
 
     /// A trained classifier from an adapter folder written by graft (PEFT's files plus
@@ -99,22 +137,54 @@ impl Classifier {
         Self::open_with_spec(dir, TaskSpec::read(dir)?, registry, device)
     }
 
-    /// A classifier from PEFT's adapter files alone, with the task described by `spec`.
+    /// A classifier from PEFT's adapter files (or, for full fine-tuning, a model folder) with
+    /// the task described by `spec`; `spec.method` picks the plugin.
     pub fn open_with_spec(
         dir: &Path,
         spec: TaskSpec,
         registry: &Registry,
         device: &Device,
     ) -> Result<Self> {
+        let plugin = registry.get(&spec.method)?;
+        let method = plugin.method.as_ref();
+        let labels = LabelSet::new(spec.labels.clone())?;
+        if method.saves_full_model() {
+            // The folder is a complete model with its head.
+            let model = BertForSequenceClassification::load(
+                dir,
+                labels.len(),
+                spec.pooling,
+                DType::F32,
+                device,
+                0,
+            )?;
+            let attachment = Attachment::new(&model, &spec)?;
+            let adapter = attachment
+                .with_context(device, DType::F32, 0, 0, |ctx| {
+                    method.load(&serde_json::json!({}), &Default::default(), ctx)
+                })
+                .map_err(|e| Error::Adapter {
+                    path: dir.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+            return Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer);
+        }
         let saved = SavedAdapter::read(dir, device)?;
         let adapter_error = |e: graft_peft::Error| Error::Adapter {
             path: dir.to_path_buf(),
             reason: e.to_string(),
         };
         let peft_type = saved.peft_type().map_err(adapter_error)?.to_string();
-        let plugin = registry.by_peft_type(&peft_type)?;
-        let method = plugin.method.as_ref();
-        let labels = LabelSet::new(spec.labels.clone())?;
+        if peft_type != method.peft_type() {
+            return Err(Error::Adapter {
+                path: dir.join(adapter::CONFIG_FILE),
+                reason: format!(
+                    "peft_type is {peft_type}, but method `{}` writes {}",
+                    spec.method,
+                    method.peft_type()
+                ),
+            });
+        }
         let model = BertForSequenceClassification::load(
             &spec.model_dir,
             labels.len(),
@@ -128,15 +198,12 @@ impl Classifier {
             reason: "the classifier head (`base_model.model.classifier.*`) is missing".into(),
         })?;
         model.head.load_from(&weight, &bias)?;
-        let info = model.bert.info();
-        let sites = model.bert.sites();
+        let attachment = Attachment::new(&model, &spec)?;
         let method_tensors = saved.method_tensors();
-        let adapter = method
-            .load(
-                &saved.config,
-                &method_tensors,
-                &attach_context(&info, &sites, device, DType::F32, 0),
-            )
+        let adapter = attachment
+            .with_context(device, DType::F32, 0, 0, |ctx| {
+                method.load(&saved.config, &method_tensors, ctx)
+            })
             .map_err(adapter_error)?;
         let used: std::collections::HashSet<String> = adapter
             .tensors()
@@ -155,7 +222,7 @@ impl Classifier {
                 keys: extra,
             }));
         }
-        Self::assemble(spec, method, model, adapter, labels)
+        Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer)
     }
 
     fn assemble(
@@ -164,12 +231,8 @@ impl Classifier {
         model: BertForSequenceClassification,
         adapter: Box<dyn Adapter>,
         labels: LabelSet,
+        tokenizer: TextTokenizer,
     ) -> Result<Self> {
-        let tokenizer = TextTokenizer::from_file(
-            &spec.model_dir.join("tokenizer.json"),
-            spec.max_len,
-            Padding::Longest,
-        )?;
         let template = Template::parse(&spec.template)?;
         Ok(Self {
             model,
@@ -179,6 +242,7 @@ impl Classifier {
             labels,
             peft_type: method.peft_type().to_string(),
             prompt_learning: method.is_prompt_learning(),
+            full_model: method.saves_full_model(),
             merged: false,
             spec,
         })
@@ -228,8 +292,35 @@ impl Classifier {
         }
     }
 
-    /// Saves the adapter folder: PEFT's two files plus graft's task file.
+    /// Saves the adapter folder: PEFT's two files (for full fine-tuning, a complete model
+    /// folder) plus graft's task file.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.full_model {
+            self.save_model(dir)?;
+        } else {
+            self.save_adapter(dir)?;
+        }
+        let text =
+            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
+        adapter::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) of the
+    /// model as it runs now: with full fine-tuning's tensors, or with a merged adapter.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        self.model
+            .save(dir, self.labels.len(), self.hooks())
+            .map_err(Error::from)?;
+        let tokenizer = self.spec.model_dir.join("tokenizer.json");
+        let target = dir.join("tokenizer.json");
+        if tokenizer != target {
+            std::fs::copy(&tokenizer, &target).map_err(io_error(&tokenizer))?;
+        }
+        Ok(())
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
         let mut config = serde_json::json!({
             "peft_type": self.peft_type,
             "task_type": "SEQ_CLS",
@@ -250,15 +341,13 @@ impl Classifier {
                 .map(|(k, v)| (k, v.as_tensor().clone())),
         );
         adapter::save(dir, &config, &tensors)?;
-        let text =
-            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
-        adapter::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?;
         Ok(())
     }
 
     /// Moves the adapter into the base weights (`merge`) or back out of them.
     pub fn set_merged(&mut self, merge: bool) -> Result<()> {
-        if merge == self.merged {
+        // A fully fine-tuned model has no separate delta: it is already the merged model.
+        if merge == self.merged || self.full_model {
             return Ok(());
         }
         let sign = if merge { 1.0 } else { -1.0 };

@@ -208,7 +208,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     scalar(&(a - b)?.abs()?.flatten_all()?.max(0)?)
 }
 
-/// A fresh classifier with `method` on MiniLM.
+/// A fresh classifier with `method` on MiniLM, attached for a training run of 100 steps.
 pub fn classifier(
     method: &dyn Method,
     settings: &serde_json::Value,
@@ -223,5 +223,6 @@ pub fn classifier(
         &Device::Cpu,
         dtype,
         seed,
+        100,
     )
 }

@@ -158,6 +158,14 @@ pub fn train(
     let train_set = examples.subset(&train_idx);
     let val_set = examples.subset(&val_idx);
 
+    let per_step = t.batch_size * t.grad_accum;
+    let steps_per_epoch = train_set.texts.len().div_ceil(per_step).max(1);
+    let total = if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        t.epochs * steps_per_epoch
+    };
+
     let device = graft_model::default_device()?;
     let mut classifier = Classifier::create(
         spec,
@@ -166,6 +174,7 @@ pub fn train(
         &device,
         candle_core::DType::F32,
         t.seed,
+        total,
     )?;
     let mut run = RunDir::create(out)?;
     let mut resolved = config.clone();
@@ -201,13 +210,6 @@ pub fn train(
     )?;
     let trainable_params: usize = all_vars.iter().map(|v| v.elem_count()).sum();
 
-    let per_step = t.batch_size * t.grad_accum;
-    let steps_per_epoch = train_set.texts.len().div_ceil(per_step).max(1);
-    let total = if t.max_steps > 0 {
-        t.max_steps
-    } else {
-        t.epochs * steps_per_epoch
-    };
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
     let progress = Progress::new(total);
     progress.note(&format!(
