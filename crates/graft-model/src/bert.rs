@@ -310,7 +310,11 @@ impl Bert {
                 self.config.max_position_embeddings
             )));
         }
-        let position = self.embeddings.position.resolve(hooks)?.narrow(0, first, t)?;
+        let position = self
+            .embeddings
+            .position
+            .resolve(hooks)?
+            .narrow(0, first, t)?;
         let token_type = self
             .embeddings
             .token_type

@@ -19,7 +19,10 @@ impl Param {
 
     /// Loads `name` (resolved through the weights' prefixes) with exactly `shape`.
     pub fn load(weights: &Weights, name: &str, shape: &[usize]) -> Result<Self> {
-        Ok(Self::new(weights.canonical(name), weights.get(name, shape)?))
+        Ok(Self::new(
+            weights.canonical(name),
+            weights.get(name, shape)?,
+        ))
     }
 
     pub fn key(&self) -> &str {
@@ -88,7 +91,11 @@ impl Linear {
             &[out_features, in_features],
         )?;
         let bias = if with_bias {
-            Some(Param::load(weights, &format!("{name}.bias"), &[out_features])?)
+            Some(Param::load(
+                weights,
+                &format!("{name}.bias"),
+                &[out_features],
+            )?)
         } else {
             None
         };

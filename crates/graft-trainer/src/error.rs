@@ -24,6 +24,8 @@ pub enum Error {
     Config(String),
     #[error("{path}: {reason}")]
     Adapter { path: PathBuf, reason: String },
+    #[error("method check failed: {0}")]
+    Check(String),
     #[error("training diverged at step {step}: the loss is {loss}; the best adapter so far is kept in {kept}")]
     NonFinite {
         step: usize,

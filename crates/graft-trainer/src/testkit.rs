@@ -7,6 +7,7 @@ use crate::task::{Classifier, TaskSpec};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::bert::Pooling;
+use graft_peft::loader::{LoadedPlugin, Registry};
 use graft_peft::Method;
 use graft_tokenizer::{LabelSet, Template, DEFAULT_TEMPLATE};
 use rand::Rng;
@@ -225,4 +226,216 @@ pub fn classifier(
         seed,
         100,
     )
+}
+
+/// Sets every trainable tensor whose key `select` accepts to normal(0, `std`) values: methods
+/// that start a factor at zero (LoRA's B, AdaLoRA's E) leave the other factor without gradient
+/// until it moves, which a gradient check must not mistake for agreement.
+pub fn randomize(
+    classifier: &Classifier,
+    select: impl Fn(&str) -> bool,
+    std: f64,
+    seed: u64,
+) -> Result<()> {
+    let mut rng = graft_model::init::seeded_rng(seed);
+    for (name, var) in classifier.trainable() {
+        if select(&name) {
+            let dtype = var.dtype();
+            let device = var.device().clone();
+            var.set(&graft_model::init::normal(
+                &mut rng,
+                var.dims(),
+                std,
+                dtype,
+                &device,
+            )?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The gradient check every method passes: an f64 classifier (`prepare` may randomise
+/// zero-initialised tensors), central differences at `per_tensor` entries of every tensor of
+/// the method (the head excluded) against autograd, relative error at most 1e-3.
+pub fn check_gradients(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    per_tensor: usize,
+    prepare: impl Fn(&Classifier) -> Result<()>,
+) -> Result<Vec<GradientSample>> {
+    let classifier = classifier(method, settings, DType::F64, 24, 7)?;
+    prepare(&classifier)?;
+    let method_keys: Vec<String> = classifier
+        .adapter
+        .trainable()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    if method_keys.is_empty() {
+        return Err(Error::Check(format!("{} trains no tensor", method.name())));
+    }
+    let (texts, labels) = real_batch(2)?;
+    let samples = finite_difference_check(
+        &classifier,
+        &texts,
+        &labels,
+        |name| method_keys.iter().any(|k| k == name),
+        per_tensor,
+        1e-5,
+        11,
+    )?;
+    let wrong: Vec<String> = samples
+        .iter()
+        .filter(|s| s.relative_error() > 1e-3)
+        .map(|s| {
+            format!(
+                "{} [{}]: autograd {:e} vs finite difference {:e}",
+                s.tensor, s.index, s.autograd, s.numeric
+            )
+        })
+        .collect();
+    if !wrong.is_empty() {
+        return Err(Error::Check(format!(
+            "{}: gradients disagree with finite differences:\n{}",
+            method.name(),
+            wrong.join("\n")
+        )));
+    }
+    if samples.len() != method_keys.len() * per_tensor {
+        return Err(Error::Check(format!(
+            "sampled {} entries, expected {} tensors x {per_tensor}",
+            samples.len(),
+            method_keys.len()
+        )));
+    }
+    if !samples.iter().any(|s| s.autograd.abs() > 1e-6) {
+        return Err(Error::Check(format!(
+            "{}: every sampled gradient is ~0, the check proves nothing",
+            method.name()
+        )));
+    }
+    Ok(samples)
+}
+
+/// The training check every method passes: `steps` AdamW steps at `lr` on 8 real rows lower
+/// the loss by at least 10%, and at the last step every trainable tensor has a non-zero
+/// gradient. Returns the losses.
+pub fn check_trains(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    steps: usize,
+    lr: f64,
+) -> Result<Vec<f64>> {
+    let mut classifier = classifier(method, settings, DType::F32, 64, 1)?;
+    let (texts, labels) = real_batch(8)?;
+    let (losses, silent) = train_steps(&mut classifier, &texts, &labels, steps, lr)?;
+    if !silent.is_empty() {
+        return Err(Error::Check(format!(
+            "{}: no gradient at the last step for {silent:?}",
+            method.name()
+        )));
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    if last >= first * 0.9 {
+        return Err(Error::Check(format!(
+            "{}: loss did not fall by 10%: {losses:?}",
+            method.name()
+        )));
+    }
+    Ok(losses)
+}
+
+/// A registry holding one statically linked method.
+pub fn registry_of(method: Box<dyn Method>) -> Result<Registry> {
+    let mut registry = Registry::default();
+    registry.add(LoadedPlugin::statically_linked(method))?;
+    Ok(registry)
+}
+
+/// What [`check_reload`] leaves for further checks (e.g. merging).
+pub struct Reloaded {
+    pub classifier: Classifier,
+    pub texts: Vec<String>,
+    /// Logits of the trained classifier before saving.
+    pub logits: Tensor,
+}
+
+/// The persistence check every method passes: train 3 steps, save, reopen through a registry
+/// holding `reopen_with`, and get bit-identical logits.
+pub fn check_reload(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    reopen_with: Box<dyn Method>,
+) -> Result<Reloaded> {
+    let mut classifier = classifier(method, settings, DType::F32, 64, 5)?;
+    let (texts, labels) = real_batch(4)?;
+    train_steps(&mut classifier, &texts, &labels, 3, 1e-2)?;
+    let logits = classifier.logits(&texts)?;
+    let dir = tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    classifier.save(dir.path())?;
+    let reloaded = Classifier::open(dir.path(), &registry_of(reopen_with)?, &Device::Cpu)?;
+    let after = reloaded.logits(&texts)?;
+    let diff = max_abs_diff(&logits, &after)?;
+    if diff != 0.0 {
+        return Err(Error::Check(format!(
+            "{}: reloaded logits differ by {diff}",
+            method.name()
+        )));
+    }
+    Ok(Reloaded {
+        classifier: reloaded,
+        texts,
+        logits,
+    })
+}
+
+/// A fixture folder of `../shared/fixtures` (adapters written by Hugging Face PEFT).
+pub fn fixture_dir(name: &str) -> PathBuf {
+    workspace_root().join("../shared/fixtures").join(name)
+}
+
+/// The interop check: the PEFT-written adapter in `../shared/fixtures/{fixture}` loads with
+/// `method` and reproduces its `expected_logits.json` within 1e-4, and the adapter matters
+/// at that tolerance (the saved head without the adapter is more than 1e-3 away). Returns the
+/// largest difference.
+pub fn check_peft_fixture(method: Box<dyn Method>, fixture: &str) -> Result<f64> {
+    let dir = fixture_dir(fixture);
+    let path = dir.join("expected_logits.json");
+    let text = std::fs::read_to_string(&path).map_err(crate::error::io_error(&path))?;
+    let expected: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Check(format!("{}: {e}", path.display())))?;
+    let name = method.name().to_string();
+    let registry = registry_of(method)?;
+    let classifier = Classifier::open_with_spec(&dir, spec(&name, 32)?, &registry, &Device::Cpu)?;
+    let matrix = |value: &serde_json::Value, what: &str| -> Result<Tensor> {
+        let rows: Vec<Vec<f64>> = serde_json::from_value(value.clone())
+            .map_err(|e| Error::Check(format!("{}: `{what}`: {e}", path.display())))?;
+        Ok(Tensor::new(rows, &Device::Cpu)?)
+    };
+    let ids =
+        |key: &str| -> Result<Tensor> { Ok(matrix(&expected[key], key)?.to_dtype(DType::U32)?) };
+    let inputs = graft_model::bert::Inputs {
+        input_ids: ids("input_ids")?,
+        attention_mask: ids("attention_mask")?,
+        token_type_ids: Some(ids("token_type_ids")?),
+    };
+    let logits = classifier.model.forward(&inputs, classifier.hooks())?;
+    let want = matrix(&expected["logits"], "logits")?.to_dtype(logits.dtype())?;
+    let diff = max_abs_diff(&logits, &want)?;
+    if diff > 1e-4 {
+        return Err(Error::Check(format!(
+            "{fixture}: logits {logits} differ from PEFT's by {diff}"
+        )));
+    }
+    let without = matrix(
+        &expected["diagnostics"]["logits_if_adapter_ignored_but_saved_head_used"],
+        "diagnostics.logits_if_adapter_ignored_but_saved_head_used",
+    )?
+    .to_dtype(logits.dtype())?;
+    if max_abs_diff(&logits, &without)? <= 1e-3 {
+        return Err(Error::Check(format!(
+            "{fixture}: the adapter changes the logits by less than 1e-3, the check proves nothing"
+        )));
+    }
+    Ok(diff)
 }
