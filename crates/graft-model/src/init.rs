@@ -41,6 +41,11 @@ pub fn normal(
     Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
 }
 
+/// `n` ids drawn uniformly from `0..upper` (e.g. token ids).
+pub fn random_ids(rng: &mut SeededRng, n: usize, upper: u32) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..upper.max(1))).collect()
+}
+
 /// torch's `kaiming_uniform_(w, a=sqrt(5))` bound for a weight with `fan_in` inputs, which
 /// nn.Linear and PEFT's LoRA A use: 1/sqrt(fan_in).
 pub fn kaiming_uniform_bound(fan_in: usize) -> f64 {

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod error;
 pub mod loader;
 pub mod method;
+pub mod prompt_learning;
 pub mod targets;
 
 pub use candle_core as candle;

@@ -1,0 +1,337 @@
+//! What Hugging Face PEFT's prompt-learning methods share: the virtual-token fields of
+//! `PromptLearningConfig`, and the prefix encoder whose table holds every layer's key/value
+//! prefixes (`prompt_embeddings` `[n, layers * 2 * kv_dim]` in the saved file).
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use graft_model::init::{self, SeededRng};
+use graft_model::ModelInfo;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The saved tensor of every prompt-learning method.
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
+/// PEFT's virtual-token fields, which it fills from the model's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VirtualTokens {
+    pub num_virtual_tokens: usize,
+    /// Hidden size of the model.
+    pub token_dim: usize,
+    /// 1 for encoder-only and decoder-only models.
+    pub num_transformer_submodules: usize,
+    pub num_attention_heads: usize,
+    pub num_layers: usize,
+}
+
+impl VirtualTokens {
+    pub fn for_model(method: &str, num_virtual_tokens: usize, info: &ModelInfo) -> Result<Self> {
+        if num_virtual_tokens == 0 {
+            return Err(Error::Config {
+                method: method.into(),
+                reason: "num_virtual_tokens must be at least 1, found 0".into(),
+            });
+        }
+        Ok(Self {
+            num_virtual_tokens,
+            token_dim: info.hidden_size,
+            num_transformer_submodules: 1,
+            num_attention_heads: info.num_heads,
+            num_layers: info.num_layers,
+        })
+    }
+
+    /// From a saved adapter_config.json, checked against the model it is loaded into.
+    pub fn from_saved(method: &str, config: &Value, info: &ModelInfo) -> Result<Self> {
+        let n = config["num_virtual_tokens"]
+            .as_u64()
+            .ok_or_else(|| Error::Config {
+                method: method.into(),
+                reason: "`num_virtual_tokens` is missing".into(),
+            })? as usize;
+        let tokens = Self::for_model(method, n, info)?;
+        for (field, want) in [
+            ("token_dim", tokens.token_dim),
+            ("num_layers", tokens.num_layers),
+        ] {
+            if let Some(found) = config[field].as_u64() {
+                if found as usize != want {
+                    return Err(Error::Config {
+                        method: method.into(),
+                        reason: format!(
+                            "`{field}` is {found} but the model has {want}: the adapter was made for another model"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(tokens)
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Adds the fields of `extra` (an object) to `base` (an object).
+pub fn merge_json(mut base: Value, extra: Value) -> Value {
+    if let (Some(out), Value::Object(fields)) = (base.as_object_mut(), extra) {
+        out.extend(fields);
+    }
+    base
+}
+
+/// PEFT's reparametrisation of prefix tuning: Linear(token_dim, hidden), tanh,
+/// Linear(hidden, layers * 2 * kv_dim), over a `[n, token_dim]` embedding.
+pub struct PrefixProjection {
+    pub embedding: Var,
+    pub w1: Var,
+    pub b1: Var,
+    pub w2: Var,
+    pub b2: Var,
+}
+
+/// Key/value prefixes for every layer, trained directly (a `[n, layers * 2 * kv_dim]` table) or
+/// through a [`PrefixProjection`] that saving folds into the table.
+pub struct PrefixEncoder {
+    table: Option<Var>,
+    projection: Option<PrefixProjection>,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn linear_init(
+    rng: &mut SeededRng,
+    out: usize,
+    inp: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Var, Var)> {
+    // torch nn.Linear's default initialisation.
+    let bound = init::kaiming_uniform_bound(inp);
+    Ok((
+        Var::from_tensor(&init::uniform(rng, &[out, inp], bound, dtype, device)?)?,
+        Var::from_tensor(&init::uniform(rng, &[out], bound, dtype, device)?)?,
+    ))
+}
+
+impl PrefixEncoder {
+    /// Width of a table row: every layer's key and value.
+    pub fn width(info: &ModelInfo) -> usize {
+        info.num_layers * 2 * info.num_kv_heads * info.head_dim
+    }
+
+    /// A fresh encoder: the table (or the projection's embedding) ~ normal(0, 1), like
+    /// torch's nn.Embedding; with `projection_hidden`, the MLP of PEFT's prefix_projection.
+    pub fn new(
+        rng: &mut SeededRng,
+        num_virtual_tokens: usize,
+        info: &ModelInfo,
+        projection_hidden: Option<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let width = Self::width(info);
+        let (table, projection) = match projection_hidden {
+            None => (
+                Some(Var::from_tensor(&init::normal(
+                    rng,
+                    &[num_virtual_tokens, width],
+                    1.0,
+                    dtype,
+                    device,
+                )?)?),
+                None,
+            ),
+            Some(hidden) => {
+                let embedding = Var::from_tensor(&init::normal(
+                    rng,
+                    &[num_virtual_tokens, info.hidden_size],
+                    1.0,
+                    dtype,
+                    device,
+                )?)?;
+                let (w1, b1) = linear_init(rng, hidden, info.hidden_size, dtype, device)?;
+                let (w2, b2) = linear_init(rng, width, hidden, dtype, device)?;
+                (
+                    None,
+                    Some(PrefixProjection {
+                        embedding,
+                        w1,
+                        b1,
+                        w2,
+                        b2,
+                    }),
+                )
+            }
+        };
+        Ok(Self {
+            table,
+            projection,
+            layers: info.num_layers,
+            kv_heads: info.num_kv_heads,
+            head_dim: info.head_dim,
+        })
+    }
+
+    /// An encoder over a saved table `[n, layers * 2 * kv_dim]`.
+    pub fn from_table(table: &Tensor, info: &ModelInfo) -> Result<Self> {
+        Ok(Self {
+            table: Some(Var::from_tensor(table)?),
+            projection: None,
+            layers: info.num_layers,
+            kv_heads: info.num_kv_heads,
+            head_dim: info.head_dim,
+        })
+    }
+
+    /// The prefix table `[n, layers * 2 * kv_dim]` (through the projection if there is one).
+    pub fn table(&self) -> candle_core::Result<Tensor> {
+        match (&self.table, &self.projection) {
+            (Some(table), _) => Ok(table.as_tensor().clone()),
+            (None, Some(p)) => {
+                let hidden = graft_model::ops::plain_linear(
+                    p.embedding.as_tensor(),
+                    p.w1.as_tensor(),
+                    Some(p.b1.as_tensor()),
+                )?
+                .tanh()?;
+                graft_model::ops::plain_linear(&hidden, p.w2.as_tensor(), Some(p.b2.as_tensor()))
+            }
+            (None, None) => candle_core::bail!("prefix encoder without a table"),
+        }
+    }
+
+    /// Key and value prefixes of `layer` from `table`, each `[batch, n, kv_heads, head_dim]`,
+    /// in PEFT's layout: row block `2 * layer` holds the keys, `2 * layer + 1` the values.
+    pub fn layer_prefix(
+        &self,
+        table: &Tensor,
+        layer: usize,
+        batch: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = table.dim(0)?;
+        let blocks = table.reshape((n, self.layers * 2, self.kv_heads, self.head_dim))?;
+        let part = |i: usize| -> candle_core::Result<Tensor> {
+            blocks
+                .narrow(1, i, 1)?
+                .squeeze(1)?
+                .unsqueeze(0)?
+                .broadcast_as((batch, n, self.kv_heads, self.head_dim))
+        };
+        Ok((part(2 * layer)?, part(2 * layer + 1)?))
+    }
+
+    /// Trainable tensors under PEFT's training-time names.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        match (&self.table, &self.projection) {
+            (Some(table), _) => vec![(PROMPT_EMBEDDINGS.to_string(), table.clone())],
+            (None, Some(p)) => vec![
+                (
+                    "prompt_encoder.embedding.weight".into(),
+                    p.embedding.clone(),
+                ),
+                ("prompt_encoder.transform.0.weight".into(), p.w1.clone()),
+                ("prompt_encoder.transform.0.bias".into(), p.b1.clone()),
+                ("prompt_encoder.transform.2.weight".into(), p.w2.clone()),
+                ("prompt_encoder.transform.2.bias".into(), p.b2.clone()),
+            ],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// What PEFT saves: the table alone, the projection folded in.
+    pub fn saved(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![(
+            PROMPT_EMBEDDINGS.to_string(),
+            self.table()?.detach(),
+        )])
+    }
+}
+
+/// Inverted-dropout scale mask (`0` or `1 / (1 - p)`) of `shape`, from a seeded generator.
+pub fn dropout_mask(
+    rng: &std::sync::Mutex<SeededRng>,
+    shape: &[usize],
+    p: f64,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut rng = rng
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("dropout RNG poisoned".into()))?;
+    let keep = init::uniform(&mut rng, shape, 1.0, DType::F64, &Device::Cpu)?
+        .affine(0.5, 0.5)?
+        .ge(p)?
+        .to_dtype(dtype)?;
+    (keep / (1.0 - p))?.to_device(device)
+}
+
+/// The adapter of prefix tuning and P-tuning v2: every layer's attention sees trainable
+/// key/value prefixes, optionally with dropout on them while training (P-tuning v2).
+pub struct PrefixAdapter {
+    encoder: PrefixEncoder,
+    num_virtual_tokens: usize,
+    /// The method's fields of adapter_config.json.
+    config: Value,
+    dropout: f64,
+    training: bool,
+    rng: std::sync::Mutex<SeededRng>,
+}
+
+impl PrefixAdapter {
+    pub fn new(encoder: PrefixEncoder, config: Value, dropout: f64, seed: u64) -> Result<Self> {
+        let num_virtual_tokens = encoder.table()?.dim(0)?;
+        Ok(Self {
+            encoder,
+            num_virtual_tokens,
+            config,
+            dropout,
+            training: false,
+            rng: std::sync::Mutex::new(init::seeded_rng(seed ^ 0x9e37_79b9)),
+        })
+    }
+}
+
+impl graft_model::Hooks for PrefixAdapter {
+    fn kv_prefix_len(&self) -> usize {
+        self.num_virtual_tokens
+    }
+
+    fn kv_prefix(
+        &self,
+        layer: usize,
+        batch: usize,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let mut table = self.encoder.table()?;
+        if self.training && self.dropout > 0.0 {
+            let mask = dropout_mask(
+                &self.rng,
+                table.dims(),
+                self.dropout,
+                table.dtype(),
+                table.device(),
+            )?;
+            table = (table * mask)?;
+        }
+        self.encoder.layer_prefix(&table, layer, batch).map(Some)
+    }
+}
+
+impl crate::Adapter for PrefixAdapter {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.encoder.vars()
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn config_json(&self) -> Value {
+        self.config.clone()
+    }
+
+    fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.encoder.saved()
+    }
+}

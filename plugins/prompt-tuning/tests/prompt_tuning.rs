@@ -1,0 +1,113 @@
+//! Prompt tuning through the whole BERT with the shared method checks, every initialisation,
+//! and the PEFT fixture.
+use graft_peft::serde_json::{self, json};
+use graft_trainer::testkit;
+
+fn settings() -> serde_json::Value {
+    json!({ "num_virtual_tokens": 4 })
+}
+
+#[test]
+fn finite_differences_agree_with_autograd() {
+    let method = graft_plugin_prompt_tuning::method();
+    let samples = testkit::check_gradients(method.as_ref(), &settings(), 4, |_| Ok(())).unwrap();
+    assert_eq!(samples.len(), 4);
+}
+
+#[test]
+fn trains_on_a_real_batch() {
+    let method = graft_plugin_prompt_tuning::method();
+    testkit::check_trains(method.as_ref(), &settings(), 6, 3e-2).unwrap();
+}
+
+#[test]
+fn saved_adapter_reloads_to_identical_logits() {
+    let method = graft_plugin_prompt_tuning::method();
+    testkit::check_reload(
+        method.as_ref(),
+        &settings(),
+        graft_plugin_prompt_tuning::method(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
+    let method = graft_plugin_prompt_tuning::method();
+    let text = json!({
+        "num_virtual_tokens": 5,
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": "medical paper",
+    });
+    let classifier = testkit::classifier(
+        method.as_ref(),
+        &text,
+        graft_peft::candle::DType::F32,
+        32,
+        1,
+    )
+    .unwrap();
+    let prompt = classifier.adapter.trainable()[0].1.as_tensor().clone();
+    // [CLS] medical paper [SEP] [CLS]: the text's ids with special tokens, repeated to 5.
+    let ids = classifier.tokenizer.encode("medical paper").unwrap();
+    assert_eq!(ids.len(), 4);
+    let table = classifier
+        .model
+        .bert
+        .named_tensors()
+        .into_iter()
+        .find(|(k, _)| k == "bert.embeddings.word_embeddings.weight")
+        .unwrap()
+        .1;
+    let repeated: Vec<u32> = ids.iter().copied().cycle().take(5).collect();
+    let want = table
+        .index_select(
+            &graft_peft::candle::Tensor::new(repeated, &graft_peft::candle::Device::Cpu).unwrap(),
+            0,
+        )
+        .unwrap();
+    assert_eq!(testkit::max_abs_diff(&prompt, &want).unwrap(), 0.0);
+
+    let sampled = json!({ "num_virtual_tokens": 3, "prompt_tuning_init": "SAMPLE_VOCAB" });
+    let classifier = testkit::classifier(
+        method.as_ref(),
+        &sampled,
+        graft_peft::candle::DType::F32,
+        32,
+        1,
+    )
+    .unwrap();
+    let prompt = classifier.adapter.trainable()[0].1.as_tensor().clone();
+    for row in 0..3 {
+        let row = prompt.get(row).unwrap();
+        let distances = table
+            .broadcast_sub(&row)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .min(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(distances, 0.0, "every sampled row is a vocabulary row");
+    }
+
+    let missing = json!({ "prompt_tuning_init": "TEXT" });
+    let err = testkit::classifier(
+        method.as_ref(),
+        &missing,
+        graft_peft::candle::DType::F32,
+        32,
+        1,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("prompt_tuning_init_text"), "{err}");
+}
+
+#[test]
+fn peft_prompt_fixture_reproduces_its_logits() {
+    testkit::check_peft_fixture(graft_plugin_prompt_tuning::method(), "prompt_minilm").unwrap();
+}
