@@ -51,3 +51,18 @@ pub fn random_ids(rng: &mut SeededRng, n: usize, upper: u32) -> Vec<u32> {
 pub fn kaiming_uniform_bound(fan_in: usize) -> f64 {
     1.0 / (fan_in as f64).sqrt()
 }
+
+/// Inverted-dropout mask of `shape`: each entry 0 with probability `p`, else `1 / (1 - p)`.
+pub fn dropout_mask(
+    rng: &mut SeededRng,
+    shape: &[usize],
+    p: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let keep = uniform(rng, shape, 1.0, DType::F64, &Device::Cpu)?
+        .affine(0.5, 0.5)?
+        .ge(p)?
+        .to_dtype(dtype)?;
+    (keep / (1.0 - p))?.to_device(device)
+}

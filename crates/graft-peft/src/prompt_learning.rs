@@ -249,22 +249,16 @@ impl PrefixEncoder {
     }
 }
 
-/// Inverted-dropout scale mask (`0` or `1 / (1 - p)`) of `shape`, from a seeded generator.
-pub fn dropout_mask(
-    rng: &std::sync::Mutex<SeededRng>,
-    shape: &[usize],
-    p: f64,
-    dtype: DType,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let mut rng = rng
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("dropout RNG poisoned".into()))?;
-    let keep = init::uniform(&mut rng, shape, 1.0, DType::F64, &Device::Cpu)?
-        .affine(0.5, 0.5)?
-        .ge(p)?
-        .to_dtype(dtype)?;
-    (keep / (1.0 - p))?.to_device(device)
+/// PEFT's prefix-tuning fields of adapter_config.json. The saved table has any projection
+/// folded in, so `prefix_projection` is false (PEFT's loader would otherwise expect the MLP).
+fn saved_config(tokens: &VirtualTokens, encoder_hidden_size: usize) -> Value {
+    merge_json(
+        tokens.to_json(),
+        serde_json::json!({
+            "prefix_projection": false,
+            "encoder_hidden_size": encoder_hidden_size,
+        }),
+    )
 }
 
 /// The adapter of prefix tuning and P-tuning v2: every layer's attention sees trainable
@@ -280,7 +274,49 @@ pub struct PrefixAdapter {
 }
 
 impl PrefixAdapter {
-    pub fn new(encoder: PrefixEncoder, config: Value, dropout: f64, seed: u64) -> Result<Self> {
+    /// A fresh adapter of `num_virtual_tokens` prefix positions, trained through an MLP of
+    /// width `projection_hidden` if given, with `dropout` on the prefixes while training.
+    pub fn create(
+        method: &str,
+        num_virtual_tokens: usize,
+        projection_hidden: Option<usize>,
+        dropout: f64,
+        ctx: &crate::AttachContext,
+    ) -> Result<Self> {
+        let tokens = VirtualTokens::for_model(method, num_virtual_tokens, ctx.info)?;
+        let encoder = PrefixEncoder::new(
+            &mut init::seeded_rng(ctx.seed),
+            num_virtual_tokens,
+            ctx.info,
+            projection_hidden,
+            ctx.dtype,
+            ctx.device,
+        )?;
+        let hidden = projection_hidden.unwrap_or(tokens.token_dim);
+        Self::new(encoder, saved_config(&tokens, hidden), dropout, ctx.seed)
+    }
+
+    /// An adapter from PEFT's prefix-tuning files (`prompt_embeddings`, no projection).
+    pub fn load(
+        method: &str,
+        config: &Value,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        ctx: &crate::AttachContext,
+    ) -> Result<Self> {
+        let tokens = VirtualTokens::from_saved(method, config, ctx.info)?;
+        let table = crate::adapter::take_tensor(
+            tensors,
+            PROMPT_EMBEDDINGS,
+            &[tokens.num_virtual_tokens, PrefixEncoder::width(ctx.info)],
+        )?;
+        let encoder = PrefixEncoder::from_table(&table.to_dtype(ctx.dtype)?, ctx.info)?;
+        let hidden = config["encoder_hidden_size"]
+            .as_u64()
+            .map_or(tokens.token_dim, |h| h as usize);
+        Self::new(encoder, saved_config(&tokens, hidden), 0.0, ctx.seed)
+    }
+
+    fn new(encoder: PrefixEncoder, config: Value, dropout: f64, seed: u64) -> Result<Self> {
         let num_virtual_tokens = encoder.table()?.dim(0)?;
         Ok(Self {
             encoder,
@@ -305,8 +341,12 @@ impl graft_model::Hooks for PrefixAdapter {
     ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
         let mut table = self.encoder.table()?;
         if self.training && self.dropout > 0.0 {
-            let mask = dropout_mask(
-                &self.rng,
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("prefix dropout RNG poisoned".into()))?;
+            let mask = init::dropout_mask(
+                &mut rng,
                 table.dims(),
                 self.dropout,
                 table.dtype(),

@@ -3,14 +3,15 @@ use std::path::PathBuf;
 /// Errors of graft-trainer; each names the file, row or setting at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // The wrapped errors are boxed: they are large, and Result<_, Error> is everywhere.
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(Box<crate::data::DataError>),
     #[error(transparent)]
-    Tokenizer(#[from] graft_tokenizer::Error),
+    Tokenizer(Box<graft_tokenizer::Error>),
     #[error(transparent)]
-    Model(#[from] graft_model::Error),
+    Model(Box<graft_model::Error>),
     #[error(transparent)]
-    Peft(#[from] graft_peft::Error),
+    Peft(Box<graft_peft::Error>),
     #[error(transparent)]
     Plugin(#[from] graft_peft::PluginError),
     #[error(transparent)]
@@ -33,6 +34,23 @@ pub enum Error {
         kept: PathBuf,
     },
 }
+
+macro_rules! boxed_from {
+    ($($variant:ident: $source:ty),*) => {$(
+        impl From<$source> for Error {
+            fn from(e: $source) -> Self {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    Data: crate::data::DataError,
+    Tokenizer: graft_tokenizer::Error,
+    Model: graft_model::Error,
+    Peft: graft_peft::Error
+);
 
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -99,16 +99,16 @@ impl GradientSample {
     }
 }
 
+/// Sets one entry of `var` in place, touching only its row (tables can be large).
 fn set_entry(var: &Var, index: usize, value: f64) -> Result<()> {
-    let shape = var.shape().clone();
-    let mut values = var
-        .as_tensor()
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1::<f64>()?;
-    values[index] = value;
-    let t = Tensor::from_vec(values, shape, var.device())?.to_dtype(var.dtype())?;
-    Ok(var.set(&t)?)
+    let dims = var.dims();
+    let row_len: usize = dims.iter().skip(1).product();
+    let (row, col) = (index / row_len, index % row_len);
+    let slab = var.as_tensor().narrow(0, row, 1)?;
+    let mut values = slab.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    values[col] = value;
+    let t = Tensor::from_vec(values, slab.shape(), var.device())?.to_dtype(var.dtype())?;
+    Ok(var.as_tensor().slice_set(&t, 0, row)?)
 }
 
 /// Compares autograd with central differences (step `eps`) at `per_tensor` random entries of

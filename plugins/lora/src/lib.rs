@@ -8,7 +8,7 @@ mod layer;
 pub use config::LoraConfig;
 pub use layer::LoraLayer;
 
-use graft_peft::candle::{DType, Device, Tensor, Var};
+use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, SeededRng};
 use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde_json::Value;
@@ -133,11 +133,7 @@ impl LoraAdapter {
             .rng
             .lock()
             .map_err(|_| graft_peft::candle::Error::Msg("lora: dropout RNG poisoned".into()))?;
-        let keep = init::uniform(&mut rng, x.dims(), 1.0, DType::F64, &Device::Cpu)?
-            .affine(0.5, 0.5)?
-            .ge(p)?
-            .to_dtype(x.dtype())?;
-        (keep / (1.0 - p))?.to_device(x.device()).map(Some)
+        init::dropout_mask(&mut rng, x.dims(), p, x.dtype(), x.device()).map(Some)
     }
 }
 

@@ -1,0 +1,58 @@
+//! P-tuning v2 through the whole BERT with the shared method checks; its files are PEFT's
+//! prefix tuning, so the prefix-tuning plugin reads them too.
+use graft_peft::candle::Device;
+use graft_peft::serde_json::{self, json};
+use graft_trainer::task::{Classifier, TaskSpec};
+use graft_trainer::testkit;
+
+fn settings() -> serde_json::Value {
+    json!({ "num_virtual_tokens": 4, "prefix_dropout": 0.1 })
+}
+
+#[test]
+fn finite_differences_agree_with_autograd() {
+    let method = graft_plugin_p_tuning_v2::method();
+    let samples = testkit::check_gradients(method.as_ref(), &settings(), 4, |_| Ok(())).unwrap();
+    assert_eq!(samples.len(), 4);
+}
+
+#[test]
+fn trains_on_a_real_batch_with_prefix_dropout() {
+    let method = graft_plugin_p_tuning_v2::method();
+    testkit::check_trains(method.as_ref(), &settings(), 6, 3e-2).unwrap();
+}
+
+#[test]
+fn saved_adapter_reloads_to_identical_logits_also_as_peft_prefix_tuning() {
+    let method = graft_plugin_p_tuning_v2::method();
+    let reloaded = testkit::check_reload(
+        method.as_ref(),
+        &settings(),
+        graft_plugin_p_tuning_v2::method(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    reloaded.classifier.save(dir.path()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "PREFIX_TUNING");
+    assert_eq!(config["prefix_projection"], false);
+    assert!(
+        config.get("prefix_dropout").is_none(),
+        "PEFT has no such field"
+    );
+    // The same files opened as plain prefix tuning give the same logits.
+    let spec = TaskSpec {
+        method: "prefix-tuning".into(),
+        ..TaskSpec::read(dir.path()).unwrap()
+    };
+    let registry = testkit::registry_of(graft_plugin_prefix_tuning::method()).unwrap();
+    let as_prefix = Classifier::open_with_spec(dir.path(), spec, &registry, &Device::Cpu).unwrap();
+    let logits = as_prefix.logits(&reloaded.texts).unwrap();
+    assert_eq!(
+        testkit::max_abs_diff(&logits, &reloaded.logits).unwrap(),
+        0.0
+    );
+}

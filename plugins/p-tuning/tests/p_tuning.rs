@@ -1,0 +1,127 @@
+//! P-tuning through the whole BERT with the shared method checks: gradients, training and
+//! save/reload for both prompt encoders, and ragged batches.
+use graft_peft::candle::DType;
+use graft_peft::serde_json::{self, json};
+use graft_trainer::testkit;
+
+fn mlp() -> serde_json::Value {
+    json!({ "num_virtual_tokens": 4, "encoder_hidden_size": 16 })
+}
+
+fn lstm() -> serde_json::Value {
+    json!({
+        "num_virtual_tokens": 4,
+        "encoder_reparameterization_type": "LSTM",
+        "encoder_hidden_size": 8,
+        "encoder_num_layers": 2,
+    })
+}
+
+#[test]
+fn finite_differences_agree_with_autograd_for_every_mlp_encoder_tensor() {
+    let method = graft_plugin_p_tuning::method();
+    let samples = testkit::check_gradients(method.as_ref(), &mlp(), 2, |_| Ok(())).unwrap();
+    // embedding + 3 linear layers (weight, bias).
+    assert_eq!(samples.len(), 7 * 2, "every encoder tensor sampled");
+}
+
+#[test]
+fn finite_differences_agree_with_autograd_for_every_lstm_encoder_tensor() {
+    let method = graft_plugin_p_tuning::method();
+    let samples = testkit::check_gradients(method.as_ref(), &lstm(), 2, |_| Ok(())).unwrap();
+    // embedding + 2 layers x 2 directions x 4 + 2 head linear layers (weight, bias).
+    assert_eq!(
+        samples.len(),
+        (1 + 16 + 4) * 2,
+        "every encoder tensor sampled"
+    );
+}
+
+#[test]
+fn trains_on_a_real_batch_with_the_mlp_encoder() {
+    let method = graft_plugin_p_tuning::method();
+    let losses = testkit::check_trains(method.as_ref(), &mlp(), 4, 2e-2).unwrap();
+    eprintln!("mlp losses: {losses:?}");
+}
+
+#[test]
+fn trains_on_a_real_batch_with_the_lstm_encoder() {
+    let method = graft_plugin_p_tuning::method();
+    let losses = testkit::check_trains(method.as_ref(), &lstm(), 4, 2e-2).unwrap();
+    eprintln!("lstm losses: {losses:?}");
+}
+
+#[test]
+fn saved_mlp_adapter_reloads_to_identical_logits() {
+    let method = graft_plugin_p_tuning::method();
+    let reloaded =
+        testkit::check_reload(method.as_ref(), &mlp(), graft_plugin_p_tuning::method()).unwrap();
+    // The reloaded adapter is the saved table, as in PEFT.
+    let names: Vec<String> = reloaded
+        .classifier
+        .adapter
+        .trainable()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(names, ["prompt_embeddings"]);
+}
+
+#[test]
+fn saved_lstm_adapter_reloads_to_identical_logits() {
+    let method = graft_plugin_p_tuning::method();
+    let reloaded =
+        testkit::check_reload(method.as_ref(), &lstm(), graft_plugin_p_tuning::method()).unwrap();
+    let config = reloaded.classifier.adapter.config_json();
+    assert_eq!(config["encoder_reparameterization_type"], "LSTM");
+    assert_eq!(config["token_dim"], 384);
+    assert_eq!(config["encoder_hidden_size"], 8);
+}
+
+/// The virtual tokens shift every text's positions and widen its mask the same way whether it
+/// runs alone or padded in a batch: padding must not leak into the shorter text's logits.
+#[test]
+fn ragged_batch_gives_each_text_its_logits_alone() {
+    let method = graft_plugin_p_tuning::method();
+    for settings in [mlp(), lstm()] {
+        let classifier =
+            testkit::classifier(method.as_ref(), &settings, DType::F32, 64, 3).unwrap();
+        let texts = vec![
+            "A short title. Few words.".to_string(),
+            "A much longer title about cardiology. The abstract goes on for a while about \
+             patients, trials, outcomes and many other things that take tokens."
+                .to_string(),
+        ];
+        let together = classifier.logits(&texts).unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            let alone = classifier.logits(std::slice::from_ref(text)).unwrap();
+            let row = together.narrow(0, i, 1).unwrap();
+            let diff = testkit::max_abs_diff(&row, &alone).unwrap();
+            assert!(diff <= 1e-5, "text {i}: batched vs alone differ by {diff}");
+        }
+    }
+}
+
+/// configs/p-tuning.toml parses and its [method] table is a valid P-tuning config for MiniLM.
+#[test]
+fn shipped_config_is_valid_for_minilm() {
+    let path = testkit::workspace_root().join("configs/p-tuning.toml");
+    let config = graft_trainer::TrainConfig::from_file(&path).unwrap();
+    assert_eq!(config.method_name().unwrap(), "p-tuning");
+    let info = graft_peft::graft_model::ModelInfo {
+        model_type: "bert".into(),
+        hidden_size: 384,
+        num_layers: 6,
+        num_heads: 12,
+        num_kv_heads: 12,
+        head_dim: 32,
+        vocab_size: 30522,
+        word_embeddings: "embeddings.word_embeddings.weight".into(),
+    };
+    let method =
+        graft_plugin_p_tuning::PTuningConfig::from_train_config(&config.method_settings(), &info)
+            .unwrap();
+    assert_eq!(method.num_virtual_tokens, 20);
+    assert_eq!(method.encoder_hidden_size(), 384);
+    assert_eq!(config.train.lr, 1e-2);
+}
