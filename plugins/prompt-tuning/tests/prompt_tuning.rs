@@ -111,3 +111,45 @@ fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
 fn peft_prompt_fixture_reproduces_its_logits() {
     testkit::check_peft_fixture(graft_plugin_prompt_tuning::method(), "prompt_minilm").unwrap();
 }
+
+mod properties {
+    //! Virtual tokens shift positions and widen masks the same way for every row of a batch.
+    use graft_peft::candle::DType;
+    use graft_peft::serde_json::json;
+    use graft_trainer::testkit;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(6))]
+
+        #[test]
+        fn each_row_of_a_ragged_batch_gives_the_logits_it_gives_alone(
+            n in 1usize..6,
+            lengths in proptest::collection::vec(1usize..40, 1..4),
+            seed in 0u64..1000,
+        ) {
+            let method = graft_plugin_prompt_tuning::method();
+            let classifier = testkit::classifier(
+                method.as_ref(),
+                &json!({ "num_virtual_tokens": n }),
+                DType::F32,
+                48,
+                seed,
+            )
+            .unwrap();
+            let (rows, _) = testkit::real_batch(lengths.len()).unwrap();
+            let texts: Vec<String> = rows
+                .iter()
+                .zip(&lengths)
+                .map(|(text, &words)| text.split_whitespace().take(words).collect::<Vec<_>>().join(" "))
+                .collect();
+            let batched = classifier.logits(&texts).unwrap();
+            for (i, text) in texts.iter().enumerate() {
+                let alone = classifier.logits(std::slice::from_ref(text)).unwrap();
+                let row = batched.narrow(0, i, 1).unwrap();
+                let diff = testkit::max_abs_diff(&row, &alone).unwrap();
+                prop_assert!(diff <= 1e-5, "row {i} ({} words): {diff}", lengths[i]);
+            }
+        }
+    }
+}
