@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -44,9 +46,22 @@ enum Task {
     },
     /// Put a known model (minilm) in graft's cache.
     FetchModel { name: String },
+    /// Train each method for a fixed step budget with its config (batch 8 x 128 tokens) and
+    /// tabulate trainable parameters, seconds per step, tokens/s, peak RSS and validation F1.
+    Bench {
+        /// Comma-separated method names, or `all` (every in-tree plugin).
+        #[arg(long, default_value = "all")]
+        methods: String,
+        /// Optimizer steps per method; validation F1 is measured after the last.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Folder for the runs, bench.json and bench.md (default: runs/bench-<unix seconds>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -64,7 +79,7 @@ fn target_dir() -> PathBuf {
 }
 
 /// Package names of the in-tree method plugins (`plugins/*/Cargo.toml`).
-fn plugin_packages() -> Result<Vec<String>> {
+pub(crate) fn plugin_packages() -> Result<Vec<String>> {
     let dir = root().join("plugins");
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -86,7 +101,7 @@ fn plugin_packages() -> Result<Vec<String>> {
 /// Builds the whole workspace, always: graft-peft is a shared library that the binary and every
 /// plugin link, so they must come from one cargo invocation with one feature resolution (a
 /// narrower `-p` selection can resolve candle's features differently and rebuild it apart).
-fn build() -> Result<()> {
+pub(crate) fn build() -> Result<()> {
     let status = Command::new(cargo())
         .current_dir(root())
         .args(["build", "--quiet", "--workspace"])
@@ -98,7 +113,7 @@ fn build() -> Result<()> {
     Ok(())
 }
 
-fn run_graft(args: &[String]) -> Result<()> {
+pub(crate) fn run_graft(args: &[String]) -> Result<()> {
     let graft = target_dir().join("debug").join("graft");
     let status = Command::new(&graft)
         .current_dir(root())
@@ -159,5 +174,10 @@ fn main() -> Result<()> {
             build()?;
             run_graft(&["fetch-model".to_string(), name])
         }
+        Task::Bench {
+            methods,
+            steps,
+            out,
+        } => bench::methods(&methods, steps, out),
     }
 }

@@ -53,6 +53,9 @@ enum Command {
         max_steps: Option<usize>,
         #[arg(long)]
         seed: Option<u64>,
+        /// Evaluate every N steps (0: only at epoch ends and at the end).
+        #[arg(long)]
+        eval_every: Option<usize>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -153,6 +156,7 @@ fn run(cli: Cli) -> Result<()> {
             epochs,
             max_steps,
             seed,
+            eval_every,
             plugins,
         } => {
             let mut cfg = match &config {
@@ -172,6 +176,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(seed) = seed {
                 cfg.train.seed = seed;
+            }
+            if let Some(every) = eval_every {
+                cfg.train.eval_every = every;
             }
             cfg.validate()?;
             let method_name = cfg.method_name()?.to_string();

@@ -209,6 +209,18 @@ pub fn train(
         t.eps,
     )?;
     let trainable_params: usize = all_vars.iter().map(|v| v.elem_count()).sum();
+    let total_params: usize = classifier
+        .model
+        .bert
+        .params()
+        .iter()
+        .map(|p| p.value().elem_count())
+        .sum::<usize>()
+        + classifier
+            .head_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>();
 
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
     let progress = Progress::new(total);
@@ -227,10 +239,13 @@ pub fn train(
     let mut f1_curve = Vec::new();
     let started = Instant::now();
     let mut tokens = 0usize;
+    // Training time alone (evaluation excluded), per step.
+    let mut step_seconds = Vec::with_capacity(total);
     let mut last_evaluated = 0;
     classifier.adapter.set_training(true);
 
     for step in 0..total {
+        let step_started = Instant::now();
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut step_loss = 0.0;
         for _ in 0..t.grad_accum {
@@ -287,10 +302,11 @@ pub fn train(
         let factor = optim::lr_factor(t.schedule, step, total, warmup);
         optimizer.step(&grads, factor)?;
         classifier.adapter.after_step(step + 1, &grads)?;
+        step_seconds.push(step_started.elapsed().as_secs_f64());
 
         let done = step + 1;
         let elapsed = started.elapsed().as_secs_f64();
-        let tokens_per_s = tokens as f64 / elapsed.max(1e-9);
+        let tokens_per_s = tokens as f64 / step_seconds.iter().sum::<f64>().max(1e-9);
         loss_curve.push((done as f64, step_loss));
         let log_now = done % t.log_every.max(1) == 0 || done == total;
         progress.step(
@@ -336,6 +352,12 @@ pub fn train(
     report["method"] = json!(method_name);
     report["steps"] = json!(total);
     report["train_seconds"] = json!(started.elapsed().as_secs_f64());
+    report["trainable_params"] = json!(trainable_params);
+    report["total_params"] = json!(total_params);
+    report["step_seconds_median"] = json!(median_after_warmup(&step_seconds));
+    report["train_tokens_per_s"] =
+        json!(tokens as f64 / step_seconds.iter().sum::<f64>().max(1e-9));
+    report["peak_rss_mb"] = json!(peak_rss_mb());
     run.write(
         RunDir::EVAL,
         &serde_json::to_string_pretty(&report).map_err(|e| Error::Config(e.to_string()))?,
@@ -346,4 +368,43 @@ pub fn train(
         best_step,
         steps: total,
     })
+}
+
+/// Median step time, the first two steps (allocation warm-up) left out when there are more.
+pub fn median_after_warmup(step_seconds: &[f64]) -> f64 {
+    let skip = if step_seconds.len() > 4 { 2 } else { 0 };
+    let mut sorted: Vec<f64> = step_seconds[skip..].to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// This process's peak resident memory in MiB (Linux's VmHWM), if the system reports it.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_skips_warm_up_steps() {
+        assert_eq!(median_after_warmup(&[9.0, 9.0, 1.0, 2.0, 3.0]), 2.0);
+        assert_eq!(median_after_warmup(&[1.0, 3.0]), 2.0);
+        assert_eq!(median_after_warmup(&[]), 0.0);
+    }
+
+    #[test]
+    fn peak_rss_is_reported_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_mb().unwrap() > 1.0);
+        }
+    }
 }
