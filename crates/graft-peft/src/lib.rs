@@ -6,6 +6,7 @@
 //! the model types through the re-exports below, never through a dependency of their own.
 pub mod abi;
 pub mod adapter;
+pub mod config;
 pub mod error;
 pub mod loader;
 pub mod method;

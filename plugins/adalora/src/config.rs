@@ -1,6 +1,6 @@
 //! AdaLoRA's configuration, with PEFT's field names and defaults (`AdaLoraConfig`).
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{Error, Result, TargetModules};
+use graft_peft::{config, Error, Result, TargetModules};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -72,30 +72,22 @@ fn default_targets() -> TargetModules {
     TargetModules::Names(vec!["query".into(), "value".into()])
 }
 
-/// Keys PEFT writes that graft reads as informational only.
-const PEFT_BOOKKEEPING: &[&str] = &["peft_type", "task_type", "base_model_name_or_path"];
-
 impl AdaLoraConfig {
     /// From a training config: unknown keys are an error, and so is a schedule PEFT refuses.
     pub fn from_train_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        let unknown: Vec<&String> = config
-            .other
-            .keys()
-            .filter(|k| !PEFT_BOOKKEEPING.contains(&k.as_str()))
-            .collect();
-        if !unknown.is_empty() {
-            let hint = if config.other.contains_key("r") {
-                " (AdaLoRA ignores `r`: the starting rank is `init_r`)"
-            } else {
-                ""
-            };
-            return Err(invalid(format!(
-                "unknown keys {unknown:?}{hint}; AdaLoRA takes init_r, target_r, tinit, tfinal, \
-                 deltaT, beta1, beta2, orth_reg_weight, total_step, lora_alpha, lora_dropout, \
-                 target_modules"
-            )));
+        if config.other.contains_key("r") {
+            return Err(invalid(
+                "AdaLoRA does not take `r`: the starting rank is `init_r`".into(),
+            ));
         }
+        config::refuse_unknown(
+            "adalora",
+            &config.other,
+            &[],
+            "init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight, \
+             total_step, lora_alpha, lora_dropout, target_modules",
+        )?;
         if config.rank_pattern.is_some() {
             return Err(invalid(
                 "rank_pattern is written by training, not set by a training config".into(),
@@ -120,29 +112,12 @@ impl AdaLoraConfig {
     /// From PEFT's adapter_config.json: other keys are ignored, unsupported options refused.
     pub fn from_adapter_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        for (key, unsupported) in [
-            ("use_dora", Value::Bool(true)),
-            ("fan_in_fan_out", Value::Bool(true)),
-        ] {
-            if config.other.get(key) == Some(&unsupported) {
-                return Err(invalid(format!(
-                    "`{key}: {unsupported}` is not supported by this plugin"
-                )));
-            }
-        }
-        if let Some(bias) = config.other.get("bias").and_then(Value::as_str) {
-            if bias != "none" {
-                return Err(invalid(format!(
-                    "bias `{bias}` is not supported (only \"none\")"
-                )));
-            }
-        }
+        config::refuse_lora_variants("adalora", &config.other)?;
         Ok(config)
     }
 
     fn parse(value: &Value) -> Result<Self> {
-        let config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
+        let config: Self = config::parse("adalora", value)?;
         if config.init_r == 0 {
             return Err(invalid("init_r must be at least 1, found 0".into()));
         }
@@ -224,8 +199,5 @@ impl AdaLoraConfig {
 }
 
 pub(crate) fn invalid(reason: String) -> Error {
-    Error::Config {
-        method: "adalora".into(),
-        reason,
-    }
+    config::invalid("adalora", reason)
 }

@@ -105,16 +105,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        graft_trainer::testkit::max_abs_diff(a, b).unwrap()
     }
 
     fn scalar(t: &Tensor) -> f64 {

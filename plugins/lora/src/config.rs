@@ -1,6 +1,6 @@
 //! LoRA's configuration, with PEFT's field names and defaults.
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{Error, Result, TargetModules};
+use graft_peft::{config, Error, Result, TargetModules};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -35,52 +35,28 @@ fn default_targets() -> TargetModules {
     TargetModules::Names(vec!["query".into(), "value".into()])
 }
 
-/// Keys PEFT writes that graft reads as informational only.
-const PEFT_BOOKKEEPING: &[&str] = &["peft_type", "task_type", "base_model_name_or_path"];
-
 impl LoraConfig {
     /// From a training config: unknown keys are an error.
     pub fn from_train_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        let unknown: Vec<&String> = config
-            .other
-            .keys()
-            .filter(|k| !PEFT_BOOKKEEPING.contains(&k.as_str()))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(invalid(format!(
-                "unknown keys {unknown:?}; LoRA takes r, lora_alpha, lora_dropout, target_modules, use_rslora"
-            )));
-        }
+        config::refuse_unknown(
+            "lora",
+            &config.other,
+            &[],
+            "r, lora_alpha, lora_dropout, target_modules, use_rslora",
+        )?;
         Ok(config)
     }
 
     /// From PEFT's adapter_config.json: other keys are ignored, unsupported options refused.
     pub fn from_adapter_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        for (key, unsupported) in [
-            ("use_dora", Value::Bool(true)),
-            ("fan_in_fan_out", Value::Bool(true)),
-        ] {
-            if config.other.get(key) == Some(&unsupported) {
-                return Err(invalid(format!(
-                    "`{key}: {unsupported}` is not supported by this plugin"
-                )));
-            }
-        }
-        if let Some(bias) = config.other.get("bias").and_then(Value::as_str) {
-            if bias != "none" {
-                return Err(invalid(format!(
-                    "bias `{bias}` is not supported (only \"none\")"
-                )));
-            }
-        }
+        config::refuse_lora_variants("lora", &config.other)?;
         Ok(config)
     }
 
     fn parse(value: &Value) -> Result<Self> {
-        let config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
+        let config: Self = config::parse("lora", value)?;
         if config.r == 0 {
             return Err(invalid("r must be at least 1, found 0".into()));
         }
@@ -127,8 +103,5 @@ impl LoraConfig {
 }
 
 fn invalid(reason: String) -> Error {
-    Error::Config {
-        method: "lora".into(),
-        reason,
-    }
+    config::invalid("lora", reason)
 }

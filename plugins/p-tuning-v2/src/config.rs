@@ -1,6 +1,6 @@
 //! P-tuning v2's configuration: PEFT's prefix-tuning fields plus the paper's prefix dropout.
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{Error, Result};
+use graft_peft::{config, Error, Result};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -57,8 +57,5 @@ impl PTuningV2Config {
 }
 
 fn invalid(reason: String) -> Error {
-    Error::Config {
-        method: "p-tuning-v2".into(),
-        reason,
-    }
+    config::invalid("p-tuning-v2", reason)
 }

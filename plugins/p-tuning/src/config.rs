@@ -2,7 +2,7 @@
 //! defaults.
 use graft_peft::graft_model::ModelInfo;
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{Error, Result};
+use graft_peft::{config, Error, Result};
 use serde::Deserialize;
 
 /// How the virtual tokens are reparameterised (PEFT's `PromptEncoderReparameterizationType`).
@@ -83,27 +83,19 @@ fn default_encoder_layers() -> usize {
     2
 }
 
-/// Keys PEFT writes that graft reads as informational only.
-const PEFT_BOOKKEEPING: &[&str] = &["peft_type", "task_type", "base_model_name_or_path"];
-
 impl PTuningConfig {
     /// From a training config: unknown keys are an error; the model-dependent fields are
     /// filled from `info` (and must agree with it when given).
     pub fn from_train_config(value: &Value, info: &ModelInfo) -> Result<Self> {
         let mut config = Self::parse(value)?;
-        let unknown: Vec<&String> = config
-            .other
-            .keys()
-            .filter(|k| !PEFT_BOOKKEEPING.contains(&k.as_str()))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(invalid(format!(
-                "unknown keys {unknown:?}; P-tuning takes num_virtual_tokens, \
-                 encoder_reparameterization_type, encoder_hidden_size, encoder_num_layers, \
-                 encoder_dropout (and token_dim, num_transformer_submodules, \
-                 num_attention_heads, num_layers, which default to the model's)"
-            )));
-        }
+        config::refuse_unknown(
+            "p-tuning",
+            &config.other,
+            &[],
+            "num_virtual_tokens, encoder_reparameterization_type, encoder_hidden_size, \
+             encoder_num_layers, encoder_dropout (and token_dim, num_transformer_submodules, \
+             num_attention_heads, num_layers, which default to the model's)",
+        )?;
         config.other.clear();
         config.resolve(info)?;
         Ok(config)
@@ -118,8 +110,7 @@ impl PTuningConfig {
     }
 
     fn parse(value: &Value) -> Result<Self> {
-        let config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
+        let config: Self = config::parse("p-tuning", value)?;
         if config.num_virtual_tokens == 0 {
             return Err(invalid(
                 "num_virtual_tokens must be at least 1, found 0".into(),
@@ -208,10 +199,7 @@ impl PTuningConfig {
 }
 
 fn invalid(reason: String) -> Error {
-    Error::Config {
-        method: "p-tuning".into(),
-        reason,
-    }
+    config::invalid("p-tuning", reason)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Prefix tuning's configuration, with PEFT's field names and defaults.
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{Error, Result};
+use graft_peft::{config, Error, Result};
+
+const NAME: &str = "prefix-tuning";
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -23,11 +25,8 @@ fn default_tokens() -> usize {
     20
 }
 
-/// Keys PEFT writes that graft reads as informational only (the model decides them).
-const PEFT_BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
+/// Fields PEFT fills from the model; graft takes them from the model.
+pub const MODEL_FIELDS: &[&str] = &[
     "token_dim",
     "num_transformer_submodules",
     "num_attention_heads",
@@ -38,16 +37,12 @@ impl PrefixTuningConfig {
     /// From a training config: unknown keys are an error.
     pub fn from_train_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        let unknown: Vec<&String> = config
-            .other
-            .keys()
-            .filter(|k| !PEFT_BOOKKEEPING.contains(&k.as_str()))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(invalid(format!(
-                "unknown keys {unknown:?}; prefix tuning takes num_virtual_tokens, prefix_projection, encoder_hidden_size"
-            )));
-        }
+        config::refuse_unknown(
+            NAME,
+            &config.other,
+            MODEL_FIELDS,
+            "num_virtual_tokens, prefix_projection, encoder_hidden_size",
+        )?;
         Ok(config)
     }
 
@@ -57,8 +52,7 @@ impl PrefixTuningConfig {
     }
 
     fn parse(value: &Value) -> Result<Self> {
-        let config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
+        let config: Self = config::parse(NAME, value)?;
         if config.num_virtual_tokens == 0 {
             return Err(invalid(
                 "num_virtual_tokens must be at least 1, found 0".into(),
@@ -72,8 +66,5 @@ impl PrefixTuningConfig {
 }
 
 fn invalid(reason: String) -> Error {
-    Error::Config {
-        method: "prefix-tuning".into(),
-        reason,
-    }
+    config::invalid("prefix-tuning", reason)
 }

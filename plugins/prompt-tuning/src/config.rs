@@ -1,6 +1,8 @@
 //! Prompt tuning's configuration, with PEFT's field names and defaults.
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{Error, Result};
+use graft_peft::{config, Error, Result};
+
+const NAME: &str = "prompt-tuning";
 use serde::{Deserialize, Serialize};
 
 /// How the soft prompt starts (PEFT's `PromptTuningInit`).
@@ -34,12 +36,9 @@ fn default_tokens() -> usize {
     20
 }
 
-/// Keys PEFT writes that graft reads as informational only (the model decides them; graft
-/// tokenizes with the base model's own tokenizer).
-const PEFT_BOOKKEEPING: &[&str] = &[
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
+/// Fields PEFT fills from the model or uses to find a tokenizer; graft takes the model's
+/// values and tokenizes with the base model's own tokenizer.
+const MODEL_FIELDS: &[&str] = &[
     "token_dim",
     "num_transformer_submodules",
     "num_attention_heads",
@@ -52,16 +51,12 @@ impl PromptTuningConfig {
     /// From a training config: unknown keys are an error.
     pub fn from_train_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        let unknown: Vec<&String> = config
-            .other
-            .keys()
-            .filter(|k| !PEFT_BOOKKEEPING.contains(&k.as_str()))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(invalid(format!(
-                "unknown keys {unknown:?}; prompt tuning takes num_virtual_tokens, prompt_tuning_init, prompt_tuning_init_text"
-            )));
-        }
+        config::refuse_unknown(
+            NAME,
+            &config.other,
+            MODEL_FIELDS,
+            "num_virtual_tokens, prompt_tuning_init, prompt_tuning_init_text",
+        )?;
         match (config.prompt_tuning_init, &config.prompt_tuning_init_text) {
             (PromptInit::Text, None) => Err(invalid(
                 "prompt_tuning_init = \"TEXT\" needs prompt_tuning_init_text".into(),
@@ -79,8 +74,7 @@ impl PromptTuningConfig {
     }
 
     fn parse(value: &Value) -> Result<Self> {
-        let config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| invalid(e.to_string()))?;
+        let config: Self = config::parse(NAME, value)?;
         if config.num_virtual_tokens == 0 {
             return Err(invalid(
                 "num_virtual_tokens must be at least 1, found 0".into(),
@@ -91,8 +85,5 @@ impl PromptTuningConfig {
 }
 
 fn invalid(reason: String) -> Error {
-    Error::Config {
-        method: "prompt-tuning".into(),
-        reason,
-    }
+    config::invalid("prompt-tuning", reason)
 }
