@@ -104,3 +104,44 @@ fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refuse
         "{err}"
     );
 }
+
+#[test]
+fn every_shipped_config_loads_its_plugin_dynamically_and_attaches_to_minilm() {
+    let configs = testkit::workspace_root().join("configs");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        let config = graft_trainer::config::TrainConfig::from_file(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = config.method_name().unwrap().to_string();
+        let library = workspace_library(
+            &format!("graft-plugin-{name}"),
+            &format!("graft_plugin_{}", name.replace('-', "_")),
+        );
+        let plugin = load_plugin(&library).unwrap();
+        assert_eq!(plugin.method.name(), name, "{}", library.display());
+        testkit::classifier(
+            plugin.method.as_ref(),
+            &config.method_settings(),
+            DType::F32,
+            32,
+            1,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        names.push(name);
+    }
+    assert_eq!(names.len(), 7, "one config per method: {names:?}");
+
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+        .args(["plugins", "--plugin-dir"])
+        .arg(profile_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listing.stdout);
+    for name in &names {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "`graft plugins` does not list {name}:\n{text}"
+        );
+    }
+}

@@ -262,16 +262,3 @@ fn a_schedule_without_a_length_or_a_budgeting_phase_is_refused() {
         .unwrap();
     assert!(err.to_string().contains("init_r"), "{err}");
 }
-
-#[test]
-fn the_shipped_config_is_accepted() {
-    let path = testkit::workspace_root().join("configs/adalora.toml");
-    let config = graft_trainer::TrainConfig::from_file(&path).unwrap();
-    config.validate().unwrap();
-    assert_eq!(config.method_name().unwrap(), "adalora");
-    let method =
-        graft_plugin_adalora::AdaLoraConfig::from_train_config(&config.method_settings()).unwrap();
-    assert_eq!((method.init_r, method.target_r, method.delta_t), (12, 8, 5));
-    // total_step comes from the run: 150 steps leave steps 16..=120 for budgeting.
-    assert_eq!(method.resolve_total_step(150).unwrap(), 150);
-}

@@ -101,27 +101,3 @@ fn ragged_batch_gives_each_text_its_logits_alone() {
         }
     }
 }
-
-/// configs/p-tuning.toml parses and its [method] table is a valid P-tuning config for MiniLM.
-#[test]
-fn shipped_config_is_valid_for_minilm() {
-    let path = testkit::workspace_root().join("configs/p-tuning.toml");
-    let config = graft_trainer::TrainConfig::from_file(&path).unwrap();
-    assert_eq!(config.method_name().unwrap(), "p-tuning");
-    let info = graft_peft::graft_model::ModelInfo {
-        model_type: "bert".into(),
-        hidden_size: 384,
-        num_layers: 6,
-        num_heads: 12,
-        num_kv_heads: 12,
-        head_dim: 32,
-        vocab_size: 30522,
-        word_embeddings: "embeddings.word_embeddings.weight".into(),
-    };
-    let method =
-        graft_plugin_p_tuning::PTuningConfig::from_train_config(&config.method_settings(), &info)
-            .unwrap();
-    assert_eq!(method.num_virtual_tokens, 20);
-    assert_eq!(method.encoder_hidden_size(), 384);
-    assert_eq!(config.train.lr, 1e-2);
-}
