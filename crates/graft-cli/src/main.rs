@@ -56,6 +56,10 @@ enum Command {
         /// Evaluate every N steps (0: only at epoch ends and at the end).
         #[arg(long)]
         eval_every: Option<usize>,
+        /// Continue the run in this directory from its newest checkpoint, with the config it
+        /// started with (no other training option may be given).
+        #[arg(long, conflicts_with_all = ["method", "config", "model", "data", "out", "epochs", "max_steps", "seed", "eval_every"])]
+        resume: Option<PathBuf>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -157,8 +161,16 @@ fn run(cli: Cli) -> Result<()> {
             max_steps,
             seed,
             eval_every,
+            resume,
             plugins,
         } => {
+            if let Some(dir) = resume {
+                let registry = registry(&plugins)?;
+                let outcome = train::resume(&dir, &registry)
+                    .with_context(|| format!("resuming the run in {}", dir.display()))?;
+                report_outcome(&outcome);
+                return Ok(());
+            }
             let mut cfg = match &config {
                 Some(path) => TrainConfig::from_file(path)?,
                 None => TrainConfig::default(),
@@ -190,16 +202,7 @@ fn run(cli: Cli) -> Result<()> {
             let model = model_dir(&cfg, model)?;
             let out = out.unwrap_or_else(|| graft_trainer::run::default_run_dir(&method_name));
             let outcome = train::train(&cfg, &registry, &model, &data, &out)?;
-            println!(
-                "run: {}\nbest validation (step {} of {}): accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}",
-                outcome.run_dir.display(),
-                outcome.best_step,
-                outcome.steps,
-                outcome.best.accuracy,
-                outcome.best.precision,
-                outcome.best.recall,
-                outcome.best.f1
-            );
+            report_outcome(&outcome);
         }
         Command::Eval {
             adapter,
@@ -320,6 +323,19 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn report_outcome(outcome: &train::Outcome) {
+    println!(
+        "run: {}\nbest validation (step {} of {}): accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}",
+        outcome.run_dir.display(),
+        outcome.best_step,
+        outcome.steps,
+        outcome.best.accuracy,
+        outcome.best.precision,
+        outcome.best.recall,
+        outcome.best.f1
+    );
 }
 
 fn open(adapter: &Path, registry: &Registry) -> Result<Classifier> {

@@ -5,29 +5,10 @@ use graft_peft::loader::Registry;
 use graft_trainer::task::Classifier;
 use graft_trainer::testkit;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn plugin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().to_path_buf()
-}
-
-fn graft(args: &[&str]) -> Output {
-    let model = testkit::minilm_dir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
-    cmd.args(args)
-        .arg("--plugin-dir")
-        .arg(plugin_dir())
-        .current_dir(testkit::workspace_root());
-    if args[0] == "train" {
-        cmd.arg("--model").arg(model);
-    }
-    cmd.output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod common;
+use common::{graft, plugin_dir, stderr};
 
 /// Runs `graft train` on `csv` and asserts a clean failure whose message has every `needle`.
 fn assert_train_fails(csv: &Path, needles: &[&str]) {

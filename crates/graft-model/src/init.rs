@@ -52,17 +52,93 @@ pub fn kaiming_uniform_bound(fan_in: usize) -> f64 {
     1.0 / (fan_in as f64).sqrt()
 }
 
-/// Inverted-dropout mask of `shape`: each entry 0 with probability `p`, else `1 / (1 - p)`.
-pub fn dropout_mask(
-    rng: &mut SeededRng,
-    shape: &[usize],
+/// A generator's position in its stream, as a `[4]` u32 tensor (for checkpoints).
+pub fn rng_position(rng: &SeededRng) -> Result<Tensor> {
+    let pos = rng.get_word_pos();
+    let words: Vec<u32> = (0..4).map(|i| (pos >> (32 * i)) as u32).collect();
+    Tensor::new(words, &Device::Cpu)
+}
+
+/// Moves `rng` to a position [`rng_position`] returned.
+pub fn set_rng_position(rng: &mut SeededRng, position: &Tensor) -> Result<()> {
+    let words = position.to_vec1::<u32>()?;
+    if words.len() != 4 {
+        candle_core::bail!("an RNG position has 4 words, found {}", words.len());
+    }
+    let pos = words
+        .iter()
+        .enumerate()
+        .fold(0u128, |acc, (i, &w)| acc | (u128::from(w) << (32 * i)));
+    rng.set_word_pos(pos);
+    Ok(())
+}
+
+/// Inverted dropout with its own seeded generator. Hooks run behind `&self`, so the generator
+/// sits behind a lock; its position belongs in checkpoints (see [`Dropout::state`]) so that a
+/// resumed run draws the same masks as an uninterrupted one.
+pub struct Dropout {
     p: f64,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let keep = uniform(rng, shape, 1.0, DType::F64, &Device::Cpu)?
-        .affine(0.5, 0.5)?
-        .ge(p)?
-        .to_dtype(dtype)?;
-    (keep / (1.0 - p))?.to_device(device)
+    rng: std::sync::Mutex<SeededRng>,
+}
+
+impl Dropout {
+    /// Key of the generator's position in a method's training state.
+    pub const STATE_KEY: &'static str = "dropout_rng";
+
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self {
+            p,
+            rng: std::sync::Mutex::new(seeded_rng(seed)),
+        }
+    }
+
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// A scale mask of `shape` (each entry 0 with probability p, else 1 / (1 - p)), or `None`
+    /// when p is 0.
+    pub fn mask(&self, shape: &[usize], dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        if self.p == 0.0 {
+            return Ok(None);
+        }
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+        let keep = uniform(&mut rng, shape, 1.0, DType::F64, &Device::Cpu)?
+            .affine(0.5, 0.5)?
+            .ge(self.p)?
+            .to_dtype(dtype)?;
+        Ok(Some((keep / (1.0 - self.p))?.to_device(device)?))
+    }
+
+    /// `x` with dropout applied.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self.mask(x.dims(), x.dtype(), x.device())? {
+            Some(mask) => x * mask,
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The generator's position, under [`Dropout::STATE_KEY`].
+    pub fn state(&self) -> Result<(String, Tensor)> {
+        let rng = self
+            .rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+        Ok((Self::STATE_KEY.to_string(), rng_position(&rng)?))
+    }
+
+    /// Restores the position from a training state, if it holds one.
+    pub fn restore(&self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        if let Some(position) = state.get(Self::STATE_KEY) {
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+            set_rng_position(&mut rng, position)?;
+        }
+        Ok(())
+    }
 }

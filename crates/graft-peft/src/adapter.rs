@@ -42,23 +42,32 @@ fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Saves an adapter folder. Tensors are written as stored (their dtype), keys sorted.
+/// Writes `tensors` as a safetensors file through a temporary file, fsync and rename. Tensors
+/// are written as stored (their dtype).
+pub fn save_tensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = tmp_path(path);
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Saves an adapter folder, each file atomically.
 pub fn save(dir: &Path, config: &serde_json::Value, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    let map: HashMap<&str, Tensor> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let weights = dir.join(WEIGHTS_FILE);
-    let tmp = tmp_path(&weights);
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::rename(&tmp, &weights).map_err(|source| Error::Io {
-        path: weights.clone(),
-        source,
-    })?;
+    save_tensors_atomic(&dir.join(WEIGHTS_FILE), tensors)?;
     let text = serde_json::to_string_pretty(config).map_err(|source| Error::Json {
         path: dir.join(CONFIG_FILE),
         source,

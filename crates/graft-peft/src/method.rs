@@ -81,6 +81,16 @@ pub trait Adapter: Hooks + Send + Sync {
     fn after_step(&mut self, _step: usize, _grads: &GradStore) -> Result<()> {
         Ok(())
     }
+    /// What training changes besides the trainable tensors (dropout RNG positions, running
+    /// statistics), under names the method chooses: checkpoints save it so that a resumed run
+    /// continues exactly as an uninterrupted one.
+    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+    /// Restores what [`Adapter::training_state`] returned.
+    fn restore_training_state(&mut self, _state: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
     /// The method's fields of `adapter_config.json` (peft_type and task fields are added by
     /// the host).
     fn config_json(&self) -> serde_json::Value;

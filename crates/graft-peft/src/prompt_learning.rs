@@ -268,9 +268,8 @@ pub struct PrefixAdapter {
     num_virtual_tokens: usize,
     /// The method's fields of adapter_config.json.
     config: Value,
-    dropout: f64,
+    dropout: init::Dropout,
     training: bool,
-    rng: std::sync::Mutex<SeededRng>,
 }
 
 impl PrefixAdapter {
@@ -322,9 +321,8 @@ impl PrefixAdapter {
             encoder,
             num_virtual_tokens,
             config,
-            dropout,
+            dropout: init::Dropout::new(dropout, seed ^ 0x9e37_79b9),
             training: false,
-            rng: std::sync::Mutex::new(init::seeded_rng(seed ^ 0x9e37_79b9)),
         })
     }
 }
@@ -340,19 +338,8 @@ impl graft_model::Hooks for PrefixAdapter {
         batch: usize,
     ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
         let mut table = self.encoder.table()?;
-        if self.training && self.dropout > 0.0 {
-            let mut rng = self
-                .rng
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("prefix dropout RNG poisoned".into()))?;
-            let mask = init::dropout_mask(
-                &mut rng,
-                table.dims(),
-                self.dropout,
-                table.dtype(),
-                table.device(),
-            )?;
-            table = (table * mask)?;
+        if self.training {
+            table = self.dropout.apply(&table)?;
         }
         self.encoder.layer_prefix(&table, layer, batch).map(Some)
     }
@@ -365,6 +352,17 @@ impl crate::Adapter for PrefixAdapter {
 
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![self.dropout.state()?])
+    }
+
+    fn restore_training_state(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        Ok(self.dropout.restore(state)?)
     }
 
     fn config_json(&self) -> Value {

@@ -97,6 +97,19 @@ pub struct TrainSection {
     /// Also evaluate every this many steps (0: only at the end of each epoch and of training).
     pub eval_every: usize,
     pub eval_batch_size: usize,
+    /// Write a checkpoint (trainable tensors, optimizer, data order, RNG) every this many steps
+    /// for `--resume` (0: never).
+    pub checkpoint_every: usize,
+    /// What a NaN or infinite loss or gradient does: stop the run (keeping the last good
+    /// checkpoint and best adapter) or skip that batch and count it.
+    pub on_non_finite: OnNonFinite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
 }
 
 impl Default for TrainSection {
@@ -119,6 +132,8 @@ impl Default for TrainSection {
             log_every: 10,
             eval_every: 0,
             eval_batch_size: 32,
+            checkpoint_every: 50,
+            on_non_finite: OnNonFinite::Stop,
         }
     }
 }

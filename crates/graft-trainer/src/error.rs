@@ -27,10 +27,11 @@ pub enum Error {
     Adapter { path: PathBuf, reason: String },
     #[error("method check failed: {0}")]
     Check(String),
-    #[error("training diverged at step {step}: the loss is {loss}; the best adapter so far is kept in {kept}")]
+    #[error("training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the run is stopped, and {kept} keeps its last checkpoint (checkpoints/) and best adapter (adapter/); set train.on_non_finite = \"skip\" to skip such batches, or lower the learning rate")]
     NonFinite {
         step: usize,
         loss: f64,
+        grad_norm: f64,
         kept: PathBuf,
     },
 }

@@ -1,5 +1,6 @@
 //! graft-trainer: data sets, the training loop, optimiser and schedules, metrics and run
 //! directories.
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;

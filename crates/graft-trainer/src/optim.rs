@@ -50,6 +50,47 @@ impl AdamW {
         })
     }
 
+    /// Moment estimates under `group{g}.{i}.m` / `.v`, and the number of steps taken.
+    pub fn state(&self) -> (usize, Vec<(String, Tensor)>) {
+        let mut tensors = Vec::new();
+        for (g, (_, states)) in self.groups.iter().enumerate() {
+            for (i, s) in states.iter().enumerate() {
+                tensors.push((format!("group{g}.{i}.m"), s.m.clone()));
+                tensors.push((format!("group{g}.{i}.v"), s.v.clone()));
+            }
+        }
+        (self.step, tensors)
+    }
+
+    /// Restores what [`AdamW::state`] returned, checking that every moment is present with
+    /// its parameter's shape.
+    pub fn restore(
+        &mut self,
+        step: usize,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        for (g, (group, states)) in self.groups.iter_mut().enumerate() {
+            for (i, (var, s)) in group.vars.iter().zip(states.iter_mut()).enumerate() {
+                for (which, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
+                    let key = format!("group{g}.{i}.{which}");
+                    let t = tensors.get(&key).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("optimizer state `{key}` is missing"))
+                    })?;
+                    if t.dims() != var.dims() {
+                        candle_core::bail!(
+                            "optimizer state `{key}` has shape {:?}, its parameter {:?}",
+                            t.dims(),
+                            var.dims()
+                        );
+                    }
+                    *slot = t.to_dtype(var.dtype())?.to_device(var.device())?;
+                }
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// One update with every group's lr multiplied by `lr_factor` (the schedule's value).
     pub fn step(&mut self, grads: &GradStore, lr_factor: f64) -> Result<()> {
         self.step += 1;
@@ -73,6 +114,22 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// Whether every entry of every var is finite: `x - x` is 0 for finite entries and NaN for
+/// infinite or NaN ones (a sum of squares would overflow on large finite values).
+pub fn all_finite(vars: &[Var]) -> Result<bool> {
+    for var in vars {
+        let t = var.as_tensor();
+        let probe = (t - t)?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if probe != 0.0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The learning-rate factor at `step` (0-based) of `total`: linear warm-up, then decay.

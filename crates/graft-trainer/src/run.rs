@@ -34,6 +34,32 @@ impl RunDir {
         })
     }
 
+    /// Reopens a run to continue it after `step`: metrics logged after that step (by the
+    /// interrupted process) are dropped, so the file reads as one uninterrupted run.
+    pub fn reopen(root: &Path, step: usize) -> Result<Self> {
+        let path = root.join(Self::METRICS);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        graft_peft::adapter::write_atomic(&path, kept.as_bytes())?;
+        let metrics = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            metrics,
+        })
+    }
+
     pub fn adapter_dir(&self) -> PathBuf {
         self.root.join(Self::ADAPTER)
     }

@@ -1,6 +1,7 @@
 //! The training loop: batches, AdamW, schedule, clipping, accumulation, evaluation, best
 //! checkpoint by validation F1.
-use crate::config::TrainConfig;
+use crate::checkpoint;
+use crate::config::{OnNonFinite, TrainConfig};
 use crate::data::{stratified_split, Dataset};
 use crate::metrics::{evaluate, Evaluation};
 use crate::optim::{self, AdamW, ParamGroup};
@@ -12,6 +13,7 @@ use graft_peft::loader::Registry;
 use graft_tokenizer::LabelSet;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -126,6 +128,78 @@ pub struct Outcome {
     pub steps: usize,
 }
 
+/// Where the loop stands after a step: with the tensors, optimizer and adapter state of a
+/// checkpoint, everything a resumed run needs to continue exactly as an uninterrupted one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LoopState {
+    /// Optimizer steps done.
+    done: usize,
+    epoch: usize,
+    /// Shuffled order of the training rows for this epoch, and how far it has been read.
+    order: Vec<usize>,
+    cursor: usize,
+    /// The shuffling generator's word position (a u128, as text: JSON numbers are f64).
+    rng_position: String,
+    best: Option<(Evaluation, usize)>,
+    loss_curve: Vec<(f64, f64)>,
+    f1_curve: Vec<(f64, f64)>,
+    tokens: usize,
+    step_seconds: Vec<f64>,
+    /// Steps whose batch gave a NaN or infinite loss or gradient and was skipped.
+    skipped: Vec<usize>,
+}
+
+/// A run's data, split, and step count, from a resolved config.
+struct Plan {
+    spec: TaskSpec,
+    train_set: Examples,
+    val_set: Examples,
+    total: usize,
+}
+
+impl Plan {
+    fn new(config: &TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let t = &config.train;
+        let field = |value: &Option<PathBuf>, what: &str| {
+            value
+                .clone()
+                .ok_or_else(|| Error::Config(format!("the resolved config lacks {what}")))
+        };
+        let model_dir = field(&config.model.dir, "model.dir")?;
+        let data_path = field(&config.data.train, "data.train")?;
+        let spec = TaskSpec {
+            method: config.method_name()?.to_string(),
+            model_dir,
+            labels: config.data.labels.clone(),
+            label_column: config.data.label_column.clone(),
+            template: config.data.template.clone(),
+            pooling: config.model.pooling,
+            max_len: config.model.max_len,
+        };
+        let examples = Examples::from_csv(&data_path, &spec)?;
+        let (train_idx, val_idx) = stratified_split(
+            &examples.labels,
+            spec.labels.len(),
+            config.data.val_fraction,
+            t.seed,
+        )?;
+        let train_set = examples.subset(&train_idx);
+        let per_step = t.batch_size * t.grad_accum;
+        let total = if t.max_steps > 0 {
+            t.max_steps
+        } else {
+            t.epochs * train_set.texts.len().div_ceil(per_step).max(1)
+        };
+        Ok(Self {
+            spec,
+            val_set: examples.subset(&val_idx),
+            train_set,
+            total,
+        })
+    }
+}
+
 /// Trains `config` with the method plugin from `registry`, writing the run into `out`.
 pub fn train(
     config: &TrainConfig,
@@ -134,38 +208,48 @@ pub fn train(
     data_path: &Path,
     out: &Path,
 ) -> Result<Outcome> {
-    config.validate()?;
+    let mut resolved = config.clone();
+    resolved.model.dir = Some(model_dir.to_path_buf());
+    resolved.data.train = Some(data_path.to_path_buf());
+    // Read and check the data and the plugin before anything is written.
+    let plan = Plan::new(&resolved)?;
+    registry.get(&plan.spec.method)?;
+    let run = RunDir::create(out)?;
+    run.write(RunDir::CONFIG, &resolved.to_toml()?)?;
+    run_loop(&resolved, registry, plan, run, None)
+}
+
+/// Continues the run in `dir` from its newest checkpoint, with the config it was started with.
+pub fn resume(dir: &Path, registry: &Registry) -> Result<Outcome> {
+    let config = TrainConfig::from_file(&dir.join(RunDir::CONFIG))?;
+    let plan = Plan::new(&config)?;
+    let device = graft_model::default_device()?;
+    let checkpoint = checkpoint::read_latest::<LoopState>(dir, &device)?.ok_or_else(|| {
+        Error::Config(format!(
+            "{} has no checkpoint to resume from (train.checkpoint_every was 0, or the run stopped before its first)",
+            dir.display()
+        ))
+    })?;
+    let run = RunDir::reopen(dir, checkpoint.state.done)?;
+    run_loop(&config, registry, plan, run, Some(checkpoint))
+}
+
+fn run_loop(
+    config: &TrainConfig,
+    registry: &Registry,
+    plan: Plan,
+    mut run: RunDir,
+    resume_from: Option<checkpoint::Checkpoint<LoopState>>,
+) -> Result<Outcome> {
     let t = &config.train;
-    let method_name = config.method_name()?.to_string();
+    let Plan {
+        spec,
+        train_set,
+        val_set,
+        total,
+    } = plan;
+    let method_name = spec.method.clone();
     let plugin = registry.get(&method_name)?;
-    let spec = TaskSpec {
-        method: method_name.clone(),
-        model_dir: model_dir.to_path_buf(),
-        labels: config.data.labels.clone(),
-        label_column: config.data.label_column.clone(),
-        template: config.data.template.clone(),
-        pooling: config.model.pooling,
-        max_len: config.model.max_len,
-    };
-    // Read and check the data before anything is written or loaded.
-    let examples = Examples::from_csv(data_path, &spec)?;
-    let (train_idx, val_idx) = stratified_split(
-        &examples.labels,
-        spec.labels.len(),
-        config.data.val_fraction,
-        t.seed,
-    )?;
-    let train_set = examples.subset(&train_idx);
-    let val_set = examples.subset(&val_idx);
-
-    let per_step = t.batch_size * t.grad_accum;
-    let steps_per_epoch = train_set.texts.len().div_ceil(per_step).max(1);
-    let total = if t.max_steps > 0 {
-        t.max_steps
-    } else {
-        t.epochs * steps_per_epoch
-    };
-
     let device = graft_model::default_device()?;
     let mut classifier = Classifier::create(
         spec,
@@ -176,12 +260,8 @@ pub fn train(
         t.seed,
         total,
     )?;
-    let mut run = RunDir::create(out)?;
-    let mut resolved = config.clone();
-    resolved.model.dir = Some(model_dir.to_path_buf());
-    resolved.data.train = Some(data_path.to_path_buf());
-    run.write(RunDir::CONFIG, &resolved.to_toml()?)?;
 
+    let trainable = classifier.trainable();
     let method_vars: Vec<_> = classifier
         .adapter
         .trainable()
@@ -189,8 +269,17 @@ pub fn train(
         .map(|(_, v)| v)
         .collect();
     let head_vars: Vec<_> = classifier.head_vars().into_iter().map(|(_, v)| v).collect();
-    let all_vars: Vec<_> = method_vars.iter().chain(&head_vars).cloned().collect();
+    let all_vars: Vec<_> = trainable.iter().map(|(_, v)| v.clone()).collect();
     let head_lr = t.head_lr.unwrap_or(t.lr);
+    let trainable_params: usize = all_vars.iter().map(|v| v.elem_count()).sum();
+    let total_params: usize = classifier
+        .model
+        .bert
+        .params()
+        .iter()
+        .map(|p| p.value().elem_count())
+        .sum::<usize>()
+        + head_vars.iter().map(|v| v.elem_count()).sum::<usize>();
     let mut optimizer = AdamW::new(
         vec![
             ParamGroup {
@@ -208,59 +297,64 @@ pub fn train(
         t.beta2,
         t.eps,
     )?;
-    let trainable_params: usize = all_vars.iter().map(|v| v.elem_count()).sum();
-    let total_params: usize = classifier
-        .model
-        .bert
-        .params()
-        .iter()
-        .map(|p| p.value().elem_count())
-        .sum::<usize>()
-        + classifier
-            .head_vars()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>();
 
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(t.seed);
+    let mut state = LoopState::default();
+    if let Some(checkpoint) = resume_from {
+        for (key, var) in &trainable {
+            let saved = checkpoint
+                .trainable
+                .get(key)
+                .ok_or_else(|| Error::Adapter {
+                    path: checkpoint.dir.clone(),
+                    reason: format!("the checkpoint lacks `{key}`"),
+                })?;
+            var.set(&saved.to_dtype(var.dtype())?)?;
+        }
+        optimizer.restore(checkpoint.state.done, &checkpoint.optimizer)?;
+        classifier
+            .adapter
+            .restore_training_state(&checkpoint.adapter_state)?;
+        let position: u128 = checkpoint.state.rng_position.parse().map_err(|_| {
+            Error::Config(format!(
+                "{}: bad RNG position `{}`",
+                checkpoint.dir.display(),
+                checkpoint.state.rng_position
+            ))
+        })?;
+        rng.set_word_pos(position);
+        state = checkpoint.state;
+    }
+
+    let per_step = t.batch_size * t.grad_accum;
     let warmup = (t.warmup_ratio * total as f64).round() as usize;
     let progress = Progress::new(total);
     progress.note(&format!(
-        "training {method_name}: {} train / {} validation examples, {trainable_params} trainable parameters, {total} steps of {per_step}",
+        "training {method_name}: {} train / {} validation examples, {trainable_params} trainable parameters, {total} steps of {per_step}{}",
         train_set.texts.len(),
         val_set.texts.len(),
+        if state.done > 0 { format!(", resuming after step {}", state.done) } else { String::new() },
     ));
-
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(t.seed);
-    let mut order: Vec<usize> = Vec::new();
-    let mut cursor = 0;
-    let mut epoch = 0;
-    let mut best: Option<(Evaluation, usize)> = None;
-    let mut loss_curve = Vec::new();
-    let mut f1_curve = Vec::new();
     let started = Instant::now();
-    let mut tokens = 0usize;
-    // Training time alone (evaluation excluded), per step.
-    let mut step_seconds = Vec::with_capacity(total);
-    let mut last_evaluated = 0;
     classifier.adapter.set_training(true);
 
-    for step in 0..total {
+    for step in state.done..total {
         let step_started = Instant::now();
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut step_loss = 0.0;
         for _ in 0..t.grad_accum {
-            if cursor >= order.len() {
-                order = (0..train_set.texts.len()).collect();
-                order.shuffle(&mut rng);
-                cursor = 0;
-                epoch += 1;
+            if state.cursor >= state.order.len() {
+                state.order = (0..train_set.texts.len()).collect();
+                state.order.shuffle(&mut rng);
+                state.cursor = 0;
+                state.epoch += 1;
             }
-            let take = (order.len() - cursor).min(t.batch_size);
-            let batch: Vec<usize> = order[cursor..cursor + take].to_vec();
-            cursor += take;
+            let take = (state.order.len() - state.cursor).min(t.batch_size);
+            let batch: Vec<usize> = state.order[state.cursor..state.cursor + take].to_vec();
+            state.cursor += take;
             let texts: Vec<String> = batch.iter().map(|&i| train_set.texts[i].clone()).collect();
             let encoded = classifier.tokenizer.encode_batch(&texts)?;
-            tokens += encoded.attention_mask.iter().filter(|&&m| m == 1).count();
+            state.tokens += encoded.attention_mask.iter().filter(|&&m| m == 1).count();
             let inputs = classifier.inputs(&encoded)?;
             let targets =
                 Tensor::from_iter(batch.iter().map(|&i| train_set.labels[i] as u32), &device)?;
@@ -272,15 +366,7 @@ pub fn train(
                 loss = (loss + extra)?;
             }
             let loss = (loss / t.grad_accum as f64)?;
-            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(Error::NonFinite {
-                    step: step + 1,
-                    loss: value,
-                    kept: run.adapter_dir(),
-                });
-            }
-            step_loss += value;
+            step_loss += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             let micro = loss.backward()?;
             match grads.as_mut() {
                 Some(g) => optim::accumulate(g, micro, &all_vars)?,
@@ -289,74 +375,126 @@ pub fn train(
         }
         let mut grads = grads.ok_or_else(|| Error::Config("empty training set".into()))?;
         let norm = optim::global_norm(&grads, &all_vars)?;
-        if !norm.is_finite() {
-            return Err(Error::NonFinite {
-                step: step + 1,
-                loss: norm,
-                kept: run.adapter_dir(),
-            });
-        }
-        if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {
-            optim::scale_grads(&mut grads, &all_vars, t.max_grad_norm / norm)?;
-        }
-        let factor = optim::lr_factor(t.schedule, step, total, warmup);
-        optimizer.step(&grads, factor)?;
-        classifier.adapter.after_step(step + 1, &grads)?;
-        step_seconds.push(step_started.elapsed().as_secs_f64());
-
         let done = step + 1;
-        let elapsed = started.elapsed().as_secs_f64();
-        let tokens_per_s = tokens as f64 / step_seconds.iter().sum::<f64>().max(1e-9);
-        loss_curve.push((done as f64, step_loss));
-        let log_now = done % t.log_every.max(1) == 0 || done == total;
-        progress.step(
-            done,
-            total,
-            &format!("loss {step_loss:.4}  {tokens_per_s:.0} tok/s  epoch {epoch}"),
-            log_now,
-        );
-        if log_now {
-            run.log(&json!({
-                "step": done, "epoch": epoch, "loss": step_loss, "lr": t.lr * factor,
-                "grad_norm": norm, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed,
-            }))?;
+        if !(step_loss.is_finite() && norm.is_finite()) {
+            if t.on_non_finite == OnNonFinite::Stop {
+                return Err(Error::NonFinite {
+                    step: done,
+                    loss: step_loss,
+                    grad_norm: norm,
+                    kept: run.root.clone(),
+                });
+            }
+            progress.note(&format!(
+                "step {done}: loss {step_loss}, gradient norm {norm}: batch skipped"
+            ));
+            state.skipped.push(done);
+            run.log(&json!({ "step": done, "skipped": true, "loss": step_loss.to_string(), "grad_norm": norm.to_string() }))?;
+        } else {
+            if t.max_grad_norm > 0.0 && norm > t.max_grad_norm {
+                optim::scale_grads(&mut grads, &all_vars, t.max_grad_norm / norm)?;
+            }
+            let factor = optim::lr_factor(t.schedule, step, total, warmup);
+            optimizer.step(&grads, factor)?;
+            // An update can overflow even from finite gradients; it cannot be undone, so the
+            // run stops before such parameters reach a checkpoint, whatever the policy.
+            if !optim::all_finite(&all_vars)? {
+                return Err(Error::NonFinite {
+                    step: done,
+                    loss: step_loss,
+                    grad_norm: norm,
+                    kept: run.root.clone(),
+                });
+            }
+            classifier.adapter.after_step(done, &grads)?;
+            state
+                .step_seconds
+                .push(step_started.elapsed().as_secs_f64());
+            state.loss_curve.push((done as f64, step_loss));
+            let tokens_per_s =
+                state.tokens as f64 / state.step_seconds.iter().sum::<f64>().max(1e-9);
+            let log_now = done % t.log_every.max(1) == 0 || done == total;
+            progress.step(
+                done,
+                total,
+                &format!(
+                    "loss {step_loss:.4}  {tokens_per_s:.0} tok/s  epoch {}",
+                    state.epoch
+                ),
+                log_now,
+            );
+            if log_now {
+                run.log(&json!({
+                    "step": done, "epoch": state.epoch, "loss": step_loss, "lr": t.lr * factor,
+                    "grad_norm": norm, "tokens_per_s": tokens_per_s,
+                    "elapsed_s": started.elapsed().as_secs_f64(),
+                }))?;
+            }
         }
 
-        let epoch_end = cursor >= order.len() && t.grad_accum > 0;
+        let epoch_end = state.cursor >= state.order.len();
         let periodic = t.eval_every > 0 && done % t.eval_every == 0;
         if epoch_end || periodic || done == total {
             classifier.adapter.set_training(false);
             let (_, evaluation) = evaluate_examples(&classifier, &val_set, t.eval_batch_size)?;
             classifier.adapter.set_training(true);
-            last_evaluated = done;
-            f1_curve.push((done as f64, evaluation.f1));
-            run.log(&json!({ "step": done, "epoch": epoch, "eval": evaluation }))?;
+            state.f1_curve.push((done as f64, evaluation.f1));
+            run.log(&json!({ "step": done, "epoch": state.epoch, "eval": evaluation }))?;
             progress.note(&format!(
                 "step {done}: validation accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}  loss {:.4}",
                 evaluation.accuracy, evaluation.precision, evaluation.recall, evaluation.f1, evaluation.loss
             ));
-            let improved = best.as_ref().is_none_or(|(b, _)| evaluation.f1 > b.f1);
+            let improved = state
+                .best
+                .as_ref()
+                .is_none_or(|(b, _)| evaluation.f1 > b.f1);
             if improved {
                 classifier.save(&run.adapter_dir())?;
-                best = Some((evaluation, done));
+                state.best = Some((evaluation, done));
             }
-            run.write(RunDir::CURVES, &plot::curves_svg(&loss_curve, &f1_curve))?;
+            run.write(
+                RunDir::CURVES,
+                &plot::curves_svg(&state.loss_curve, &state.f1_curve),
+            )?;
+        }
+        if t.checkpoint_every > 0 && (done % t.checkpoint_every == 0 || done == total) {
+            state.done = done;
+            state.rng_position = rng.get_word_pos().to_string();
+            let tensors: Vec<(String, Tensor)> = trainable
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let (optimizer_step, moments) = optimizer.state();
+            debug_assert_eq!(optimizer_step, done - state.skipped.len());
+            checkpoint::write(
+                &run.root,
+                checkpoint::Parts {
+                    step: done,
+                    trainable: &tensors,
+                    optimizer: &moments,
+                    adapter_state: &classifier.adapter.training_state()?,
+                    state: &state,
+                },
+            )?;
         }
     }
-    debug_assert_eq!(last_evaluated, total);
     progress.bar.finish_and_clear();
-    let (best, best_step) = best.ok_or_else(|| Error::Config("no evaluation ran".into()))?;
+    let (best, best_step) = state
+        .best
+        .clone()
+        .ok_or_else(|| Error::Config("no evaluation ran".into()))?;
     let mut report = serde_json::to_value(&best).map_err(|e| Error::Config(e.to_string()))?;
     report["step"] = json!(best_step);
     report["split"] = json!("validation");
     report["method"] = json!(method_name);
     report["steps"] = json!(total);
-    report["train_seconds"] = json!(started.elapsed().as_secs_f64());
+    report["skipped_steps"] = json!(state.skipped);
+    report["train_seconds"] = json!(state.step_seconds.iter().sum::<f64>());
     report["trainable_params"] = json!(trainable_params);
     report["total_params"] = json!(total_params);
-    report["step_seconds_median"] = json!(median_after_warmup(&step_seconds));
+    report["step_seconds_median"] = json!(median_after_warmup(&state.step_seconds));
     report["train_tokens_per_s"] =
-        json!(tokens as f64 / step_seconds.iter().sum::<f64>().max(1e-9));
+        json!(state.tokens as f64 / state.step_seconds.iter().sum::<f64>().max(1e-9));
     report["peak_rss_mb"] = json!(peak_rss_mb());
     run.write(
         RunDir::EVAL,

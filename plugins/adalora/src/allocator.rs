@@ -84,6 +84,45 @@ impl Importance {
         self.smoothed.clear();
     }
 
+    /// The smoothed sensitivity and uncertainty of every parameter, for checkpoints.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.smoothed
+            .iter()
+            .flat_map(|(key, s)| {
+                [
+                    (format!("importance.{key}.ipt"), s.ipt.clone()),
+                    (format!("importance.{key}.unc"), s.unc.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Restores what [`Importance::state`] returned.
+    pub fn restore(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.smoothed.clear();
+        for (name, ipt) in state {
+            let Some(key) = name
+                .strip_prefix("importance.")
+                .and_then(|k| k.strip_suffix(".ipt"))
+            else {
+                continue;
+            };
+            let unc = state.get(&format!("importance.{key}.unc")).ok_or_else(|| {
+                graft_peft::candle::Error::Msg(format!(
+                    "importance of `{key}` lacks its uncertainty"
+                ))
+            })?;
+            self.smoothed.insert(
+                key.to_string(),
+                Smoothed {
+                    ipt: ipt.clone(),
+                    unc: unc.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// One step's update from the parameter `p` and its gradient (`None`: zero).
     pub fn update(&mut self, key: &str, p: &Tensor, grad: Option<&Tensor>) -> Result<()> {
         let p = p.detach().to_dtype(DType::F32)?;

@@ -14,13 +14,12 @@ pub use layer::{orth_penalty, AdaLoraLayer};
 
 use config::invalid;
 use graft_peft::candle::backprop::GradStore;
-use graft_peft::candle::{DType, Device, Tensor, Var};
-use graft_peft::graft_model::init::{self, SeededRng};
+use graft_peft::candle::{Device, Tensor, Var};
+use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Hooks, LinearSite, SiteInfo};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 
 pub struct AdaLora;
 
@@ -207,8 +206,7 @@ pub struct AdaLoraAdapter {
     /// Per site, which rank indices survive the last allocation.
     rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
     training: bool,
-    /// Dropout masks come from here, so a seeded run is reproducible.
-    rng: Mutex<SeededRng>,
+    dropout: Dropout,
 }
 
 impl AdaLoraAdapter {
@@ -220,13 +218,13 @@ impl AdaLoraAdapter {
         seed: u64,
     ) -> Self {
         Self {
+            dropout: Dropout::new(config.lora_dropout, seed ^ 0x00ad_a104),
             importance: Importance::new(config.beta1, config.beta2),
             config,
             layers,
             total_step,
             rank_pattern,
             training: false,
-            rng: Mutex::new(init::seeded_rng(seed ^ 0x00ad_a104)),
         }
     }
 
@@ -293,19 +291,10 @@ impl AdaLoraAdapter {
     }
 
     fn dropout_mask(&self, x: &Tensor) -> graft_peft::candle::Result<Option<Tensor>> {
-        let p = self.config.lora_dropout;
-        if !self.training || p == 0.0 {
+        if !self.training {
             return Ok(None);
         }
-        let mut rng = self
-            .rng
-            .lock()
-            .map_err(|_| graft_peft::candle::Error::Msg("adalora: dropout RNG poisoned".into()))?;
-        let keep = init::uniform(&mut rng, x.dims(), 1.0, DType::F64, &Device::Cpu)?
-            .affine(0.5, 0.5)?
-            .ge(p)?
-            .to_dtype(x.dtype())?;
-        (keep / (1.0 - p))?.to_device(x.device()).map(Some)
+        self.dropout.mask(x.dims(), x.dtype(), x.device())
     }
 }
 
@@ -345,6 +334,36 @@ impl Adapter for AdaLoraAdapter {
 
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    /// Dropout position, smoothed importance and the current rank pattern.
+    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut state = vec![self.dropout.state()?];
+        state.extend(self.importance.state());
+        for (site, kept) in self.rank_pattern.iter().flatten() {
+            let bits: Vec<u8> = kept.iter().map(|&k| u8::from(k)).collect();
+            state.push((
+                format!("rank_pattern.{site}"),
+                Tensor::from_vec(bits, kept.len(), &Device::Cpu)?,
+            ));
+        }
+        Ok(state)
+    }
+
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        self.dropout.restore(state)?;
+        self.importance.restore(state)?;
+        let mut pattern = BTreeMap::new();
+        for (name, bits) in state {
+            if let Some(site) = name.strip_prefix("rank_pattern.") {
+                let bits = bits.to_vec1::<u8>()?;
+                pattern.insert(site.to_string(), bits.iter().map(|&b| b == 1).collect());
+            }
+        }
+        if !pattern.is_empty() {
+            self.rank_pattern = Some(pattern);
+        }
+        Ok(())
     }
 
     fn extra_loss(&self) -> Result<Option<Tensor>> {
@@ -438,6 +457,7 @@ impl Adapter for AdaLoraAdapter {
 mod tests {
     use super::*;
     use graft_peft::adapter::SavedAdapter;
+    use graft_peft::candle::DType;
     use graft_peft::graft_model::ModelInfo;
     use serde_json::json;
 

@@ -9,12 +9,11 @@ pub use config::LoraConfig;
 pub use layer::LoraLayer;
 
 use graft_peft::candle::{Tensor, Var};
-use graft_peft::graft_model::init::{self, SeededRng};
+use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 
 pub struct Lora;
 
@@ -107,16 +106,16 @@ pub struct LoraAdapter {
     layers: BTreeMap<String, LoraLayer>,
     training: bool,
     /// Dropout masks come from here, so a seeded run is reproducible.
-    rng: Mutex<SeededRng>,
+    dropout: Dropout,
 }
 
 impl LoraAdapter {
     fn new(config: LoraConfig, layers: BTreeMap<String, LoraLayer>, seed: u64) -> Self {
         Self {
+            dropout: Dropout::new(config.lora_dropout, seed ^ 0x10_4a_d0),
             config,
             layers,
             training: false,
-            rng: Mutex::new(init::seeded_rng(seed ^ 0x10_4a_d0)),
         }
     }
 
@@ -125,15 +124,10 @@ impl LoraAdapter {
     }
 
     fn dropout_mask(&self, x: &Tensor) -> graft_peft::candle::Result<Option<Tensor>> {
-        let p = self.config.lora_dropout;
-        if !self.training || p == 0.0 {
+        if !self.training {
             return Ok(None);
         }
-        let mut rng = self
-            .rng
-            .lock()
-            .map_err(|_| graft_peft::candle::Error::Msg("lora: dropout RNG poisoned".into()))?;
-        init::dropout_mask(&mut rng, x.dims(), p, x.dtype(), x.device()).map(Some)
+        self.dropout.mask(x.dims(), x.dtype(), x.device())
     }
 }
 
@@ -169,6 +163,14 @@ impl Adapter for LoraAdapter {
 
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![self.dropout.state()?])
+    }
+
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(self.dropout.restore(state)?)
     }
 
     fn config_json(&self) -> Value {

@@ -15,12 +15,11 @@ pub use config::{EncoderType, PTuningConfig};
 pub use encoder::{BiLstm, Linear, LstmDirection, Mlp, PromptEncoder, Reparameterization};
 
 use graft_peft::candle::{Tensor, Var};
-use graft_peft::graft_model::init::{self, SeededRng};
+use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::Hooks;
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 pub struct PTuning;
 
@@ -114,16 +113,16 @@ pub struct PTuningAdapter {
     prompt: Prompt,
     training: bool,
     /// Dropout masks come from here, so a seeded run is reproducible.
-    rng: Mutex<SeededRng>,
+    dropout: Dropout,
 }
 
 impl PTuningAdapter {
     fn new(config: PTuningConfig, prompt: Prompt, seed: u64) -> Self {
         Self {
+            dropout: Dropout::new(config.encoder_dropout, seed ^ 0x97_7e_d0),
             config,
             prompt,
             training: false,
-            rng: Mutex::new(init::seeded_rng(seed ^ 0x97_7e_d0)),
         }
     }
 
@@ -137,15 +136,10 @@ impl PTuningAdapter {
 
     /// torch's inverted dropout on `x` with the LSTM's `encoder_dropout`, only while training.
     fn dropout(&self, x: &Tensor) -> graft_peft::candle::Result<Tensor> {
-        let p = self.config.encoder_dropout;
-        if !self.training || p == 0.0 {
+        if !self.training {
             return Ok(x.clone());
         }
-        let mut rng = self
-            .rng
-            .lock()
-            .map_err(|_| graft_peft::candle::Error::Msg("p-tuning: dropout RNG poisoned".into()))?;
-        x * init::dropout_mask(&mut rng, x.dims(), p, x.dtype(), x.device())?
+        self.dropout.apply(x)
     }
 
     /// The virtual tokens `[n, token_dim]` (dropout applies only while training).
@@ -175,6 +169,14 @@ impl Adapter for PTuningAdapter {
 
     fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![self.dropout.state()?])
+    }
+
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(self.dropout.restore(state)?)
     }
 
     fn config_json(&self) -> Value {

@@ -1,0 +1,33 @@
+//! Running the built `graft` binary from integration tests.
+#![allow(dead_code)] // each test file uses part of this
+use graft_trainer::testkit;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Plugins are built beside the test binaries (`target/<profile>/deps`).
+pub fn plugin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().to_path_buf()
+}
+
+/// `graft` with the workspace's plugins, run from the workspace root (`train` also gets
+/// `--model` MiniLM unless it resumes).
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
+    cmd.args(args)
+        .arg("--plugin-dir")
+        .arg(plugin_dir())
+        .current_dir(testkit::workspace_root());
+    if args[0] == "train" && !args.contains(&"--resume") {
+        cmd.arg("--model").arg(testkit::minilm_dir().unwrap());
+    }
+    cmd
+}
+
+pub fn graft(args: &[&str]) -> Output {
+    command(args).output().unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

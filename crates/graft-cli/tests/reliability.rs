@@ -1,0 +1,169 @@
+//! A rerun is identical, a killed run resumes to the same adapter, a diverging run stops with
+//! its step and keeps its last good checkpoint.
+use graft_peft::candle::Device;
+use graft_trainer::checkpoint;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{command, graft, stderr};
+
+/// A small LoRA run on the demo set, with dropout so that the RNG state matters on resume.
+fn write_config(
+    dir: &Path,
+    steps: usize,
+    lr: &str,
+    checkpoint_every: usize,
+    on_non_finite: &str,
+) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[model]
+max_len = 32
+[data]
+train = "data/demo.csv"
+val_fraction = 0.25
+[train]
+seed = 7
+max_steps = {steps}
+batch_size = 4
+lr = {lr}
+eval_every = 5
+log_every = 1
+checkpoint_every = {checkpoint_every}
+on_non_finite = "{on_non_finite}"
+[method]
+name = "lora"
+r = 4
+lora_dropout = 0.1
+"#
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn train(config: &str, out: &Path) -> std::process::Output {
+    graft(&["train", "--config", config, "--out", out.to_str().unwrap()])
+}
+
+fn adapter_bytes(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn two_runs_with_the_same_seed_write_byte_identical_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 6, "1e-3", 2, "stop");
+    for run in ["a", "b"] {
+        let out = train(&config, &dir.path().join(run));
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(
+        adapter_bytes(&dir.path().join("a")),
+        adapter_bytes(&dir.path().join("b"))
+    );
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_byte_identical_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 40;
+    let config = write_config(dir.path(), steps, "1e-3", 2, "stop");
+    let whole = dir.path().join("whole");
+    let out = train(&config, &whole);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let killed = dir.path().join("killed");
+    let mut child = command(&[
+        "train",
+        "--config",
+        &config,
+        "--out",
+        killed.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let latest = killed.join(checkpoint::DIR).join("latest");
+    let started = Instant::now();
+    let reached = loop {
+        let step = std::fs::read_to_string(&latest)
+            .ok()
+            .and_then(|name| name.trim().strip_prefix("step-")?.parse::<usize>().ok());
+        if step.is_some_and(|s| s >= 6) {
+            break step.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    assert!(reached < steps, "the run finished before it was killed");
+    assert!(
+        !killed.join("eval.json").exists(),
+        "the run finished before it was killed"
+    );
+
+    let out = graft(&["train", "--resume", killed.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming after step"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(adapter_bytes(&whole), adapter_bytes(&killed));
+}
+
+#[test]
+fn a_diverging_run_stops_with_its_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 20, "1e30", 1, "stop");
+    let run = dir.path().join("run");
+    let out = train(&config, &run);
+    let message = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "a 1e30 learning rate trained: {message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+    let step: usize = message
+        .split("diverged at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step number in: {message}"));
+    let kept = checkpoint::read_latest::<serde_json::Value>(&run, &Device::Cpu)
+        .unwrap()
+        .expect("a checkpoint from before the divergence");
+    assert!(kept.state["done"].as_u64().unwrap() < step as u64);
+    for (key, tensor) in &kept.trainable {
+        let finite = tensor
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite());
+        assert!(finite, "{key} in the kept checkpoint is not finite");
+    }
+
+    // Skipping instead: the run finishes and counts the skipped batches.
+    let config = write_config(dir.path(), 6, "1e30", 1, "skip");
+    let run = dir.path().join("skip");
+    let out = train(&config, &run);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    assert!(
+        !eval["skipped_steps"].as_array().unwrap().is_empty(),
+        "{eval}"
+    );
+}
