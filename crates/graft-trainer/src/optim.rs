@@ -116,12 +116,13 @@ impl AdamW {
     }
 }
 
-/// Whether every entry of every var is finite: `x - x` is 0 for finite entries and NaN for
+/// Whether every entry of every var is finite: `0 * x` is 0 for finite entries and NaN for
 /// infinite or NaN ones (a sum of squares would overflow on large finite values).
 pub fn all_finite(vars: &[Var]) -> Result<bool> {
     for var in vars {
-        let t = var.as_tensor();
-        let probe = (t - t)?
+        let probe = var
+            .as_tensor()
+            .affine(0.0, 0.0)?
             .sum_all()?
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
