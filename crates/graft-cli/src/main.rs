@@ -212,7 +212,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let registry = registry(&plugins)?;
             let classifier = open(&adapter, &registry)?;
-            let examples = Examples::from_csv(&data, &classifier.spec)?;
+            let examples = Examples::from_file(&data, &classifier.spec)?;
             let (_, evaluation) = train::evaluate_examples(&classifier, &examples, 32)?;
             let text = serde_json::to_string_pretty(&evaluation)?;
             match out {
@@ -239,7 +239,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let registry = registry(&plugins)?;
             let classifier = open(&adapter, &registry)?;
-            let dataset = Dataset::read_csv(&data, &classifier.template.columns())?;
+            let dataset = Dataset::read(&data, &classifier.template.columns())?;
             let texts = dataset.texts(&classifier.template)?;
             let mut rows = String::from(if submission {
                 "uuid,Keywords,label\n"

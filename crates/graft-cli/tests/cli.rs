@@ -1,104 +1,12 @@
-//! The `graft` command end to end: train, eval, predict, merge on the demo set, and clear
-//! errors (never a panic) for malformed input.
+//! The `graft` command end to end: train, eval, predict, merge on the demo set (bad input:
+//! tests/bad_input.rs).
 use graft_peft::candle::{DType, Device};
 use graft_peft::loader::Registry;
 use graft_trainer::task::Classifier;
 use graft_trainer::testkit;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 mod common;
-use common::{graft, plugin_dir, stderr};
-
-/// Runs `graft train` on `csv` and asserts a clean failure whose message has every `needle`.
-fn assert_train_fails(csv: &Path, needles: &[&str]) {
-    let out_dir = tempfile::tempdir().unwrap();
-    let run = out_dir.path().join("run");
-    let out = graft(&[
-        "train",
-        "--method",
-        "lora",
-        "--data",
-        csv.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--max-steps",
-        "1",
-    ]);
-    let message = stderr(&out);
-    assert!(!out.status.success(), "succeeded on bad input: {message}");
-    assert!(!message.contains("panicked"), "{message}");
-    for needle in needles {
-        assert!(message.contains(needle), "`{needle}` not in: {message}");
-    }
-    assert!(
-        !run.join("adapter").exists(),
-        "wrote an adapter from bad input"
-    );
-}
-
-fn write_csv(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-const HEADER: &str = "uuid,title,author,abstract,Keywords,label\n";
-
-#[test]
-fn malformed_csv_input_is_reported_with_file_row_and_field() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing_column = write_csv(
-        dir.path(),
-        "no_abstract.csv",
-        "uuid,title,label\n1,A title,1\n",
-    );
-    assert_train_fails(&missing_column, &["no_abstract.csv", "abstract"]);
-
-    let unbalanced = write_csv(
-        dir.path(),
-        "quote.csv",
-        &format!(
-            "{HEADER}1,Fine,,An abstract.,,1\n2,\"Broken,,Another abstract.,,0\n3,More,,Text.,,1\n"
-        ),
-    );
-    assert_train_fails(&unbalanced, &["quote.csv", "row 3", "quote"]);
-
-    let bad_label = write_csv(
-        dir.path(),
-        "label.csv",
-        &format!("{HEADER}1,A,,Abstract one.,,1\n2,B,,Abstract two.,,medical\n"),
-    );
-    assert_train_fails(&bad_label, &["label.csv", "row 3", "label", "medical"]);
-
-    let empty = write_csv(dir.path(), "empty.csv", "");
-    assert_train_fails(&empty, &["empty.csv", "empty"]);
-}
-
-#[test]
-fn a_model_folder_without_weights_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = testkit::minilm_dir().unwrap();
-    for file in ["config.json", "tokenizer.json"] {
-        std::fs::copy(model.join(file), dir.path().join(file)).unwrap();
-    }
-    let run = dir.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_graft"))
-        .args(["train", "--method", "lora", "--max-steps", "1", "--data"])
-        .arg(testkit::workspace_root().join("data/demo.csv"))
-        .arg("--model")
-        .arg(dir.path())
-        .arg("--out")
-        .arg(&run)
-        .arg("--plugin-dir")
-        .arg(plugin_dir())
-        .output()
-        .unwrap();
-    let message = stderr(&out);
-    assert!(!out.status.success());
-    assert!(!message.contains("panicked"), "{message}");
-    assert!(message.contains("model.safetensors"), "{message}");
-}
+use common::{graft, stderr};
 
 #[test]
 fn train_eval_predict_and_merge_on_the_demo_set() {

@@ -65,7 +65,12 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            Error::InvalidConfig(reason) => {
+                Error::InvalidConfig(format!("{}: {reason}", path.display()))
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -76,6 +81,12 @@ impl Config {
             return Err(Error::InvalidConfig(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.model_type != "bert" {
+            return Err(Error::InvalidConfig(format!(
+                "model_type `{}` is not an architecture graft knows (bert)",
+                self.model_type
             )));
         }
         if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {

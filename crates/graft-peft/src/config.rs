@@ -34,12 +34,83 @@ pub fn refuse_unknown(
         .filter(|k| !PEFT_BOOKKEEPING.contains(&k.as_str()) && !also_ignored.contains(&k.as_str()))
         .collect();
     if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(invalid(
-            method,
-            format!("unknown keys {unknown:?}; {method} takes {takes}"),
-        ))
+        return Ok(());
+    }
+    let fields: Vec<&str> = takes
+        .split([',', ' ', '(', ')'])
+        .filter(|w| !w.is_empty() && w.contains(|c: char| c.is_ascii_lowercase()))
+        .collect();
+    let hints: String = unknown
+        .iter()
+        .filter_map(|k| did_you_mean(k, &fields).map(|f| format!(" (`{k}`: did you mean `{f}`?)")))
+        .collect();
+    Err(invalid(
+        method,
+        format!("unknown keys {unknown:?}{hints}; {method} takes {takes}"),
+    ))
+}
+
+/// The candidate closest to `unknown` by edit distance, if it is close enough to be a typo.
+pub fn did_you_mean<'a>(unknown: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let limit = (unknown.chars().count() / 3).max(2);
+    candidates
+        .iter()
+        .map(|c| (edit_distance(unknown, c), *c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" with a did-you-mean hint appended.
+pub fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else {
+        return message.to_string();
+    };
+    let unknown = rest.split('`').next().unwrap_or_default();
+    let expected: Vec<&str> = rest
+        .split("expected")
+        .nth(1)
+        .map(|list| list.split('`').skip(1).step_by(2).collect())
+        .unwrap_or_default();
+    match did_you_mean(unknown, &expected) {
+        Some(field) => format!("{} (did you mean `{field}`?)", message.trim_end()),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typos_get_the_nearest_field() {
+        assert_eq!(did_you_mean("lrr", &["lr", "seed"]), Some("lr"));
+        assert_eq!(
+            did_you_mean("lora_alhpa", &["r", "lora_alpha"]),
+            Some("lora_alpha")
+        );
+        assert_eq!(did_you_mean("banana", &["lr", "seed"]), None);
+        let message = "unknown field `batchsize`, expected one of `seed`, `batch_size`";
+        assert!(with_suggestion(message).ends_with("(did you mean `batch_size`?)"));
+        assert_eq!(with_suggestion("other error"), "other error");
     }
 }
 

@@ -151,7 +151,8 @@ impl TrainConfig {
     }
 
     pub fn from_toml(text: &str) -> Result<Self> {
-        let config: Self = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let config: Self = toml::from_str(text)
+            .map_err(|e| Error::Config(graft_peft::config::with_suggestion(&e.to_string())))?;
         config.validate()?;
         Ok(config)
     }

@@ -172,6 +172,52 @@ pub enum DataError {
         allowed: Vec<String>,
     },
 
+    #[error(
+        "{path}: row {row}, {column}: the field is {bytes} bytes, more than the {limit} \
+         bytes graft reads per field (the model sees at most max_len tokens anyway); is a quote \
+         left open, or is this the wrong file?"
+    )]
+    FieldTooLong {
+        path: PathBuf,
+        row: usize,
+        column: String,
+        bytes: usize,
+        limit: usize,
+    },
+
+    #[error("{path}: line {line}, column {column}: expected a JSON object per line: {message}")]
+    JsonSyntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+
+    #[error("{path}: line {line}: expected a JSON object per line, found {found}")]
+    NotAnObject {
+        path: PathBuf,
+        line: usize,
+        found: String,
+    },
+
+    #[error("{path}: line {line}: required key {key:?} not found; the object has {}", quoted_list(.keys))]
+    MissingKey {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        keys: Vec<String>,
+    },
+
+    #[error(
+        "{path}: line {line}, key {key:?}: expected text (a string or a number), found {found}"
+    )]
+    NotText {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        found: String,
+    },
+
     #[error("validation fraction must be strictly between 0 and 1, found {value}")]
     InvalidFraction { value: f64 },
 
@@ -217,7 +263,138 @@ pub struct Dataset {
     pub records: Vec<Record>,
 }
 
+/// The most bytes graft reads in one field: far beyond any abstract, small enough that a broken
+/// file (an unclosed quote swallowing the rest) is reported instead of tokenized.
+pub const MAX_FIELD_BYTES: usize = 1 << 20;
+
+fn json_kind(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "null".into(),
+        serde_json::Value::Bool(b) => format!("the boolean {b}"),
+        serde_json::Value::Number(n) => format!("the number {n}"),
+        serde_json::Value::String(_) => "a string".into(),
+        serde_json::Value::Array(_) => "an array".into(),
+        serde_json::Value::Object(_) => "an object".into(),
+    }
+}
+
 impl Dataset {
+    /// Reads a data file by its extension: `.jsonl` (one JSON object per line), anything else
+    /// as CSV.
+    pub fn read(path: &Path, required: &[&str]) -> Result<Dataset, DataError> {
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            Self::read_jsonl(path, required)
+        } else {
+            Self::read_csv(path, required)
+        }
+    }
+
+    /// Reads JSON Lines: one object per line, blank lines skipped, string or number values. The
+    /// columns are the `required` keys, then the first object's other keys; a later object
+    /// may lack a key that is not required (it reads as empty). Rows are numbered by line.
+    pub fn read_jsonl(path: &Path, required: &[&str]) -> Result<Dataset, DataError> {
+        let data = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_jsonl(path, &data, required)
+    }
+
+    /// [`Dataset::read_jsonl`] on bytes already read; `path` names them in messages.
+    pub fn parse_jsonl(path: &Path, data: &[u8], required: &[&str]) -> Result<Dataset, DataError> {
+        if data.is_empty() {
+            return Err(DataError::EmptyFile {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut columns: Vec<String> = required.iter().map(|c| c.to_string()).collect();
+        let mut records = Vec::new();
+        for (index, raw) in data.split(|&b| b == b'\n').enumerate() {
+            let line = index + 1;
+            let text = std::str::from_utf8(raw).map_err(|e| DataError::NonUtf8 {
+                path: path.to_path_buf(),
+                row: line,
+                line: line as u64,
+                column: "(line)".into(),
+                valid_up_to: e.valid_up_to(),
+            })?;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|e| DataError::JsonSyntax {
+                    path: path.to_path_buf(),
+                    line,
+                    column: e.column(),
+                    message: e.to_string(),
+                })?;
+            let serde_json::Value::Object(object) = value else {
+                return Err(DataError::NotAnObject {
+                    path: path.to_path_buf(),
+                    line,
+                    found: json_kind(&value),
+                });
+            };
+            if records.is_empty() {
+                columns.extend(
+                    object
+                        .keys()
+                        .filter(|k| !required.contains(&k.as_str()))
+                        .cloned(),
+                );
+            }
+            for key in required {
+                if !object.contains_key(*key) {
+                    return Err(DataError::MissingKey {
+                        path: path.to_path_buf(),
+                        line,
+                        key: key.to_string(),
+                        keys: object.keys().cloned().collect(),
+                    });
+                }
+            }
+            let mut fields = Vec::with_capacity(columns.len());
+            for column in &columns {
+                let field = match object.get(column) {
+                    None => String::new(),
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    Some(other) => {
+                        return Err(DataError::NotText {
+                            path: path.to_path_buf(),
+                            line,
+                            key: column.clone(),
+                            found: json_kind(other),
+                        })
+                    }
+                };
+                check_field_size(path, line, &format!("key {column:?}"), &field)?;
+                fields.push(field);
+            }
+            let uuid = object
+                .get("uuid")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            records.push(Record {
+                row: line,
+                uuid,
+                fields,
+            });
+        }
+        if records.is_empty() {
+            return Err(DataError::NoDataRows {
+                path: path.to_path_buf(),
+                columns,
+            });
+        }
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            columns,
+            records,
+        })
+    }
+
     /// Reads an RFC 4180 CSV file with a header row. The `required` columns must all exist.
     /// A leading UTF-8 byte order mark is ignored.
     pub fn read_csv(path: &Path, required: &[&str]) -> Result<Dataset, DataError> {
@@ -225,12 +402,17 @@ impl Dataset {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::parse_csv(path, &data, required)
+    }
+
+    /// [`Dataset::read_csv`] on bytes already read; `path` names them in messages.
+    pub fn parse_csv(path: &Path, data: &[u8], required: &[&str]) -> Result<Dataset, DataError> {
         if data.is_empty() {
             return Err(DataError::EmptyFile {
                 path: path.to_path_buf(),
             });
         }
-        let bytes: &[u8] = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&data);
+        let bytes: &[u8] = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
 
         // Flexible, headerless reading: field counts and the header are checked here, so that
         // the messages can name rows, lines and columns.
@@ -330,6 +512,7 @@ impl Dataset {
                     column: column_label(&columns, i),
                     valid_up_to: e.valid_up_to(),
                 })?;
+                check_field_size(path, row, &column_label(&columns, i), value)?;
                 fields.push(value.to_string());
             }
             let uuid = uuid_index
@@ -493,6 +676,19 @@ pub fn stratified_split(
     train.sort_unstable();
     val.sort_unstable();
     Ok((train, val))
+}
+
+fn check_field_size(path: &Path, row: usize, column: &str, value: &str) -> Result<(), DataError> {
+    if value.len() > MAX_FIELD_BYTES {
+        return Err(DataError::FieldTooLong {
+            path: path.to_path_buf(),
+            row,
+            column: column.to_string(),
+            bytes: value.len(),
+            limit: MAX_FIELD_BYTES,
+        });
+    }
+    Ok(())
 }
 
 /// `bytes[start..end]`, clamped so that a surprising reader position cannot panic.

@@ -26,11 +26,12 @@ pub struct Examples {
 }
 
 impl Examples {
-    pub fn from_csv(path: &Path, spec: &TaskSpec) -> Result<Self> {
+    /// Reads a labelled CSV or JSONL file (see [`Dataset::read`]).
+    pub fn from_file(path: &Path, spec: &TaskSpec) -> Result<Self> {
         let template = graft_tokenizer::Template::parse(&spec.template)?;
         let mut required: Vec<&str> = template.columns();
         required.push(&spec.label_column);
-        let data = Dataset::read_csv(path, &required)?;
+        let data = Dataset::read(path, &required)?;
         let labels = LabelSet::new(spec.labels.clone())?;
         Ok(Self {
             texts: data.texts(&template)?,
@@ -177,7 +178,7 @@ impl Plan {
             pooling: config.model.pooling,
             max_len: config.model.max_len,
         };
-        let examples = Examples::from_csv(&data_path, &spec)?;
+        let examples = Examples::from_file(&data_path, &spec)?;
         let (train_idx, val_idx) = stratified_split(
             &examples.labels,
             spec.labels.len(),
@@ -198,6 +199,20 @@ impl Plan {
             total,
         })
     }
+
+    /// The base model with a fresh head and adapter, seeded by the config.
+    fn classifier(&self, config: &TrainConfig, registry: &Registry) -> Result<Classifier> {
+        let plugin = registry.get(&self.spec.method)?;
+        Classifier::create(
+            self.spec.clone(),
+            plugin.method.as_ref(),
+            &config.method_settings(),
+            &graft_model::default_device()?,
+            candle_core::DType::F32,
+            config.train.seed,
+            self.total,
+        )
+    }
 }
 
 /// Trains `config` with the method plugin from `registry`, writing the run into `out`.
@@ -211,12 +226,12 @@ pub fn train(
     let mut resolved = config.clone();
     resolved.model.dir = Some(model_dir.to_path_buf());
     resolved.data.train = Some(data_path.to_path_buf());
-    // Read and check the data and the plugin before anything is written.
+    // Read and check the data, plugin and model before anything is written.
     let plan = Plan::new(&resolved)?;
-    registry.get(&plan.spec.method)?;
+    let classifier = plan.classifier(&resolved, registry)?;
     let run = RunDir::create(out)?;
     run.write(RunDir::CONFIG, &resolved.to_toml()?)?;
-    run_loop(&resolved, registry, plan, run, None)
+    run_loop(&resolved, classifier, plan, run, None)
 }
 
 /// Continues the run in `dir` from its newest checkpoint, with the config it was started with.
@@ -230,13 +245,14 @@ pub fn resume(dir: &Path, registry: &Registry) -> Result<Outcome> {
             dir.display()
         ))
     })?;
+    let classifier = plan.classifier(&config, registry)?;
     let run = RunDir::reopen(dir, checkpoint.state.done)?;
-    run_loop(&config, registry, plan, run, Some(checkpoint))
+    run_loop(&config, classifier, plan, run, Some(checkpoint))
 }
 
 fn run_loop(
     config: &TrainConfig,
-    registry: &Registry,
+    mut classifier: Classifier,
     plan: Plan,
     mut run: RunDir,
     resume_from: Option<checkpoint::Checkpoint<LoopState>>,
@@ -249,17 +265,7 @@ fn run_loop(
         total,
     } = plan;
     let method_name = spec.method.clone();
-    let plugin = registry.get(&method_name)?;
     let device = graft_model::default_device()?;
-    let mut classifier = Classifier::create(
-        spec,
-        plugin.method.as_ref(),
-        &config.method_settings(),
-        &device,
-        candle_core::DType::F32,
-        t.seed,
-        total,
-    )?;
 
     let trainable = classifier.trainable();
     let method_vars: Vec<_> = classifier

@@ -11,14 +11,14 @@ pub fn plugin_dir() -> PathBuf {
 }
 
 /// `graft` with the workspace's plugins, run from the workspace root (`train` also gets
-/// `--model` MiniLM unless it resumes).
+/// `--model` MiniLM unless it resumes or names a model).
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
     cmd.args(args)
         .arg("--plugin-dir")
         .arg(plugin_dir())
         .current_dir(testkit::workspace_root());
-    if args[0] == "train" && !args.contains(&"--resume") {
+    if args[0] == "train" && !args.contains(&"--resume") && !args.contains(&"--model") {
         cmd.arg("--model").arg(testkit::minilm_dir().unwrap());
     }
     cmd
