@@ -96,24 +96,6 @@ pub fn with_suggestion(message: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn typos_get_the_nearest_field() {
-        assert_eq!(did_you_mean("lrr", &["lr", "seed"]), Some("lr"));
-        assert_eq!(
-            did_you_mean("lora_alhpa", &["r", "lora_alpha"]),
-            Some("lora_alpha")
-        );
-        assert_eq!(did_you_mean("banana", &["lr", "seed"]), None);
-        let message = "unknown field `batchsize`, expected one of `seed`, `batch_size`";
-        assert!(with_suggestion(message).ends_with("(did you mean `batch_size`?)"));
-        assert_eq!(with_suggestion("other error"), "other error");
-    }
-}
-
 /// Refuses the options of a saved LoRA-family config that change the math and that graft's
 /// LoRA and AdaLoRA do not implement: `use_dora`, `fan_in_fan_out`, a `bias` other than "none".
 pub fn refuse_lora_variants(method: &str, other: &Map<String, Value>) -> Result<()> {
@@ -131,5 +113,23 @@ pub fn refuse_lora_variants(method: &str, other: &Map<String, Value>) -> Result<
             format!("bias `{bias}` is not supported (only \"none\")"),
         )),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typos_get_the_nearest_field() {
+        assert_eq!(did_you_mean("lrr", &["lr", "seed"]), Some("lr"));
+        assert_eq!(
+            did_you_mean("lora_alhpa", &["r", "lora_alpha"]),
+            Some("lora_alpha")
+        );
+        assert_eq!(did_you_mean("banana", &["lr", "seed"]), None);
+        let message = "unknown field `batchsize`, expected one of `seed`, `batch_size`";
+        assert!(with_suggestion(message).ends_with("(did you mean `batch_size`?)"));
+        assert_eq!(with_suggestion("other error"), "other error");
     }
 }
