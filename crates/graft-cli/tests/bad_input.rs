@@ -80,7 +80,7 @@ fn malformed_data_files_name_the_file_row_and_field() {
             write(
                 d,
                 "twice.csv",
-                format!("uuid,title,title,author,abstract,Keywords,label\n1,a,b,,c,,1\n"),
+                "uuid,title,title,author,abstract,Keywords,label\n1,a,b,,c,,1\n",
             ),
             vec!["twice.csv", "\"title\"", "appears twice"],
         ),
