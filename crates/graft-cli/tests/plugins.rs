@@ -145,3 +145,131 @@ fn every_shipped_config_loads_its_plugin_dynamically_and_attaches_to_minilm() {
         );
     }
 }
+
+mod misbehaving {
+    //! Plugins that panic or break a hook's contract: the host turns both into errors.
+    use graft_peft::candle::{Result as CandleResult, Tensor, Var};
+    use graft_peft::graft_model::{Hooks, LinearSite};
+    use graft_peft::{Adapter, AttachContext, Method, Result};
+    use graft_trainer::task::Classifier;
+    use graft_trainer::testkit;
+    use std::collections::HashMap;
+
+    #[derive(Clone, Copy)]
+    enum Fault {
+        PanicInCreate,
+        PanicInHook,
+        WrongShape,
+        WrongPromptWidth,
+    }
+
+    struct Broken(Fault);
+
+    impl Method for Broken {
+        fn name(&self) -> &'static str {
+            "broken"
+        }
+        fn peft_type(&self) -> &'static str {
+            "BROKEN"
+        }
+        fn version(&self) -> &'static str {
+            "0"
+        }
+        fn create(&self, _: &serde_json::Value, _: &AttachContext) -> Result<Box<dyn Adapter>> {
+            if let Fault::PanicInCreate = self.0 {
+                panic!("create exploded");
+            }
+            Ok(Box::new(BrokenAdapter(self.0)))
+        }
+        fn load(
+            &self,
+            _: &serde_json::Value,
+            _: &HashMap<String, Tensor>,
+            _: &AttachContext,
+        ) -> Result<Box<dyn Adapter>> {
+            Ok(Box::new(BrokenAdapter(self.0)))
+        }
+    }
+
+    struct BrokenAdapter(Fault);
+
+    impl Hooks for BrokenAdapter {
+        fn linear(&self, _: &LinearSite<'_>, _: &Tensor, base: Tensor) -> CandleResult<Tensor> {
+            match self.0 {
+                Fault::PanicInHook => panic!("linear exploded"),
+                Fault::WrongShape => base.narrow(base.rank() - 1, 0, 1),
+                _ => Ok(base),
+            }
+        }
+        fn prompt(&self, batch: usize) -> CandleResult<Option<Tensor>> {
+            match self.0 {
+                Fault::WrongPromptWidth => Tensor::zeros(
+                    (batch, 2, 7),
+                    graft_peft::candle::DType::F32,
+                    &graft_peft::candle::Device::Cpu,
+                )
+                .map(Some),
+                _ => Ok(None),
+            }
+        }
+    }
+
+    impl Adapter for BrokenAdapter {
+        fn trainable(&self) -> Vec<(String, Var)> {
+            Vec::new()
+        }
+        fn config_json(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+    }
+
+    fn error_of(fault: Fault) -> String {
+        let registry = testkit::registry_of(Box::new(Broken(fault))).unwrap();
+        let method = registry.get("broken").unwrap().method.as_ref();
+        let spec = testkit::spec("broken", 16).unwrap();
+        let result = Classifier::create(
+            spec,
+            method,
+            &serde_json::json!({}),
+            &graft_peft::candle::Device::Cpu,
+            graft_peft::candle::DType::F32,
+            1,
+            10,
+        )
+        .and_then(|c| c.logits(&["a text".to_string()]));
+        match result {
+            Ok(_) => panic!("the broken plugin was not caught"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_panic_inside_a_plugin_call_is_an_error_naming_the_call() {
+        let message = error_of(Fault::PanicInCreate);
+        assert!(
+            message.contains("panicked in `create`") && message.contains("create exploded"),
+            "{message}"
+        );
+        let message = error_of(Fault::PanicInHook);
+        assert!(
+            message.contains("panicked in `linear`") && message.contains("linear exploded"),
+            "{message}"
+        );
+        assert!(message.contains("statically linked broken"), "{message}");
+    }
+
+    #[test]
+    fn a_hook_returning_the_wrong_shape_is_refused_by_the_host() {
+        let message = error_of(Fault::WrongShape);
+        assert!(
+            message.contains("`linear(bert.encoder.layer.0.attention.self.query)` hook returned")
+                && message.contains("expected F32 [1, 4, 384]"),
+            "{message}"
+        );
+        let message = error_of(Fault::WrongPromptWidth);
+        assert!(
+            message.contains("`prompt` hook returned F32 [1, 2, 7], expected F32 [1, 2, 384]"),
+            "{message}"
+        );
+    }
+}

@@ -68,6 +68,13 @@ pub enum PluginError {
         call: String,
         message: String,
     },
+    #[error("{path}: the plugin's `{hook}` hook returned {found}, expected {expected}")]
+    BadHookOutput {
+        path: PathBuf,
+        hook: String,
+        expected: String,
+        found: String,
+    },
     #[error("two plugins claim the method `{name}`: {first} and {second}")]
     DuplicateName {
         name: String,

@@ -8,6 +8,7 @@ pub mod abi;
 pub mod adapter;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod loader;
 pub mod method;
 pub mod prompt_learning;

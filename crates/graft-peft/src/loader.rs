@@ -1,6 +1,7 @@
 //! Finding and loading plugin libraries, refusing any that would not share graft's candle.
 use crate::abi::{self, ABI, SYMBOL_ABI, SYMBOL_CREATE, SYMBOL_PROBE};
 use crate::error::PluginError;
+use crate::guard::{panic_message, GuardedMethod};
 use crate::Method;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,10 +23,11 @@ pub struct LoadedPlugin {
 impl LoadedPlugin {
     /// A method linked into the binary (tests; builds without dynamic loading).
     pub fn statically_linked(method: Box<dyn Method>) -> Self {
+        let path = PathBuf::from(format!("<statically linked {}>", method.name()));
         Self {
-            path: PathBuf::from(format!("<statically linked {}>", method.name())),
+            method: Box::new(GuardedMethod::new(method, path.clone())),
+            path,
             abi: ABI.to_string(),
-            method,
         }
     }
 }
@@ -37,14 +39,6 @@ impl std::fmt::Debug for LoadedPlugin {
             .field("path", &self.path)
             .finish()
     }
-}
-
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic payload".to_string())
 }
 
 /// Loads one plugin library: ABI string check, tensor-id probe, then its constructor.
@@ -115,10 +109,11 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     })?;
     // Plugins are never unloaded: adapters and tensors made by a plugin point into its code.
     std::mem::forget(library);
+    // Every call into the plugin from here on is behind the guard.
     Ok(LoadedPlugin {
+        method: Box::new(GuardedMethod::new(method, path_buf.clone())),
         path: path_buf,
         abi: found,
-        method,
     })
 }
 
