@@ -147,6 +147,18 @@ impl Linear {
         self.weight.set(weight)
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref().map(Param::value)
+    }
+
+    /// Replaces the bias (merging an output-rescaling adapter); the site must have one.
+    pub fn set_bias(&mut self, bias: Tensor) -> Result<()> {
+        match &mut self.bias {
+            Some(b) => b.set(bias),
+            None => Err(Error::InvalidConfig(format!("{} has no bias", self.name))),
+        }
+    }
+
     pub fn params(&self) -> impl Iterator<Item = &Param> {
         std::iter::once(&self.weight).chain(self.bias.as_ref())
     }

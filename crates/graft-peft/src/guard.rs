@@ -216,7 +216,7 @@ impl Adapter for GuardedAdapter {
     fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
         guarded(&self.path, "tensors", || self.inner.tensors())
     }
-    fn merge_deltas(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+    fn merge_deltas(&self) -> Result<Option<Vec<crate::MergeDelta>>> {
         guarded(&self.path, "merge_deltas", || self.inner.merge_deltas())
     }
 }

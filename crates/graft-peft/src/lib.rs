@@ -18,6 +18,6 @@ pub use candle_core as candle;
 pub use candle_nn;
 pub use error::{Error, PluginError, Result};
 pub use graft_model;
-pub use method::{Adapter, AttachContext, Method};
+pub use method::{Adapter, AttachContext, MergeDelta, Method};
 pub use serde_json;
 pub use targets::TargetModules;

@@ -66,6 +66,16 @@ pub trait Method: Send + Sync {
     ) -> Result<Box<dyn Adapter>>;
 }
 
+/// What merging a method adds to one linear site: `W + weight`, `b + bias`.
+#[derive(Debug, Clone)]
+pub struct MergeDelta {
+    pub site: String,
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, for methods that rescale a site's output, bias included (IA3).
+    pub bias: Option<Tensor>,
+}
+
 /// A method attached to one model: the hooks it runs and the state it trains and saves.
 pub trait Adapter: Hooks + Send + Sync {
     /// Trainable tensors under their PEFT keys (as saved, e.g.
@@ -102,8 +112,8 @@ pub trait Adapter: Hooks + Send + Sync {
             .map(|(k, v)| (k, v.as_tensor().clone()))
             .collect())
     }
-    /// Weight deltas `[out, in]` per linear site, if the method can be merged into the base.
-    fn merge_deltas(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+    /// What merging adds to each linear site's base tensors, if the method can be merged.
+    fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
         Ok(None)
     }
 }

@@ -357,14 +357,25 @@ impl Classifier {
                 self.spec.method
             ))
         })?;
-        for (site, delta) in deltas {
+        for delta in deltas {
             let linear = self
                 .model
                 .bert
-                .linear_mut(&site)
-                .ok_or(graft_model::Error::UnknownSite(site.clone()))?;
-            let merged = (linear.weight() + (delta.to_dtype(linear.weight().dtype())? * sign)?)?;
-            linear.set_weight(merged)?;
+                .linear_mut(&delta.site)
+                .ok_or(graft_model::Error::UnknownSite(delta.site.clone()))?;
+            let shift = |base: &Tensor, d: &Tensor| base + (d.to_dtype(base.dtype())? * sign)?;
+            let weight = shift(linear.weight(), &delta.weight)?;
+            linear.set_weight(weight)?;
+            if let Some(d) = &delta.bias {
+                let bias = linear.bias().ok_or_else(|| {
+                    Error::Config(format!(
+                        "{}: a bias delta for a site without bias",
+                        delta.site
+                    ))
+                })?;
+                let bias = shift(bias, d)?;
+                linear.set_bias(bias)?;
+            }
         }
         self.merged = merge;
         Ok(())

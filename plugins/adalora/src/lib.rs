@@ -18,7 +18,7 @@ use graft_peft::candle::{Device, Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Hooks, LinearSite, SiteInfo};
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
+use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
 
 pub struct AdaLora;
@@ -444,10 +444,14 @@ impl Adapter for AdaLoraAdapter {
         Ok(out)
     }
 
-    fn merge_deltas(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+    fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
         let mut deltas = Vec::with_capacity(self.layers.len());
         for (site, layer) in &self.layers {
-            deltas.push((site.clone(), layer.delta_weight()?));
+            deltas.push(MergeDelta {
+                site: site.clone(),
+                weight: layer.delta_weight()?,
+                bias: None,
+            });
         }
         Ok(Some(deltas))
     }
@@ -568,9 +572,12 @@ mod tests {
             );
         }
         let deltas = |a: &dyn Adapter| a.merge_deltas().unwrap().unwrap();
-        for ((s1, d1), (s2, d2)) in deltas(&trained).iter().zip(deltas(&*loaded).iter()) {
-            assert_eq!(s1, s2);
-            assert_eq!(d1.to_vec2::<f64>().unwrap(), d2.to_vec2::<f64>().unwrap());
+        for (d1, d2) in deltas(&trained).iter().zip(deltas(&*loaded).iter()) {
+            assert_eq!(d1.site, d2.site);
+            assert_eq!(
+                d1.weight.to_vec2::<f64>().unwrap(),
+                d2.weight.to_vec2::<f64>().unwrap()
+            );
         }
         // Saving again writes the same truncated tensors and pattern.
         assert_eq!(

@@ -12,7 +12,7 @@ use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
+use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
 
 pub struct Lora;
@@ -177,10 +177,14 @@ impl Adapter for LoraAdapter {
         self.config.to_json()
     }
 
-    fn merge_deltas(&self) -> Result<Option<Vec<(String, Tensor)>>> {
+    fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
         let mut deltas = Vec::with_capacity(self.layers.len());
         for (site, layer) in &self.layers {
-            deltas.push((site.clone(), layer.delta_weight()?));
+            deltas.push(MergeDelta {
+                site: site.clone(),
+                weight: layer.delta_weight()?,
+                bias: None,
+            });
         }
         Ok(Some(deltas))
     }

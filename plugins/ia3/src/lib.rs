@@ -1,0 +1,163 @@
+//! IA3 (Liu et al. 2022) as Hugging Face PEFT defines it, as a graft plugin: learned vectors
+//! that rescale attention keys and values (outputs) and feed-forward inputs, mergeable into
+//! the base weights.
+//!
+//! Same shape as every method crate: `config.rs` (PEFT's fields), `layer.rs` (the math), this
+//! file (the glue to graft-peft's traits), tests beside them.
+mod config;
+mod layer;
+
+pub use config::Ia3Config;
+pub use layer::Ia3Layer;
+
+use graft_peft::candle::{Tensor, Var};
+use graft_peft::graft_model::{init, Hooks, LinearSite, SiteInfo};
+use graft_peft::serde_json::Value;
+use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
+use std::collections::{BTreeMap, HashMap};
+
+pub struct Ia3;
+
+graft_peft::export_plugin!(Ia3);
+
+/// The method for static linking (tests, builds without dynamic loading).
+pub fn method() -> Box<dyn Method> {
+    Box::new(Ia3)
+}
+
+/// PEFT's key (a ParameterDict entry: no `.weight`).
+fn key(site: &str) -> String {
+    format!("base_model.model.{site}.ia3_l")
+}
+
+/// `[out, 1]` for output scaling, `[1, in]` for input scaling.
+fn shape(site: &SiteInfo, feedforward: bool) -> [usize; 2] {
+    if feedforward {
+        [1, site.in_features]
+    } else {
+        [site.out_features, 1]
+    }
+}
+
+impl Ia3 {
+    /// The layers of every target site, their vectors from `scale`.
+    fn attach(
+        config: Ia3Config,
+        ctx: &AttachContext,
+        mut scale: impl FnMut(&SiteInfo, [usize; 2]) -> Result<Tensor>,
+    ) -> Result<Box<dyn Adapter>> {
+        let targets = config.target_modules.select("ia3", ctx.sites)?;
+        let mut layers = BTreeMap::new();
+        for site in ctx.sites {
+            let feedforward = config.feedforward_modules.matches(&site.name)?;
+            if !targets.iter().any(|t| t.name == site.name) {
+                if feedforward {
+                    return Err(config::feedforward_not_targeted(&site.name));
+                }
+                continue;
+            }
+            let weight = ctx.base_tensor(&format!("{}.weight", site.name))?.clone();
+            let bias = ctx
+                .base_tensor(&format!("{}.bias", site.name))
+                .ok()
+                .cloned();
+            let l = scale(site, shape(site, feedforward))?;
+            layers.insert(
+                site.name.clone(),
+                Ia3Layer {
+                    scale: Var::from_tensor(&l.to_dtype(ctx.dtype)?)?,
+                    feedforward,
+                    weight,
+                    bias,
+                },
+            );
+        }
+        Ok(Box::new(Ia3Adapter { config, layers }))
+    }
+}
+
+impl Method for Ia3 {
+    fn name(&self) -> &'static str {
+        "ia3"
+    }
+
+    fn peft_type(&self) -> &'static str {
+        "IA3"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let config = Ia3Config::from_train_config(config)?;
+        let mut rng = init::seeded_rng(ctx.seed);
+        let ones = config.init_ia3_weights;
+        Self::attach(config, ctx, |_, shape| {
+            // PEFT: ones, or torch.randn without init_ia3_weights.
+            Ok(if ones {
+                Tensor::ones(&shape, ctx.dtype, ctx.device)?
+            } else {
+                init::normal(&mut rng, &shape, 1.0, ctx.dtype, ctx.device)?
+            })
+        })
+    }
+
+    fn load(
+        &self,
+        config: &Value,
+        tensors: &HashMap<String, Tensor>,
+        ctx: &AttachContext,
+    ) -> Result<Box<dyn Adapter>> {
+        let config = Ia3Config::from_adapter_config(config)?;
+        Self::attach(config, ctx, |site, shape| {
+            adapter::take_tensor(tensors, &key(&site.name), &shape)
+        })
+    }
+}
+
+pub struct Ia3Adapter {
+    config: Ia3Config,
+    /// By site name; a BTreeMap so that saving and listing follow a stable order.
+    layers: BTreeMap<String, Ia3Layer>,
+}
+
+impl Hooks for Ia3Adapter {
+    fn linear(
+        &self,
+        site: &LinearSite<'_>,
+        x: &Tensor,
+        base: Tensor,
+    ) -> graft_peft::candle::Result<Tensor> {
+        match self.layers.get(site.name) {
+            Some(layer) => layer.forward(x, base),
+            None => Ok(base),
+        }
+    }
+}
+
+impl Adapter for Ia3Adapter {
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.layers
+            .iter()
+            .map(|(site, l)| (key(site), l.scale.clone()))
+            .collect()
+    }
+
+    fn config_json(&self) -> Value {
+        self.config.to_json()
+    }
+
+    fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
+        let mut deltas = Vec::with_capacity(self.layers.len());
+        for (site, layer) in &self.layers {
+            let (weight, bias) = layer.deltas()?;
+            deltas.push(MergeDelta {
+                site: site.clone(),
+                weight,
+                bias,
+            });
+        }
+        Ok(Some(deltas))
+    }
+}
