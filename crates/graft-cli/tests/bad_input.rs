@@ -299,6 +299,24 @@ fn broken_model_folders_name_the_file_and_the_fault() {
             ],
         ),
         (
+            "tensor of unexpected dtype",
+            broken_model(d, "dtype", |m| {
+                let mut tensors: HashMap<String, Tensor> =
+                    graft_peft::candle::safetensors::load(weights(m), &Device::Cpu).unwrap();
+                let key = "encoder.layer.1.output.dense.bias";
+                let ints = tensors[key]
+                    .to_dtype(graft_peft::candle::DType::U8)
+                    .unwrap();
+                tensors.insert(key.into(), ints);
+                graft_peft::candle::safetensors::save(&tensors, weights(m)).unwrap();
+            }),
+            vec![
+                "model.safetensors",
+                "encoder.layer.1.output.dense.bias",
+                "U8",
+            ],
+        ),
+        (
             "unknown architecture",
             broken_model(d, "llama", |m| {
                 let text = std::fs::read_to_string(m.join("config.json")).unwrap();

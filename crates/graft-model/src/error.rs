@@ -32,6 +32,12 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error("{path}: tensor `{name}` holds {found}, expected floating-point weights")]
+    TensorDtype {
+        path: PathBuf,
+        name: String,
+        found: String,
+    },
     #[error("invalid model configuration: {0}")]
     InvalidConfig(String),
     #[error("no linear site named `{0}` in this model")]

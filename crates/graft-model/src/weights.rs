@@ -69,6 +69,13 @@ impl Weights {
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
+        if !tensor.dtype().is_float() {
+            return Err(Error::TensorDtype {
+                path: self.path.clone(),
+                name: name.to_string(),
+                found: format!("{:?}", tensor.dtype()),
+            });
+        }
         if tensor.dims() != shape {
             return Err(Error::TensorShape {
                 path: self.path.clone(),
