@@ -106,6 +106,54 @@ fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refuse
 }
 
 #[test]
+fn a_plugin_built_for_another_abi_is_refused_naming_the_difference() {
+    // A C library that exports only the ABI symbol, claiming another compiler and features.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("fake.c");
+    std::fs::write(
+        &source,
+        "const char *graft_plugin_abi(void) { return \"graft-peft 0.0.1; rustc 1.0.0 (old); features cuda\"; }\n",
+    )
+    .unwrap();
+    let library = dir.path().join(library_file("graft_plugin_fake"));
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .status()
+        .expect("a C compiler (cc) to build the fake plugin");
+    assert!(status.success());
+    let err = load_plugin(&library).unwrap_err();
+    assert!(matches!(err, PluginError::AbiMismatch { .. }), "{err:?}");
+    let message = err.to_string();
+    for needle in [
+        "graft_plugin_fake",
+        "rustc 1.0.0",
+        "features cuda",
+        "graft-peft 0.0.1",
+    ] {
+        assert!(message.contains(needle), "`{needle}` not in: {message}");
+    }
+}
+
+#[test]
+fn two_libraries_of_one_method_in_a_directory_are_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = workspace_library("graft-plugin-lora", "graft_plugin_lora");
+    for name in ["graft_plugin_lora", "graft_plugin_lora_copy"] {
+        std::fs::copy(&lora, dir.path().join(library_file(name))).unwrap();
+    }
+    let registry = Registry::discover(&[dir.path().to_path_buf()]);
+    let err = registry.get("lora").unwrap_err();
+    assert!(matches!(err, PluginError::DuplicateName { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("graft_plugin_lora_copy") && message.contains("two plugins claim"),
+        "{message}"
+    );
+}
+
+#[test]
 fn every_shipped_config_loads_its_plugin_dynamically_and_attaches_to_minilm() {
     let configs = testkit::workspace_root().join("configs");
     let mut names = Vec::new();
