@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bench;
+mod scaffold;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -46,6 +47,18 @@ enum Task {
     },
     /// Put a known model (minilm) in graft's cache.
     FetchModel { name: String },
+    /// Create a standalone plugin crate (outside the workspace) that builds against this
+    /// checkout's graft-peft: a working bias-tuning method with the test kit's checks.
+    NewPlugin {
+        /// Method name (lowercase, digits, '-').
+        name: String,
+        /// Folder to create (default: ./graft-plugin-<name>).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        /// Only rewrite the folder's .cargo/config.toml for the current graft build.
+        #[arg(long)]
+        refresh: bool,
+    },
     /// Train each method for a fixed step budget with its config (batch 8 x 128 tokens) and
     /// tabulate trainable parameters, seconds per step, tokens/s, peak RSS and validation F1.
     Bench {
@@ -68,11 +81,11 @@ pub(crate) fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn cargo() -> String {
+pub(crate) fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"))
@@ -174,6 +187,11 @@ fn main() -> Result<()> {
             build()?;
             run_graft(&["fetch-model".to_string(), name])
         }
+        Task::NewPlugin {
+            name,
+            path,
+            refresh,
+        } => scaffold::new_plugin(&name, path, refresh),
         Task::Bench {
             methods,
             steps,

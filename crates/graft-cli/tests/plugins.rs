@@ -328,3 +328,88 @@ mod misbehaving {
         );
     }
 }
+
+#[test]
+fn a_scaffolded_plugin_builds_as_its_own_project_passes_its_tests_and_trains_in_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let crate_dir = dir.path().join("graft-plugin-scaffolded");
+    let run = |cmd: &mut std::process::Command, what: &str| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    run(
+        std::process::Command::new(profile_dir().join("xtask"))
+            .args(["new-plugin", "scaffolded", "--path"])
+            .arg(&crate_dir)
+            .current_dir(testkit::workspace_root()),
+        "cargo xtask new-plugin",
+    );
+    // A separate cargo project: its own manifest, lockfile and target folder.
+    let cargo = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args(args)
+            .current_dir(&crate_dir)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS");
+        cmd
+    };
+    run(
+        &mut cargo(&["build"]),
+        "cargo build of the scaffolded plugin",
+    );
+    let tests = run(&mut cargo(&["test"]), "cargo test of the scaffolded plugin");
+    assert!(tests.contains("test result: ok. 3 passed"), "{tests}");
+    assert!(crate_dir.join("Cargo.lock").is_file());
+
+    let plugin_dir = crate_dir.join("target/debug");
+    let listing = run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+            .args(["plugins", "--plugin-dir"])
+            .arg(&plugin_dir),
+        "graft plugins",
+    );
+    assert!(
+        listing.contains("scaffolded") && listing.contains("graft_plugin_scaffolded"),
+        "{listing}"
+    );
+    let out_dir = dir.path().join("run");
+    run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+            .args([
+                "train",
+                "--method",
+                "scaffolded",
+                "--max-steps",
+                "3",
+                "--data",
+                "data/demo.csv",
+            ])
+            .arg("--model")
+            .arg(testkit::minilm_dir().unwrap())
+            .arg("--out")
+            .arg(&out_dir)
+            .arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .current_dir(testkit::workspace_root()),
+        "graft train with the scaffolded plugin",
+    );
+    run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+            .args(["eval", "--data", "data/demo.csv", "--adapter"])
+            .arg(out_dir.join("adapter"))
+            .arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .current_dir(testkit::workspace_root()),
+        "graft eval of the saved adapter (reload)",
+    );
+}

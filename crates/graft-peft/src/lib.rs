@@ -19,5 +19,6 @@ pub use candle_nn;
 pub use error::{Error, PluginError, Result};
 pub use graft_model;
 pub use method::{Adapter, AttachContext, MergeDelta, Method};
+pub use serde;
 pub use serde_json;
 pub use targets::TargetModules;

@@ -1,0 +1,24 @@
+//! The checks every graft method passes (graft_trainer::testkit), run against this plugin.
+use graft_peft::serde_json::json;
+use graft_trainer::testkit;
+
+#[test]
+fn gradients_agree_with_finite_differences() {
+    let method = __CRATE__::method();
+    testkit::check_gradients(method.as_ref(), &json!({}), 2, |_| Ok(())).unwrap();
+}
+
+#[test]
+fn trains_on_a_real_batch() {
+    let method = __CRATE__::method();
+    testkit::check_trains(method.as_ref(), &json!({}), 6, 1e-2).unwrap();
+}
+
+#[test]
+fn reloads_to_identical_logits_and_merges_to_the_same_logits() {
+    let method = __CRATE__::method();
+    let mut reloaded = testkit::check_reload(method.as_ref(), &json!({}), __CRATE__::method()).unwrap();
+    reloaded.classifier.set_merged(true).unwrap();
+    let merged = reloaded.classifier.logits(&reloaded.texts).unwrap();
+    assert!(testkit::max_abs_diff(&reloaded.logits, &merged).unwrap() <= 1e-5);
+}
