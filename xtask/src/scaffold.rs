@@ -127,6 +127,11 @@ pub fn new_plugin(name: &str, path: Option<PathBuf>, refresh: bool) -> Result<()
     let config = cargo_config()?;
     if refresh {
         write(&dir.join(".cargo/config.toml"), &config)?;
+        std::fs::copy(
+            root().join("rust-toolchain.toml"),
+            dir.join("rust-toolchain.toml"),
+        )
+        .context("copying rust-toolchain.toml")?;
         eprintln!("refreshed {}", dir.join(".cargo/config.toml").display());
         return Ok(());
     }

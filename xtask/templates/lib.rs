@@ -7,7 +7,9 @@ use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde::Deserialize;
 use graft_peft::serde_json::{json, Map, Value};
-use graft_peft::{adapter, config, Adapter, AttachContext, MergeDelta, Method, Result, TargetModules};
+use graft_peft::{
+    adapter, config, Adapter, AttachContext, MergeDelta, Method, Result, TargetModules,
+};
 use std::collections::{BTreeMap, HashMap};
 
 const NAME: &str = "__NAME__";
@@ -59,7 +61,10 @@ impl Method for Plugin {
         let mut deltas = BTreeMap::new();
         for site in settings.target_modules.select(NAME, ctx.sites)? {
             let zeros = Tensor::zeros(site.out_features, ctx.dtype, ctx.device)?;
-            deltas.insert(site.name.clone(), (Var::from_tensor(&zeros)?, site.in_features));
+            deltas.insert(
+                site.name.clone(),
+                (Var::from_tensor(&zeros)?, site.in_features),
+            );
         }
         Ok(Box::new(BiasDeltas { settings, deltas }))
     }

@@ -329,87 +329,105 @@ mod misbehaving {
     }
 }
 
-#[test]
-fn a_scaffolded_plugin_builds_as_its_own_project_passes_its_tests_and_trains_in_graft() {
-    let dir = tempfile::tempdir().unwrap();
-    let crate_dir = dir.path().join("graft-plugin-scaffolded");
-    let run = |cmd: &mut std::process::Command, what: &str| {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{what} failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
-    run(
+/// Runs `cmd`, asserting success; returns its stdout and stderr.
+fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+/// `cargo xtask new-plugin ARGS`, from the workspace.
+fn xtask_new_plugin(args: &[&str], path: &Path) {
+    run_ok(
         std::process::Command::new(profile_dir().join("xtask"))
-            .args(["new-plugin", "scaffolded", "--path"])
-            .arg(&crate_dir)
+            .arg("new-plugin")
+            .args(args)
+            .arg("--path")
+            .arg(path)
             .current_dir(testkit::workspace_root()),
         "cargo xtask new-plugin",
     );
-    // A separate cargo project: its own manifest, lockfile and target folder.
+}
+
+/// Builds and tests an out-of-tree plugin crate as the separate cargo project it is; returns
+/// the folder of its library and the test output.
+fn build_out_of_tree(crate_dir: &Path, tests: usize) -> PathBuf {
     let cargo = |args: &[&str]| {
         let mut cmd = std::process::Command::new(env!("CARGO"));
         cmd.args(args)
-            .current_dir(&crate_dir)
+            .current_dir(crate_dir)
             .env_remove("CARGO_TARGET_DIR")
             .env_remove("RUSTFLAGS");
         cmd
     };
-    run(
-        &mut cargo(&["build"]),
-        "cargo build of the scaffolded plugin",
-    );
-    let tests = run(&mut cargo(&["test"]), "cargo test of the scaffolded plugin");
-    assert!(tests.contains("test result: ok. 3 passed"), "{tests}");
-    assert!(crate_dir.join("Cargo.lock").is_file());
+    run_ok(&mut cargo(&["build"]), "cargo build of the plugin");
+    let output = run_ok(&mut cargo(&["test"]), "cargo test of the plugin");
+    let passed = format!("test result: ok. {tests} passed");
+    assert!(output.contains(&passed), "{output}");
+    assert!(crate_dir.join("Cargo.lock").is_file(), "its own lockfile");
+    crate_dir.join("target/debug")
+}
 
-    let plugin_dir = crate_dir.join("target/debug");
-    let listing = run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
-            .args(["plugins", "--plugin-dir"])
-            .arg(&plugin_dir),
-        "graft plugins",
-    );
+#[test]
+fn a_scaffolded_plugin_builds_as_its_own_project_passes_its_tests_and_trains_in_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let crate_dir = dir.path().join("graft-plugin-scaffolded");
+    xtask_new_plugin(&["scaffolded"], &crate_dir);
+    let plugin_dir = build_out_of_tree(&crate_dir, 3);
+    let graft = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_graft"));
+        cmd.args(args)
+            .arg("--plugin-dir")
+            .arg(&plugin_dir)
+            .current_dir(testkit::workspace_root());
+        cmd
+    };
+    let listing = run_ok(&mut graft(&["plugins"]), "graft plugins");
     assert!(
         listing.contains("scaffolded") && listing.contains("graft_plugin_scaffolded"),
         "{listing}"
     );
-    let out_dir = dir.path().join("run");
-    run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
-            .args([
-                "train",
-                "--method",
-                "scaffolded",
-                "--max-steps",
-                "3",
-                "--data",
-                "data/demo.csv",
-            ])
-            .arg("--model")
-            .arg(testkit::minilm_dir().unwrap())
-            .arg("--out")
-            .arg(&out_dir)
-            .arg("--plugin-dir")
-            .arg(&plugin_dir)
-            .current_dir(testkit::workspace_root()),
+    let run = dir.path().join("run");
+    let model = testkit::minilm_dir().unwrap();
+    let (model, out) = (model.display().to_string(), run.display().to_string());
+    run_ok(
+        &mut graft(&[
+            "train",
+            "--method",
+            "scaffolded",
+            "--max-steps",
+            "3",
+            "--data",
+            "data/demo.csv",
+            "--model",
+            &model,
+            "--out",
+            &out,
+        ]),
         "graft train with the scaffolded plugin",
     );
-    run(
-        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
-            .args(["eval", "--data", "data/demo.csv", "--adapter"])
-            .arg(out_dir.join("adapter"))
-            .arg("--plugin-dir")
-            .arg(&plugin_dir)
-            .current_dir(testkit::workspace_root()),
+    let adapter = run.join("adapter").display().to_string();
+    run_ok(
+        &mut graft(&["eval", "--data", "data/demo.csv", "--adapter", &adapter]),
         "graft eval of the saved adapter (reload)",
     );
+}
+
+#[test]
+fn the_out_of_tree_dora_example_passes_the_method_test_kit() {
+    let dir = tempfile::tempdir().unwrap();
+    let crate_dir = dir.path().join("dora");
+    let example = testkit::workspace_root().join("examples/dora");
+    for file in ["Cargo.toml", "src/lib.rs", "tests/dora.rs"] {
+        let target = crate_dir.join(file);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(example.join(file), target).unwrap();
+    }
+    xtask_new_plugin(&["dora", "--refresh"], &crate_dir);
+    build_out_of_tree(&crate_dir, 3);
 }
