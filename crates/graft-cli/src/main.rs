@@ -109,7 +109,19 @@ enum Command {
 }
 
 fn registry(args: &PluginArgs) -> Result<Registry> {
-    Ok(Registry::discover(&search_dirs(&args.plugin_dirs)))
+    registry_with(args, &[])
+}
+
+/// The plugins of `--plugin-dir`, then of a training config's `[plugins] dirs`, then the
+/// environment's and the binary's.
+fn registry_with(args: &PluginArgs, config_dirs: &[PathBuf]) -> Result<Registry> {
+    let dirs: Vec<PathBuf> = args
+        .plugin_dirs
+        .iter()
+        .chain(config_dirs)
+        .cloned()
+        .collect();
+    Ok(Registry::discover(&search_dirs(&dirs)))
 }
 
 /// Default training data: the challenge substitute beside the checkout, else the demo set.
@@ -165,7 +177,8 @@ fn run(cli: Cli) -> Result<()> {
             plugins,
         } => {
             if let Some(dir) = resume {
-                let registry = registry(&plugins)?;
+                let saved = TrainConfig::from_file(&dir.join(graft_trainer::run::RunDir::CONFIG))?;
+                let registry = registry_with(&plugins, &saved.plugins.dirs)?;
                 let outcome = train::resume(&dir, &registry)
                     .with_context(|| format!("resuming the run in {}", dir.display()))?;
                 report_outcome(&outcome);
@@ -194,7 +207,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.validate()?;
             let method_name = cfg.method_name()?.to_string();
-            let registry = registry(&plugins)?;
+            let registry = registry_with(&plugins, &cfg.plugins.dirs)?;
             let data = match data.or_else(|| cfg.data.train.clone()) {
                 Some(path) => path,
                 None => default_data()?,

@@ -394,21 +394,32 @@ fn a_scaffolded_plugin_builds_as_its_own_project_passes_its_tests_and_trains_in_
     );
     let run = dir.path().join("run");
     let model = testkit::minilm_dir().unwrap();
-    let (model, out) = (model.display().to_string(), run.display().to_string());
+    // Found through the training config's [plugins] dirs (no --plugin-dir).
+    let config = dir.path().join("train.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[plugins]\ndirs = [{:?}]\n[method]\nname = \"scaffolded\"\n",
+            plugin_dir.display().to_string()
+        ),
+    )
+    .unwrap();
     run_ok(
-        &mut graft(&[
-            "train",
-            "--method",
-            "scaffolded",
-            "--max-steps",
-            "3",
-            "--data",
-            "data/demo.csv",
-            "--model",
-            &model,
-            "--out",
-            &out,
-        ]),
+        std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+            .args([
+                "train",
+                "--max-steps",
+                "3",
+                "--data",
+                "data/demo.csv",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&run)
+            .current_dir(testkit::workspace_root()),
         "graft train with the scaffolded plugin",
     );
     let adapter = run.join("adapter").display().to_string();

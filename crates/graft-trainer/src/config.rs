@@ -12,6 +12,15 @@ pub struct TrainConfig {
     pub train: TrainSection,
     /// `name` picks the plugin; every other key is the method's own (PEFT's field names).
     pub method: toml::Table,
+    pub plugins: PluginsSection,
+}
+
+/// Where to look for method plugins, after `--plugin-dir` and before `$GRAFT_PLUGIN_PATH` and
+/// the binary's own directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsSection {
+    pub dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
