@@ -19,7 +19,5 @@ fn reloads_to_identical_logits_and_merges_to_the_same_logits() {
     let method = __CRATE__::method();
     let mut reloaded =
         testkit::check_reload(method.as_ref(), &json!({}), __CRATE__::method()).unwrap();
-    reloaded.classifier.set_merged(true).unwrap();
-    let merged = reloaded.classifier.logits(&reloaded.texts).unwrap();
-    assert!(testkit::max_abs_diff(&reloaded.logits, &merged).unwrap() <= 1e-5);
+    testkit::check_merge(&mut reloaded, 1e-5).unwrap();
 }

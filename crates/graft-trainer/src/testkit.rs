@@ -439,3 +439,20 @@ pub fn check_peft_fixture(method: Box<dyn Method>, fixture: &str) -> Result<f64>
     }
     Ok(diff)
 }
+
+/// The merge check of mergeable methods, on what [`check_reload`] left: merged into the base
+/// weights, the model gives the adapter's logits within `tolerance`, and unmerging restores
+/// them. Returns the merged difference.
+pub fn check_merge(reloaded: &mut Reloaded, tolerance: f64) -> Result<f64> {
+    let classifier = &mut reloaded.classifier;
+    classifier.set_merged(true)?;
+    let merged = max_abs_diff(&reloaded.logits, &classifier.logits(&reloaded.texts)?)?;
+    classifier.set_merged(false)?;
+    let unmerged = max_abs_diff(&reloaded.logits, &classifier.logits(&reloaded.texts)?)?;
+    if merged > tolerance || unmerged > tolerance {
+        return Err(Error::Check(format!(
+            "merged logits differ by {merged}, unmerged by {unmerged} (tolerance {tolerance})"
+        )));
+    }
+    Ok(merged)
+}

@@ -36,8 +36,5 @@ fn reloads_to_identical_logits_and_merged_weights_equal_the_forward() {
     let method = graft_plugin_dora::method();
     let mut reloaded =
         testkit::check_reload(method.as_ref(), &settings(), graft_plugin_dora::method()).unwrap();
-    reloaded.classifier.set_merged(true).unwrap();
-    let merged = reloaded.classifier.logits(&reloaded.texts).unwrap();
-    let diff = testkit::max_abs_diff(&reloaded.logits, &merged).unwrap();
-    assert!(diff <= 1e-5, "merged vs forward: {diff}");
+    testkit::check_merge(&mut reloaded, 1e-5).unwrap();
 }

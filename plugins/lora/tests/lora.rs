@@ -29,14 +29,7 @@ fn saved_adapter_reloads_to_identical_logits_and_merges_to_the_same_logits() {
     let lora = graft_plugin_lora::method();
     let mut reloaded =
         testkit::check_reload(lora.as_ref(), &settings(), graft_plugin_lora::method()).unwrap();
-    let classifier = &mut reloaded.classifier;
-    classifier.set_merged(true).unwrap();
-    let merged = classifier.logits(&reloaded.texts).unwrap();
-    let diff = testkit::max_abs_diff(&reloaded.logits, &merged).unwrap();
-    assert!(diff <= 1e-5, "merged vs unmerged: {diff}");
-    classifier.set_merged(false).unwrap();
-    let unmerged = classifier.logits(&reloaded.texts).unwrap();
-    assert!(testkit::max_abs_diff(&reloaded.logits, &unmerged).unwrap() <= 1e-5);
+    testkit::check_merge(&mut reloaded, 1e-5).unwrap();
 }
 
 #[test]
