@@ -58,6 +58,9 @@ enum Task {
         /// Only rewrite the folder's .cargo/config.toml for the current graft build.
         #[arg(long)]
         refresh: bool,
+        /// Use the libraries of the existing build instead of building the workspace first.
+        #[arg(long)]
+        no_build: bool,
     },
     /// Train each method for a fixed step budget with its config (batch 8 x 128 tokens) and
     /// tabulate trainable parameters, seconds per step, tokens/s, peak RSS and validation F1.
@@ -191,7 +194,8 @@ fn main() -> Result<()> {
             name,
             path,
             refresh,
-        } => scaffold::new_plugin(&name, path, refresh),
+            no_build,
+        } => scaffold::new_plugin(&name, path, refresh, !no_build),
         Task::Bench {
             methods,
             steps,

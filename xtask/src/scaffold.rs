@@ -14,8 +14,40 @@ use std::process::Command;
 const LIB_TEMPLATE: &str = include_str!("../templates/lib.rs");
 const TEST_TEMPLATE: &str = include_str!("../templates/test.rs");
 
-/// The files of graft-peft and graft-trainer that the last workspace build produced, from
-/// cargo's own artifact messages (several builds can leave several hashed rlibs behind).
+/// The files of graft-peft and graft-trainer in the existing build, without building: the
+/// shared library (one per profile) and the newest graft-trainer rlib. For callers that run
+/// inside a build of their own (the test suite), where another cargo build would replace the
+/// libraries their other tests are loading.
+fn existing_artifacts() -> Result<(PathBuf, PathBuf)> {
+    let deps = target_dir().join("debug").join("deps");
+    let peft = deps.join(format!(
+        "{}graft_peft{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    if !peft.is_file() {
+        bail!("{} is missing: build graft first", peft.display());
+    }
+    let trainer = std::fs::read_dir(&deps)
+        .with_context(|| format!("reading {}", deps.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libgraft_trainer-") && n.ends_with(".rlib"))
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .with_context(|| {
+            format!(
+                "no graft-trainer rlib in {}: build graft first",
+                deps.display()
+            )
+        })?;
+    Ok((peft, trainer))
+}
+
+/// The files of graft-peft and graft-trainer that a workspace build produces, from cargo's own
+/// artifact messages (several builds can leave several hashed rlibs behind).
 fn artifacts() -> Result<(PathBuf, PathBuf)> {
     let output = Command::new(crate::cargo())
         .current_dir(root())
@@ -71,12 +103,14 @@ fn rustc_libdir() -> Result<String> {
 }
 
 /// `.cargo/config.toml` of a plugin: build it against this checkout's libraries.
-fn cargo_config() -> Result<String> {
-    let (peft, trainer) = artifacts()?;
-    // Cargo reports the copies in target/<profile>; what they depend on is in its deps/.
-    let deps = peft
-        .parent()
-        .context("graft-peft's library has no folder")?
+fn cargo_config(build: bool) -> Result<String> {
+    let (peft, trainer) = if build {
+        artifacts()?
+    } else {
+        existing_artifacts()?
+    };
+    let deps = target_dir()
+        .join("debug")
         .join("deps")
         .display()
         .to_string();
@@ -112,7 +146,7 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn new_plugin(name: &str, path: Option<PathBuf>, refresh: bool) -> Result<()> {
+pub fn new_plugin(name: &str, path: Option<PathBuf>, refresh: bool, build: bool) -> Result<()> {
     if name.is_empty()
         || !name
             .chars()
@@ -124,7 +158,7 @@ pub fn new_plugin(name: &str, path: Option<PathBuf>, refresh: bool) -> Result<()
         );
     }
     let dir = path.unwrap_or_else(|| PathBuf::from(format!("graft-plugin-{name}")));
-    let config = cargo_config()?;
+    let config = cargo_config(build)?;
     if refresh {
         write(&dir.join(".cargo/config.toml"), &config)?;
         std::fs::copy(

@@ -341,12 +341,14 @@ fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
     text
 }
 
-/// `cargo xtask new-plugin ARGS`, from the workspace.
+/// `cargo xtask new-plugin ARGS`, from the workspace, against this test run's own libraries
+/// (a cargo build here would replace the libraries other tests are loading).
 fn xtask_new_plugin(args: &[&str], path: &Path) {
     run_ok(
         std::process::Command::new(profile_dir().join("xtask"))
             .arg("new-plugin")
             .args(args)
+            .arg("--no-build")
             .arg("--path")
             .arg(path)
             .current_dir(testkit::workspace_root()),
