@@ -24,6 +24,15 @@ pub struct VirtualTokens {
 }
 
 impl VirtualTokens {
+    /// The fields PEFT fills from the model's config; graft takes them from the model, so a
+    /// training config may carry them without their being the method's own settings.
+    pub const MODEL_FIELDS: &'static [&'static str] = &[
+        "token_dim",
+        "num_transformer_submodules",
+        "num_attention_heads",
+        "num_layers",
+    ];
+
     pub fn for_model(method: &str, num_virtual_tokens: usize, info: &ModelInfo) -> Result<Self> {
         if num_virtual_tokens == 0 {
             return Err(Error::Config {

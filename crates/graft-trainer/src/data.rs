@@ -293,11 +293,7 @@ impl Dataset {
     /// columns are the `required` keys, then the first object's other keys; a later object
     /// may lack a key that is not required (it reads as empty). Rows are numbered by line.
     pub fn read_jsonl(path: &Path, required: &[&str]) -> Result<Dataset, DataError> {
-        let data = std::fs::read(path).map_err(|source| DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse_jsonl(path, &data, required)
+        Self::parse_jsonl(path, &read_bytes(path)?, required)
     }
 
     /// [`Dataset::read_jsonl`] on bytes already read; `path` names them in messages.
@@ -398,11 +394,7 @@ impl Dataset {
     /// Reads an RFC 4180 CSV file with a header row. The `required` columns must all exist.
     /// A leading UTF-8 byte order mark is ignored.
     pub fn read_csv(path: &Path, required: &[&str]) -> Result<Dataset, DataError> {
-        let data = std::fs::read(path).map_err(|source| DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse_csv(path, &data, required)
+        Self::parse_csv(path, &read_bytes(path)?, required)
     }
 
     /// [`Dataset::read_csv`] on bytes already read; `path` names them in messages.
@@ -676,6 +668,13 @@ pub fn stratified_split(
     train.sort_unstable();
     val.sort_unstable();
     Ok((train, val))
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
+    std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn check_field_size(path: &Path, row: usize, column: &str, value: &str) -> Result<(), DataError> {

@@ -1,4 +1,5 @@
 //! Prefix tuning's configuration, with PEFT's field names and defaults.
+use graft_peft::prompt_learning::VirtualTokens;
 use graft_peft::serde_json::{Map, Value};
 use graft_peft::{config, Error, Result};
 
@@ -25,14 +26,6 @@ fn default_tokens() -> usize {
     20
 }
 
-/// Fields PEFT fills from the model; graft takes them from the model.
-pub const MODEL_FIELDS: &[&str] = &[
-    "token_dim",
-    "num_transformer_submodules",
-    "num_attention_heads",
-    "num_layers",
-];
-
 impl PrefixTuningConfig {
     /// From a training config: unknown keys are an error.
     pub fn from_train_config(value: &Value) -> Result<Self> {
@@ -40,7 +33,7 @@ impl PrefixTuningConfig {
         config::refuse_unknown(
             NAME,
             &config.other,
-            MODEL_FIELDS,
+            VirtualTokens::MODEL_FIELDS,
             "num_virtual_tokens, prefix_projection, encoder_hidden_size",
         )?;
         Ok(config)

@@ -1,4 +1,5 @@
 //! Prompt tuning's configuration, with PEFT's field names and defaults.
+use graft_peft::prompt_learning::VirtualTokens;
 use graft_peft::serde_json::{Map, Value};
 use graft_peft::{config, Error, Result};
 
@@ -36,16 +37,8 @@ fn default_tokens() -> usize {
     20
 }
 
-/// Fields PEFT fills from the model or uses to find a tokenizer; graft takes the model's
-/// values and tokenizes with the base model's own tokenizer.
-const MODEL_FIELDS: &[&str] = &[
-    "token_dim",
-    "num_transformer_submodules",
-    "num_attention_heads",
-    "num_layers",
-    "tokenizer_name_or_path",
-    "tokenizer_kwargs",
-];
+/// Fields PEFT uses to find a tokenizer; graft tokenizes with the base model's own.
+const TOKENIZER_FIELDS: &[&str] = &["tokenizer_name_or_path", "tokenizer_kwargs"];
 
 impl PromptTuningConfig {
     /// From a training config: unknown keys are an error.
@@ -54,7 +47,7 @@ impl PromptTuningConfig {
         config::refuse_unknown(
             NAME,
             &config.other,
-            MODEL_FIELDS,
+            &[VirtualTokens::MODEL_FIELDS, TOKENIZER_FIELDS].concat(),
             "num_virtual_tokens, prompt_tuning_init, prompt_tuning_init_text",
         )?;
         match (config.prompt_tuning_init, &config.prompt_tuning_init_text) {
