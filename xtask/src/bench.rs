@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: every method trained for the same step budget, one process each, with
-//! speed, memory and quality read back from the runs' eval.json.
+//! speed, memory and quality read back from the runs' eval.json. With `--reference`: graft's
+//! LoRA against the PyTorch + Hugging Face PEFT script in benches/reference.
 use crate::{build, plugin_packages, root, run_graft};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// In-tree method names (`graft-plugin-<name>`).
@@ -52,12 +53,7 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
             );
         }
     }
-    let out = out.unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from("runs").join(format!("bench-{secs}"))
-    });
+    let out = out.unwrap_or_else(default_out);
     build()?;
     let mut rows = Vec::new();
     for method in &methods {
@@ -100,14 +96,27 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
         "steps": steps,
         "rows": rows,
     });
-    let table = markdown(&report);
+    write_report(&out, &report, &markdown(&report))
+}
+
+/// `runs/bench-<unix seconds>`, relative to the repository root (where graft runs).
+fn default_out() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("bench-{secs}"))
+}
+
+/// Prints the table and writes bench.json and bench.md into `out`.
+fn write_report(out: &Path, report: &Value, table: &str) -> Result<()> {
     println!("{table}");
-    let dir = root().join(&out);
-    std::fs::write(
-        dir.join("bench.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(dir.join("bench.md"), &table)?;
+    let dir = root().join(out);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json_path = dir.join("bench.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let md_path = dir.join("bench.md");
+    std::fs::write(&md_path, table).with_context(|| format!("writing {}", md_path.display()))?;
     eprintln!("written: {}/bench.json, bench.md", out.display());
     Ok(())
 }
@@ -136,4 +145,367 @@ fn markdown(report: &Value) -> String {
         ));
     }
     table
+}
+
+/// The model both systems load: graft's cache folder for all-MiniLM-L6-v2, computed as
+/// graft-model's zoo does (`$GRAFT_CACHE_DIR`, else `$XDG_CACHE_HOME/graft`, else
+/// `~/.cache/graft`, then `models/<id>`).
+fn minilm_cache_path() -> PathBuf {
+    let cache = if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
+        PathBuf::from(dir)
+    } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        PathBuf::from(dir).join("graft")
+    } else {
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+        home.join(".cache").join("graft")
+    };
+    cache.join("models").join("all-minilm-l6-v2")
+}
+
+/// The model folder, fetched by graft first if the cache lacks it. graft prints the folder it
+/// settled on, which is a Hugging Face cache hit rather than its own cache when it finds one.
+fn model_dir() -> Result<PathBuf> {
+    let cached = minilm_cache_path();
+    let complete = ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .all(|f| cached.join(f).is_file());
+    if complete {
+        return Ok(cached);
+    }
+    let graft = crate::target_dir().join("debug").join("graft");
+    let output = Command::new(&graft)
+        .current_dir(root())
+        .args(["fetch-model", "minilm"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} fetch-model minilm", graft.display()))?;
+    if !output.status.success() {
+        bail!("graft fetch-model minilm failed");
+    }
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let dir = printed
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .with_context(|| "graft fetch-model minilm printed no folder")?;
+    Ok(PathBuf::from(dir))
+}
+
+/// The data graft trains on by default (relative to the repository root), passed to both.
+fn bench_data() -> Result<PathBuf> {
+    let candidates = ["../shared/data/abstracts/train.csv", "data/demo.csv"];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| root().join(p).is_file())
+        .with_context(|| {
+            format!(
+                "none of {} exists under {}",
+                candidates.join(", "),
+                root().display()
+            )
+        })
+}
+
+const VENV_HINT: &str = "python3 -m venv target/reference-venv && \
+     target/reference-venv/bin/pip install -r benches/reference/requirements.txt";
+
+/// `$GRAFT_REFERENCE_PYTHON`, else the repository's `target/reference-venv`; checked by
+/// importing the reference's packages so that a broken setup fails before graft's long run.
+fn reference_python() -> Result<PathBuf> {
+    let python = match std::env::var_os("GRAFT_REFERENCE_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let venv = root()
+                .join("target")
+                .join("reference-venv")
+                .join("bin")
+                .join("python");
+            if !venv.is_file() {
+                bail!(
+                    "no Python for the reference: {} is missing and GRAFT_REFERENCE_PYTHON is \
+                     unset; create it from the repository root with:\n  {VENV_HINT}",
+                    venv.display()
+                );
+            }
+            venv
+        }
+    };
+    let status = Command::new(&python)
+        .current_dir(root())
+        .args(["-c", "import torch, transformers, peft, safetensors"])
+        .status()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !status.success() {
+        bail!(
+            "{} cannot import torch, transformers, peft and safetensors; install them with:\n  \
+             {VENV_HINT}\n(or point GRAFT_REFERENCE_PYTHON at an interpreter that has them)",
+            python.display()
+        );
+    }
+    Ok(python)
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Median of the values present; None when no round reported the key.
+fn median(values: &[Option<f64>]) -> Option<f64> {
+    let mut present: Vec<f64> = values.iter().flatten().copied().collect();
+    present.sort_by(f64::total_cmp);
+    let n = present.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(present[n / 2]),
+        _ => Some((present[n / 2 - 1] + present[n / 2]) / 2.0),
+    }
+}
+
+fn ratio(graft: Option<f64>, reference: Option<f64>) -> Option<f64> {
+    match (graft, reference) {
+        (Some(g), Some(r)) if r > 0.0 => Some(g / r),
+        _ => None,
+    }
+}
+
+/// graft's LoRA and the PyTorch + PEFT reference, alternated for `rounds` rounds so that machine
+/// noise falls on both: graft train (with its final evaluation), reference train, reference
+/// inference. graft trains and evaluates in one process; the reference uses one per mode.
+pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathBuf>) -> Result<()> {
+    if selection != "all" && selection != "lora" {
+        bail!("--reference compares LoRA only (the reference has no other method); drop --methods or pass --methods lora");
+    }
+    if rounds == 0 || steps == 0 {
+        bail!("--rounds and --steps must be positive");
+    }
+    let out = out.unwrap_or_else(default_out);
+    let python = reference_python()?;
+    build()?;
+    let model = model_dir()?;
+    let data = bench_data()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out_dir = root().join(&out);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    let mut per_round = Vec::new();
+    for round in 1..=rounds {
+        let run = out.join(format!("lora-round-{round}"));
+        eprintln!(
+            "bench --reference: round {round}/{rounds}, graft LoRA, {steps} steps -> {}",
+            run.display()
+        );
+        run_graft(&[
+            "train".into(),
+            "--method".into(),
+            "lora".into(),
+            "--config".into(),
+            "configs/lora.toml".into(),
+            "--model".into(),
+            model.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--max-steps".into(),
+            steps.to_string(),
+            "--eval-every".into(),
+            "0".into(),
+            "--out".into(),
+            run.display().to_string(),
+        ])?;
+        let graft = read_json(&root().join(&run).join("eval.json"))?;
+
+        let mut reference = serde_json::Map::new();
+        for mode in ["train", "infer"] {
+            let file = out_dir.join(format!("reference-round-{round}-{mode}.json"));
+            eprintln!(
+                "bench --reference: round {round}/{rounds}, PyTorch + PEFT {mode} -> {}",
+                file.display()
+            );
+            let status = Command::new(&python)
+                .current_dir(root())
+                .arg("benches/reference/peft_reference.py")
+                .args(["--mode", mode, "--steps", &steps.to_string()])
+                .args(["--threads", &threads.to_string()])
+                .arg("--model")
+                .arg(&model)
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&file)
+                .status()
+                .with_context(|| {
+                    format!(
+                        "running {} benches/reference/peft_reference.py",
+                        python.display()
+                    )
+                })?;
+            if !status.success() {
+                bail!("the reference's {mode} run failed (round {round})");
+            }
+            reference.insert(mode.to_string(), read_json(&file)?);
+        }
+        per_round.push(json!({
+            "round": round,
+            "graft": {
+                "step_seconds_median": graft["step_seconds_median"],
+                "train_tokens_per_s": graft["train_tokens_per_s"],
+                "eval_batch_seconds_median": graft["eval_batch_seconds_median"],
+                "eval_tokens_per_s": graft["eval_tokens_per_s"],
+                "peak_rss_mb": graft["peak_rss_mb"],
+                "f1": graft["f1"],
+            },
+            "reference": {
+                "step_seconds_median": reference["train"]["step_seconds_median"],
+                "train_tokens_per_s": reference["train"]["train_tokens_per_s"],
+                "train_nonpad_tokens_per_s": reference["train"]["train_nonpad_tokens_per_s"],
+                "infer_batch_seconds_median": reference["infer"]["infer_batch_seconds_median"],
+                "infer_tokens_per_s": reference["infer"]["infer_tokens_per_s"],
+                "train_peak_rss_mb": reference["train"]["peak_rss_mb"],
+                "infer_peak_rss_mb": reference["infer"]["peak_rss_mb"],
+                "threads": reference["train"]["threads"],
+                "versions": reference["train"]["versions"],
+            },
+        }));
+    }
+
+    let over_rounds = |system: &str, key: &str| -> Option<f64> {
+        let values: Vec<Option<f64>> = per_round.iter().map(|r| r[system][key].as_f64()).collect();
+        median(&values)
+    };
+    let graft_rss = over_rounds("graft", "peak_rss_mb");
+    // graft trains and evaluates in one process; the reference's nearest equal is the larger of
+    // its two processes' peaks.
+    let reference_rss = match (
+        over_rounds("reference", "train_peak_rss_mb"),
+        over_rounds("reference", "infer_peak_rss_mb"),
+    ) {
+        (Some(t), Some(i)) => Some(t.max(i)),
+        (t, i) => t.or(i),
+    };
+    let metric = |name: &str, graft: Option<f64>, reference: Option<f64>| json!({ "metric": name, "graft": graft, "reference": reference, "ratio": ratio(graft, reference) });
+    let rows = vec![
+        metric(
+            "train tokens/s",
+            over_rounds("graft", "train_tokens_per_s"),
+            over_rounds("reference", "train_tokens_per_s"),
+        ),
+        metric(
+            "train s/step (median)",
+            over_rounds("graft", "step_seconds_median"),
+            over_rounds("reference", "step_seconds_median"),
+        ),
+        metric(
+            "inference tokens/s",
+            over_rounds("graft", "eval_tokens_per_s"),
+            over_rounds("reference", "infer_tokens_per_s"),
+        ),
+        metric(
+            "inference s/batch (median)",
+            over_rounds("graft", "eval_batch_seconds_median"),
+            over_rounds("reference", "infer_batch_seconds_median"),
+        ),
+        metric("peak RSS (MiB)", graft_rss, reference_rss),
+    ];
+    let report = json!({
+        "command": format!("cargo xtask bench --reference --steps {steps} --rounds {rounds}"),
+        "machine": machine(),
+        "date": today(),
+        "steps": steps,
+        "rounds": rounds,
+        "threads": threads,
+        "data": data.display().to_string(),
+        "reference_versions": per_round[0]["reference"]["versions"],
+        "reference_peak_rss_mb": {
+            "train": over_rounds("reference", "train_peak_rss_mb"),
+            "infer": over_rounds("reference", "infer_peak_rss_mb"),
+        },
+        "rows": rows,
+        "per_round": per_round,
+    });
+    write_report(&out, &report, &reference_markdown(&report))
+}
+
+fn reference_markdown(report: &Value) -> String {
+    let versions = &report["reference_versions"];
+    let mut table = format!(
+        "`{}` on {} ({}); LoRA r=8 on query/value, {} training steps of 8 x up to 128 tokens, \
+         inference at 32 x 128 tokens; median of {} alternating rounds. Reference: torch {}, \
+         transformers {}, peft {}, {} threads, fp32.\n\n\
+         | metric | graft | PyTorch + PEFT | graft / reference |\n\
+         | --- | ---: | ---: | ---: |\n",
+        report["command"].as_str().unwrap_or_default(),
+        report["machine"].as_str().unwrap_or_default(),
+        report["date"].as_str().unwrap_or_default(),
+        report["steps"],
+        report["rounds"],
+        versions["torch"].as_str().unwrap_or("?"),
+        versions["transformers"].as_str().unwrap_or("?"),
+        versions["peft"].as_str().unwrap_or("?"),
+        report["threads"],
+    );
+    let cell = |v: &Value, digits: usize| match v.as_f64() {
+        Some(x) => format!("{x:.digits$}"),
+        None => "n/a".to_string(),
+    };
+    for row in report["rows"].as_array().into_iter().flatten() {
+        // Seconds per step or batch get decimals; "tokens/s" and MiB do not.
+        let digits = if row["metric"].as_str().is_some_and(|m| m.contains(" s/")) {
+            3
+        } else {
+            0
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            row["metric"].as_str().unwrap_or_default(),
+            cell(&row["graft"], digits),
+            cell(&row["reference"], digits),
+            cell(&row["ratio"], 2),
+        ));
+    }
+    let rss = &report["reference_peak_rss_mb"];
+    table.push_str(&format!(
+        "\ngraft's peak RSS covers training and its final evaluation in one process; the \
+         reference's is the larger of its training ({} MiB) and inference ({} MiB) processes.\n",
+        cell(&rss["train"], 0),
+        cell(&rss["infer"], 0),
+    ));
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_uses_the_rounds_that_reported() {
+        assert_eq!(median(&[Some(3.0), None, Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(median(&[Some(1.0), Some(4.0)]), Some(2.5));
+        assert_eq!(median(&[None, None]), None);
+    }
+
+    #[test]
+    fn missing_graft_inference_keys_read_n_a() {
+        let report = json!({
+            "command": "cargo xtask bench --reference --steps 4 --rounds 1",
+            "steps": 4, "rounds": 1, "threads": 2,
+            "reference_versions": { "torch": "2.15.0" },
+            "reference_peak_rss_mb": { "train": 1071.0, "infer": 1030.0 },
+            "rows": [
+                { "metric": "inference tokens/s", "graft": null, "reference": 6923.1, "ratio": null },
+                { "metric": "train s/step (median)", "graft": 2.33, "reference": 0.3, "ratio": 7.77 },
+            ],
+        });
+        let table = reference_markdown(&report);
+        assert!(
+            table.contains("| inference tokens/s | n/a | 6923 | n/a |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| train s/step (median) | 2.330 | 0.300 | 7.77 |"),
+            "{table}"
+        );
+    }
 }

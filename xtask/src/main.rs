@@ -74,6 +74,13 @@ enum Task {
         /// Folder for the runs, bench.json and bench.md (default: runs/bench-<unix seconds>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Compare graft's LoRA with the PyTorch + Hugging Face PEFT reference
+        /// (benches/reference), alternating the two systems round by round.
+        #[arg(long)]
+        reference: bool,
+        /// Rounds of the --reference comparison; each system's median over rounds is reported.
+        #[arg(long, default_value_t = 3, requires = "reference")]
+        rounds: usize,
     },
 }
 
@@ -200,6 +207,15 @@ fn main() -> Result<()> {
             methods,
             steps,
             out,
+            reference: false,
+            ..
         } => bench::methods(&methods, steps, out),
+        Task::Bench {
+            methods,
+            steps,
+            out,
+            reference: true,
+            rounds,
+        } => bench::reference(&methods, steps, rounds, out),
     }
 }

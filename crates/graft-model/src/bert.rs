@@ -358,32 +358,37 @@ impl Bert {
         bias: &Tensor,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let heads = self.config.num_attention_heads;
-        let hd = self.config.head_dim();
-        let split = |y: Tensor| y.reshape((b, t, heads, hd));
-        let q = split(layer.query.forward(x, hooks)?)?;
-        let mut k = split(layer.key.forward(x, hooks)?)?;
-        let mut v = split(layer.value.forward(x, hooks)?)?;
+        let b = x.dim(0)?;
+        let q = layer.query.forward(x, hooks)?;
+        let mut k = layer.key.forward(x, hooks)?;
+        let mut v = layer.value.forward(x, hooks)?;
         if let Some((pk, pv)) = hooks.kv_prefix(index, b)? {
-            k = Tensor::cat(&[&pk.to_dtype(k.dtype())?, &k], 1)?;
-            v = Tensor::cat(&[&pv.to_dtype(v.dtype())?, &v], 1)?;
+            // Prefixes come as [b, prefix, heads, head_dim]; the activations are [b, t, hidden].
+            let dtype = k.dtype();
+            let flat = |p: Tensor| -> Result<Tensor> {
+                let (pb, pt, ph, pd) = p.dims4()?;
+                Ok(p.to_dtype(dtype)?.reshape((pb, pt, ph * pd))?)
+            };
+            k = Tensor::cat(&[&flat(pk)?, &k], 1)?;
+            v = Tensor::cat(&[&flat(pv)?, &v], 1)?;
         }
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = ops::softmax_last_dim(&scores)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, h))?;
+        let heads = self.config.num_attention_heads;
+        let context = ops::attention(
+            &q,
+            &k,
+            &v,
+            &ops::AttentionSpec {
+                heads,
+                kv_heads: heads,
+                causal: false,
+                key_bias: Some(bias),
+            },
+        )?;
         let attended = layer.attention_out.forward(&context, hooks)?;
         let x = layer.attention_norm.forward(&(attended + x)?, hooks)?;
         let inner = layer.intermediate.forward(&x, hooks)?;
         let inner = match self.config.hidden_act.as_str() {
-            "gelu" => inner.gelu_erf()?,
+            "gelu" => ops::gelu_erf(&inner)?,
             "gelu_new" => inner.gelu()?,
             _ => inner.relu()?,
         };

@@ -1,0 +1,685 @@
+//! Fused CPU kernels with hand-written backward passes, for f32 and f64.
+//!
+//! Each replaces a chain of candle ops whose backward allocates a zeroed gradient and an
+//! intermediate per edge. Every kernel is checked against its composed counterpart in
+//! [`super::reference`] by value and by finite differences (`tests/kernels.rs`).
+use super::matmul::{gemm, Shared, SharedMut, Threads, View};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+use rayon::prelude::*;
+
+/// The element types the kernels are written for.
+pub(crate) trait Float: num_traits::Float + WithDType + std::iter::Sum {
+    fn erf(self) -> Self;
+}
+
+impl Float for f32 {
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+}
+
+impl Float for f64 {
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+}
+
+/// Whether the fused kernels handle these tensors: all on the CPU, all f32 or all f64.
+pub(crate) fn supports(tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else {
+        return false;
+    };
+    matches!(first.dtype(), DType::F32 | DType::F64)
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
+}
+
+fn contiguous<'a, T: Float>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(storage)?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&all[start..end]),
+        None => bail!("graft kernel: input is not contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous CPU data of `t`.
+fn with_data<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous(cpu, layout)?),
+        _ => bail!("graft kernel: tensor is not on the CPU"),
+    }
+}
+
+fn tensor<T: Float>(data: Vec<T>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(data, like.shape(), like.device())
+}
+
+/// Rows per parallel task: enough work per task to amortise scheduling.
+fn rows_per_task(width: usize) -> usize {
+    (16384 / width.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer normalisation over the last dimension.
+
+pub(crate) struct LayerNorm {
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    fn row_stats<T: Float>(&self, row: &[T]) -> (T, T) {
+        let n = T::from_f64(row.len() as f64);
+        let mean = row.iter().copied().sum::<T>() / n;
+        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+        (mean, T::one() / (var + T::from_f64(self.eps)).sqrt())
+    }
+
+    fn fwd<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+        let n = gamma.len();
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(y, row)| {
+                let (mean, rstd) = self.row_stats(row);
+                for j in 0..n {
+                    y[j] = (row[j] - mean) * rstd * gamma[j] + beta[j];
+                }
+            });
+        out
+    }
+
+    /// `(dx, dgamma, dbeta)`; the statistics are recomputed from `x` rather than stored.
+    fn bwd<T: Float>(&self, x: &[T], gamma: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let n = gamma.len();
+        let chunk = rows_per_task(n) * n;
+        let mut dx = vec![T::zero(); x.len()];
+        let partials: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .map(|(dx, (x, dy))| {
+                let mut dgamma = vec![T::zero(); n];
+                let mut dbeta = vec![T::zero(); n];
+                let inv_n = T::one() / T::from_f64(n as f64);
+                for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
+                    let (mean, rstd) = self.row_stats(x);
+                    let mut mean_g = T::zero();
+                    let mut mean_gx = T::zero();
+                    for j in 0..n {
+                        let xhat = (x[j] - mean) * rstd;
+                        let g = dy[j] * gamma[j];
+                        mean_g += g;
+                        mean_gx += g * xhat;
+                        dgamma[j] += dy[j] * xhat;
+                        dbeta[j] += dy[j];
+                    }
+                    mean_g *= inv_n;
+                    mean_gx *= inv_n;
+                    for j in 0..n {
+                        let xhat = (x[j] - mean) * rstd;
+                        dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat * mean_gx);
+                    }
+                }
+                (dgamma, dbeta)
+            })
+            .collect();
+        let mut dgamma = vec![T::zero(); n];
+        let mut dbeta = vec![T::zero(); n];
+        for (g, b) in partials {
+            for j in 0..n {
+                dgamma[j] += g[j];
+                dbeta[j] += b[j];
+            }
+        }
+        (dx, dgamma, dbeta)
+    }
+
+    fn bwd_typed<T: Float>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dgamma, dbeta) = with_data::<T, _>(x, |xs| {
+            with_data::<T, _>(gamma, |g| {
+                with_data::<T, _>(&grad, |dy| Ok(self.bwd(xs, g, dy)))
+            })
+        })?;
+        Ok((
+            Some(tensor(dx, x)?),
+            gamma
+                .track_op()
+                .then(|| tensor(dgamma, gamma))
+                .transpose()?,
+            beta.track_op().then(|| tensor(dbeta, beta)).transpose()?,
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "graft-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(self.fwd::<f32>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+                contiguous(s3, l3)?,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(self.fwd::<f64>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+                contiguous(s3, l3)?,
+            )),
+            _ => bail!("graft-layer-norm: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, gamma, beta, grad),
+            _ => self.bwd_typed::<f64>(x, gamma, beta, grad),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU with the exact (erf) form, as BERT's "gelu".
+
+pub(crate) struct GeluErf;
+
+impl GeluErf {
+    fn fwd<T: Float>(x: &[T]) -> Vec<T> {
+        let half = T::from_f64(0.5);
+        let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = half * x * (T::one() + (x * inv_sqrt2).erf());
+                }
+            });
+        out
+    }
+
+    /// d/dx = Φ(x) + x φ(x).
+    fn bwd<T: Float>(x: &[T], dy: &[T]) -> Vec<T> {
+        let half = T::from_f64(0.5);
+        let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+        let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384).zip(dy.par_chunks(16384)))
+            .for_each(|(dx, (x, dy))| {
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                    let pdf = (-half * x * x).exp() * inv_sqrt_2pi;
+                    *dx = dy * (cdf + x * pdf);
+                }
+            });
+        out
+    }
+
+    fn bwd_typed<T: Float>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.contiguous()?;
+        let dx = with_data::<T, _>(x, |xs| with_data::<T, _>(&grad, |dy| Ok(Self::bwd(xs, dy))))?;
+        tensor(dx, x)
+    }
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "graft-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match storage {
+            CpuStorage::F32(_) => {
+                f32::to_cpu_storage_owned(Self::fwd::<f32>(contiguous(storage, layout)?))
+            }
+            CpuStorage::F64(_) => {
+                f64::to_cpu_storage_owned(Self::fwd::<f64>(contiguous(storage, layout)?))
+            }
+            _ => bail!("graft-gelu-erf: f32 or f64 only"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(match x.dtype() {
+            DType::F32 => Self::bwd_typed::<f32>(x, grad)?,
+            _ => Self::bwd_typed::<f64>(x, grad)?,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scaled dot-product attention over `[batch, seq, heads * head_dim]` activations.
+
+/// The sizes and options of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttentionDims {
+    pub batch: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+    pub scale: f64,
+}
+
+impl AttentionDims {
+    fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+}
+
+/// Attention with the probabilities recomputed in the backward pass instead of stored, so
+/// memory stays linear in the sequence length.
+pub(crate) struct Attention {
+    pub dims: AttentionDims,
+    /// Additive key bias `[batch, keys]` (0 or a large negative number), if any.
+    pub key_bias: Option<Tensor>,
+}
+
+impl Attention {
+    /// Probabilities `[queries, keys]` of head `head` of row `b`, into `probs`.
+    fn probabilities<T: Float>(
+        &self,
+        (q, k): (Shared<T>, Shared<T>),
+        bias: Option<&[T]>,
+        (b, head): (usize, usize),
+        probs: &mut [T],
+    ) {
+        let d = self.dims;
+        let (tq, tk) = (d.queries, d.keys);
+        let kv_head = head / d.group();
+        let q_view = View::rows(q.at(b * tq * d.q_width() + head * d.head_dim), d.q_width());
+        let k_view = View::rows(
+            k.at(b * tk * d.kv_width() + kv_head * d.head_dim),
+            d.kv_width(),
+        );
+        unsafe {
+            gemm(
+                (tq, tk, d.head_dim),
+                probs.as_mut_ptr(),
+                tk,
+                false,
+                q_view,
+                k_view.t(),
+                T::from_f64(d.scale),
+                Threads::Caller,
+            );
+        }
+        for (i, row) in probs.chunks_mut(tk).enumerate() {
+            // A causal query sees the keys up to its own position, offset by any prefix keys.
+            let visible = if d.causal {
+                (i + 1 + tk - tq).min(tk)
+            } else {
+                tk
+            };
+            if let Some(bias) = bias {
+                let bias = &bias[b * tk..(b + 1) * tk];
+                for (s, &m) in row[..visible].iter_mut().zip(bias) {
+                    *s += m;
+                }
+            }
+            let max = row[..visible]
+                .iter()
+                .copied()
+                .fold(T::neg_infinity(), num_traits::Float::max);
+            let mut sum = T::zero();
+            for s in &mut row[..visible] {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = T::one() / sum;
+            for s in &mut row[..visible] {
+                *s *= inv;
+            }
+            for s in &mut row[visible..] {
+                *s = T::zero();
+            }
+        }
+    }
+
+    fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T], bias: Option<&[T]>) -> Vec<T> {
+        let d = self.dims;
+        let (tq, tk) = (d.queries, d.keys);
+        let mut out = vec![T::zero(); d.batch * tq * d.q_width()];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let (qp, kp, vp) = (Shared(q.as_ptr()), Shared(k.as_ptr()), Shared(v.as_ptr()));
+        (0..d.batch * d.heads).into_par_iter().for_each_init(
+            || vec![T::zero(); tq * tk],
+            |probs, task| {
+                let (b, head) = (task / d.heads, task % d.heads);
+                self.probabilities((qp, kp), bias, (b, head), probs);
+                let kv_head = head / d.group();
+                let v_view = View::rows(
+                    vp.at(b * tk * d.kv_width() + kv_head * d.head_dim),
+                    d.kv_width(),
+                );
+                // Each task writes its own head's columns of its own row: disjoint blocks.
+                unsafe {
+                    gemm(
+                        (tq, d.head_dim, tk),
+                        out_ptr.at(b * tq * d.q_width() + head * d.head_dim),
+                        d.q_width(),
+                        false,
+                        View::rows(probs.as_ptr(), tk),
+                        v_view,
+                        T::one(),
+                        Threads::Caller,
+                    );
+                }
+            },
+        );
+        out
+    }
+
+    /// `(dq, dk, dv)`. One task per key/value head of a row, so that the heads sharing it
+    /// (grouped-query attention) accumulate into its gradient without contention.
+    fn bwd<T: Float>(
+        &self,
+        (q, k, v): (&[T], &[T], &[T]),
+        bias: Option<&[T]>,
+        dout: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let d = self.dims;
+        let (tq, tk, hd) = (d.queries, d.keys, d.head_dim);
+        let mut dq = vec![T::zero(); q.len()];
+        let mut dk = vec![T::zero(); k.len()];
+        let mut dv = vec![T::zero(); v.len()];
+        let (dqp, dkp, dvp) = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        let (qp, kp, vp, dop) = (
+            Shared(q.as_ptr()),
+            Shared(k.as_ptr()),
+            Shared(v.as_ptr()),
+            Shared(dout.as_ptr()),
+        );
+        let scale = T::from_f64(d.scale);
+        (0..d.batch * d.kv_heads).into_par_iter().for_each_init(
+            || (vec![T::zero(); tq * tk], vec![T::zero(); tq * tk]),
+            |(probs, dprobs), task| {
+                let (b, kv_head) = (task / d.kv_heads, task % d.kv_heads);
+                let kv_offset = b * tk * d.kv_width() + kv_head * hd;
+                let k_view = View::rows(kp.at(kv_offset), d.kv_width());
+                let v_view = View::rows(vp.at(kv_offset), d.kv_width());
+                for head in kv_head * d.group()..(kv_head + 1) * d.group() {
+                    let q_offset = b * tq * d.q_width() + head * hd;
+                    let q_view = View::rows(qp.at(q_offset), d.q_width());
+                    let do_view = View::rows(dop.at(q_offset), d.q_width());
+                    self.probabilities((qp, kp), bias, (b, head), probs);
+                    unsafe {
+                        // dV += Pᵀ · dO
+                        gemm(
+                            (tk, hd, tq),
+                            dvp.at(kv_offset),
+                            d.kv_width(),
+                            true,
+                            View::rows(probs.as_ptr(), tk).t(),
+                            do_view,
+                            T::one(),
+                            Threads::Caller,
+                        );
+                        // dP = dO · Vᵀ
+                        gemm(
+                            (tq, tk, hd),
+                            dprobs.as_mut_ptr(),
+                            tk,
+                            false,
+                            do_view,
+                            v_view.t(),
+                            T::one(),
+                            Threads::Caller,
+                        );
+                    }
+                    // dS = P ∘ (dP − Σ_j P∘dP), the softmax's backward (masked P is 0).
+                    for (p, dp) in probs.chunks(tk).zip(dprobs.chunks_mut(tk)) {
+                        let dot: T = p.iter().zip(dp.iter()).map(|(&p, &g)| p * g).sum();
+                        for (g, &p) in dp.iter_mut().zip(p) {
+                            *g = p * (*g - dot);
+                        }
+                    }
+                    unsafe {
+                        // dQ = scale · dS · K
+                        gemm(
+                            (tq, hd, tk),
+                            dqp.at(q_offset),
+                            d.q_width(),
+                            false,
+                            View::rows(dprobs.as_ptr(), tk),
+                            k_view,
+                            scale,
+                            Threads::Caller,
+                        );
+                        // dK += scale · dSᵀ · Q
+                        gemm(
+                            (tk, hd, tq),
+                            dkp.at(kv_offset),
+                            d.kv_width(),
+                            true,
+                            View::rows(dprobs.as_ptr(), tk).t(),
+                            q_view,
+                            scale,
+                            Threads::Caller,
+                        );
+                    }
+                }
+            },
+        );
+        (dq, dk, dv)
+    }
+
+    fn with_bias<T: Float, R>(&self, f: impl FnOnce(Option<&[T]>) -> Result<R>) -> Result<R> {
+        match &self.key_bias {
+            Some(bias) => with_data::<T, _>(bias, |b| f(Some(b))),
+            None => f(None),
+        }
+    }
+
+    fn cpu_fwd_typed<T: Float>(&self, q: &[T], k: &[T], v: &[T]) -> Result<CpuStorage> {
+        self.with_bias::<T, _>(|bias| Ok(T::to_cpu_storage_owned(self.fwd(q, k, v, bias))))
+    }
+
+    fn bwd_typed<T: Float>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dq, dk, dv) = with_data::<T, _>(q, |qs| {
+            with_data::<T, _>(k, |ks| {
+                with_data::<T, _>(v, |vs| {
+                    with_data::<T, _>(&grad, |dout| {
+                        self.with_bias::<T, _>(|bias| Ok(self.bwd((qs, ks, vs), bias, dout)))
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(tensor(dq, q)?),
+            Some(tensor(dk, k)?),
+            Some(tensor(dv, v)?),
+        ))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "graft-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => self.cpu_fwd_typed::<f32>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+                contiguous(s3, l3)?,
+            )?,
+            CpuStorage::F64(_) => self.cpu_fwd_typed::<f64>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+                contiguous(s3, l3)?,
+            )?,
+            _ => bail!("graft-attention: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match q.dtype() {
+            DType::F32 => self.bwd_typed::<f32>((q, k, v), grad),
+            _ => self.bwd_typed::<f64>((q, k, v), grad),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A projection through a frozen weight: `y = x · Wᵀ + b` whose backward yields only dx.
+
+pub(crate) struct FrozenLinear {
+    /// `[out, in]`, contiguous.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    fn fwd<T: Float>(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+        let (out_f, in_f) = (self.out_features(), w.len() / self.out_features());
+        let rows = x.len() / in_f;
+        let mut y = vec![T::zero(); rows * out_f];
+        if let Some(bias) = bias {
+            y.par_chunks_mut(out_f)
+                .for_each(|row| row.copy_from_slice(bias));
+        }
+        unsafe {
+            gemm(
+                (rows, out_f, in_f),
+                y.as_mut_ptr(),
+                out_f,
+                bias.is_some(),
+                View::rows(x.as_ptr(), in_f),
+                View::rows(w.as_ptr(), in_f).t(),
+                T::one(),
+                Threads::Pool,
+            );
+        }
+        y
+    }
+
+    fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    fn cpu_fwd_typed<T: Float>(&self, x: &[T]) -> Result<CpuStorage> {
+        with_data::<T, _>(&self.weight, |w| match &self.bias {
+            Some(b) => {
+                with_data::<T, _>(b, |b| Ok(T::to_cpu_storage_owned(self.fwd(x, w, Some(b)))))
+            }
+            None => Ok(T::to_cpu_storage_owned(self.fwd(x, w, None))),
+        })
+    }
+
+    fn bwd_typed<T: Float>(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.contiguous()?;
+        let (out_f, in_f) = self.weight.dims2()?;
+        let rows = x.elem_count() / in_f;
+        let mut dx = vec![T::zero(); x.elem_count()];
+        with_data::<T, _>(&self.weight, |w| {
+            with_data::<T, _>(&grad, |dy| {
+                unsafe {
+                    gemm(
+                        (rows, in_f, out_f),
+                        dx.as_mut_ptr(),
+                        in_f,
+                        false,
+                        View::rows(dy.as_ptr(), out_f),
+                        View::rows(w.as_ptr(), in_f),
+                        T::one(),
+                        Threads::Pool,
+                    );
+                }
+                Ok(())
+            })
+        })?;
+        tensor(dx, x)
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "graft-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match storage {
+            CpuStorage::F32(_) => self.cpu_fwd_typed::<f32>(contiguous(storage, layout)?)?,
+            CpuStorage::F64(_) => self.cpu_fwd_typed::<f64>(contiguous(storage, layout)?)?,
+            _ => bail!("graft-frozen-linear: f32 or f64 only"),
+        };
+        let mut dims = layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.out_features();
+        }
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, grad)?,
+            _ => self.bwd_typed::<f64>(x, grad)?,
+        }))
+    }
+}

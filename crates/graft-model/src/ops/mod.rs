@@ -1,0 +1,195 @@
+//! Training-safe building blocks.
+//!
+//! candle's fused `layer_norm`, `rms_norm`, `softmax_last_dim`, `rope` and `sdpa` have no
+//! backward and drop gradients silently, and its composed ops allocate a zeroed gradient and an
+//! intermediate per graph edge. On the CPU (f32, f64) each function here runs a fused kernel with
+//! a hand-written backward ([`cpu`]); elsewhere it runs the composition in [`reference`]. The
+//! kernels are checked against the reference by value and by finite differences
+//! (`tests/kernels.rs`). `GRAFT_REFERENCE_OPS=1` forces the reference everywhere, to measure
+//! what the kernels gain.
+mod cpu;
+mod matmul;
+pub mod reference;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use std::sync::OnceLock;
+
+/// Whether the fused CPU kernels may run on these tensors.
+fn fused(tensors: &[&Tensor]) -> bool {
+    static FORCE_REFERENCE: OnceLock<bool> = OnceLock::new();
+    let force_reference = *FORCE_REFERENCE.get_or_init(|| {
+        std::env::var("GRAFT_REFERENCE_OPS").is_ok_and(|v| v != "0" && !v.is_empty())
+    });
+    !force_reference && cpu::supports(tensors)
+}
+
+/// Layer normalisation over the last dimension.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(&[x, gamma, beta]) {
+        return reference::layer_norm(x, gamma, beta, eps);
+    }
+    x.contiguous()?.apply_op3_arc(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        std::sync::Arc::new(Box::new(cpu::LayerNorm { eps })),
+    )
+}
+
+/// GELU, exact (erf) form: transformers' `"gelu"`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fused(&[x]) {
+        return reference::gelu_erf(x);
+    }
+    x.contiguous()?.apply_op1(cpu::GeluErf)
+}
+
+/// What an attention call attends to.
+pub struct AttentionSpec<'a> {
+    pub heads: usize,
+    /// Key/value heads; `heads` must be a multiple (grouped-query and multi-query attention).
+    pub kv_heads: usize,
+    /// Each query sees only keys up to its own position (offset by any extra leading keys).
+    pub causal: bool,
+    /// Additive bias per key, `[batch, keys]`: 0 where a key may be attended, a large negative
+    /// number where it is padding (see [`additive_mask`]).
+    pub key_bias: Option<&'a Tensor>,
+}
+
+/// Scaled dot-product attention, softmax(q·kᵀ/√d + bias)·v, on `[batch, seq, heads * d]`
+/// activations: `q` `[b, tq, heads * d]`, `k` and `v` `[b, tk, kv_heads * d]` with `tk >= tq`
+/// when causal. Returns `[b, tq, heads * d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+    let (batch, queries, width) = q.dims3()?;
+    let (_, keys, kv_width) = k.dims3()?;
+    if spec.heads == 0
+        || spec.kv_heads == 0
+        || !spec.heads.is_multiple_of(spec.kv_heads)
+        || !width.is_multiple_of(spec.heads)
+        || kv_width != width / spec.heads * spec.kv_heads
+        || v.dims() != k.dims()
+        || k.dim(0)? != batch
+        || (spec.causal && keys < queries)
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit {} heads over {} key/value heads{}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            spec.heads,
+            spec.kv_heads,
+            if spec.causal { " (causal)" } else { "" }
+        );
+    }
+    let mut all = vec![q, k, v];
+    all.extend(spec.key_bias);
+    if !fused(&all) {
+        return reference::attention(q, k, v, spec);
+    }
+    let head_dim = width / spec.heads;
+    let op = cpu::Attention {
+        dims: cpu::AttentionDims {
+            batch,
+            queries,
+            keys,
+            heads: spec.heads,
+            kv_heads: spec.kv_heads,
+            head_dim,
+            causal: spec.causal,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        },
+        key_bias: spec
+            .key_bias
+            .map(|b| b.reshape((batch, keys))?.contiguous())
+            .transpose()?,
+    };
+    q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )
+}
+
+/// `x · Wᵀ + b` for a frozen `weight` (`[out, in]`).
+///
+/// candle's matmul backward always computes the weight gradient, which for a frozen weight is
+/// wasted work (about a third of a LoRA step) and a model-sized set of buffers. Here the
+/// backward carries only `dL/dx = dL/dy · W`.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut all = vec![x, weight];
+    all.extend(bias);
+    if fused(&all) {
+        let op = cpu::FrozenLinear {
+            weight: weight.contiguous()?,
+            bias: bias.map(Tensor::contiguous).transpose()?,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let output = reference::linear(&x.detach(), weight, bias)?;
+    if !x.track_op() {
+        return Ok(output);
+    }
+    x.apply_op1(FrozenLinearGrad {
+        weight: weight.clone(),
+        output,
+    })
+}
+
+/// `x · Wᵀ + b` with candle's own matmul: gradients reach `x`, `weight` and `bias`.
+pub fn plain_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    reference::linear(x, weight, bias)
+}
+
+/// The frozen projection off the CPU: the product is computed outside the graph and this op
+/// carries only the input gradient.
+struct FrozenLinearGrad {
+    weight: Tensor,
+    output: Tensor,
+}
+
+impl CustomOp1 for FrozenLinearGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (storage, layout) = self.output.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(cpu) if layout.is_contiguous() && layout.start_offset() == 0 => {
+                Ok((cpu.clone(), layout.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-linear: output is not a contiguous CPU tensor"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _input: &candle_core::CudaStorage,
+        _layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = self.output.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(cuda) => Ok((cuda.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("frozen-linear: output is not a CUDA tensor"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad_x = match grad_res.dims() {
+            [b, s, o] => grad_res
+                .reshape((b * s, *o))?
+                .matmul(&self.weight)?
+                .reshape((*b, *s, ()))?,
+            _ => grad_res.broadcast_matmul(&self.weight)?,
+        };
+        Ok(Some(grad_x))
+    }
+}
+
+/// Additive attention bias `[batch, keys]` from a 0/1 key mask `[batch, keys]`: 0 where a key
+/// may be attended, a large negative number where it is padding.
+pub fn additive_mask(mask: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    let mask = mask.to_dtype(candle_core::DType::F32)?;
+    ((mask - 1.0)? * 1e9)?.to_dtype(dtype)
+}

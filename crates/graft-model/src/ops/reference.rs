@@ -1,0 +1,87 @@
+//! The same operations composed from candle primitives, each of which has a backward: what
+//! runs on devices the fused kernels do not cover (CUDA, half precision), and the oracle the
+//! kernels are tested against.
+use super::AttentionSpec;
+use candle_core::{Result, Tensor, D};
+
+/// Layer normalisation over the last dimension.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+/// Softmax over the last dimension. The row maximum is subtracted for stability and
+/// detached: softmax does not depend on it, so no gradient is lost.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// GELU, exact (erf) form.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Scaled dot-product attention; see [`super::attention`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+    let (b, tq, width) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let hd = width / spec.heads;
+    let group = spec.heads / spec.kv_heads;
+    let heads = |x: &Tensor, n: usize, t: usize| -> Result<Tensor> {
+        x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+    };
+    // Grouped-query attention: each key/value head serves `group` consecutive query heads.
+    let repeat = |x: Tensor| -> Result<Tensor> {
+        if group == 1 {
+            return Ok(x);
+        }
+        x.unsqueeze(2)?
+            .broadcast_as((b, spec.kv_heads, group, tk, hd))?
+            .reshape((b, spec.heads, tk, hd))
+    };
+    let q = heads(q, spec.heads, tq)?;
+    let k = repeat(heads(k, spec.kv_heads, tk)?)?;
+    let v = repeat(heads(v, spec.kv_heads, tk)?)?;
+    let mut scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    if let Some(bias) = spec.key_bias {
+        scores = scores.broadcast_add(&bias.reshape((b, 1, 1, tk))?)?;
+    }
+    if spec.causal {
+        let offset = tk - tq;
+        let visible: Vec<u8> = (0..tq)
+            .flat_map(|i| (0..tk).map(move |j| u8::from(j <= i + offset)))
+            .collect();
+        let visible = Tensor::from_vec(visible, (tq, tk), q.device())?;
+        let blocked = Tensor::full(f64::NEG_INFINITY, (tq, tk), q.device())?
+            .to_dtype(scores.dtype())?
+            .broadcast_as(scores.shape())?;
+        scores = visible
+            .broadcast_as(scores.shape())?
+            .where_cond(&scores, &blocked)?;
+    }
+    softmax_last_dim(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, tq, width))
+}
+
+/// `x · Wᵀ + b` with candle's own matmul: gradients reach `x`, `weight` and `bias`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let out = match x.dims() {
+        [b, s, i] => x
+            .reshape((b * s, *i))?
+            .matmul(&weight.t()?)?
+            .reshape((*b, *s, ()))?,
+        _ => x.broadcast_matmul(&weight.t()?)?,
+    };
+    match bias {
+        Some(bias) => out.broadcast_add(bias),
+        None => Ok(out),
+    }
+}
