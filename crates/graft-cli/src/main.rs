@@ -367,6 +367,7 @@ fn csv_field(value: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    graft_model::runtime::init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,6 +6,7 @@ pub mod hooks;
 pub mod init;
 pub mod layers;
 pub mod ops;
+pub mod runtime;
 pub mod weights;
 pub mod zoo;
 

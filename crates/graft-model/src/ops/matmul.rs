@@ -1,7 +1,9 @@
 //! Matrix products over raw CPU buffers for the fused kernels, through the gemm crate that
 //! candle's own CPU matmul uses. Strided views let a kernel multiply one attention head, or a
 //! transposed operand, in place: no copy to make a block contiguous.
+use super::blas;
 use super::cpu::Float;
+use rayon::prelude::*;
 
 /// A matrix view: element `(i, j)` lives at `ptr + i * row_stride + j * col_stride`.
 #[derive(Clone, Copy)]
@@ -11,6 +13,10 @@ pub(crate) struct View<T> {
     pub col_stride: isize,
 }
 
+// A view is only read, under the contract of `gemm`'s callers.
+unsafe impl<T> Send for View<T> {}
+unsafe impl<T> Sync for View<T> {}
+
 impl<T> View<T> {
     /// A row-major matrix whose rows are `leading` elements apart.
     pub fn rows(ptr: *const T, leading: usize) -> Self {
@@ -19,6 +25,24 @@ impl<T> View<T> {
             row_stride: leading as isize,
             col_stride: 1,
         }
+    }
+
+    /// The `rows x cols` view as BLAS takes a row-major operand: (transpose flag, leading
+    /// dimension), if it is a row-major or a transposed row-major block.
+    fn blas_form(&self, rows: usize, cols: usize) -> Option<(std::ffi::c_int, std::ffi::c_int)> {
+        let (rs, cs) = (self.row_stride, self.col_stride);
+        if cs == 1 && rs >= cols.max(1) as isize {
+            Some((blas::NO_TRANS, rs as std::ffi::c_int))
+        } else if rs == 1 && cs >= rows.max(1) as isize {
+            Some((blas::TRANS, cs as std::ffi::c_int))
+        } else {
+            None
+        }
+    }
+
+    /// Where row `i` starts (a method, so that closures capture the whole Send view).
+    pub fn row(self, i: usize) -> *const T {
+        self.ptr.wrapping_offset(i as isize * self.row_stride)
     }
 
     /// The transpose of this view (no data moves).
@@ -56,6 +80,47 @@ pub(crate) unsafe fn gemm<T: Float>(
     scale: T,
     threads: Threads,
 ) {
+    if let Some(blas) = blas::get() {
+        if let (Some((ta, lda)), Some((tb, ldb))) = (a.blas_form(m, k), b.blas_form(k, n)) {
+            let dst = SharedMut(dst);
+            let call = |rows: std::ops::Range<usize>| {
+                let c = |v: usize| v as std::ffi::c_int;
+                // Rows `rows` of dst come from the same rows of a.
+                let a_rows = a.row(rows.start);
+                unsafe {
+                    T::blas_gemm(blas)(
+                        blas::ROW_MAJOR,
+                        ta,
+                        tb,
+                        c(rows.len()),
+                        c(n),
+                        c(k),
+                        scale,
+                        a_rows,
+                        lda,
+                        b.row(0),
+                        ldb,
+                        if accumulate { T::one() } else { T::zero() },
+                        dst.at(rows.start * dst_leading),
+                        c(dst_leading),
+                    )
+                }
+            };
+            let tasks = match threads {
+                Threads::Pool if m * n * k >= 1 << 18 => rayon::current_num_threads().min(m),
+                _ => 1,
+            };
+            if tasks <= 1 {
+                call(0..m);
+            } else {
+                let per_task = m.div_ceil(tasks);
+                (0..tasks)
+                    .into_par_iter()
+                    .for_each(|t| call(t * per_task..((t + 1) * per_task).min(m)));
+            }
+            return;
+        }
+    }
     let parallelism = match threads {
         Threads::Pool if m * n * k >= 1 << 18 => {
             gemm::Parallelism::Rayon(rayon::current_num_threads())

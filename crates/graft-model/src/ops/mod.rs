@@ -7,12 +7,25 @@
 //! kernels are checked against the reference by value and by finite differences
 //! (`tests/kernels.rs`). `GRAFT_REFERENCE_OPS=1` forces the reference everywhere, to measure
 //! what the kernels gain.
+mod blas;
 mod cpu;
+mod math;
 mod matmul;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use std::sync::OnceLock;
+
+/// The OpenBLAS kernel family for this CPU (see [`crate::runtime::init`]).
+pub fn blas_core_for_this_cpu() -> Option<&'static str> {
+    blas::core_for_this_cpu()
+}
+
+/// The system BLAS the large CPU products run through, by its kernel family, or `None` when
+/// they run on the gemm crate.
+pub fn blas_in_use() -> Option<String> {
+    blas::get().map(|b| b.core.clone())
+}
 
 /// Whether the fused CPU kernels may run on these tensors.
 fn fused(tensors: &[&Tensor]) -> bool {
