@@ -44,6 +44,42 @@ impl Float for f64 {
     }
 }
 
+const LANES: usize = 8;
+
+/// `Σ f(i)` over `0..n` in eight independent partial sums, which the compiler keeps in one
+/// vector register (a single running sum is a serial dependency it may not reorder).
+#[inline(always)]
+fn lane_sum<T: Float>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let whole = n / LANES * LANES;
+    for i in (0..whole).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+    }
+    let mut total = acc.iter().copied().sum::<T>();
+    for i in whole..n {
+        total += f(i);
+    }
+    total
+}
+
+/// The largest element (`-inf` for none), in eight independent lanes.
+#[inline(always)]
+fn lane_max<T: Float>(xs: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let rest = chunks.remainder().iter();
+    acc.iter()
+        .chain(rest)
+        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m })
+}
+
 /// Whether the fused kernels handle these tensors: all on the CPU, all f32 or all f64.
 pub(crate) fn supports(tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else {
@@ -91,8 +127,8 @@ pub(crate) struct LayerNorm {
 impl LayerNorm {
     fn row_stats<T: Float>(&self, row: &[T]) -> (T, T) {
         let n = T::from_f64(row.len() as f64);
-        let mean = row.iter().copied().sum::<T>() / n;
-        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+        let mean = lane_sum(row.len(), |j| row[j]) / n;
+        let var = lane_sum(row.len(), |j| (row[j] - mean) * (row[j] - mean)) / n;
         (mean, T::one() / (var + T::from_f64(self.eps)).sqrt())
     }
 
@@ -124,21 +160,15 @@ impl LayerNorm {
                 let inv_n = T::one() / T::from_f64(n as f64);
                 for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
                     let (mean, rstd) = self.row_stats(x);
-                    let mut mean_g = T::zero();
-                    let mut mean_gx = T::zero();
+                    let xhat = |j: usize| (x[j] - mean) * rstd;
+                    let mean_g = lane_sum(n, |j| dy[j] * gamma[j]) * inv_n;
+                    let mean_gx = lane_sum(n, |j| dy[j] * gamma[j] * xhat(j)) * inv_n;
                     for j in 0..n {
-                        let xhat = (x[j] - mean) * rstd;
-                        let g = dy[j] * gamma[j];
-                        mean_g += g;
-                        mean_gx += g * xhat;
-                        dgamma[j] += dy[j] * xhat;
+                        dgamma[j] += dy[j] * xhat(j);
                         dbeta[j] += dy[j];
                     }
-                    mean_g *= inv_n;
-                    mean_gx *= inv_n;
                     for j in 0..n {
-                        let xhat = (x[j] - mean) * rstd;
-                        dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat * mean_gx);
+                        dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx);
                     }
                 }
                 (dgamma, dbeta)
@@ -373,16 +403,11 @@ impl Attention {
                     *s += m;
                 }
             }
-            let max = row[..visible]
-                .iter()
-                .copied()
-                .fold(T::neg_infinity(), num_traits::Float::max);
-            let mut sum = T::zero();
+            let max = lane_max(&row[..visible]);
             for s in &mut row[..visible] {
                 *s = (*s - max).exp_fast();
-                sum += *s;
             }
-            let inv = T::one() / sum;
+            let inv = T::one() / lane_sum(visible, |j| row[j]);
             for s in &mut row[..visible] {
                 *s *= inv;
             }
@@ -489,7 +514,7 @@ impl Attention {
                     }
                     // dS = P ∘ (dP − Σ_j P∘dP), the softmax's backward (masked P is 0).
                     for (p, dp) in probs.chunks(tk).zip(dprobs.chunks_mut(tk)) {
-                        let dot: T = p.iter().zip(dp.iter()).map(|(&p, &g)| p * g).sum();
+                        let dot = lane_sum(tk, |j| p[j] * dp[j]);
                         for (g, &p) in dp.iter_mut().zip(p) {
                             *g = p * (*g - dot);
                         }

@@ -15,7 +15,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2_E + ROUND) - ROUND;
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // The integer n sits in the low mantissa bits of `shifted`; reading it from there, rather
+    // than with `as i32` (saturating, NaN-checked), keeps the loop vectorisable.
+    let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor series of e^r to degree 7 on |r| <= ln2 / 2: truncation error below 1e-8.
     let p = 1.0
@@ -24,7 +28,7 @@ pub(crate) fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let e = p * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let e = p * f32::from_bits(((n_int + 127) << 23) as u32);
     if underflow {
         0.0
     } else {
