@@ -226,7 +226,7 @@ fn run(cli: Cli) -> Result<()> {
             let registry = registry(&plugins)?;
             let classifier = open(&adapter, &registry)?;
             let examples = Examples::from_file(&data, &classifier.spec)?;
-            let (_, evaluation) = train::evaluate_examples(&classifier, &examples, 32)?;
+            let (_, evaluation, _) = train::evaluate_examples(&classifier, &examples, 32)?;
             let text = serde_json::to_string_pretty(&evaluation)?;
             match out {
                 Some(path) => std::fs::write(&path, &text)

@@ -47,12 +47,34 @@ impl Examples {
     }
 }
 
-/// Class predictions and the evaluation of `classifier` on `examples`, in batches.
+/// Inference speed over the full-size batches of an evaluation (the forward pass only, not
+/// tokenisation): tokens counted with padding, as the model computes them.
+#[derive(Debug, Clone, Default)]
+pub struct Throughput {
+    pub batch_seconds: Vec<f64>,
+    pub tokens: usize,
+}
+
+impl Throughput {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.batch_seconds.iter().sum::<f64>().max(1e-9)
+    }
+
+    pub fn batch_seconds_median(&self) -> f64 {
+        let mut sorted = self.batch_seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// Class predictions, the evaluation of `classifier` on `examples`, in batches, and the
+/// forward passes' speed.
 pub fn evaluate_examples(
     classifier: &Classifier,
     examples: &Examples,
     batch_size: usize,
-) -> Result<(Vec<usize>, Evaluation)> {
+) -> Result<(Vec<usize>, Evaluation, Throughput)> {
+    let mut throughput = Throughput::default();
     let mut predicted = Vec::with_capacity(examples.texts.len());
     let mut loss_sum = 0.0;
     let device = candle_device(classifier);
@@ -61,7 +83,19 @@ pub fn evaluate_examples(
         .chunks(batch_size.max(1))
         .zip(examples.labels.chunks(batch_size.max(1)))
     {
-        let logits = classifier.logits(texts)?.detach();
+        let encoded = classifier.tokenizer.encode_batch(texts)?;
+        let inputs = classifier.inputs(&encoded)?;
+        let started = Instant::now();
+        let logits = classifier
+            .model
+            .forward(&inputs, classifier.hooks())?
+            .detach();
+        if texts.len() == batch_size {
+            throughput
+                .batch_seconds
+                .push(started.elapsed().as_secs_f64());
+            throughput.tokens += encoded.batch * encoded.seq_len;
+        }
         let targets = Tensor::from_iter(labels.iter().map(|&l| l as u32), &device)?;
         let loss = graft_model::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * texts.len() as f64;
@@ -78,7 +112,7 @@ pub fn evaluate_examples(
         classifier.labels.len(),
         loss_sum / n,
     );
-    Ok((predicted, evaluation))
+    Ok((predicted, evaluation, throughput))
 }
 
 fn candle_device(classifier: &Classifier) -> Device {
@@ -148,6 +182,9 @@ struct LoopState {
     step_seconds: Vec<f64>,
     /// Steps whose batch gave a NaN or infinite loss or gradient and was skipped.
     skipped: Vec<usize>,
+    /// The last evaluation's speed (not checkpointed: a resumed run measures its own).
+    #[serde(skip)]
+    eval_throughput: Throughput,
 }
 
 /// A run's data, split, and step count, from a resolved config.
@@ -442,7 +479,9 @@ fn run_loop(
         let periodic = t.eval_every > 0 && done % t.eval_every == 0;
         if epoch_end || periodic || done == total {
             classifier.adapter.set_training(false);
-            let (_, evaluation) = evaluate_examples(&classifier, &val_set, t.eval_batch_size)?;
+            let (_, evaluation, throughput) =
+                evaluate_examples(&classifier, &val_set, t.eval_batch_size)?;
+            state.eval_throughput = throughput;
             classifier.adapter.set_training(true);
             state.f1_curve.push((done as f64, evaluation.f1));
             run.log(&json!({ "step": done, "epoch": state.epoch, "eval": evaluation }))?;
@@ -502,6 +541,10 @@ fn run_loop(
     report["train_tokens_per_s"] =
         json!(state.tokens as f64 / state.step_seconds.iter().sum::<f64>().max(1e-9));
     report["peak_rss_mb"] = json!(peak_rss_mb());
+    // Measured at the last evaluation, in full batches of eval_batch_size.
+    report["eval_batch_size"] = json!(t.eval_batch_size);
+    report["eval_tokens_per_s"] = json!(state.eval_throughput.tokens_per_s());
+    report["eval_batch_seconds_median"] = json!(state.eval_throughput.batch_seconds_median());
     run.write(
         RunDir::EVAL,
         &serde_json::to_string_pretty(&report).map_err(|e| Error::Config(e.to_string()))?,
