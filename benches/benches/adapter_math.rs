@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use graft_model::init;
-use graft_model::ops::{frozen_linear, plain_linear};
+use graft_model::ops::{linear, reference};
 
 fn projection(c: &mut Criterion) {
     let mut rng = init::seeded_rng(0);
@@ -17,11 +17,11 @@ fn projection(c: &mut Criterion) {
     let mut group = c.benchmark_group("projection 8x128x384");
     group.sample_size(20);
     group.bench_function("frozen_linear forward", |b| {
-        b.iter(|| frozen_linear(input.as_tensor(), &weight, None).unwrap())
+        b.iter(|| linear(input.as_tensor(), &weight, None).unwrap())
     });
     group.bench_function("frozen_linear forward+backward", |b| {
         b.iter(|| {
-            let y = frozen_linear(input.as_tensor(), &weight, None).unwrap();
+            let y = linear(input.as_tensor(), &weight, None).unwrap();
             y.sum_all().unwrap().backward().unwrap()
         })
     });
@@ -29,8 +29,8 @@ fn projection(c: &mut Criterion) {
         "candle matmul forward+backward (weight gradient too)",
         |b| {
             b.iter(|| {
-                let y =
-                    plain_linear(input.as_tensor(), trainable_weight.as_tensor(), None).unwrap();
+                let y = reference::linear(input.as_tensor(), trainable_weight.as_tensor(), None)
+                    .unwrap();
                 y.sum_all().unwrap().backward().unwrap()
             })
         },

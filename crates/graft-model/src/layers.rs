@@ -110,12 +110,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let weight = self.weight.resolve(hooks)?;
         let bias = self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?;
-        // A weight that is itself trained (full fine-tuning) needs candle's full matmul backward.
-        let base = if weight.track_op() {
-            ops::plain_linear(x, &weight, bias.as_ref())?
-        } else {
-            ops::frozen_linear(x, &weight, bias.as_ref())?
-        };
+        // A trained weight (full fine-tuning) gets its gradient; a frozen one costs none.
+        let base = ops::linear(x, &weight, bias.as_ref())?;
         let site = LinearSite {
             name: &self.name,
             weight: &weight,
@@ -209,7 +205,7 @@ impl ClassifierHead {
     }
 
     pub fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
-        Ok(ops::plain_linear(
+        Ok(ops::linear(
             pooled,
             self.weight.as_tensor(),
             Some(self.bias.as_tensor()),

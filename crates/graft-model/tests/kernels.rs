@@ -139,15 +139,15 @@ fn gelu_matches_its_composition_and_finite_differences() {
 }
 
 #[test]
-fn frozen_linear_matches_candle_matmul_and_finite_differences() {
+fn linear_through_a_frozen_weight_matches_candle_matmul_and_finite_differences() {
     // The weight and bias are constants of the op: only the input has a gradient.
     for dtype in [DType::F32, DType::F64] {
         let weight = random(&[5, 8], 1, dtype);
         let bias = random(&[5], 2, dtype);
         check(
-            &format!("frozen_linear {dtype:?}"),
+            &format!("linear {dtype:?}"),
             &|t| {
-                ops::frozen_linear(
+                ops::linear(
                     &t[0],
                     &weight.to_dtype(t[0].dtype())?,
                     Some(&bias.to_dtype(t[0].dtype())?),
@@ -163,12 +163,39 @@ fn frozen_linear_matches_candle_matmul_and_finite_differences() {
             &[&[2, 3, 8]],
         );
         check(
-            &format!("frozen_linear without bias, 2-D input {dtype:?}"),
-            &|t| ops::frozen_linear(&t[0], &weight.to_dtype(t[0].dtype())?, None),
+            &format!("linear without bias, 2-D input {dtype:?}"),
+            &|t| ops::linear(&t[0], &weight.to_dtype(t[0].dtype())?, None),
             &|t| reference::linear(&t[0], &weight.to_dtype(t[0].dtype())?, None),
             &[&[4, 8]],
         );
     }
+}
+
+#[test]
+fn linear_with_a_trained_weight_and_bias_matches_candle_matmul_and_finite_differences() {
+    check(
+        "linear, every input trained",
+        &|t| ops::linear(&t[0], &t[1], Some(&t[2])),
+        &|t| reference::linear(&t[0], &t[1], Some(&t[2])),
+        &[&[2, 3, 8], &[5, 8], &[5]],
+    );
+    check(
+        "linear, trained weight, no bias",
+        &|t| ops::linear(&t[0], &t[1], None),
+        &|t| reference::linear(&t[0], &t[1], None),
+        &[&[4, 8], &[6, 8]],
+    );
+}
+
+#[test]
+fn a_frozen_and_a_trained_weight_give_bit_identical_outputs() {
+    let x = random(&[3, 7, 16], 1, DType::F32);
+    let w = random(&[24, 16], 2, DType::F32);
+    let b = random(&[24], 3, DType::F32);
+    let frozen = ops::linear(&x, &w, Some(&b)).unwrap();
+    let trained = Var::from_tensor(&w).unwrap();
+    let tracked = ops::linear(&x, trained.as_tensor(), Some(&b)).unwrap();
+    assert_eq!(max_diff(&frozen, &tracked), 0.0);
 }
 
 /// A padding bias `[batch, keys]` whose last `padded` keys of row 1 are blocked.

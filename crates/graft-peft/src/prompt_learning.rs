@@ -199,13 +199,13 @@ impl PrefixEncoder {
         match (&self.table, &self.projection) {
             (Some(table), _) => Ok(table.as_tensor().clone()),
             (None, Some(p)) => {
-                let hidden = graft_model::ops::plain_linear(
+                let hidden = graft_model::ops::linear(
                     p.embedding.as_tensor(),
                     p.w1.as_tensor(),
                     Some(p.b1.as_tensor()),
                 )?
                 .tanh()?;
-                graft_model::ops::plain_linear(&hidden, p.w2.as_tensor(), Some(p.b2.as_tensor()))
+                graft_model::ops::linear(&hidden, p.w2.as_tensor(), Some(p.b2.as_tensor()))
             }
             (None, None) => candle_core::bail!("prefix encoder without a table"),
         }

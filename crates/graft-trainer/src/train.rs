@@ -541,6 +541,10 @@ fn run_loop(
     report["train_tokens_per_s"] =
         json!(state.tokens as f64 / state.step_seconds.iter().sum::<f64>().max(1e-9));
     report["peak_rss_mb"] = json!(peak_rss_mb());
+    report["matmul"] = json!(match graft_model::ops::blas_in_use() {
+        Some(core) => format!("OpenBLAS ({core})"),
+        None => "gemm crate".to_string(),
+    });
     // Measured at the last evaluation, in full batches of eval_batch_size.
     report["eval_batch_size"] = json!(t.eval_batch_size);
     report["eval_tokens_per_s"] = json!(state.eval_throughput.tokens_per_s());

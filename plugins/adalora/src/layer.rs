@@ -93,7 +93,7 @@ mod tests {
     use super::*;
     use graft_peft::candle::Device;
     use graft_peft::graft_model::init;
-    use graft_peft::graft_model::ops::frozen_linear;
+    use graft_peft::graft_model::ops::linear;
     use proptest::prelude::*;
 
     fn var(t: Tensor) -> Var {
@@ -157,10 +157,10 @@ mod tests {
             };
             let w = random(&mut rng, &[out, inp]);
             let x = random(&mut rng, &[rows, inp]);
-            let unmerged = (frozen_linear(&x, &w, None).unwrap()
+            let unmerged = (linear(&x, &w, None).unwrap()
                 + layer.delta_output(&x, None).unwrap()).unwrap();
             let merged_w = (&w + layer.delta_weight().unwrap()).unwrap();
-            let merged = frozen_linear(&x, &merged_w, None).unwrap();
+            let merged = linear(&x, &merged_w, None).unwrap();
             prop_assert!(max_diff(&merged, &unmerged) <= 1e-5);
         }
 

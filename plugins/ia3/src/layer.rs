@@ -23,7 +23,7 @@ impl Ia3Layer {
         if self.feedforward {
             // The frozen output is of the unscaled input; the scaled input needs its own product.
             let scaled = x.broadcast_mul(&l.flatten_all()?)?;
-            ops::frozen_linear(&scaled, &self.weight, self.bias.as_ref())
+            ops::linear(&scaled, &self.weight, self.bias.as_ref())
         } else {
             base.broadcast_mul(&l.flatten_all()?)
         }
@@ -70,7 +70,7 @@ mod tests {
             tensor(&[0.5, -1.0], &[2]),
             tensor(&[1.0, 1.0], &[1, 2]),
         );
-        let base = ops::plain_linear(&x, &w, Some(&b)).unwrap();
+        let base = ops::linear(&x, &w, Some(&b)).unwrap();
         // Output scaling by l = [2, 0.5]: [3.5·2, 6·0.5] = [7, 3].
         let out = layer(tensor(&[2.0, 0.5], &[2, 1]), false, w.clone(), b.clone());
         let y = out.forward(&x, base.clone()).unwrap();
@@ -93,10 +93,10 @@ mod tests {
             let (w, b, x) = (normal(&[out, inp]), normal(&[out]), normal(&[3, inp]));
             let l = if feedforward { normal(&[1, inp]) } else { normal(&[out, 1]) };
             let site = layer(l, feedforward, w.clone(), b.clone());
-            let adapted = site.forward(&x, ops::plain_linear(&x, &w, Some(&b)).unwrap()).unwrap();
+            let adapted = site.forward(&x, ops::linear(&x, &w, Some(&b)).unwrap()).unwrap();
             let (dw, db) = site.deltas().unwrap();
             let merged_b = match db { Some(d) => (&b + d).unwrap(), None => b.clone() };
-            let merged = ops::plain_linear(&x, &(&w + dw).unwrap(), Some(&merged_b)).unwrap();
+            let merged = ops::linear(&x, &(&w + dw).unwrap(), Some(&merged_b)).unwrap();
             let diff = graft_trainer::testkit::max_abs_diff(&adapted, &merged).unwrap();
             prop_assert!(diff <= 1e-9, "{}", diff);
         }

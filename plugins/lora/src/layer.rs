@@ -34,7 +34,7 @@ mod tests {
     use super::*;
     use graft_peft::candle::{DType, Device};
     use graft_peft::graft_model::init;
-    use graft_peft::graft_model::ops::frozen_linear;
+    use graft_peft::graft_model::ops::linear;
     use proptest::prelude::*;
 
     fn layer(rng: &mut init::SeededRng, out: usize, inp: usize, r: usize, scale: f64) -> LoraLayer {
@@ -65,9 +65,9 @@ mod tests {
             let lora = layer(&mut rng, out, inp, r, scale);
             let w = init::normal(&mut rng, &[out, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
             let x = init::normal(&mut rng, &[rows, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
-            let unmerged = (frozen_linear(&x, &w, None).unwrap() + lora.delta_output(&x, None).unwrap()).unwrap();
+            let unmerged = (linear(&x, &w, None).unwrap() + lora.delta_output(&x, None).unwrap()).unwrap();
             let merged_w = (&w + lora.delta_weight().unwrap()).unwrap();
-            let merged = frozen_linear(&x, &merged_w, None).unwrap();
+            let merged = linear(&x, &merged_w, None).unwrap();
             prop_assert!(max_diff(&merged, &unmerged) <= 1e-9);
             let restored = (&merged_w - lora.delta_weight().unwrap()).unwrap();
             prop_assert!(max_diff(&restored, &w) <= 1e-12 * (1.0 + alpha));

@@ -122,20 +122,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
     )
 }
 
-/// `x · Wᵀ + b` for a frozen `weight` (`[out, in]`).
-///
-/// candle's matmul backward always computes the weight gradient, which for a frozen weight is
-/// wasted work (about a third of a LoRA step) and a model-sized set of buffers. Here the
-/// backward carries only `dL/dx = dL/dy · W`.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+/// `x · Wᵀ + b` (`weight` `[out, in]`, `x` `[..., in]`). Gradients reach whichever of `x`,
+/// `weight` and `bias` are tracked, and only those are computed: a frozen weight costs no
+/// weight gradient, where candle's matmul backward always computes one (about a third of a LoRA
+/// step, and a model-sized set of buffers).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let mut all = vec![x, weight];
     all.extend(bias);
     if fused(&all) {
-        let op = cpu::FrozenLinear {
-            weight: weight.contiguous()?,
-            bias: bias.map(Tensor::contiguous).transpose()?,
+        let x = x.contiguous()?;
+        let weight = weight.contiguous()?;
+        return match bias {
+            Some(b) => x.apply_op3_arc(
+                &weight,
+                &b.contiguous()?,
+                std::sync::Arc::new(Box::new(cpu::Linear)),
+            ),
+            None => x.apply_op2_arc(&weight, std::sync::Arc::new(Box::new(cpu::Linear))),
         };
-        return x.contiguous()?.apply_op1(op);
+    }
+    if weight.track_op() || bias.is_some_and(Tensor::track_op) {
+        return reference::linear(x, weight, bias);
     }
     let output = reference::linear(&x.detach(), weight, bias)?;
     if !x.track_op() {
@@ -145,11 +152,6 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
         weight: weight.clone(),
         output,
     })
-}
-
-/// `x · Wᵀ + b` with candle's own matmul: gradients reach `x`, `weight` and `bias`.
-pub fn plain_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    reference::linear(x, weight, bias)
 }
 
 /// The frozen projection off the CPU: the product is computed outside the graph and this op
