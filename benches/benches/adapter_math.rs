@@ -1,42 +1,54 @@
-//! Criterion benchmarks of the adapter-path kernels at MiniLM's size (1024 tokens x 384):
-//! a frozen projection's forward and backward through `frozen_linear` (input gradient only)
-//! against candle's matmul (which also computes the weight gradient).
-use candle_core::{DType, Device, Var};
-use criterion::{criterion_group, criterion_main, Criterion};
+//! Criterion benchmarks of the adapter math at MiniLM's size (1024 tokens x 384), forward and
+//! backward separately: the frozen base projection, LoRA's low-rank update beside it
+//! (`x · Aᵀ · Bᵀ · s`, r = 8), and IA3's rescaling, each trained through the frozen base.
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use graft_model::init;
-use graft_model::ops::{linear, reference};
+use graft_model::ops::linear;
 
-fn projection(c: &mut Criterion) {
-    let mut rng = init::seeded_rng(0);
-    let weight = init::normal(&mut rng, &[384, 384], 0.05, DType::F32, &Device::Cpu).unwrap();
-    let input = Var::from_tensor(
-        &init::normal(&mut rng, &[8, 128, 384], 1.0, DType::F32, &Device::Cpu).unwrap(),
-    )
-    .unwrap();
-    let trainable_weight = Var::from_tensor(&weight).unwrap();
-    let mut group = c.benchmark_group("projection 8x128x384");
-    group.sample_size(20);
-    group.bench_function("frozen_linear forward", |b| {
-        b.iter(|| linear(input.as_tensor(), &weight, None).unwrap())
-    });
-    group.bench_function("frozen_linear forward+backward", |b| {
-        b.iter(|| {
-            let y = linear(input.as_tensor(), &weight, None).unwrap();
-            y.sum_all().unwrap().backward().unwrap()
-        })
-    });
-    group.bench_function(
-        "candle matmul forward+backward (weight gradient too)",
-        |b| {
-            b.iter(|| {
-                let y = reference::linear(input.as_tensor(), trainable_weight.as_tensor(), None)
-                    .unwrap();
-                y.sum_all().unwrap().backward().unwrap()
-            })
-        },
-    );
-    group.finish();
+fn random(shape: &[usize], std: f64, seed: u64) -> Tensor {
+    let mut rng = init::seeded_rng(seed);
+    init::normal(&mut rng, shape, std, DType::F32, &Device::Cpu).unwrap()
 }
 
-criterion_group!(benches, projection);
+fn adapters(c: &mut Criterion) {
+    let (h, r) = (384, 8);
+    let weight = random(&[h, h], 0.05, 0);
+    let bias = random(&[h], 0.05, 1);
+    let input = Var::from_tensor(&random(&[8, 128, h], 1.0, 2)).unwrap();
+    let lora_a = Var::from_tensor(&random(&[r, h], 0.05, 3)).unwrap();
+    let lora_b = Var::from_tensor(&random(&[h, r], 0.05, 4)).unwrap();
+    let ia3 = Var::from_tensor(&Tensor::ones((h, 1), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let x = input.as_tensor();
+    let base = || linear(x, &weight, Some(&bias)).unwrap();
+    let lora = || {
+        let delta = linear(
+            &linear(x, lora_a.as_tensor(), None)?,
+            lora_b.as_tensor(),
+            None,
+        )?;
+        base() + (delta * 2.0)?
+    };
+    let ia3_scaled = || base().broadcast_mul(&ia3.as_tensor().t()?);
+    let cases: [(&str, &dyn Fn() -> candle_core::Result<Tensor>); 3] = [
+        ("frozen projection", &|| Ok(base())),
+        ("LoRA r=8", &lora),
+        ("IA3", &ia3_scaled),
+    ];
+    let mut g = c.benchmark_group("adapter math 8x128x384");
+    g.sample_size(20);
+    for (name, forward) in cases {
+        g.bench_function(format!("{name} forward"), |b| b.iter(|| forward().unwrap()));
+        g.bench_function(format!("{name} backward"), |b| {
+            b.iter_batched(
+                || forward().unwrap().sum_all().unwrap(),
+                |loss| loss.backward().unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, adapters);
 criterion_main!(benches);

@@ -84,6 +84,8 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
             "step_seconds_median": eval["step_seconds_median"],
             "train_tokens_per_s": eval["train_tokens_per_s"],
             "peak_rss_mb": eval["peak_rss_mb"],
+            "eval_tokens_per_s": eval["eval_tokens_per_s"],
+            "matmul": eval["matmul"],
             "f1": eval["f1"],
             "accuracy": eval["accuracy"],
         }));
@@ -124,8 +126,8 @@ fn write_report(out: &Path, report: &Value, table: &str) -> Result<()> {
 fn markdown(report: &Value) -> String {
     let mut table = format!(
         "`{}` on {} ({}); validation F1 after {} steps of 8 x 128 tokens.\n\n\
-         | method | trainable params | fraction | s/step (median) | tokens/s | peak RSS (MiB) | validation F1 |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         | method | trainable params | fraction | s/step (median) | training tokens/s | inference tokens/s | peak RSS (MiB) | validation F1 |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         report["command"].as_str().unwrap_or_default(),
         report["machine"].as_str().unwrap_or_default(),
         report["date"].as_str().unwrap_or_default(),
@@ -134,12 +136,13 @@ fn markdown(report: &Value) -> String {
     for row in report["rows"].as_array().into_iter().flatten() {
         let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
         table.push_str(&format!(
-            "| {} | {} | {:.4}% | {:.2} | {:.0} | {:.0} | {:.4} |\n",
+            "| {} | {} | {:.4}% | {:.2} | {:.0} | {:.0} | {:.0} | {:.4} |\n",
             row["method"].as_str().unwrap_or_default(),
             row["trainable_params"],
             100.0 * f("trainable_params") / f("total_params"),
             f("step_seconds_median"),
             f("train_tokens_per_s"),
+            f("eval_tokens_per_s"),
             f("peak_rss_mb"),
             f("f1"),
         ));
@@ -147,31 +150,9 @@ fn markdown(report: &Value) -> String {
     table
 }
 
-/// The model both systems load: graft's cache folder for all-MiniLM-L6-v2, computed as
-/// graft-model's zoo does (`$GRAFT_CACHE_DIR`, else `$XDG_CACHE_HOME/graft`, else
-/// `~/.cache/graft`, then `models/<id>`).
-fn minilm_cache_path() -> PathBuf {
-    let cache = if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
-        PathBuf::from(dir)
-    } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        PathBuf::from(dir).join("graft")
-    } else {
-        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
-        home.join(".cache").join("graft")
-    };
-    cache.join("models").join("all-minilm-l6-v2")
-}
-
-/// The model folder, fetched by graft first if the cache lacks it. graft prints the folder it
-/// settled on, which is a Hugging Face cache hit rather than its own cache when it finds one.
+/// The model folder both systems load, as graft resolves it: `graft fetch-model` prints the
+/// folder it settled on (its cache, or a Hugging Face cache hit), fetching it first if needed.
 fn model_dir() -> Result<PathBuf> {
-    let cached = minilm_cache_path();
-    let complete = ["config.json", "model.safetensors", "tokenizer.json"]
-        .iter()
-        .all(|f| cached.join(f).is_file());
-    if complete {
-        return Ok(cached);
-    }
     let graft = crate::target_dir().join("debug").join("graft");
     let output = Command::new(&graft)
         .current_dir(root())
