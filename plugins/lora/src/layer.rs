@@ -19,8 +19,8 @@ impl LoraLayer {
         };
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        let down = x.broadcast_matmul(&a.t()?)?;
-        down.broadcast_matmul(&b.t()?)? * self.scale
+        let down = graft_peft::graft_model::ops::linear(&x, &a, None)?;
+        graft_peft::graft_model::ops::linear(&down, &b, None)? * self.scale
     }
 
     /// `scale · B·A`, the `[out, in]` weight delta that merging adds to the base weight.
