@@ -8,7 +8,9 @@ use graft_model::NoHooks;
 use std::time::Instant;
 
 fn inputs(batch: usize, seq: usize) -> candle_core::Result<Inputs> {
-    let ids: Vec<u32> = (0..batch * seq).map(|i| (1000 + i * 7919 % 20000) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| (1000 + i * 7919 % 20000) as u32)
+        .collect();
     Ok(Inputs {
         input_ids: Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?,
         attention_mask: Tensor::ones((batch, seq), DType::U32, &Device::Cpu)?,
@@ -23,7 +25,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     graft_model::runtime::init();
-    let dir = std::env::args().nth(1).ok_or("usage: forward_time MODEL_DIR")?;
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or("usage: forward_time MODEL_DIR")?;
     let model = BertForSequenceClassification::load(
         dir.as_ref(),
         2,
@@ -40,7 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         times.push(started.elapsed().as_secs_f64());
     }
     let forward = median(times[1..].to_vec());
-    println!("inference forward 32x128: {:.3} s, {:.0} tokens/s", forward, 4096.0 / forward);
+    println!(
+        "inference forward 32x128: {:.3} s, {:.0} tokens/s",
+        forward,
+        4096.0 / forward
+    );
     // A training step's shape: the head is trained, so backward runs through the whole model.
     let batch = inputs(8, 128)?;
     let head: Vec<Var> = model.head.vars().into_iter().map(|(_, v)| v).collect();

@@ -16,7 +16,10 @@ fn rate(what: &str, (m, k, n): (usize, usize, usize), f: impl Fn() -> candle_cor
     }
     let seconds = started.elapsed().as_secs_f64() / reps as f64;
     let gflops = 2.0 * (m * k * n) as f64 / seconds / 1e9;
-    println!("{what:<28} {m}x{k}x{n}: {:6.2} ms, {gflops:4.0} GFLOP/s", seconds * 1e3);
+    println!(
+        "{what:<28} {m}x{k}x{n}: {:6.2} ms, {gflops:4.0} GFLOP/s",
+        seconds * 1e3
+    );
 }
 
 fn main() -> candle_core::Result<()> {
@@ -25,12 +28,19 @@ fn main() -> candle_core::Result<()> {
         "graft's matmul: {}",
         graft_model::ops::blas_in_use().map_or("gemm crate".into(), |c| format!("OpenBLAS ({c})"))
     );
-    for (m, k, n) in [(1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384), (4096, 384, 1536)] {
+    for (m, k, n) in [
+        (1024, 384, 1536),
+        (1024, 1536, 384),
+        (1024, 384, 384),
+        (4096, 384, 1536),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         let wt = w.t()?.contiguous()?;
         rate("candle matmul", (m, k, n), || x.matmul(&wt));
-        rate("graft ops::linear", (m, k, n), || graft_model::ops::linear(&x, &w, None));
+        rate("graft ops::linear", (m, k, n), || {
+            graft_model::ops::linear(&x, &w, None)
+        });
     }
     Ok(())
 }

@@ -77,7 +77,7 @@ fn open(name: &str) -> Option<Blas> {
             .get::<unsafe extern "C" fn() -> *const c_char>(b"openblas_get_corename\0")
             .ok()?;
         let core = CStr::from_ptr(corename()).to_string_lossy().into_owned();
-        // graft splits large products over its own (rayon) threads and calls BLAS from inside
+        // graft splits large products over candle's worker pool and calls BLAS from inside
         // parallel loops: OpenBLAS's own pool would oversubscribe the cores, and its idle
         // threads spin in sched_yield (measured: 17% of a step's samples).
         let set_threads = library

@@ -4,12 +4,12 @@
 //! intermediate per edge. Every kernel is checked against its composed counterpart in
 //! [`super::reference`] by value and by finite differences (`tests/kernels.rs`).
 use super::blas::{Blas, Gemm};
-use super::matmul::{gemm, Shared, SharedMut, Threads, View};
+use super::matmul::{gemm, Threads, View};
+use super::parallel::{self, Shared, SharedMut};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, WithDType,
 };
-use rayon::prelude::*;
 
 /// The element types the kernels are written for.
 pub(crate) trait Float: num_traits::Float + WithDType + std::iter::Sum {
@@ -135,51 +135,55 @@ impl LayerNorm {
     fn fwd<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
         let n = gamma.len();
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(n)
-            .zip(x.par_chunks(n))
-            .for_each(|(y, row)| {
+        parallel::fill(&mut out, rows_per_task(n) * n, |range, y| {
+            for (y, row) in y.chunks_mut(n).zip(x[range].chunks(n)) {
                 let (mean, rstd) = self.row_stats(row);
                 for j in 0..n {
                     y[j] = (row[j] - mean) * rstd * gamma[j] + beta[j];
                 }
-            });
+            }
+        });
         out
     }
 
     /// `(dx, dgamma, dbeta)`; the statistics are recomputed from `x` rather than stored.
     fn bwd<T: Float>(&self, x: &[T], gamma: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let n = gamma.len();
-        let chunk = rows_per_task(n) * n;
+        let grain = rows_per_task(n) * n;
         let mut dx = vec![T::zero(); x.len()];
-        let partials: Vec<(Vec<T>, Vec<T>)> = dx
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-            .map(|(dx, (x, dy))| {
-                let mut dgamma = vec![T::zero(); n];
-                let mut dbeta = vec![T::zero(); n];
-                let inv_n = T::one() / T::from_f64(n as f64);
-                for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
-                    let (mean, rstd) = self.row_stats(x);
-                    let xhat = |j: usize| (x[j] - mean) * rstd;
-                    let mean_g = lane_sum(n, |j| dy[j] * gamma[j]) * inv_n;
-                    let mean_gx = lane_sum(n, |j| dy[j] * gamma[j] * xhat(j)) * inv_n;
-                    for j in 0..n {
-                        dgamma[j] += dy[j] * xhat(j);
-                        dbeta[j] += dy[j];
-                    }
-                    for j in 0..n {
-                        dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx);
-                    }
+        // Per-part sums of dgamma and dbeta (slot = the part's first grain), added up after.
+        let slots = x.len().div_ceil(grain);
+        let mut partials = vec![T::zero(); slots * 2 * n];
+        let shared_partials = SharedMut::new(&mut partials);
+        let inv_n = T::one() / T::from_f64(n as f64);
+        parallel::fill(&mut dx, grain, |range, dx| {
+            // SAFETY: each part owns the slot of its first grain.
+            let slot = unsafe {
+                shared_partials
+                    .slice(range.start / grain * 2 * n..(range.start / grain + 1) * 2 * n)
+            };
+            let (dgamma, dbeta) = slot.split_at_mut(n);
+            let (x, dy) = (&x[range.clone()], &dy[range]);
+            for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
+                let (mean, rstd) = self.row_stats(x);
+                let xhat = |j: usize| (x[j] - mean) * rstd;
+                let mean_g = lane_sum(n, |j| dy[j] * gamma[j]) * inv_n;
+                let mean_gx = lane_sum(n, |j| dy[j] * gamma[j] * xhat(j)) * inv_n;
+                for j in 0..n {
+                    dgamma[j] += dy[j] * xhat(j);
+                    dbeta[j] += dy[j];
                 }
-                (dgamma, dbeta)
-            })
-            .collect();
+                for j in 0..n {
+                    dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx);
+                }
+            }
+        });
         let mut dgamma = vec![T::zero(); n];
         let mut dbeta = vec![T::zero(); n];
-        for (g, b) in partials {
+        for slot in partials.chunks(2 * n) {
             for j in 0..n {
-                dgamma[j] += g[j];
-                dbeta[j] += b[j];
+                dgamma[j] += slot[j];
+                dbeta[j] += slot[n + j];
             }
         }
         (dx, dgamma, dbeta)
@@ -264,13 +268,11 @@ impl GeluErf {
         let half = T::from_f64(0.5);
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = half * x * (T::one() + (x * inv_sqrt2).erf());
-                }
-            });
+        parallel::fill(&mut out, 16384, |range, y| {
+            for (y, &x) in y.iter_mut().zip(&x[range]) {
+                *y = half * x * (T::one() + (x * inv_sqrt2).erf());
+            }
+        });
         out
     }
 
@@ -280,15 +282,13 @@ impl GeluErf {
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
         let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384).zip(dy.par_chunks(16384)))
-            .for_each(|(dx, (x, dy))| {
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    let cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                    let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
-                    *dx = dy * (cdf + x * pdf);
-                }
-            });
+        parallel::fill(&mut out, 16384, |range, dx| {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
+                let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
+                *dx = dy * (cdf + x * pdf);
+            }
+        });
         out
     }
 
@@ -423,9 +423,10 @@ impl Attention {
         let mut out = vec![T::zero(); d.batch * tq * d.q_width()];
         let out_ptr = SharedMut(out.as_mut_ptr());
         let (qp, kp, vp) = (Shared(q.as_ptr()), Shared(k.as_ptr()), Shared(v.as_ptr()));
-        (0..d.batch * d.heads).into_par_iter().for_each_init(
-            || vec![T::zero(); tq * tk],
-            |probs, task| {
+        parallel::for_ranges(d.batch * d.heads, 1, |tasks| {
+            let mut probs = vec![T::zero(); tq * tk];
+            let probs = &mut probs;
+            for task in tasks {
                 let (b, head) = (task / d.heads, task % d.heads);
                 self.probabilities((qp, kp), bias, (b, head), probs);
                 let kv_head = head / d.group();
@@ -446,8 +447,8 @@ impl Attention {
                         Threads::Caller,
                     );
                 }
-            },
-        );
+            }
+        });
         out
     }
 
@@ -476,9 +477,10 @@ impl Attention {
             Shared(dout.as_ptr()),
         );
         let scale = T::from_f64(d.scale);
-        (0..d.batch * d.kv_heads).into_par_iter().for_each_init(
-            || (vec![T::zero(); tq * tk], vec![T::zero(); tq * tk]),
-            |(probs, dprobs), task| {
+        parallel::for_ranges(d.batch * d.kv_heads, 1, |tasks| {
+            let (mut probs, mut dprobs) = (vec![T::zero(); tq * tk], vec![T::zero(); tq * tk]);
+            let (probs, dprobs) = (&mut probs, &mut dprobs);
+            for task in tasks {
                 let (b, kv_head) = (task / d.kv_heads, task % d.kv_heads);
                 let kv_offset = b * tk * d.kv_width() + kv_head * hd;
                 let k_view = View::rows(kp.at(kv_offset), d.kv_width());
@@ -544,8 +546,8 @@ impl Attention {
                         );
                     }
                 }
-            },
-        );
+            }
+        });
         (dq, dk, dv)
     }
 
@@ -643,8 +645,9 @@ impl Linear {
         let rows = x.len() / in_f;
         let mut y = vec![T::zero(); rows * out_f];
         if let Some(bias) = bias {
-            y.par_chunks_mut(out_f)
-                .for_each(|row| row.copy_from_slice(bias));
+            for row in y.chunks_mut(out_f) {
+                row.copy_from_slice(bias);
+            }
         }
         unsafe {
             gemm(

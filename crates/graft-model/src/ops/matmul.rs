@@ -3,7 +3,7 @@
 //! transposed operand, in place: no copy to make a block contiguous.
 use super::blas;
 use super::cpu::Float;
-use rayon::prelude::*;
+use super::parallel::{self, SharedMut};
 
 /// A matrix view: element `(i, j)` lives at `ptr + i * row_stride + j * col_stride`.
 #[derive(Clone, Copy)]
@@ -55,8 +55,8 @@ impl<T> View<T> {
     }
 }
 
-/// Whether a product may use the rayon pool (large products) or must stay on the calling
-/// thread (per-head products already run inside a parallel loop).
+/// Whether a product may be split over the pool's threads (large products) or must stay on
+/// the calling thread (per-head products already run inside a parallel loop).
 #[derive(Clone, Copy)]
 pub(crate) enum Threads {
     Pool,
@@ -106,41 +106,25 @@ pub(crate) unsafe fn gemm<T: Float>(
                     )
                 }
             };
-            let tasks = match threads {
-                Threads::Pool if m * n * k >= 1 << 18 => rayon::current_num_threads().min(m),
-                _ => 1,
-            };
-            if tasks <= 1 {
-                call(0..m);
-            } else {
-                let per_task = m.div_ceil(tasks);
-                (0..tasks)
-                    .into_par_iter()
-                    .for_each(|t| call(t * per_task..((t + 1) * per_task).min(m)));
-            }
+            split_rows(m, n * k, threads, call);
             return;
         }
     }
-    let parallelism = match threads {
-        Threads::Pool if m * n * k >= 1 << 18 => {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        }
-        _ => gemm::Parallelism::None,
-    };
-    // gemm computes dst = alpha * dst + beta * a · b (alpha is read only when read_dst is set).
-    unsafe {
+    // The gemm crate, split the same way, each part on one thread.
+    let dst = SharedMut(dst);
+    split_rows(m, n * k, threads, |rows| unsafe {
         gemm::gemm(
-            m,
+            rows.len(),
             n,
             k,
-            dst,
+            dst.at(rows.start * dst_leading),
             1,
             dst_leading as isize,
             accumulate,
-            a.ptr,
+            a.row(rows.start),
             a.col_stride,
             a.row_stride,
-            b.ptr,
+            b.row(0),
             b.col_stride,
             b.row_stride,
             T::one(),
@@ -148,32 +132,22 @@ pub(crate) unsafe fn gemm<T: Float>(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         )
-    }
+    });
 }
 
-/// A raw pointer that parallel tasks may share because each writes a disjoint block.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut<T>(pub *mut T);
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// The pointer `offset` elements in (a method, so that closures capture the whole wrapper).
-    pub fn at(self, offset: usize) -> *mut T {
-        self.0.wrapping_add(offset)
-    }
-}
-
-/// A read-only counterpart of [`SharedMut`].
-#[derive(Clone, Copy)]
-pub(crate) struct Shared<T>(pub *const T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    pub fn at(self, offset: usize) -> *const T {
-        self.0.wrapping_add(offset)
-    }
+/// Runs `product(rows)` over row ranges of an `m`-row product whose rows cost `row_work`
+/// multiply-adds each: one range per thread for a large product in the pool, else one range.
+fn split_rows(
+    m: usize,
+    row_work: usize,
+    threads: Threads,
+    product: impl Fn(std::ops::Range<usize>) + Sync,
+) {
+    let tasks = match threads {
+        Threads::Pool if m * row_work >= 1 << 18 => parallel::threads().min(m),
+        _ => 1,
+    };
+    parallel::for_ranges(m, m.div_ceil(tasks.max(1)), product);
 }

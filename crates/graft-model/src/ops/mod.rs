@@ -11,6 +11,7 @@ mod blas;
 mod cpu;
 mod math;
 mod matmul;
+mod parallel;
 pub mod reference;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
