@@ -6,6 +6,7 @@
 use super::blas::{Blas, Gemm};
 use super::matmul::{gemm, Threads, View};
 use super::parallel::{self, Shared, SharedMut};
+use super::simd::vectorized;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, WithDType,
@@ -21,9 +22,11 @@ pub(crate) trait Float: num_traits::Float + WithDType + std::iter::Sum {
 }
 
 impl Float for f32 {
+    #[inline(always)]
     fn erf(self) -> Self {
         super::math::erf(self)
     }
+    #[inline(always)]
     fn exp_fast(self) -> Self {
         super::math::exp(self)
     }
@@ -36,6 +39,7 @@ impl Float for f64 {
     fn erf(self) -> Self {
         libm::erf(self)
     }
+    #[inline(always)]
     fn exp_fast(self) -> Self {
         self.exp()
     }
@@ -125,6 +129,7 @@ pub(crate) struct LayerNorm {
 }
 
 impl LayerNorm {
+    #[inline(always)]
     fn row_stats<T: Float>(&self, row: &[T]) -> (T, T) {
         let n = T::from_f64(row.len() as f64);
         let mean = lane_sum(row.len(), |j| row[j]) / n;
@@ -136,14 +141,20 @@ impl LayerNorm {
         let n = gamma.len();
         let mut out = vec![T::zero(); x.len()];
         parallel::fill(&mut out, rows_per_task(n) * n, |range, y| {
-            for (y, row) in y.chunks_mut(n).zip(x[range].chunks(n)) {
-                let (mean, rstd) = self.row_stats(row);
-                for j in 0..n {
-                    y[j] = (row[j] - mean) * rstd * gamma[j] + beta[j];
-                }
-            }
+            vectorized(|| self.fwd_rows(&x[range], gamma, beta, y))
         });
         out
+    }
+
+    #[inline(always)]
+    fn fwd_rows<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+        let n = gamma.len();
+        for (y, row) in y.chunks_mut(n).zip(x.chunks(n)) {
+            let (mean, rstd) = self.row_stats(row);
+            for j in 0..n {
+                y[j] = (row[j] - mean) * rstd * gamma[j] + beta[j];
+            }
+        }
     }
 
     /// `(dx, dgamma, dbeta)`; the statistics are recomputed from `x` rather than stored.
@@ -155,7 +166,6 @@ impl LayerNorm {
         let slots = x.len().div_ceil(grain);
         let mut partials = vec![T::zero(); slots * 2 * n];
         let shared_partials = SharedMut::new(&mut partials);
-        let inv_n = T::one() / T::from_f64(n as f64);
         parallel::fill(&mut dx, grain, |range, dx| {
             // SAFETY: each part owns the slot of its first grain.
             let slot = unsafe {
@@ -164,19 +174,7 @@ impl LayerNorm {
             };
             let (dgamma, dbeta) = slot.split_at_mut(n);
             let (x, dy) = (&x[range.clone()], &dy[range]);
-            for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
-                let (mean, rstd) = self.row_stats(x);
-                let xhat = |j: usize| (x[j] - mean) * rstd;
-                let mean_g = lane_sum(n, |j| dy[j] * gamma[j]) * inv_n;
-                let mean_gx = lane_sum(n, |j| dy[j] * gamma[j] * xhat(j)) * inv_n;
-                for j in 0..n {
-                    dgamma[j] += dy[j] * xhat(j);
-                    dbeta[j] += dy[j];
-                }
-                for j in 0..n {
-                    dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx);
-                }
-            }
+            vectorized(|| self.bwd_rows((x, gamma, dy), dx, (dgamma, dbeta)))
         });
         let mut dgamma = vec![T::zero(); n];
         let mut dbeta = vec![T::zero(); n];
@@ -187,6 +185,31 @@ impl LayerNorm {
             }
         }
         (dx, dgamma, dbeta)
+    }
+
+    /// dx of whole rows, and their dgamma and dbeta added into the given sums.
+    #[inline(always)]
+    fn bwd_rows<T: Float>(
+        &self,
+        (x, gamma, dy): (&[T], &[T], &[T]),
+        dx: &mut [T],
+        (dgamma, dbeta): (&mut [T], &mut [T]),
+    ) {
+        let n = gamma.len();
+        let inv_n = T::one() / T::from_f64(n as f64);
+        for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
+            let (mean, rstd) = self.row_stats(x);
+            let xhat = |j: usize| (x[j] - mean) * rstd;
+            let mean_g = lane_sum(n, |j| dy[j] * gamma[j]) * inv_n;
+            let mean_gx = lane_sum(n, |j| dy[j] * gamma[j] * xhat(j)) * inv_n;
+            for j in 0..n {
+                dgamma[j] += dy[j] * xhat(j);
+                dbeta[j] += dy[j];
+            }
+            for j in 0..n {
+                dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx);
+            }
+        }
     }
 
     fn bwd_typed<T: Float>(
@@ -269,9 +292,11 @@ impl GeluErf {
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
         let mut out = vec![T::zero(); x.len()];
         parallel::fill(&mut out, 16384, |range, y| {
-            for (y, &x) in y.iter_mut().zip(&x[range]) {
-                *y = half * x * (T::one() + (x * inv_sqrt2).erf());
-            }
+            vectorized(|| {
+                for (y, &x) in y.iter_mut().zip(&x[range]) {
+                    *y = half * x * (T::one() + (x * inv_sqrt2).erf());
+                }
+            })
         });
         out
     }
@@ -283,11 +308,13 @@ impl GeluErf {
         let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
         let mut out = vec![T::zero(); x.len()];
         parallel::fill(&mut out, 16384, |range, dx| {
-            for ((dx, &x), &dy) in dx.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
-                let cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
-                *dx = dy * (cdf + x * pdf);
-            }
+            vectorized(|| {
+                for ((dx, &x), &dy) in dx.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
+                    let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                    let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
+                    *dx = dy * (cdf + x * pdf);
+                }
+            })
         });
         out
     }
@@ -353,6 +380,42 @@ impl AttentionDims {
     }
 }
 
+/// Rows `[queries, keys]` of scores turned into probabilities in place: the key bias added,
+/// keys beyond a causal query's position given probability 0.
+#[inline(always)]
+fn softmax_rows<T: Float>(
+    scores: &mut [T],
+    tk: usize,
+    tq: usize,
+    causal: bool,
+    bias: Option<&[T]>,
+) {
+    for (i, row) in scores.chunks_mut(tk).enumerate() {
+        // A causal query sees the keys up to its own position, offset by any prefix keys.
+        let visible = if causal {
+            (i + 1 + tk - tq).min(tk)
+        } else {
+            tk
+        };
+        if let Some(bias) = bias {
+            for (s, &m) in row[..visible].iter_mut().zip(bias) {
+                *s += m;
+            }
+        }
+        let max = lane_max(&row[..visible]);
+        for s in &mut row[..visible] {
+            *s = (*s - max).exp_fast();
+        }
+        let inv = T::one() / lane_sum(visible, |j| row[j]);
+        for s in &mut row[..visible] {
+            *s *= inv;
+        }
+        for s in &mut row[visible..] {
+            *s = T::zero();
+        }
+    }
+}
+
 /// Attention with the probabilities recomputed in the backward pass instead of stored, so
 /// memory stays linear in the sequence length.
 pub(crate) struct Attention {
@@ -390,31 +453,8 @@ impl Attention {
                 Threads::Caller,
             );
         }
-        for (i, row) in probs.chunks_mut(tk).enumerate() {
-            // A causal query sees the keys up to its own position, offset by any prefix keys.
-            let visible = if d.causal {
-                (i + 1 + tk - tq).min(tk)
-            } else {
-                tk
-            };
-            if let Some(bias) = bias {
-                let bias = &bias[b * tk..(b + 1) * tk];
-                for (s, &m) in row[..visible].iter_mut().zip(bias) {
-                    *s += m;
-                }
-            }
-            let max = lane_max(&row[..visible]);
-            for s in &mut row[..visible] {
-                *s = (*s - max).exp_fast();
-            }
-            let inv = T::one() / lane_sum(visible, |j| row[j]);
-            for s in &mut row[..visible] {
-                *s *= inv;
-            }
-            for s in &mut row[visible..] {
-                *s = T::zero();
-            }
-        }
+        let bias = bias.map(|bias| &bias[b * tk..(b + 1) * tk]);
+        vectorized(|| softmax_rows(probs, tk, tq, d.causal, bias));
     }
 
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T], bias: Option<&[T]>) -> Vec<T> {
@@ -515,12 +555,14 @@ impl Attention {
                         );
                     }
                     // dS = P ∘ (dP − Σ_j P∘dP), the softmax's backward (masked P is 0).
-                    for (p, dp) in probs.chunks(tk).zip(dprobs.chunks_mut(tk)) {
-                        let dot = lane_sum(tk, |j| p[j] * dp[j]);
-                        for (g, &p) in dp.iter_mut().zip(p) {
-                            *g = p * (*g - dot);
+                    vectorized(|| {
+                        for (p, dp) in probs.chunks(tk).zip(dprobs.chunks_mut(tk)) {
+                            let dot = lane_sum(tk, |j| p[j] * dp[j]);
+                            for (g, &p) in dp.iter_mut().zip(p) {
+                                *g = p * (*g - dot);
+                            }
                         }
-                    }
+                    });
                     unsafe {
                         // dQ = scale · dS · K
                         gemm(

@@ -13,6 +13,7 @@ mod math;
 mod matmul;
 mod parallel;
 pub mod reference;
+mod simd;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use std::sync::OnceLock;

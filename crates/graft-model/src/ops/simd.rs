@@ -1,0 +1,58 @@
+//! Elementwise loops compiled for the widest vector unit the CPU has, chosen at run time.
+//!
+//! graft's binaries target baseline x86-64 (SSE2, 4 lanes) so that they run anywhere; a loop
+//! run through [`vectorized`] is compiled again with AVX2 (8 lanes) and AVX-512 (16 lanes) and
+//! the CPU's best is used. The loop's code must be inlined into the closure (generic or
+//! `#[inline(always)]` helpers) to be recompiled.
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Level {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+                return Level::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Level::Avx2;
+            }
+        }
+        Level::Baseline
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Runs `f`, compiled for this CPU's widest vector unit.
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    match level() {
+        // SAFETY: the CPU has the features these were compiled for (checked in `level`).
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { avx512(f) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { avx2(f) },
+        Level::Baseline => f(),
+    }
+}
