@@ -11,6 +11,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, WithDType,
 };
+use std::mem::MaybeUninit;
 
 /// The element types the kernels are written for.
 pub(crate) trait Float: num_traits::Float + WithDType + std::iter::Sum {
@@ -139,20 +140,21 @@ impl LayerNorm {
 
     fn fwd<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
         let n = gamma.len();
-        let mut out = vec![T::zero(); x.len()];
-        parallel::fill(&mut out, rows_per_task(n) * n, |range, y| {
-            vectorized(|| self.fwd_rows(&x[range], gamma, beta, y))
-        });
-        out
+        // SAFETY: fwd_rows writes every element of whole rows.
+        unsafe {
+            parallel::fill(x.len(), rows_per_task(n) * n, |range, y| {
+                vectorized(|| self.fwd_rows(&x[range], gamma, beta, y))
+            })
+        }
     }
 
     #[inline(always)]
-    fn fwd_rows<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    fn fwd_rows<T: Float>(&self, x: &[T], gamma: &[T], beta: &[T], y: &mut [MaybeUninit<T>]) {
         let n = gamma.len();
         for (y, row) in y.chunks_mut(n).zip(x.chunks(n)) {
             let (mean, rstd) = self.row_stats(row);
             for j in 0..n {
-                y[j] = (row[j] - mean) * rstd * gamma[j] + beta[j];
+                y[j] = MaybeUninit::new((row[j] - mean) * rstd * gamma[j] + beta[j]);
             }
         }
     }
@@ -161,12 +163,11 @@ impl LayerNorm {
     fn bwd<T: Float>(&self, x: &[T], gamma: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let n = gamma.len();
         let grain = rows_per_task(n) * n;
-        let mut dx = vec![T::zero(); x.len()];
         // Per-part sums of dgamma and dbeta (slot = the part's first grain), added up after.
         let slots = x.len().div_ceil(grain);
         let mut partials = vec![T::zero(); slots * 2 * n];
         let shared_partials = SharedMut::new(&mut partials);
-        parallel::fill(&mut dx, grain, |range, dx| {
+        let part = |range: std::ops::Range<usize>, dx: &mut [MaybeUninit<T>]| {
             // SAFETY: each part owns the slot of its first grain.
             let slot = unsafe {
                 shared_partials
@@ -175,7 +176,9 @@ impl LayerNorm {
             let (dgamma, dbeta) = slot.split_at_mut(n);
             let (x, dy) = (&x[range.clone()], &dy[range]);
             vectorized(|| self.bwd_rows((x, gamma, dy), dx, (dgamma, dbeta)))
-        });
+        };
+        // SAFETY: bwd_rows writes dx for every element of whole rows.
+        let dx = unsafe { parallel::fill(x.len(), grain, part) };
         let mut dgamma = vec![T::zero(); n];
         let mut dbeta = vec![T::zero(); n];
         for slot in partials.chunks(2 * n) {
@@ -192,7 +195,7 @@ impl LayerNorm {
     fn bwd_rows<T: Float>(
         &self,
         (x, gamma, dy): (&[T], &[T], &[T]),
-        dx: &mut [T],
+        dx: &mut [MaybeUninit<T>],
         (dgamma, dbeta): (&mut [T], &mut [T]),
     ) {
         let n = gamma.len();
@@ -207,7 +210,7 @@ impl LayerNorm {
                 dbeta[j] += dy[j];
             }
             for j in 0..n {
-                dx[j] = rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx);
+                dx[j] = MaybeUninit::new(rstd * (dy[j] * gamma[j] - mean_g - xhat(j) * mean_gx));
             }
         }
     }
@@ -290,15 +293,16 @@ impl GeluErf {
     fn fwd<T: Float>(x: &[T]) -> Vec<T> {
         let half = T::from_f64(0.5);
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-        let mut out = vec![T::zero(); x.len()];
-        parallel::fill(&mut out, 16384, |range, y| {
-            vectorized(|| {
-                for (y, &x) in y.iter_mut().zip(&x[range]) {
-                    *y = half * x * (T::one() + (x * inv_sqrt2).erf());
-                }
+        // SAFETY: every element of each part is written.
+        unsafe {
+            parallel::fill(x.len(), 16384, |range, y| {
+                vectorized(|| {
+                    for (y, &x) in y.iter_mut().zip(&x[range]) {
+                        *y = MaybeUninit::new(half * x * (T::one() + (x * inv_sqrt2).erf()));
+                    }
+                })
             })
-        });
-        out
+        }
     }
 
     /// d/dx = Φ(x) + x φ(x).
@@ -306,17 +310,18 @@ impl GeluErf {
         let half = T::from_f64(0.5);
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
         let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
-        let mut out = vec![T::zero(); x.len()];
-        parallel::fill(&mut out, 16384, |range, dx| {
-            vectorized(|| {
-                for ((dx, &x), &dy) in dx.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
-                    let cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                    let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
-                    *dx = dy * (cdf + x * pdf);
-                }
+        // SAFETY: every element of each part is written.
+        unsafe {
+            parallel::fill(x.len(), 16384, |range, dx| {
+                vectorized(|| {
+                    for ((dx, &x), &dy) in dx.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
+                        let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+                        let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
+                        *dx = MaybeUninit::new(dy * (cdf + x * pdf));
+                    }
+                })
             })
-        });
-        out
+        }
     }
 
     fn bwd_typed<T: Float>(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
@@ -460,8 +465,8 @@ impl Attention {
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T], bias: Option<&[T]>) -> Vec<T> {
         let d = self.dims;
         let (tq, tk) = (d.queries, d.keys);
-        let mut out = vec![T::zero(); d.batch * tq * d.q_width()];
-        let out_ptr = SharedMut(out.as_mut_ptr());
+        let mut out = Vec::with_capacity(d.batch * tq * d.q_width());
+        let out_ptr = SharedMut(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
         let (qp, kp, vp) = (Shared(q.as_ptr()), Shared(k.as_ptr()), Shared(v.as_ptr()));
         parallel::for_ranges(d.batch * d.heads, 1, |tasks| {
             let mut probs = vec![T::zero(); tq * tk];
@@ -489,6 +494,8 @@ impl Attention {
                 }
             }
         });
+        // SAFETY: every (row, head) block was written by its task's product (not accumulated).
+        unsafe { out.set_len(d.batch * tq * d.q_width()) };
         out
     }
 
@@ -685,25 +692,26 @@ impl Linear {
     fn fwd<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, out_f: usize) -> Vec<T> {
         let in_f = w.len() / out_f;
         let rows = x.len() / in_f;
-        let mut y = vec![T::zero(); rows * out_f];
-        if let Some(bias) = bias {
-            for row in y.chunks_mut(out_f) {
-                row.copy_from_slice(bias);
-            }
-        }
+        // SAFETY: the bias rows (if any) and then the product write every element.
         unsafe {
-            gemm(
-                (rows, out_f, in_f),
-                y.as_mut_ptr(),
-                out_f,
-                bias.is_some(),
-                View::rows(x.as_ptr(), in_f),
-                View::rows(w.as_ptr(), in_f).t(),
-                T::one(),
-                Threads::Pool,
-            );
+            parallel::written(rows * out_f, |y: *mut T| {
+                if let Some(bias) = bias {
+                    for r in 0..rows {
+                        std::ptr::copy_nonoverlapping(bias.as_ptr(), y.add(r * out_f), out_f);
+                    }
+                }
+                gemm(
+                    (rows, out_f, in_f),
+                    y,
+                    out_f,
+                    bias.is_some(),
+                    View::rows(x.as_ptr(), in_f),
+                    View::rows(w.as_ptr(), in_f).t(),
+                    T::one(),
+                    Threads::Pool,
+                );
+            })
         }
-        y
     }
 
     fn cpu_fwd_any(
@@ -749,42 +757,44 @@ impl Linear {
         let rows = x.elem_count() / in_f;
         with_data::<T, _>(&grad, |dy| {
             let dx = if x.track_op() {
-                let mut dx = vec![T::zero(); x.elem_count()];
-                with_data::<T, _>(w, |w| {
-                    unsafe {
-                        gemm(
-                            (rows, in_f, out_f),
-                            dx.as_mut_ptr(),
-                            in_f,
-                            false,
-                            View::rows(dy.as_ptr(), out_f),
-                            View::rows(w.as_ptr(), in_f),
-                            T::one(),
-                            Threads::Pool,
-                        );
-                    }
-                    Ok(())
+                let dx = with_data::<T, _>(w, |w| {
+                    // SAFETY: the product (not accumulated) writes every element.
+                    Ok(unsafe {
+                        parallel::written(x.elem_count(), |dx| {
+                            gemm(
+                                (rows, in_f, out_f),
+                                dx,
+                                in_f,
+                                false,
+                                View::rows(dy.as_ptr(), out_f),
+                                View::rows(w.as_ptr(), in_f),
+                                T::one(),
+                                Threads::Pool,
+                            )
+                        })
+                    })
                 })?;
                 Some(tensor(dx, x)?)
             } else {
                 None
             };
             let dw = if w.track_op() {
-                let mut dw = vec![T::zero(); w.elem_count()];
-                with_data::<T, _>(x, |xs| {
-                    unsafe {
-                        gemm(
-                            (out_f, in_f, rows),
-                            dw.as_mut_ptr(),
-                            in_f,
-                            false,
-                            View::rows(dy.as_ptr(), out_f).t(),
-                            View::rows(xs.as_ptr(), in_f),
-                            T::one(),
-                            Threads::Pool,
-                        );
-                    }
-                    Ok(())
+                let dw = with_data::<T, _>(x, |xs| {
+                    // SAFETY: the product (not accumulated) writes every element.
+                    Ok(unsafe {
+                        parallel::written(w.elem_count(), |dw| {
+                            gemm(
+                                (out_f, in_f, rows),
+                                dw,
+                                in_f,
+                                false,
+                                View::rows(dy.as_ptr(), out_f).t(),
+                                View::rows(xs.as_ptr(), in_f),
+                                T::one(),
+                                Threads::Pool,
+                            )
+                        })
+                    })
                 })?;
                 Some(tensor(dw, w)?)
             } else {

@@ -74,17 +74,37 @@ impl<T> Shared<T> {
     }
 }
 
-/// Fills `out` in parallel: `f(range, &mut out[range])` for ranges whose starts and lengths are
-/// multiples of `grain` (but the last length), covering the whole buffer.
-pub(crate) fn fill<T: Send>(
-    out: &mut [T],
+/// A new buffer of `len` elements filled in parallel, `f(range, part)` for ranges whose starts
+/// and lengths are multiples of `grain` (but the last length), without zeroing it first
+/// (zeroing every kernel output was 6% of a forward pass).
+///
+/// # Safety
+/// `f` must write every element of the part it is given.
+pub(crate) unsafe fn fill<T: Send>(
+    len: usize,
     grain: usize,
-    f: impl Fn(Range<usize>, &mut [T]) + Sync,
-) {
-    let shared = SharedMut::new(out);
-    for_ranges(out.len(), grain, |range| {
-        // SAFETY: the ranges are disjoint and inside `out`, which outlives the loop.
+    f: impl Fn(Range<usize>, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    let shared = SharedMut(out.spare_capacity_mut().as_mut_ptr());
+    for_ranges(len, grain, |range| {
+        // SAFETY: the ranges are disjoint and inside the buffer's capacity.
         let part = unsafe { shared.slice(range.clone()) };
         f(range, part)
     });
+    // SAFETY: every element was written (the caller's contract).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// A new buffer of `len` elements that `init` writes, every one, through the pointer it gets.
+///
+/// # Safety
+/// `init` must write all `len` elements.
+pub(crate) unsafe fn written<T>(len: usize, init: impl FnOnce(*mut T)) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    init(out.spare_capacity_mut().as_mut_ptr().cast());
+    // SAFETY: every element was written (the caller's contract).
+    unsafe { out.set_len(len) };
+    out
 }
