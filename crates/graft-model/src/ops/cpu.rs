@@ -6,7 +6,7 @@
 use super::blas::{Blas, Gemm};
 use super::matmul::{gemm, Threads, View};
 use super::parallel::{self, Shared, SharedMut};
-use super::simd::vectorized;
+use super::simd::{vectorized, Loop};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, WithDType,
@@ -129,6 +129,37 @@ pub(crate) struct LayerNorm {
     pub eps: f64,
 }
 
+struct NormRows<'a, T> {
+    norm: &'a LayerNorm,
+    x: &'a [T],
+    gamma: &'a [T],
+    beta: &'a [T],
+    y: &'a mut [MaybeUninit<T>],
+}
+
+impl<T: Float> Loop for NormRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        self.norm.fwd_rows(self.x, self.gamma, self.beta, self.y)
+    }
+}
+
+type Slices<'a, T> = (&'a [T], &'a [T], &'a [T]);
+
+struct NormBackwardRows<'a, T> {
+    norm: &'a LayerNorm,
+    inputs: Slices<'a, T>,
+    dx: &'a mut [MaybeUninit<T>],
+    sums: (&'a mut [T], &'a mut [T]),
+}
+
+impl<T: Float> Loop for NormBackwardRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        self.norm.bwd_rows(self.inputs, self.dx, self.sums)
+    }
+}
+
 impl LayerNorm {
     #[inline(always)]
     fn row_stats<T: Float>(&self, row: &[T]) -> (T, T) {
@@ -143,7 +174,13 @@ impl LayerNorm {
         // SAFETY: fwd_rows writes every element of whole rows.
         unsafe {
             parallel::fill(x.len(), rows_per_task(n) * n, |range, y| {
-                vectorized(|| self.fwd_rows(&x[range], gamma, beta, y))
+                vectorized(NormRows {
+                    norm: self,
+                    x: &x[range],
+                    gamma,
+                    beta,
+                    y,
+                })
             })
         }
     }
@@ -175,7 +212,12 @@ impl LayerNorm {
             };
             let (dgamma, dbeta) = slot.split_at_mut(n);
             let (x, dy) = (&x[range.clone()], &dy[range]);
-            vectorized(|| self.bwd_rows((x, gamma, dy), dx, (dgamma, dbeta)))
+            vectorized(NormBackwardRows {
+                norm: self,
+                inputs: (x, gamma, dy),
+                dx,
+                sums: (dgamma, dbeta),
+            })
         };
         // SAFETY: bwd_rows writes dx for every element of whole rows.
         let dx = unsafe { parallel::fill(x.len(), grain, part) };
@@ -289,36 +331,61 @@ impl CustomOp3 for LayerNorm {
 
 pub(crate) struct GeluErf;
 
-impl GeluErf {
-    fn fwd<T: Float>(x: &[T]) -> Vec<T> {
+struct GeluRows<'a, T> {
+    x: &'a [T],
+    y: &'a mut [MaybeUninit<T>],
+}
+
+impl<T: Float> Loop for GeluRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
         let half = T::from_f64(0.5);
         let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+        for (y, &x) in self.y.iter_mut().zip(self.x) {
+            *y = MaybeUninit::new(half * x * (T::one() + (x * inv_sqrt2).erf()));
+        }
+    }
+}
+
+/// d/dx = Φ(x) + x φ(x).
+struct GeluBackwardRows<'a, T> {
+    x: &'a [T],
+    dy: &'a [T],
+    dx: &'a mut [MaybeUninit<T>],
+}
+
+impl<T: Float> Loop for GeluBackwardRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let half = T::from_f64(0.5);
+        let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+        let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
+        for ((dx, &x), &dy) in self.dx.iter_mut().zip(self.x).zip(self.dy) {
+            let cdf = half * (T::one() + (x * inv_sqrt2).erf());
+            let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
+            *dx = MaybeUninit::new(dy * (cdf + x * pdf));
+        }
+    }
+}
+
+impl GeluErf {
+    fn fwd<T: Float>(x: &[T]) -> Vec<T> {
         // SAFETY: every element of each part is written.
         unsafe {
             parallel::fill(x.len(), 16384, |range, y| {
-                vectorized(|| {
-                    for (y, &x) in y.iter_mut().zip(&x[range]) {
-                        *y = MaybeUninit::new(half * x * (T::one() + (x * inv_sqrt2).erf()));
-                    }
-                })
+                vectorized(GeluRows { x: &x[range], y })
             })
         }
     }
 
-    /// d/dx = Φ(x) + x φ(x).
     fn bwd<T: Float>(x: &[T], dy: &[T]) -> Vec<T> {
-        let half = T::from_f64(0.5);
-        let inv_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
-        let inv_sqrt_2pi = T::from_f64(1.0 / (2.0 * std::f64::consts::PI).sqrt());
         // SAFETY: every element of each part is written.
         unsafe {
             parallel::fill(x.len(), 16384, |range, dx| {
-                vectorized(|| {
-                    for ((dx, &x), &dy) in dx.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
-                        let cdf = half * (T::one() + (x * inv_sqrt2).erf());
-                        let pdf = (-half * x * x).exp_fast() * inv_sqrt_2pi;
-                        *dx = MaybeUninit::new(dy * (cdf + x * pdf));
-                    }
+                vectorized(GeluBackwardRows {
+                    x: &x[range.clone()],
+                    dy: &dy[range],
+                    dx,
                 })
             })
         }
@@ -387,36 +454,62 @@ impl AttentionDims {
 
 /// Rows `[queries, keys]` of scores turned into probabilities in place: the key bias added,
 /// keys beyond a causal query's position given probability 0.
-#[inline(always)]
-fn softmax_rows<T: Float>(
-    scores: &mut [T],
-    tk: usize,
-    tq: usize,
+struct SoftmaxRows<'a, T> {
+    scores: &'a mut [T],
+    keys: usize,
+    queries: usize,
     causal: bool,
-    bias: Option<&[T]>,
-) {
-    for (i, row) in scores.chunks_mut(tk).enumerate() {
-        // A causal query sees the keys up to its own position, offset by any prefix keys.
-        let visible = if causal {
-            (i + 1 + tk - tq).min(tk)
-        } else {
-            tk
-        };
-        if let Some(bias) = bias {
-            for (s, &m) in row[..visible].iter_mut().zip(bias) {
-                *s += m;
+    bias: Option<&'a [T]>,
+}
+
+impl<T: Float> Loop for SoftmaxRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let (tk, tq) = (self.keys, self.queries);
+        for (i, row) in self.scores.chunks_mut(tk).enumerate() {
+            // A causal query sees the keys up to its own position, offset by any prefix keys.
+            let visible = if self.causal {
+                (i + 1 + tk - tq).min(tk)
+            } else {
+                tk
+            };
+            if let Some(bias) = self.bias {
+                for (s, &m) in row[..visible].iter_mut().zip(bias) {
+                    *s += m;
+                }
+            }
+            let max = lane_max(&row[..visible]);
+            for s in &mut row[..visible] {
+                *s = (*s - max).exp_fast();
+            }
+            let inv = T::one() / lane_sum(visible, |j| row[j]);
+            for s in &mut row[..visible] {
+                *s *= inv;
+            }
+            for s in &mut row[visible..] {
+                *s = T::zero();
             }
         }
-        let max = lane_max(&row[..visible]);
-        for s in &mut row[..visible] {
-            *s = (*s - max).exp_fast();
-        }
-        let inv = T::one() / lane_sum(visible, |j| row[j]);
-        for s in &mut row[..visible] {
-            *s *= inv;
-        }
-        for s in &mut row[visible..] {
-            *s = T::zero();
+    }
+}
+
+/// The softmax's backward in place over rows of `grads` (dP into dS):
+/// dS = P ∘ (dP − Σ_j P∘dP); masked probabilities are 0 and stay so.
+struct SoftmaxBackwardRows<'a, T> {
+    probs: &'a [T],
+    grads: &'a mut [T],
+    keys: usize,
+}
+
+impl<T: Float> Loop for SoftmaxBackwardRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let tk = self.keys;
+        for (p, dp) in self.probs.chunks(tk).zip(self.grads.chunks_mut(tk)) {
+            let dot = lane_sum(tk, |j| p[j] * dp[j]);
+            for (g, &p) in dp.iter_mut().zip(p) {
+                *g = p * (*g - dot);
+            }
         }
     }
 }
@@ -459,7 +552,13 @@ impl Attention {
             );
         }
         let bias = bias.map(|bias| &bias[b * tk..(b + 1) * tk]);
-        vectorized(|| softmax_rows(probs, tk, tq, d.causal, bias));
+        vectorized(SoftmaxRows {
+            scores: probs,
+            keys: tk,
+            queries: tq,
+            causal: d.causal,
+            bias,
+        });
     }
 
     fn fwd<T: Float>(&self, q: &[T], k: &[T], v: &[T], bias: Option<&[T]>) -> Vec<T> {
@@ -562,13 +661,10 @@ impl Attention {
                         );
                     }
                     // dS = P ∘ (dP − Σ_j P∘dP), the softmax's backward (masked P is 0).
-                    vectorized(|| {
-                        for (p, dp) in probs.chunks(tk).zip(dprobs.chunks_mut(tk)) {
-                            let dot = lane_sum(tk, |j| p[j] * dp[j]);
-                            for (g, &p) in dp.iter_mut().zip(p) {
-                                *g = p * (*g - dot);
-                            }
-                        }
+                    vectorized(SoftmaxBackwardRows {
+                        probs,
+                        grads: dprobs,
+                        keys: tk,
                     });
                     unsafe {
                         // dQ = scale · dS · K
