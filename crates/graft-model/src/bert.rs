@@ -282,6 +282,22 @@ impl Bert {
 
     /// Hidden states `[batch, prompt + seq, hidden]` and the widened 0/1 mask over them.
     pub fn forward(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<(Tensor, Tensor)> {
+        self.encode(inputs, hooks, false)
+    }
+
+    /// As [`Bert::forward`], but the last layer computes only the first position (`[batch, 1,
+    /// hidden]`), all that the pooler reads: its keys and values still come from every
+    /// position, so the result is the same, for about a seventh fewer FLOPs in MiniLM.
+    pub fn forward_first(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<Tensor> {
+        Ok(self.encode(inputs, hooks, true)?.0)
+    }
+
+    fn encode(
+        &self,
+        inputs: &Inputs,
+        hooks: &dyn Hooks,
+        first_only: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, s) = inputs.input_ids.dims2()?;
         let word_table = self.embeddings.word.resolve(hooks)?;
         let dtype = word_table.dtype();
@@ -344,8 +360,10 @@ impl Bert {
             mask.clone()
         };
         let bias = ops::additive_mask(&key_mask, dtype)?;
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            hidden = self.layer_forward(i, layer, &hidden, &bias, hooks)?;
+            let queries = if first_only && i == last { 1 } else { t };
+            hidden = self.layer_forward(i, layer, &hidden, queries, &bias, hooks)?;
         }
         Ok((hidden, mask))
     }
@@ -355,11 +373,19 @@ impl Bert {
         index: usize,
         layer: &Layer,
         x: &Tensor,
+        queries: usize,
         bias: &Tensor,
         hooks: &dyn Hooks,
     ) -> Result<Tensor> {
         let b = x.dim(0)?;
-        let q = layer.query.forward(x, hooks)?;
+        // Keys and values from every position; queries (and all that follows) from the first
+        // `queries` positions.
+        let x_out = if queries == x.dim(1)? {
+            x.clone()
+        } else {
+            x.narrow(1, 0, queries)?
+        };
+        let q = layer.query.forward(&x_out, hooks)?;
         let mut k = layer.key.forward(x, hooks)?;
         let mut v = layer.value.forward(x, hooks)?;
         if let Some((pk, pv)) = hooks.kv_prefix(index, b)? {
@@ -385,7 +411,7 @@ impl Bert {
             },
         )?;
         let attended = layer.attention_out.forward(&context, hooks)?;
-        let x = layer.attention_norm.forward(&(attended + x)?, hooks)?;
+        let x = layer.attention_norm.forward(&(attended + x_out)?, hooks)?;
         let inner = layer.intermediate.forward(&x, hooks)?;
         let inner = match self.config.hidden_act.as_str() {
             "gelu" => ops::gelu_erf(&inner)?,
@@ -470,10 +496,14 @@ impl BertForSequenceClassification {
 
     /// Logits `[batch, num_labels]`.
     pub fn forward(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<Tensor> {
-        let (hidden, mask) = self.bert.forward(inputs, hooks)?;
         let pooled = match self.pooling {
-            Pooling::Pooler => self.bert.pool_first(&hidden, hooks)?,
-            Pooling::Mean => masked_mean(&hidden, &mask)?,
+            Pooling::Pooler => self
+                .bert
+                .pool_first(&self.bert.forward_first(inputs, hooks)?, hooks)?,
+            Pooling::Mean => {
+                let (hidden, mask) = self.bert.forward(inputs, hooks)?;
+                masked_mean(&hidden, &mask)?
+            }
         };
         self.head.forward(&pooled)
     }

@@ -43,6 +43,20 @@ fn graft_bert_matches_candle_transformers() {
         token_type_ids: Some(token_type_ids.clone()),
     };
     let (hidden, _) = ours.forward(&inputs, &NoHooks).unwrap();
+    // The pooler's shortcut (last layer for the first position only) changes nothing there.
+    let first = ours.forward_first(&inputs, &NoHooks).unwrap();
+    assert_eq!(first.dims(), &[2, 1, 384]);
+    let first_diff = (first - hidden.narrow(1, 0, 1).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(first_diff <= 1e-6, "forward_first differs by {first_diff}");
 
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let reference_config: candle_transformers::models::bert::Config =
