@@ -18,9 +18,11 @@ impl LoraLayer {
             None => x.clone(),
         };
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
+        // The scale is folded into B (out x r) rather than applied to the output (tokens x
+        // out): one pass over the activations fewer, forward and backward.
+        let b = (self.b.as_tensor().to_dtype(x.dtype())? * self.scale)?;
         let down = graft_peft::graft_model::ops::linear(&x, &a, None)?;
-        graft_peft::graft_model::ops::linear(&down, &b, None)? * self.scale
+        graft_peft::graft_model::ops::linear(&down, &b, None)
     }
 
     /// `scale · B·A`, the `[out, in]` weight delta that merging adds to the base weight.

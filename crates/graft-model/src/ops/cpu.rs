@@ -12,6 +12,7 @@ use candle_core::{
     Tensor, WithDType,
 };
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 /// The element types the kernels are written for.
 pub(crate) trait Float: num_traits::Float + WithDType + std::iter::Sum {
@@ -520,6 +521,11 @@ pub(crate) struct Attention {
     pub dims: AttentionDims,
     /// Additive key bias `[batch, keys]` (0 or a large negative number), if any.
     pub key_bias: Option<Tensor>,
+    /// Keep the forward's probabilities for the backward rather than recompute them (when a
+    /// gradient will be asked for and they are small enough).
+    pub keep_probs: bool,
+    /// The kept probabilities, `[batch * heads * queries * keys]`.
+    pub kept: OnceLock<Tensor>,
 }
 
 impl Attention {
@@ -567,11 +573,26 @@ impl Attention {
         let mut out = Vec::with_capacity(d.batch * tq * d.q_width());
         let out_ptr = SharedMut(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
         let (qp, kp, vp) = (Shared(q.as_ptr()), Shared(k.as_ptr()), Shared(v.as_ptr()));
+        let block = tq * tk;
+        let mut kept = vec![
+            T::zero();
+            if self.keep_probs {
+                d.batch * d.heads * block
+            } else {
+                0
+            }
+        ];
+        let kept_ptr = SharedMut::new(&mut kept);
         parallel::for_ranges(d.batch * d.heads, 1, |tasks| {
-            let mut probs = vec![T::zero(); tq * tk];
-            let probs = &mut probs;
+            let mut scratch = vec![T::zero(); if self.keep_probs { 0 } else { block }];
             for task in tasks {
                 let (b, head) = (task / d.heads, task % d.heads);
+                let probs = if self.keep_probs {
+                    // SAFETY: each task owns its block of the kept probabilities.
+                    unsafe { kept_ptr.slice(task * block..(task + 1) * block) }
+                } else {
+                    &mut scratch[..]
+                };
                 self.probabilities((qp, kp), bias, (b, head), probs);
                 let kv_head = head / d.group();
                 let v_view = View::rows(
@@ -595,6 +616,12 @@ impl Attention {
         });
         // SAFETY: every (row, head) block was written by its task's product (not accumulated).
         unsafe { out.set_len(d.batch * tq * d.q_width()) };
+        if self.keep_probs {
+            let len = kept.len();
+            if let Ok(kept) = Tensor::from_vec(kept, len, &candle_core::Device::Cpu) {
+                let _ = self.kept.set(kept);
+            }
+        }
         out
     }
 
@@ -604,6 +631,7 @@ impl Attention {
         &self,
         (q, k, v): (&[T], &[T], &[T]),
         bias: Option<&[T]>,
+        kept: Option<&[T]>,
         dout: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = self.dims;
@@ -624,8 +652,10 @@ impl Attention {
         );
         let scale = T::from_f64(d.scale);
         parallel::for_ranges(d.batch * d.kv_heads, 1, |tasks| {
-            let (mut probs, mut dprobs) = (vec![T::zero(); tq * tk], vec![T::zero(); tq * tk]);
-            let (probs, dprobs) = (&mut probs, &mut dprobs);
+            let block = tq * tk;
+            let mut scratch = vec![T::zero(); if kept.is_some() { 0 } else { block }];
+            let mut dprobs = vec![T::zero(); block];
+            let dprobs = &mut dprobs;
             for task in tasks {
                 let (b, kv_head) = (task / d.kv_heads, task % d.kv_heads);
                 let kv_offset = b * tk * d.kv_width() + kv_head * hd;
@@ -635,7 +665,13 @@ impl Attention {
                     let q_offset = b * tq * d.q_width() + head * hd;
                     let q_view = View::rows(qp.at(q_offset), d.q_width());
                     let do_view = View::rows(dop.at(q_offset), d.q_width());
-                    self.probabilities((qp, kp), bias, (b, head), probs);
+                    let probs: &[T] = match kept {
+                        Some(all) => &all[(b * d.heads + head) * block..][..block],
+                        None => {
+                            self.probabilities((qp, kp), bias, (b, head), &mut scratch);
+                            &scratch
+                        }
+                    };
                     unsafe {
                         // dV += Pᵀ · dO
                         gemm(
@@ -717,7 +753,12 @@ impl Attention {
             with_data::<T, _>(k, |ks| {
                 with_data::<T, _>(v, |vs| {
                     with_data::<T, _>(&grad, |dout| {
-                        self.with_bias::<T, _>(|bias| Ok(self.bwd((qs, ks, vs), bias, dout)))
+                        self.with_bias::<T, _>(|bias| match self.kept.get() {
+                            Some(kept) => with_data::<T, _>(kept, |p| {
+                                Ok(self.bwd((qs, ks, vs), bias, Some(p), dout))
+                            }),
+                            None => Ok(self.bwd((qs, ks, vs), bias, None, dout)),
+                        })
                     })
                 })
             })

@@ -70,10 +70,23 @@ pub struct AttentionSpec<'a> {
     pub key_bias: Option<&'a Tensor>,
 }
 
+/// Probabilities larger than this are recomputed in the backward pass rather than kept.
+const KEEP_PROBS_BYTES: usize = 256 << 20;
+
 /// Scaled dot-product attention, softmax(q·kᵀ/√d + bias)·v, on `[batch, seq, heads * d]`
 /// activations: `q` `[b, tq, heads * d]`, `k` and `v` `[b, tk, kv_heads * d]` with `tk >= tq`
 /// when causal. Returns `[b, tq, heads * d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+    attention_keeping(q, k, v, spec, KEEP_PROBS_BYTES)
+}
+
+fn attention_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttentionSpec,
+    keep_limit: usize,
+) -> Result<Tensor> {
     let (batch, queries, width) = q.dims3()?;
     let (_, keys, kv_width) = k.dims3()?;
     if spec.heads == 0
@@ -101,7 +114,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
         return reference::attention(q, k, v, spec);
     }
     let head_dim = width / spec.heads;
+    // Probabilities are kept for the backward when one will follow and they fit the limit;
+    // else (long sequences) the backward recomputes them.
+    let probs_bytes = batch * spec.heads * queries * keys * q.dtype().size_in_bytes();
+    let keep_probs = (q.track_op() || k.track_op() || v.track_op()) && probs_bytes <= keep_limit;
     let op = cpu::Attention {
+        keep_probs,
+        kept: Default::default(),
         dims: cpu::AttentionDims {
             batch,
             queries,
@@ -209,4 +228,48 @@ impl CustomOp1 for FrozenLinearGrad {
 pub fn additive_mask(mask: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     let mask = mask.to_dtype(candle_core::DType::F32)?;
     ((mask - 1.0)? * 1e9)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// The backward that recomputes the probabilities gives what the one that kept them gives.
+    #[test]
+    fn recomputed_and_kept_probabilities_give_the_same_gradients() {
+        let mut rng = crate::init::seeded_rng(3);
+        let mut var = |shape: &[usize]| {
+            Var::from_tensor(
+                &crate::init::normal(&mut rng, shape, 1.0, DType::F64, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        };
+        let (q, k, v) = (var(&[2, 5, 8]), var(&[2, 7, 4]), var(&[2, 7, 4]));
+        let spec = AttentionSpec {
+            heads: 2,
+            kv_heads: 1,
+            causal: true,
+            key_bias: None,
+        };
+        let grads = |limit: usize| {
+            let out = attention_keeping(q.as_tensor(), k.as_tensor(), v.as_tensor(), &spec, limit)
+                .unwrap();
+            let g = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            [&q, &k, &v].map(|x| {
+                g.get(x.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+        };
+        let (kept, recomputed) = (grads(usize::MAX), grads(0));
+        for (a, b) in kept.iter().zip(&recomputed) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+            }
+        }
+    }
 }
