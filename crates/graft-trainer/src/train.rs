@@ -538,8 +538,12 @@ fn run_loop(
     report["trainable_params"] = json!(trainable_params);
     report["total_params"] = json!(total_params);
     report["step_seconds_median"] = json!(median_after_warmup(&state.step_seconds));
-    report["train_tokens_per_s"] =
-        json!(state.tokens as f64 / state.step_seconds.iter().sum::<f64>().max(1e-9));
+    // Steady-state speed: the mean tokens of a step over the median step after warm-up (the
+    // running rate in the log includes the slow first steps).
+    let steps_done = state.step_seconds.len().max(1) as f64;
+    report["train_tokens_per_s"] = json!(
+        state.tokens as f64 / steps_done / median_after_warmup(&state.step_seconds).max(1e-9)
+    );
     report["peak_rss_mb"] = json!(peak_rss_mb());
     report["matmul"] = json!(match graft_model::ops::blas_in_use() {
         Some(core) => format!("OpenBLAS ({core})"),
