@@ -397,7 +397,8 @@ fn run_loop(
             state.cursor += take;
             let texts: Vec<String> = batch.iter().map(|&i| train_set.texts[i].clone()).collect();
             let encoded = classifier.tokenizer.encode_batch(&texts)?;
-            state.tokens += encoded.attention_mask.iter().filter(|&&m| m == 1).count();
+            // Tokens as computed, padding included (batches pad to their longest row).
+            state.tokens += encoded.batch * encoded.seq_len;
             let inputs = classifier.inputs(&encoded)?;
             let targets =
                 Tensor::from_iter(batch.iter().map(|&i| train_set.labels[i] as u32), &device)?;
