@@ -42,8 +42,16 @@ pub struct ModelInfo {
 
 /// Injection points. Every method has a default that leaves the model unchanged.
 pub trait Hooks {
-    /// Called at every linear site with the site's input `x` (`[.., in]`) and the frozen
-    /// projection's output `base` (`[.., out]`); returns the site's output.
+    /// Called at every linear site before its frozen projection: a replacement for the input
+    /// the projection reads (same shape and dtype as `x`), or `None` to keep `x`. Methods that
+    /// rescale inputs (IA3's feed-forward sites) act here, so the projection runs once.
+    fn linear_input(&self, _site: &LinearSite<'_>, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Called at every linear site with the site's input `x` (`[.., in]`, as it was before any
+    /// [`Hooks::linear_input`] replacement) and the frozen projection's output `base`
+    /// (`[.., out]`); returns the site's output.
     fn linear(&self, _site: &LinearSite<'_>, _x: &Tensor, base: Tensor) -> Result<Tensor> {
         Ok(base)
     }

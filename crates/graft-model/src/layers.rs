@@ -110,13 +110,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
         let weight = self.weight.resolve(hooks)?;
         let bias = self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?;
-        // A trained weight (full fine-tuning) gets its gradient; a frozen one costs none.
-        let base = ops::linear(x, &weight, bias.as_ref())?;
         let site = LinearSite {
             name: &self.name,
             weight: &weight,
             bias: bias.as_ref(),
         };
+        let replaced = hooks.linear_input(&site, x)?;
+        // A trained weight (full fine-tuning) gets its gradient; a frozen one costs none.
+        let base = ops::linear(replaced.as_ref().unwrap_or(x), &weight, bias.as_ref())?;
         Ok(hooks.linear(&site, x, base)?)
     }
 

@@ -122,6 +122,26 @@ pub struct GuardedAdapter {
 }
 
 impl Hooks for GuardedAdapter {
+    fn linear_input(
+        &self,
+        site: &LinearSite<'_>,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let out = guarded_hook(&self.path, "linear_input", || {
+            self.inner.linear_input(site, x)
+        })?;
+        if let Some(input) = &out {
+            check(
+                &self.path,
+                &format!("linear_input({})", site.name),
+                input,
+                x.dims(),
+                x.dtype(),
+            )?;
+        }
+        Ok(out)
+    }
+
     fn linear(
         &self,
         site: &LinearSite<'_>,

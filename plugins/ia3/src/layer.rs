@@ -17,16 +17,34 @@ pub struct Ia3Layer {
 }
 
 impl Ia3Layer {
-    /// The site's output given its input and the frozen output `base`.
-    pub fn forward(&self, x: &Tensor, base: Tensor) -> Result<Tensor> {
-        let l = self.scale.as_tensor().to_dtype(x.dtype())?;
-        if self.feedforward {
-            // The frozen output is of the unscaled input; the scaled input needs its own product.
-            let scaled = x.broadcast_mul(&l.flatten_all()?)?;
-            ops::linear(&scaled, &self.weight, self.bias.as_ref())
-        } else {
-            base.broadcast_mul(&l.flatten_all()?)
+    /// The input the frozen projection reads: `x ⊙ l` at a feed-forward site.
+    pub fn input(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !self.feedforward {
+            return Ok(None);
         }
+        let l = self.scale.as_tensor().to_dtype(x.dtype())?;
+        Ok(Some(x.broadcast_mul(&l.flatten_all()?)?))
+    }
+
+    /// The site's output given the frozen output `base` (of the scaled input, at a
+    /// feed-forward site).
+    pub fn output(&self, base: Tensor) -> Result<Tensor> {
+        if self.feedforward {
+            return Ok(base);
+        }
+        let l = self.scale.as_tensor().to_dtype(base.dtype())?;
+        base.broadcast_mul(&l.flatten_all()?)
+    }
+
+    /// The site's output from its input alone (the two hooks in sequence), for tests.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let input = self.input(x)?;
+        let base = ops::linear(
+            input.as_ref().unwrap_or(x),
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
+        self.output(base)
     }
 
     /// What merging adds to W and b: `W ⊙ (l - 1)` by rows (output scaling, and the bias
@@ -70,15 +88,14 @@ mod tests {
             tensor(&[0.5, -1.0], &[2]),
             tensor(&[1.0, 1.0], &[1, 2]),
         );
-        let base = ops::linear(&x, &w, Some(&b)).unwrap();
         // Output scaling by l = [2, 0.5]: [3.5·2, 6·0.5] = [7, 3].
         let out = layer(tensor(&[2.0, 0.5], &[2, 1]), false, w.clone(), b.clone());
-        let y = out.forward(&x, base.clone()).unwrap();
+        let y = out.forward(&x).unwrap();
         assert_eq!(y.to_vec2::<f64>().unwrap(), [[7.0, 3.0]]);
         // Input scaling by l = [2, 0.5]: x ⊙ l = [2, 0.5];
         // [1·2 + 2·0.5 + 0.5, 3·2 + 4·0.5 - 1] = [3.5, 7].
         let ff = layer(tensor(&[2.0, 0.5], &[1, 2]), true, w, b);
-        let y = ff.forward(&x, base).unwrap();
+        let y = ff.forward(&x).unwrap();
         assert_eq!(y.to_vec2::<f64>().unwrap(), [[3.5, 7.0]]);
     }
 
@@ -93,7 +110,7 @@ mod tests {
             let (w, b, x) = (normal(&[out, inp]), normal(&[out]), normal(&[3, inp]));
             let l = if feedforward { normal(&[1, inp]) } else { normal(&[out, 1]) };
             let site = layer(l, feedforward, w.clone(), b.clone());
-            let adapted = site.forward(&x, ops::linear(&x, &w, Some(&b)).unwrap()).unwrap();
+            let adapted = site.forward(&x).unwrap();
             let (dw, db) = site.deltas().unwrap();
             let merged_b = match db { Some(d) => (&b + d).unwrap(), None => b.clone() };
             let merged = ops::linear(&x, &(&w + dw).unwrap(), Some(&merged_b)).unwrap();

@@ -126,12 +126,23 @@ impl Hooks for Ia3Adapter {
     fn linear(
         &self,
         site: &LinearSite<'_>,
-        x: &Tensor,
+        _x: &Tensor,
         base: Tensor,
     ) -> graft_peft::candle::Result<Tensor> {
         match self.layers.get(site.name) {
-            Some(layer) => layer.forward(x, base),
+            Some(layer) => layer.output(base),
             None => Ok(base),
+        }
+    }
+
+    fn linear_input(
+        &self,
+        site: &LinearSite<'_>,
+        x: &Tensor,
+    ) -> graft_peft::candle::Result<Option<Tensor>> {
+        match self.layers.get(site.name) {
+            Some(layer) => layer.input(x),
+            None => Ok(None),
         }
     }
 }
