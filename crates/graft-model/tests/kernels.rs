@@ -126,6 +126,16 @@ fn layer_norm_matches_its_composition_and_finite_differences() {
 }
 
 #[test]
+fn column_scaling_matches_its_composition_and_finite_differences() {
+    check(
+        "scale_last_dim",
+        &|t| ops::scale_last_dim(&t[0], &t[1]),
+        &|t| reference::scale_last_dim(&t[0], &t[1]),
+        &[&[3, 5, 12], &[12, 1]],
+    );
+}
+
+#[test]
 fn gelu_matches_its_composition_and_finite_differences() {
     // candle's own GELU backward is accurate to about 1e-6 even in f64 (measured: 1.2e-6 off
     // where this kernel agrees with finite differences to 1e-6 relative).

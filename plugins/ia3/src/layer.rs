@@ -23,7 +23,7 @@ impl Ia3Layer {
             return Ok(None);
         }
         let l = self.scale.as_tensor().to_dtype(x.dtype())?;
-        Ok(Some(x.broadcast_mul(&l.flatten_all()?)?))
+        Ok(Some(ops::scale_last_dim(x, &l)?))
     }
 
     /// The site's output given the frozen output `base` (of the scaled input, at a
@@ -33,7 +33,7 @@ impl Ia3Layer {
             return Ok(base);
         }
         let l = self.scale.as_tensor().to_dtype(base.dtype())?;
-        base.broadcast_mul(&l.flatten_all()?)
+        ops::scale_last_dim(&base, &l)
     }
 
     /// The site's output from its input alone (the two hooks in sequence), for tests.

@@ -328,6 +328,159 @@ impl CustomOp3 for LayerNorm {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scaling the last dimension by a vector: `y = x ⊙ l` (IA3). candle's broadcast multiply
+// reduces dl over the token dimensions with a single-threaded strided sum (13% of an IA3 step).
+
+pub(crate) struct ScaleColumns;
+
+struct ScaleRows<'a, T> {
+    x: &'a [T],
+    scale: &'a [T],
+    y: &'a mut [MaybeUninit<T>],
+}
+
+impl<T: Float> Loop for ScaleRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let n = self.scale.len();
+        for (y, x) in self.y.chunks_mut(n).zip(self.x.chunks(n)) {
+            for j in 0..n {
+                y[j] = MaybeUninit::new(x[j] * self.scale[j]);
+            }
+        }
+    }
+}
+
+/// dx = dy ⊙ l, and Σ over rows of dy ⊙ x added into `dl`.
+struct ScaleBackwardRows<'a, T> {
+    x: &'a [T],
+    scale: &'a [T],
+    dy: &'a [T],
+    dx: &'a mut [MaybeUninit<T>],
+    dl: &'a mut [T],
+}
+
+impl<T: Float> Loop for ScaleBackwardRows<'_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let n = self.scale.len();
+        for ((dx, x), dy) in self
+            .dx
+            .chunks_mut(n)
+            .zip(self.x.chunks(n))
+            .zip(self.dy.chunks(n))
+        {
+            for j in 0..n {
+                dx[j] = MaybeUninit::new(dy[j] * self.scale[j]);
+                self.dl[j] += dy[j] * x[j];
+            }
+        }
+    }
+}
+
+impl ScaleColumns {
+    fn fwd<T: Float>(x: &[T], scale: &[T]) -> Vec<T> {
+        let n = scale.len();
+        // SAFETY: every element of whole rows is written.
+        unsafe {
+            parallel::fill(x.len(), rows_per_task(n) * n, |range, y| {
+                vectorized(ScaleRows {
+                    x: &x[range],
+                    scale,
+                    y,
+                })
+            })
+        }
+    }
+
+    fn bwd<T: Float>(x: &[T], scale: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+        let n = scale.len();
+        let grain = rows_per_task(n) * n;
+        // Per-part sums of dl (slot = the part's first grain), added up after.
+        let mut partials = vec![T::zero(); x.len().div_ceil(grain) * n];
+        let shared = SharedMut::new(&mut partials);
+        let part = |range: std::ops::Range<usize>, dx: &mut [MaybeUninit<T>]| {
+            // SAFETY: each part owns the slot of its first grain.
+            let dl =
+                unsafe { shared.slice(range.start / grain * n..(range.start / grain + 1) * n) };
+            vectorized(ScaleBackwardRows {
+                x: &x[range.clone()],
+                scale,
+                dy: &dy[range],
+                dx,
+                dl,
+            })
+        };
+        // SAFETY: every element of whole rows is written.
+        let dx = unsafe { parallel::fill(x.len(), grain, part) };
+        let mut dl = vec![T::zero(); n];
+        for slot in partials.chunks(n) {
+            for j in 0..n {
+                dl[j] += slot[j];
+            }
+        }
+        (dx, dl)
+    }
+
+    fn bwd_typed<T: Float>(
+        x: &Tensor,
+        scale: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (dx, dl) = with_data::<T, _>(x, |xs| {
+            with_data::<T, _>(scale, |l| {
+                with_data::<T, _>(&grad, |dy| Ok(Self::bwd(xs, l, dy)))
+            })
+        })?;
+        Ok((
+            x.track_op().then(|| tensor(dx, x)).transpose()?,
+            scale.track_op().then(|| tensor(dl, scale)).transpose()?,
+        ))
+    }
+}
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "graft-scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(Self::fwd::<f32>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(Self::fwd::<f64>(
+                contiguous(s1, l1)?,
+                contiguous(s2, l2)?,
+            )),
+            _ => bail!("graft-scale-columns: f32 or f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        match x.dtype() {
+            DType::F32 => Self::bwd_typed::<f32>(x, scale, grad),
+            _ => Self::bwd_typed::<f64>(x, scale, grad),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // GELU with the exact (erf) form, as BERT's "gelu".
 
 pub(crate) struct GeluErf;

@@ -58,6 +58,24 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(cpu::GeluErf)
 }
 
+/// `x ⊙ scale`, `scale` a vector over the last dimension of `x` (IA3's rescaling).
+pub fn scale_last_dim(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    if scale.elem_count() != n {
+        candle_core::bail!(
+            "scale_last_dim: a scale of {} elements for a last dimension of {n}",
+            scale.elem_count()
+        );
+    }
+    if !fused(&[x, scale]) {
+        return reference::scale_last_dim(x, scale);
+    }
+    x.contiguous()?.apply_op2_arc(
+        &scale.flatten_all()?.contiguous()?,
+        std::sync::Arc::new(Box::new(cpu::ScaleColumns)),
+    )
+}
+
 /// What an attention call attends to.
 pub struct AttentionSpec<'a> {
     pub heads: usize,

@@ -21,6 +21,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
+/// `x ⊙ scale` over the last dimension.
+pub fn scale_last_dim(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&scale.flatten_all()?)
+}
+
 /// GELU, exact (erf) form.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
