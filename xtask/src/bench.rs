@@ -59,24 +59,7 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
     for method in &methods {
         let run = out.join(method);
         eprintln!("bench: {method}, {steps} steps -> {}", run.display());
-        run_graft(&[
-            "train".into(),
-            "--method".into(),
-            method.clone(),
-            "--config".into(),
-            format!("configs/{method}.toml"),
-            "--max-steps".into(),
-            steps.to_string(),
-            "--eval-every".into(),
-            "0".into(),
-            "--out".into(),
-            run.display().to_string(),
-        ])?;
-        let path = root().join(&run).join("eval.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let eval: Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let eval = bench_run(method, steps, &run, &[])?;
         rows.push(json!({
             "method": method,
             "trainable_params": eval["trainable_params"],
@@ -121,6 +104,26 @@ fn write_report(out: &Path, report: &Value, table: &str) -> Result<()> {
     std::fs::write(&md_path, table).with_context(|| format!("writing {}", md_path.display()))?;
     eprintln!("written: {}/bench.json, bench.md", out.display());
     Ok(())
+}
+
+/// One timed training run of `method` with its config, no periodic evaluation: its eval.json.
+fn bench_run(method: &str, steps: usize, run: &Path, extra: &[String]) -> Result<Value> {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--method".into(),
+        method.into(),
+        "--config".into(),
+        format!("configs/{method}.toml"),
+        "--max-steps".into(),
+        steps.to_string(),
+        "--eval-every".into(),
+        "0".into(),
+        "--out".into(),
+        run.display().to_string(),
+    ];
+    args.extend_from_slice(extra);
+    run_graft(&args)?;
+    read_json(&root().join(run).join("eval.json"))
 }
 
 fn markdown(report: &Value) -> String {
@@ -279,24 +282,17 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
             "bench --reference: round {round}/{rounds}, graft LoRA, {steps} steps -> {}",
             run.display()
         );
-        run_graft(&[
-            "train".into(),
-            "--method".into(),
-            "lora".into(),
-            "--config".into(),
-            "configs/lora.toml".into(),
-            "--model".into(),
-            model.display().to_string(),
-            "--data".into(),
-            data.display().to_string(),
-            "--max-steps".into(),
-            steps.to_string(),
-            "--eval-every".into(),
-            "0".into(),
-            "--out".into(),
-            run.display().to_string(),
-        ])?;
-        let graft = read_json(&root().join(&run).join("eval.json"))?;
+        let graft = bench_run(
+            "lora",
+            steps,
+            &run,
+            &[
+                "--model".into(),
+                model.display().to_string(),
+                "--data".into(),
+                data.display().to_string(),
+            ],
+        )?;
 
         let mut reference = serde_json::Map::new();
         for mode in ["train", "infer"] {

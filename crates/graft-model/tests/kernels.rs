@@ -227,29 +227,21 @@ fn check_attention(
 ) {
     let hd = 4;
     let batch = 2;
-    let bias_for = |t: &Tensor| (padded > 0).then(|| key_bias(batch, tk, padded, t.dtype()));
+    type Attention = fn(&Tensor, &Tensor, &Tensor, &AttentionSpec) -> candle_core::Result<Tensor>;
+    let with_spec = |attention: Attention, t: &[Tensor]| {
+        let bias = (padded > 0).then(|| key_bias(batch, tk, padded, t[0].dtype()));
+        let spec = AttentionSpec {
+            heads,
+            kv_heads,
+            causal,
+            key_bias: bias.as_ref(),
+        };
+        attention(&t[0], &t[1], &t[2], &spec)
+    };
     check(
         name,
-        &|t| {
-            let bias = bias_for(&t[0]);
-            let spec = AttentionSpec {
-                heads,
-                kv_heads,
-                causal,
-                key_bias: bias.as_ref(),
-            };
-            ops::attention(&t[0], &t[1], &t[2], &spec)
-        },
-        &|t| {
-            let bias = bias_for(&t[0]);
-            let spec = AttentionSpec {
-                heads,
-                kv_heads,
-                causal,
-                key_bias: bias.as_ref(),
-            };
-            reference::attention(&t[0], &t[1], &t[2], &spec)
-        },
+        &|t| with_spec(ops::attention, t),
+        &|t| with_spec(reference::attention, t),
         &[
             &[batch, tq, heads * hd],
             &[batch, tk, kv_heads * hd],

@@ -11,6 +11,12 @@ fn minilm() -> std::path::PathBuf {
         .expect("all-MiniLM-L6-v2 (run `cargo xtask fetch-model minilm`)")
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .unwrap()
+}
+
 #[test]
 fn graft_bert_matches_candle_transformers() {
     let dir = minilm();
@@ -46,16 +52,7 @@ fn graft_bert_matches_candle_transformers() {
     // The pooler's shortcut (last layer for the first position only) changes nothing there.
     let first = ours.forward_first(&inputs, &NoHooks).unwrap();
     assert_eq!(first.dims(), &[2, 1, 384]);
-    let first_diff = (first - hidden.narrow(1, 0, 1).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let first_diff = max_abs_diff(&first, &hidden.narrow(1, 0, 1).unwrap());
     assert!(first_diff <= 1e-6, "forward_first differs by {first_diff}");
 
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
@@ -70,15 +67,6 @@ fn graft_bert_matches_candle_transformers() {
         .forward(&input_ids, &token_type_ids, Some(&attention_mask))
         .unwrap();
 
-    let diff = (hidden - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&hidden, &reference);
     assert!(diff <= 1e-5, "max abs diff {diff} > 1e-5");
 }

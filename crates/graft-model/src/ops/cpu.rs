@@ -86,6 +86,40 @@ fn lane_max<T: Float>(xs: &[T]) -> T {
         .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m })
 }
 
+/// Evaluates `$body` with `$T` the element type of `$storage` (f32 or f64), else refuses.
+macro_rules! for_float {
+    ($storage:expr, $op:literal, $T:ident => $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                type $T = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $T = f64;
+                $body
+            }
+            _ => bail!(concat!($op, ": f32 or f64 only")),
+        }
+    };
+}
+
+/// Evaluates `$body` with `$T` the element type of `$dtype`, for backward passes (whose
+/// tensors the forward pass already checked: f32 or f64).
+macro_rules! for_dtype {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            _ => {
+                type $T = f64;
+                $body
+            }
+        }
+    };
+}
+
 /// Whether the fused kernels handle these tensors: all on the CPU, all f32 or all f64.
 pub(crate) fn supports(tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else {
@@ -116,6 +150,11 @@ fn with_data<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Resu
 
 fn tensor<T: Float>(data: Vec<T>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(data, like.shape(), like.device())
+}
+
+/// The gradient `data` of `input` as a tensor, if the input is tracked (else nobody needs it).
+fn gradient<T: Float>(data: Vec<T>, input: &Tensor) -> Result<Option<Tensor>> {
+    input.track_op().then(|| tensor(data, input)).transpose()
 }
 
 /// Rows per parallel task: enough work per task to amortise scheduling.
@@ -273,11 +312,8 @@ impl LayerNorm {
         })?;
         Ok((
             Some(tensor(dx, x)?),
-            gamma
-                .track_op()
-                .then(|| tensor(dgamma, gamma))
-                .transpose()?,
-            beta.track_op().then(|| tensor(dbeta, beta)).transpose()?,
+            gradient(dgamma, gamma)?,
+            gradient(dbeta, beta)?,
         ))
     }
 }
@@ -296,19 +332,9 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(self.fwd::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-            )),
-            CpuStorage::F64(_) => f64::to_cpu_storage_owned(self.fwd::<f64>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-            )),
-            _ => bail!("graft-layer-norm: f32 or f64 only"),
-        };
+        let out = for_float!(s1, "graft-layer-norm", T => T::to_cpu_storage_owned(
+            self.fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?)
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -320,10 +346,7 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        match x.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(x, gamma, beta, grad),
-            _ => self.bwd_typed::<f64>(x, gamma, beta, grad),
-        }
+        for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, gamma, beta, grad))
     }
 }
 
@@ -433,10 +456,7 @@ impl ScaleColumns {
                 with_data::<T, _>(&grad, |dy| Ok(Self::bwd(xs, l, dy)))
             })
         })?;
-        Ok((
-            x.track_op().then(|| tensor(dx, x)).transpose()?,
-            scale.track_op().then(|| tensor(dl, scale)).transpose()?,
-        ))
+        Ok((gradient(dx, x)?, gradient(dl, scale)?))
     }
 }
 
@@ -452,17 +472,9 @@ impl CustomOp2 for ScaleColumns {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => f32::to_cpu_storage_owned(Self::fwd::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-            )),
-            CpuStorage::F64(_) => f64::to_cpu_storage_owned(Self::fwd::<f64>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-            )),
-            _ => bail!("graft-scale-columns: f32 or f64 only"),
-        };
+        let out = for_float!(s1, "graft-scale-columns", T => T::to_cpu_storage_owned(
+            Self::fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?)
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -473,10 +485,7 @@ impl CustomOp2 for ScaleColumns {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        match x.dtype() {
-            DType::F32 => Self::bwd_typed::<f32>(x, scale, grad),
-            _ => Self::bwd_typed::<f64>(x, scale, grad),
-        }
+        for_dtype!(x.dtype(), T => Self::bwd_typed::<T>(x, scale, grad))
     }
 }
 
@@ -558,23 +567,16 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage {
-            CpuStorage::F32(_) => {
-                f32::to_cpu_storage_owned(Self::fwd::<f32>(contiguous(storage, layout)?))
-            }
-            CpuStorage::F64(_) => {
-                f64::to_cpu_storage_owned(Self::fwd::<f64>(contiguous(storage, layout)?))
-            }
-            _ => bail!("graft-gelu-erf: f32 or f64 only"),
-        };
+        let out = for_float!(storage, "graft-gelu-erf", T => T::to_cpu_storage_owned(
+            Self::fwd::<T>(contiguous(storage, layout)?)
+        ));
         Ok((out, layout.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(match x.dtype() {
-            DType::F32 => Self::bwd_typed::<f32>(x, grad)?,
-            _ => Self::bwd_typed::<f64>(x, grad)?,
-        }))
+        Ok(Some(
+            for_dtype!(x.dtype(), T => Self::bwd_typed::<T>(x, grad)?),
+        ))
     }
 }
 
@@ -938,19 +940,11 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match s1 {
-            CpuStorage::F32(_) => self.cpu_fwd_typed::<f32>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-            )?,
-            CpuStorage::F64(_) => self.cpu_fwd_typed::<f64>(
-                contiguous(s1, l1)?,
-                contiguous(s2, l2)?,
-                contiguous(s3, l3)?,
-            )?,
-            _ => bail!("graft-attention: f32 or f64 only"),
-        };
+        let out = for_float!(s1, "graft-attention", T => self.cpu_fwd_typed::<T>(
+            contiguous(s1, l1)?,
+            contiguous(s2, l2)?,
+            contiguous(s3, l3)?,
+        )?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -962,10 +956,7 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        match q.dtype() {
-            DType::F32 => self.bwd_typed::<f32>((q, k, v), grad),
-            _ => self.bwd_typed::<f64>((q, k, v), grad),
-        }
+        for_dtype!(q.dtype(), T => self.bwd_typed::<T>((q, k, v), grad))
     }
 }
 
@@ -1023,11 +1014,7 @@ impl Linear {
                 out_f,
             )))
         }
-        let out = match x.0 {
-            CpuStorage::F32(_) => typed::<f32>(x, w, bias)?,
-            CpuStorage::F64(_) => typed::<f64>(x, w, bias)?,
-            _ => bail!("graft-linear: f32 or f64 only"),
-        };
+        let out = for_float!(x.0, "graft-linear", T => typed::<T>(x, w, bias)?);
         let mut dims = x.1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = w.1.dims()[0];
@@ -1112,10 +1099,7 @@ impl Linear {
         bias: Option<&Tensor>,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        match x.dtype() {
-            DType::F32 => Self::bwd_typed::<f32>(x, w, bias, grad),
-            _ => Self::bwd_typed::<f64>(x, w, bias, grad),
-        }
+        for_dtype!(x.dtype(), T => Self::bwd_typed::<T>(x, w, bias, grad))
     }
 }
 
