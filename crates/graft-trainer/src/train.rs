@@ -61,9 +61,7 @@ impl Throughput {
     }
 
     pub fn batch_seconds_median(&self) -> f64 {
-        let mut sorted = self.batch_seconds.clone();
-        sorted.sort_by(f64::total_cmp);
-        sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+        median(&self.batch_seconds).unwrap_or(f64::NAN)
     }
 }
 
@@ -569,12 +567,17 @@ fn run_loop(
 /// Median step time, the first two steps (allocation warm-up) left out when there are more.
 pub fn median_after_warmup(step_seconds: &[f64]) -> f64 {
     let skip = if step_seconds.len() > 4 { 2 } else { 0 };
-    let mut sorted: Vec<f64> = step_seconds[skip..].to_vec();
+    median(&step_seconds[skip..]).unwrap_or(0.0)
+}
+
+/// The median (the mean of the middle two for an even count), if there are values.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[n / 2]),
+        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 

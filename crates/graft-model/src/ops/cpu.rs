@@ -239,36 +239,19 @@ impl LayerNorm {
     /// `(dx, dgamma, dbeta)`; the statistics are recomputed from `x` rather than stored.
     fn bwd<T: Float>(&self, x: &[T], gamma: &[T], dy: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let n = gamma.len();
-        let grain = rows_per_task(n) * n;
-        // Per-part sums of dgamma and dbeta (slot = the part's first grain), added up after.
-        let slots = x.len().div_ceil(grain);
-        let mut partials = vec![T::zero(); slots * 2 * n];
-        let shared_partials = SharedMut::new(&mut partials);
-        let part = |range: std::ops::Range<usize>, dx: &mut [MaybeUninit<T>]| {
-            // SAFETY: each part owns the slot of its first grain.
-            let slot = unsafe {
-                shared_partials
-                    .slice(range.start / grain * 2 * n..(range.start / grain + 1) * 2 * n)
-            };
-            let (dgamma, dbeta) = slot.split_at_mut(n);
-            let (x, dy) = (&x[range.clone()], &dy[range]);
+        let part = |range: std::ops::Range<usize>, dx: &mut [MaybeUninit<T>], sums: &mut [T]| {
             vectorized(NormBackwardRows {
                 norm: self,
-                inputs: (x, gamma, dy),
+                inputs: (&x[range.clone()], gamma, &dy[range]),
                 dx,
-                sums: (dgamma, dbeta),
+                sums: sums.split_at_mut(n),
             })
         };
         // SAFETY: bwd_rows writes dx for every element of whole rows.
-        let dx = unsafe { parallel::fill(x.len(), grain, part) };
-        let mut dgamma = vec![T::zero(); n];
-        let mut dbeta = vec![T::zero(); n];
-        for slot in partials.chunks(2 * n) {
-            for j in 0..n {
-                dgamma[j] += slot[j];
-                dbeta[j] += slot[n + j];
-            }
-        }
+        let (dx, mut sums) =
+            unsafe { parallel::fill_summing(x.len(), rows_per_task(n) * n, 2 * n, part) };
+        let dbeta = sums.split_off(n);
+        let dgamma = sums;
         (dx, dgamma, dbeta)
     }
 
@@ -418,14 +401,7 @@ impl ScaleColumns {
 
     fn bwd<T: Float>(x: &[T], scale: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
         let n = scale.len();
-        let grain = rows_per_task(n) * n;
-        // Per-part sums of dl (slot = the part's first grain), added up after.
-        let mut partials = vec![T::zero(); x.len().div_ceil(grain) * n];
-        let shared = SharedMut::new(&mut partials);
-        let part = |range: std::ops::Range<usize>, dx: &mut [MaybeUninit<T>]| {
-            // SAFETY: each part owns the slot of its first grain.
-            let dl =
-                unsafe { shared.slice(range.start / grain * n..(range.start / grain + 1) * n) };
+        let part = |range: std::ops::Range<usize>, dx: &mut [MaybeUninit<T>], dl: &mut [T]| {
             vectorized(ScaleBackwardRows {
                 x: &x[range.clone()],
                 scale,
@@ -435,13 +411,7 @@ impl ScaleColumns {
             })
         };
         // SAFETY: every element of whole rows is written.
-        let dx = unsafe { parallel::fill(x.len(), grain, part) };
-        let mut dl = vec![T::zero(); n];
-        for slot in partials.chunks(n) {
-            for j in 0..n {
-                dl[j] += slot[j];
-            }
-        }
+        let (dx, dl) = unsafe { parallel::fill_summing(x.len(), rows_per_task(n) * n, n, part) };
         (dx, dl)
     }
 
@@ -670,8 +640,8 @@ impl<T: Float> Loop for SoftmaxBackwardRows<'_, T> {
     }
 }
 
-/// Attention with the probabilities recomputed in the backward pass instead of stored, so
-/// memory stays linear in the sequence length.
+/// Attention whose backward reuses the forward's probabilities when they were kept, else
+/// recomputes them, so memory stays linear in the sequence length for long sequences.
 pub(crate) struct Attention {
     pub dims: AttentionDims,
     /// Additive key bias `[batch, keys]` (0 or a large negative number), if any.

@@ -1,5 +1,5 @@
-//! Matrix products over raw CPU buffers for the fused kernels, through the gemm crate that
-//! candle's own CPU matmul uses. Strided views let a kernel multiply one attention head, or a
+//! Matrix products over raw CPU buffers for the fused kernels, through the system BLAS when
+//! there is one, else the gemm crate that candle's own CPU matmul uses. Strided views let a kernel multiply one attention head, or a
 //! transposed operand, in place: no copy to make a block contiguous.
 use super::blas;
 use super::cpu::Float;
@@ -80,9 +80,9 @@ pub(crate) unsafe fn gemm<T: Float>(
     scale: T,
     threads: Threads,
 ) {
+    let dst = SharedMut(dst);
     if let Some(blas) = blas::get() {
         if let (Some((ta, lda)), Some((tb, ldb))) = (a.blas_form(m, k), b.blas_form(k, n)) {
-            let dst = SharedMut(dst);
             let call = |rows: std::ops::Range<usize>| {
                 let c = |v: usize| v as std::ffi::c_int;
                 // Rows `rows` of dst come from the same rows of a.
@@ -111,7 +111,6 @@ pub(crate) unsafe fn gemm<T: Float>(
         }
     }
     // The gemm crate, split the same way, each part on one thread.
-    let dst = SharedMut(dst);
     split_rows(m, n * k, threads, |rows| unsafe {
         gemm::gemm(
             rows.len(),

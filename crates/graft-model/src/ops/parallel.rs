@@ -108,3 +108,38 @@ pub(crate) unsafe fn written<T>(len: usize, init: impl FnOnce(*mut T)) -> Vec<T>
     unsafe { out.set_len(len) };
     out
 }
+
+/// As [`fill`], with a row of `width` sums beside: `f(range, part, sums)` adds its part's
+/// contribution into `sums` (zeroed, one row per part), and the rows are added up after.
+/// Returns the buffer and the total sums (layer norm's dgamma and dbeta, a scale's gradient).
+///
+/// # Safety
+/// `f` must write every element of the part it is given.
+pub(crate) unsafe fn fill_summing<T>(
+    len: usize,
+    grain: usize,
+    width: usize,
+    f: impl Fn(Range<usize>, &mut [std::mem::MaybeUninit<T>], &mut [T]) + Sync,
+) -> (Vec<T>, Vec<T>)
+where
+    T: Send + Copy + num_traits::Zero + std::ops::AddAssign,
+{
+    let grain = grain.max(1);
+    // One row per part, at the index of its first grain (parts start on grain boundaries).
+    let mut partials = vec![T::zero(); len.div_ceil(grain) * width];
+    let shared = SharedMut::new(&mut partials);
+    // SAFETY: each part owns the row of its first grain; the caller writes every element.
+    let out = unsafe {
+        fill(len, grain, |range, part| {
+            let row = range.start / grain;
+            f(range, part, shared.slice(row * width..(row + 1) * width))
+        })
+    };
+    let mut sums = vec![T::zero(); width];
+    for row in partials.chunks(width.max(1)) {
+        for (total, &x) in sums.iter_mut().zip(row) {
+            *total += x;
+        }
+    }
+    (out, sums)
+}
