@@ -191,6 +191,29 @@ impl LayerNorm {
     }
 }
 
+/// RMS normalisation with a backward (see [`ops::rms_norm`]).
+pub struct RmsNorm {
+    weight: Param,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: Param::load(weights, &format!("{name}.weight"), &[size])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        Ok(ops::rms_norm(x, &self.weight.resolve(hooks)?, self.eps)?)
+    }
+
+    pub fn params(&self) -> [&Param; 1] {
+        [&self.weight]
+    }
+}
+
 /// A trainable classification head `[num_labels, hidden]` (PEFT's modules_to_save).
 pub struct ClassifierHead {
     weight: Var,

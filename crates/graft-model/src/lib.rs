@@ -1,10 +1,15 @@
 //! graft-model: transformer architectures written against PEFT injection hooks, weight loading,
 //! and ops whose every step has a backward.
 pub mod bert;
+pub mod chatglm;
+pub mod decoder;
 pub mod error;
+pub mod generate;
+pub mod gguf;
 pub mod hooks;
 pub mod init;
 pub mod layers;
+pub mod llama;
 pub mod ops;
 pub mod runtime;
 pub mod weights;

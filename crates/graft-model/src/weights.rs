@@ -14,17 +14,47 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// One safetensors file.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "model weights",
-            });
+        Ok(Self::from_tensors(path, read_file(path, device)?, dtype)?)
+    }
+
+    /// The weights of a Hugging Face model folder: `model.safetensors`, or the shards listed in
+    /// `model.safetensors.index.json`.
+    pub fn load_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if !index.is_file() {
+            return Self::load(&dir.join("model.safetensors"), dtype, device);
         }
-        let raw = candle_core::safetensors::load(path, device).map_err(|e| Error::Weights {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+            path: index.clone(),
+            source,
         })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Config {
+                path: index.clone(),
+                source,
+            })?;
+        let map = parsed
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Weights {
+                path: index.clone(),
+                reason: "no `weight_map` object".into(),
+            })?;
+        let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut tensors = HashMap::new();
+        for shard in shards {
+            tensors.extend(read_file(&dir.join(shard), device)?);
+        }
+        Self::from_tensors(&index, tensors, dtype)
+    }
+
+    /// Tensors read elsewhere (a GGUF file), floating-point ones converted to `dtype`; `path`
+    /// names their source in errors.
+    pub fn from_tensors(path: &Path, raw: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
         let mut tensors = HashMap::with_capacity(raw.len());
         for (name, tensor) in raw {
             let tensor = if tensor.dtype().is_float() {
@@ -93,4 +123,17 @@ impl Weights {
             .iter()
             .find_map(|p| self.tensors.get(&format!("{p}{name}")))
     }
+}
+
+fn read_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::MissingFile {
+            path: path.to_path_buf(),
+            what: "model weights",
+        });
+    }
+    candle_core::safetensors::load(path, device).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }

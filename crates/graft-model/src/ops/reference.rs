@@ -90,3 +90,45 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         None => Ok(out),
     }
 }
+
+/// Root-mean-square normalisation over the last dimension (Llama's and ChatGLM's RMSNorm).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}
+
+/// Rotary position embedding on the first `2 * cos.dim(1)` features of each head; see
+/// [`super::rope`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (b, t, n, d) = x.dims4()?;
+    let half = cos.dim(1)?;
+    let rotated = 2 * half;
+    let cos = cos.reshape((1, t, 1, half))?;
+    let sin = sin.reshape((1, t, 1, half))?;
+    let turn = |a: &Tensor, b: &Tensor| -> Result<(Tensor, Tensor)> {
+        Ok((
+            (a.broadcast_mul(&cos)? - b.broadcast_mul(&sin)?)?,
+            (b.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?,
+        ))
+    };
+    let head = x.narrow(3, 0, rotated)?;
+    let turned = if interleaved {
+        // Pairs (0, 1), (2, 3), ...: ChatGLM's layout, and ggml's.
+        let pairs = head.reshape((b, t, n, half, 2))?;
+        let (even, odd) = turn(
+            &pairs.narrow(4, 0, 1)?.squeeze(4)?,
+            &pairs.narrow(4, 1, 1)?.squeeze(4)?,
+        )?;
+        Tensor::stack(&[even, odd], 4)?.reshape((b, t, n, rotated))?
+    } else {
+        // Pairs (i, i + half): transformers' rotate_half.
+        let (first, second) = turn(&head.narrow(3, 0, half)?, &head.narrow(3, half, half)?)?;
+        Tensor::cat(&[first, second], 3)?
+    };
+    if rotated == d {
+        Ok(turned)
+    } else {
+        Tensor::cat(&[turned, x.narrow(3, rotated, d - rotated)?], 3)
+    }
+}

@@ -1,0 +1,552 @@
+//! The pre-norm causal decoder that the Llama family (Llama, Mistral, Qwen2, SmolLM2) and
+//! ChatGLM2/3 share: RMSNorm, rotary positions, grouped-query attention, a SwiGLU feed-forward.
+//! [`crate::llama`] and [`crate::chatglm`] read their configs and checkpoint names into it;
+//! what differs between them (fused projections, how much of a head rotates, whether key/value
+//! prefixes count as past positions) is data here, not a second copy of the graph.
+use crate::hooks::{Hooks, ModelInfo, SiteInfo};
+use crate::layers::{Linear, Param, RmsNorm};
+use crate::weights::Weights;
+use crate::{ops, Error, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// Rotary position embedding as an architecture applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    /// Features of each head that rotate: the whole head in Llama, half of it in ChatGLM.
+    pub rotary_dims: usize,
+    /// Pairs (0, 1), (2, 3), ... (ChatGLM) instead of transformers' rotate_half.
+    pub interleaved: bool,
+}
+
+/// The shape facts of a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderSpec {
+    /// config.json's `model_type`: `llama`, `mistral`, `qwen2`, `chatglm`.
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeSpec,
+    pub max_positions: usize,
+    /// Key/value prefixes count as past positions, so the real tokens' positions start after
+    /// them (transformers' Llama with PEFT's prefix tuning); ChatGLM's own P-tuning v2 starts
+    /// them at 0.
+    pub prefix_shifts_positions: bool,
+}
+
+/// How a block projects queries, keys and values.
+pub enum Qkv {
+    /// `q_proj`, `k_proj`, `v_proj` (Llama).
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// One `query_key_value` whose output is queries, then keys, then values (ChatGLM).
+    Fused(Linear),
+}
+
+/// How a block projects the gate and the up branch of its SwiGLU.
+pub enum GateUp {
+    /// `gate_proj`, `up_proj` (Llama).
+    Separate { gate: Linear, up: Linear },
+    /// One `dense_h_to_4h` whose output is the gate, then the up branch (ChatGLM).
+    Fused(Linear),
+}
+
+pub struct Block {
+    pub input_norm: RmsNorm,
+    pub qkv: Qkv,
+    pub attention_out: Linear,
+    pub post_attention_norm: RmsNorm,
+    pub gate_up: GateUp,
+    pub down: Linear,
+}
+
+impl Block {
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = match &self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(l) => vec![l],
+        };
+        out.push(&self.attention_out);
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(l) => out.push(l),
+        }
+        out.push(&self.down);
+        out
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = match &mut self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(l) => vec![l],
+        };
+        out.push(&mut self.attention_out);
+        match &mut self.gate_up {
+            GateUp::Separate { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(l) => out.push(l),
+        }
+        out.push(&mut self.down);
+        out
+    }
+
+    /// Every tensor in checkpoint order: norms around the attention and feed-forward
+    /// projections.
+    fn params(&self) -> Vec<&Param> {
+        let linears = self.linears();
+        let attention = match &self.qkv {
+            Qkv::Separate { .. } => 4,
+            Qkv::Fused(_) => 2,
+        };
+        let mut out: Vec<&Param> = self.input_norm.params().into_iter().collect();
+        out.extend(linears[..attention].iter().flat_map(|l| l.params()));
+        out.extend(self.post_attention_norm.params());
+        out.extend(linears[attention..].iter().flat_map(|l| l.params()));
+        out
+    }
+}
+
+/// A batch of token ids, each `[batch, seq]`, padded on the right.
+pub struct DecoderInputs {
+    pub input_ids: Tensor,
+    /// 1 for real tokens, 0 for padding; `None` when nothing is padded.
+    pub attention_mask: Option<Tensor>,
+}
+
+/// Keys and values of the positions already seen, for generation one token at a time.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    /// Position id the next token gets.
+    next_position: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether nothing has been run through it yet.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+}
+
+/// A causal decoder with its language-model head.
+pub struct Decoder {
+    spec: DecoderSpec,
+    embed: Param,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    /// `None`: the head is the input embedding table (tied embeddings).
+    lm_head: Option<Linear>,
+    /// The checkpoint's config.json, written back when a merged or fully trained model is saved.
+    config_json: serde_json::Value,
+}
+
+impl Decoder {
+    pub fn new(
+        spec: DecoderSpec,
+        embed: Param,
+        blocks: Vec<Block>,
+        final_norm: RmsNorm,
+        lm_head: Option<Linear>,
+        config_json: serde_json::Value,
+    ) -> Result<Self> {
+        if spec.num_heads == 0
+            || spec.num_kv_heads == 0
+            || !spec.num_heads.is_multiple_of(spec.num_kv_heads)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "{} attention heads cannot share {} key/value heads",
+                spec.num_heads, spec.num_kv_heads
+            )));
+        }
+        if spec.rope.rotary_dims > spec.head_dim || !spec.rope.rotary_dims.is_multiple_of(2) {
+            return Err(Error::InvalidConfig(format!(
+                "{} rotary features in a head of {}",
+                spec.rope.rotary_dims, spec.head_dim
+            )));
+        }
+        Ok(Self {
+            spec,
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+            config_json,
+        })
+    }
+
+    /// A decoder from a Hugging Face folder (config.json with `model_type` llama, mistral,
+    /// qwen2 or chatglm; model.safetensors or sharded safetensors with their index) or from a
+    /// Llama-family `.gguf` file, dequantised.
+    pub fn open(path: &std::path::Path, dtype: DType, device: &Device) -> Result<Self> {
+        if path.is_file() {
+            let (config, weights, json) = crate::gguf::load_llama(path, dtype, device)?;
+            return crate::llama::load(&config, &weights, json);
+        }
+        let config_path = path.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile {
+                path: config_path.clone(),
+                what: "model config",
+            },
+            _ => Error::Io {
+                path: config_path.clone(),
+                source,
+            },
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Config {
+                path: config_path.clone(),
+                source,
+            })?;
+        let parse_error = |source| Error::Config {
+            path: config_path.clone(),
+            source,
+        };
+        let in_file = |e: Error| match e {
+            Error::InvalidConfig(reason) => {
+                Error::InvalidConfig(format!("{}: {reason}", config_path.display()))
+            }
+            other => other,
+        };
+        let model_type = json
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let weights = || Weights::load_folder(path, dtype, device);
+        if model_type == "chatglm" {
+            let config: crate::chatglm::Config =
+                serde_json::from_value(json.clone()).map_err(parse_error)?;
+            config.validate().map_err(in_file)?;
+            crate::chatglm::load(&config, &weights()?, json)
+        } else {
+            let config: crate::llama::Config =
+                serde_json::from_value(json.clone()).map_err(parse_error)?;
+            config.validate().map_err(in_file)?;
+            crate::llama::load(&config, &weights()?, json)
+        }
+    }
+
+    pub fn spec(&self) -> &DecoderSpec {
+        &self.spec
+    }
+
+    pub fn config_json(&self) -> &serde_json::Value {
+        &self.config_json
+    }
+
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            model_type: self.spec.model_type.clone(),
+            hidden_size: self.spec.hidden_size,
+            num_layers: self.spec.num_layers,
+            num_heads: self.spec.num_heads,
+            num_kv_heads: self.spec.num_kv_heads,
+            head_dim: self.spec.head_dim,
+            vocab_size: self.spec.vocab_size,
+            word_embeddings: self.embed.key().to_string(),
+        }
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(Block::linears)
+            .chain(self.lm_head.as_ref())
+    }
+
+    pub fn sites(&self) -> Vec<SiteInfo> {
+        self.linears().map(Linear::info).collect()
+    }
+
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(Block::linears_mut)
+            .chain(self.lm_head.as_mut())
+            .find(|l| l.name() == name)
+    }
+
+    /// Every base tensor under its checkpoint key, in checkpoint order.
+    pub fn params(&self) -> Vec<&Param> {
+        let mut out = vec![&self.embed];
+        out.extend(self.blocks.iter().flat_map(Block::params));
+        out.extend(self.final_norm.params());
+        out.extend(self.lm_head.iter().flat_map(|l| l.params()));
+        out
+    }
+
+    /// `(key, tensor)` of every base tensor.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params()
+            .into_iter()
+            .map(|p| (p.key().to_string(), p.value().clone()))
+            .collect()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.value().dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.value().device()
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` of the input tokens (virtual prompt tokens
+    /// are attended to but not returned). With a cache, the tokens continue what it holds and
+    /// their keys and values are added to it.
+    pub fn forward(
+        &self,
+        inputs: &DecoderInputs,
+        hooks: &dyn Hooks,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s) = inputs.input_ids.dims2()?;
+        let table = self.embed.resolve(hooks)?;
+        let dtype = table.dtype();
+        let device = table.device().clone();
+        let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
+        let mut hidden = table
+            .index_select(&inputs.input_ids.flatten_all()?, 0)?
+            .reshape((b, s, ()))?;
+        // Virtual tokens and key/value prefixes belong to the start of a sequence only.
+        let prompt = if fresh { hooks.prompt(b)? } else { None };
+        let prompt_len = match &prompt {
+            Some(p) => p.dim(1)?,
+            None => 0,
+        };
+        if let Some(p) = prompt {
+            hidden = Tensor::cat(&[&p.to_dtype(dtype)?, &hidden], 1)?;
+        }
+        let prefix_len = if fresh { hooks.kv_prefix_len() } else { 0 };
+        let t = prompt_len + s;
+        let past = match cache.as_ref().and_then(|c| c.layers.first()) {
+            Some((keys, _)) => keys.dim(1)?,
+            None => 0,
+        };
+        let first_position = match cache.as_ref() {
+            Some(c) if !fresh => c.next_position,
+            _ if self.spec.prefix_shifts_positions => prefix_len,
+            _ => 0,
+        };
+        if first_position + t > self.spec.max_positions {
+            return Err(Error::InvalidConfig(format!(
+                "positions up to {} exceed the model's {}",
+                first_position + t,
+                self.spec.max_positions
+            )));
+        }
+        let (cos, sin) = self.rope_tables(first_position, t, dtype, &device)?;
+        // One additive bias per key: past and prefix keys and virtual tokens are always seen.
+        let key_bias = match &inputs.attention_mask {
+            Some(mask) => {
+                let seen = past + prefix_len + prompt_len;
+                let mask = mask.to_dtype(DType::F32)?;
+                let mask = if seen > 0 {
+                    Tensor::cat(&[&Tensor::ones((b, seen), DType::F32, &device)?, &mask], 1)?
+                } else {
+                    mask
+                };
+                Some(ops::additive_mask(&mask, dtype)?)
+            }
+            None => None,
+        };
+        for (index, block) in self.blocks.iter().enumerate() {
+            let prefix = if prefix_len > 0 {
+                hooks.kv_prefix(index, b)?
+            } else {
+                None
+            };
+            let past_kv = cache.as_ref().and_then(|c| c.layers.get(index)).cloned();
+            let (out, kv) = self.block_forward(
+                block,
+                &hidden,
+                &cos,
+                &sin,
+                prefix,
+                past_kv,
+                key_bias.as_ref(),
+                hooks,
+            )?;
+            hidden = out;
+            if let Some(c) = cache.as_deref_mut() {
+                if index < c.layers.len() {
+                    c.layers[index] = kv;
+                } else {
+                    c.layers.push(kv);
+                }
+            }
+        }
+        if let Some(c) = cache {
+            c.next_position = first_position + t;
+        }
+        let hidden = self.final_norm.forward(&hidden, hooks)?;
+        if prompt_len > 0 {
+            Ok(hidden.narrow(1, prompt_len, s)?)
+        } else {
+            Ok(hidden)
+        }
+    }
+
+    /// Next-token logits `[.., vocab]` of final hidden states `[.., hidden]`.
+    pub fn lm_head(&self, hidden: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden, hooks),
+            None => Ok(ops::linear(hidden, &self.embed.resolve(hooks)?, None)?),
+        }
+    }
+
+    /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`, computed in
+    /// f32 as transformers does, so that angles agree to the last bit with the references.
+    fn rope_tables(
+        &self,
+        first: usize,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let rope = &self.spec.rope;
+        let half = rope.rotary_dims / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / rope.theta.powf((2 * i) as f64 / rope.rotary_dims as f64) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for position in first..first + t {
+            for f in &inv_freq {
+                let angle = position as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        prefix: Option<(Tensor, Tensor)>,
+        past: Option<(Tensor, Tensor)>,
+        key_bias: Option<&Tensor>,
+        hooks: &dyn Hooks,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let spec = &self.spec;
+        let (b, t, _) = x.dims3()?;
+        let d = spec.head_dim;
+        let (q_width, kv_width) = (spec.num_heads * d, spec.num_kv_heads * d);
+        let normed = block.input_norm.forward(x, hooks)?;
+        let (q, k, v) = match &block.qkv {
+            Qkv::Separate { q, k, v } => (
+                q.forward(&normed, hooks)?,
+                k.forward(&normed, hooks)?,
+                v.forward(&normed, hooks)?,
+            ),
+            Qkv::Fused(qkv) => {
+                let all = qkv.forward(&normed, hooks)?;
+                (
+                    all.narrow(2, 0, q_width)?,
+                    all.narrow(2, q_width, kv_width)?,
+                    all.narrow(2, q_width + kv_width, kv_width)?,
+                )
+            }
+        };
+        let rotate = |x: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(ops::rope(
+                &x.reshape((b, t, heads, d))?,
+                cos,
+                sin,
+                spec.rope.interleaved,
+            )?
+            .reshape((b, t, heads * d))?)
+        };
+        let q = rotate(q, spec.num_heads)?;
+        let mut k = rotate(k, spec.num_kv_heads)?;
+        let mut v = v.contiguous()?;
+        if let Some((pk, pv)) = prefix {
+            // Prefixes come as [b, prefix, kv_heads, head_dim], already in rotated key space.
+            let flat = |p: Tensor| -> Result<Tensor> {
+                let (pb, pt, ph, pd) = p.dims4()?;
+                if (pb, ph, pd) != (b, spec.num_kv_heads, d) {
+                    return Err(Error::InvalidConfig(format!(
+                        "a key/value prefix of shape {:?}, expected [{b}, _, {}, {d}]",
+                        p.dims(),
+                        spec.num_kv_heads
+                    )));
+                }
+                Ok(p.to_dtype(x.dtype())?.reshape((pb, pt, ph * pd))?)
+            };
+            k = Tensor::cat(&[&flat(pk)?, &k], 1)?;
+            v = Tensor::cat(&[&flat(pv)?, &v], 1)?;
+        }
+        if let Some((pk, pv)) = past {
+            k = Tensor::cat(&[&pk, &k], 1)?;
+            v = Tensor::cat(&[&pv, &v], 1)?;
+        }
+        let context = ops::attention(
+            &q,
+            &k,
+            &v,
+            &ops::AttentionSpec {
+                heads: spec.num_heads,
+                kv_heads: spec.num_kv_heads,
+                causal: true,
+                key_bias,
+            },
+        )?;
+        let x = (x + block.attention_out.forward(&context, hooks)?)?;
+        let normed = block.post_attention_norm.forward(&x, hooks)?;
+        let inner = match &block.gate_up {
+            GateUp::Separate { gate, up } => {
+                ops::swiglu(&gate.forward(&normed, hooks)?, &up.forward(&normed, hooks)?)?
+            }
+            GateUp::Fused(gate_up) => {
+                let both = gate_up.forward(&normed, hooks)?;
+                let n = spec.intermediate_size;
+                ops::swiglu(&both.narrow(2, 0, n)?, &both.narrow(2, n, n)?)?
+            }
+        };
+        let out = (x + block.down.forward(&inner, hooks)?)?;
+        Ok((out, (k, v)))
+    }
+}
+
+/// Mean next-token cross-entropy of `logits` `[batch, seq, vocab]` against `labels`
+/// `[batch, seq]` (i64: the id expected at each position, negative where no loss is taken).
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let flat: Vec<i64> = labels.flatten_all()?.to_vec1::<i64>()?;
+    let kept: Vec<u32> = (0..b * t)
+        .filter(|&i| flat[i] >= 0)
+        .map(|i| i as u32)
+        .collect();
+    if kept.is_empty() {
+        return Err(Error::InvalidConfig(
+            "no position of the batch carries a label".into(),
+        ));
+    }
+    let targets: Vec<u32> = kept.iter().map(|&i| flat[i as usize] as u32).collect();
+    if let Some(bad) = targets.iter().find(|&&id| id as usize >= v) {
+        return Err(Error::InvalidConfig(format!(
+            "label id {bad} is outside the vocabulary of {v}"
+        )));
+    }
+    let device = logits.device();
+    let rows = Tensor::from_vec(kept.clone(), kept.len(), device)?;
+    let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
+    let targets = Tensor::from_vec(targets, kept.len(), device)?;
+    crate::cross_entropy(&picked, &targets)
+}

@@ -1,0 +1,151 @@
+//! Llama-family models from GGUF files (llama.cpp's format), dequantised to a float dtype and
+//! renamed to transformers' checkpoint names, so that they load, train and save like a Hugging
+//! Face folder.
+//!
+//! llama.cpp's converter permutes the rows of Q and K for ggml's interleaved rotary embedding;
+//! graft undoes it here so that every Llama runs transformers' rotate_half form.
+use crate::llama::Config;
+use crate::weights::Weights;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The config and weights of a Llama-family GGUF file, and a config.json equivalent.
+pub fn load_llama(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Config, Weights, serde_json::Value)> {
+    let bad = |reason: String| Error::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    let meta = |key: &str| -> Result<&Value> {
+        content
+            .metadata
+            .get(key)
+            .ok_or_else(|| bad(format!("metadata `{key}` is missing")))
+    };
+    let architecture = meta("general.architecture")?
+        .to_string()
+        .map_err(|e| bad(e.to_string()))?
+        .clone();
+    if architecture != "llama" {
+        return Err(bad(format!(
+            "general.architecture is `{architecture}`; graft reads llama GGUF files"
+        )));
+    }
+    let int = |key: &str| -> Result<usize> {
+        let v = meta(&format!("llama.{key}"))?;
+        v.to_u32()
+            .map(|x| x as usize)
+            .or_else(|_| v.to_u64().map(|x| x as usize))
+            .map_err(|e| bad(format!("llama.{key}: {e}")))
+    };
+    let float = |key: &str, default: f64| -> Result<f64> {
+        match content.metadata.get(&format!("llama.{key}")) {
+            Some(v) => v
+                .to_f32()
+                .map(f64::from)
+                .map_err(|e| bad(format!("llama.{key}: {e}"))),
+            None => Ok(default),
+        }
+    };
+    let heads = int("attention.head_count")?;
+    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+    let token_embd = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| bad("tensor `token_embd.weight` is missing".into()))?;
+    let vocab_size = token_embd.shape.dims()[0];
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let config_json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": int("embedding_length")?,
+        "intermediate_size": int("feed_forward_length")?,
+        "num_hidden_layers": int("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": float("attention.layer_norm_rms_epsilon", 1e-5)?,
+        "rope_theta": float("rope.freq_base", 10_000.0)?,
+        "max_position_embeddings": int("context_length")?,
+        "tie_word_embeddings": tied,
+    });
+    let config: Config = serde_json::from_value(config_json.clone())
+        .map_err(|e| bad(format!("metadata does not make a Llama config: {e}")))?;
+    config.validate()?;
+
+    let mut tensors = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf_name) = transformers_name(name) else {
+            continue;
+        };
+        let q = content
+            .tensor(&mut file, name, device)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let mut tensor = q
+            .dequantize(device)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        if name.ends_with("attn_q.weight") {
+            tensor = unpermute(&tensor, heads)?;
+        } else if name.ends_with("attn_k.weight") {
+            tensor = unpermute(&tensor, kv_heads)?;
+        }
+        tensors.insert(hf_name, tensor);
+    }
+    Ok((
+        config,
+        Weights::from_tensors(path, tensors, dtype)?,
+        config_json,
+    ))
+}
+
+/// transformers' name of a llama.cpp tensor, `None` for tensors graft does not use.
+fn transformers_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, module) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = module.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's permutation of Q/K rows `[heads * head_dim, in]`: within each head,
+/// ggml stores rows as pairs (i, i + half) interleaved; transformers keeps the halves apart.
+fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, half, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
