@@ -88,6 +88,117 @@ pub enum Error {
         first: usize,
         second: usize,
     },
+
+    #[error(
+        "unknown chat template {name:?}: expected one of {}",
+        quoted_list(.known)
+    )]
+    UnknownChatTemplate { name: String, known: Vec<String> },
+
+    #[error("chat template {template:?} takes no {option} (only {supported_by:?} does)")]
+    UnsupportedTemplateOption {
+        template: &'static str,
+        option: &'static str,
+        supported_by: &'static str,
+    },
+
+    #[error(
+        "tokenizer {path}: chat template {template:?} ends answers with {token:?}, which is not \
+         a token of the vocabulary (expected the text of a single token)"
+    )]
+    MissingStopToken {
+        path: PathBuf,
+        template: &'static str,
+        token: String,
+    },
+
+    #[error(
+        "tokenizer {path}: the prompt of example {index} of the batch encodes to no tokens: \
+         expected at least one, to predict the response's first token from"
+    )]
+    EmptyPrompt { path: PathBuf, index: usize },
+
+    #[error(
+        "example {index} of the batch: the response encodes to no tokens and chat template \
+         {template:?} has no stop token here, so there is nothing to learn: expected a \
+         non-empty response"
+    )]
+    NothingToLearn {
+        index: usize,
+        template: &'static str,
+    },
+
+    #[error(
+        "example {index} of the batch: the response needs {response_tokens} tokens (stop token \
+         included) and the prompt at least {prompt_tokens}, more than max_len {max_len}"
+    )]
+    ResponseTooLong {
+        index: usize,
+        response_tokens: usize,
+        prompt_tokens: usize,
+        max_len: usize,
+    },
+
+    #[error("cannot read JSONL file {path}: {source}")]
+    ReadJsonl {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("JSONL file {path}, line {line}: cannot read: {source}")]
+    ReadJsonlLine {
+        path: PathBuf,
+        /// 1-based.
+        line: usize,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "JSONL file {path}, line {line}: invalid JSON ({message}): expected one object per \
+         line, like {{\"prompt\": \"...\", \"response\": \"...\"}}"
+    )]
+    JsonlSyntax {
+        path: PathBuf,
+        /// 1-based.
+        line: usize,
+        message: String,
+    },
+
+    #[error(
+        "JSONL file {path}, line {line}: expected a JSON object with string fields \"prompt\" \
+         and \"response\", found {found}"
+    )]
+    JsonlNotObject {
+        path: PathBuf,
+        /// 1-based.
+        line: usize,
+        found: &'static str,
+    },
+
+    #[error("JSONL file {path}, line {line}: missing field {field:?} (expected a string)")]
+    JsonlMissingField {
+        path: PathBuf,
+        /// 1-based.
+        line: usize,
+        field: &'static str,
+    },
+
+    #[error("JSONL file {path}, line {line}: field {field:?}: expected a string, found {found}")]
+    JsonlFieldType {
+        path: PathBuf,
+        /// 1-based.
+        line: usize,
+        field: &'static str,
+        found: &'static str,
+    },
+
+    #[error(
+        "JSONL file {path} holds no records: expected one JSON object per line with string \
+         fields \"prompt\" and \"response\""
+    )]
+    EmptyJsonl { path: PathBuf },
 }
 
 /// Crate-wide result alias.

@@ -1,12 +1,21 @@
 //! Tokenizer loading (Hugging Face `tokenizer.json`), padded batch encoding, text templates over
-//! CSV columns and label sets.
+//! CSV columns and label sets; for causal-LM fine-tuning, chat templates, prompt-response JSONL
+//! and label-shifted batches.
 
+mod causal;
+mod chat;
 mod error;
+mod jsonl;
 mod labels;
 mod template;
+#[cfg(test)]
+mod test_paths;
 mod tokenizer;
 
+pub use causal::{encode_causal, encode_prompt, CausalBatch, IGNORE_INDEX};
+pub use chat::{ChatTemplate, EOS_CANDIDATES};
 pub use error::{Error, Result};
+pub use jsonl::{read_jsonl, PromptResponse};
 pub use labels::LabelSet;
 pub use template::{Template, DEFAULT_TEMPLATE, TEMPLATE_WITH_AUTHOR};
 pub use tokenizer::{EncodedBatch, Padding, TextTokenizer};

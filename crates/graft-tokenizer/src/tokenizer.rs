@@ -31,6 +31,9 @@ pub struct EncodedBatch {
 pub struct TextTokenizer {
     path: PathBuf,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, for callers that truncate by their own rules
+    /// (causal fine-tuning drops the start of a prompt, where `tokenizer` would drop the end).
+    untruncated: Tokenizer,
     max_len: usize,
     padding: Padding,
     pad_id: u32,
@@ -76,6 +79,18 @@ impl TextTokenizer {
             }
         };
 
+        // Padding is done by hand in encode_batch (always on the right), so that it does not
+        // depend on whatever padding the file configures.
+        tokenizer.with_padding(None);
+        let mut untruncated = tokenizer.clone();
+        untruncated
+            .with_truncation(None)
+            .map_err(|e| Error::Truncation {
+                path: path.to_path_buf(),
+                max_len,
+                message: e.to_string(),
+            })?;
+
         // Keep the file's truncation side, but our length and a plain strategy.
         let direction = tokenizer
             .get_truncation()
@@ -93,13 +108,11 @@ impl TextTokenizer {
                 max_len,
                 message: e.to_string(),
             })?;
-        // Padding is done by hand in encode_batch (always on the right), so that it does not
-        // depend on whatever padding the file configures.
-        tokenizer.with_padding(None);
 
         Ok(Self {
             path: path.to_path_buf(),
             tokenizer,
+            untruncated,
             max_len,
             padding,
             pad_id,
@@ -148,6 +161,12 @@ impl TextTokenizer {
         Ok(self.encode_one(0, text)?.get_ids().to_vec())
     }
 
+    /// Token ids of one text without the tokenizer's special tokens (no BOS) and never
+    /// truncated: for text that continues a sequence, such as an answer after its prompt.
+    pub fn encode_no_special(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_untruncated(0, text, false)?.get_ids().to_vec())
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
     }
@@ -174,15 +193,31 @@ impl TextTokenizer {
         &self.path
     }
 
+    /// Text `index` of a batch encoded in full, whatever `max_len`.
+    pub(crate) fn encode_untruncated(
+        &self,
+        index: usize,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Encoding> {
+        self.untruncated
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.encode_error(index, e))
+    }
+
+    fn encode_error(&self, index: usize, e: tokenizers::Error) -> Error {
+        Error::Encode {
+            path: self.path.clone(),
+            index,
+            message: e.to_string(),
+        }
+    }
+
     fn encode_one(&self, index: usize, text: &str) -> Result<Encoding> {
         let encoding = self
             .tokenizer
             .encode(text, true)
-            .map_err(|e| Error::Encode {
-                path: self.path.clone(),
-                index,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.encode_error(index, e))?;
         // Guards the padding arithmetic in encode_batch against a tokenizer that ignores
         // truncation.
         if encoding.len() > self.max_len {
@@ -200,6 +235,7 @@ impl TextTokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_paths::smollm2_tokenizer_path;
 
     /// Folder holding all-MiniLM-L6-v2's tokenizer.json: $GRAFT_MINILM_DIR, else graft's cache.
     fn minilm_tokenizer_path() -> PathBuf {
@@ -215,17 +251,6 @@ mod tests {
             path.is_file(),
             "all-MiniLM-L6-v2 tokenizer not found at {}: run `cargo xtask fetch-model minilm` \
              (or set GRAFT_MINILM_DIR to a folder holding tokenizer.json)",
-            path.display()
-        );
-        path
-    }
-
-    fn smollm2_tokenizer_path() -> PathBuf {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models/smollm2-135m-instruct/tokenizer.json");
-        assert!(
-            path.is_file(),
-            "SmolLM2 tokenizer not found at {} (expected ../shared/models next to the workspace)",
             path.display()
         );
         path
@@ -337,6 +362,20 @@ mod tests {
         assert_eq!(batch.seq_len, 2);
         assert_eq!(batch.input_ids, vec![hello, world, hello, 0]);
         assert_eq!(batch.attention_mask, vec![1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn encode_no_special_adds_no_bos_and_never_truncates() {
+        let tok = crate::test_paths::stories_tokenizer(8);
+        let text = "Once upon a time, there was a little girl named Lily.";
+        let with_bos = tok.encode(text).unwrap();
+        assert_eq!(with_bos.len(), 8);
+        assert_eq!(with_bos[0], 1);
+        let ids = tok.encode_no_special(text).unwrap();
+        assert!(ids.len() > 8);
+        assert!(!ids.contains(&1));
+        assert_eq!(&ids[..7], &with_bos[1..]);
+        assert_eq!(tok.encode_no_special("").unwrap(), Vec::<u32>::new());
     }
 
     #[test]
