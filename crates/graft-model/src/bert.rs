@@ -524,33 +524,24 @@ impl BertForSequenceClassification {
         for (name, var) in self.head.vars() {
             tensors.push((format!("classifier.{name}"), var.as_tensor().detach()));
         }
-        let path = dir.join("model.safetensors");
-        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-        // Through a temporary file and a rename: a crash never leaves half a checkpoint.
-        let tmp = dir.join(format!("model.safetensors.tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::rename(&tmp, &path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
         let mut json = serde_json::to_value(c).map_err(|source| Error::Config {
             path: dir.join("config.json"),
             source,
         })?;
         json["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
         json["num_labels"] = serde_json::json!(num_labels);
-        let text = serde_json::to_string_pretty(&json).map_err(|source| Error::Config {
-            path: dir.join("config.json"),
-            source,
-        })?;
-        std::fs::write(dir.join("config.json"), text).map_err(|source| Error::Io {
-            path: dir.join("config.json"),
-            source,
-        })
+        crate::weights::save_json(&json, &dir.join("config.json"))
     }
 }
 
 /// The last dimension's argmax, used by evaluation.
 pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}
+
+impl crate::layers::LinearSites for Bert {
+    fn linear_mut(&mut self, name: &str) -> Option<&mut crate::layers::Linear> {
+        Bert::linear_mut(self, name)
+    }
 }

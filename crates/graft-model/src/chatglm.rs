@@ -182,3 +182,111 @@ pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) 
     )?;
     Decoder::new(spec, embed, blocks, final_norm, Some(lm_head), config_json)
 }
+
+/// Writes a ChatGLM model folder (config.json, model.safetensors) with random weights of
+/// `config`'s shapes: small real-shaped models for tests, where no small pretrained ChatGLM
+/// exists. Norm weights are near 1, projections normal(0, 0.2), embeddings normal(0, 1).
+pub fn write_random(dir: &std::path::Path, config: &Config, seed: u64) -> Result<()> {
+    use candle_core::{DType, Device};
+    config.validate()?;
+    let spec = config.spec();
+    let (h, f, v) = (
+        config.hidden_size,
+        config.ffn_hidden_size,
+        config.padded_vocab_size,
+    );
+    let qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim;
+    let mut rng = crate::init::seeded_rng(seed);
+    let mut tensors = Vec::new();
+    let mut add = |name: String, shape: &[usize], std: f64, mean: f64| -> Result<()> {
+        let t = (crate::init::normal(&mut rng, shape, std, DType::F32, &Device::Cpu)? + mean)?;
+        tensors.push((name, t));
+        Ok(())
+    };
+    add(
+        "transformer.embedding.word_embeddings.weight".into(),
+        &[v, h],
+        1.0,
+        0.0,
+    )?;
+    for i in 0..config.num_layers {
+        let p = format!("transformer.encoder.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[h], 0.1, 1.0)?;
+        add(
+            format!("{p}.self_attention.query_key_value.weight"),
+            &[qkv, h],
+            0.2,
+            0.0,
+        )?;
+        if config.add_qkv_bias {
+            add(
+                format!("{p}.self_attention.query_key_value.bias"),
+                &[qkv],
+                0.2,
+                0.0,
+            )?;
+        }
+        add(
+            format!("{p}.self_attention.dense.weight"),
+            &[h, spec.num_heads * spec.head_dim],
+            0.2,
+            0.0,
+        )?;
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            0.1,
+            1.0,
+        )?;
+        add(
+            format!("{p}.mlp.dense_h_to_4h.weight"),
+            &[2 * f, h],
+            0.2,
+            0.0,
+        )?;
+        add(format!("{p}.mlp.dense_4h_to_h.weight"), &[h, f], 0.2, 0.0)?;
+    }
+    add(
+        "transformer.encoder.final_layernorm.weight".into(),
+        &[h],
+        0.1,
+        1.0,
+    )?;
+    add("transformer.output_layer.weight".into(), &[v, h], 0.2, 0.0)?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+    let json = serde_json::to_value(config).map_err(|source| Error::Config {
+        path: dir.join("config.json"),
+        source,
+    })?;
+    crate::weights::save_json(&json, &dir.join("config.json"))
+}
+
+impl Config {
+    /// A small ChatGLM2-shaped config for tests: two layers, two multi-query groups.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            model_type: "chatglm".into(),
+            num_layers: 2,
+            padded_vocab_size: vocab_size,
+            hidden_size: 32,
+            ffn_hidden_size: 48,
+            kv_channels: 8,
+            num_attention_heads: 4,
+            seq_length: 256,
+            layernorm_epsilon: 1e-5,
+            rmsnorm: true,
+            apply_residual_connection_post_layernorm: false,
+            post_layer_norm: true,
+            add_bias_linear: false,
+            add_qkv_bias: true,
+            multi_query_attention: true,
+            multi_query_group_num: 2,
+            rope_ratio: 1.0,
+            pre_seq_len: None,
+        }
+    }
+}

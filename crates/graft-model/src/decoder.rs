@@ -403,6 +403,21 @@ impl Decoder {
         }
     }
 
+    /// Writes a Hugging Face model folder (config.json, model.safetensors) of the model as
+    /// `hooks` resolve its tensors: full fine-tuning's trained ones, or the frozen base.
+    pub fn save(&self, dir: &std::path::Path, hooks: &dyn Hooks) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut tensors = Vec::new();
+        for param in self.params() {
+            tensors.push((param.key().to_string(), param.resolve(hooks)?.detach()));
+        }
+        crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::weights::save_json(&self.config_json, &dir.join("config.json"))
+    }
+
     /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`, computed in
     /// f32 as transformers does, so that angles agree to the last bit with the references.
     fn rope_tables(
@@ -549,4 +564,10 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
     let targets = Tensor::from_vec(targets, kept.len(), device)?;
     crate::cross_entropy(&picked, &targets)
+}
+
+impl crate::layers::LinearSites for Decoder {
+    fn linear_mut(&mut self, name: &str) -> Option<&mut crate::layers::Linear> {
+        Decoder::linear_mut(self, name)
+    }
 }

@@ -161,6 +161,11 @@ impl Linear {
     }
 }
 
+/// A model whose linear sites can be reached by name (to merge adapters into them).
+pub trait LinearSites {
+    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear>;
+}
+
 /// Layer normalisation with a backward (see [`ops::layer_norm`]).
 pub struct LayerNorm {
     gamma: Param,

@@ -5,7 +5,6 @@ use candle_nn::VarBuilder;
 use graft_model::decoder::{causal_lm_loss, Decoder, DecoderInputs, KvCache};
 use graft_model::generate::{generate, Sampling};
 use graft_model::NoHooks;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 fn shared_model(name: &str) -> PathBuf {
@@ -208,22 +207,22 @@ fn smollm2_gguf_matches_candle_transformers_quantized_llama() {
     );
 }
 
-/// A small ChatGLM with random weights, saved as a Hugging Face folder.
-fn random_chatglm(
-    dir: &Path,
-) -> (
-    candle_transformers::models::chatglm::Config,
-    HashMap<String, Tensor>,
-) {
+#[test]
+fn random_chatglm_matches_candle_transformers_chatglm() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours_config = graft_model::chatglm::Config::tiny(70);
+    graft_model::chatglm::write_random(dir.path(), &ours_config, 11).unwrap();
+    let ours = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let c = &ours_config;
     let config = candle_transformers::models::chatglm::Config {
-        num_layers: 2,
-        padded_vocab_size: 70,
-        hidden_size: 32,
-        ffn_hidden_size: 48,
-        kv_channels: 8,
-        num_attention_heads: 4,
-        seq_length: 64,
-        layernorm_epsilon: 1e-5,
+        num_layers: c.num_layers,
+        padded_vocab_size: c.padded_vocab_size,
+        hidden_size: c.hidden_size,
+        ffn_hidden_size: c.ffn_hidden_size,
+        kv_channels: c.kv_channels,
+        num_attention_heads: c.num_attention_heads,
+        seq_length: c.seq_length,
+        layernorm_epsilon: c.layernorm_epsilon,
         rmsnorm: true,
         apply_residual_connection_post_layernorm: false,
         post_layer_norm: true,
@@ -231,90 +230,19 @@ fn random_chatglm(
         add_qkv_bias: true,
         bias_dropout_fusion: true,
         multi_query_attention: true,
-        multi_query_group_num: 2,
+        multi_query_group_num: c.multi_query_group_num,
         apply_query_key_layer_scaling: true,
         attention_softmax_in_fp32: true,
         fp32_residual_connection: false,
     };
-    let mut rng = graft_model::init::seeded_rng(11);
-    let mut tensors = HashMap::new();
-    let mut add = |name: String, shape: &[usize], std: f64, mean: f64| {
-        let t = (graft_model::init::normal(&mut rng, shape, std, DType::F32, &Device::Cpu)
-            .unwrap()
-            + mean)
-            .unwrap();
-        tensors.insert(name, t);
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.path().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
-    let (h, f, v) = (32, 48, 70);
-    let qkv = (4 + 2 * 2) * 8;
-    add(
-        "transformer.embedding.word_embeddings.weight".into(),
-        &[v, h],
-        1.0,
-        0.0,
-    );
-    for i in 0..2 {
-        let p = format!("transformer.encoder.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[h], 0.1, 1.0);
-        add(
-            format!("{p}.self_attention.query_key_value.weight"),
-            &[qkv, h],
-            0.2,
-            0.0,
-        );
-        add(
-            format!("{p}.self_attention.query_key_value.bias"),
-            &[qkv],
-            0.2,
-            0.0,
-        );
-        add(
-            format!("{p}.self_attention.dense.weight"),
-            &[h, h],
-            0.2,
-            0.0,
-        );
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            0.1,
-            1.0,
-        );
-        add(
-            format!("{p}.mlp.dense_h_to_4h.weight"),
-            &[2 * f, h],
-            0.2,
-            0.0,
-        );
-        add(format!("{p}.mlp.dense_4h_to_h.weight"), &[h, f], 0.2, 0.0);
-    }
-    add(
-        "transformer.encoder.final_layernorm.weight".into(),
-        &[h],
-        0.1,
-        1.0,
-    );
-    add("transformer.output_layer.weight".into(), &[v, h], 0.2, 0.0);
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    let json = serde_json::json!({
-        "model_type": "chatglm",
-        "num_layers": 2, "padded_vocab_size": v, "hidden_size": h, "ffn_hidden_size": f,
-        "kv_channels": 8, "num_attention_heads": 4, "seq_length": 64,
-        "layernorm_epsilon": 1e-5, "rmsnorm": true,
-        "apply_residual_connection_post_layernorm": false, "post_layer_norm": true,
-        "add_bias_linear": false, "add_qkv_bias": true, "multi_query_attention": true,
-        "multi_query_group_num": 2,
-    });
-    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
-    (config, tensors)
-}
-
-#[test]
-fn random_chatglm_matches_candle_transformers_chatglm() {
-    let dir = tempfile::tempdir().unwrap();
-    let (config, tensors) = random_chatglm(dir.path());
-    let ours = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let mut reference = candle_transformers::models::chatglm::Model::new(&config, vb).unwrap();
     let ids: Vec<u32> = vec![3, 17, 42, 5, 69, 0, 11, 23, 8];
     let expected = reference.forward(&ids_tensor(&ids)).unwrap();

@@ -133,3 +133,22 @@ mod tests {
         assert_eq!(with_suggestion("other error"), "other error");
     }
 }
+
+/// `value` with `field` set to PEFT's default targets for `model_type` when it names none, so
+/// that a config without `target_modules` means the same on every architecture as in PEFT.
+pub fn with_default_targets(
+    value: &Value,
+    field: &str,
+    kind: crate::targets::DefaultTargets,
+    method: &str,
+    model_type: &str,
+) -> Result<Value> {
+    let mut value = value.clone();
+    if let Value::Object(map) = &mut value {
+        if !map.contains_key(field) || map[field].is_null() {
+            let targets = crate::TargetModules::default_for(kind, method, model_type)?;
+            map.insert(field.to_string(), targets.to_json());
+        }
+    }
+    Ok(value)
+}

@@ -21,4 +21,4 @@ pub use graft_model;
 pub use method::{Adapter, AttachContext, MergeDelta, Method};
 pub use serde;
 pub use serde_json;
-pub use targets::TargetModules;
+pub use targets::{DefaultTargets, TargetModules};

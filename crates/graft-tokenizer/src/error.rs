@@ -33,6 +33,9 @@ pub enum Error {
         message: String,
     },
 
+    #[error("tokenizer {path}: cannot decode token ids: {message}")]
+    Decode { path: PathBuf, message: String },
+
     #[error("tokenizer {path}: cannot encode text {index} of the batch: {message}")]
     Encode {
         path: PathBuf,

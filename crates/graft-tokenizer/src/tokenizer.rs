@@ -167,6 +167,14 @@ impl TextTokenizer {
         Ok(self.encode_untruncated(0, text, false)?.get_ids().to_vec())
     }
 
+    /// The text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| Error::Decode {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
     }

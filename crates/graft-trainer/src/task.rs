@@ -52,11 +52,11 @@ pub struct Classifier {
 }
 
 /// What a method sees of the model when it attaches: shapes, sites, base tensors, tokenizer.
-struct Attachment {
-    info: graft_model::ModelInfo,
-    sites: Vec<graft_model::SiteInfo>,
-    base_tensors: Vec<(String, Tensor)>,
-    tokenizer: TextTokenizer,
+pub(crate) struct Attachment {
+    pub info: graft_model::ModelInfo,
+    pub sites: Vec<graft_model::SiteInfo>,
+    pub base_tensors: Vec<(String, Tensor)>,
+    pub tokenizer: TextTokenizer,
 }
 
 impl Attachment {
@@ -74,7 +74,7 @@ impl Attachment {
     }
 
     /// Runs `f` with the method's context.
-    fn with_context<T>(
+    pub fn with_context<T>(
         &self,
         device: &Device,
         dtype: DType,
@@ -169,22 +169,7 @@ impl Classifier {
                 })?;
             return Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer);
         }
-        let saved = SavedAdapter::read(dir, device)?;
-        let adapter_error = |e: graft_peft::Error| Error::Adapter {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let peft_type = saved.peft_type().map_err(adapter_error)?.to_string();
-        if peft_type != method.peft_type() {
-            return Err(Error::Adapter {
-                path: dir.join(adapter::CONFIG_FILE),
-                reason: format!(
-                    "peft_type is {peft_type}, but method `{}` writes {}",
-                    spec.method,
-                    method.peft_type()
-                ),
-            });
-        }
+        let saved = read_saved(dir, method, &spec.method, device)?;
         let model = BertForSequenceClassification::load(
             &spec.model_dir,
             labels.len(),
@@ -199,29 +184,7 @@ impl Classifier {
         })?;
         model.head.load_from(&weight, &bias)?;
         let attachment = Attachment::new(&model, &spec)?;
-        let method_tensors = saved.method_tensors();
-        let adapter = attachment
-            .with_context(device, DType::F32, 0, 0, |ctx| {
-                method.load(&saved.config, &method_tensors, ctx)
-            })
-            .map_err(adapter_error)?;
-        let used: std::collections::HashSet<String> = adapter
-            .tensors()
-            .map_err(adapter_error)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        let mut extra: Vec<String> = method_tensors
-            .keys()
-            .filter(|k| !used.contains(*k))
-            .cloned()
-            .collect();
-        if !extra.is_empty() {
-            extra.sort();
-            return Err(adapter_error(graft_peft::Error::UnexpectedTensors {
-                keys: extra,
-            }));
-        }
+        let adapter = attach_saved(dir, &saved, method, &attachment, device)?;
         Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer)
     }
 
@@ -350,34 +313,109 @@ impl Classifier {
         if merge == self.merged || self.full_model {
             return Ok(());
         }
-        let sign = if merge { 1.0 } else { -1.0 };
-        let deltas = self.adapter.merge_deltas()?.ok_or_else(|| {
-            Error::Config(format!(
-                "method `{}` cannot be merged into the base weights",
-                self.spec.method
-            ))
-        })?;
-        for delta in deltas {
-            let linear = self
-                .model
-                .bert
-                .linear_mut(&delta.site)
-                .ok_or(graft_model::Error::UnknownSite(delta.site.clone()))?;
-            let shift = |base: &Tensor, d: &Tensor| base + (d.to_dtype(base.dtype())? * sign)?;
-            let weight = shift(linear.weight(), &delta.weight)?;
-            linear.set_weight(weight)?;
-            if let Some(d) = &delta.bias {
-                let bias = linear.bias().ok_or_else(|| {
-                    Error::Config(format!(
-                        "{}: a bias delta for a site without bias",
-                        delta.site
-                    ))
-                })?;
-                let bias = shift(bias, d)?;
-                linear.set_bias(bias)?;
-            }
-        }
+        apply_merge(
+            self.adapter.as_ref(),
+            &self.spec.method,
+            merge,
+            &mut self.model.bert,
+        )?;
         self.merged = merge;
         Ok(())
     }
+}
+
+/// PEFT's files in `dir`, checked to be `method`'s (`name` as the task spec calls it).
+pub(crate) fn read_saved(
+    dir: &Path,
+    method: &dyn Method,
+    name: &str,
+    device: &Device,
+) -> Result<SavedAdapter> {
+    let saved = SavedAdapter::read(dir, device)?;
+    let peft_type = saved.peft_type().map_err(|e| Error::Adapter {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if peft_type != method.peft_type() {
+        return Err(Error::Adapter {
+            path: dir.join(adapter::CONFIG_FILE),
+            reason: format!(
+                "peft_type is {peft_type}, but method `{name}` writes {}",
+                method.peft_type()
+            ),
+        });
+    }
+    Ok(saved)
+}
+
+/// The method's adapter from saved files; a tensor the method does not use is an error.
+pub(crate) fn attach_saved(
+    dir: &Path,
+    saved: &SavedAdapter,
+    method: &dyn Method,
+    attachment: &Attachment,
+    device: &Device,
+) -> Result<Box<dyn Adapter>> {
+    let adapter_error = |e: graft_peft::Error| Error::Adapter {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let method_tensors = saved.method_tensors();
+    let adapter = attachment
+        .with_context(device, DType::F32, 0, 0, |ctx| {
+            method.load(&saved.config, &method_tensors, ctx)
+        })
+        .map_err(adapter_error)?;
+    let used: std::collections::HashSet<String> = adapter
+        .tensors()
+        .map_err(adapter_error)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let mut extra: Vec<String> = method_tensors
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(adapter_error(graft_peft::Error::UnexpectedTensors {
+            keys: extra,
+        }));
+    }
+    Ok(adapter)
+}
+
+/// Adds the adapter's merge deltas to the base weights (`merge`) or subtracts them.
+pub(crate) fn apply_merge(
+    adapter: &dyn Adapter,
+    method: &str,
+    merge: bool,
+    model: &mut dyn graft_model::layers::LinearSites,
+) -> Result<()> {
+    let sign = if merge { 1.0 } else { -1.0 };
+    let deltas = adapter.merge_deltas()?.ok_or_else(|| {
+        Error::Config(format!(
+            "method `{method}` cannot be merged into the base weights"
+        ))
+    })?;
+    for delta in deltas {
+        let linear = model
+            .linear_mut(&delta.site)
+            .ok_or(graft_model::Error::UnknownSite(delta.site.clone()))?;
+        let shift = |base: &Tensor, d: &Tensor| base + (d.to_dtype(base.dtype())? * sign)?;
+        let weight = shift(linear.weight(), &delta.weight)?;
+        linear.set_weight(weight)?;
+        if let Some(d) = &delta.bias {
+            let bias = linear.bias().ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: a bias delta for a site without bias",
+                    delta.site
+                ))
+            })?;
+            let bias = shift(bias, d)?;
+            linear.set_bias(bias)?;
+        }
+    }
+    Ok(())
 }

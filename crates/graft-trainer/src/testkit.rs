@@ -2,6 +2,7 @@
 //! gradients agree with finite differences, every trainable tensor gets a gradient, the loss
 //! falls on real data, and a saved adapter reloads to the same logits.
 use crate::data::Dataset;
+use crate::lm::{CausalLm, LmSpec};
 use crate::optim::{AdamW, ParamGroup};
 use crate::task::{Classifier, TaskSpec};
 use crate::{Error, Result};
@@ -9,7 +10,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use graft_model::bert::Pooling;
 use graft_peft::loader::{LoadedPlugin, Registry};
 use graft_peft::Method;
-use graft_tokenizer::{LabelSet, Template, DEFAULT_TEMPLATE};
+use graft_tokenizer::{
+    encode_causal, CausalBatch, ChatTemplate, LabelSet, PromptResponse, Template, DEFAULT_TEMPLATE,
+};
 use rand::Rng;
 use std::path::{Path, PathBuf};
 
@@ -122,14 +125,29 @@ pub fn finite_difference_check(
     eps: f64,
     seed: u64,
 ) -> Result<Vec<GradientSample>> {
-    let grads = loss(classifier, texts, labels)?.backward()?;
+    finite_differences(
+        &classifier.trainable(),
+        &|| loss(classifier, texts, labels),
+        select,
+        per_tensor,
+        eps,
+        seed,
+    )
+}
+
+/// The core of the gradient checks: `loss` is evaluated with entries of `trainable` moved.
+fn finite_differences(
+    trainable: &[(String, Var)],
+    loss: &dyn Fn() -> Result<Tensor>,
+    select: impl Fn(&str) -> bool,
+    per_tensor: usize,
+    eps: f64,
+    seed: u64,
+) -> Result<Vec<GradientSample>> {
+    let grads = loss()?.backward()?;
     let mut rng = graft_model::init::seeded_rng(seed);
     let mut samples = Vec::new();
-    for (name, var) in classifier
-        .trainable()
-        .into_iter()
-        .filter(|(n, _)| select(n))
-    {
+    for (name, var) in trainable.iter().filter(|(n, _)| select(n)) {
         let grad = grads
             .get(var.as_tensor())
             .ok_or_else(|| Error::Config(format!("{name} received no gradient")))?
@@ -143,11 +161,11 @@ pub fn finite_difference_check(
             .to_vec1::<f64>()?;
         for _ in 0..per_tensor {
             let index = rng.random_range(0..values.len());
-            set_entry(&var, index, values[index] + eps)?;
-            let plus = scalar(&loss(classifier, texts, labels)?)?;
-            set_entry(&var, index, values[index] - eps)?;
-            let minus = scalar(&loss(classifier, texts, labels)?)?;
-            set_entry(&var, index, values[index])?;
+            set_entry(var, index, values[index] + eps)?;
+            let plus = scalar(&loss()?)?;
+            set_entry(var, index, values[index] - eps)?;
+            let minus = scalar(&loss()?)?;
+            set_entry(var, index, values[index])?;
             samples.push(GradientSample {
                 tensor: name.clone(),
                 index,
@@ -169,6 +187,25 @@ pub fn train_steps(
     lr: f64,
 ) -> Result<(Vec<f64>, Vec<String>)> {
     let trainable = classifier.trainable();
+    train_loop(
+        classifier,
+        &trainable,
+        |c| loss(c, texts, labels),
+        |c| c.adapter.as_mut(),
+        steps,
+        lr,
+    )
+}
+
+/// The core of the training checks, for any model `T` holding an adapter.
+fn train_loop<T>(
+    model: &mut T,
+    trainable: &[(String, Var)],
+    loss: impl Fn(&T) -> Result<Tensor>,
+    adapter: impl Fn(&mut T) -> &mut dyn graft_peft::Adapter,
+    steps: usize,
+    lr: f64,
+) -> Result<(Vec<f64>, Vec<String>)> {
     let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(
         vec![ParamGroup {
@@ -180,15 +217,15 @@ pub fn train_steps(
         0.999,
         1e-8,
     )?;
-    classifier.adapter.set_training(true);
+    adapter(model).set_training(true);
     let mut losses = Vec::new();
     let mut silent = Vec::new();
     for step in 0..steps {
-        let loss = loss(classifier, texts, labels)?;
+        let loss = loss(model)?;
         losses.push(scalar(&loss)?);
         let grads = loss.backward()?;
         silent.clear();
-        for (name, var) in &trainable {
+        for (name, var) in trainable {
             let nonzero = match grads.get(var.as_tensor()) {
                 Some(g) => scalar(&g.abs()?.sum_all()?)? > 0.0,
                 None => false,
@@ -198,9 +235,9 @@ pub fn train_steps(
             }
         }
         optimizer.step(&grads, 1.0)?;
-        classifier.adapter.after_step(step + 1, &grads)?;
+        adapter(model).after_step(step + 1, &grads)?;
     }
-    classifier.adapter.set_training(false);
+    adapter(model).set_training(false);
     Ok((losses, silent))
 }
 
@@ -237,9 +274,19 @@ pub fn randomize(
     std: f64,
     seed: u64,
 ) -> Result<()> {
+    randomize_vars(&classifier.trainable(), select, std, seed)
+}
+
+/// [`randomize`] for any set of trainable tensors.
+pub fn randomize_vars(
+    trainable: &[(String, Var)],
+    select: impl Fn(&str) -> bool,
+    std: f64,
+    seed: u64,
+) -> Result<()> {
     let mut rng = graft_model::init::seeded_rng(seed);
-    for (name, var) in classifier.trainable() {
-        if select(&name) {
+    for (name, var) in trainable {
+        if select(name) {
             let dtype = var.dtype();
             let device = var.device().clone();
             var.set(&graft_model::init::normal(
@@ -284,6 +331,12 @@ pub fn check_gradients(
         1e-5,
         11,
     )?;
+    judge_gradients(method.name(), &samples, method_keys.len() * per_tensor)?;
+    Ok(samples)
+}
+
+/// Relative error at most 1e-3 everywhere, the expected number of samples, and not all ~0.
+fn judge_gradients(method: &str, samples: &[GradientSample], expected: usize) -> Result<()> {
     let wrong: Vec<String> = samples
         .iter()
         .filter(|s| s.relative_error() > 1e-3)
@@ -296,25 +349,22 @@ pub fn check_gradients(
         .collect();
     if !wrong.is_empty() {
         return Err(Error::Check(format!(
-            "{}: gradients disagree with finite differences:\n{}",
-            method.name(),
+            "{method}: gradients disagree with finite differences:\n{}",
             wrong.join("\n")
         )));
     }
-    if samples.len() != method_keys.len() * per_tensor {
+    if samples.len() != expected {
         return Err(Error::Check(format!(
-            "sampled {} entries, expected {} tensors x {per_tensor}",
-            samples.len(),
-            method_keys.len()
+            "{method}: sampled {} entries, expected {expected}",
+            samples.len()
         )));
     }
     if !samples.iter().any(|s| s.autograd.abs() > 1e-6) {
         return Err(Error::Check(format!(
-            "{}: every sampled gradient is ~0, the check proves nothing",
-            method.name()
+            "{method}: every sampled gradient is ~0, the check proves nothing"
         )));
     }
-    Ok(samples)
+    Ok(())
 }
 
 /// The training check every method passes: `steps` AdamW steps at `lr` on 8 real rows lower
@@ -455,4 +505,140 @@ pub fn check_merge(reloaded: &mut Reloaded, tolerance: f64) -> Result<f64> {
         )));
     }
     Ok(merged)
+}
+
+/// The decoder families every method is checked on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// stories260K: a real, trained Llama with grouped-query attention.
+    Llama,
+    /// A small ChatGLM2-shaped model with random weights (no small pretrained one exists).
+    ChatGlm,
+}
+
+/// stories260K's folder beside the checkout.
+pub fn stories260k_dir() -> PathBuf {
+    workspace_root().join("../shared/models/stories260K")
+}
+
+/// A causal-LM task on a model of `family` with stories260K's tokenizer; the ChatGLM model is
+/// written under `scratch`.
+pub fn lm_spec(method: &str, family: Family, scratch: &Path) -> Result<LmSpec> {
+    let tokenizer = stories260k_dir().join("tokenizer.json");
+    let model = match family {
+        Family::Llama => stories260k_dir(),
+        Family::ChatGlm => {
+            let dir = scratch.join("chatglm");
+            graft_model::chatglm::write_random(&dir, &graft_model::chatglm::Config::tiny(512), 3)?;
+            dir
+        }
+    };
+    Ok(LmSpec {
+        method: method.into(),
+        model,
+        tokenizer,
+        template: ChatTemplate::parse("plain")?,
+        max_len: 48,
+    })
+}
+
+/// Short prompt/response pairs in stories260K's vocabulary.
+pub fn story_pairs(count: usize) -> Vec<PromptResponse> {
+    let pairs = [
+        ("Once upon a time, there was a", " little dog named Max."),
+        ("Lily liked to play in the", " park with her ball."),
+        ("The sun was", " big and warm."),
+        ("Tom saw a bird in the", " tree. It sang a song."),
+    ];
+    pairs
+        .iter()
+        .cycle()
+        .take(count)
+        .map(|(p, r)| PromptResponse {
+            prompt: p.to_string(),
+            response: r.to_string(),
+        })
+        .collect()
+}
+
+fn story_batch(lm: &CausalLm, count: usize) -> Result<CausalBatch> {
+    Ok(encode_causal(
+        &lm.tokenizer,
+        &lm.spec.template,
+        &story_pairs(count),
+        lm.spec.max_len,
+    )?)
+}
+
+/// The checks every method passes on a decoder family: gradients agree with central
+/// differences (f64; `prepare` may randomise zero-initialised tensors), `steps` AdamW steps at
+/// `lr` lower the loss by 10% with a non-zero gradient for every trainable tensor at the last
+/// step, and the saved adapter reopens (through `reopen_with`) to bit-identical logits.
+/// Returns the training losses.
+pub fn check_lm_method(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    reopen_with: Box<dyn Method>,
+    family: Family,
+    (steps, lr): (usize, f64),
+    prepare: impl Fn(&CausalLm) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let scratch =
+        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let spec = lm_spec(method.name(), family, scratch.path())?;
+    let name = format!("{} on {family:?}", method.name());
+
+    let lm64 = CausalLm::create(
+        spec.clone(),
+        method,
+        settings,
+        &Device::Cpu,
+        DType::F64,
+        7,
+        100,
+    )?;
+    prepare(&lm64)?;
+    let keys: Vec<(String, Var)> = lm64.trainable();
+    if keys.is_empty() {
+        return Err(Error::Check(format!("{name} trains no tensor")));
+    }
+    let batch = story_batch(&lm64, 2)?;
+    let per_tensor = 2;
+    let samples = finite_differences(&keys, &|| lm64.loss(&batch), |_| true, per_tensor, 1e-5, 11)?;
+    judge_gradients(&name, &samples, keys.len() * per_tensor)?;
+
+    let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, DType::F32, 1, 100)?;
+    let batch = story_batch(&lm, 4)?;
+    let trainable = lm.trainable();
+    let (losses, silent) = train_loop(
+        &mut lm,
+        &trainable,
+        |m| m.loss(&batch),
+        |m| m.adapter.as_mut(),
+        steps,
+        lr,
+    )?;
+    if !silent.is_empty() {
+        return Err(Error::Check(format!(
+            "{name}: no gradient at the last step for {silent:?}"
+        )));
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    if last >= first * 0.9 {
+        return Err(Error::Check(format!(
+            "{name}: loss did not fall by 10%: {losses:?}"
+        )));
+    }
+
+    let logits = lm.logits(&batch)?;
+    let dir = scratch.path().join("adapter");
+    lm.save(&dir)?;
+    let reopened = CausalLm::open(&dir, &registry_of(reopen_with)?, &Device::Cpu)?;
+    let diff = max_abs_diff(&logits, &reopened.logits(&batch)?)?;
+    if diff != 0.0 {
+        return Err(Error::Check(format!(
+            "{name}: reopened logits differ by {diff}"
+        )));
+    }
+    Ok(losses)
 }

@@ -68,6 +68,8 @@ fn default_orth_reg_weight() -> f64 {
 fn default_alpha() -> f64 {
     8.0
 }
+/// PEFT's BERT default; [`graft_peft::config::with_default_targets`] fills in other
+/// architectures' before parsing.
 fn default_targets() -> TargetModules {
     TargetModules::Names(vec!["query".into(), "value".into()])
 }

@@ -53,7 +53,13 @@ impl Method for AdaLora {
     }
 
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = AdaLoraConfig::from_train_config(config)?;
+        let config = AdaLoraConfig::from_train_config(&graft_peft::config::with_default_targets(
+            config,
+            "target_modules",
+            graft_peft::DefaultTargets::QueryValue,
+            "adalora",
+            &ctx.info.model_type,
+        )?)?;
         let total_step = config.resolve_total_step(ctx.total_steps)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let mut layers = BTreeMap::new();
@@ -91,7 +97,14 @@ impl Method for AdaLora {
         tensors: &HashMap<String, Tensor>,
         ctx: &AttachContext,
     ) -> Result<Box<dyn Adapter>> {
-        let config = AdaLoraConfig::from_adapter_config(config)?;
+        let config =
+            AdaLoraConfig::from_adapter_config(&graft_peft::config::with_default_targets(
+                config,
+                "target_modules",
+                graft_peft::DefaultTargets::QueryValue,
+                "adalora",
+                &ctx.info.model_type,
+            )?)?;
         let mut layers = BTreeMap::new();
         let mut pattern = BTreeMap::new();
         for site in config.target_modules.select("adalora", ctx.sites)? {

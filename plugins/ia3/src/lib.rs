@@ -39,6 +39,25 @@ fn shape(site: &SiteInfo, feedforward: bool) -> [usize; 2] {
     }
 }
 
+/// `config` with PEFT's default targets for the model where it names none.
+fn default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
+    let model_type = &ctx.info.model_type;
+    let config = graft_peft::config::with_default_targets(
+        config,
+        "target_modules",
+        graft_peft::DefaultTargets::Ia3,
+        "ia3",
+        model_type,
+    )?;
+    graft_peft::config::with_default_targets(
+        &config,
+        "feedforward_modules",
+        graft_peft::DefaultTargets::Ia3FeedForward,
+        "ia3",
+        model_type,
+    )
+}
+
 impl Ia3 {
     /// The layers of every target site, their vectors from `scale`.
     fn attach(
@@ -90,7 +109,7 @@ impl Method for Ia3 {
     }
 
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = Ia3Config::from_train_config(config)?;
+        let config = Ia3Config::from_train_config(&default_targets(config, ctx)?)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let ones = config.init_ia3_weights;
         Self::attach(config, ctx, |_, shape| {
@@ -109,7 +128,7 @@ impl Method for Ia3 {
         tensors: &HashMap<String, Tensor>,
         ctx: &AttachContext,
     ) -> Result<Box<dyn Adapter>> {
-        let config = Ia3Config::from_adapter_config(config)?;
+        let config = Ia3Config::from_adapter_config(&default_targets(config, ctx)?)?;
         Self::attach(config, ctx, |site, shape| {
             adapter::take_tensor(tensors, &key(&site.name), &shape)
         })

@@ -42,7 +42,13 @@ impl Method for Lora {
     }
 
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_train_config(config)?;
+        let config = LoraConfig::from_train_config(&graft_peft::config::with_default_targets(
+            config,
+            "target_modules",
+            graft_peft::DefaultTargets::QueryValue,
+            "lora",
+            &ctx.info.model_type,
+        )?)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
@@ -66,7 +72,13 @@ impl Method for Lora {
         tensors: &HashMap<String, Tensor>,
         ctx: &AttachContext,
     ) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_adapter_config(config)?;
+        let config = LoraConfig::from_adapter_config(&graft_peft::config::with_default_targets(
+            config,
+            "target_modules",
+            graft_peft::DefaultTargets::QueryValue,
+            "lora",
+            &ctx.info.model_type,
+        )?)?;
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
             let a = adapter::take_tensor(

@@ -37,3 +37,22 @@ fn peft_lora_fixture_reproduces_its_logits() {
     // The adapter moves the logits by about 4e-3, so 1e-4 tells it from no adapter.
     testkit::check_peft_fixture(graft_plugin_lora::method(), "lora_minilm").unwrap();
 }
+
+/// On both decoder families with PEFT's default targets for each (q_proj and v_proj; ChatGLM's
+/// query_key_value).
+#[test]
+fn trains_and_reloads_on_llama_and_chatglm() {
+    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
+        let lora = graft_plugin_lora::method();
+        let losses = testkit::check_lm_method(
+            lora.as_ref(),
+            &json!({ "r": 4, "lora_alpha": 8 }),
+            graft_plugin_lora::method(),
+            family,
+            (8, 1e-2),
+            |lm| testkit::randomize_vars(&lm.trainable(), |k| k.contains("lora_B"), 0.05, 3),
+        )
+        .unwrap();
+        eprintln!("{family:?}: {losses:?}");
+    }
+}
