@@ -56,3 +56,21 @@ fn saved_adapter_reloads_to_identical_logits_also_as_peft_prefix_tuning() {
         0.0
     );
 }
+
+/// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
+#[test]
+fn trains_and_reloads_on_llama_and_chatglm() {
+    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
+        let method = graft_plugin_p_tuning_v2::method();
+        let losses = testkit::check_lm_method(
+            method.as_ref(),
+            &settings(),
+            graft_plugin_p_tuning_v2::method(),
+            family,
+            (15, 5e-2),
+            |_| Ok(()),
+        )
+        .unwrap();
+        eprintln!("{family:?} settings(): {losses:?}");
+    }
+}
