@@ -3,6 +3,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::data::Dataset;
+use graft_trainer::lm::{generate_text, CausalLm, LmConfig, LmSpec};
 use graft_trainer::task::Classifier;
 use graft_trainer::train::{self, Examples};
 use graft_trainer::TrainConfig;
@@ -99,7 +100,58 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
-    /// Put a known model (minilm) in graft's cache and print its folder.
+    /// Fine-tune a decoder on prompt/response pairs (causal LM, loss on the responses) and
+    /// write the adapter folder.
+    TrainLm {
+        /// TOML config (see configs/knowledge-adalora.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Adapter folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overrides train.max_steps.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+    /// Generate text with a decoder, with or without an adapter.
+    Generate {
+        /// A Hugging Face folder or a .gguf file (with --adapter: the adapter's base model).
+        #[arg(long, required_unless_present = "adapter")]
+        model: Option<PathBuf>,
+        /// An adapter folder written by `graft train-lm`.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// tokenizer.json (default: beside the model).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// plain, chatglm2 or chatml (default: the adapter's, else plain).
+        #[arg(long)]
+        template: Option<String>,
+        /// ChatML's system turn.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0: greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Merge the adapter into the weights before generating (mergeable methods).
+        #[arg(long)]
+        merge: bool,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+    /// Put a known model (minilm, smollm2) in graft's cache and print its folder.
     FetchModel { name: String },
     /// List the method plugins found, with versions, paths and ABI strings.
     Plugins {
@@ -298,6 +350,75 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing the merged model to {}", out.display()))?;
             eprintln!("merged model written to {}", out.display());
         }
+        Command::TrainLm {
+            config,
+            out,
+            max_steps,
+            plugins,
+        } => train_lm(&config, &out, max_steps, &plugins)?,
+        Command::Generate {
+            model,
+            adapter,
+            tokenizer,
+            template,
+            system,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            merge,
+            plugins,
+        } => {
+            let sampling = graft_model::generate::Sampling {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            let mut print = |text: &str| {
+                use std::io::Write;
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+            };
+            let device = graft_model::default_device()?;
+            if let Some(adapter) = adapter {
+                let mut lm = CausalLm::open(&adapter, &registry(&plugins)?, &device)
+                    .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+                if let Some(name) = template {
+                    lm.spec.template = chat_template(&name, system)?;
+                }
+                if merge {
+                    lm.set_merged(true)?;
+                }
+                lm.generate(&prompt, max_new_tokens, &sampling, &mut print)?;
+            } else {
+                let model = model.context("--model or --adapter is required")?;
+                let model = model_file(&model)?;
+                let tokenizer = tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model));
+                let decoder =
+                    graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
+                        .with_context(|| format!("loading the model {}", model.display()))?;
+                let tokenizer = graft_tokenizer::TextTokenizer::from_file(
+                    &tokenizer,
+                    decoder.spec().max_positions,
+                    graft_tokenizer::Padding::Longest,
+                )?;
+                let template = chat_template(template.as_deref().unwrap_or("plain"), system)?;
+                generate_text(
+                    &decoder,
+                    &graft_model::NoHooks,
+                    &tokenizer,
+                    &template,
+                    &prompt,
+                    max_new_tokens,
+                    &sampling,
+                    &mut print,
+                )?;
+            }
+            println!();
+        }
         Command::FetchModel { name } => {
             let known = graft_model::zoo::find_known(&name)
                 .with_context(|| format!("unknown model `{name}` (known: {})", known_models()))?;
@@ -335,6 +456,107 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn chat_template(name: &str, system: Option<String>) -> Result<graft_tokenizer::ChatTemplate> {
+    let template = graft_tokenizer::ChatTemplate::parse(name)?;
+    Ok(match system {
+        Some(system) => template.with_system(system)?,
+        None => template,
+    })
+}
+
+/// A model path as given, or, for a folder without config.json (a fetched GGUF model), the
+/// one `.gguf` file in it.
+fn model_file(path: &Path) -> Result<PathBuf> {
+    if path.is_file() || path.join("config.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading the model folder {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    match ggufs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!(
+            "{} holds no config.json and not exactly one .gguf file",
+            path.display()
+        ),
+    }
+}
+
+fn train_lm(
+    config_path: &Path,
+    out: &Path,
+    max_steps: Option<usize>,
+    plugins: &PluginArgs,
+) -> Result<()> {
+    let mut config = LmConfig::from_file(config_path)?;
+    if let Some(steps) = max_steps {
+        config.train.max_steps = steps;
+    }
+    let model = match &config.model.path {
+        Some(path) => model_file(path)?,
+        None => {
+            let known = graft_model::zoo::find_known(&config.model.name).with_context(|| {
+                format!(
+                    "model.name `{}` is not a model graft can fetch (known: {}); set model.path",
+                    config.model.name,
+                    known_models()
+                )
+            })?;
+            model_file(&known.ensure(&mut |m| eprintln!("{m}"))?)?
+        }
+    };
+    let tokenizer = config
+        .model
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| LmSpec::default_tokenizer(&model));
+    let data = config
+        .data
+        .train
+        .clone()
+        .context("data.train (a JSONL of prompt/response pairs) is required")?;
+    let pairs = graft_tokenizer::read_jsonl(&data)?;
+    let registry = registry(plugins)?;
+    let plugin = registry.get(config.method_name()?)?;
+    let spec = LmSpec {
+        method: config.method_name()?.to_string(),
+        model,
+        tokenizer,
+        template: config.template()?,
+        max_len: config.model.max_len,
+    };
+    let device = graft_model::default_device()?;
+    let mut lm = CausalLm::create(
+        spec,
+        plugin.method.as_ref(),
+        &config.method_settings(),
+        &device,
+        candle_core::DType::F32,
+        config.train.seed,
+        config.train.max_steps,
+    )?;
+    let trainable: usize = lm.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "{} on {}: {trainable} trainable values, {} pairs, {} steps",
+        lm.spec.method,
+        lm.spec.model.display(),
+        pairs.len(),
+        config.train.max_steps
+    );
+    let log_every = config.train.log_every.max(1);
+    graft_trainer::lm::train_lm(&mut lm, &pairs, &config.train, &mut |s| {
+        if s.step % log_every == 0 || s.step == 1 {
+            eprintln!("step {:>4}  loss {:.4}  {:.2} s", s.step, s.loss, s.seconds);
+        }
+    })?;
+    lm.save(out)
+        .with_context(|| format!("writing the adapter to {}", out.display()))?;
+    eprintln!("adapter written to {}", out.display());
     Ok(())
 }
 

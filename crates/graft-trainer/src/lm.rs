@@ -206,44 +206,16 @@ impl CausalLm {
         sampling: &Sampling,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<String> {
-        let ids = encode_prompt(&self.tokenizer, &self.spec.template, prompt)?;
-        let stop: Vec<u32> = self
-            .spec
-            .template
-            .stop_token_id(&self.tokenizer)?
-            .into_iter()
-            .collect();
-        let mut shown = 0;
-        let mut tokens = Vec::new();
-        let mut error = None;
-        generate(
+        generate_text(
             &self.model,
             self.hooks(),
-            &ids,
+            &self.tokenizer,
+            &self.spec.template,
+            prompt,
             max_new_tokens,
-            &stop,
             sampling,
-            &mut |token| {
-                if stop.contains(&token) {
-                    return;
-                }
-                tokens.push(token);
-                match self.tokenizer.decode(&tokens) {
-                    Ok(text) => {
-                        // Print whole characters only: a token may end inside one.
-                        if text.len() > shown && !text.ends_with('\u{FFFD}') {
-                            on_text(&text[shown..]);
-                            shown = text.len();
-                        }
-                    }
-                    Err(e) => error = Some(e),
-                }
-            },
-        )?;
-        if let Some(e) = error {
-            return Err(e.into());
-        }
-        Ok(self.tokenizer.decode(&tokens)?)
+            on_text,
+        )
     }
 
     /// Saves the adapter folder: PEFT's two files (full fine-tuning: a model folder with the
@@ -297,4 +269,221 @@ impl CausalLm {
         self.merged = merge;
         Ok(())
     }
+}
+
+/// A causal-LM training run's configuration (TOML; see `configs/knowledge-adalora.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmConfig {
+    pub model: LmModelSection,
+    pub data: LmDataSection,
+    /// The optimiser settings of classification runs; `max_steps` counts steps, `epochs` is
+    /// unused (a run of `max_steps` cycles through the pairs).
+    pub train: crate::config::TrainSection,
+    /// `name` picks the plugin; every other key is the method's own (PEFT's field names).
+    pub method: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmModelSection {
+    /// A Hugging Face folder or a `.gguf` file; empty: fetch `name`.
+    pub path: Option<PathBuf>,
+    /// A model graft knows how to fetch (`smollm2`), used when `path` is not set.
+    pub name: String,
+    /// tokenizer.json; empty: beside the model.
+    pub tokenizer: Option<PathBuf>,
+    /// `plain`, `chatglm2` or `chatml`.
+    pub template: String,
+    /// ChatML's system turn.
+    pub system: Option<String>,
+    pub max_len: usize,
+}
+
+impl Default for LmModelSection {
+    fn default() -> Self {
+        Self {
+            path: None,
+            name: "smollm2".into(),
+            tokenizer: None,
+            template: "chatml".into(),
+            system: None,
+            max_len: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmDataSection {
+    /// JSONL of `{"prompt": ..., "response": ...}`.
+    pub train: Option<PathBuf>,
+}
+
+impl LmConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+        let config: Self = toml::from_str(&text).map_err(|e| {
+            Error::Config(format!(
+                "{}: {}",
+                path.display(),
+                graft_peft::config::with_suggestion(&e.to_string())
+            ))
+        })?;
+        if config.train.max_steps == 0 || config.train.batch_size == 0 {
+            return Err(Error::Config(format!(
+                "{}: train.max_steps and train.batch_size must be at least 1",
+                path.display()
+            )));
+        }
+        Ok(config)
+    }
+
+    pub fn method_name(&self) -> Result<&str> {
+        self.method
+            .get("name")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| Error::Config("[method] needs `name`, e.g. name = \"lora\"".into()))
+    }
+
+    /// The method's own settings as JSON (the table without `name`).
+    pub fn method_settings(&self) -> serde_json::Value {
+        let mut table = self.method.clone();
+        table.remove("name");
+        serde_json::to_value(table).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The chat template with its options.
+    pub fn template(&self) -> Result<ChatTemplate> {
+        let template = ChatTemplate::parse(&self.model.template)?;
+        Ok(match &self.model.system {
+            Some(system) => template.with_system(system.clone())?,
+            None => template,
+        })
+    }
+}
+
+/// What a step of [`train_lm`] reports.
+pub struct LmStep {
+    pub step: usize,
+    pub loss: f64,
+    pub seconds: f64,
+}
+
+/// Trains `lm` on `pairs` for `train.max_steps` AdamW steps (batches cycle through the pairs),
+/// with warm-up and schedule, gradient clipping and the method's after-step hook; returns the
+/// losses. `on_step` sees every step.
+pub fn train_lm(
+    lm: &mut CausalLm,
+    pairs: &[graft_tokenizer::PromptResponse],
+    train: &crate::config::TrainSection,
+    on_step: &mut dyn FnMut(&LmStep),
+) -> Result<Vec<f64>> {
+    use crate::optim::{global_norm, lr_factor, scale_grads, AdamW, ParamGroup};
+    if pairs.is_empty() {
+        return Err(Error::Config("no prompt/response pairs to train on".into()));
+    }
+    let trainable = lm.trainable();
+    let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
+    let mut optimizer = AdamW::new(
+        vec![ParamGroup {
+            vars: vars.clone(),
+            lr: train.lr,
+            weight_decay: train.weight_decay,
+        }],
+        train.beta1,
+        train.beta2,
+        train.eps,
+    )?;
+    let steps = train.max_steps;
+    let warmup = (steps as f64 * train.warmup_ratio).round() as usize;
+    lm.adapter.set_training(true);
+    let mut losses = Vec::with_capacity(steps);
+    for step in 0..steps {
+        let started = std::time::Instant::now();
+        let batch: Vec<_> = (0..train.batch_size)
+            .map(|i| pairs[(step * train.batch_size + i) % pairs.len()].clone())
+            .collect();
+        let encoded = graft_tokenizer::encode_causal(
+            &lm.tokenizer,
+            &lm.spec.template,
+            &batch,
+            lm.spec.max_len,
+        )?;
+        let loss = lm.loss(&encoded)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::Config(format!(
+                "the loss is {value} at step {}",
+                step + 1
+            )));
+        }
+        let mut grads = loss.backward()?;
+        if train.max_grad_norm > 0.0 {
+            let norm = global_norm(&grads, &vars)?;
+            if norm > train.max_grad_norm {
+                scale_grads(&mut grads, &vars, train.max_grad_norm / norm)?;
+            }
+        }
+        optimizer.step(&grads, lr_factor(train.schedule, step, steps, warmup))?;
+        lm.adapter.after_step(step + 1, &grads)?;
+        losses.push(value);
+        on_step(&LmStep {
+            step: step + 1,
+            loss: value,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    lm.adapter.set_training(false);
+    Ok(losses)
+}
+
+/// The answer of `model` (with `hooks`) to `prompt` rendered with `template`, up to
+/// `max_new_tokens` tokens, stopping at the template's stop token; `on_text` receives the text
+/// as it grows.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_text(
+    model: &Decoder,
+    hooks: &dyn graft_model::Hooks,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+    prompt: &str,
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<String> {
+    let ids = encode_prompt(tokenizer, template, prompt)?;
+    let stop: Vec<u32> = template.stop_token_id(tokenizer)?.into_iter().collect();
+    let mut shown = 0;
+    let mut tokens = Vec::new();
+    let mut error = None;
+    generate(
+        model,
+        hooks,
+        &ids,
+        max_new_tokens,
+        &stop,
+        sampling,
+        &mut |token| {
+            if stop.contains(&token) {
+                return;
+            }
+            tokens.push(token);
+            match tokenizer.decode(&tokens) {
+                // Whole characters only: a token may end inside one.
+                Ok(text) if !text.ends_with('\u{FFFD}') => {
+                    if let Some(new) = text.get(shown..).filter(|n| !n.is_empty()) {
+                        on_text(new);
+                        shown = text.len();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => error = Some(e),
+            }
+        },
+    )?;
+    if let Some(e) = error {
+        return Err(e.into());
+    }
+    Ok(tokenizer.decode(&tokens)?)
 }
