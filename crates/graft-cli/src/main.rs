@@ -151,6 +151,28 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Size a decoder and LoRA on it from the config alone (no weights read): parameters,
+    /// trainable values, and the memory a training step needs.
+    Inspect {
+        /// A model folder, its config.json, or a .gguf file.
+        model: PathBuf,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+        /// LoRA target modules (repeatable; default: PEFT's for the architecture).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// f32, f16 or bf16: the dtype weights and activations are kept in.
+        #[arg(long, default_value = "f16")]
+        dtype: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Put a known model (minilm, smollm2) in graft's cache and print its folder.
     FetchModel { name: String },
     /// List the method plugins found, with versions, paths and ABI strings.
@@ -419,6 +441,65 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!();
         }
+        Command::Inspect {
+            model,
+            r,
+            targets,
+            batch,
+            seq_len,
+            dtype,
+            json,
+        } => {
+            let dtype = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "f16" => candle_core::DType::F16,
+                "bf16" => candle_core::DType::BF16,
+                other => bail!("--dtype `{other}`: expected f32, f16 or bf16"),
+            };
+            let targets = (!targets.is_empty()).then(|| graft_peft::TargetModules::Names(targets));
+            let shape = graft_trainer::inspect::StepShape {
+                batch,
+                seq_len,
+                dtype,
+            };
+            let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
+                .with_context(|| format!("inspecting {}", model.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                let m = &report.memory;
+                println!(
+                    "{} model: {} layers, hidden {}, {} heads over {} key/value heads, vocab {}",
+                    report.model_type,
+                    report.layers,
+                    report.hidden_size,
+                    report.heads,
+                    report.kv_heads,
+                    report.vocab_size
+                );
+                println!(
+                    "parameters: {} ({:.2} B)",
+                    report.params,
+                    report.params as f64 / 1e9
+                );
+                println!(
+                    "LoRA r={r}: {} trainable values on {} sites ({:.4}% of the model)",
+                    report.lora_trainable,
+                    report.lora_sites,
+                    100.0 * report.lora_trainable as f64 / report.params as f64
+                );
+                println!(
+                    "training step, batch {batch} x {seq_len} tokens, {dtype:?}: about {:.2} GiB \
+                     (weights {:.2}, trainable + AdamW {:.3}, activations {:.2}, logits {:.2})",
+                    gib(m.total),
+                    gib(m.weights),
+                    gib(m.trainable),
+                    gib(m.activations),
+                    gib(m.logits)
+                );
+            }
+        }
         Command::FetchModel { name } => {
             let known = graft_model::zoo::find_known(&name)
                 .with_context(|| format!("unknown model `{name}` (known: {})", known_models()))?;
@@ -515,12 +596,8 @@ fn train_lm(
         .tokenizer
         .clone()
         .unwrap_or_else(|| LmSpec::default_tokenizer(&model));
-    let data = config
-        .data
-        .train
-        .clone()
-        .context("data.train (a JSONL of prompt/response pairs) is required")?;
-    let pairs = graft_tokenizer::read_jsonl(&data)?;
+    let data = graft_trainer::lm::LmData::load(&config)?;
+    let pairs = data.train;
     let registry = registry(plugins)?;
     let plugin = registry.get(config.method_name()?)?;
     let spec = LmSpec {
@@ -557,6 +634,28 @@ fn train_lm(
     lm.save(out)
         .with_context(|| format!("writing the adapter to {}", out.display()))?;
     eprintln!("adapter written to {}", out.display());
+    if !data.validation.is_empty() && !config.eval.labels.is_empty() {
+        let started = std::time::Instant::now();
+        let eval = graft_trainer::lm::evaluate_verbalizer(
+            &lm,
+            &data.validation,
+            &config.eval.labels,
+            config.eval.batch_size,
+        )?;
+        let path = out.join("eval.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&eval)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "validation ({} rows, verbalizer {:?}, {:.0} s): accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}",
+            eval.count,
+            config.eval.labels,
+            started.elapsed().as_secs_f64(),
+            eval.accuracy,
+            eval.precision,
+            eval.recall,
+            eval.f1
+        );
+    }
     Ok(())
 }
 

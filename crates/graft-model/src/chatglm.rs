@@ -5,8 +5,7 @@
 //!
 //! THUDM's code keeps activations sequence-first (`[seq, batch, ...]`); graft keeps them
 //! batch-first like every other architecture, which changes no value.
-use crate::decoder::{Block, Decoder, DecoderSpec, GateUp, Qkv, RopeSpec};
-use crate::layers::{Linear, Param, RmsNorm};
+use crate::decoder::{BlockPlan, Decoder, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -132,137 +131,65 @@ impl Config {
     }
 }
 
-/// Builds the decoder from checkpoint tensors named as THUDM names them.
-pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
+/// Every tensor of the checkpoint, named as THUDM names them.
+pub fn plan(config: &Config) -> Result<Plan> {
     config.validate()?;
     let spec = config.spec();
-    let h = config.hidden_size;
-    let d = spec.head_dim;
+    let (h, d, f) = (config.hidden_size, spec.head_dim, config.ffn_hidden_size);
     let qkv_width = (spec.num_heads + 2 * spec.num_kv_heads) * d;
-    let eps = config.layernorm_epsilon;
-    let embed = Param::load(
-        weights,
-        "transformer.embedding.word_embeddings.weight",
-        &[config.padded_vocab_size, h],
-    )?;
-    let mut blocks = Vec::with_capacity(config.num_layers);
-    for i in 0..config.num_layers {
-        let p = format!("transformer.encoder.layers.{i}");
-        let site = |name: &str, inp: usize, out: usize, bias: bool| {
-            Linear::load(weights, &format!("{p}.{name}"), inp, out, bias, Some(i))
-        };
-        let norm = |name: &str| RmsNorm::load(weights, &format!("{p}.{name}"), h, eps);
-        blocks.push(Block {
-            input_norm: norm("input_layernorm")?,
-            qkv: Qkv::Fused(site(
-                "self_attention.query_key_value",
-                h,
-                qkv_width,
-                config.add_qkv_bias,
-            )?),
-            attention_out: site("self_attention.dense", spec.num_heads * d, h, false)?,
-            post_attention_norm: norm("post_attention_layernorm")?,
-            gate_up: GateUp::Fused(site(
-                "mlp.dense_h_to_4h",
-                h,
-                2 * config.ffn_hidden_size,
-                false,
-            )?),
-            down: site("mlp.dense_4h_to_h", config.ffn_hidden_size, h, false)?,
-        });
-    }
-    let final_norm = RmsNorm::load(weights, "transformer.encoder.final_layernorm", h, eps)?;
-    let lm_head = Linear::load(
-        weights,
-        "transformer.output_layer",
-        h,
-        config.padded_vocab_size,
-        false,
-        None,
-    )?;
-    Decoder::new(spec, embed, blocks, final_norm, Some(lm_head), config_json)
+    let blocks = (0..config.num_layers)
+        .map(|i| {
+            let p = format!("transformer.encoder.layers.{i}");
+            let site = |name: &str, in_features, out_features, bias| SiteSpec {
+                name: format!("{p}.{name}"),
+                in_features,
+                out_features,
+                bias,
+                layer: Some(i),
+            };
+            BlockPlan {
+                input_norm: format!("{p}.input_layernorm"),
+                qkv: Qkv::Fused(site(
+                    "self_attention.query_key_value",
+                    h,
+                    qkv_width,
+                    config.add_qkv_bias,
+                )),
+                attention_out: site("self_attention.dense", spec.num_heads * d, h, false),
+                post_attention_norm: format!("{p}.post_attention_layernorm"),
+                gate_up: GateUp::Fused(site("mlp.dense_h_to_4h", h, 2 * f, false)),
+                down: site("mlp.dense_4h_to_h", f, h, false),
+            }
+        })
+        .collect();
+    Ok(Plan {
+        spec,
+        embed: "transformer.embedding.word_embeddings.weight".into(),
+        blocks,
+        final_norm: "transformer.encoder.final_layernorm".into(),
+        lm_head: Some(SiteSpec {
+            name: "transformer.output_layer".into(),
+            in_features: h,
+            out_features: config.padded_vocab_size,
+            bias: false,
+            layer: None,
+        }),
+    })
 }
 
-/// Writes a ChatGLM model folder (config.json, model.safetensors) with random weights of
-/// `config`'s shapes: small real-shaped models for tests, where no small pretrained ChatGLM
-/// exists. Norm weights are near 1, projections normal(0, 0.2), embeddings normal(0, 1).
+/// The decoder from checkpoint tensors; `config_json` is the config.json it was read from.
+pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
+    plan(config)?.load(weights, config_json)
+}
+
+/// Writes a ChatGLM model folder with random weights of `config`'s shapes: small real-shaped
+/// models for tests, where no small pretrained ChatGLM exists.
 pub fn write_random(dir: &std::path::Path, config: &Config, seed: u64) -> Result<()> {
-    use candle_core::{DType, Device};
-    config.validate()?;
-    let spec = config.spec();
-    let (h, f, v) = (
-        config.hidden_size,
-        config.ffn_hidden_size,
-        config.padded_vocab_size,
-    );
-    let qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim;
-    let mut rng = crate::init::seeded_rng(seed);
-    let mut tensors = Vec::new();
-    let mut add = |name: String, shape: &[usize], std: f64, mean: f64| -> Result<()> {
-        let t = (crate::init::normal(&mut rng, shape, std, DType::F32, &Device::Cpu)? + mean)?;
-        tensors.push((name, t));
-        Ok(())
-    };
-    add(
-        "transformer.embedding.word_embeddings.weight".into(),
-        &[v, h],
-        1.0,
-        0.0,
-    )?;
-    for i in 0..config.num_layers {
-        let p = format!("transformer.encoder.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[h], 0.1, 1.0)?;
-        add(
-            format!("{p}.self_attention.query_key_value.weight"),
-            &[qkv, h],
-            0.2,
-            0.0,
-        )?;
-        if config.add_qkv_bias {
-            add(
-                format!("{p}.self_attention.query_key_value.bias"),
-                &[qkv],
-                0.2,
-                0.0,
-            )?;
-        }
-        add(
-            format!("{p}.self_attention.dense.weight"),
-            &[h, spec.num_heads * spec.head_dim],
-            0.2,
-            0.0,
-        )?;
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            0.1,
-            1.0,
-        )?;
-        add(
-            format!("{p}.mlp.dense_h_to_4h.weight"),
-            &[2 * f, h],
-            0.2,
-            0.0,
-        )?;
-        add(format!("{p}.mlp.dense_4h_to_h.weight"), &[h, f], 0.2, 0.0)?;
-    }
-    add(
-        "transformer.encoder.final_layernorm.weight".into(),
-        &[h],
-        0.1,
-        1.0,
-    )?;
-    add("transformer.output_layer.weight".into(), &[v, h], 0.2, 0.0)?;
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
     let json = serde_json::to_value(config).map_err(|source| Error::Config {
         path: dir.join("config.json"),
         source,
     })?;
-    crate::weights::save_json(&json, &dir.join("config.json"))
+    plan(config)?.write_random(dir, &json, seed)
 }
 
 impl Config {

@@ -40,56 +40,256 @@ pub struct DecoderSpec {
     pub prefix_shifts_positions: bool,
 }
 
-/// How a block projects queries, keys and values.
-pub enum Qkv {
+/// How a block projects queries, keys and values (`L`: a loaded [`Linear`], or a
+/// [`SiteSpec`] in a [`Plan`]).
+pub enum Qkv<L> {
     /// `q_proj`, `k_proj`, `v_proj` (Llama).
-    Separate { q: Linear, k: Linear, v: Linear },
+    Separate { q: L, k: L, v: L },
     /// One `query_key_value` whose output is queries, then keys, then values (ChatGLM).
-    Fused(Linear),
+    Fused(L),
 }
 
 /// How a block projects the gate and the up branch of its SwiGLU.
-pub enum GateUp {
+pub enum GateUp<L> {
     /// `gate_proj`, `up_proj` (Llama).
-    Separate { gate: Linear, up: Linear },
+    Separate { gate: L, up: L },
     /// One `dense_h_to_4h` whose output is the gate, then the up branch (ChatGLM).
-    Fused(Linear),
+    Fused(L),
+}
+
+impl<L> Qkv<L> {
+    fn items(&self) -> Vec<&L> {
+        match self {
+            Self::Separate { q, k, v } => vec![q, k, v],
+            Self::Fused(l) => vec![l],
+        }
+    }
+
+    fn items_mut(&mut self) -> Vec<&mut L> {
+        match self {
+            Self::Separate { q, k, v } => vec![q, k, v],
+            Self::Fused(l) => vec![l],
+        }
+    }
+
+    fn try_map<M>(&self, mut f: impl FnMut(&L) -> Result<M>) -> Result<Qkv<M>> {
+        Ok(match self {
+            Self::Separate { q, k, v } => Qkv::Separate {
+                q: f(q)?,
+                k: f(k)?,
+                v: f(v)?,
+            },
+            Self::Fused(l) => Qkv::Fused(f(l)?),
+        })
+    }
+}
+
+impl<L> GateUp<L> {
+    fn items(&self) -> Vec<&L> {
+        match self {
+            Self::Separate { gate, up } => vec![gate, up],
+            Self::Fused(l) => vec![l],
+        }
+    }
+
+    fn items_mut(&mut self) -> Vec<&mut L> {
+        match self {
+            Self::Separate { gate, up } => vec![gate, up],
+            Self::Fused(l) => vec![l],
+        }
+    }
+
+    fn try_map<M>(&self, mut f: impl FnMut(&L) -> Result<M>) -> Result<GateUp<M>> {
+        Ok(match self {
+            Self::Separate { gate, up } => GateUp::Separate {
+                gate: f(gate)?,
+                up: f(up)?,
+            },
+            Self::Fused(l) => GateUp::Fused(f(l)?),
+        })
+    }
+}
+
+/// A projection as a checkpoint lays it out: `{name}.weight` `[out, in]`, maybe `{name}.bias`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteSpec {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+    pub layer: Option<usize>,
+}
+
+impl SiteSpec {
+    fn params(&self) -> usize {
+        self.in_features * self.out_features + if self.bias { self.out_features } else { 0 }
+    }
+
+    fn info(&self) -> SiteInfo {
+        SiteInfo {
+            name: self.name.clone(),
+            in_features: self.in_features,
+            out_features: self.out_features,
+            layer: self.layer,
+        }
+    }
+}
+
+/// One block's checkpoint names and shapes.
+pub struct BlockPlan {
+    /// Norm module names (`{name}.weight`).
+    pub input_norm: String,
+    pub qkv: Qkv<SiteSpec>,
+    pub attention_out: SiteSpec,
+    pub post_attention_norm: String,
+    pub gate_up: GateUp<SiteSpec>,
+    pub down: SiteSpec,
+}
+
+impl BlockPlan {
+    fn sites(&self) -> Vec<&SiteSpec> {
+        let mut out = self.qkv.items();
+        out.push(&self.attention_out);
+        out.extend(self.gate_up.items());
+        out.push(&self.down);
+        out
+    }
+}
+
+/// Every tensor of a decoder checkpoint by name and shape: what an architecture module
+/// derives from its config, so that loading and `graft inspect` (which reads no weights) agree.
+pub struct Plan {
+    pub spec: DecoderSpec,
+    /// The input embedding table `[vocab, hidden]`.
+    pub embed: String,
+    pub blocks: Vec<BlockPlan>,
+    pub final_norm: String,
+    /// `None`: tied to the input embeddings.
+    pub lm_head: Option<SiteSpec>,
+}
+
+impl Plan {
+    /// Every linear site, in model order.
+    pub fn sites(&self) -> Vec<SiteInfo> {
+        self.blocks
+            .iter()
+            .flat_map(BlockPlan::sites)
+            .chain(self.lm_head.as_ref())
+            .map(SiteSpec::info)
+            .collect()
+    }
+
+    /// Values in the checkpoint.
+    pub fn param_count(&self) -> usize {
+        let h = self.spec.hidden_size;
+        let norms = (2 * self.blocks.len() + 1) * h;
+        let sites: usize = self
+            .blocks
+            .iter()
+            .flat_map(BlockPlan::sites)
+            .chain(self.lm_head.as_ref())
+            .map(SiteSpec::params)
+            .sum();
+        self.spec.vocab_size * h + norms + sites
+    }
+
+    /// Writes a model folder (config.json, model.safetensors) of this plan with random weights:
+    /// norms near 1, projections and biases normal(0, 0.2), embeddings normal(0, 1).
+    pub fn write_random(
+        &self,
+        dir: &std::path::Path,
+        config_json: &serde_json::Value,
+        seed: u64,
+    ) -> Result<()> {
+        let h = self.spec.hidden_size;
+        let mut rng = crate::init::seeded_rng(seed);
+        let mut tensors = Vec::new();
+        let mut add = |name: String, shape: &[usize], std: f64, mean: f64| -> Result<()> {
+            let t = crate::init::normal(&mut rng, shape, std, DType::F32, &Device::Cpu)?;
+            tensors.push((name, (t + mean)?));
+            Ok(())
+        };
+        add(self.embed.clone(), &[self.spec.vocab_size, h], 1.0, 0.0)?;
+        let norms = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.input_norm, &b.post_attention_norm])
+            .chain([&self.final_norm]);
+        for norm in norms {
+            add(format!("{norm}.weight"), &[h], 0.1, 1.0)?;
+        }
+        let sites = self
+            .blocks
+            .iter()
+            .flat_map(BlockPlan::sites)
+            .chain(self.lm_head.as_ref());
+        for s in sites {
+            add(format!("{}.weight", s.name), &[s.out_features, s.in_features], 0.2, 0.0)?;
+            if s.bias {
+                add(format!("{}.bias", s.name), &[s.out_features], 0.2, 0.0)?;
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::weights::save_json(config_json, &dir.join("config.json"))
+    }
+
+    /// Loads the planned tensors into a decoder; `config_json` is written back on save.
+    pub fn load(&self, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
+        let spec = &self.spec;
+        let h = spec.hidden_size;
+        let eps = spec.rms_norm_eps;
+        let linear = |s: &SiteSpec| {
+            Linear::load(weights, &s.name, s.in_features, s.out_features, s.bias, s.layer)
+        };
+        let norm = |name: &str| RmsNorm::load(weights, name, h, eps);
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            blocks.push(Block {
+                input_norm: norm(&b.input_norm)?,
+                qkv: b.qkv.try_map(linear)?,
+                attention_out: linear(&b.attention_out)?,
+                post_attention_norm: norm(&b.post_attention_norm)?,
+                gate_up: b.gate_up.try_map(linear)?,
+                down: linear(&b.down)?,
+            });
+        }
+        Decoder::new(
+            spec.clone(),
+            Param::load(weights, &self.embed, &[spec.vocab_size, h])?,
+            blocks,
+            norm(&self.final_norm)?,
+            self.lm_head.as_ref().map(linear).transpose()?,
+            config_json,
+        )
+    }
 }
 
 pub struct Block {
     pub input_norm: RmsNorm,
-    pub qkv: Qkv,
+    pub qkv: Qkv<Linear>,
     pub attention_out: Linear,
     pub post_attention_norm: RmsNorm,
-    pub gate_up: GateUp,
+    pub gate_up: GateUp<Linear>,
     pub down: Linear,
 }
 
 impl Block {
     fn linears(&self) -> Vec<&Linear> {
-        let mut out = match &self.qkv {
-            Qkv::Separate { q, k, v } => vec![q, k, v],
-            Qkv::Fused(l) => vec![l],
-        };
+        let mut out = self.qkv.items();
         out.push(&self.attention_out);
-        match &self.gate_up {
-            GateUp::Separate { gate, up } => out.extend([gate, up]),
-            GateUp::Fused(l) => out.push(l),
-        }
+        out.extend(self.gate_up.items());
         out.push(&self.down);
         out
     }
 
     fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = match &mut self.qkv {
-            Qkv::Separate { q, k, v } => vec![q, k, v],
-            Qkv::Fused(l) => vec![l],
-        };
+        let mut out = self.qkv.items_mut();
         out.push(&mut self.attention_out);
-        match &mut self.gate_up {
-            GateUp::Separate { gate, up } => out.extend([gate, up]),
-            GateUp::Fused(l) => out.push(l),
-        }
+        out.extend(self.gate_up.items_mut());
         out.push(&mut self.down);
         out
     }
@@ -97,15 +297,14 @@ impl Block {
     /// Every tensor in checkpoint order: norms around the attention and feed-forward
     /// projections.
     fn params(&self) -> Vec<&Param> {
-        let linears = self.linears();
-        let attention = match &self.qkv {
-            Qkv::Separate { .. } => 4,
-            Qkv::Fused(_) => 2,
-        };
         let mut out: Vec<&Param> = self.input_norm.params().into_iter().collect();
-        out.extend(linears[..attention].iter().flat_map(|l| l.params()));
+        for l in self.qkv.items().into_iter().chain([&self.attention_out]) {
+            out.extend(l.params());
+        }
         out.extend(self.post_attention_norm.params());
-        out.extend(linears[attention..].iter().flat_map(|l| l.params()));
+        for l in self.gate_up.items().into_iter().chain([&self.down]) {
+            out.extend(l.params());
+        }
         out
     }
 }
@@ -190,48 +389,8 @@ impl Decoder {
             let (config, weights, json) = crate::gguf::load_llama(path, dtype, device)?;
             return crate::llama::load(&config, &weights, json);
         }
-        let config_path = path.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                path: config_path.clone(),
-                what: "model config",
-            },
-            _ => Error::Io {
-                path: config_path.clone(),
-                source,
-            },
-        })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Config {
-                path: config_path.clone(),
-                source,
-            })?;
-        let parse_error = |source| Error::Config {
-            path: config_path.clone(),
-            source,
-        };
-        let in_file = |e: Error| match e {
-            Error::InvalidConfig(reason) => {
-                Error::InvalidConfig(format!("{}: {reason}", config_path.display()))
-            }
-            other => other,
-        };
-        let model_type = json
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        let weights = || Weights::load_folder(path, dtype, device);
-        if model_type == "chatglm" {
-            let config: crate::chatglm::Config =
-                serde_json::from_value(json.clone()).map_err(parse_error)?;
-            config.validate().map_err(in_file)?;
-            crate::chatglm::load(&config, &weights()?, json)
-        } else {
-            let config: crate::llama::Config =
-                serde_json::from_value(json.clone()).map_err(parse_error)?;
-            config.validate().map_err(in_file)?;
-            crate::llama::load(&config, &weights()?, json)
-        }
+        let (plan, json) = read_plan(path)?;
+        plan.load(&Weights::load_folder(path, dtype, device)?, json)
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -539,12 +698,65 @@ impl Decoder {
     }
 }
 
+/// The plan of a decoder from its config alone (no weights are read): a model folder, a
+/// config.json, or a `.gguf` file's metadata. Also returns the config as JSON.
+pub fn read_plan(path: &std::path::Path) -> Result<(Plan, serde_json::Value)> {
+    if path.extension().is_some_and(|x| x == "gguf") {
+        let (config, json) = crate::gguf::read_llama_config(path)?;
+        return Ok((crate::llama::plan(&config)?, json));
+    }
+    let config_path = if path.is_dir() {
+        path.join("config.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&config_path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile {
+            path: config_path.clone(),
+            what: "model config",
+        },
+        _ => Error::Io {
+            path: config_path.clone(),
+            source,
+        },
+    })?;
+    let parse_error = |source| Error::Config {
+        path: config_path.clone(),
+        source,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(parse_error)?;
+    let in_file = |e: Error| match e {
+        Error::InvalidConfig(reason) => {
+            Error::InvalidConfig(format!("{}: {reason}", config_path.display()))
+        }
+        other => other,
+    };
+    let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let plan = if model_type == "chatglm" {
+        let config: crate::chatglm::Config =
+            serde_json::from_value(json.clone()).map_err(parse_error)?;
+        crate::chatglm::plan(&config).map_err(in_file)?
+    } else {
+        let config: crate::llama::Config =
+            serde_json::from_value(json.clone()).map_err(parse_error)?;
+        crate::llama::plan(&config).map_err(in_file)?
+    };
+    Ok((plan, json))
+}
+
 /// Mean next-token cross-entropy of `logits` `[batch, seq, vocab]` against `labels`
 /// `[batch, seq]` (i64: the id expected at each position, negative where no loss is taken).
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
+    let (rows, targets) = labelled_rows(labels, v)?;
+    crate::cross_entropy(&logits.reshape((b * t, v))?.index_select(&rows, 0)?, &targets)
+}
+
+/// The flattened positions (`[n]`, into `[batch * seq]`) where `labels` `[batch, seq]` takes a
+/// loss, and their target ids (`[n]`): a loss needs the head's logits at those rows only.
+pub fn labelled_rows(labels: &Tensor, vocab: usize) -> Result<(Tensor, Tensor)> {
     let flat: Vec<i64> = labels.flatten_all()?.to_vec1::<i64>()?;
-    let kept: Vec<u32> = (0..b * t)
+    let kept: Vec<u32> = (0..flat.len())
         .filter(|&i| flat[i] >= 0)
         .map(|i| i as u32)
         .collect();
@@ -554,16 +766,17 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         ));
     }
     let targets: Vec<u32> = kept.iter().map(|&i| flat[i as usize] as u32).collect();
-    if let Some(bad) = targets.iter().find(|&&id| id as usize >= v) {
+    if let Some(bad) = targets.iter().find(|&&id| id as usize >= vocab) {
         return Err(Error::InvalidConfig(format!(
-            "label id {bad} is outside the vocabulary of {v}"
+            "label id {bad} is outside the vocabulary of {vocab}"
         )));
     }
-    let device = logits.device();
-    let rows = Tensor::from_vec(kept.clone(), kept.len(), device)?;
-    let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
-    let targets = Tensor::from_vec(targets, kept.len(), device)?;
-    crate::cross_entropy(&picked, &targets)
+    let device = labels.device();
+    let n = kept.len();
+    Ok((
+        Tensor::from_vec(kept, n, device)?,
+        Tensor::from_vec(targets, n, device)?,
+    ))
 }
 
 impl crate::layers::LinearSites for Decoder {

@@ -12,21 +12,72 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The config of a Llama-family GGUF file, and a config.json equivalent, from its metadata.
+pub fn read_llama_config(path: &Path) -> Result<(Config, serde_json::Value)> {
+    let mut file = open(path)?;
+    let content = read_content(path, &mut file)?;
+    config_of(path, &content)
+}
+
 /// The config and weights of a Llama-family GGUF file, and a config.json equivalent.
 pub fn load_llama(
     path: &Path,
     dtype: DType,
     device: &Device,
 ) -> Result<(Config, Weights, serde_json::Value)> {
+    let mut file = open(path)?;
+    let content = read_content(path, &mut file)?;
+    let (config, config_json) = config_of(path, &content)?;
     let bad = |reason: String| Error::Weights {
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+    let heads = config.num_attention_heads;
+    let kv_heads = config.num_kv_heads();
+    let mut tensors = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf_name) = transformers_name(name) else {
+            continue;
+        };
+        let q = content
+            .tensor(&mut file, name, device)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let mut tensor = q
+            .dequantize(device)
+            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        if name.ends_with("attn_q.weight") {
+            tensor = unpermute(&tensor, heads)?;
+        } else if name.ends_with("attn_k.weight") {
+            tensor = unpermute(&tensor, kv_heads)?;
+        }
+        tensors.insert(hf_name, tensor);
+    }
+    Ok((
+        config,
+        Weights::from_tensors(path, tensors, dtype)?,
+        config_json,
+    ))
+}
+
+fn open(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    })
+}
+
+fn read_content(path: &Path, file: &mut std::fs::File) -> Result<Content> {
+    Content::read(file).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: format!("not a GGUF file: {e}"),
+    })
+}
+
+fn config_of(path: &Path, content: &Content) -> Result<(Config, serde_json::Value)> {
+    let bad = |reason: String| Error::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
     let meta = |key: &str| -> Result<&Value> {
         content
             .metadata
@@ -83,30 +134,7 @@ pub fn load_llama(
     let config: Config = serde_json::from_value(config_json.clone())
         .map_err(|e| bad(format!("metadata does not make a Llama config: {e}")))?;
     config.validate()?;
-
-    let mut tensors = HashMap::new();
-    for name in content.tensor_infos.keys() {
-        let Some(hf_name) = transformers_name(name) else {
-            continue;
-        };
-        let q = content
-            .tensor(&mut file, name, device)
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        let mut tensor = q
-            .dequantize(device)
-            .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        if name.ends_with("attn_q.weight") {
-            tensor = unpermute(&tensor, heads)?;
-        } else if name.ends_with("attn_k.weight") {
-            tensor = unpermute(&tensor, kv_heads)?;
-        }
-        tensors.insert(hf_name, tensor);
-    }
-    Ok((
-        config,
-        Weights::from_tensors(path, tensors, dtype)?,
-        config_json,
-    ))
+    Ok((config, config_json))
 }
 
 /// transformers' name of a llama.cpp tensor, `None` for tensors graft does not use.

@@ -1,8 +1,7 @@
 //! The Llama family as transformers defines it: Llama, Mistral (grouped-query attention),
 //! Qwen2 (biases on q, k, v), tied or untied embeddings. Sites are named like transformers'
 //! module paths (`model.layers.3.self_attn.q_proj`).
-use crate::decoder::{Block, Decoder, DecoderSpec, GateUp, Qkv, RopeSpec};
-use crate::layers::{Linear, Param, RmsNorm};
+use crate::decoder::{BlockPlan, Decoder, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
 use crate::weights::Weights;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -124,71 +123,59 @@ impl Config {
     }
 }
 
-/// Builds the decoder from checkpoint tensors named as transformers names them
+/// Every tensor of the checkpoint, named as transformers names them
 /// (`model.embed_tokens.weight`, `model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`).
-/// `config_json` is the config.json the model was read from.
-pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
+pub fn plan(config: &Config) -> Result<Plan> {
     config.validate()?;
     let spec = config.spec();
-    let (h, d) = (config.hidden_size, spec.head_dim);
+    let (h, d, f) = (config.hidden_size, spec.head_dim, config.intermediate_size);
     let (q_width, kv_width) = (spec.num_heads * d, spec.num_kv_heads * d);
-    let eps = config.rms_norm_eps;
-    let embed = Param::load(
-        weights,
-        "model.embed_tokens.weight",
-        &[config.vocab_size, h],
-    )?;
-    let mut blocks = Vec::with_capacity(config.num_hidden_layers);
-    for i in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        let site = |name: &str, inp: usize, out: usize, bias: bool| {
-            Linear::load(weights, &format!("{p}.{name}"), inp, out, bias, Some(i))
-        };
-        let qkv_bias = config.qkv_bias();
-        blocks.push(Block {
-            input_norm: RmsNorm::load(weights, &format!("{p}.input_layernorm"), h, eps)?,
-            qkv: Qkv::Separate {
-                q: site("self_attn.q_proj", h, q_width, qkv_bias)?,
-                k: site("self_attn.k_proj", h, kv_width, qkv_bias)?,
-                v: site("self_attn.v_proj", h, kv_width, qkv_bias)?,
-            },
-            attention_out: site("self_attn.o_proj", q_width, h, config.attention_bias)?,
-            post_attention_norm: RmsNorm::load(
-                weights,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                eps,
-            )?,
-            gate_up: GateUp::Separate {
-                gate: site(
-                    "mlp.gate_proj",
-                    h,
-                    config.intermediate_size,
-                    config.mlp_bias,
-                )?,
-                up: site("mlp.up_proj", h, config.intermediate_size, config.mlp_bias)?,
-            },
-            down: site(
-                "mlp.down_proj",
-                config.intermediate_size,
-                h,
-                config.mlp_bias,
-            )?,
-        });
-    }
-    let final_norm = RmsNorm::load(weights, "model.norm", h, eps)?;
+    let qkv_bias = config.qkv_bias();
+    let blocks = (0..config.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let site = |name: &str, in_features, out_features, bias| SiteSpec {
+                name: format!("{p}.{name}"),
+                in_features,
+                out_features,
+                bias,
+                layer: Some(i),
+            };
+            BlockPlan {
+                input_norm: format!("{p}.input_layernorm"),
+                qkv: Qkv::Separate {
+                    q: site("self_attn.q_proj", h, q_width, qkv_bias),
+                    k: site("self_attn.k_proj", h, kv_width, qkv_bias),
+                    v: site("self_attn.v_proj", h, kv_width, qkv_bias),
+                },
+                attention_out: site("self_attn.o_proj", q_width, h, config.attention_bias),
+                post_attention_norm: format!("{p}.post_attention_layernorm"),
+                gate_up: GateUp::Separate {
+                    gate: site("mlp.gate_proj", h, f, config.mlp_bias),
+                    up: site("mlp.up_proj", h, f, config.mlp_bias),
+                },
+                down: site("mlp.down_proj", f, h, config.mlp_bias),
+            }
+        })
+        .collect();
     // Some tied checkpoints still carry a copy of the head; tying decides.
-    let lm_head = if config.tie_word_embeddings {
-        None
-    } else {
-        Some(Linear::load(
-            weights,
-            "lm_head",
-            h,
-            config.vocab_size,
-            false,
-            None,
-        )?)
-    };
-    Decoder::new(spec, embed, blocks, final_norm, lm_head, config_json)
+    let lm_head = (!config.tie_word_embeddings).then(|| SiteSpec {
+        name: "lm_head".into(),
+        in_features: h,
+        out_features: config.vocab_size,
+        bias: false,
+        layer: None,
+    });
+    Ok(Plan {
+        spec,
+        embed: "model.embed_tokens.weight".into(),
+        blocks,
+        final_norm: "model.norm".into(),
+        lm_head,
+    })
+}
+
+/// The decoder from checkpoint tensors; `config_json` is the config.json it was read from.
+pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
+    plan(config)?.load(weights, config_json)
 }

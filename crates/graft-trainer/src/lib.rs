@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod inspect;
 pub mod lm;
 pub mod metrics;
 pub mod optim;

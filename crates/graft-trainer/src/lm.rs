@@ -4,7 +4,7 @@ use crate::error::io_error;
 use crate::task::{apply_merge, attach_saved, read_saved, Attachment};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::decoder::{causal_lm_loss, Decoder, DecoderInputs};
+use graft_model::decoder::{labelled_rows, Decoder, DecoderInputs};
 use graft_model::generate::{generate, Sampling};
 use graft_peft::adapter;
 use graft_peft::loader::Registry;
@@ -183,18 +183,73 @@ impl CausalLm {
     }
 
     /// Mean next-token cross-entropy on the labelled positions, plus the method's extra term.
+    /// The head runs on the labelled positions only (a response is a few of a sequence's
+    /// tokens; the head over a 49k vocabulary is the largest product of small models).
     pub fn loss(&self, batch: &CausalBatch) -> Result<Tensor> {
-        let logits = self.logits(batch)?;
+        let hidden = self
+            .model
+            .forward(&self.inputs(batch)?, self.hooks(), None)?;
         let labels = Tensor::from_slice(
             &batch.labels,
             (batch.batch, batch.seq_len),
             self.model.device(),
         )?;
-        let mut loss = causal_lm_loss(&logits, &labels)?;
+        let (rows, targets) = labelled_rows(&labels, self.model.spec().vocab_size)?;
+        let (b, t, h) = hidden.dims3()?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+        let logits = self.model.lm_head(&picked, self.hooks())?;
+        let mut loss = graft_model::cross_entropy(&logits, &targets)?;
         if let Some(extra) = self.adapter.extra_loss()? {
             loss = (loss + extra)?;
         }
         Ok(loss)
+    }
+
+    /// For each prompt (rendered with the template), the index of the label whose token the
+    /// model finds likeliest next: `label_ids` holds each label word's token. Prompts run in
+    /// batches of `batch_size`.
+    pub fn verbalize(
+        &self,
+        prompts: &[String],
+        label_ids: &[u32],
+        batch_size: usize,
+    ) -> Result<Vec<usize>> {
+        let device = self.model.device();
+        let pad = self.tokenizer.pad_id();
+        let labels = Tensor::from_slice(label_ids, label_ids.len(), device)?;
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(batch_size.max(1)) {
+            let encoded: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|p| encode_prompt(&self.tokenizer, &self.spec.template, p))
+                .collect::<std::result::Result<_, _>>()?;
+            let t = encoded.iter().map(Vec::len).max().unwrap_or(0);
+            let mut ids = Vec::with_capacity(chunk.len() * t);
+            let mut mask = Vec::with_capacity(chunk.len() * t);
+            let mut last = Vec::with_capacity(chunk.len());
+            for (row, e) in encoded.iter().enumerate() {
+                ids.extend(e);
+                ids.extend(std::iter::repeat_n(pad, t - e.len()));
+                mask.extend(std::iter::repeat_n(1u32, e.len()));
+                mask.extend(std::iter::repeat_n(0u32, t - e.len()));
+                last.push((row * t + e.len() - 1) as u32);
+            }
+            let b = chunk.len();
+            let inputs = DecoderInputs {
+                input_ids: Tensor::from_vec(ids, (b, t), device)?,
+                attention_mask: Some(Tensor::from_vec(mask, (b, t), device)?),
+            };
+            let hidden = self.model.forward(&inputs, self.hooks(), None)?;
+            let h = hidden.dim(2)?;
+            let rows = Tensor::from_vec(last, b, device)?;
+            let at_end = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+            let scores = self
+                .model
+                .lm_head(&at_end, self.hooks())?
+                .index_select(&labels, 1)?;
+            out.extend(scores.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize));
+        }
+        Ok(out)
     }
 
     /// The answer to `prompt` (rendered with the task's chat template), up to `max_new_tokens`
@@ -282,6 +337,7 @@ pub struct LmConfig {
     pub train: crate::config::TrainSection,
     /// `name` picks the plugin; every other key is the method's own (PEFT's field names).
     pub method: toml::Table,
+    pub eval: LmEvalSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,11 +369,155 @@ impl Default for LmModelSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LmDataSection {
-    /// JSONL of `{"prompt": ..., "response": ...}`.
+    /// JSONL of `{"prompt": ..., "response": ...}`, or a CSV whose rows `prompt` and
+    /// `response` render.
     pub train: Option<PathBuf>,
+    /// CSV only: the prompt, a template over the columns (`{title}. {abstract}`).
+    pub prompt: Option<String>,
+    /// CSV only: the response, a template over the columns (`{label}`).
+    pub response: Option<String>,
+    /// Rendered prompts longer than this many characters are cut (0: never), so that a long
+    /// abstract cannot push the chat template's start out of `max_len` tokens.
+    pub max_prompt_chars: usize,
+    /// CSV only: share of each class (by `eval.label_column`) held out for validation.
+    pub val_fraction: f64,
+}
+
+impl Default for LmDataSection {
+    fn default() -> Self {
+        Self {
+            train: None,
+            prompt: None,
+            response: None,
+            max_prompt_chars: 0,
+            val_fraction: 0.0,
+        }
+    }
+}
+
+/// Verbalizer classification of the validation split: the label words compared at the
+/// answer's first token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmEvalSection {
+    /// The label words, in class order; each must be one token. Empty: no evaluation.
+    pub labels: Vec<String>,
+    pub label_column: String,
+    pub batch_size: usize,
+}
+
+impl Default for LmEvalSection {
+    fn default() -> Self {
+        Self {
+            labels: Vec::new(),
+            label_column: "label".into(),
+            batch_size: 8,
+        }
+    }
+}
+
+/// Training pairs and the held-out prompts with their class ids.
+pub struct LmData {
+    pub train: Vec<graft_tokenizer::PromptResponse>,
+    pub validation: Vec<(String, usize)>,
+}
+
+impl LmData {
+    pub fn load(config: &LmConfig) -> Result<Self> {
+        let data = &config.data;
+        let path = data
+            .train
+            .clone()
+            .ok_or_else(|| Error::Config("data.train is required".into()))?;
+        let clip = |mut text: String| {
+            if data.max_prompt_chars > 0 && text.len() > data.max_prompt_chars {
+                let mut end = data.max_prompt_chars;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
+            text
+        };
+        if path.extension().is_none_or(|x| x != "csv") {
+            let train = graft_tokenizer::read_jsonl(&path)?
+                .into_iter()
+                .map(|p| graft_tokenizer::PromptResponse {
+                    prompt: clip(p.prompt),
+                    response: p.response,
+                })
+                .collect();
+            return Ok(Self {
+                train,
+                validation: Vec::new(),
+            });
+        }
+        let template = |t: &Option<String>, field: &str| {
+            t.as_deref()
+                .ok_or_else(|| Error::Config(format!("data.{field} is required for a CSV")))
+                .and_then(|t| Ok(graft_tokenizer::Template::parse(t)?))
+        };
+        let rows = crate::data::Dataset::read_csv(&path, &[])?;
+        let prompts: Vec<String> = rows
+            .texts(&template(&data.prompt, "prompt")?)?
+            .into_iter()
+            .map(clip)
+            .collect();
+        let responses = rows.texts(&template(&data.response, "response")?)?;
+        let pair = |i: usize| graft_tokenizer::PromptResponse {
+            prompt: prompts[i].clone(),
+            response: responses[i].clone(),
+        };
+        if data.val_fraction == 0.0 {
+            return Ok(Self {
+                train: (0..prompts.len()).map(pair).collect(),
+                validation: Vec::new(),
+            });
+        }
+        let labels = graft_tokenizer::LabelSet::new(config.eval.labels.clone())?;
+        let classes = rows.labels(&config.eval.label_column, &labels)?;
+        let (train, val) = crate::data::stratified_split(
+            &classes,
+            labels.len(),
+            data.val_fraction,
+            config.train.seed,
+        )?;
+        Ok(Self {
+            train: train.into_iter().map(pair).collect(),
+            validation: val
+                .into_iter()
+                .map(|i| (prompts[i].clone(), classes[i]))
+                .collect(),
+        })
+    }
+}
+
+/// Verbalizer classification of `validation` with the label words `labels`.
+pub fn evaluate_verbalizer(
+    lm: &CausalLm,
+    validation: &[(String, usize)],
+    labels: &[String],
+    batch_size: usize,
+) -> Result<crate::metrics::Evaluation> {
+    let mut ids = Vec::with_capacity(labels.len());
+    for label in labels {
+        match lm.tokenizer.encode_no_special(label)?.as_slice() {
+            [one] => ids.push(*one),
+            other => {
+                return Err(Error::Config(format!(
+                    "label word {label:?} is {} tokens; a verbalizer needs one token per label",
+                    other.len()
+                )))
+            }
+        }
+    }
+    let prompts: Vec<String> = validation.iter().map(|(p, _)| p.clone()).collect();
+    let truth: Vec<usize> = validation.iter().map(|(_, c)| *c).collect();
+    let predicted = lm.verbalize(&prompts, &ids, batch_size)?;
+    Ok(crate::metrics::evaluate(&truth, &predicted, labels.len(), 0.0))
 }
 
 impl LmConfig {
@@ -380,6 +580,7 @@ pub fn train_lm(
     on_step: &mut dyn FnMut(&LmStep),
 ) -> Result<Vec<f64>> {
     use crate::optim::{global_norm, lr_factor, scale_grads, AdamW, ParamGroup};
+    use rand::seq::SliceRandom;
     if pairs.is_empty() {
         return Err(Error::Config("no prompt/response pairs to train on".into()));
     }
@@ -399,11 +600,22 @@ pub fn train_lm(
     let warmup = (steps as f64 * train.warmup_ratio).round() as usize;
     lm.adapter.set_training(true);
     let mut losses = Vec::with_capacity(steps);
+    // Each pass over the pairs in a fresh seeded order: files are often sorted by label.
+    let mut rng = graft_model::init::seeded_rng(train.seed);
+    let mut order: Vec<usize> = Vec::new();
+    let mut next = 0;
     for step in 0..steps {
         let started = std::time::Instant::now();
-        let batch: Vec<_> = (0..train.batch_size)
-            .map(|i| pairs[(step * train.batch_size + i) % pairs.len()].clone())
-            .collect();
+        let mut batch = Vec::with_capacity(train.batch_size);
+        while batch.len() < train.batch_size {
+            if next == order.len() {
+                order = (0..pairs.len()).collect();
+                order.shuffle(&mut rng);
+                next = 0;
+            }
+            batch.push(pairs[order[next]].clone());
+            next += 1;
+        }
         let encoded = graft_tokenizer::encode_causal(
             &lm.tokenizer,
             &lm.spec.template,

@@ -1,0 +1,169 @@
+//! `graft inspect`: what a decoder and a LoRA adapter on it cost, from the config alone (no
+//! weights read), so that a 6B model can be sized on a machine that cannot hold it.
+use crate::Result;
+use candle_core::DType;
+use graft_model::decoder::{read_plan, Plan};
+use graft_peft::TargetModules;
+use serde::Serialize;
+use std::path::Path;
+
+/// A training step's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct StepShape {
+    pub batch: usize,
+    pub seq_len: usize,
+    /// The dtype the base weights and activations are kept in.
+    pub dtype: DType,
+}
+
+/// Bytes one training step holds, by what holds them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Memory {
+    /// The frozen base weights.
+    pub weights: usize,
+    /// The trainable tensors with their gradients and AdamW's two moments.
+    pub trainable: usize,
+    /// Activations the backward pass reads (see [`activation_elements`]).
+    pub activations: usize,
+    /// Full-sequence logits and the log-softmax over them (f32).
+    pub logits: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    pub model_type: String,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab_size: usize,
+    pub params: usize,
+    /// Linear sites the targets select, and the LoRA values on them.
+    pub lora_sites: usize,
+    pub lora_trainable: usize,
+    pub memory: Memory,
+}
+
+/// LoRA's trainable values at rank `r` on the sites `targets` selects: r·(in + out) per site.
+pub fn lora_trainable(plan: &Plan, targets: &TargetModules, r: usize) -> Result<(usize, usize)> {
+    let sites = plan.sites();
+    let selected = targets.select("lora", &sites)?;
+    let values = selected
+        .iter()
+        .map(|s| r * (s.in_features + s.out_features))
+        .sum();
+    Ok((selected.len(), values))
+}
+
+/// Activation values a training step keeps for the backward pass, per the graph graft builds:
+/// per layer and token, the two norms' inputs and outputs (4h), queries, keys and values before
+/// and after the rotary embedding (2(q + 2kv)), the attention context (q), the two residual
+/// sums (2h) and the SwiGLU's gate, up branch, activation and product (4f); plus the attention
+/// probabilities (heads · s per token) where they fit the 256 MiB a layer may keep.
+pub fn activation_elements(plan: &Plan, shape: StepShape) -> usize {
+    let s = &plan.spec;
+    let (q, kv) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+    let per_token = 4 * s.hidden_size + 2 * (q + 2 * kv) + q + 2 * s.hidden_size
+        + 4 * s.intermediate_size;
+    let tokens = shape.batch * shape.seq_len;
+    let probs = shape.batch * s.num_heads * shape.seq_len * shape.seq_len;
+    let kept_probs = if probs * shape.dtype.size_in_bytes() <= 256 << 20 {
+        probs
+    } else {
+        0
+    };
+    s.num_layers * (tokens * per_token + kept_probs)
+}
+
+/// Inspects the decoder at `path` (a model folder, a config.json or a `.gguf` file) with LoRA
+/// of rank `r` on `targets` (PEFT's default for the architecture when `None`).
+pub fn inspect(
+    path: &Path,
+    targets: Option<TargetModules>,
+    r: usize,
+    shape: StepShape,
+) -> Result<Inspection> {
+    let (plan, _) = read_plan(path)?;
+    let s = &plan.spec;
+    let targets = TargetModules::or_default(
+        &targets,
+        graft_peft::DefaultTargets::QueryValue,
+        "lora",
+        &s.model_type,
+    )?;
+    let (lora_sites, lora_trainable) = lora_trainable(&plan, &targets, r)?;
+    let params = plan.param_count();
+    let bytes = shape.dtype.size_in_bytes();
+    let weights = params * bytes;
+    // Value, gradient and two AdamW moments, in the model's dtype.
+    let trainable = 4 * lora_trainable * bytes;
+    let activations = activation_elements(&plan, shape) * bytes;
+    let logits = 3 * shape.batch * shape.seq_len * s.vocab_size * 4;
+    Ok(Inspection {
+        model_type: s.model_type.clone(),
+        layers: s.num_layers,
+        hidden_size: s.hidden_size,
+        heads: s.num_heads,
+        kv_heads: s.num_kv_heads,
+        vocab_size: s.vocab_size,
+        params,
+        lora_sites,
+        lora_trainable,
+        memory: Memory {
+            weights,
+            trainable,
+            activations,
+            logits,
+            total: weights + trainable + activations + logits,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ChatGLM2-6B's config.json, as THUDM publishes it.
+    const CHATGLM2_6B: &str = r#"{
+        "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm",
+        "architectures": ["ChatGLMModel"],
+        "add_bias_linear": false, "add_qkv_bias": true, "apply_query_key_layer_scaling": true,
+        "apply_residual_connection_post_layernorm": false, "attention_dropout": 0.0,
+        "attention_softmax_in_fp32": true, "bias_dropout_fusion": true, "ffn_hidden_size": 13696,
+        "fp32_residual_connection": false, "hidden_dropout": 0.0, "hidden_size": 4096,
+        "kv_channels": 128, "layernorm_epsilon": 1e-05, "multi_query_attention": true,
+        "multi_query_group_num": 2, "num_attention_heads": 32, "num_layers": 28,
+        "original_rope": true, "padded_vocab_size": 65024, "post_layer_norm": true,
+        "rmsnorm": true, "seq_length": 32768, "use_cache": true, "torch_dtype": "float16",
+        "transformers_version": "4.27.1", "tie_word_embeddings": false, "eos_token_id": 2,
+        "pad_token_id": 0
+    }"#;
+
+    #[test]
+    fn chatglm2_6b_counts_from_its_config_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, CHATGLM2_6B).unwrap();
+        let shape = StepShape {
+            batch: 1,
+            seq_len: 512,
+            dtype: DType::F16,
+        };
+        let report = inspect(
+            &path,
+            Some(TargetModules::Names(vec!["query_key_value".into()])),
+            8,
+            shape,
+        )
+        .unwrap();
+        // 6,243,584,000: the figure THUDM and PEFT's print_trainable_parameters report.
+        assert_eq!(report.params, 6_243_584_000);
+        // 28 sites of 4096 -> 4608, rank 8: 28 * 8 * (4096 + 4608).
+        assert_eq!(report.lora_sites, 28);
+        assert_eq!(report.lora_trainable, 1_949_696);
+        // The f16 weights alone are 12.5 GB; the step adds activations and logits.
+        assert_eq!(report.memory.weights, 2 * 6_243_584_000);
+        assert!(report.memory.total > report.memory.weights);
+    }
+}
