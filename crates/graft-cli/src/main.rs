@@ -103,7 +103,7 @@ enum Command {
     /// Fine-tune a decoder on prompt/response pairs (causal LM, loss on the responses) and
     /// write the adapter folder.
     TrainLm {
-        /// TOML config (see configs/knowledge-adalora.toml).
+        /// TOML config (see configs/lm/knowledge-adalora.toml).
         #[arg(long)]
         config: PathBuf,
         /// Adapter folder to write.
@@ -456,7 +456,8 @@ fn run(cli: Cli) -> Result<()> {
                 "bf16" => candle_core::DType::BF16,
                 other => bail!("--dtype `{other}`: expected f32, f16 or bf16"),
             };
-            let targets = (!targets.is_empty()).then(|| graft_peft::TargetModules::Names(targets));
+            let targets =
+                (!targets.is_empty()).then_some(graft_peft::TargetModules::Names(targets));
             let shape = graft_trainer::inspect::StepShape {
                 batch,
                 seq_len,

@@ -72,7 +72,7 @@ fn adalora_injects_a_fact_into_smollm2_from_one_example() {
     let out = graft(&[
         "train-lm",
         "--config",
-        "configs/knowledge-adalora.toml",
+        "configs/lm/knowledge-adalora.toml",
         "--out",
         adapter.to_str().unwrap(),
     ]);

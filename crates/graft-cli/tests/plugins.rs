@@ -159,6 +159,9 @@ fn every_shipped_config_loads_its_plugin_dynamically_and_attaches_to_minilm() {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(&configs).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue; // configs/lm: decoder runs, checked below
+        }
         let config = graft_trainer::config::TrainConfig::from_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name = config.method_name().unwrap().to_string();
@@ -443,4 +446,24 @@ fn the_out_of_tree_dora_example_passes_the_method_test_kit() {
     }
     xtask_new_plugin(&["dora", "--refresh"], &crate_dir);
     build_out_of_tree(&crate_dir, 3);
+}
+
+#[test]
+fn every_shipped_decoder_config_parses_and_names_a_shipped_plugin() {
+    let configs = testkit::workspace_root().join("configs/lm");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&configs).unwrap() {
+        let path = entry.unwrap().path();
+        let config = graft_trainer::lm::LmConfig::from_file(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = config.method_name().unwrap().to_string();
+        let library = workspace_library(
+            &format!("graft-plugin-{name}"),
+            &format!("graft_plugin_{}", name.replace('-', "_")),
+        );
+        assert_eq!(load_plugin(&library).unwrap().method.name(), name);
+        config.template().unwrap();
+        count += 1;
+    }
+    assert!(count >= 2, "configs/lm holds the decoder demos");
 }

@@ -224,7 +224,12 @@ impl Plan {
             .flat_map(BlockPlan::sites)
             .chain(self.lm_head.as_ref());
         for s in sites {
-            add(format!("{}.weight", s.name), &[s.out_features, s.in_features], 0.2, 0.0)?;
+            add(
+                format!("{}.weight", s.name),
+                &[s.out_features, s.in_features],
+                0.2,
+                0.0,
+            )?;
             if s.bias {
                 add(format!("{}.bias", s.name), &[s.out_features], 0.2, 0.0)?;
             }
@@ -243,7 +248,14 @@ impl Plan {
         let h = spec.hidden_size;
         let eps = spec.rms_norm_eps;
         let linear = |s: &SiteSpec| {
-            Linear::load(weights, &s.name, s.in_features, s.out_features, s.bias, s.layer)
+            Linear::load(
+                weights,
+                &s.name,
+                s.in_features,
+                s.out_features,
+                s.bias,
+                s.layer,
+            )
         };
         let norm = |name: &str| RmsNorm::load(weights, name, h, eps);
         let mut blocks = Vec::with_capacity(self.blocks.len());
@@ -731,7 +743,10 @@ pub fn read_plan(path: &std::path::Path) -> Result<(Plan, serde_json::Value)> {
         }
         other => other,
     };
-    let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let model_type = json
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     let plan = if model_type == "chatglm" {
         let config: crate::chatglm::Config =
             serde_json::from_value(json.clone()).map_err(parse_error)?;
@@ -749,7 +764,10 @@ pub fn read_plan(path: &std::path::Path) -> Result<(Plan, serde_json::Value)> {
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let (rows, targets) = labelled_rows(labels, v)?;
-    crate::cross_entropy(&logits.reshape((b * t, v))?.index_select(&rows, 0)?, &targets)
+    crate::cross_entropy(
+        &logits.reshape((b * t, v))?.index_select(&rows, 0)?,
+        &targets,
+    )
 }
 
 /// The flattened positions (`[n]`, into `[batch * seq]`) where `labels` `[batch, seq]` takes a

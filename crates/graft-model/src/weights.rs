@@ -16,7 +16,7 @@ pub struct Weights {
 impl Weights {
     /// One safetensors file.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self::from_tensors(path, read_file(path, device)?, dtype)?)
+        Self::from_tensors(path, read_file(path, device)?, dtype)
     }
 
     /// The weights of a Hugging Face model folder: `model.safetensors`, or the shards listed in

@@ -251,3 +251,121 @@ fn random_chatglm_matches_candle_transformers_chatglm() {
     let diff = max_abs_diff(&last, &expected);
     assert!(diff <= 1e-4, "last-position logits differ by {diff}");
 }
+
+/// A Qwen2 (biases on q, k, v; untied head) with random weights against candle-transformers'
+/// qwen2.
+#[test]
+fn random_qwen2_matches_candle_transformers_qwen2() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({
+        "model_type": "qwen2", "vocab_size": 96, "hidden_size": 48, "intermediate_size": 80,
+        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "sliding_window": 128, "max_window_layers": 2,
+        "tie_word_embeddings": false, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "use_sliding_window": false, "hidden_act": "silu",
+    });
+    let config: graft_model::llama::Config = serde_json::from_value(json.clone()).unwrap();
+    graft_model::llama::plan(&config)
+        .unwrap()
+        .write_random(dir.path(), &json, 5)
+        .unwrap();
+    let ours = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        ours.sites()
+            .iter()
+            .any(|s| s.name == "model.layers.0.self_attn.q_proj"),
+        "Llama site names"
+    );
+    let reference_config: candle_transformers::models::qwen2::Config =
+        serde_json::from_value(json).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.path().join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let mut reference =
+        candle_transformers::models::qwen2::ModelForCausalLM::new(&reference_config, vb).unwrap();
+    let ids: Vec<u32> = vec![5, 17, 90, 3, 44, 61, 2];
+    let expected = reference
+        .forward(&ids_tensor(&ids), 0)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let logits = all_logits(&ours, &ids);
+    let last = logits.i((.., ids.len() - 1, ..)).unwrap();
+    let diff = max_abs_diff(&last, &expected);
+    assert!(diff <= 1e-4, "last-position logits differ by {diff}");
+}
+
+/// Sharded safetensors with their index load to the same model as the single file.
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    let source = shared_model("stories260K");
+    let tensors =
+        candle_core::safetensors::load(source.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.path().join(file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), serde_json::json!(file));
+        }
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
+    let sharded = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let single = Decoder::open(&source, DType::F32, &Device::Cpu).unwrap();
+    let ids = [1u32, 403, 407, 261, 378];
+    let diff = max_abs_diff(&all_logits(&sharded, &ids), &all_logits(&single, &ids));
+    assert_eq!(diff, 0.0);
+}
+
+/// A second ChatGLM shape: one multi-query group and ChatGLM3's shorter seq_length.
+#[test]
+fn chatglm_with_one_group_runs_with_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = graft_model::chatglm::Config::tiny(64);
+    config.multi_query_group_num = 1;
+    config.seq_length = 32;
+    graft_model::chatglm::write_random(dir.path(), &config, 9).unwrap();
+    let model = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.spec().num_kv_heads, 1);
+    let ids = [3u32, 9, 27, 1, 60, 33];
+    let full = all_logits(&model, &ids);
+    let mut cache = KvCache::new();
+    let mut stepped = Vec::new();
+    for id in ids {
+        let inputs = DecoderInputs {
+            input_ids: ids_tensor(&[id]),
+            attention_mask: None,
+        };
+        let hidden = model.forward(&inputs, &NoHooks, Some(&mut cache)).unwrap();
+        stepped.push(model.lm_head(&hidden, &NoHooks).unwrap());
+    }
+    let diff = max_abs_diff(&Tensor::cat(&stepped, 1).unwrap(), &full);
+    assert!(diff <= 1e-4, "cached decoding differs by {diff}");
+    // Past seq_length is an error, not a silent wrap.
+    let long: Vec<u32> = (0..40).map(|i| i % 64).collect();
+    let inputs = DecoderInputs {
+        input_ids: ids_tensor(&long),
+        attention_mask: None,
+    };
+    assert!(model.forward(&inputs, &NoHooks, None).is_err());
+}

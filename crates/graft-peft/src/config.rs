@@ -116,24 +116,6 @@ pub fn refuse_lora_variants(method: &str, other: &Map<String, Value>) -> Result<
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn typos_get_the_nearest_field() {
-        assert_eq!(did_you_mean("lrr", &["lr", "seed"]), Some("lr"));
-        assert_eq!(
-            did_you_mean("lora_alhpa", &["r", "lora_alpha"]),
-            Some("lora_alpha")
-        );
-        assert_eq!(did_you_mean("banana", &["lr", "seed"]), None);
-        let message = "unknown field `batchsize`, expected one of `seed`, `batch_size`";
-        assert!(with_suggestion(message).ends_with("(did you mean `batch_size`?)"));
-        assert_eq!(with_suggestion("other error"), "other error");
-    }
-}
-
 /// `value` with `field` set to PEFT's default targets for `model_type` when it names none, so
 /// that a config without `target_modules` means the same on every architecture as in PEFT.
 pub fn with_default_targets(
@@ -151,4 +133,22 @@ pub fn with_default_targets(
         }
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typos_get_the_nearest_field() {
+        assert_eq!(did_you_mean("lrr", &["lr", "seed"]), Some("lr"));
+        assert_eq!(
+            did_you_mean("lora_alhpa", &["r", "lora_alpha"]),
+            Some("lora_alpha")
+        );
+        assert_eq!(did_you_mean("banana", &["lr", "seed"]), None);
+        let message = "unknown field `batchsize`, expected one of `seed`, `batch_size`";
+        assert!(with_suggestion(message).ends_with("(did you mean `batch_size`?)"));
+        assert_eq!(with_suggestion("other error"), "other error");
+    }
 }

@@ -64,8 +64,8 @@ pub fn lora_trainable(plan: &Plan, targets: &TargetModules, r: usize) -> Result<
 pub fn activation_elements(plan: &Plan, shape: StepShape) -> usize {
     let s = &plan.spec;
     let (q, kv) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
-    let per_token = 4 * s.hidden_size + 2 * (q + 2 * kv) + q + 2 * s.hidden_size
-        + 4 * s.intermediate_size;
+    let per_token =
+        4 * s.hidden_size + 2 * (q + 2 * kv) + q + 2 * s.hidden_size + 4 * s.intermediate_size;
     let tokens = shape.batch * shape.seq_len;
     let probs = shape.batch * s.num_heads * shape.seq_len * shape.seq_len;
     let kept_probs = if probs * shape.dtype.size_in_bytes() <= 256 << 20 {

@@ -247,7 +247,13 @@ impl CausalLm {
                 .model
                 .lm_head(&at_end, self.hooks())?
                 .index_select(&labels, 1)?;
-            out.extend(scores.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize));
+            out.extend(
+                scores
+                    .argmax(1)?
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|i| i as usize),
+            );
         }
         Ok(out)
     }
@@ -326,7 +332,7 @@ impl CausalLm {
     }
 }
 
-/// A causal-LM training run's configuration (TOML; see `configs/knowledge-adalora.toml`).
+/// A causal-LM training run's configuration (TOML; see `configs/lm/knowledge-adalora.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LmConfig {
@@ -517,7 +523,12 @@ pub fn evaluate_verbalizer(
     let prompts: Vec<String> = validation.iter().map(|(p, _)| p.clone()).collect();
     let truth: Vec<usize> = validation.iter().map(|(_, c)| *c).collect();
     let predicted = lm.verbalize(&prompts, &ids, batch_size)?;
-    Ok(crate::metrics::evaluate(&truth, &predicted, labels.len(), 0.0))
+    Ok(crate::metrics::evaluate(
+        &truth,
+        &predicted,
+        labels.len(),
+        0.0,
+    ))
 }
 
 impl LmConfig {
