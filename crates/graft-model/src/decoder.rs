@@ -121,6 +121,17 @@ pub struct SiteSpec {
 }
 
 impl SiteSpec {
+    /// A maker of the sites of block `layer`, named `{prefix}.{name}`.
+    pub fn in_layer(prefix: &str, layer: usize) -> impl Fn(&str, usize, usize, bool) -> Self + '_ {
+        move |name, in_features, out_features, bias| Self {
+            name: format!("{prefix}.{name}"),
+            in_features,
+            out_features,
+            bias,
+            layer: Some(layer),
+        }
+    }
+
     fn params(&self) -> usize {
         self.in_features * self.out_features + if self.bias { self.out_features } else { 0 }
     }
@@ -135,23 +146,36 @@ impl SiteSpec {
     }
 }
 
-/// One block's checkpoint names and shapes.
-pub struct BlockPlan {
-    /// Norm module names (`{name}.weight`).
-    pub input_norm: String,
-    pub qkv: Qkv<SiteSpec>,
-    pub attention_out: SiteSpec,
-    pub post_attention_norm: String,
-    pub gate_up: GateUp<SiteSpec>,
-    pub down: SiteSpec,
+/// One block: loaded (`Block`: [`Linear`]s and [`RmsNorm`]s) or planned (`BlockPlan`:
+/// [`SiteSpec`]s and norm module names, each norm's tensor being `{name}.weight`).
+pub struct BlockOf<L, N> {
+    pub input_norm: N,
+    pub qkv: Qkv<L>,
+    pub attention_out: L,
+    pub post_attention_norm: N,
+    pub gate_up: GateUp<L>,
+    pub down: L,
 }
 
-impl BlockPlan {
-    fn sites(&self) -> Vec<&SiteSpec> {
+pub type Block = BlockOf<Linear, RmsNorm>;
+pub type BlockPlan = BlockOf<SiteSpec, String>;
+
+impl<L, N> BlockOf<L, N> {
+    /// The projections in model order: attention (q, k, v or the fused one; out), then the
+    /// feed-forward (gate, up or the fused one; down).
+    fn projections(&self) -> Vec<&L> {
         let mut out = self.qkv.items();
         out.push(&self.attention_out);
         out.extend(self.gate_up.items());
         out.push(&self.down);
+        out
+    }
+
+    fn projections_mut(&mut self) -> Vec<&mut L> {
+        let mut out = self.qkv.items_mut();
+        out.push(&mut self.attention_out);
+        out.extend(self.gate_up.items_mut());
+        out.push(&mut self.down);
         out
     }
 }
@@ -171,25 +195,21 @@ pub struct Plan {
 impl Plan {
     /// Every linear site, in model order.
     pub fn sites(&self) -> Vec<SiteInfo> {
+        self.site_specs().map(SiteSpec::info).collect()
+    }
+
+    fn site_specs(&self) -> impl Iterator<Item = &SiteSpec> {
         self.blocks
             .iter()
-            .flat_map(BlockPlan::sites)
+            .flat_map(BlockPlan::projections)
             .chain(self.lm_head.as_ref())
-            .map(SiteSpec::info)
-            .collect()
     }
 
     /// Values in the checkpoint.
     pub fn param_count(&self) -> usize {
         let h = self.spec.hidden_size;
         let norms = (2 * self.blocks.len() + 1) * h;
-        let sites: usize = self
-            .blocks
-            .iter()
-            .flat_map(BlockPlan::sites)
-            .chain(self.lm_head.as_ref())
-            .map(SiteSpec::params)
-            .sum();
+        let sites: usize = self.site_specs().map(SiteSpec::params).sum();
         self.spec.vocab_size * h + norms + sites
     }
 
@@ -218,12 +238,7 @@ impl Plan {
         for norm in norms {
             add(format!("{norm}.weight"), &[h], 0.1, 1.0)?;
         }
-        let sites = self
-            .blocks
-            .iter()
-            .flat_map(BlockPlan::sites)
-            .chain(self.lm_head.as_ref());
-        for s in sites {
+        for s in self.site_specs() {
             add(
                 format!("{}.weight", s.name),
                 &[s.out_features, s.in_features],
@@ -280,32 +295,7 @@ impl Plan {
     }
 }
 
-pub struct Block {
-    pub input_norm: RmsNorm,
-    pub qkv: Qkv<Linear>,
-    pub attention_out: Linear,
-    pub post_attention_norm: RmsNorm,
-    pub gate_up: GateUp<Linear>,
-    pub down: Linear,
-}
-
 impl Block {
-    fn linears(&self) -> Vec<&Linear> {
-        let mut out = self.qkv.items();
-        out.push(&self.attention_out);
-        out.extend(self.gate_up.items());
-        out.push(&self.down);
-        out
-    }
-
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = self.qkv.items_mut();
-        out.push(&mut self.attention_out);
-        out.extend(self.gate_up.items_mut());
-        out.push(&mut self.down);
-        out
-    }
-
     /// Every tensor in checkpoint order: norms around the attention and feed-forward
     /// projections.
     fn params(&self) -> Vec<&Param> {
@@ -429,7 +419,7 @@ impl Decoder {
     fn linears(&self) -> impl Iterator<Item = &Linear> {
         self.blocks
             .iter()
-            .flat_map(Block::linears)
+            .flat_map(Block::projections)
             .chain(self.lm_head.as_ref())
     }
 
@@ -440,7 +430,7 @@ impl Decoder {
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
         self.blocks
             .iter_mut()
-            .flat_map(Block::linears_mut)
+            .flat_map(Block::projections_mut)
             .chain(self.lm_head.as_mut())
             .find(|l| l.name() == name)
     }

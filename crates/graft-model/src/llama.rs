@@ -134,13 +134,7 @@ pub fn plan(config: &Config) -> Result<Plan> {
     let blocks = (0..config.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
-            let site = |name: &str, in_features, out_features, bias| SiteSpec {
-                name: format!("{p}.{name}"),
-                in_features,
-                out_features,
-                bias,
-                layer: Some(i),
-            };
+            let site = SiteSpec::in_layer(&p, i);
             BlockPlan {
                 input_norm: format!("{p}.input_layernorm"),
                 qkv: Qkv::Separate {

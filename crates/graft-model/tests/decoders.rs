@@ -19,6 +19,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// candle's weights of a safetensors file, for the reference models.
+fn var_builder(path: &Path) -> VarBuilder<'static> {
+    // SAFETY: the file is not modified while mapped (a test's own temporary or ../shared).
+    unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap() }
+}
+
 fn tokenizer(model: &str) -> tokenizers::Tokenizer {
     tokenizers::Tokenizer::from_file(shared_model(model).join("tokenizer.json")).unwrap()
 }
@@ -76,14 +82,7 @@ fn stories260k_matches_candle_transformers_llama() {
     let config: candle_transformers::models::llama::LlamaConfig =
         serde_json::from_str(&text).unwrap();
     let config = config.into_config(false);
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
+    let vb = var_builder(&dir.join("model.safetensors"));
     let reference = candle_transformers::models::llama::Llama::load(vb, &config).unwrap();
     let mut cache =
         candle_transformers::models::llama::Cache::new(false, DType::F32, &config, &Device::Cpu)
@@ -235,14 +234,7 @@ fn random_chatglm_matches_candle_transformers_chatglm() {
         attention_softmax_in_fp32: true,
         fp32_residual_connection: false,
     };
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.path().join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
+    let vb = var_builder(&dir.path().join("model.safetensors"));
     let mut reference = candle_transformers::models::chatglm::Model::new(&config, vb).unwrap();
     let ids: Vec<u32> = vec![3, 17, 42, 5, 69, 0, 11, 23, 8];
     let expected = reference.forward(&ids_tensor(&ids)).unwrap();
@@ -278,14 +270,7 @@ fn random_qwen2_matches_candle_transformers_qwen2() {
     );
     let reference_config: candle_transformers::models::qwen2::Config =
         serde_json::from_value(json).unwrap();
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.path().join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
+    let vb = var_builder(&dir.path().join("model.safetensors"));
     let mut reference =
         candle_transformers::models::qwen2::ModelForCausalLM::new(&reference_config, vb).unwrap();
     let ids: Vec<u32> = vec![5, 17, 90, 3, 44, 61, 2];

@@ -171,17 +171,12 @@ impl TrainConfig {
     }
 
     pub fn method_name(&self) -> Result<&str> {
-        self.method
-            .get("name")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::Config("[method] needs `name`, e.g. name = \"lora\"".into()))
+        method_name(&self.method)
     }
 
     /// The method's own settings as JSON (the table without `name`), for the plugin.
     pub fn method_settings(&self) -> serde_json::Value {
-        let mut table = self.method.clone();
-        table.remove("name");
-        serde_json::to_value(table).unwrap_or(serde_json::Value::Null)
+        method_settings(&self.method)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -243,4 +238,33 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+/// The plugin a `[method]` table names.
+pub fn method_name(method: &toml::Table) -> Result<&str> {
+    method
+        .get("name")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::Config("[method] needs `name`, e.g. name = \"lora\"".into()))
+}
+
+/// A `[method]` table's own settings as JSON (without `name`), for the plugin.
+pub fn method_settings(method: &toml::Table) -> serde_json::Value {
+    let mut table = method.clone();
+    table.remove("name");
+    serde_json::to_value(table).unwrap_or(serde_json::Value::Null)
+}
+
+/// A JSON file graft wrote beside an adapter (`graft_task.json`, `graft_lm_task.json`).
+pub fn read_task_file<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    file: &str,
+    what: &str,
+) -> Result<T> {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path).map_err(crate::error::io_error(&path))?;
+    serde_json::from_str(&text).map_err(|e| Error::Adapter {
+        path,
+        reason: format!("not a graft {what} file: {e}"),
+    })
 }

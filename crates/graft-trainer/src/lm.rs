@@ -1,7 +1,7 @@
 //! A decoder with its method attached, for causal-LM fine-tuning and generation: what
 //! `graft train-lm`, `graft generate` and the decoder checks of every method share.
 use crate::error::io_error;
-use crate::task::{apply_merge, attach_saved, read_saved, Attachment};
+use crate::task::{apply_merge, attach_saved, copy_tokenizer, read_saved, Attachment};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::decoder::{labelled_rows, Decoder, DecoderInputs};
@@ -29,12 +29,7 @@ pub const LM_TASK_FILE: &str = "graft_lm_task.json";
 
 impl LmSpec {
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(LM_TASK_FILE);
-        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-        serde_json::from_str(&text).map_err(|e| Error::Adapter {
-            path,
-            reason: format!("not a graft causal-LM task file: {e}"),
-        })
+        crate::config::read_task_file(dir, LM_TASK_FILE, "causal-LM task")
     }
 
     /// The tokenizer beside a model folder, or beside a GGUF file.
@@ -57,13 +52,22 @@ pub struct CausalLm {
     merged: bool,
 }
 
-fn attachment(model: &Decoder, tokenizer: TextTokenizer) -> Attachment {
-    Attachment {
-        info: model.info(),
-        sites: model.sites(),
-        base_tensors: model.named_tensors(),
+/// The decoder at `model` and what a method sees of it, with the task's tokenizer.
+fn load_base(
+    model: &Path,
+    spec: &LmSpec,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Decoder, Attachment)> {
+    let decoder = Decoder::open(model, dtype, device)?;
+    let tokenizer = TextTokenizer::from_file(&spec.tokenizer, spec.max_len, Padding::Longest)?;
+    let attached = Attachment {
+        info: decoder.info(),
+        sites: decoder.sites(),
+        base_tensors: decoder.named_tensors(),
         tokenizer,
-    }
+    };
+    Ok((decoder, attached))
 }
 
 impl CausalLm {
@@ -77,9 +81,7 @@ impl CausalLm {
         seed: u64,
         total_steps: usize,
     ) -> Result<Self> {
-        let model = Decoder::open(&spec.model, dtype, device)?;
-        let tokenizer = TextTokenizer::from_file(&spec.tokenizer, spec.max_len, Padding::Longest)?;
-        let attached = attachment(&model, tokenizer);
+        let (model, attached) = load_base(&spec.model, &spec, dtype, device)?;
         let adapter = attached.with_context(device, dtype, seed, total_steps, |ctx| {
             method.create(settings, ctx)
         })?;
@@ -99,10 +101,7 @@ impl CausalLm {
         let plugin = registry.get(&spec.method)?;
         let method = plugin.method.as_ref();
         if method.saves_full_model() {
-            let model = Decoder::open(dir, DType::F32, device)?;
-            let tokenizer =
-                TextTokenizer::from_file(&spec.tokenizer, spec.max_len, Padding::Longest)?;
-            let attached = attachment(&model, tokenizer);
+            let (model, attached) = load_base(dir, &spec, DType::F32, device)?;
             let adapter = attached
                 .with_context(device, DType::F32, 0, 0, |ctx| {
                     method.load(&serde_json::json!({}), &Default::default(), ctx)
@@ -120,9 +119,7 @@ impl CausalLm {
             ));
         }
         let saved = read_saved(dir, method, &spec.method, device)?;
-        let model = Decoder::open(&spec.model, DType::F32, device)?;
-        let tokenizer = TextTokenizer::from_file(&spec.tokenizer, spec.max_len, Padding::Longest)?;
-        let attached = attachment(&model, tokenizer);
+        let (model, attached) = load_base(&spec.model, &spec, DType::F32, device)?;
         let adapter = attach_saved(dir, &saved, method, &attached, device)?;
         Ok(Self::assemble(
             spec,
@@ -309,11 +306,7 @@ impl CausalLm {
     /// a merged adapter), with its tokenizer.
     pub fn save_model(&self, dir: &Path) -> Result<()> {
         self.model.save(dir, self.hooks())?;
-        let target = dir.join("tokenizer.json");
-        if self.spec.tokenizer != target {
-            std::fs::copy(&self.spec.tokenizer, &target).map_err(io_error(&self.spec.tokenizer))?;
-        }
-        Ok(())
+        copy_tokenizer(&self.spec.tokenizer, dir)
     }
 
     /// Moves the adapter into the base weights (`merge`) or back out of them.
@@ -375,7 +368,7 @@ impl Default for LmModelSection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct LmDataSection {
     /// JSONL of `{"prompt": ..., "response": ...}`, or a CSV whose rows `prompt` and
@@ -390,18 +383,6 @@ pub struct LmDataSection {
     pub max_prompt_chars: usize,
     /// CSV only: share of each class (by `eval.label_column`) held out for validation.
     pub val_fraction: f64,
-}
-
-impl Default for LmDataSection {
-    fn default() -> Self {
-        Self {
-            train: None,
-            prompt: None,
-            response: None,
-            max_prompt_chars: 0,
-            val_fraction: 0.0,
-        }
-    }
 }
 
 /// Verbalizer classification of the validation split: the label words compared at the
@@ -551,17 +532,12 @@ impl LmConfig {
     }
 
     pub fn method_name(&self) -> Result<&str> {
-        self.method
-            .get("name")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::Config("[method] needs `name`, e.g. name = \"lora\"".into()))
+        crate::config::method_name(&self.method)
     }
 
     /// The method's own settings as JSON (the table without `name`).
     pub fn method_settings(&self) -> serde_json::Value {
-        let mut table = self.method.clone();
-        table.remove("name");
-        serde_json::to_value(table).unwrap_or(serde_json::Value::Null)
+        crate::config::method_settings(&self.method)
     }
 
     /// The chat template with its options.

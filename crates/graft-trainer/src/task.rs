@@ -27,12 +27,7 @@ pub const TASK_FILE: &str = "graft_task.json";
 
 impl TaskSpec {
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(TASK_FILE);
-        let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-        serde_json::from_str(&text).map_err(|e| Error::Adapter {
-            path,
-            reason: format!("not a graft task file: {e}"),
-        })
+        crate::config::read_task_file(dir, TASK_FILE, "task")
     }
 }
 
@@ -275,12 +270,7 @@ impl Classifier {
         self.model
             .save(dir, self.labels.len(), self.hooks())
             .map_err(Error::from)?;
-        let tokenizer = self.spec.model_dir.join("tokenizer.json");
-        let target = dir.join("tokenizer.json");
-        if tokenizer != target {
-            std::fs::copy(&tokenizer, &target).map_err(io_error(&tokenizer))?;
-        }
-        Ok(())
+        copy_tokenizer(&self.spec.model_dir.join("tokenizer.json"), dir)
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
@@ -416,6 +406,15 @@ pub(crate) fn apply_merge(
             let bias = shift(bias, d)?;
             linear.set_bias(bias)?;
         }
+    }
+    Ok(())
+}
+
+/// Puts `tokenizer` into the model folder `dir` (unless it is already there).
+pub(crate) fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
+    let target = dir.join("tokenizer.json");
+    if tokenizer != target {
+        std::fs::copy(tokenizer, &target).map_err(io_error(tokenizer))?;
     }
     Ok(())
 }

@@ -649,3 +649,25 @@ pub fn check_lm_method(
     }
     Ok(losses)
 }
+
+/// [`check_lm_method`] on every decoder family, the method made by `make`, reopened by another
+/// of its instances; prints the losses.
+pub fn check_lm_families(
+    make: fn() -> Box<dyn Method>,
+    settings: &serde_json::Value,
+    schedule: (usize, f64),
+    prepare: impl Fn(&CausalLm) -> Result<()>,
+) -> Result<()> {
+    for family in [Family::Llama, Family::ChatGlm] {
+        let losses = check_lm_method(
+            make().as_ref(),
+            settings,
+            make(),
+            family,
+            schedule,
+            &prepare,
+        )?;
+        eprintln!("{family:?}: {losses:?}");
+    }
+    Ok(())
+}

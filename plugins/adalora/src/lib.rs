@@ -39,6 +39,17 @@ fn keys(site: &str) -> [String; 3] {
     ["lora_A", "lora_E", "lora_B"].map(|part| key(site, part))
 }
 
+/// `config` with PEFT's default targets for the model where it names none.
+fn with_default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
+    graft_peft::config::with_default_targets(
+        config,
+        "target_modules",
+        graft_peft::DefaultTargets::QueryValue,
+        "adalora",
+        &ctx.info.model_type,
+    )
+}
+
 impl Method for AdaLora {
     fn name(&self) -> &'static str {
         "adalora"
@@ -53,13 +64,7 @@ impl Method for AdaLora {
     }
 
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = AdaLoraConfig::from_train_config(&graft_peft::config::with_default_targets(
-            config,
-            "target_modules",
-            graft_peft::DefaultTargets::QueryValue,
-            "adalora",
-            &ctx.info.model_type,
-        )?)?;
+        let config = AdaLoraConfig::from_train_config(&with_default_targets(config, ctx)?)?;
         let total_step = config.resolve_total_step(ctx.total_steps)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let mut layers = BTreeMap::new();
@@ -97,14 +102,7 @@ impl Method for AdaLora {
         tensors: &HashMap<String, Tensor>,
         ctx: &AttachContext,
     ) -> Result<Box<dyn Adapter>> {
-        let config =
-            AdaLoraConfig::from_adapter_config(&graft_peft::config::with_default_targets(
-                config,
-                "target_modules",
-                graft_peft::DefaultTargets::QueryValue,
-                "adalora",
-                &ctx.info.model_type,
-            )?)?;
+        let config = AdaLoraConfig::from_adapter_config(&with_default_targets(config, ctx)?)?;
         let mut layers = BTreeMap::new();
         let mut pattern = BTreeMap::new();
         for site in config.target_modules.select("adalora", ctx.sites)? {

@@ -259,17 +259,11 @@ fn a_schedule_without_a_length_or_a_budgeting_phase_is_refused() {
 /// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
 #[test]
 fn trains_and_reloads_on_llama_and_chatglm() {
-    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
-        let method = graft_plugin_adalora::method();
-        let losses = testkit::check_lm_method(
-            method.as_ref(),
-            &json!({ "init_r": 4, "target_r": 2, "lora_alpha": 8 }),
-            graft_plugin_adalora::method(),
-            family,
-            (10, 2e-2),
-            |lm| testkit::randomize_vars(&lm.trainable(), |k| k.contains("lora_E"), 0.05, 3),
-        )
-        .unwrap();
-        eprintln!("{family:?}: {losses:?}");
-    }
+    testkit::check_lm_families(
+        graft_plugin_adalora::method,
+        &json!({ "init_r": 4, "target_r": 2, "lora_alpha": 8 }),
+        (10, 2e-2),
+        |lm| testkit::randomize_vars(&lm.trainable(), |k| k.contains("lora_E"), 0.05, 3),
+    )
+    .unwrap();
 }

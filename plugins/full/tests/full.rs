@@ -38,17 +38,11 @@ fn saves_a_complete_model_that_reloads_to_identical_logits() {
 /// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
 #[test]
 fn trains_and_reloads_on_llama_and_chatglm() {
-    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
-        let method = graft_plugin_full::method();
-        let losses = testkit::check_lm_method(
-            method.as_ref(),
-            &settings(),
-            graft_plugin_full::method(),
-            family,
-            (5, 1e-3),
-            |_| Ok(()),
-        )
-        .unwrap();
-        eprintln!("{family:?} settings(): {losses:?}");
-    }
+    testkit::check_lm_families(
+        graft_plugin_full::method,
+        &settings(),
+        (5, 1e-3),
+        |_| Ok(()),
+    )
+    .unwrap();
 }

@@ -51,17 +51,8 @@ fn feedforward_modules_must_be_targets() {
 /// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
 #[test]
 fn trains_and_reloads_on_llama_and_chatglm() {
-    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
-        let method = graft_plugin_ia3::method();
-        let losses = testkit::check_lm_method(
-            method.as_ref(),
-            &settings(),
-            graft_plugin_ia3::method(),
-            family,
-            (8, 5e-2),
-            |lm| testkit::randomize_vars(&lm.trainable(), |k| k.ends_with("ia3_l"), 0.5, 3),
-        )
-        .unwrap();
-        eprintln!("{family:?} settings(): {losses:?}");
-    }
+    testkit::check_lm_families(graft_plugin_ia3::method, &settings(), (8, 5e-2), |lm| {
+        testkit::randomize_vars(&lm.trainable(), |k| k.ends_with("ia3_l"), 0.5, 3)
+    })
+    .unwrap();
 }

@@ -28,6 +28,17 @@ fn key(site: &str, part: &str) -> String {
     format!("base_model.model.{site}.{part}.weight")
 }
 
+/// `config` with PEFT's default targets for the model where it names none.
+fn with_default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
+    graft_peft::config::with_default_targets(
+        config,
+        "target_modules",
+        graft_peft::DefaultTargets::QueryValue,
+        "lora",
+        &ctx.info.model_type,
+    )
+}
+
 impl Method for Lora {
     fn name(&self) -> &'static str {
         "lora"
@@ -42,13 +53,7 @@ impl Method for Lora {
     }
 
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_train_config(&graft_peft::config::with_default_targets(
-            config,
-            "target_modules",
-            graft_peft::DefaultTargets::QueryValue,
-            "lora",
-            &ctx.info.model_type,
-        )?)?;
+        let config = LoraConfig::from_train_config(&with_default_targets(config, ctx)?)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
@@ -72,13 +77,7 @@ impl Method for Lora {
         tensors: &HashMap<String, Tensor>,
         ctx: &AttachContext,
     ) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_adapter_config(&graft_peft::config::with_default_targets(
-            config,
-            "target_modules",
-            graft_peft::DefaultTargets::QueryValue,
-            "lora",
-            &ctx.info.model_type,
-        )?)?;
+        let config = LoraConfig::from_adapter_config(&with_default_targets(config, ctx)?)?;
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
             let a = adapter::take_tensor(

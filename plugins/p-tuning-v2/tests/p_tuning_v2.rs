@@ -60,17 +60,11 @@ fn saved_adapter_reloads_to_identical_logits_also_as_peft_prefix_tuning() {
 /// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
 #[test]
 fn trains_and_reloads_on_llama_and_chatglm() {
-    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
-        let method = graft_plugin_p_tuning_v2::method();
-        let losses = testkit::check_lm_method(
-            method.as_ref(),
-            &settings(),
-            graft_plugin_p_tuning_v2::method(),
-            family,
-            (15, 5e-2),
-            |_| Ok(()),
-        )
-        .unwrap();
-        eprintln!("{family:?} settings(): {losses:?}");
-    }
+    testkit::check_lm_families(
+        graft_plugin_p_tuning_v2::method,
+        &settings(),
+        (15, 5e-2),
+        |_| Ok(()),
+    )
+    .unwrap();
 }

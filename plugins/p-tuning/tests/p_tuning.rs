@@ -105,17 +105,11 @@ fn ragged_batch_gives_each_text_its_logits_alone() {
 /// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
 #[test]
 fn trains_and_reloads_on_llama_and_chatglm() {
-    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
-        let method = graft_plugin_p_tuning::method();
-        let losses = testkit::check_lm_method(
-            method.as_ref(),
-            &mlp(),
-            graft_plugin_p_tuning::method(),
-            family,
-            (15, 5e-2),
-            |_| Ok(()),
-        )
-        .unwrap();
-        eprintln!("{family:?} mlp(): {losses:?}");
-    }
+    testkit::check_lm_families(
+        graft_plugin_p_tuning::method,
+        &mlp(),
+        (15, 5e-2),
+        |_| Ok(()),
+    )
+    .unwrap();
 }

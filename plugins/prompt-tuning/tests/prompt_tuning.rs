@@ -157,17 +157,11 @@ mod properties {
 /// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
 #[test]
 fn trains_and_reloads_on_llama_and_chatglm() {
-    for family in [testkit::Family::Llama, testkit::Family::ChatGlm] {
-        let method = graft_plugin_prompt_tuning::method();
-        let losses = testkit::check_lm_method(
-            method.as_ref(),
-            &settings(),
-            graft_plugin_prompt_tuning::method(),
-            family,
-            (15, 5e-2),
-            |_| Ok(()),
-        )
-        .unwrap();
-        eprintln!("{family:?} settings(): {losses:?}");
-    }
+    testkit::check_lm_families(
+        graft_plugin_prompt_tuning::method,
+        &settings(),
+        (15, 5e-2),
+        |_| Ok(()),
+    )
+    .unwrap();
 }
