@@ -11,6 +11,10 @@ use serde_json::Value;
 /// The saved tensor of every prompt-learning method.
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 
+/// The prefix table as THUDM's ChatGLM P-tuning v2 scripts save it: the same
+/// `[pre_seq_len, layers * 2 * kv_dim]` layout (keys, then values, per layer).
+pub const THUDM_PREFIX: &str = "transformer.prefix_encoder.embedding.weight";
+
 /// PEFT's virtual-token fields, which it fills from the model's config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VirtualTokens {
@@ -51,11 +55,13 @@ impl VirtualTokens {
 
     /// From a saved adapter_config.json, checked against the model it is loaded into.
     pub fn from_saved(method: &str, config: &Value, info: &ModelInfo) -> Result<Self> {
+        // THUDM's ChatGLM configs call it `pre_seq_len`.
         let n = config["num_virtual_tokens"]
             .as_u64()
+            .or_else(|| config["pre_seq_len"].as_u64())
             .ok_or_else(|| Error::Config {
                 method: method.into(),
-                reason: "`num_virtual_tokens` is missing".into(),
+                reason: "`num_virtual_tokens` (or THUDM's `pre_seq_len`) is missing".into(),
             })? as usize;
         let tokens = Self::for_model(method, n, info)?;
         for (field, want) in [
@@ -103,6 +109,8 @@ pub struct PrefixProjection {
 /// through a [`PrefixProjection`] that saving folds into the table.
 pub struct PrefixEncoder {
     table: Option<Var>,
+    /// The key the table is saved under: PEFT's, or THUDM's when read from their layout.
+    table_key: &'static str,
     projection: Option<PrefixProjection>,
     layers: usize,
     kv_heads: usize,
@@ -176,6 +184,7 @@ impl PrefixEncoder {
         };
         Ok(Self {
             table,
+            table_key: PROMPT_EMBEDDINGS,
             projection,
             layers: info.num_layers,
             kv_heads: info.num_kv_heads,
@@ -183,10 +192,11 @@ impl PrefixEncoder {
         })
     }
 
-    /// An encoder over a saved table `[n, layers * 2 * kv_dim]`.
-    pub fn from_table(table: &Tensor, info: &ModelInfo) -> Result<Self> {
+    /// An encoder over a saved table `[n, layers * 2 * kv_dim]`, saved again under `key`.
+    pub fn from_table(table: &Tensor, info: &ModelInfo, key: &'static str) -> Result<Self> {
         Ok(Self {
             table: Some(Var::from_tensor(table)?),
+            table_key: key,
             projection: None,
             layers: info.num_layers,
             kv_heads: info.num_kv_heads,
@@ -234,7 +244,7 @@ impl PrefixEncoder {
     /// Trainable tensors under PEFT's training-time names.
     pub fn vars(&self) -> Vec<(String, Var)> {
         match (&self.table, &self.projection) {
-            (Some(table), _) => vec![(PROMPT_EMBEDDINGS.to_string(), table.clone())],
+            (Some(table), _) => vec![(self.table_key.to_string(), table.clone())],
             (None, Some(p)) => vec![
                 (
                     "prompt_encoder.embedding.weight".into(),
@@ -251,10 +261,7 @@ impl PrefixEncoder {
 
     /// What PEFT saves: the table alone, the projection folded in.
     pub fn saved(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(vec![(
-            PROMPT_EMBEDDINGS.to_string(),
-            self.table()?.detach(),
-        )])
+        Ok(vec![(self.table_key.to_string(), self.table()?.detach())])
     }
 }
 
@@ -304,7 +311,8 @@ impl PrefixAdapter {
         Self::new(encoder, saved_config(&tokens, hidden), dropout, ctx.seed)
     }
 
-    /// An adapter from PEFT's prefix-tuning files (`prompt_embeddings`, no projection).
+    /// An adapter from PEFT's prefix-tuning files (`prompt_embeddings`, no projection), or
+    /// from THUDM's P-tuning v2 layout ([`THUDM_PREFIX`], `pre_seq_len`).
     pub fn load(
         method: &str,
         config: &Value,
@@ -312,12 +320,18 @@ impl PrefixAdapter {
         ctx: &crate::AttachContext,
     ) -> Result<Self> {
         let tokens = VirtualTokens::from_saved(method, config, ctx.info)?;
+        let key = if !tensors.contains_key(PROMPT_EMBEDDINGS) && tensors.contains_key(THUDM_PREFIX)
+        {
+            THUDM_PREFIX
+        } else {
+            PROMPT_EMBEDDINGS
+        };
         let table = crate::adapter::take_tensor(
             tensors,
-            PROMPT_EMBEDDINGS,
+            key,
             &[tokens.num_virtual_tokens, PrefixEncoder::width(ctx.info)],
         )?;
-        let encoder = PrefixEncoder::from_table(&table.to_dtype(ctx.dtype)?, ctx.info)?;
+        let encoder = PrefixEncoder::from_table(&table.to_dtype(ctx.dtype)?, ctx.info, key)?;
         let hidden = config["encoder_hidden_size"]
             .as_u64()
             .map_or(tokens.token_dim, |h| h as usize);
