@@ -477,13 +477,13 @@ impl BertForSequenceClassification {
             weights.find("classifier.bias"),
         ) {
             (Some(w), Some(b)) if w.dims() == [num_labels, h] => {
-                ClassifierHead::new(w.clone(), b.clone())?
+                ClassifierHead::new(w.clone(), Some(b.clone()))?
             }
             _ => {
                 let mut rng = init::seeded_rng(seed);
                 ClassifierHead::new(
                     init::normal(&mut rng, &[num_labels, h], 0.02, dtype, device)?,
-                    Tensor::zeros(num_labels, dtype, device)?,
+                    Some(Tensor::zeros(num_labels, dtype, device)?),
                 )?
             }
         };

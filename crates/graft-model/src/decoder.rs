@@ -567,16 +567,27 @@ impl Decoder {
     /// Writes a Hugging Face model folder (config.json, model.safetensors) of the model as
     /// `hooks` resolve its tensors: full fine-tuning's trained ones, or the frozen base.
     pub fn save(&self, dir: &std::path::Path, hooks: &dyn Hooks) -> Result<()> {
+        self.save_with(dir, hooks, Vec::new(), &self.config_json)
+    }
+
+    /// [`Decoder::save`] with `extra` tensors (a task head) and another config.json.
+    pub fn save_with(
+        &self,
+        dir: &std::path::Path,
+        hooks: &dyn Hooks,
+        extra: Vec<(String, Tensor)>,
+        config_json: &serde_json::Value,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        let mut tensors = Vec::new();
+        let mut tensors = extra;
         for param in self.params() {
             tensors.push((param.key().to_string(), param.resolve(hooks)?.detach()));
         }
         crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
-        crate::weights::save_json(&self.config_json, &dir.join("config.json"))
+        crate::weights::save_json(config_json, &dir.join("config.json"))
     }
 
     /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`, computed in

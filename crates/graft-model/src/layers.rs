@@ -219,17 +219,18 @@ impl RmsNorm {
     }
 }
 
-/// A trainable classification head `[num_labels, hidden]` (PEFT's modules_to_save).
+/// A trainable classification head `[num_labels, hidden]` (PEFT's modules_to_save), with a
+/// bias for BERT's `classifier`, without one for decoders' `score`.
 pub struct ClassifierHead {
     weight: Var,
-    bias: Var,
+    bias: Option<Var>,
 }
 
 impl ClassifierHead {
-    pub fn new(weight: Tensor, bias: Tensor) -> Result<Self> {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self {
             weight: Var::from_tensor(&weight)?,
-            bias: Var::from_tensor(&bias)?,
+            bias: bias.map(|b| Var::from_tensor(&b)).transpose()?,
         })
     }
 
@@ -237,29 +238,44 @@ impl ClassifierHead {
         Ok(ops::linear(
             pooled,
             self.weight.as_tensor(),
-            Some(self.bias.as_tensor()),
+            self.bias.as_ref().map(Var::as_tensor),
         )?)
     }
 
     /// The head's tensors under their module-relative names (`weight`, `bias`).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        vec![
-            ("weight".to_string(), self.weight.clone()),
-            ("bias".to_string(), self.bias.clone()),
-        ]
+        let mut vars = vec![("weight".to_string(), self.weight.clone())];
+        vars.extend(self.bias.iter().map(|b| ("bias".to_string(), b.clone())));
+        vars
     }
 
-    /// Sets the head from saved tensors, checking their shapes.
-    pub fn load_from(&self, weight: &Tensor, bias: &Tensor) -> Result<()> {
-        for (var, value, what) in [(&self.weight, weight, "weight"), (&self.bias, bias, "bias")] {
+    pub fn device(&self) -> &candle_core::Device {
+        self.weight.device()
+    }
+
+    /// Sets the head from saved tensors (by module-relative name), checking that exactly its
+    /// tensors are there with their shapes.
+    pub fn load_from(&self, saved: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        for (what, var) in self.vars() {
+            let value = saved.get(&what).ok_or_else(|| {
+                Error::InvalidConfig(format!("the saved classifier head has no `{what}`"))
+            })?;
             if var.dims() != value.dims() {
                 return Err(Error::InvalidConfig(format!(
-                    "classifier.{what} has shape {:?}, the model's head expects {:?}",
+                    "the classifier's {what} has shape {:?}, the model's head expects {:?}",
                     value.dims(),
                     var.dims()
                 )));
             }
             var.set(&value.to_dtype(var.dtype())?)?;
+        }
+        if let Some(extra) = saved
+            .keys()
+            .find(|k| !self.vars().iter().any(|(n, _)| n == *k))
+        {
+            return Err(Error::InvalidConfig(format!(
+                "the saved classifier head has `{extra}`, which this model's head does not"
+            )));
         }
         Ok(())
     }

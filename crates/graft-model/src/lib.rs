@@ -2,6 +2,7 @@
 //! and ops whose every step has a backward.
 pub mod bert;
 pub mod chatglm;
+pub mod classify;
 pub mod decoder;
 pub mod error;
 pub mod generate;

@@ -9,18 +9,27 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
-/// Where PEFT saves a sequence classifier's head: prompt-learning methods wrap the model one
-/// level less deep.
-pub fn head_prefix(prompt_learning: bool) -> &'static str {
+/// Where PEFT saves a sequence classifier's head `head` (`classifier`, decoders' `score`):
+/// prompt-learning methods wrap the model one level less deep.
+pub fn head_prefix(prompt_learning: bool, head: &str) -> String {
     if prompt_learning {
-        "base_model.classifier."
+        format!("base_model.{head}.")
     } else {
-        "base_model.model.classifier."
+        format!("base_model.model.{head}.")
     }
 }
 
-/// Both head prefixes, for reading whatever PEFT or graft wrote.
-pub const HEAD_PREFIXES: [&str; 2] = ["base_model.model.classifier.", "base_model.classifier."];
+/// The heads' module names (PEFT's SEQ_CLS `modules_to_save`).
+pub const HEAD_NAMES: [&str; 2] = ["classifier", "score"];
+
+/// Whether `key` belongs to a classification head rather than to the method.
+fn is_head_key(key: &str) -> bool {
+    HEAD_NAMES.iter().any(|h| {
+        [true, false]
+            .iter()
+            .any(|&p| key.starts_with(&head_prefix(p, h)))
+    })
+}
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename: a crash leaves either
 /// the old file or the new one, never half of one.
@@ -128,21 +137,28 @@ impl SavedAdapter {
             })
     }
 
-    /// The saved classifier head (`weight`, `bias`) under either PEFT prefix.
-    pub fn head(&self) -> Option<(Tensor, Tensor)> {
-        HEAD_PREFIXES.iter().find_map(|p| {
-            Some((
-                self.tensors.get(&format!("{p}weight"))?.clone(),
-                self.tensors.get(&format!("{p}bias"))?.clone(),
-            ))
-        })
+    /// The saved head `head` (`classifier`, `score`) by module-relative name (`weight`,
+    /// `bias`), under either PEFT prefix; empty when it is not there.
+    pub fn head(&self, head: &str) -> HashMap<String, Tensor> {
+        for prompt_learning in [false, true] {
+            let prefix = head_prefix(prompt_learning, head);
+            let found: HashMap<String, Tensor> = self
+                .tensors
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        HashMap::new()
     }
 
     /// Tensors that belong to the method (every key but the head's).
     pub fn method_tensors(&self) -> HashMap<String, Tensor> {
         self.tensors
             .iter()
-            .filter(|(k, _)| !HEAD_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .filter(|(k, _)| !is_head_key(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }

@@ -32,6 +32,8 @@ pub struct ModelSection {
     pub name: String,
     pub pooling: Pooling,
     pub max_len: usize,
+    /// tokenizer.json when the model folder has none (a GGUF model).
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -41,6 +43,7 @@ impl Default for ModelSection {
             name: "minilm".into(),
             pooling: Pooling::Pooler,
             max_len: 128,
+            tokenizer: None,
         }
     }
 }

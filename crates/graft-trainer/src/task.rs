@@ -2,7 +2,8 @@
 use crate::error::io_error;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::bert::{BertForSequenceClassification, Inputs, Pooling};
+use graft_model::bert::{Inputs, Pooling};
+use graft_model::classify::SequenceClassifier;
 use graft_peft::adapter::{self, SavedAdapter};
 use graft_peft::loader::Registry;
 use graft_peft::{Adapter, AttachContext, Method};
@@ -21,18 +22,28 @@ pub struct TaskSpec {
     pub template: String,
     pub pooling: Pooling,
     pub max_len: usize,
+    /// tokenizer.json when it is not in the model folder (a GGUF model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 pub const TASK_FILE: &str = "graft_task.json";
 
 impl TaskSpec {
+    /// The tokenizer: the one named, else the model folder's.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.tokenizer
+            .clone()
+            .unwrap_or_else(|| self.model_dir.join("tokenizer.json"))
+    }
+
     pub fn read(dir: &Path) -> Result<Self> {
         crate::config::read_task_file(dir, TASK_FILE, "task")
     }
 }
 
 pub struct Classifier {
-    pub model: BertForSequenceClassification,
+    pub model: Box<dyn SequenceClassifier>,
     pub adapter: Box<dyn Adapter>,
     pub tokenizer: TextTokenizer,
     pub template: Template,
@@ -55,13 +66,13 @@ pub(crate) struct Attachment {
 }
 
 impl Attachment {
-    fn new(model: &BertForSequenceClassification, spec: &TaskSpec) -> Result<Self> {
+    fn new(model: &dyn SequenceClassifier, spec: &TaskSpec) -> Result<Self> {
         Ok(Self {
-            info: model.bert.info(),
-            sites: model.bert.sites(),
-            base_tensors: model.bert.named_tensors(),
+            info: model.info(),
+            sites: model.sites(),
+            base_tensors: model.named_tensors(),
             tokenizer: TextTokenizer::from_file(
-                &spec.model_dir.join("tokenizer.json"),
+                &spec.tokenizer_path(),
                 spec.max_len,
                 Padding::Longest,
             )?,
@@ -111,7 +122,7 @@ impl Classifier {
         total_steps: usize,
     ) -> Result<Self> {
         let labels = LabelSet::new(spec.labels.clone())?;
-        let model = BertForSequenceClassification::load(
+        let model = graft_model::classify::load(
             &spec.model_dir,
             labels.len(),
             spec.pooling,
@@ -119,7 +130,7 @@ impl Classifier {
             device,
             seed,
         )?;
-        let attachment = Attachment::new(&model, &spec)?;
+        let attachment = Attachment::new(model.as_ref(), &spec)?;
         let adapter = attachment.with_context(device, dtype, seed, total_steps, |ctx| {
             method.create(settings, ctx)
         })?;
@@ -145,7 +156,7 @@ impl Classifier {
         let labels = LabelSet::new(spec.labels.clone())?;
         if method.saves_full_model() {
             // The folder is a complete model with its head.
-            let model = BertForSequenceClassification::load(
+            let model = graft_model::classify::load(
                 dir,
                 labels.len(),
                 spec.pooling,
@@ -153,7 +164,7 @@ impl Classifier {
                 device,
                 0,
             )?;
-            let attachment = Attachment::new(&model, &spec)?;
+            let attachment = Attachment::new(model.as_ref(), &spec)?;
             let adapter = attachment
                 .with_context(device, DType::F32, 0, 0, |ctx| {
                     method.load(&serde_json::json!({}), &Default::default(), ctx)
@@ -165,7 +176,7 @@ impl Classifier {
             return Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer);
         }
         let saved = read_saved(dir, method, &spec.method, device)?;
-        let model = BertForSequenceClassification::load(
+        let model = graft_model::classify::load(
             &spec.model_dir,
             labels.len(),
             spec.pooling,
@@ -173,12 +184,21 @@ impl Classifier {
             device,
             0,
         )?;
-        let (weight, bias) = saved.head().ok_or_else(|| Error::Adapter {
+        let head = saved.head(model.head_name());
+        if head.is_empty() {
+            return Err(Error::Adapter {
+                path: dir.join(adapter::WEIGHTS_FILE),
+                reason: format!(
+                    "the classification head (`base_model.model.{}.*`) is missing",
+                    model.head_name()
+                ),
+            });
+        }
+        model.head().load_from(&head).map_err(|e| Error::Adapter {
             path: dir.join(adapter::WEIGHTS_FILE),
-            reason: "the classifier head (`base_model.model.classifier.*`) is missing".into(),
+            reason: e.to_string(),
         })?;
-        model.head.load_from(&weight, &bias)?;
-        let attachment = Attachment::new(&model, &spec)?;
+        let attachment = Attachment::new(model.as_ref(), &spec)?;
         let adapter = attach_saved(dir, &saved, method, &attachment, device)?;
         Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer)
     }
@@ -186,7 +206,7 @@ impl Classifier {
     fn assemble(
         spec: TaskSpec,
         method: &dyn Method,
-        model: BertForSequenceClassification,
+        model: Box<dyn SequenceClassifier>,
         adapter: Box<dyn Adapter>,
         labels: LabelSet,
         tokenizer: TextTokenizer,
@@ -208,9 +228,9 @@ impl Classifier {
 
     /// The classifier head's tensors under their adapter-file keys.
     pub fn head_vars(&self) -> Vec<(String, Var)> {
-        let prefix = adapter::head_prefix(self.prompt_learning);
+        let prefix = adapter::head_prefix(self.prompt_learning, self.model.head_name());
         self.model
-            .head
+            .head()
             .vars()
             .into_iter()
             .map(|(name, var)| (format!("{prefix}{name}"), var))
@@ -225,7 +245,7 @@ impl Classifier {
     }
 
     pub fn inputs(&self, batch: &EncodedBatch) -> Result<Inputs> {
-        let device = self.model.head.vars()[0].1.device().clone();
+        let device = self.model.head().device().clone();
         let shape = (batch.batch, batch.seq_len);
         Ok(Inputs {
             input_ids: Tensor::from_slice(&batch.input_ids, shape, &device)?,
@@ -270,7 +290,7 @@ impl Classifier {
         self.model
             .save(dir, self.labels.len(), self.hooks())
             .map_err(Error::from)?;
-        copy_tokenizer(&self.spec.model_dir.join("tokenizer.json"), dir)
+        copy_tokenizer(&self.spec.tokenizer_path(), dir)
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
@@ -307,7 +327,7 @@ impl Classifier {
             self.adapter.as_ref(),
             &self.spec.method,
             merge,
-            &mut self.model.bert,
+            self.model.as_mut(),
         )?;
         self.merged = merge;
         Ok(())

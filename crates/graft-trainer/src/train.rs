@@ -114,7 +114,7 @@ pub fn evaluate_examples(
 }
 
 fn candle_device(classifier: &Classifier) -> Device {
-    classifier.model.head.vars()[0].1.device().clone()
+    classifier.model.head().device().clone()
 }
 
 /// Reports training progress: a bar on a terminal, a line per logged step otherwise.
@@ -212,6 +212,7 @@ impl Plan {
             template: config.data.template.clone(),
             pooling: config.model.pooling,
             max_len: config.model.max_len,
+            tokenizer: config.model.tokenizer.clone(),
         };
         let examples = Examples::from_file(&data_path, &spec)?;
         let (train_idx, val_idx) = stratified_split(
@@ -315,10 +316,9 @@ fn run_loop(
     let trainable_params: usize = all_vars.iter().map(|v| v.elem_count()).sum();
     let total_params: usize = classifier
         .model
-        .bert
-        .params()
+        .named_tensors()
         .iter()
-        .map(|p| p.value().elem_count())
+        .map(|(_, t)| t.elem_count())
         .sum::<usize>()
         + head_vars.iter().map(|v| v.elem_count()).sum::<usize>();
     let mut optimizer = AdamW::new(

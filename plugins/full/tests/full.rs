@@ -46,3 +46,15 @@ fn trains_and_reloads_on_llama_and_chatglm() {
     )
     .unwrap();
 }
+
+/// Full fine-tuning of a decoder classifier saves a model folder with its `score` head.
+#[test]
+fn classifies_on_a_decoder() {
+    testkit::check_decoder_classifier(
+        graft_plugin_full::method().as_ref(),
+        &settings(),
+        (5, 1e-3),
+        graft_plugin_full::method(),
+    )
+    .unwrap();
+}

@@ -50,3 +50,17 @@ fn trains_and_reloads_on_llama_and_chatglm() {
     )
     .unwrap();
 }
+
+/// Sequence classification on a decoder, as LlamaForSequenceClassification with PEFT's
+/// `score` head.
+#[test]
+fn classifies_on_a_decoder() {
+    let losses = testkit::check_decoder_classifier(
+        graft_plugin_lora::method().as_ref(),
+        &json!({ "r": 4, "lora_alpha": 8 }),
+        (8, 1e-2),
+        graft_plugin_lora::method(),
+    )
+    .unwrap();
+    eprintln!("{losses:?}");
+}

@@ -124,11 +124,11 @@ mod properties {
             let classifier = classifier(n, seed);
             let encoded = classifier.tokenizer.encode_batch(&ragged_texts(words)).unwrap();
             let inputs = classifier.inputs(&encoded).unwrap();
-            let hidden = |c: &Classifier| c.model.bert.forward(&inputs, c.hooks()).unwrap().0;
+            let hidden = |c: &Classifier| c.model.bert().unwrap().forward(&inputs, c.hooks()).unwrap().0;
             let before = hidden(&classifier);
             let table = classifier.adapter.trainable()[0].1.clone();
             let original = table.as_tensor().copy().unwrap();
-            let h = classifier.model.bert.config().hidden_size;
+            let h = classifier.model.bert().unwrap().config().hidden_size;
             for position in 0..n {
                 // Move this position's value vector of `layer` (row block 2 * layer + 1).
                 let mut rows = original.to_vec2::<f32>().unwrap();

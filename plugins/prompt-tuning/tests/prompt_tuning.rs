@@ -53,7 +53,8 @@ fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
     assert_eq!(ids.len(), 4);
     let table = classifier
         .model
-        .bert
+        .bert()
+        .unwrap()
         .named_tensors()
         .into_iter()
         .find(|(k, _)| k == "bert.embeddings.word_embeddings.weight")
