@@ -318,12 +318,12 @@ fn broken_model_folders_name_the_file_and_the_fault() {
         ),
         (
             "unknown architecture",
-            broken_model(d, "llama", |m| {
+            broken_model(d, "gpt2", |m| {
                 let text = std::fs::read_to_string(m.join("config.json")).unwrap();
-                let text = text.replace("\"model_type\": \"bert\"", "\"model_type\": \"llama\"");
+                let text = text.replace("\"model_type\": \"bert\"", "\"model_type\": \"gpt2\"");
                 std::fs::write(m.join("config.json"), text).unwrap();
             }),
-            vec!["config.json", "model_type `llama`"],
+            vec!["config.json", "model_type `gpt2`"],
         ),
     ];
     let demo = testkit::workspace_root()

@@ -748,6 +748,13 @@ pub fn read_plan(path: &std::path::Path) -> Result<(Plan, serde_json::Value)> {
         .get("model_type")
         .and_then(|v| v.as_str())
         .unwrap_or("");
+    if model_type != "chatglm" && !crate::llama::MODEL_TYPES.contains(&model_type) {
+        return Err(Error::InvalidConfig(format!(
+            "{}: model_type `{model_type}` is not an architecture graft knows (bert, {}, chatglm)",
+            config_path.display(),
+            crate::llama::MODEL_TYPES.join(", ")
+        )));
+    }
     let plan = if model_type == "chatglm" {
         let config: crate::chatglm::Config =
             serde_json::from_value(json.clone()).map_err(parse_error)?;
