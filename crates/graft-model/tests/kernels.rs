@@ -291,3 +291,54 @@ fn attention_refuses_shapes_that_do_not_fit_its_heads() {
         .to_string();
     assert!(err.contains("causal"), "{err}");
 }
+
+/// The decoder's compositions: gradients against finite differences at every coordinate of
+/// every input, and values against candle's fused forward-only ops.
+#[test]
+fn rms_norm_has_a_finite_difference_exact_backward_and_matches_candle() {
+    let op = |t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-5);
+    check("rms_norm", &op, &op, &[&[2, 3, 16], &[16]]);
+    let x = random(&[2, 3, 16], 1, DType::F32);
+    let w = random(&[16], 2, DType::F32);
+    let candle = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+    let d = max_diff(&ops::rms_norm(&x, &w, 1e-5).unwrap(), &candle);
+    assert!(d < 1e-5, "rms_norm differs from candle's by {d}");
+}
+
+#[test]
+fn rope_has_a_finite_difference_exact_backward_and_matches_candle() {
+    for interleaved in [false, true] {
+        // The whole head (Llama) and half of it (ChatGLM).
+        for half in [4, 2] {
+            let op = |t: &[Tensor]| ops::rope(&t[0], &t[1], &t[2], interleaved);
+            check(
+                &format!("rope interleaved={interleaved} half={half}"),
+                &op,
+                &op,
+                &[&[2, 3, 2, 8], &[3, half], &[3, half]],
+            );
+        }
+        // candle's rope/rope_i take [b, heads, t, d] and rotate the whole head.
+        let x = random(&[2, 5, 3, 8], 4, DType::F32);
+        let angles = random(&[5, 4], 5, DType::F32);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let ours = ops::rope(&x, &cos, &sin, interleaved).unwrap();
+        let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let candle = if interleaved {
+            candle_nn::rotary_emb::rope_i(&xt, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&xt, &cos, &sin)
+        }
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+        let d = max_diff(&ours, &candle);
+        assert!(d < 1e-5, "rope (interleaved {interleaved}) differs from candle's by {d}");
+    }
+}
+
+#[test]
+fn swiglu_has_a_finite_difference_exact_backward() {
+    let op = |t: &[Tensor]| ops::swiglu(&t[0], &t[1]);
+    check("swiglu", &op, &op, &[&[2, 3, 8], &[2, 3, 8]]);
+}
