@@ -163,10 +163,13 @@ fn rows_per_task(width: usize) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Layer normalisation over the last dimension.
+// Layer normalisation over the last dimension, and RMS normalisation as its uncentred case.
 
 pub(crate) struct LayerNorm {
     pub eps: f64,
+    /// Subtract the mean (layer norm); without it, `x / rms(x) ⊙ gamma + beta` (RMSNorm, beta
+    /// being zero).
+    pub centred: bool,
 }
 
 struct NormRows<'a, T> {
@@ -204,7 +207,11 @@ impl LayerNorm {
     #[inline(always)]
     fn row_stats<T: Float>(&self, row: &[T]) -> (T, T) {
         let n = T::from_f64(row.len() as f64);
-        let mean = lane_sum(row.len(), |j| row[j]) / n;
+        let mean = if self.centred {
+            lane_sum(row.len(), |j| row[j]) / n
+        } else {
+            T::zero()
+        };
         let var = lane_sum(row.len(), |j| (row[j] - mean) * (row[j] - mean)) / n;
         (mean, T::one() / (var + T::from_f64(self.eps)).sqrt())
     }
@@ -268,7 +275,11 @@ impl LayerNorm {
         for ((dx, x), dy) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
             let (mean, rstd) = self.row_stats(x);
             let xhat = |j: usize| (x[j] - mean) * rstd;
-            let mean_g = lane_sum(n, |j| dy[j] * gamma[j]) * inv_n;
+            let mean_g = if self.centred {
+                lane_sum(n, |j| dy[j] * gamma[j]) * inv_n
+            } else {
+                T::zero()
+            };
             let mean_gx = lane_sum(n, |j| dy[j] * gamma[j] * xhat(j)) * inv_n;
             for j in 0..n {
                 dgamma[j] += dy[j] * xhat(j);

@@ -46,13 +46,25 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     x.contiguous()?.apply_op3_arc(
         &gamma.contiguous()?,
         &beta.contiguous()?,
-        std::sync::Arc::new(Box::new(cpu::LayerNorm { eps })),
+        std::sync::Arc::new(Box::new(cpu::LayerNorm { eps, centred: true })),
     )
 }
 
 /// Root-mean-square normalisation over the last dimension, `x / √(mean(x²) + ε) ⊙ weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::rms_norm(x, weight, eps)
+    if !fused(&[x, weight]) {
+        return reference::rms_norm(x, weight, eps);
+    }
+    // The layer-norm kernel without centring, with a zero (untracked) beta.
+    let weight = weight.contiguous()?;
+    x.contiguous()?.apply_op3_arc(
+        &weight,
+        &weight.zeros_like()?,
+        std::sync::Arc::new(Box::new(cpu::LayerNorm {
+            eps,
+            centred: false,
+        })),
+    )
 }
 
 /// Rotary position embedding of `x` `[batch, seq, heads, head_dim]`, turning the first
