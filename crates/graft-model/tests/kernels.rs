@@ -314,12 +314,23 @@ fn rope_has_a_finite_difference_exact_backward_and_matches_candle() {
     for interleaved in [false, true] {
         // The whole head (Llama) and half of it (ChatGLM).
         for half in [4, 2] {
+            // Tracked angles take the composition: its backward reaches them too.
             let op = |t: &[Tensor]| ops::rope(&t[0], &t[1], &t[2], interleaved);
             check(
-                &format!("rope interleaved={interleaved} half={half}"),
+                &format!("rope interleaved={interleaved} half={half}, tracked angles"),
                 &op,
                 &op,
                 &[&[2, 3, 2, 8], &[3, half], &[3, half]],
+            );
+            // Constant angles (the model's) take the fused kernel.
+            let angles = random(&[3, half], 7, DType::F64);
+            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+            let like = |a: &Tensor, x: &Tensor| a.to_dtype(x.dtype()).unwrap();
+            check(
+                &format!("rope interleaved={interleaved} half={half}, fused"),
+                &|t| ops::rope(&t[0], &like(&cos, &t[0]), &like(&sin, &t[0]), interleaved),
+                &|t| reference::rope(&t[0], &like(&cos, &t[0]), &like(&sin, &t[0]), interleaved),
+                &[&[2, 3, 2, 8]],
             );
         }
         // candle's rope/rope_i take [b, heads, t, d] and rotate the whole head.
@@ -337,7 +348,10 @@ fn rope_has_a_finite_difference_exact_backward_and_matches_candle() {
         .transpose(1, 2)
         .unwrap();
         let d = max_diff(&ours, &candle);
-        assert!(d < 1e-5, "rope (interleaved {interleaved}) differs from candle's by {d}");
+        assert!(
+            d < 1e-5,
+            "rope (interleaved {interleaved}) differs from candle's by {d}"
+        );
     }
 }
 

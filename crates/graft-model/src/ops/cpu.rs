@@ -562,6 +562,93 @@ impl CustomOp1 for GeluErf {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rotary position embedding on `[batch, seq, heads, head_dim]`, its angles constants of the op.
+// A rotation's backward is the opposite rotation, so dx needs no saved activation; candle's
+// composition kept about ten intermediates per call.
+
+pub(crate) struct Rope {
+    /// `[seq, half]` each, contiguous, the input's dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `(batch, seq, heads, head_dim)`.
+    pub dims: (usize, usize, usize, usize),
+    pub interleaved: bool,
+}
+
+impl Rope {
+    /// `x` turned by the angles (`sign` 1) or back (`sign` -1, the backward).
+    fn turn<T: Float>(&self, x: &[T], cos: &[T], sin: &[T], sign: T) -> Vec<T> {
+        let (_, t, n, d) = self.dims;
+        let half = cos.len() / t;
+        let position_len = n * d;
+        let interleaved = self.interleaved;
+        // SAFETY: every element of whole positions is written (rotated pairs, then the rest).
+        unsafe {
+            parallel::fill(
+                x.len(),
+                rows_per_task(position_len) * position_len,
+                |range, y| {
+                    for (p, (y, x)) in y
+                        .chunks_mut(position_len)
+                        .zip(x[range.clone()].chunks(position_len))
+                        .enumerate()
+                    {
+                        let position = (range.start / position_len + p) % t;
+                        let c = &cos[position * half..(position + 1) * half];
+                        let s = &sin[position * half..(position + 1) * half];
+                        for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                            for i in 0..half {
+                                let (a, b) = if interleaved {
+                                    (2 * i, 2 * i + 1)
+                                } else {
+                                    (i, i + half)
+                                };
+                                let sn = sign * s[i];
+                                y[a] = MaybeUninit::new(x[a] * c[i] - x[b] * sn);
+                                y[b] = MaybeUninit::new(x[b] * c[i] + x[a] * sn);
+                            }
+                            for j in 2 * half..d {
+                                y[j] = MaybeUninit::new(x[j]);
+                            }
+                        }
+                    }
+                },
+            )
+        }
+    }
+
+    fn turn_tensor<T: Float>(&self, x: &[T], sign: f64) -> Result<Vec<T>> {
+        with_data::<T, _>(&self.cos, |cos| {
+            with_data::<T, _>(&self.sin, |sin| {
+                Ok(self.turn(x, cos, sin, T::from_f64(sign)))
+            })
+        })
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "graft-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = for_float!(storage, "graft-rope", T => T::to_cpu_storage_owned(
+            self.turn_tensor::<T>(contiguous(storage, layout)?, 1.0)?
+        ));
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dx = for_dtype!(x.dtype(), T => tensor(
+            with_data::<T, _>(&grad, |dy| self.turn_tensor::<T>(dy, -1.0))?,
+            x
+        )?);
+        Ok(Some(dx))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scaled dot-product attention over `[batch, seq, heads * head_dim]` activations.
 
 /// The sizes and options of one attention call.

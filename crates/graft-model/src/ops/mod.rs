@@ -84,7 +84,16 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
             d / 2
         );
     }
-    reference::rope(x, cos, sin, interleaved)
+    // The angles are constants of the fused kernel: with tracked angles, the composition.
+    if cos.track_op() || sin.track_op() || !fused(&[x, cos, sin]) {
+        return reference::rope(x, cos, sin, interleaved);
+    }
+    x.contiguous()?.apply_op1(cpu::Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        dims: x.dims4()?,
+        interleaved,
+    })
 }
 
 /// SiLU-gated product `silu(gate) ⊙ up` (Llama's and ChatGLM's SwiGLU feed-forward).
