@@ -198,6 +198,21 @@ fn smollm2_gguf_matches_candle_transformers_quantized_llama() {
     let diff = max_abs_diff(&last, &expected);
     assert!(diff <= 1e-4, "last-position logits differ by {diff}");
 
+    // candle-transformers' llama (rotate_half) on the tensors graft loaded and un-permuted.
+    let tensors: std::collections::HashMap<String, Tensor> =
+        ours.named_tensors().into_iter().collect();
+    let config: candle_transformers::models::llama::LlamaConfig =
+        serde_json::from_value(ours.config_json().clone()).unwrap();
+    let config = config.into_config(false);
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let llama = candle_transformers::models::llama::Llama::load(vb, &config).unwrap();
+    let mut cache =
+        candle_transformers::models::llama::Cache::new(false, DType::F32, &config, &Device::Cpu)
+            .unwrap();
+    let expected = llama.forward(&ids_tensor(&ids), 0, &mut cache).unwrap();
+    let diff = max_abs_diff(&last, &expected);
+    assert!(diff <= 1e-4, "candle-transformers' llama differs by {diff}");
+
     // The README quotes about 2.46 for this sentence continued ("..."); this prefix gives 2.48.
     let nll = mean_nll(&ours, &ids);
     assert!(
@@ -208,8 +223,15 @@ fn smollm2_gguf_matches_candle_transformers_quantized_llama() {
 
 #[test]
 fn random_chatglm_matches_candle_transformers_chatglm() {
+    for groups in [2, 1] {
+        let mut config = graft_model::chatglm::Config::tiny(70);
+        config.multi_query_group_num = groups;
+        compare_chatglm(config);
+    }
+}
+
+fn compare_chatglm(ours_config: graft_model::chatglm::Config) {
     let dir = tempfile::tempdir().unwrap();
-    let ours_config = graft_model::chatglm::Config::tiny(70);
     graft_model::chatglm::write_random(dir.path(), &ours_config, 11).unwrap();
     let ours = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let c = &ours_config;
