@@ -1,7 +1,7 @@
 //! A decoder with its method attached, for causal-LM fine-tuning and generation: what
 //! `graft train-lm`, `graft generate` and the decoder checks of every method share.
 use crate::error::io_error;
-use crate::task::{apply_merge, attach_saved, copy_tokenizer, read_saved, Attachment};
+use crate::task::{apply_merge, attach_full, attach_saved, copy_tokenizer, read_saved, Attachment};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::decoder::{labelled_rows, Decoder, DecoderInputs};
@@ -102,14 +102,7 @@ impl CausalLm {
         let method = plugin.method.as_ref();
         if method.saves_full_model() {
             let (model, attached) = load_base(dir, &spec, DType::F32, device)?;
-            let adapter = attached
-                .with_context(device, DType::F32, 0, 0, |ctx| {
-                    method.load(&serde_json::json!({}), &Default::default(), ctx)
-                })
-                .map_err(|e| Error::Adapter {
-                    path: dir.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
+            let adapter = attach_full(dir, method, &attached, device)?;
             return Ok(Self::assemble(
                 spec,
                 method,

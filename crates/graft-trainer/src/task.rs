@@ -165,14 +165,7 @@ impl Classifier {
                 0,
             )?;
             let attachment = Attachment::new(model.as_ref(), &spec)?;
-            let adapter = attachment
-                .with_context(device, DType::F32, 0, 0, |ctx| {
-                    method.load(&serde_json::json!({}), &Default::default(), ctx)
-                })
-                .map_err(|e| Error::Adapter {
-                    path: dir.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
+            let adapter = attach_full(dir, method, &attachment, device)?;
             return Self::assemble(spec, method, model, adapter, labels, attachment.tokenizer);
         }
         let saved = read_saved(dir, method, &spec.method, device)?;
@@ -356,6 +349,23 @@ pub(crate) fn read_saved(
         });
     }
     Ok(saved)
+}
+
+/// The adapter of a method that saves the whole model (`dir` holds it): no tensors of its own.
+pub(crate) fn attach_full(
+    dir: &Path,
+    method: &dyn Method,
+    attachment: &Attachment,
+    device: &Device,
+) -> Result<Box<dyn Adapter>> {
+    attachment
+        .with_context(device, DType::F32, 0, 0, |ctx| {
+            method.load(&serde_json::json!({}), &Default::default(), ctx)
+        })
+        .map_err(|e| Error::Adapter {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 /// The method's adapter from saved files; a tensor the method does not use is an error.
