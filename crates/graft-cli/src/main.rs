@@ -627,7 +627,7 @@ fn train_lm(
         config.train.max_steps
     );
     let log_every = config.train.log_every.max(1);
-    graft_trainer::lm::train_lm(&mut lm, &pairs, &config.train, &mut |s| {
+    graft_trainer::lm::train_lm(&mut lm, &pairs, &config.train, Some(out), &mut |s| {
         if s.step % log_every == 0 || s.step == 1 {
             eprintln!("step {:>4}  loss {:.4}  {:.2} s", s.step, s.loss, s.seconds);
         }

@@ -325,7 +325,8 @@ pub struct LmConfig {
     pub model: LmModelSection,
     pub data: LmDataSection,
     /// The optimiser settings of classification runs; `max_steps` counts steps, `epochs` is
-    /// unused (a run of `max_steps` cycles through the pairs).
+    /// unused (a run of `max_steps` cycles through the pairs), and `checkpoint_every` writes the
+    /// adapter to the output folder (not the optimizer state: there is no `--resume` yet).
     pub train: crate::config::TrainSection,
     /// `name` picks the plugin; every other key is the method's own (PEFT's field names).
     pub method: toml::Table,
@@ -552,11 +553,13 @@ pub struct LmStep {
 
 /// Trains `lm` on `pairs` for `train.max_steps` AdamW steps (batches cycle through the pairs),
 /// with warm-up and schedule, gradient clipping and the method's after-step hook; returns the
-/// losses. `on_step` sees every step.
+/// losses. `on_step` sees every step. With `save_to`, the adapter is written there every
+/// `train.checkpoint_every` steps (atomically), so a crash loses at most that many steps.
 pub fn train_lm(
     lm: &mut CausalLm,
     pairs: &[graft_tokenizer::PromptResponse],
     train: &crate::config::TrainSection,
+    save_to: Option<&Path>,
     on_step: &mut dyn FnMut(&LmStep),
 ) -> Result<Vec<f64>> {
     use crate::optim::{global_norm, lr_factor, scale_grads, AdamW, ParamGroup};
@@ -620,6 +623,13 @@ pub fn train_lm(
         optimizer.step(&grads, lr_factor(train.schedule, step, steps, warmup))?;
         lm.adapter.after_step(step + 1, &grads)?;
         losses.push(value);
+        if let Some(dir) = save_to {
+            if train.checkpoint_every > 0 && (step + 1) % train.checkpoint_every == 0 {
+                lm.adapter.set_training(false);
+                lm.save(dir)?;
+                lm.adapter.set_training(true);
+            }
+        }
         on_step(&LmStep {
             step: step + 1,
             loss: value,

@@ -108,3 +108,50 @@ fn generation_is_the_same_merged_and_unmerged() {
         "the adapter changes nothing: the check proves nothing"
     );
 }
+
+/// train-lm writes the adapter every `checkpoint_every` steps: a crash loses at most that many.
+#[test]
+fn causal_lm_training_saves_the_adapter_as_it_goes() {
+    use graft_peft::candle::{DType, Device};
+    use graft_trainer::lm::{train_lm, CausalLm};
+    let scratch = tempfile::tempdir().unwrap();
+    let spec = testkit::lm_spec("lora", testkit::Family::Llama, scratch.path()).unwrap();
+    let lora = graft_plugin_lora::method();
+    let settings = json!({ "r": 4, "lora_alpha": 8 });
+    let mut lm = CausalLm::create(
+        spec,
+        lora.as_ref(),
+        &settings,
+        &Device::Cpu,
+        DType::F32,
+        1,
+        3,
+    )
+    .unwrap();
+    let train = graft_trainer::config::TrainSection {
+        max_steps: 3,
+        batch_size: 2,
+        lr: 1e-2,
+        checkpoint_every: 2,
+        ..Default::default()
+    };
+    let out = scratch.path().join("out");
+    let mut after_two = None;
+    train_lm(
+        &mut lm,
+        &testkit::story_pairs(4),
+        &train,
+        Some(&out),
+        &mut |s| {
+            if s.step == 2 {
+                after_two = Some(std::fs::read(out.join("adapter_model.safetensors")).unwrap());
+            }
+        },
+    )
+    .unwrap();
+    // Written at step 2 (not again at 3: the caller saves the end), and it reopens.
+    let saved = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(Some(saved), after_two);
+    let registry = testkit::registry_of(graft_plugin_lora::method()).unwrap();
+    CausalLm::open(&out, &registry, &Device::Cpu).unwrap();
+}
