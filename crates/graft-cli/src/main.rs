@@ -688,12 +688,26 @@ fn csv_field(value: &str) -> String {
     }
 }
 
+/// The error and its causes joined by ": ", leaving out a cause its wrapper already quotes
+/// (graft's errors print their source, e.g. `{path}: {source}`).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
 fn main() -> ExitCode {
     graft_model::runtime::init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

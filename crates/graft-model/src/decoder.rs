@@ -749,11 +749,18 @@ pub fn read_plan(path: &std::path::Path) -> Result<(Plan, serde_json::Value)> {
         .and_then(|v| v.as_str())
         .unwrap_or("");
     if model_type != "chatglm" && !crate::llama::MODEL_TYPES.contains(&model_type) {
-        return Err(Error::InvalidConfig(format!(
-            "{}: model_type `{model_type}` is not an architecture graft knows (bert, {}, chatglm)",
-            config_path.display(),
-            crate::llama::MODEL_TYPES.join(", ")
-        )));
+        let known = format!("{}, chatglm", crate::llama::MODEL_TYPES.join(", "));
+        return Err(Error::InvalidConfig(if model_type == "bert" {
+            format!(
+                "{}: model_type `bert` is an encoder; this needs a decoder ({known})",
+                config_path.display()
+            )
+        } else {
+            format!(
+                "{}: model_type `{model_type}` is not an architecture graft knows (bert, {known})",
+                config_path.display()
+            )
+        }));
     }
     let plan = if model_type == "chatglm" {
         let config: crate::chatglm::Config =

@@ -29,6 +29,15 @@ pub const LM_TASK_FILE: &str = "graft_lm_task.json";
 
 impl LmSpec {
     pub fn read(dir: &Path) -> Result<Self> {
+        if !dir.join(LM_TASK_FILE).is_file() && dir.join(crate::task::TASK_FILE).is_file() {
+            return Err(Error::Adapter {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "this is a classification adapter ({}); a language-model adapter (written by `graft train-lm`) has {LM_TASK_FILE}",
+                    crate::task::TASK_FILE
+                ),
+            });
+        }
         crate::config::read_task_file(dir, LM_TASK_FILE, "causal-LM task")
     }
 
