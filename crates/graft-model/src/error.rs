@@ -17,7 +17,7 @@ pub enum Error {
     },
     #[error("{path}: not found ({what}); is this a model folder? Expected config.json, model.safetensors and tokenizer.json")]
     MissingFile { path: PathBuf, what: &'static str },
-    #[error("{path}: cannot read safetensors weights: {reason}")]
+    #[error("{path}: cannot read the weights: {reason}")]
     Weights { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is missing (looked for {tried})")]
     MissingTensor {

@@ -115,7 +115,11 @@ fn config_of(path: &Path, content: &Content) -> Result<(Config, serde_json::Valu
         .tensor_infos
         .get("token_embd.weight")
         .ok_or_else(|| bad("tensor `token_embd.weight` is missing".into()))?;
-    let vocab_size = token_embd.shape.dims()[0];
+    let vocab_size = *token_embd
+        .shape
+        .dims()
+        .first()
+        .ok_or_else(|| bad("tensor `token_embd.weight` has no dimensions".into()))?;
     let tied = !content.tensor_infos.contains_key("output.weight");
     let config_json = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
