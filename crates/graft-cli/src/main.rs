@@ -334,7 +334,7 @@ fn run(cli: Cli) -> Result<()> {
                 "uuid,label\n"
             });
             for (records, chunk) in dataset.records.chunks(32).zip(texts.chunks(32)) {
-                let logits = classifier.logits(chunk)?;
+                let logits = graft_model::ops::without_grad(|| classifier.logits(chunk))?;
                 for (record, class) in records.iter().zip(graft_model::bert::argmax(&logits)?) {
                     let label = classifier.labels.labels()[class as usize].as_str();
                     let uuid = csv_field(&record.uuid);

@@ -238,7 +238,8 @@ impl CausalLm {
                 input_ids: Tensor::from_vec(ids, (b, t), device)?,
                 attention_mask: Some(Tensor::from_vec(mask, (b, t), device)?),
             };
-            let hidden = self.model.forward(&inputs, self.hooks(), None)?;
+            let hidden =
+                graft_model::ops::without_grad(|| self.model.forward(&inputs, self.hooks(), None))?;
             let h = hidden.dim(2)?;
             let rows = Tensor::from_vec(last, b, device)?;
             let at_end = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
@@ -668,31 +669,33 @@ pub fn generate_text(
     let mut shown = 0;
     let mut tokens = Vec::new();
     let mut error = None;
-    generate(
-        model,
-        hooks,
-        &ids,
-        max_new_tokens,
-        &stop,
-        sampling,
-        &mut |token| {
-            if stop.contains(&token) {
-                return;
-            }
-            tokens.push(token);
-            match tokenizer.decode(&tokens) {
-                // Whole characters only: a token may end inside one.
-                Ok(text) if !text.ends_with('\u{FFFD}') => {
-                    if let Some(new) = text.get(shown..).filter(|n| !n.is_empty()) {
-                        on_text(new);
-                        shown = text.len();
-                    }
+    graft_model::ops::without_grad(|| {
+        generate(
+            model,
+            hooks,
+            &ids,
+            max_new_tokens,
+            &stop,
+            sampling,
+            &mut |token| {
+                if stop.contains(&token) {
+                    return;
                 }
-                Ok(_) => {}
-                Err(e) => error = Some(e),
-            }
-        },
-    )?;
+                tokens.push(token);
+                match tokenizer.decode(&tokens) {
+                    // Whole characters only: a token may end inside one.
+                    Ok(text) if !text.ends_with('\u{FFFD}') => {
+                        if let Some(new) = text.get(shown..).filter(|n| !n.is_empty()) {
+                            on_text(new);
+                            shown = text.len();
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => error = Some(e),
+                }
+            },
+        )
+    })?;
     if let Some(e) = error {
         return Err(e.into());
     }

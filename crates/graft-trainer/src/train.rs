@@ -84,10 +84,9 @@ pub fn evaluate_examples(
         let encoded = classifier.tokenizer.encode_batch(texts)?;
         let inputs = classifier.inputs(&encoded)?;
         let started = Instant::now();
-        let logits = classifier
-            .model
-            .forward(&inputs, classifier.hooks())?
-            .detach();
+        let logits = graft_model::ops::without_grad(|| {
+            classifier.model.forward(&inputs, classifier.hooks())
+        })?;
         if texts.len() == batch_size {
             throughput
                 .batch_seconds

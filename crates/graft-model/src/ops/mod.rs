@@ -29,6 +29,38 @@ pub fn blas_in_use() -> Option<String> {
     blas::get().map(|b| b.core.clone())
 }
 
+thread_local! {
+    static GRAD_ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with gradients off on this thread: every op here then takes its inputs detached,
+/// so a forward pass records no graph (nothing kept for a backward that will not come, however
+/// the method's tensors are tracked). For evaluation, prediction and generation.
+pub fn without_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
+    f()
+}
+
+/// Whether ops on this thread record gradients (see [`without_grad`]).
+pub fn grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// `t`, detached when gradients are off.
+fn input(t: &Tensor) -> Tensor {
+    if grad_enabled() {
+        t.clone()
+    } else {
+        t.detach()
+    }
+}
+
 /// Whether the fused CPU kernels may run on these tensors.
 fn fused(tensors: &[&Tensor]) -> bool {
     static FORCE_REFERENCE: OnceLock<bool> = OnceLock::new();
@@ -40,6 +72,7 @@ fn fused(tensors: &[&Tensor]) -> bool {
 
 /// Layer normalisation over the last dimension.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, gamma, beta) = (&input(x), &input(gamma), &input(beta));
     if !fused(&[x, gamma, beta]) {
         return reference::layer_norm(x, gamma, beta, eps);
     }
@@ -52,6 +85,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 
 /// Root-mean-square normalisation over the last dimension, `x / √(mean(x²) + ε) ⊙ weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (x, weight) = (&input(x), &input(weight));
     if !fused(&[x, weight]) {
         return reference::rms_norm(x, weight, eps);
     }
@@ -73,6 +107,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `interleaved` pairs features (0, 1), (2, 3), ... as ChatGLM and ggml do; otherwise (i, i +
 /// half), transformers' rotate_half.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (x, cos, sin) = (&input(x), &input(cos), &input(sin));
     let (_, t, _, d) = x.dims4()?;
     let (ct, half) = cos.dims2()?;
     if ct != t || sin.dims() != cos.dims() || 2 * half > d {
@@ -98,11 +133,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
 
 /// SiLU-gated product `silu(gate) ⊙ up` (Llama's and ChatGLM's SwiGLU feed-forward).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (gate, up) = (&input(gate), &input(up));
     gate.silu()? * up
 }
 
 /// GELU, exact (erf) form: transformers' `"gelu"`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let x = &input(x);
     if !fused(&[x]) {
         return reference::gelu_erf(x);
     }
@@ -111,6 +148,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// `x ⊙ scale`, `scale` a vector over the last dimension of `x` (IA3's rescaling).
 pub fn scale_last_dim(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (x, scale) = (&input(x), &input(scale));
     let n = x.dims().last().copied().unwrap_or(0);
     if scale.elem_count() != n {
         candle_core::bail!(
@@ -146,6 +184,12 @@ const KEEP_PROBS_BYTES: usize = 256 << 20;
 /// activations: `q` `[b, tq, heads * d]`, `k` and `v` `[b, tk, kv_heads * d]` with `tk >= tq`
 /// when causal. Returns `[b, tq, heads * d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+    let (q, k, v) = (&input(q), &input(k), &input(v));
+    let key_bias = spec.key_bias.map(input);
+    let spec = &AttentionSpec {
+        key_bias: key_bias.as_ref(),
+        ..*spec
+    };
     attention_keeping(q, k, v, spec, KEEP_PROBS_BYTES)
 }
 
@@ -217,6 +261,9 @@ fn attention_keeping(
 /// weight gradient, where candle's matmul backward always computes one (about a third of a LoRA
 /// step, and a model-sized set of buffers).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (x, weight) = (&input(x), &input(weight));
+    let bias = bias.map(input);
+    let bias = bias.as_ref();
     let mut all = vec![x, weight];
     all.extend(bias);
     if fused(&all) {
@@ -303,6 +350,32 @@ pub fn additive_mask(mask: &Tensor, dtype: candle_core::DType) -> Result<Tensor>
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+
+    /// Without gradients the ops give the same values and record nothing, and the flag is
+    /// restored afterwards.
+    #[test]
+    fn without_grad_gives_the_same_values_untracked() {
+        let mut rng = crate::init::seeded_rng(5);
+        let x = Var::from_tensor(
+            &crate::init::normal(&mut rng, &[2, 3, 8], 1.0, DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let w = crate::init::normal(&mut rng, &[4, 8], 1.0, DType::F32, &Device::Cpu).unwrap();
+        let with = linear(x.as_tensor(), &w, None).unwrap();
+        assert!(with.track_op());
+        let without = without_grad(|| linear(x.as_tensor(), &w, None).unwrap());
+        assert!(!without.track_op());
+        let diff = (with - &without)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        assert!(grad_enabled());
+    }
 
     /// The backward that recomputes the probabilities gives what the one that kept them gives.
     #[test]
