@@ -1,7 +1,9 @@
 //! A decoder with its method attached, for causal-LM fine-tuning and generation: what
 //! `graft train-lm`, `graft generate` and the decoder checks of every method share.
 use crate::error::io_error;
-use crate::task::{apply_merge, attach_full, attach_saved, copy_tokenizer, read_saved, Attachment};
+use crate::task::{
+    adapter_config, apply_merge, attach_full, attach_saved, copy_tokenizer, read_saved, Attachment,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::decoder::{labelled_rows, Decoder, DecoderInputs};
@@ -285,24 +287,15 @@ impl CausalLm {
         if self.full_model {
             self.save_model(dir)?;
         } else {
-            let mut config = serde_json::json!({
-                "peft_type": self.peft_type,
-                "task_type": "CAUSAL_LM",
-                "base_model_name_or_path": self.spec.model.display().to_string(),
-                "inference_mode": true,
-                "revision": null,
-            });
-            if let (Some(out), serde_json::Value::Object(fields)) =
-                (config.as_object_mut(), self.adapter.config_json())
-            {
-                out.extend(fields);
-            }
+            let config = adapter_config(
+                &self.peft_type,
+                &self.spec.model,
+                serde_json::json!({ "task_type": "CAUSAL_LM" }),
+                self.adapter.as_ref(),
+            );
             adapter::save(dir, &config, &self.adapter.tensors()?)?;
         }
-        let text =
-            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
-        adapter::write_atomic(&dir.join(LM_TASK_FILE), text.as_bytes())?;
-        Ok(())
+        crate::config::write_task_file(dir, LM_TASK_FILE, &self.spec)
     }
 
     /// A Hugging Face model folder of the model as it runs now (full fine-tuning's tensors, or

@@ -271,10 +271,7 @@ impl Classifier {
         } else {
             self.save_adapter(dir)?;
         }
-        let text =
-            serde_json::to_string_pretty(&self.spec).map_err(|e| Error::Config(e.to_string()))?;
-        adapter::write_atomic(&dir.join(TASK_FILE), text.as_bytes())?;
-        Ok(())
+        crate::config::write_task_file(dir, TASK_FILE, &self.spec)
     }
 
     /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) of the
@@ -287,19 +284,15 @@ impl Classifier {
     }
 
     fn save_adapter(&self, dir: &Path) -> Result<()> {
-        let mut config = serde_json::json!({
-            "peft_type": self.peft_type,
-            "task_type": "SEQ_CLS",
-            "base_model_name_or_path": self.spec.model_dir.display().to_string(),
-            "modules_to_save": ["classifier", "score"],
-            "inference_mode": true,
-            "revision": null,
-        });
-        if let (Some(out), serde_json::Value::Object(fields)) =
-            (config.as_object_mut(), self.adapter.config_json())
-        {
-            out.extend(fields);
-        }
+        let config = adapter_config(
+            &self.peft_type,
+            &self.spec.model_dir,
+            serde_json::json!({
+                "task_type": "SEQ_CLS",
+                "modules_to_save": ["classifier", "score"],
+            }),
+            self.adapter.as_ref(),
+        );
         let mut tensors = self.adapter.tensors()?;
         tensors.extend(
             self.head_vars()
@@ -447,4 +440,26 @@ pub(crate) fn copy_tokenizer(tokenizer: &Path, dir: &Path) -> Result<()> {
         std::fs::copy(tokenizer, &target).map_err(io_error(tokenizer))?;
     }
     Ok(())
+}
+
+/// PEFT's adapter_config.json: the host's fields (`task`: the task type and what else the task
+/// saves), then the method's own.
+pub(crate) fn adapter_config(
+    peft_type: &str,
+    base_model: &Path,
+    task: serde_json::Value,
+    adapter: &dyn Adapter,
+) -> serde_json::Value {
+    let mut config = serde_json::json!({
+        "peft_type": peft_type,
+        "base_model_name_or_path": base_model.display().to_string(),
+        "inference_mode": true,
+        "revision": null,
+    });
+    for fields in [task, adapter.config_json()] {
+        if let (Some(out), serde_json::Value::Object(fields)) = (config.as_object_mut(), fields) {
+            out.extend(fields);
+        }
+    }
+    config
 }
