@@ -42,6 +42,8 @@ fn pair(c: &mut Criterion, group: &str, shapes: &[&[usize]], fused: &Op<'_>, slo
 }
 
 fn kernels(c: &mut Criterion) {
+    // OpenBLAS's kernels for this CPU, as the graft binary runs them.
+    graft_model::runtime::init();
     let (tokens, hidden, ffn) = ([8, 128], 384, 1536);
     pair(
         c,

@@ -410,8 +410,39 @@ impl Bert {
                 key_bias: Some(bias),
             },
         )?;
-        let attended = layer.attention_out.forward(&context, hooks)?;
-        let x = layer.attention_norm.forward(&(attended + x_out)?, hooks)?;
+        let x = if hooks.acts_on(layer.attention_out.name()) {
+            let attended = layer.attention_out.forward(&context, hooks)?;
+            layer.attention_norm.forward(&(attended + x_out)?, hooks)?
+        } else {
+            // One node (fused when its tensors are frozen), as the feed-forward block below.
+            let (weight, bias) = layer.attention_out.resolved(hooks)?;
+            let (gamma, beta) = layer.attention_norm.resolved(hooks)?;
+            ops::projection_norm(
+                &context,
+                &x_out,
+                (&weight, bias.as_ref()),
+                (&gamma, &beta, layer.attention_norm.eps()),
+            )?
+        };
+        if self.config.hidden_act == "gelu"
+            && !hooks.acts_on(layer.intermediate.name())
+            && !hooks.acts_on(layer.output.name())
+        {
+            // No method acts on the block's sites: one node (fused when its tensors are frozen).
+            let (w_in, b_in) = layer.intermediate.resolved(hooks)?;
+            let (w_out, b_out) = layer.output.resolved(hooks)?;
+            let (gamma, beta) = layer.output_norm.resolved(hooks)?;
+            let block = ops::FeedForward {
+                w_in: &w_in,
+                b_in: b_in.as_ref(),
+                w_out: &w_out,
+                b_out: b_out.as_ref(),
+                gamma: &gamma,
+                beta: &beta,
+                eps: layer.output_norm.eps(),
+            };
+            return Ok(ops::feed_forward_block(&x, &block)?);
+        }
         let inner = layer.intermediate.forward(&x, hooks)?;
         let inner = match self.config.hidden_act.as_str() {
             "gelu" => ops::gelu_erf(&inner)?,

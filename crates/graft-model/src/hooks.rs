@@ -15,6 +15,18 @@ pub struct LinearSite<'a> {
     pub bias: Option<&'a Tensor>,
 }
 
+/// A low-rank update of a linear site's output: `(x ⊙ input_mask) · aᵀ · bᵀ`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `[rank, in_features]`.
+    pub a: Tensor,
+    /// `[out_features, rank]`, any scale folded in.
+    pub b: Tensor,
+    /// Dropout's keep mask over the input (the shape of `x`, already divided by the keep
+    /// probability), if the update sees a dropped-out input.
+    pub input_mask: Option<Tensor>,
+}
+
 /// Static description of a linear site: what a method needs to create its tensors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteInfo {
@@ -46,6 +58,22 @@ pub trait Hooks {
     /// the projection reads (same shape and dtype as `x`), or `None` to keep `x`. Methods that
     /// rescale inputs (IA3's feed-forward sites) act here, so the projection runs once.
     fn linear_input(&self, _site: &LinearSite<'_>, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Whether this method's linear-site hooks ([`Hooks::linear_input`], [`Hooks::low_rank`],
+    /// [`Hooks::linear`]) may act on the site named `site`. `false` promises that they leave
+    /// it as it is, so the model may run it fused with its neighbours (a feed-forward block as
+    /// one kernel) without calling them there. The default, `true`, is always correct.
+    fn acts_on(&self, _site: &str) -> bool {
+        true
+    }
+
+    /// Called at every linear site with its input `x`: a low-rank update `(x ⊙ mask) · aᵀ ·
+    /// bᵀ` to add to the frozen projection's output (LoRA, AdaLoRA), or `None`. The model adds
+    /// it inside the projection (one graph node, the update accumulated by the product itself),
+    /// which a [`Hooks::linear`] that adds the same sum would not get.
+    fn low_rank(&self, _site: &LinearSite<'_>, _x: &Tensor) -> Result<Option<LowRank>> {
         Ok(None)
     }
 
@@ -82,4 +110,8 @@ pub trait Hooks {
 /// The base model alone.
 pub struct NoHooks;
 
-impl Hooks for NoHooks {}
+impl Hooks for NoHooks {
+    fn acts_on(&self, _site: &str) -> bool {
+        false
+    }
+}

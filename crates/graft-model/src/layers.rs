@@ -116,9 +116,20 @@ impl Linear {
             bias: bias.as_ref(),
         };
         let replaced = hooks.linear_input(&site, x)?;
+        let update = hooks.low_rank(&site, x)?;
         // A trained weight (full fine-tuning) gets its gradient; a frozen one costs none.
-        let base = ops::linear(replaced.as_ref().unwrap_or(x), &weight, bias.as_ref())?;
-        Ok(hooks.linear(&site, x, base)?)
+        let out = match (&replaced, &update) {
+            (None, Some(update)) => ops::linear_low_rank(x, &weight, bias.as_ref(), update)?,
+            _ => {
+                let base = ops::linear(replaced.as_ref().unwrap_or(x), &weight, bias.as_ref())?;
+                match &update {
+                    // The update reads the site's input as it was before the replacement.
+                    Some(update) => (base + ops::low_rank_delta(x, update)?)?,
+                    None => base,
+                }
+            }
+        };
+        Ok(hooks.linear(&site, x, out)?)
     }
 
     pub fn info(&self) -> SiteInfo {
@@ -159,6 +170,14 @@ impl Linear {
     pub fn params(&self) -> impl Iterator<Item = &Param> {
         std::iter::once(&self.weight).chain(self.bias.as_ref())
     }
+
+    /// The weight and bias as `hooks` resolve them (a method's substitutes, else the base).
+    pub fn resolved(&self, hooks: &dyn Hooks) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((
+            self.weight.resolve(hooks)?,
+            self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?,
+        ))
+    }
 }
 
 /// A model whose linear sites can be reached by name (to merge adapters into them).
@@ -193,6 +212,15 @@ impl LayerNorm {
 
     pub fn params(&self) -> [&Param; 2] {
         [&self.gamma, &self.beta]
+    }
+
+    /// `(gamma, beta)` as `hooks` resolve them.
+    pub fn resolved(&self, hooks: &dyn Hooks) -> Result<(Tensor, Tensor)> {
+        Ok((self.gamma.resolve(hooks)?, self.beta.resolve(hooks)?))
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 }
 

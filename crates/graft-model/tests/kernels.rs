@@ -198,6 +198,200 @@ fn linear_with_a_trained_weight_and_bias_matches_candle_matmul_and_finite_differ
 }
 
 #[test]
+fn linear_with_a_low_rank_update_matches_its_composition_and_finite_differences() {
+    // Inputs x, A, B are tracked; the weight, bias and dropout mask are constants of the op.
+    for dtype in [DType::F32, DType::F64] {
+        let weight = random(&[5, 8], 1, dtype);
+        let bias = random(&[5], 2, dtype);
+        let mask = (random(&[2, 3, 8], 3, dtype)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            * 2.0)
+            .unwrap();
+        for (bias, mask) in [
+            (Some(&bias), None),
+            (None, Some(&mask)),
+            (Some(&bias), Some(&mask)),
+        ] {
+            let update = |t: &[Tensor]| graft_model::LowRank {
+                a: t[1].clone(),
+                b: t[2].clone(),
+                input_mask: mask.map(|m| m.to_dtype(t[0].dtype()).unwrap()),
+            };
+            let constants = |t: &[Tensor]| {
+                let d = t[0].dtype();
+                (
+                    weight.to_dtype(d).unwrap(),
+                    bias.map(|b| b.to_dtype(d).unwrap()),
+                )
+            };
+            check(
+                &format!(
+                    "linear_low_rank {dtype:?}, bias {}, mask {}",
+                    bias.is_some(),
+                    mask.is_some()
+                ),
+                &|t| {
+                    let (w, b) = constants(t);
+                    ops::linear_low_rank(&t[0], &w, b.as_ref(), &update(t))
+                },
+                &|t| {
+                    let (w, b) = constants(t);
+                    let x = match mask {
+                        Some(m) => (&t[0] * m.to_dtype(t[0].dtype())?)?,
+                        None => t[0].clone(),
+                    };
+                    let delta =
+                        reference::linear(&reference::linear(&x, &t[1], None)?, &t[2], None)?;
+                    reference::linear(&t[0], &w, b.as_ref())? + delta
+                },
+                &[&[2, 3, 8], &[3, 8], &[5, 3]],
+            );
+        }
+    }
+}
+
+#[test]
+fn feed_forward_block_matches_its_composition_and_finite_differences() {
+    // The block's tensors are frozen constants of the op; its input has the gradient.
+    let (hidden, ffn) = (8, 12);
+    let tensors = |dtype: DType| {
+        let scaled =
+            |shape: &[usize], seed: u64, scale: f64| (random(shape, seed, dtype) * scale).unwrap();
+        [
+            scaled(&[ffn, hidden], 1, 0.4),
+            scaled(&[ffn], 2, 0.3),
+            scaled(&[hidden, ffn], 3, 0.4),
+            scaled(&[hidden], 4, 0.3),
+            (scaled(&[hidden], 5, 0.2) + 1.0).unwrap(),
+            scaled(&[hidden], 6, 0.2),
+        ]
+    };
+    let f32s = tensors(DType::F32);
+    let f64s = tensors(DType::F64);
+    let pick = |t: &Tensor| {
+        if t.dtype() == DType::F32 {
+            &f32s
+        } else {
+            &f64s
+        }
+    };
+    check_within(
+        "feed_forward_block",
+        &|t| {
+            let [w_in, b_in, w_out, b_out, gamma, beta] = pick(&t[0]);
+            let block = ops::FeedForward {
+                w_in,
+                b_in: Some(b_in),
+                w_out,
+                b_out: Some(b_out),
+                gamma,
+                beta,
+                eps: 1e-12,
+            };
+            ops::feed_forward_block(&t[0], &block)
+        },
+        &|t| {
+            let [w_in, b_in, w_out, b_out, gamma, beta] = pick(&t[0]);
+            let inner = reference::gelu_erf(&reference::linear(&t[0], w_in, Some(b_in))?)?;
+            let out = reference::linear(&inner, w_out, Some(b_out))?;
+            reference::layer_norm(&(out + &t[0])?, gamma, beta, 1e-12)
+        },
+        &[&[2, 3, hidden]],
+        // candle's GELU backward in the reference is accurate to about 1e-6 (see the GELU test).
+        1e-5,
+    );
+}
+
+#[test]
+fn projection_norm_matches_its_composition_and_finite_differences() {
+    // The projection and norm are frozen constants of the op; input and residual are trained.
+    let (hidden, width) = (8, 6);
+    let tensors = |dtype: DType| {
+        let scaled =
+            |shape: &[usize], seed: u64, scale: f64| (random(shape, seed, dtype) * scale).unwrap();
+        [
+            scaled(&[hidden, width], 1, 0.4),
+            scaled(&[hidden], 2, 0.3),
+            (scaled(&[hidden], 3, 0.2) + 1.0).unwrap(),
+            scaled(&[hidden], 4, 0.2),
+        ]
+    };
+    let f32s = tensors(DType::F32);
+    let f64s = tensors(DType::F64);
+    let pick = |t: &Tensor| {
+        if t.dtype() == DType::F32 {
+            &f32s
+        } else {
+            &f64s
+        }
+    };
+    check(
+        "projection_norm",
+        &|t| {
+            let [w, b, gamma, beta] = pick(&t[0]);
+            ops::projection_norm(&t[0], &t[1], (w, Some(b)), (gamma, beta, 1e-12))
+        },
+        &|t| {
+            let [w, b, gamma, beta] = pick(&t[0]);
+            reference::layer_norm(
+                &(reference::linear(&t[0], w, Some(b))? + &t[1])?,
+                gamma,
+                beta,
+                1e-12,
+            )
+        },
+        &[&[2, 3, width], &[2, 3, hidden]],
+    );
+}
+
+#[test]
+fn fused_blocks_and_their_compositions_give_bit_identical_outputs() {
+    // A model must compute the same logits whether its tensors are trained (composed) or
+    // reloaded frozen (fused): full fine-tuning's reload test.
+    let x = random(&[3, 7, 16], 1, DType::F32);
+    let residual = random(&[3, 7, 24], 2, DType::F32);
+    let w_out = (random(&[24, 32], 4, DType::F32) * 0.2).unwrap();
+    let w = (random(&[24, 16], 5, DType::F32) * 0.2).unwrap();
+    let [b_in, b_out, gamma, beta] =
+        [6u64, 7, 8, 9].map(|seed| random(&[if seed == 6 { 32 } else { 24 }], seed, DType::F32));
+    let trained = |t: &Tensor| Var::from_tensor(t).unwrap().as_tensor().clone();
+    let projection = |w: &Tensor, gamma: &Tensor| {
+        ops::projection_norm(&x, &residual, (w, Some(&b_out)), (gamma, &beta, 1e-12)).unwrap()
+    };
+    assert_eq!(
+        max_diff(
+            &projection(&w, &gamma),
+            &projection(&trained(&w), &trained(&gamma))
+        ),
+        0.0
+    );
+    let hidden = random(&[3, 7, 24], 10, DType::F32);
+    let block = |w_in: &Tensor, gamma: &Tensor| {
+        let block = ops::FeedForward {
+            w_in,
+            b_in: Some(&b_in),
+            w_out: &w_out,
+            b_out: Some(&b_out),
+            gamma,
+            beta: &beta,
+            eps: 1e-12,
+        };
+        ops::feed_forward_block(&hidden, &block).unwrap()
+    };
+    let w_in = (random(&[32, 24], 11, DType::F32) * 0.2).unwrap();
+    assert_eq!(
+        max_diff(
+            &block(&w_in, &gamma),
+            &block(&trained(&w_in), &trained(&gamma))
+        ),
+        0.0
+    );
+}
+
+#[test]
 fn a_frozen_and_a_trained_weight_give_bit_identical_outputs() {
     let x = random(&[3, 7, 16], 1, DType::F32);
     let w = random(&[24, 16], 2, DType::F32);

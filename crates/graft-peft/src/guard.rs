@@ -6,7 +6,7 @@ use crate::method::{Adapter, AttachContext, Method};
 use crate::{PluginError, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use graft_model::{Hooks, LinearSite, ModelInfo};
+use graft_model::{Hooks, LinearSite, LowRank, ModelInfo};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -122,6 +122,11 @@ pub struct GuardedAdapter {
 }
 
 impl Hooks for GuardedAdapter {
+    /// A panic counts as "may act": the model then calls the hooks, which report it.
+    fn acts_on(&self, site: &str) -> bool {
+        catch_unwind(AssertUnwindSafe(|| self.inner.acts_on(site))).unwrap_or(true)
+    }
+
     fn linear_input(
         &self,
         site: &LinearSite<'_>,
@@ -138,6 +143,21 @@ impl Hooks for GuardedAdapter {
                 x.dims(),
                 x.dtype(),
             )?;
+        }
+        Ok(out)
+    }
+
+    fn low_rank(&self, site: &LinearSite<'_>, x: &Tensor) -> candle_core::Result<Option<LowRank>> {
+        let out = guarded_hook(&self.path, "low_rank", || self.inner.low_rank(site, x))?;
+        if let Some(update) = &out {
+            let (out_f, in_f) = site.weight.dims2()?;
+            let rank = update.a.dims().first().copied().unwrap_or(0);
+            let hook = format!("low_rank({})", site.name);
+            check(&self.path, &hook, &update.a, &[rank, in_f], x.dtype())?;
+            check(&self.path, &hook, &update.b, &[out_f, rank], x.dtype())?;
+            if let Some(mask) = &update.input_mask {
+                check(&self.path, &hook, mask, x.dims(), x.dtype())?;
+            }
         }
         Ok(out)
     }

@@ -351,6 +351,11 @@ impl PrefixAdapter {
 }
 
 impl graft_model::Hooks for PrefixAdapter {
+    /// Acts through key/value prefixes only: every linear site may run fused.
+    fn acts_on(&self, _site: &str) -> bool {
+        false
+    }
+
     fn kv_prefix_len(&self) -> usize {
         self.num_virtual_tokens
     }

@@ -176,7 +176,12 @@ struct LoopState {
     loss_curve: Vec<(f64, f64)>,
     f1_curve: Vec<(f64, f64)>,
     tokens: usize,
+    /// Seconds of each step's forward, backward and update, tokenization excluded (as the
+    /// PyTorch reference times its steps: `cargo xtask bench --reference`).
     step_seconds: Vec<f64>,
+    /// Seconds spent tokenizing each step's batches.
+    #[serde(default)]
+    tokenize_seconds: Vec<f64>,
     /// Steps whose batch gave a NaN or infinite loss or gradient and was skipped.
     skipped: Vec<usize>,
     /// The last evaluation's speed (not checkpointed: a resumed run measures its own).
@@ -382,6 +387,7 @@ fn run_loop(
         let step_started = Instant::now();
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut step_loss = 0.0;
+        let mut tokenizing = std::time::Duration::ZERO;
         for _ in 0..t.grad_accum {
             if state.cursor >= state.order.len() {
                 state.order = (0..train_set.texts.len()).collect();
@@ -393,7 +399,9 @@ fn run_loop(
             let batch: Vec<usize> = state.order[state.cursor..state.cursor + take].to_vec();
             state.cursor += take;
             let texts: Vec<String> = batch.iter().map(|&i| train_set.texts[i].clone()).collect();
+            let tokenize_started = Instant::now();
             let encoded = classifier.tokenizer.encode_batch(&texts)?;
+            tokenizing += tokenize_started.elapsed();
             // Tokens as computed, padding included (batches pad to their longest row).
             state.tokens += encoded.batch * encoded.seq_len;
             let inputs = classifier.inputs(&encoded)?;
@@ -450,7 +458,8 @@ fn run_loop(
             classifier.adapter.after_step(done, &grads)?;
             state
                 .step_seconds
-                .push(step_started.elapsed().as_secs_f64());
+                .push((step_started.elapsed() - tokenizing).as_secs_f64());
+            state.tokenize_seconds.push(tokenizing.as_secs_f64());
             state.loss_curve.push((done as f64, step_loss));
             let tokens_per_s =
                 state.tokens as f64 / state.step_seconds.iter().sum::<f64>().max(1e-9);
@@ -536,6 +545,7 @@ fn run_loop(
     report["trainable_params"] = json!(trainable_params);
     report["total_params"] = json!(total_params);
     report["step_seconds_median"] = json!(median_after_warmup(&state.step_seconds));
+    report["tokenize_seconds_median"] = json!(median_after_warmup(&state.tokenize_seconds));
     // Steady-state speed: the mean tokens of a step over the median step after warm-up (the
     // running rate in the log includes the slow first steps).
     let steps_done = state.step_seconds.len().max(1) as f64;

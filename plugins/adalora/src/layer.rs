@@ -2,6 +2,7 @@
 //! `y = base + scale · dropout(x) · (A⊙E)ᵀ · Bᵀ` with `A = Q` `[r, in]`, `E = Λ` `[r, 1]`,
 //! `B = P` `[out, r]`, and the orthogonality regulariser on P and Q.
 use graft_peft::candle::{DType, Result, Tensor, Var};
+use graft_peft::graft_model::LowRank;
 
 pub struct AdaLoraLayer {
     /// `[r, in]`, normal(0, 0.02): the right singular vectors (rows).
@@ -25,17 +26,18 @@ impl AdaLoraLayer {
         a.broadcast_mul(&self.e.as_tensor().to_dtype(dtype)?)
     }
 
-    /// The update to add to the site's output; `keep` is an optional dropout mask over `x`
-    /// (already divided by the keep probability). A rank-0 site adds nothing: check
-    /// [`Self::rank`] first.
-    pub fn delta_output(&self, x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-        let x = match keep {
-            Some(mask) => x.broadcast_mul(mask)?,
-            None => x.clone(),
-        };
-        let b = self.b.as_tensor().to_dtype(x.dtype())?;
-        let down = x.broadcast_matmul(&self.scaled_a(x.dtype())?.t()?)?;
-        down.broadcast_matmul(&b.t()?)? * self.scale
+    /// The update as the model adds it to the site's output, `(x ⊙ keep) · (A⊙E)ᵀ ·
+    /// (scale·B)ᵀ`, or `None` for a rank-0 site; `keep` is an optional dropout mask over `x`
+    /// (already divided by the keep probability).
+    pub fn update(&self, dtype: DType, keep: Option<Tensor>) -> Result<Option<LowRank>> {
+        if self.rank() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(LowRank {
+            a: self.scaled_a(dtype)?,
+            b: (self.b.as_tensor().to_dtype(dtype)? * self.scale)?,
+            input_mask: keep,
+        }))
     }
 
     /// `scale · B·(A⊙E)`, the `[out, in]` weight delta that merging adds to the base weight.
@@ -93,7 +95,7 @@ mod tests {
     use super::*;
     use graft_peft::candle::Device;
     use graft_peft::graft_model::init;
-    use graft_peft::graft_model::ops::linear;
+    use graft_peft::graft_model::ops::{linear, low_rank_delta};
     use proptest::prelude::*;
 
     fn var(t: Tensor) -> Var {
@@ -158,7 +160,7 @@ mod tests {
             let w = random(&mut rng, &[out, inp]);
             let x = random(&mut rng, &[rows, inp]);
             let unmerged = (linear(&x, &w, None).unwrap()
-                + layer.delta_output(&x, None).unwrap()).unwrap();
+                + low_rank_delta(&x, &layer.update(x.dtype(), None).unwrap().unwrap()).unwrap()).unwrap();
             let merged_w = (&w + layer.delta_weight().unwrap()).unwrap();
             let merged = linear(&x, &merged_w, None).unwrap();
             prop_assert!(max_diff(&merged, &unmerged) <= 1e-5);
@@ -235,7 +237,7 @@ mod tests {
             scale: 2.0,
         };
         let x = random(&mut rng, &[4, 7]);
-        let delta = layer.delta_output(&x, None).unwrap();
+        let delta = low_rank_delta(&x, &layer.update(x.dtype(), None).unwrap().unwrap()).unwrap();
         assert_eq!(scalar(&delta.abs().unwrap().sum_all().unwrap()), 0.0);
         assert_eq!(
             scalar(

@@ -16,7 +16,7 @@ use config::invalid;
 use graft_peft::candle::backprop::GradStore;
 use graft_peft::candle::{Device, Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::{Hooks, LinearSite, SiteInfo};
+use graft_peft::graft_model::{Hooks, LinearSite, LowRank, SiteInfo};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -317,18 +317,18 @@ fn zero_pruned(e: &Var, kept: &[bool]) -> Result<()> {
 }
 
 impl Hooks for AdaLoraAdapter {
-    fn linear(
+    fn acts_on(&self, site: &str) -> bool {
+        self.layers.contains_key(site)
+    }
+
+    fn low_rank(
         &self,
         site: &LinearSite<'_>,
         x: &Tensor,
-        base: Tensor,
-    ) -> graft_peft::candle::Result<Tensor> {
+    ) -> graft_peft::candle::Result<Option<LowRank>> {
         match self.layers.get(site.name) {
-            Some(layer) if layer.rank() > 0 => {
-                let keep = self.dropout_mask(x)?;
-                base + layer.delta_output(x, keep.as_ref())?
-            }
-            _ => Ok(base),
+            Some(layer) => layer.update(x.dtype(), self.dropout_mask(x)?),
+            None => Ok(None),
         }
     }
 }
@@ -473,7 +473,7 @@ mod tests {
     use super::*;
     use graft_peft::adapter::SavedAdapter;
     use graft_peft::candle::DType;
-    use graft_peft::graft_model::ModelInfo;
+    use graft_peft::graft_model::{ops, ModelInfo};
     use serde_json::json;
 
     fn sites() -> Vec<SiteInfo> {
@@ -518,8 +518,11 @@ mod tests {
             weight: w,
             bias: None,
         };
-        let base = x.matmul(&w.t().unwrap()).unwrap();
-        adapter.linear(&linear, x, base).unwrap()
+        let out = match adapter.low_rank(&linear, x).unwrap() {
+            Some(update) => ops::linear_low_rank(x, w, None, &update),
+            None => ops::linear(x, w, None),
+        };
+        adapter.linear(&linear, x, out.unwrap()).unwrap()
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub struct FullAdapter {
 }
 
 impl Hooks for FullAdapter {
+    /// Trains the sites' tensors through [`Hooks::parameter`], not their hooks (a trained
+    /// tensor makes the model compose the site's ops anyway).
+    fn acts_on(&self, _site: &str) -> bool {
+        false
+    }
+
     fn parameter(&self, key: &str) -> Option<Tensor> {
         self.params.get(key).map(|v| v.as_tensor().clone())
     }

@@ -142,6 +142,10 @@ pub struct Ia3Adapter {
 }
 
 impl Hooks for Ia3Adapter {
+    fn acts_on(&self, site: &str) -> bool {
+        self.layers.contains_key(site)
+    }
+
     fn linear(
         &self,
         site: &LinearSite<'_>,

@@ -1,5 +1,6 @@
 //! The LoRA update of one linear site: `y = base + scale · dropout(x) · Aᵀ · Bᵀ`.
-use graft_peft::candle::{Result, Tensor, Var};
+use graft_peft::candle::{DType, Result, Tensor, Var};
+use graft_peft::graft_model::LowRank;
 
 pub struct LoraLayer {
     /// `[r, in]`, kaiming-uniform initialised.
@@ -10,19 +11,16 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
-    /// The update to add to the site's output; `keep` is an optional dropout mask over `x`
-    /// (already divided by the keep probability).
-    pub fn delta_output(&self, x: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-        let x = match keep {
-            Some(mask) => x.broadcast_mul(mask)?,
-            None => x.clone(),
-        };
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
-        // The scale is folded into B (out x r) rather than applied to the output (tokens x
-        // out): one pass over the activations fewer, forward and backward.
-        let b = (self.b.as_tensor().to_dtype(x.dtype())? * self.scale)?;
-        let down = graft_peft::graft_model::ops::linear(&x, &a, None)?;
-        graft_peft::graft_model::ops::linear(&down, &b, None)
+    /// The update as the model adds it to the site's output, `(x ⊙ keep) · Aᵀ · (scale·B)ᵀ`;
+    /// `keep` is an optional dropout mask over `x` (already divided by the keep probability).
+    /// The scale is folded into B (out x r) rather than applied to the output (tokens x out):
+    /// one pass over the activations fewer, forward and backward.
+    pub fn update(&self, dtype: DType, keep: Option<Tensor>) -> Result<LowRank> {
+        Ok(LowRank {
+            a: self.a.as_tensor().to_dtype(dtype)?,
+            b: (self.b.as_tensor().to_dtype(dtype)? * self.scale)?,
+            input_mask: keep,
+        })
     }
 
     /// `scale · B·A`, the `[out, in]` weight delta that merging adds to the base weight.
@@ -36,7 +34,7 @@ mod tests {
     use super::*;
     use graft_peft::candle::{DType, Device};
     use graft_peft::graft_model::init;
-    use graft_peft::graft_model::ops::linear;
+    use graft_peft::graft_model::ops::{linear, low_rank_delta};
     use proptest::prelude::*;
 
     fn layer(rng: &mut init::SeededRng, out: usize, inp: usize, r: usize, scale: f64) -> LoraLayer {
@@ -67,7 +65,7 @@ mod tests {
             let lora = layer(&mut rng, out, inp, r, scale);
             let w = init::normal(&mut rng, &[out, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
             let x = init::normal(&mut rng, &[rows, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
-            let unmerged = (linear(&x, &w, None).unwrap() + lora.delta_output(&x, None).unwrap()).unwrap();
+            let unmerged = (linear(&x, &w, None).unwrap() + low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap()).unwrap()).unwrap();
             let merged_w = (&w + lora.delta_weight().unwrap()).unwrap();
             let merged = linear(&x, &merged_w, None).unwrap();
             prop_assert!(max_diff(&merged, &unmerged) <= 1e-9);
@@ -102,7 +100,7 @@ mod tests {
         let x = init::normal(&mut rng, &[3, 7], 1.0, DType::F64, &Device::Cpu).unwrap();
         assert_eq!(
             max_diff(
-                &lora.delta_output(&x, None).unwrap(),
+                &low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap()).unwrap(),
                 &x.zeros_like().unwrap().narrow(1, 0, 5).unwrap()
             ),
             0.0

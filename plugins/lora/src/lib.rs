@@ -10,7 +10,7 @@ pub use layer::LoraLayer;
 
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::{Hooks, LinearSite};
+use graft_peft::graft_model::{Hooks, LinearSite, LowRank};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -143,18 +143,18 @@ impl LoraAdapter {
 }
 
 impl Hooks for LoraAdapter {
-    fn linear(
+    fn acts_on(&self, site: &str) -> bool {
+        self.layers.contains_key(site)
+    }
+
+    fn low_rank(
         &self,
         site: &LinearSite<'_>,
         x: &Tensor,
-        base: Tensor,
-    ) -> graft_peft::candle::Result<Tensor> {
+    ) -> graft_peft::candle::Result<Option<LowRank>> {
         match self.layers.get(site.name) {
-            Some(layer) => {
-                let keep = self.dropout_mask(x)?;
-                base + layer.delta_output(x, keep.as_ref())?
-            }
-            None => Ok(base),
+            Some(layer) => Ok(Some(layer.update(x.dtype(), self.dropout_mask(x)?)?)),
+            None => Ok(None),
         }
     }
 }

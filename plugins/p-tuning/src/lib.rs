@@ -152,6 +152,11 @@ impl PTuningAdapter {
 }
 
 impl Hooks for PTuningAdapter {
+    /// Acts through prompts only: every linear site may run fused.
+    fn acts_on(&self, _site: &str) -> bool {
+        false
+    }
+
     fn prompt(&self, batch: usize) -> graft_peft::candle::Result<Option<Tensor>> {
         let tokens = self.virtual_tokens()?;
         let (n, d) = tokens.dims2()?;

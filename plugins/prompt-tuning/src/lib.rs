@@ -93,6 +93,11 @@ pub struct PromptAdapter {
 }
 
 impl Hooks for PromptAdapter {
+    /// Acts through prompts only: every linear site may run fused.
+    fn acts_on(&self, _site: &str) -> bool {
+        false
+    }
+
     fn prompt(&self, batch: usize) -> graft_peft::candle::Result<Option<Tensor>> {
         let (n, h) = self.prompt.as_tensor().dims2()?;
         self.prompt

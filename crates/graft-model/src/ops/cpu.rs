@@ -1226,3 +1226,543 @@ impl CustomOp3 for Linear {
         Self::bwd_any(x, w, Some(b), grad)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A frozen projection with a low-rank update, `y = x · Wᵀ + b + (x ⊙ m) · Aᵀ · Bᵀ` (LoRA,
+// AdaLoRA), as one graph node over (x, A, B). Composed, the update's sum and x's second
+// consumer cost candle's backward a zeroed gradient and an add each, per site; here the update
+// is accumulated into the product's output by the BLAS call, forward and backward.
+
+pub(crate) struct LowRankLinear {
+    /// Frozen (the composition handles a trained weight), contiguous `[out, in]`.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Dropout's keep mask, contiguous, the shape of x.
+    pub mask: Option<Tensor>,
+}
+
+/// `[m, n]` = `a · b` (`[m, k]`, `[k, n]` views) in a new buffer.
+fn product<T: Float>((m, n, k): (usize, usize, usize), a: View<T>, b: View<T>) -> Vec<T> {
+    // SAFETY: the product (not accumulated) writes every element.
+    unsafe {
+        parallel::written(m * n, |dst| {
+            gemm((m, n, k), dst, n, false, a, b, T::one(), Threads::Pool)
+        })
+    }
+}
+
+/// Runs `f` on the data of `t`, if there is a `t`.
+fn with_optional<T: Float, R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> Result<R>,
+) -> Result<R> {
+    match t {
+        Some(t) => with_data::<T, _>(t, |data| f(Some(data))),
+        None => f(None),
+    }
+}
+
+impl LowRankLinear {
+    /// `x ⊙ mask`, or x itself.
+    fn masked<'a, T: Float>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
+        match mask {
+            Some(m) => x.iter().zip(m).map(|(&x, &m)| x * m).collect(),
+            None => x.into(),
+        }
+    }
+
+    /// The frozen tensors' data: `f(weight, bias, mask)`.
+    fn with_frozen<T: Float, R>(
+        &self,
+        f: impl FnOnce(&[T], Option<&[T]>, Option<&[T]>) -> Result<R>,
+    ) -> Result<R> {
+        with_data::<T, _>(&self.weight, |w| {
+            with_optional::<T, _>(self.bias.as_ref(), |bias| {
+                with_optional::<T, _>(self.mask.as_ref(), |mask| f(w, bias, mask))
+            })
+        })
+    }
+
+    fn fwd<T: Float>(&self, x: &[T], a: &[T], b: &[T]) -> Result<Vec<T>> {
+        self.with_frozen::<T, _>(|w, bias, mask| {
+            let out_f = self.weight.dims()[0];
+            let in_f = w.len() / out_f;
+            let rank = a.len() / in_f;
+            let rows = x.len() / in_f;
+            let xm = Self::masked(x, mask);
+            let down = product(
+                (rows, rank, in_f),
+                View::rows(xm.as_ptr(), in_f),
+                View::rows(a.as_ptr(), in_f).t(),
+            );
+            // SAFETY: the bias rows (if any) and then the product write every element.
+            Ok(unsafe {
+                parallel::written(rows * out_f, |y: *mut T| {
+                    if let Some(bias) = bias {
+                        for r in 0..rows {
+                            std::ptr::copy_nonoverlapping(bias.as_ptr(), y.add(r * out_f), out_f);
+                        }
+                    }
+                    gemm(
+                        (rows, out_f, in_f),
+                        y,
+                        out_f,
+                        bias.is_some(),
+                        View::rows(x.as_ptr(), in_f),
+                        View::rows(w.as_ptr(), in_f).t(),
+                        T::one(),
+                        Threads::Pool,
+                    );
+                    gemm(
+                        (rows, out_f, rank),
+                        y,
+                        out_f,
+                        true,
+                        View::rows(down.as_ptr(), rank),
+                        View::rows(b.as_ptr(), rank).t(),
+                        T::one(),
+                        Threads::Pool,
+                    );
+                })
+            })
+        })
+    }
+
+    /// `(dx, dA, dB)`, each only where its tensor is tracked.
+    fn bwd_typed<T: Float>(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (rank, in_f) = a.dims2()?;
+        let out_f = b.dims2()?.0;
+        let rows = x.elem_count() / in_f;
+        self.with_frozen::<T, _>(|w, _, mask| {
+            with_data::<T, _>(&grad, |dy| {
+                with_data::<T, _>(x, |xs| {
+                    with_data::<T, _>(a, |av| {
+                        with_data::<T, _>(b, |bv| {
+                            let dy_v = View::rows(dy.as_ptr(), out_f);
+                            // dy · B, [rows, rank]: the gradient at the update's bottleneck.
+                            let t =
+                                product((rows, rank, out_f), dy_v, View::rows(bv.as_ptr(), rank));
+                            let t_v = View::rows(t.as_ptr(), rank);
+                            let dx = if x.track_op() {
+                                // SAFETY: the first product (not accumulated) writes every element.
+                                let mut dx = unsafe {
+                                    parallel::written(x.elem_count(), |dx: *mut T| {
+                                        gemm(
+                                            (rows, in_f, out_f),
+                                            dx,
+                                            in_f,
+                                            false,
+                                            dy_v,
+                                            View::rows(w.as_ptr(), in_f),
+                                            T::one(),
+                                            Threads::Pool,
+                                        );
+                                        if mask.is_none() {
+                                            gemm(
+                                                (rows, in_f, rank),
+                                                dx,
+                                                in_f,
+                                                true,
+                                                t_v,
+                                                View::rows(av.as_ptr(), in_f),
+                                                T::one(),
+                                                Threads::Pool,
+                                            );
+                                        }
+                                    })
+                                };
+                                if let Some(mask) = mask {
+                                    let update = product(
+                                        (rows, in_f, rank),
+                                        t_v,
+                                        View::rows(av.as_ptr(), in_f),
+                                    );
+                                    for ((d, u), m) in dx.iter_mut().zip(&update).zip(mask) {
+                                        *d += *u * *m;
+                                    }
+                                }
+                                Some(tensor(dx, x)?)
+                            } else {
+                                None
+                            };
+                            let xm = Self::masked(xs, mask);
+                            let xm_v = View::rows(xm.as_ptr(), in_f);
+                            let da = a
+                                .track_op()
+                                .then(|| tensor(product((rank, in_f, rows), t_v.t(), xm_v), a))
+                                .transpose()?;
+                            let db = if b.track_op() {
+                                let down = product(
+                                    (rows, rank, in_f),
+                                    xm_v,
+                                    View::rows(av.as_ptr(), in_f).t(),
+                                );
+                                Some(tensor(
+                                    product(
+                                        (out_f, rank, rows),
+                                        dy_v.t(),
+                                        View::rows(down.as_ptr(), rank),
+                                    ),
+                                    b,
+                                )?)
+                            } else {
+                                None
+                            };
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })
+    }
+}
+
+impl CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "graft-low-rank-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = for_float!(s1, "graft-low-rank-linear", T => T::to_cpu_storage_owned(
+            self.fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?)?
+        ));
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.weight.dims()[0];
+        }
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, a, b, grad))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A transformer's feed-forward block with its residual and layer norm, as one graph node over
+// its input (BERT's intermediate + GELU + output + add & norm), for frozen weights:
+// `y = LN(x + GELU(x · W1ᵀ + b1) · W2ᵀ + b2)`. Composed, each of its five candle nodes costs
+// the backward a zeroed gradient and an add, two of them over the wide `[tokens, ffn]`
+// activations; here the input receives one gradient.
+
+pub(crate) struct FeedForwardBlock {
+    /// `[ffn, hidden]` and `[ffn]`, frozen and contiguous, as the other tensors here.
+    pub w_in: Tensor,
+    pub b_in: Option<Tensor>,
+    /// `[hidden, ffn]` and `[hidden]`.
+    pub w_out: Tensor,
+    pub b_out: Option<Tensor>,
+    pub norm: LayerNorm,
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    /// Keep the pre-activation and the pre-norm sum for the backward (when a gradient will
+    /// be asked for), else the backward recomputes them.
+    pub keep: bool,
+    pub kept: OnceLock<(Tensor, Tensor)>,
+}
+
+/// `rows` copies of `row` (a bias), or nothing to copy.
+///
+/// # Safety
+/// `dst` must hold `rows * row.len()` elements.
+unsafe fn copy_rows<T: Float>(dst: *mut T, rows: usize, row: &[T]) {
+    for r in 0..rows {
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * row.len()), row.len()) };
+    }
+}
+
+impl FeedForwardBlock {
+    /// `(pre-activation [rows, ffn], pre-norm sum [rows, hidden])` of input `x`.
+    fn pre_norm<T: Float>(&self, x: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        let (ffn, hidden) = self.w_in.dims2()?;
+        let rows = x.len() / hidden;
+        with_data::<T, _>(&self.w_in, |w_in| {
+            with_data::<T, _>(&self.w_out, |w_out| {
+                with_optional::<T, _>(self.b_in.as_ref(), |b_in| {
+                    with_optional::<T, _>(self.b_out.as_ref(), |b_out| {
+                        // SAFETY: the bias rows (if any) and the product write every element.
+                        let inner = unsafe {
+                            parallel::written(rows * ffn, |dst: *mut T| {
+                                if let Some(b) = b_in {
+                                    copy_rows(dst, rows, b);
+                                }
+                                gemm(
+                                    (rows, ffn, hidden),
+                                    dst,
+                                    ffn,
+                                    b_in.is_some(),
+                                    View::rows(x.as_ptr(), hidden),
+                                    View::rows(w_in.as_ptr(), hidden).t(),
+                                    T::one(),
+                                    Threads::Pool,
+                                )
+                            })
+                        };
+                        let activated = GeluErf::fwd(&inner);
+                        let sum = residual_sum(x, &activated, (w_out, ffn), b_out);
+                        Ok((inner, sum))
+                    })
+                })
+            })
+        })
+    }
+
+    fn fwd<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
+        let (inner, sum) = self.pre_norm(x)?;
+        let y = with_data::<T, _>(&self.gamma, |g| {
+            with_data::<T, _>(&self.beta, |b| Ok(self.norm.fwd(&sum, g, b)))
+        })?;
+        if self.keep {
+            let cpu = &candle_core::Device::Cpu;
+            let (n_inner, n_sum) = (inner.len(), sum.len());
+            let kept = (
+                Tensor::from_vec(inner, n_inner, cpu)?,
+                Tensor::from_vec(sum, n_sum, cpu)?,
+            );
+            let _ = self.kept.set(kept);
+        }
+        Ok(y)
+    }
+
+    fn bwd_typed<T: Float>(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.contiguous()?;
+        let (ffn, hidden) = self.w_in.dims2()?;
+        let recomputed;
+        let (inner, sum) = match self.kept.get() {
+            Some(kept) => kept,
+            None => {
+                let (inner, sum) = with_data::<T, _>(x, |xs| self.pre_norm(xs))?;
+                let cpu = &candle_core::Device::Cpu;
+                let (n_inner, n_sum) = (inner.len(), sum.len());
+                recomputed = (
+                    Tensor::from_vec(inner, n_inner, cpu)?,
+                    Tensor::from_vec(sum, n_sum, cpu)?,
+                );
+                &recomputed
+            }
+        };
+        let dx = with_data::<T, _>(&grad, |dy| {
+            with_data::<T, _>(sum, |sum| {
+                with_data::<T, _>(inner, |inner| {
+                    with_data::<T, _>(&self.gamma, |gamma| {
+                        with_data::<T, _>(&self.w_in, |w_in| {
+                            with_data::<T, _>(&self.w_out, |w_out| {
+                                let rows = sum.len() / hidden;
+                                // Through the norm: the gradient of the pre-norm sum, which
+                                // the residual passes to x as it is.
+                                let (mut dx, _, _) = self.norm.bwd(sum, gamma, dy);
+                                let d_activated = product(
+                                    (rows, ffn, hidden),
+                                    View::rows(dx.as_ptr(), hidden),
+                                    View::rows(w_out.as_ptr(), ffn),
+                                );
+                                let d_inner = GeluErf::bwd(inner, &d_activated);
+                                // SAFETY: dx holds rows x hidden elements, written by nobody else.
+                                unsafe {
+                                    gemm(
+                                        (rows, hidden, ffn),
+                                        dx.as_mut_ptr(),
+                                        hidden,
+                                        true,
+                                        View::rows(d_inner.as_ptr(), ffn),
+                                        View::rows(w_in.as_ptr(), hidden),
+                                        T::one(),
+                                        Threads::Pool,
+                                    )
+                                };
+                                Ok(dx)
+                            })
+                        })
+                    })
+                })
+            })
+        })?;
+        tensor(dx, x)
+    }
+}
+
+impl CustomOp1 for FeedForwardBlock {
+    fn name(&self) -> &'static str {
+        "graft-feed-forward-block"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = for_float!(s1, "graft-feed-forward-block", T => T::to_cpu_storage_owned(
+            self.fwd::<T>(contiguous(s1, l1)?)?
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, grad)?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A projection added to a residual and normalised, `y = LN(r + x · Wᵀ + b)` (BERT's attention
+// output with its add & norm), as one graph node over (x, r) for frozen tensors: the sum and
+// the norm's input are no graph edges of their own.
+
+pub(crate) struct ProjectionNorm {
+    /// `[hidden, width]` and `[hidden]`, frozen and contiguous, as the norm's tensors.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub norm: LayerNorm,
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    /// Keep the pre-norm sum for the backward (when a gradient will be asked for).
+    pub keep: bool,
+    pub kept: OnceLock<Tensor>,
+}
+
+/// `(a · Wᵀ + bias) + residual` `[rows, hidden]`, for `a` `[rows, width]` and `w` `[hidden,
+/// width]`, summed in the order of the composition (`ops::linear`, then the add), so that the
+/// fused blocks and the composed ones give bit-identical outputs.
+fn residual_sum<T: Float>(
+    residual: &[T],
+    a: &[T],
+    (w, width): (&[T], usize),
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let hidden = w.len() / width;
+    let rows = residual.len() / hidden;
+    // SAFETY: the bias rows (if any) and the product write every element.
+    let mut sum = unsafe {
+        parallel::written(rows * hidden, |dst: *mut T| {
+            if let Some(b) = bias {
+                copy_rows(dst, rows, b);
+            }
+            gemm(
+                (rows, hidden, width),
+                dst,
+                hidden,
+                bias.is_some(),
+                View::rows(a.as_ptr(), width),
+                View::rows(w.as_ptr(), width).t(),
+                T::one(),
+                Threads::Pool,
+            )
+        })
+    };
+    for (s, &r) in sum.iter_mut().zip(residual) {
+        *s += r;
+    }
+    sum
+}
+
+impl ProjectionNorm {
+    fn sum<T: Float>(&self, x: &[T], residual: &[T]) -> Result<Vec<T>> {
+        let width = self.weight.dims2()?.1;
+        with_data::<T, _>(&self.weight, |w| {
+            with_optional::<T, _>(self.bias.as_ref(), |b| {
+                Ok(residual_sum(residual, x, (w, width), b))
+            })
+        })
+    }
+
+    fn fwd<T: Float>(&self, x: &[T], residual: &[T]) -> Result<Vec<T>> {
+        let sum = self.sum(x, residual)?;
+        let y = with_data::<T, _>(&self.gamma, |g| {
+            with_data::<T, _>(&self.beta, |b| Ok(self.norm.fwd(&sum, g, b)))
+        })?;
+        if self.keep {
+            let n = sum.len();
+            let _ = self
+                .kept
+                .set(Tensor::from_vec(sum, n, &candle_core::Device::Cpu)?);
+        }
+        Ok(y)
+    }
+
+    /// `(dx, dr)`: the norm's input gradient through the projection, and as it is.
+    fn bwd_typed<T: Float>(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (hidden, width) = self.weight.dims2()?;
+        let sum = match self.kept.get() {
+            Some(kept) => kept.clone(),
+            None => {
+                let sum =
+                    with_data::<T, _>(x, |xs| with_data::<T, _>(residual, |rs| self.sum(xs, rs)))?;
+                let n = sum.len();
+                Tensor::from_vec(sum, n, &candle_core::Device::Cpu)?
+            }
+        };
+        let d_sum = with_data::<T, _>(&grad, |dy| {
+            with_data::<T, _>(&sum, |s| {
+                with_data::<T, _>(&self.gamma, |g| Ok(self.norm.bwd(s, g, dy).0))
+            })
+        })?;
+        let dx = if x.track_op() {
+            let dx = with_data::<T, _>(&self.weight, |w| {
+                let rows = d_sum.len() / hidden;
+                Ok(product(
+                    (rows, width, hidden),
+                    View::rows(d_sum.as_ptr(), hidden),
+                    View::rows(w.as_ptr(), width),
+                ))
+            })?;
+            Some(tensor(dx, x)?)
+        } else {
+            None
+        };
+        Ok((dx, gradient(d_sum, residual)?))
+    }
+}
+
+impl CustomOp2 for ProjectionNorm {
+    fn name(&self) -> &'static str {
+        "graft-projection-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = for_float!(s1, "graft-projection-norm", T => T::to_cpu_storage_owned(
+            self.fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?)?
+        ));
+        Ok((out, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, residual, grad))
+    }
+}

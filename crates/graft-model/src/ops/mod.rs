@@ -291,6 +291,189 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     })
 }
 
+/// `x · Wᵀ + bias` plus a low-rank update `(x ⊙ mask) · aᵀ · bᵀ` (LoRA, AdaLoRA). With a
+/// frozen weight and bias on the CPU this is one fused node (see `cpu::LowRankLinear`);
+/// otherwise the sum of [`linear`] and [`low_rank_delta`].
+pub fn linear_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    update: &crate::LowRank,
+) -> Result<Tensor> {
+    let (rank, in_a) = update.a.dims2()?;
+    let (out_b, rank_b) = update.b.dims2()?;
+    let (out_w, in_w) = weight.dims2()?;
+    if in_a != in_w || out_b != out_w || rank_b != rank {
+        candle_core::bail!(
+            "low-rank update of shapes a {:?}, b {:?} does not fit a weight of {:?}",
+            update.a.dims(),
+            update.b.dims(),
+            weight.dims()
+        )
+    }
+    let (x, weight, a, b) = (
+        &input(x),
+        &input(weight),
+        &input(&update.a),
+        &input(&update.b),
+    );
+    let bias = bias.map(input);
+    let mask = update.input_mask.as_ref().map(input);
+    let mut all = vec![x, weight, a, b];
+    all.extend(bias.as_ref());
+    all.extend(mask.as_ref());
+    let frozen = !weight.track_op() && !bias.as_ref().is_some_and(Tensor::track_op);
+    let mask_fits = mask.as_ref().is_none_or(|m| m.dims() == x.dims());
+    if fused(&all) && frozen && mask_fits {
+        let op = cpu::LowRankLinear {
+            weight: weight.contiguous()?,
+            bias: bias.as_ref().map(Tensor::contiguous).transpose()?,
+            mask: mask.as_ref().map(Tensor::contiguous).transpose()?,
+        };
+        return x.contiguous()?.apply_op3_arc(
+            &a.contiguous()?,
+            &b.contiguous()?,
+            std::sync::Arc::new(Box::new(op)),
+        );
+    }
+    linear(x, weight, bias.as_ref())? + low_rank_delta(x, update)?
+}
+
+/// The low-rank update alone, `(x ⊙ mask) · aᵀ · bᵀ`.
+pub fn low_rank_delta(x: &Tensor, update: &crate::LowRank) -> Result<Tensor> {
+    let x = match &update.input_mask {
+        Some(mask) => x.broadcast_mul(mask)?,
+        None => x.clone(),
+    };
+    linear(&linear(&x, &update.a, None)?, &update.b, None)
+}
+
+/// The frozen tensors of a feed-forward block with its residual and layer norm (BERT's
+/// intermediate, output and output LayerNorm): `LN(x + GELU(x · W_inᵀ + b_in) · W_outᵀ + b_out)`.
+pub struct FeedForward<'a> {
+    /// `[ffn, hidden]`.
+    pub w_in: &'a Tensor,
+    pub b_in: Option<&'a Tensor>,
+    /// `[hidden, ffn]`.
+    pub w_out: &'a Tensor,
+    pub b_out: Option<&'a Tensor>,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub eps: f64,
+}
+
+impl FeedForward<'_> {
+    fn tensors(&self) -> Vec<&Tensor> {
+        let mut all = vec![self.w_in, self.w_out, self.gamma, self.beta];
+        all.extend(self.b_in);
+        all.extend(self.b_out);
+        all
+    }
+
+    /// The block composed of this module's ops, one graph node each.
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
+        let inner = gelu_erf(&linear(x, self.w_in, self.b_in)?)?;
+        let out = linear(&inner, self.w_out, self.b_out)?;
+        layer_norm(&(out + x)?, self.gamma, self.beta, self.eps)
+    }
+}
+
+/// The feed-forward block `LN(x + GELU(x · W_inᵀ + b_in) · W_outᵀ + b_out)`. With frozen
+/// tensors on the CPU it is one node whose backward computes only the input's gradient (see
+/// `cpu::FeedForwardBlock`); with a trained one (full fine-tuning), or elsewhere, the
+/// composition.
+pub fn feed_forward_block(x: &Tensor, block: &FeedForward<'_>) -> Result<Tensor> {
+    let x = &input(x);
+    let frozen = block.tensors().iter().all(|t| !t.track_op());
+    let mut all = block.tensors();
+    all.push(x);
+    if !(frozen && fused(&all)) {
+        return block.composed(x);
+    }
+    let (ffn, hidden) = block.w_in.dims2()?;
+    let fits = x.dims().last() == Some(&hidden)
+        && block.w_out.dims() == [hidden, ffn]
+        && block.b_in.is_none_or(|b| b.dims() == [ffn])
+        && [Some(block.gamma), Some(block.beta), block.b_out]
+            .iter()
+            .flatten()
+            .all(|t| t.dims() == [hidden]);
+    if !fits {
+        candle_core::bail!(
+            "feed-forward block: input {:?} does not fit W_in {:?}, W_out {:?} and norm {:?}",
+            x.dims(),
+            block.w_in.dims(),
+            block.w_out.dims(),
+            block.gamma.dims()
+        )
+    }
+    let contiguous = |t: Option<&Tensor>| t.map(Tensor::contiguous).transpose();
+    let op = cpu::FeedForwardBlock {
+        w_in: block.w_in.contiguous()?,
+        b_in: contiguous(block.b_in)?,
+        w_out: block.w_out.contiguous()?,
+        b_out: contiguous(block.b_out)?,
+        norm: cpu::LayerNorm {
+            eps: block.eps,
+            centred: true,
+        },
+        gamma: block.gamma.contiguous()?,
+        beta: block.beta.contiguous()?,
+        keep: x.track_op(),
+        kept: OnceLock::new(),
+    };
+    x.contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(op)))
+}
+
+/// `LN(residual + x · Wᵀ + bias)`: a projection added to a residual and normalised (BERT's
+/// attention output with its add & norm). With frozen tensors on the CPU it is one node over
+/// `(x, residual)` (see `cpu::ProjectionNorm`); otherwise the composition of [`linear`], the
+/// add and [`layer_norm`], with the same values.
+pub fn projection_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    (weight, bias): (&Tensor, Option<&Tensor>),
+    (gamma, beta, eps): (&Tensor, &Tensor, f64),
+) -> Result<Tensor> {
+    let (x, residual) = (&input(x), &input(residual));
+    let mut frozen = vec![weight, gamma, beta];
+    frozen.extend(bias);
+    let mut all = frozen.clone();
+    all.extend([x, residual]);
+    if frozen.iter().any(|t| t.track_op()) || !fused(&all) {
+        return layer_norm(&(linear(x, weight, bias)? + residual)?, gamma, beta, eps);
+    }
+    let (hidden, width) = weight.dims2()?;
+    let fits = x.dims().last() == Some(&width)
+        && residual.dims().last() == Some(&hidden)
+        && x.elem_count() / width == residual.elem_count() / hidden
+        && [Some(gamma), Some(beta), bias]
+            .iter()
+            .flatten()
+            .all(|t| t.dims() == [hidden]);
+    if !fits {
+        candle_core::bail!(
+            "projection_norm: input {:?} and residual {:?} do not fit a weight of {:?} and a norm of {:?}",
+            x.dims(),
+            residual.dims(),
+            weight.dims(),
+            gamma.dims()
+        )
+    }
+    let op = cpu::ProjectionNorm {
+        weight: weight.contiguous()?,
+        bias: bias.map(Tensor::contiguous).transpose()?,
+        norm: cpu::LayerNorm { eps, centred: true },
+        gamma: gamma.contiguous()?,
+        beta: beta.contiguous()?,
+        keep: x.track_op() || residual.track_op(),
+        kept: OnceLock::new(),
+    };
+    x.contiguous()?
+        .apply_op2_arc(&residual.contiguous()?, std::sync::Arc::new(Box::new(op)))
+}
+
 /// The frozen projection off the CPU: the product is computed outside the graph and this op
 /// carries only the input gradient.
 struct FrozenLinearGrad {
