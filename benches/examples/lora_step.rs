@@ -8,7 +8,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::bert::{BertForSequenceClassification, Inputs, Pooling};
 use graft_model::ops::low_rank_delta;
-use graft_model::{init, Hooks, LinearSite, LowRank};
+use graft_model::{init, Acts, Hooks, LinearSite, LowRank};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -35,8 +35,12 @@ impl Lora {
 
 impl Hooks for Lora {
     /// Composed, every site runs op by op; fused, the feed-forward blocks run as one node.
-    fn acts_on(&self, site: &str) -> bool {
-        !self.fused.get() || self.sites.contains_key(site)
+    fn acts_on(&self, site: &str) -> Acts {
+        match (self.fused.get(), self.sites.contains_key(site)) {
+            (false, _) => Acts::Any,
+            (true, true) => Acts::LowRankOnly,
+            (true, false) => Acts::Not,
+        }
     }
 
     fn low_rank(&self, site: &LinearSite<'_>, _x: &Tensor) -> candle_core::Result<Option<LowRank>> {

@@ -3,7 +3,7 @@
 //!
 //! Dropout is not applied (the training graph is deterministic for a seed); the frozen base is
 //! used as in evaluation mode, which is also how the PEFT fixtures' logits were produced.
-use crate::hooks::{Hooks, ModelInfo, SiteInfo};
+use crate::hooks::{Acts, Hooks, LinearSite, ModelInfo, SiteInfo};
 use crate::layers::{ClassifierHead, LayerNorm, Linear, Param};
 use crate::ops;
 use crate::weights::Weights;
@@ -368,6 +368,49 @@ impl Bert {
         Ok((hidden, mask))
     }
 
+    /// Query, key and value as one product `[b, t, 3 · hidden]` (one larger matrix product,
+    /// one graph node and one gradient for the layer input), with the methods' low-rank
+    /// updates of their columns; `None` where a method may act on them otherwise, or their
+    /// weights are trained (then each site runs on its own).
+    fn packed_qkv(&self, layer: &Layer, x: &Tensor, hooks: &dyn Hooks) -> Result<Option<Tensor>> {
+        let sites = [&layer.query, &layer.key, &layer.value];
+        let mut parts = Vec::with_capacity(3);
+        for site in sites {
+            let acts = hooks.acts_on(site.name());
+            let (weight, bias) = site.resolved(hooks)?;
+            let Some(bias) = bias else { return Ok(None) };
+            if acts == Acts::Any || weight.track_op() || bias.track_op() {
+                return Ok(None);
+            }
+            parts.push((site, acts, weight, bias));
+        }
+        let mut updates = Vec::new();
+        let mut column = 0;
+        for (site, acts, weight, bias) in &parts {
+            let out = weight.dim(0)?;
+            if *acts == Acts::LowRankOnly {
+                let linear = LinearSite {
+                    name: site.name(),
+                    weight,
+                    bias: Some(bias),
+                };
+                if let Some(update) = hooks.low_rank(&linear, x)? {
+                    updates.push((column..column + out, update));
+                }
+            }
+            column += out;
+        }
+        let weight = Tensor::cat(&parts.iter().map(|p| &p.2).collect::<Vec<_>>(), 0)?;
+        let bias = Tensor::cat(&parts.iter().map(|p| &p.3).collect::<Vec<_>>(), 0)?;
+        let updates: Vec<_> = updates.iter().map(|(c, u)| (c.clone(), u)).collect();
+        Ok(Some(ops::linear_low_ranks(
+            x,
+            &weight,
+            Some(&bias),
+            &updates,
+        )?))
+    }
+
     fn layer_forward(
         &self,
         index: usize,
@@ -385,32 +428,39 @@ impl Bert {
         } else {
             x.narrow(1, 0, queries)?
         };
-        let q = layer.query.forward(&x_out, hooks)?;
-        let mut k = layer.key.forward(x, hooks)?;
-        let mut v = layer.value.forward(x, hooks)?;
-        if let Some((pk, pv)) = hooks.kv_prefix(index, b)? {
-            // Prefixes come as [b, prefix, heads, head_dim]; the activations are [b, t, hidden].
-            let dtype = k.dtype();
-            let flat = |p: Tensor| -> Result<Tensor> {
-                let (pb, pt, ph, pd) = p.dims4()?;
-                Ok(p.to_dtype(dtype)?.reshape((pb, pt, ph * pd))?)
-            };
-            k = Tensor::cat(&[&flat(pk)?, &k], 1)?;
-            v = Tensor::cat(&[&flat(pv)?, &v], 1)?;
-        }
         let heads = self.config.num_attention_heads;
-        let context = ops::attention(
-            &q,
-            &k,
-            &v,
-            &ops::AttentionSpec {
-                heads,
-                kv_heads: heads,
-                causal: false,
-                key_bias: Some(bias),
-            },
-        )?;
-        let x = if hooks.acts_on(layer.attention_out.name()) {
+        let spec = ops::AttentionSpec {
+            heads,
+            kv_heads: heads,
+            causal: false,
+            key_bias: Some(bias),
+        };
+        let prefix = hooks.kv_prefix(index, b)?;
+        let packed = match (&prefix, queries == x.dim(1)?) {
+            (None, true) => self.packed_qkv(layer, x, hooks)?,
+            _ => None,
+        };
+        let context = match packed {
+            Some(qkv) => ops::attention_packed(&qkv, &spec)?,
+            None => {
+                let q = layer.query.forward(&x_out, hooks)?;
+                let mut k = layer.key.forward(x, hooks)?;
+                let mut v = layer.value.forward(x, hooks)?;
+                if let Some((pk, pv)) = prefix {
+                    // Prefixes come as [b, prefix, heads, head_dim]; the activations are [b,
+                    // t, hidden].
+                    let dtype = k.dtype();
+                    let flat = |p: Tensor| -> Result<Tensor> {
+                        let (pb, pt, ph, pd) = p.dims4()?;
+                        Ok(p.to_dtype(dtype)?.reshape((pb, pt, ph * pd))?)
+                    };
+                    k = Tensor::cat(&[&flat(pk)?, &k], 1)?;
+                    v = Tensor::cat(&[&flat(pv)?, &v], 1)?;
+                }
+                ops::attention(&q, &k, &v, &spec)?
+            }
+        };
+        let x = if hooks.acts_on(layer.attention_out.name()) != Acts::Not {
             let attended = layer.attention_out.forward(&context, hooks)?;
             layer.attention_norm.forward(&(attended + x_out)?, hooks)?
         } else {
@@ -425,8 +475,8 @@ impl Bert {
             )?
         };
         if self.config.hidden_act == "gelu"
-            && !hooks.acts_on(layer.intermediate.name())
-            && !hooks.acts_on(layer.output.name())
+            && hooks.acts_on(layer.intermediate.name()) == Acts::Not
+            && hooks.acts_on(layer.output.name()) == Acts::Not
         {
             // No method acts on the block's sites: one node (fused when its tensors are frozen).
             let (w_in, b_in) = layer.intermediate.resolved(hooks)?;

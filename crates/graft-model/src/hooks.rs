@@ -15,6 +15,17 @@ pub struct LinearSite<'a> {
     pub bias: Option<&'a Tensor>,
 }
 
+/// Which of a method's linear-site hooks act on a site (see [`Hooks::acts_on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acts {
+    /// None: the site computes what the base model's does.
+    Not,
+    /// Only [`Hooks::low_rank`]: no input replacement, no output hook.
+    LowRankOnly,
+    /// Any of them.
+    Any,
+}
+
 /// A low-rank update of a linear site's output: `(x ⊙ input_mask) · aᵀ · bᵀ`.
 #[derive(Debug, Clone)]
 pub struct LowRank {
@@ -61,12 +72,12 @@ pub trait Hooks {
         Ok(None)
     }
 
-    /// Whether this method's linear-site hooks ([`Hooks::linear_input`], [`Hooks::low_rank`],
-    /// [`Hooks::linear`]) may act on the site named `site`. `false` promises that they leave
-    /// it as it is, so the model may run it fused with its neighbours (a feed-forward block as
-    /// one kernel) without calling them there. The default, `true`, is always correct.
-    fn acts_on(&self, _site: &str) -> bool {
-        true
+    /// Which of this method's linear-site hooks may act on the site named `site`. A promise
+    /// that lets the model fuse the site with its neighbours: at a site it is [`Acts::Not`]
+    /// for, the hooks are not called; where it is [`Acts::LowRankOnly`], only
+    /// [`Hooks::low_rank`] is. The default, [`Acts::Any`], is always correct.
+    fn acts_on(&self, _site: &str) -> Acts {
+        Acts::Any
     }
 
     /// Called at every linear site with its input `x`: a low-rank update `(x ⊙ mask) · aᵀ ·
@@ -111,7 +122,7 @@ pub trait Hooks {
 pub struct NoHooks;
 
 impl Hooks for NoHooks {
-    fn acts_on(&self, _site: &str) -> bool {
-        false
+    fn acts_on(&self, _site: &str) -> Acts {
+        Acts::Not
     }
 }

@@ -17,7 +17,7 @@ pub mod weights;
 pub mod zoo;
 
 pub use error::{Error, Result};
-pub use hooks::{Hooks, LinearSite, LowRank, ModelInfo, NoHooks, SiteInfo};
+pub use hooks::{Acts, Hooks, LinearSite, LowRank, ModelInfo, NoHooks, SiteInfo};
 
 /// The device graft computes on: the first CUDA GPU when built with `--features cuda`.
 pub fn default_device() -> Result<candle_core::Device> {

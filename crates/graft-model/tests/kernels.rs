@@ -254,6 +254,55 @@ fn linear_with_a_low_rank_update_matches_its_composition_and_finite_differences(
 }
 
 #[test]
+fn linear_with_low_rank_updates_of_column_blocks_matches_its_composition_and_finite_differences() {
+    // Query, key and value as one product of 12 columns: updates on columns 0..4 (rank 2) and
+    // 8..12 (rank 3), none on the key's 4..8. Inputs x, A_q, B_q, A_v, B_v are tracked.
+    let weight = random(&[12, 8], 1, DType::F64);
+    let bias = random(&[12], 2, DType::F64);
+    let updates = |t: &[Tensor]| {
+        [(0..4, 1, 2), (8..12, 3, 4)].map(|(columns, a, b)| {
+            (
+                columns,
+                graft_model::LowRank {
+                    a: t[a].clone(),
+                    b: t[b].clone(),
+                    input_mask: None,
+                },
+            )
+        })
+    };
+    let constants = |t: &[Tensor]| {
+        let d = t[0].dtype();
+        (weight.to_dtype(d).unwrap(), bias.to_dtype(d).unwrap())
+    };
+    check(
+        "linear_low_ranks",
+        &|t| {
+            let (w, b) = constants(t);
+            let updates = updates(t);
+            let refs: Vec<_> = updates.iter().map(|(c, u)| (c.clone(), u)).collect();
+            ops::linear_low_ranks(&t[0], &w, Some(&b), &refs)
+        },
+        &|t| {
+            let (w, b) = constants(t);
+            let base = reference::linear(&t[0], &w, Some(&b))?;
+            let delta = |a: &Tensor, b: &Tensor| {
+                reference::linear(&reference::linear(&t[0], a, None)?, b, None)
+            };
+            Tensor::cat(
+                &[
+                    (base.narrow(2, 0, 4)? + delta(&t[1], &t[2])?)?,
+                    base.narrow(2, 4, 4)?,
+                    (base.narrow(2, 8, 4)? + delta(&t[3], &t[4])?)?,
+                ],
+                2,
+            )
+        },
+        &[&[2, 3, 8], &[2, 8], &[4, 2], &[3, 8], &[4, 3]],
+    );
+}
+
+#[test]
 fn feed_forward_block_matches_its_composition_and_finite_differences() {
     // The block's tensors are frozen constants of the op; its input has the gradient.
     let (hidden, ffn) = (8, 12);
@@ -459,6 +508,41 @@ fn attention_with_key_prefixes_matches_its_composition_and_finite_differences() 
 fn causal_grouped_query_attention_matches_its_composition_and_finite_differences() {
     check_attention("causal, grouped-query", 4, 2, (5, 7), true, 0);
     check_attention("causal, multi-query, padded", 3, 1, (4, 4), true, 1);
+}
+
+#[test]
+fn packed_attention_matches_its_composition_and_finite_differences() {
+    // q, k and v as the column blocks of one [batch, seq, 3 x 8] input: 2 heads of 4.
+    for dtype in [DType::F32, DType::F64] {
+        let bias = key_bias(2, 5, 2, dtype);
+        let spec = AttentionSpec {
+            heads: 2,
+            kv_heads: 2,
+            causal: false,
+            key_bias: Some(&bias),
+        };
+        check(
+            &format!("attention_packed {dtype:?}"),
+            &|t| {
+                let bias = bias.to_dtype(t[0].dtype())?;
+                let spec = AttentionSpec {
+                    key_bias: Some(&bias),
+                    ..spec
+                };
+                ops::attention_packed(&t[0], &spec)
+            },
+            &|t| {
+                let bias = bias.to_dtype(t[0].dtype())?;
+                let spec = AttentionSpec {
+                    key_bias: Some(&bias),
+                    ..spec
+                };
+                let part = |i: usize| t[0].narrow(2, 8 * i, 8);
+                reference::attention(&part(0)?, &part(1)?, &part(2)?, &spec)
+            },
+            &[&[2, 5, 24]],
+        );
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ use crate::method::{Adapter, AttachContext, Method};
 use crate::{PluginError, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use graft_model::{Hooks, LinearSite, LowRank, ModelInfo};
+use graft_model::{Acts, Hooks, LinearSite, LowRank, ModelInfo};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -123,8 +123,8 @@ pub struct GuardedAdapter {
 
 impl Hooks for GuardedAdapter {
     /// A panic counts as "may act": the model then calls the hooks, which report it.
-    fn acts_on(&self, site: &str) -> bool {
-        catch_unwind(AssertUnwindSafe(|| self.inner.acts_on(site))).unwrap_or(true)
+    fn acts_on(&self, site: &str) -> Acts {
+        catch_unwind(AssertUnwindSafe(|| self.inner.acts_on(site))).unwrap_or(Acts::Any)
     }
 
     fn linear_input(

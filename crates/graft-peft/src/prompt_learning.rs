@@ -352,8 +352,8 @@ impl PrefixAdapter {
 
 impl graft_model::Hooks for PrefixAdapter {
     /// Acts through key/value prefixes only: every linear site may run fused.
-    fn acts_on(&self, _site: &str) -> bool {
-        false
+    fn acts_on(&self, _site: &str) -> graft_model::Acts {
+        graft_model::Acts::Not
     }
 
     fn kv_prefix_len(&self) -> usize {

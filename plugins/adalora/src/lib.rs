@@ -16,7 +16,7 @@ use config::invalid;
 use graft_peft::candle::backprop::GradStore;
 use graft_peft::candle::{Device, Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::{Hooks, LinearSite, LowRank, SiteInfo};
+use graft_peft::graft_model::{Acts, Hooks, LinearSite, LowRank, SiteInfo};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -317,8 +317,11 @@ fn zero_pruned(e: &Var, kept: &[bool]) -> Result<()> {
 }
 
 impl Hooks for AdaLoraAdapter {
-    fn acts_on(&self, site: &str) -> bool {
-        self.layers.contains_key(site)
+    fn acts_on(&self, site: &str) -> Acts {
+        match self.layers.contains_key(site) {
+            true => Acts::LowRankOnly,
+            false => Acts::Not,
+        }
     }
 
     fn low_rank(

@@ -5,7 +5,7 @@
 //! twice their size in memory, and AdamW adds two more copies. No adapter format: PEFT has
 //! none for full fine-tuning, and transformers reads the saved folder directly.
 use graft_peft::candle::{Tensor, Var};
-use graft_peft::graft_model::Hooks;
+use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::serde_json::{json, Value};
 use graft_peft::{Adapter, AttachContext, Error, Method, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -83,8 +83,8 @@ pub struct FullAdapter {
 impl Hooks for FullAdapter {
     /// Trains the sites' tensors through [`Hooks::parameter`], not their hooks (a trained
     /// tensor makes the model compose the site's ops anyway).
-    fn acts_on(&self, _site: &str) -> bool {
-        false
+    fn acts_on(&self, _site: &str) -> Acts {
+        Acts::Not
     }
 
     fn parameter(&self, key: &str) -> Option<Tensor> {

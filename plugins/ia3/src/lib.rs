@@ -11,7 +11,7 @@ pub use config::Ia3Config;
 pub use layer::Ia3Layer;
 
 use graft_peft::candle::{Tensor, Var};
-use graft_peft::graft_model::{init, Hooks, LinearSite, SiteInfo};
+use graft_peft::graft_model::{init, Acts, Hooks, LinearSite, SiteInfo};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -142,8 +142,11 @@ pub struct Ia3Adapter {
 }
 
 impl Hooks for Ia3Adapter {
-    fn acts_on(&self, site: &str) -> bool {
-        self.layers.contains_key(site)
+    fn acts_on(&self, site: &str) -> Acts {
+        match self.layers.contains_key(site) {
+            true => Acts::Any,
+            false => Acts::Not,
+        }
     }
 
     fn linear(

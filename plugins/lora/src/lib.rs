@@ -10,7 +10,7 @@ pub use layer::LoraLayer;
 
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::{Hooks, LinearSite, LowRank};
+use graft_peft::graft_model::{Acts, Hooks, LinearSite, LowRank};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -143,8 +143,11 @@ impl LoraAdapter {
 }
 
 impl Hooks for LoraAdapter {
-    fn acts_on(&self, site: &str) -> bool {
-        self.layers.contains_key(site)
+    fn acts_on(&self, site: &str) -> Acts {
+        match self.layers.contains_key(site) {
+            true => Acts::LowRankOnly,
+            false => Acts::Not,
+        }
     }
 
     fn low_rank(

@@ -16,7 +16,7 @@ pub use encoder::{BiLstm, Linear, LstmDirection, Mlp, PromptEncoder, Reparameter
 
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::Hooks;
+use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
 use std::collections::HashMap;
@@ -153,8 +153,8 @@ impl PTuningAdapter {
 
 impl Hooks for PTuningAdapter {
     /// Acts through prompts only: every linear site may run fused.
-    fn acts_on(&self, _site: &str) -> bool {
-        false
+    fn acts_on(&self, _site: &str) -> Acts {
+        Acts::Not
     }
 
     fn prompt(&self, batch: usize) -> graft_peft::candle::Result<Option<Tensor>> {

@@ -10,7 +10,7 @@ pub use config::{PromptInit, PromptTuningConfig};
 pub use prompt::initial_prompt;
 
 use graft_peft::candle::{Tensor, Var};
-use graft_peft::graft_model::Hooks;
+use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::prompt_learning::{merge_json, VirtualTokens, PROMPT_EMBEDDINGS};
 use graft_peft::serde_json::{json, Value};
 use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
@@ -94,8 +94,8 @@ pub struct PromptAdapter {
 
 impl Hooks for PromptAdapter {
     /// Acts through prompts only: every linear site may run fused.
-    fn acts_on(&self, _site: &str) -> bool {
-        false
+    fn acts_on(&self, _site: &str) -> Acts {
+        Acts::Not
     }
 
     fn prompt(&self, batch: usize) -> graft_peft::candle::Result<Option<Tensor>> {

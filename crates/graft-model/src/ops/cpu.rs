@@ -662,6 +662,10 @@ pub(crate) struct AttentionDims {
     pub head_dim: usize,
     pub causal: bool,
     pub scale: f64,
+    /// Elements from one row of the query input to the next, and of the key and value inputs:
+    /// their widths, or the packed row's when q, k and v are column blocks of one tensor.
+    pub q_stride: usize,
+    pub kv_stride: usize,
 }
 
 impl AttentionDims {
@@ -763,10 +767,10 @@ impl Attention {
         let d = self.dims;
         let (tq, tk) = (d.queries, d.keys);
         let kv_head = head / d.group();
-        let q_view = View::rows(q.at(b * tq * d.q_width() + head * d.head_dim), d.q_width());
+        let q_view = View::rows(q.at(b * tq * d.q_stride + head * d.head_dim), d.q_stride);
         let k_view = View::rows(
-            k.at(b * tk * d.kv_width() + kv_head * d.head_dim),
-            d.kv_width(),
+            k.at(b * tk * d.kv_stride + kv_head * d.head_dim),
+            d.kv_stride,
         );
         unsafe {
             gemm(
@@ -819,8 +823,8 @@ impl Attention {
                 self.probabilities((qp, kp), bias, (b, head), probs);
                 let kv_head = head / d.group();
                 let v_view = View::rows(
-                    vp.at(b * tk * d.kv_width() + kv_head * d.head_dim),
-                    d.kv_width(),
+                    vp.at(b * tk * d.kv_stride + kv_head * d.head_dim),
+                    d.kv_stride,
                 );
                 // Each task writes its own head's columns of its own row: disjoint blocks.
                 unsafe {
@@ -848,25 +852,19 @@ impl Attention {
         out
     }
 
-    /// `(dq, dk, dv)`. One task per key/value head of a row, so that the heads sharing it
-    /// (grouped-query attention) accumulate into its gradient without contention.
+    /// dq, dk and dv into the zeroed buffers given, laid out as q, k and v. One task per
+    /// key/value head of a row, so that the heads sharing it (grouped-query attention)
+    /// accumulate into its gradient without contention.
     fn bwd<T: Float>(
         &self,
         (q, k, v): (&[T], &[T], &[T]),
         bias: Option<&[T]>,
         kept: Option<&[T]>,
         dout: &[T],
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        (dqp, dkp, dvp): (SharedMut<T>, SharedMut<T>, SharedMut<T>),
+    ) {
         let d = self.dims;
         let (tq, tk, hd) = (d.queries, d.keys, d.head_dim);
-        let mut dq = vec![T::zero(); q.len()];
-        let mut dk = vec![T::zero(); k.len()];
-        let mut dv = vec![T::zero(); v.len()];
-        let (dqp, dkp, dvp) = (
-            SharedMut(dq.as_mut_ptr()),
-            SharedMut(dk.as_mut_ptr()),
-            SharedMut(dv.as_mut_ptr()),
-        );
         let (qp, kp, vp, dop) = (
             Shared(q.as_ptr()),
             Shared(k.as_ptr()),
@@ -881,13 +879,14 @@ impl Attention {
             let dprobs = &mut dprobs;
             for task in tasks {
                 let (b, kv_head) = (task / d.kv_heads, task % d.kv_heads);
-                let kv_offset = b * tk * d.kv_width() + kv_head * hd;
-                let k_view = View::rows(kp.at(kv_offset), d.kv_width());
-                let v_view = View::rows(vp.at(kv_offset), d.kv_width());
+                let kv_offset = b * tk * d.kv_stride + kv_head * hd;
+                let k_view = View::rows(kp.at(kv_offset), d.kv_stride);
+                let v_view = View::rows(vp.at(kv_offset), d.kv_stride);
                 for head in kv_head * d.group()..(kv_head + 1) * d.group() {
-                    let q_offset = b * tq * d.q_width() + head * hd;
-                    let q_view = View::rows(qp.at(q_offset), d.q_width());
-                    let do_view = View::rows(dop.at(q_offset), d.q_width());
+                    let q_offset = b * tq * d.q_stride + head * hd;
+                    let q_view = View::rows(qp.at(q_offset), d.q_stride);
+                    // The output (and its gradient) is never packed.
+                    let do_view = View::rows(dop.at(b * tq * d.q_width() + head * hd), d.q_width());
                     let probs: &[T] = match kept {
                         Some(all) => &all[(b * d.heads + head) * block..][..block],
                         None => {
@@ -900,7 +899,7 @@ impl Attention {
                         gemm(
                             (tk, hd, tq),
                             dvp.at(kv_offset),
-                            d.kv_width(),
+                            d.kv_stride,
                             true,
                             View::rows(probs.as_ptr(), tk).t(),
                             do_view,
@@ -930,7 +929,7 @@ impl Attention {
                         gemm(
                             (tq, hd, tk),
                             dqp.at(q_offset),
-                            d.q_width(),
+                            d.q_stride,
                             false,
                             View::rows(dprobs.as_ptr(), tk),
                             k_view,
@@ -941,7 +940,7 @@ impl Attention {
                         gemm(
                             (tk, hd, tq),
                             dkp.at(kv_offset),
-                            d.kv_width(),
+                            d.kv_stride,
                             true,
                             View::rows(dprobs.as_ptr(), tk).t(),
                             q_view,
@@ -952,7 +951,6 @@ impl Attention {
                 }
             }
         });
-        (dq, dk, dv)
     }
 
     fn with_bias<T: Float, R>(&self, f: impl FnOnce(Option<&[T]>) -> Result<R>) -> Result<R> {
@@ -966,30 +964,98 @@ impl Attention {
         self.with_bias::<T, _>(|bias| Ok(T::to_cpu_storage_owned(self.fwd(q, k, v, bias))))
     }
 
+    /// The gradients into the zeroed buffers `out` (see [`Attention::bwd`]), with the
+    /// probabilities kept by the forward if there are any.
+    fn grads_into<T: Float>(
+        &self,
+        inputs: (&[T], &[T], &[T]),
+        grad: &Tensor,
+        out: (SharedMut<T>, SharedMut<T>, SharedMut<T>),
+    ) -> Result<()> {
+        let grad = grad.contiguous()?;
+        with_data::<T, _>(&grad, |dout| {
+            self.with_bias::<T, _>(|bias| match self.kept.get() {
+                Some(kept) => with_data::<T, _>(kept, |p| {
+                    self.bwd(inputs, bias, Some(p), dout, out);
+                    Ok(())
+                }),
+                None => {
+                    self.bwd(inputs, bias, None, dout, out);
+                    Ok(())
+                }
+            })
+        })
+    }
+
     fn bwd_typed<T: Float>(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dq, dk, dv) = with_data::<T, _>(q, |qs| {
+        let mut dq = vec![T::zero(); q.elem_count()];
+        let mut dk = vec![T::zero(); k.elem_count()];
+        let mut dv = vec![T::zero(); v.elem_count()];
+        let out = (
+            SharedMut(dq.as_mut_ptr()),
+            SharedMut(dk.as_mut_ptr()),
+            SharedMut(dv.as_mut_ptr()),
+        );
+        with_data::<T, _>(q, |qs| {
             with_data::<T, _>(k, |ks| {
-                with_data::<T, _>(v, |vs| {
-                    with_data::<T, _>(&grad, |dout| {
-                        self.with_bias::<T, _>(|bias| match self.kept.get() {
-                            Some(kept) => with_data::<T, _>(kept, |p| {
-                                Ok(self.bwd((qs, ks, vs), bias, Some(p), dout))
-                            }),
-                            None => Ok(self.bwd((qs, ks, vs), bias, None, dout)),
-                        })
-                    })
-                })
+                with_data::<T, _>(v, |vs| self.grads_into((qs, ks, vs), grad, out))
             })
         })?;
         Ok((
             Some(tensor(dq, q)?),
             Some(tensor(dk, k)?),
             Some(tensor(dv, v)?),
+        ))
+    }
+
+    /// Where k and v start in a packed row (q, k, v as column blocks of one tensor).
+    fn packed_offsets(&self) -> (usize, usize) {
+        let d = self.dims;
+        (d.q_width(), d.q_width() + d.kv_width())
+    }
+
+    fn bwd_packed_typed<T: Float>(&self, qkv: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (k_at, v_at) = self.packed_offsets();
+        let mut dqkv = vec![T::zero(); qkv.elem_count()];
+        let base = dqkv.as_mut_ptr();
+        // SAFETY: the offsets are inside the buffer (a packed row is wider than both).
+        let out = unsafe {
+            (
+                SharedMut(base),
+                SharedMut(base.add(k_at)),
+                SharedMut(base.add(v_at)),
+            )
+        };
+        with_data::<T, _>(qkv, |all| {
+            self.grads_into((all, &all[k_at..], &all[v_at..]), grad, out)
+        })?;
+        tensor(dqkv, qkv)
+    }
+}
+
+/// Packed: q, k and v as the column blocks of one `[batch, seq, q + 2 kv]` input.
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "graft-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (k_at, v_at) = self.packed_offsets();
+        let out = for_float!(s1, "graft-attention-packed", T => {
+            let all: &[T] = contiguous(s1, l1)?;
+            self.cpu_fwd_typed::<T>(all, &all[k_at..], &all[v_at..])?
+        });
+        let d = self.dims;
+        Ok((out, Shape::from((d.batch, d.queries, d.q_width()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            for_dtype!(qkv.dtype(), T => self.bwd_packed_typed::<T>(qkv, grad)?),
         ))
     }
 }
@@ -1228,10 +1294,21 @@ impl CustomOp3 for Linear {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A frozen projection with a low-rank update, `y = x · Wᵀ + b + (x ⊙ m) · Aᵀ · Bᵀ` (LoRA,
-// AdaLoRA), as one graph node over (x, A, B). Composed, the update's sum and x's second
-// consumer cost candle's backward a zeroed gradient and an add each, per site; here the update
-// is accumulated into the product's output by the BLAS call, forward and backward.
+// A frozen projection with low-rank updates of blocks of its output columns,
+// `y[:, cols_i] += (x ⊙ m) · A_iᵀ · B_iᵀ` (LoRA, AdaLoRA; several when query, key and value run
+// as one packed product), as one graph node over (x, A, B): the A_i stacked by rows, the B_i
+// flattened one after the other. Composed, each update's sum and each second consumer of x
+// cost candle's backward a zeroed gradient and an add; here the updates are accumulated into
+// the product's output by the BLAS calls, forward and backward.
+
+/// One update: output columns `columns` get `down[:, ranks] · Bᵀ`, B being the `[columns,
+/// ranks]` row-major block at `b_offset` of the flattened B input.
+#[derive(Clone, Debug)]
+pub(crate) struct UpdateBlock {
+    pub columns: std::ops::Range<usize>,
+    pub ranks: std::ops::Range<usize>,
+    pub b_offset: usize,
+}
 
 pub(crate) struct LowRankLinear {
     /// Frozen (the composition handles a trained weight), contiguous `[out, in]`.
@@ -1239,6 +1316,8 @@ pub(crate) struct LowRankLinear {
     pub bias: Option<Tensor>,
     /// Dropout's keep mask, contiguous, the shape of x.
     pub mask: Option<Tensor>,
+    /// Disjoint, their ranks covering A's rows and their B blocks the whole B input.
+    pub blocks: Vec<UpdateBlock>,
 }
 
 /// `[m, n]` = `a · b` (`[m, k]`, `[k, n]` views) in a new buffer.
@@ -1262,6 +1341,16 @@ fn with_optional<T: Float, R>(
     }
 }
 
+/// Where the factors of a low-rank product live.
+#[derive(Clone, Copy)]
+struct Factors<T> {
+    a: *const T,
+    b: *const T,
+    in_f: usize,
+    out_f: usize,
+    rank: usize,
+}
+
 impl LowRankLinear {
     /// `x ⊙ mask`, or x itself.
     fn masked<'a, T: Float>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
@@ -1283,25 +1372,55 @@ impl LowRankLinear {
         })
     }
 
+    /// `down = xm · Aᵀ`, `[rows, rank]`.
+    fn down<T: Float>(xm: &[T], f: Factors<T>) -> Vec<T> {
+        product(
+            (xm.len() / f.in_f, f.rank, f.in_f),
+            View::rows(xm.as_ptr(), f.in_f),
+            View::rows(f.a, f.in_f).t(),
+        )
+    }
+
+    /// Adds every block's `down[:, ranks] · Bᵀ` into its columns of `y` (`[rows, out]`).
+    ///
+    /// # Safety
+    /// `y` must hold `rows * out_f` elements that no other thread touches.
+    unsafe fn add_updates<T: Float>(&self, y: *mut T, down: &[T], f: Factors<T>) {
+        let rows = down.len() / f.rank.max(1);
+        for block in &self.blocks {
+            let r = block.ranks.len();
+            unsafe {
+                gemm(
+                    (rows, block.columns.len(), r),
+                    y.add(block.columns.start),
+                    f.out_f,
+                    true,
+                    View::rows(down.as_ptr().add(block.ranks.start), f.rank),
+                    View::rows(f.b.add(block.b_offset), r).t(),
+                    T::one(),
+                    Threads::Pool,
+                )
+            };
+        }
+    }
+
     fn fwd<T: Float>(&self, x: &[T], a: &[T], b: &[T]) -> Result<Vec<T>> {
         self.with_frozen::<T, _>(|w, bias, mask| {
-            let out_f = self.weight.dims()[0];
-            let in_f = w.len() / out_f;
-            let rank = a.len() / in_f;
+            let (out_f, in_f) = self.weight.dims2()?;
+            let f = Factors {
+                a: a.as_ptr(),
+                b: b.as_ptr(),
+                in_f,
+                out_f,
+                rank: a.len() / in_f,
+            };
             let rows = x.len() / in_f;
-            let xm = Self::masked(x, mask);
-            let down = product(
-                (rows, rank, in_f),
-                View::rows(xm.as_ptr(), in_f),
-                View::rows(a.as_ptr(), in_f).t(),
-            );
+            let down = Self::down(&Self::masked(x, mask), f);
             // SAFETY: the bias rows (if any) and then the product write every element.
             Ok(unsafe {
                 parallel::written(rows * out_f, |y: *mut T| {
                     if let Some(bias) = bias {
-                        for r in 0..rows {
-                            std::ptr::copy_nonoverlapping(bias.as_ptr(), y.add(r * out_f), out_f);
-                        }
+                        copy_rows(y, rows, bias);
                     }
                     gemm(
                         (rows, out_f, in_f),
@@ -1313,16 +1432,7 @@ impl LowRankLinear {
                         T::one(),
                         Threads::Pool,
                     );
-                    gemm(
-                        (rows, out_f, rank),
-                        y,
-                        out_f,
-                        true,
-                        View::rows(down.as_ptr(), rank),
-                        View::rows(b.as_ptr(), rank).t(),
-                        T::one(),
-                        Threads::Pool,
-                    );
+                    self.add_updates(y, &down, f);
                 })
             })
         })
@@ -1337,18 +1447,41 @@ impl LowRankLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (rank, in_f) = a.dims2()?;
-        let out_f = b.dims2()?.0;
+        let (out_f, in_f) = self.weight.dims2()?;
+        let rank = a.dims2()?.0;
         let rows = x.elem_count() / in_f;
         self.with_frozen::<T, _>(|w, _, mask| {
             with_data::<T, _>(&grad, |dy| {
                 with_data::<T, _>(x, |xs| {
                     with_data::<T, _>(a, |av| {
                         with_data::<T, _>(b, |bv| {
-                            let dy_v = View::rows(dy.as_ptr(), out_f);
-                            // dy · B, [rows, rank]: the gradient at the update's bottleneck.
-                            let t =
-                                product((rows, rank, out_f), dy_v, View::rows(bv.as_ptr(), rank));
+                            let f = Factors {
+                                a: av.as_ptr(),
+                                b: bv.as_ptr(),
+                                in_f,
+                                out_f,
+                                rank,
+                            };
+                            // t = dy[:, columns] · B per block, `[rows, rank]`: the gradient
+                            // at the updates' bottleneck.
+                            // SAFETY: the blocks' ranks cover every column of t.
+                            let t = unsafe {
+                                parallel::written(rows * rank, |t: *mut T| {
+                                    for block in &self.blocks {
+                                        let r = block.ranks.len();
+                                        gemm(
+                                            (rows, r, block.columns.len()),
+                                            t.add(block.ranks.start),
+                                            rank,
+                                            false,
+                                            View::rows(dy.as_ptr().add(block.columns.start), out_f),
+                                            View::rows(bv.as_ptr().add(block.b_offset), r),
+                                            T::one(),
+                                            Threads::Pool,
+                                        );
+                                    }
+                                })
+                            };
                             let t_v = View::rows(t.as_ptr(), rank);
                             let dx = if x.track_op() {
                                 // SAFETY: the first product (not accumulated) writes every element.
@@ -1359,7 +1492,7 @@ impl LowRankLinear {
                                             dx,
                                             in_f,
                                             false,
-                                            dy_v,
+                                            View::rows(dy.as_ptr(), out_f),
                                             View::rows(w.as_ptr(), in_f),
                                             T::one(),
                                             Threads::Pool,
@@ -1393,25 +1526,41 @@ impl LowRankLinear {
                                 None
                             };
                             let xm = Self::masked(xs, mask);
-                            let xm_v = View::rows(xm.as_ptr(), in_f);
                             let da = a
                                 .track_op()
-                                .then(|| tensor(product((rank, in_f, rows), t_v.t(), xm_v), a))
+                                .then(|| {
+                                    let xm_v = View::rows(xm.as_ptr(), in_f);
+                                    tensor(product((rank, in_f, rows), t_v.t(), xm_v), a)
+                                })
                                 .transpose()?;
                             let db = if b.track_op() {
-                                let down = product(
-                                    (rows, rank, in_f),
-                                    xm_v,
-                                    View::rows(av.as_ptr(), in_f).t(),
-                                );
-                                Some(tensor(
-                                    product(
-                                        (out_f, rank, rows),
-                                        dy_v.t(),
-                                        View::rows(down.as_ptr(), rank),
-                                    ),
-                                    b,
-                                )?)
+                                let down = Self::down(&xm, f);
+                                // SAFETY: the blocks' B blocks cover the whole of dB.
+                                let db = unsafe {
+                                    parallel::written(b.elem_count(), |db: *mut T| {
+                                        for block in &self.blocks {
+                                            let r = block.ranks.len();
+                                            gemm(
+                                                (block.columns.len(), r, rows),
+                                                db.add(block.b_offset),
+                                                r,
+                                                false,
+                                                View::rows(
+                                                    dy.as_ptr().add(block.columns.start),
+                                                    out_f,
+                                                )
+                                                .t(),
+                                                View::rows(
+                                                    down.as_ptr().add(block.ranks.start),
+                                                    rank,
+                                                ),
+                                                T::one(),
+                                                Threads::Pool,
+                                            );
+                                        }
+                                    })
+                                };
+                                Some(tensor(db, b)?)
                             } else {
                                 None
                             };
@@ -1459,7 +1608,6 @@ impl CustomOp3 for LowRankLinear {
         for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, a, b, grad))
     }
 }
-
 // ---------------------------------------------------------------------------------------------
 // A transformer's feed-forward block with its residual and layer norm, as one graph node over
 // its input (BERT's intermediate + GELU + output + add & norm), for frozen weights:

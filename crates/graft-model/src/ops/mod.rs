@@ -227,12 +227,34 @@ fn attention_keeping(
         return reference::attention(q, k, v, spec);
     }
     let head_dim = width / spec.heads;
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    let keep = tracked.then_some(keep_limit / q.dtype().size_in_bytes());
+    let op = attention_op(
+        spec,
+        (batch, queries, keys, head_dim),
+        (width, kv_width),
+        keep,
+    )?;
+    q.contiguous()?.apply_op3_arc(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )
+}
+
+/// The fused kernel for `spec` at these sizes, its inputs' rows `strides` (query, key/value)
+/// apart. When a backward will follow, `keep` says how many probabilities it may keep.
+fn attention_op(
+    spec: &AttentionSpec,
+    (batch, queries, keys, head_dim): (usize, usize, usize, usize),
+    (q_stride, kv_stride): (usize, usize),
+    keep: Option<usize>,
+) -> Result<cpu::Attention> {
     // Probabilities are kept for the backward when one will follow and they fit the limit;
     // else (long sequences) the backward recomputes them.
-    let probs_bytes = batch * spec.heads * queries * keys * q.dtype().size_in_bytes();
-    let keep_probs = (q.track_op() || k.track_op() || v.track_op()) && probs_bytes <= keep_limit;
-    let op = cpu::Attention {
-        keep_probs,
+    let probs = batch * spec.heads * queries * keys;
+    Ok(cpu::Attention {
+        keep_probs: keep.is_some_and(|limit| probs <= limit),
         kept: Default::default(),
         dims: cpu::AttentionDims {
             batch,
@@ -243,17 +265,57 @@ fn attention_keeping(
             head_dim,
             causal: spec.causal,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            q_stride,
+            kv_stride,
         },
         key_bias: spec
             .key_bias
             .map(|b| b.reshape((batch, keys))?.contiguous())
             .transpose()?,
+    })
+}
+
+/// As [`attention`], with q, k and v the column blocks `[q | k | v]` of one `[batch, seq,
+/// (heads + 2 kv_heads) · d]` tensor (query, key and value projected as one product): one
+/// graph node, and one gradient for the three.
+pub fn attention_packed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+    let qkv = &input(qkv);
+    let key_bias = spec.key_bias.map(input);
+    let spec = &AttentionSpec {
+        key_bias: key_bias.as_ref(),
+        ..*spec
     };
-    q.contiguous()?.apply_op3_arc(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        std::sync::Arc::new(Box::new(op)),
-    )
+    let (batch, seq, width) = qkv.dims3()?;
+    let parts = spec.heads + 2 * spec.kv_heads;
+    if spec.heads == 0
+        || spec.kv_heads == 0
+        || !spec.heads.is_multiple_of(spec.kv_heads)
+        || !width.is_multiple_of(parts)
+    {
+        candle_core::bail!(
+            "attention: packed q, k, v of {:?} do not fit {} heads over {} key/value heads",
+            qkv.dims(),
+            spec.heads,
+            spec.kv_heads
+        );
+    }
+    let head_dim = width / parts;
+    let (q_width, kv_width) = (spec.heads * head_dim, spec.kv_heads * head_dim);
+    let mut all = vec![qkv];
+    all.extend(spec.key_bias);
+    if !fused(&all) {
+        let q = qkv.narrow(2, 0, q_width)?;
+        let k = qkv.narrow(2, q_width, kv_width)?;
+        let v = qkv.narrow(2, q_width + kv_width, kv_width)?;
+        return reference::attention(&q, &k, &v, spec);
+    }
+    let sizes = (batch, seq, seq, head_dim);
+    let keep = qkv
+        .track_op()
+        .then_some(KEEP_PROBS_BYTES / qkv.dtype().size_in_bytes());
+    let op = attention_op(spec, sizes, (width, width), keep)?;
+    qkv.contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
 /// `x · Wᵀ + b` (`weight` `[out, in]`, `x` `[..., in]`). Gradients reach whichever of `x`,
@@ -300,43 +362,125 @@ pub fn linear_low_rank(
     bias: Option<&Tensor>,
     update: &crate::LowRank,
 ) -> Result<Tensor> {
-    let (rank, in_a) = update.a.dims2()?;
-    let (out_b, rank_b) = update.b.dims2()?;
+    let out = weight.dims2()?.0;
+    linear_low_ranks(x, weight, bias, &[(0..out, update)])
+}
+
+/// `x · Wᵀ + bias` with low-rank updates of blocks of its output columns: `(columns, update)`
+/// adds `(x ⊙ mask) · aᵀ · bᵀ` to those columns (query, key and value projected as one
+/// product, each with its own update). One fused node when the weight and bias are frozen, on
+/// the CPU, and at most a single update has a dropout mask; else the composition.
+pub fn linear_low_ranks(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    updates: &[(std::ops::Range<usize>, &crate::LowRank)],
+) -> Result<Tensor> {
     let (out_w, in_w) = weight.dims2()?;
-    if in_a != in_w || out_b != out_w || rank_b != rank {
-        candle_core::bail!(
-            "low-rank update of shapes a {:?}, b {:?} does not fit a weight of {:?}",
-            update.a.dims(),
-            update.b.dims(),
-            weight.dims()
-        )
+    for (columns, update) in updates {
+        let (rank, in_a) = update.a.dims2()?;
+        let (out_b, rank_b) = update.b.dims2()?;
+        if in_a != in_w || out_b != columns.len() || columns.end > out_w || rank_b != rank {
+            candle_core::bail!(
+                "low-rank update of shapes a {:?}, b {:?} does not fit columns {columns:?} of a weight of {:?}",
+                update.a.dims(),
+                update.b.dims(),
+                weight.dims()
+            )
+        }
     }
-    let (x, weight, a, b) = (
-        &input(x),
-        &input(weight),
-        &input(&update.a),
-        &input(&update.b),
-    );
+    let mut columns: Vec<_> = updates.iter().map(|(c, _)| c.clone()).collect();
+    columns.sort_by_key(|c| c.start);
+    if columns.windows(2).any(|w| w[0].end > w[1].start) {
+        candle_core::bail!("low-rank updates of overlapping columns {columns:?}")
+    }
+    let (x, weight) = (&input(x), &input(weight));
     let bias = bias.map(input);
-    let mask = update.input_mask.as_ref().map(input);
-    let mut all = vec![x, weight, a, b];
+    let parts: Vec<(Tensor, Tensor, Option<Tensor>)> = updates
+        .iter()
+        .map(|(_, u)| (input(&u.a), input(&u.b), u.input_mask.as_ref().map(input)))
+        .collect();
+    let masks: Vec<&Tensor> = parts.iter().filter_map(|(_, _, m)| m.as_ref()).collect();
+    let mut all = vec![x, weight];
     all.extend(bias.as_ref());
-    all.extend(mask.as_ref());
+    all.extend(parts.iter().flat_map(|(a, b, _)| [a, b]));
+    all.extend(masks.iter().copied());
     let frozen = !weight.track_op() && !bias.as_ref().is_some_and(Tensor::track_op);
-    let mask_fits = mask.as_ref().is_none_or(|m| m.dims() == x.dims());
-    if fused(&all) && frozen && mask_fits {
-        let op = cpu::LowRankLinear {
-            weight: weight.contiguous()?,
-            bias: bias.as_ref().map(Tensor::contiguous).transpose()?,
-            mask: mask.as_ref().map(Tensor::contiguous).transpose()?,
-        };
-        return x.contiguous()?.apply_op3_arc(
-            &a.contiguous()?,
-            &b.contiguous()?,
-            std::sync::Arc::new(Box::new(op)),
-        );
+    let masks_fit = match masks.as_slice() {
+        [] => true,
+        [mask] => updates.len() == 1 && mask.dims() == x.dims(),
+        _ => false,
+    };
+    if updates.is_empty() || !(fused(&all) && frozen && masks_fit) {
+        let base = linear(x, weight, bias.as_ref())?;
+        return add_low_ranks(x, base, updates);
     }
-    linear(x, weight, bias.as_ref())? + low_rank_delta(x, update)?
+    // A single update passes its own factors; several are stacked (A by rows, B flattened).
+    let (a, b) = match parts.as_slice() {
+        [(a, b, _)] => (a.contiguous()?, b.contiguous()?),
+        _ => (
+            Tensor::cat(&parts.iter().map(|(a, _, _)| a).collect::<Vec<_>>(), 0)?,
+            Tensor::cat(
+                &parts
+                    .iter()
+                    .map(|(_, b, _)| b.flatten_all())
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?,
+        ),
+    };
+    let mut blocks = Vec::with_capacity(updates.len());
+    let (mut rank, mut b_offset) = (0, 0);
+    for (columns, update) in updates {
+        let r = update.a.dims()[0];
+        blocks.push(cpu::UpdateBlock {
+            columns: columns.clone(),
+            ranks: rank..rank + r,
+            b_offset,
+        });
+        rank += r;
+        b_offset += columns.len() * r;
+    }
+    let op = cpu::LowRankLinear {
+        weight: weight.contiguous()?,
+        bias: bias.as_ref().map(Tensor::contiguous).transpose()?,
+        mask: masks.first().map(|m| m.contiguous()).transpose()?,
+        blocks,
+    };
+    x.contiguous()?
+        .apply_op3_arc(&a, &b, std::sync::Arc::new(Box::new(op)))
+}
+
+/// `base` with each update's delta added to its columns, composed of candle ops.
+fn add_low_ranks(
+    x: &Tensor,
+    base: Tensor,
+    updates: &[(std::ops::Range<usize>, &crate::LowRank)],
+) -> Result<Tensor> {
+    let out = base.dims().last().copied().unwrap_or(0);
+    match updates {
+        [] => Ok(base),
+        [(columns, update)] if *columns == (0..out) => base + low_rank_delta(x, update)?,
+        _ => {
+            let last = base.rank() - 1;
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            let mut sorted: Vec<_> = updates.iter().collect();
+            sorted.sort_by_key(|(columns, _)| columns.start);
+            for (columns, update) in sorted {
+                if columns.start > at {
+                    pieces.push(base.narrow(last, at, columns.start - at)?);
+                }
+                let part = base.narrow(last, columns.start, columns.len())?;
+                pieces.push((part + low_rank_delta(x, update)?)?);
+                at = columns.end;
+            }
+            if at < out {
+                pieces.push(base.narrow(last, at, out - at)?);
+            }
+            Tensor::cat(&pieces, last)
+        }
+    }
 }
 
 /// The low-rank update alone, `(x ⊙ mask) · aᵀ · bᵀ`.
