@@ -4,7 +4,7 @@
 //! intermediate per edge. Every kernel is checked against its composed counterpart in
 //! [`super::reference`] by value and by finite differences (`tests/kernels.rs`).
 use super::blas::{Blas, Gemm};
-use super::matmul::{gemm, Threads, View};
+use super::matmul::{gemm, gemm_onto, Start, Threads, View};
 use super::parallel::{self, Shared, SharedMut};
 use super::simd::{vectorized, Loop};
 use candle_core::{
@@ -801,15 +801,14 @@ impl Attention {
         let out_ptr = SharedMut(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
         let (qp, kp, vp) = (Shared(q.as_ptr()), Shared(k.as_ptr()), Shared(v.as_ptr()));
         let block = tq * tk;
-        let mut kept = vec![
-            T::zero();
-            if self.keep_probs {
-                d.batch * d.heads * block
-            } else {
-                0
-            }
-        ];
-        let kept_ptr = SharedMut::new(&mut kept);
+        // Not zeroed first: every task writes its whole block (6 MiB a MiniLM layer).
+        let kept_len = if self.keep_probs {
+            d.batch * d.heads * block
+        } else {
+            0
+        };
+        let mut kept: Vec<T> = Vec::with_capacity(kept_len);
+        let kept_ptr = SharedMut(kept.as_mut_ptr());
         parallel::for_ranges(d.batch * d.heads, 1, |tasks| {
             let mut scratch = vec![T::zero(); if self.keep_probs { 0 } else { block }];
             for task in tasks {
@@ -841,8 +840,12 @@ impl Attention {
                 }
             }
         });
-        // SAFETY: every (row, head) block was written by its task's product (not accumulated).
-        unsafe { out.set_len(d.batch * tq * d.q_width()) };
+        // SAFETY: every (row, head) block was written by its task's product (not accumulated),
+        // and its probabilities (if kept) by its softmax.
+        unsafe {
+            out.set_len(d.batch * tq * d.q_width());
+            kept.set_len(kept_len);
+        }
         if self.keep_probs {
             let len = kept.len();
             if let Ok(kept) = Tensor::from_vec(kept, len, &candle_core::Device::Cpu) {
@@ -852,9 +855,9 @@ impl Attention {
         out
     }
 
-    /// dq, dk and dv into the zeroed buffers given, laid out as q, k and v. One task per
-    /// key/value head of a row, so that the heads sharing it (grouped-query attention)
-    /// accumulate into its gradient without contention.
+    /// dq, dk and dv into the buffers given (every element written: not zeroed first), laid
+    /// out as q, k and v. One task per key/value head of a row, so that the heads sharing it
+    /// (grouped-query attention) accumulate into its gradient without contention.
     fn bwd<T: Float>(
         &self,
         (q, k, v): (&[T], &[T], &[T]),
@@ -883,6 +886,8 @@ impl Attention {
                 let k_view = View::rows(kp.at(kv_offset), d.kv_stride);
                 let v_view = View::rows(vp.at(kv_offset), d.kv_stride);
                 for head in kv_head * d.group()..(kv_head + 1) * d.group() {
+                    // The group's first head writes dK and dV, the others add to them.
+                    let first = head == kv_head * d.group();
                     let q_offset = b * tq * d.q_stride + head * hd;
                     let q_view = View::rows(qp.at(q_offset), d.q_stride);
                     // The output (and its gradient) is never packed.
@@ -900,7 +905,7 @@ impl Attention {
                             (tk, hd, tq),
                             dvp.at(kv_offset),
                             d.kv_stride,
-                            true,
+                            !first,
                             View::rows(probs.as_ptr(), tk).t(),
                             do_view,
                             T::one(),
@@ -941,7 +946,7 @@ impl Attention {
                             (tk, hd, tq),
                             dkp.at(kv_offset),
                             d.kv_stride,
-                            true,
+                            !first,
                             View::rows(dprobs.as_ptr(), tk).t(),
                             q_view,
                             scale,
@@ -964,8 +969,8 @@ impl Attention {
         self.with_bias::<T, _>(|bias| Ok(T::to_cpu_storage_owned(self.fwd(q, k, v, bias))))
     }
 
-    /// The gradients into the zeroed buffers `out` (see [`Attention::bwd`]), with the
-    /// probabilities kept by the forward if there are any.
+    /// The gradients into the buffers `out`, each element written (see [`Attention::bwd`]),
+    /// with the probabilities kept by the forward if there are any.
     fn grads_into<T: Float>(
         &self,
         inputs: (&[T], &[T], &[T]),
@@ -992,9 +997,9 @@ impl Attention {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut dq = vec![T::zero(); q.elem_count()];
-        let mut dk = vec![T::zero(); k.elem_count()];
-        let mut dv = vec![T::zero(); v.elem_count()];
+        let mut dq: Vec<T> = Vec::with_capacity(q.elem_count());
+        let mut dk: Vec<T> = Vec::with_capacity(k.elem_count());
+        let mut dv: Vec<T> = Vec::with_capacity(v.elem_count());
         let out = (
             SharedMut(dq.as_mut_ptr()),
             SharedMut(dk.as_mut_ptr()),
@@ -1005,6 +1010,12 @@ impl Attention {
                 with_data::<T, _>(v, |vs| self.grads_into((qs, ks, vs), grad, out))
             })
         })?;
+        // SAFETY: the backward wrote every element of the three.
+        unsafe {
+            dq.set_len(q.elem_count());
+            dk.set_len(k.elem_count());
+            dv.set_len(v.elem_count());
+        }
         Ok((
             Some(tensor(dq, q)?),
             Some(tensor(dk, k)?),
@@ -1020,7 +1031,7 @@ impl Attention {
 
     fn bwd_packed_typed<T: Float>(&self, qkv: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (k_at, v_at) = self.packed_offsets();
-        let mut dqkv = vec![T::zero(); qkv.elem_count()];
+        let mut dqkv: Vec<T> = Vec::with_capacity(qkv.elem_count());
         let base = dqkv.as_mut_ptr();
         // SAFETY: the offsets are inside the buffer (a packed row is wider than both).
         let out = unsafe {
@@ -1033,6 +1044,8 @@ impl Attention {
         with_data::<T, _>(qkv, |all| {
             self.grads_into((all, &all[k_at..], &all[v_at..]), grad, out)
         })?;
+        // SAFETY: the backward wrote every element: dq, dk and dv are the row's three blocks.
+        unsafe { dqkv.set_len(qkv.elem_count()) };
         tensor(dqkv, qkv)
     }
 }
@@ -1107,19 +1120,14 @@ impl Linear {
     fn fwd<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, out_f: usize) -> Vec<T> {
         let in_f = w.len() / out_f;
         let rows = x.len() / in_f;
-        // SAFETY: the bias rows (if any) and then the product write every element.
+        // SAFETY: the product, onto the bias rows or not, writes every element.
         unsafe {
             parallel::written(rows * out_f, |y: *mut T| {
-                if let Some(bias) = bias {
-                    for r in 0..rows {
-                        std::ptr::copy_nonoverlapping(bias.as_ptr(), y.add(r * out_f), out_f);
-                    }
-                }
-                gemm(
+                gemm_onto(
                     (rows, out_f, in_f),
                     y,
                     out_f,
-                    bias.is_some(),
+                    bias.map_or(Start::Zero, Start::Rows),
                     View::rows(x.as_ptr(), in_f),
                     View::rows(w.as_ptr(), in_f).t(),
                     T::one(),
@@ -1414,27 +1422,11 @@ impl LowRankLinear {
                 out_f,
                 rank: a.len() / in_f,
             };
-            let rows = x.len() / in_f;
             let down = Self::down(&Self::masked(x, mask), f);
-            // SAFETY: the bias rows (if any) and then the product write every element.
-            Ok(unsafe {
-                parallel::written(rows * out_f, |y: *mut T| {
-                    if let Some(bias) = bias {
-                        copy_rows(y, rows, bias);
-                    }
-                    gemm(
-                        (rows, out_f, in_f),
-                        y,
-                        out_f,
-                        bias.is_some(),
-                        View::rows(x.as_ptr(), in_f),
-                        View::rows(w.as_ptr(), in_f).t(),
-                        T::one(),
-                        Threads::Pool,
-                    );
-                    self.add_updates(y, &down, f);
-                })
-            })
+            let mut y = Linear::fwd(x, w, bias, out_f);
+            // SAFETY: y holds rows x out elements, and nobody else touches it.
+            unsafe { self.add_updates(y.as_mut_ptr(), &down, f) };
+            Ok(y)
         })
     }
 
@@ -1631,43 +1623,15 @@ pub(crate) struct FeedForwardBlock {
     pub kept: OnceLock<(Tensor, Tensor)>,
 }
 
-/// `rows` copies of `row` (a bias), or nothing to copy.
-///
-/// # Safety
-/// `dst` must hold `rows * row.len()` elements.
-unsafe fn copy_rows<T: Float>(dst: *mut T, rows: usize, row: &[T]) {
-    for r in 0..rows {
-        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.add(r * row.len()), row.len()) };
-    }
-}
-
 impl FeedForwardBlock {
     /// `(pre-activation [rows, ffn], pre-norm sum [rows, hidden])` of input `x`.
     fn pre_norm<T: Float>(&self, x: &[T]) -> Result<(Vec<T>, Vec<T>)> {
-        let (ffn, hidden) = self.w_in.dims2()?;
-        let rows = x.len() / hidden;
+        let ffn = self.w_in.dims2()?.0;
         with_data::<T, _>(&self.w_in, |w_in| {
             with_data::<T, _>(&self.w_out, |w_out| {
                 with_optional::<T, _>(self.b_in.as_ref(), |b_in| {
                     with_optional::<T, _>(self.b_out.as_ref(), |b_out| {
-                        // SAFETY: the bias rows (if any) and the product write every element.
-                        let inner = unsafe {
-                            parallel::written(rows * ffn, |dst: *mut T| {
-                                if let Some(b) = b_in {
-                                    copy_rows(dst, rows, b);
-                                }
-                                gemm(
-                                    (rows, ffn, hidden),
-                                    dst,
-                                    ffn,
-                                    b_in.is_some(),
-                                    View::rows(x.as_ptr(), hidden),
-                                    View::rows(w_in.as_ptr(), hidden).t(),
-                                    T::one(),
-                                    Threads::Pool,
-                                )
-                            })
-                        };
+                        let inner = Linear::fwd(x, w_in, b_in, ffn);
                         let activated = GeluErf::fwd(&inner);
                         let sum = residual_sum(x, &activated, (w_out, ffn), b_out);
                         Ok((inner, sum))
@@ -1796,29 +1760,15 @@ fn residual_sum<T: Float>(
     (w, width): (&[T], usize),
     bias: Option<&[T]>,
 ) -> Vec<T> {
-    let hidden = w.len() / width;
-    let rows = residual.len() / hidden;
-    // SAFETY: the bias rows (if any) and the product write every element.
-    let mut sum = unsafe {
-        parallel::written(rows * hidden, |dst: *mut T| {
-            if let Some(b) = bias {
-                copy_rows(dst, rows, b);
-            }
-            gemm(
-                (rows, hidden, width),
-                dst,
-                hidden,
-                bias.is_some(),
-                View::rows(a.as_ptr(), width),
-                View::rows(w.as_ptr(), width).t(),
-                T::one(),
-                Threads::Pool,
-            )
-        })
-    };
-    for (s, &r) in sum.iter_mut().zip(residual) {
-        *s += r;
-    }
+    let mut sum = Linear::fwd(a, w, bias, w.len() / width);
+    let shared = SharedMut::new(&mut sum);
+    parallel::for_ranges(residual.len(), 16384, |range| {
+        // SAFETY: the ranges are disjoint and inside the buffer.
+        let part = unsafe { shared.slice(range.clone()) };
+        for (s, &r) in part.iter_mut().zip(&residual[range]) {
+            *s += r;
+        }
+    });
     sum
 }
 

@@ -63,6 +63,17 @@ pub(crate) enum Threads {
     Caller,
 }
 
+/// What `dst` holds before a product is added to it (see [`gemm_onto`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a, T> {
+    /// Nothing: the product overwrites it.
+    Zero,
+    /// What it holds: the product is added.
+    Kept,
+    /// This row (a bias) in every row, written by the thread that computes those rows.
+    Rows(&'a [T]),
+}
+
 /// `dst[m, n] = (accumulate ? dst : 0) + scale * a[m, k] · b[k, n]`, with `dst` row-major and
 /// its rows `dst_leading` elements apart.
 ///
@@ -71,7 +82,7 @@ pub(crate) enum Threads {
 /// and no other thread may touch the part of `dst` written here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: *mut T,
     dst_leading: usize,
     accumulate: bool,
@@ -80,10 +91,40 @@ pub(crate) unsafe fn gemm<T: Float>(
     scale: T,
     threads: Threads,
 ) {
+    let start = if accumulate { Start::Kept } else { Start::Zero };
+    unsafe { gemm_onto(dims, dst, dst_leading, start, a, b, scale, threads) }
+}
+
+/// `dst[m, n] = start + scale * a[m, k] · b[k, n]`, as [`gemm`].
+///
+/// # Safety
+/// As [`gemm`]; a `Start::Rows` row must hold `n` elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_onto<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_leading: usize,
+    start: Start<'_, T>,
+    a: View<T>,
+    b: View<T>,
+    scale: T,
+    threads: Threads,
+) {
     let dst = SharedMut(dst);
+    // Each part sets its own rows' start, so that the copy runs in parallel and leaves them
+    // in this core's cache for the product.
+    let init = |rows: &std::ops::Range<usize>| {
+        if let Start::Rows(row) = start {
+            for r in rows.clone() {
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(r * dst_leading), n) };
+            }
+        }
+    };
+    let accumulate = !matches!(start, Start::Zero);
     if let Some(blas) = blas::get() {
         if let (Some((ta, lda)), Some((tb, ldb))) = (a.blas_form(m, k), b.blas_form(k, n)) {
             let call = |rows: std::ops::Range<usize>| {
+                init(&rows);
                 let c = |v: usize| v as std::ffi::c_int;
                 // Rows `rows` of dst come from the same rows of a.
                 let a_rows = a.row(rows.start);
@@ -112,6 +153,7 @@ pub(crate) unsafe fn gemm<T: Float>(
     }
     // The gemm crate, split the same way, each part on one thread.
     split_rows(m, n * k, threads, |rows| unsafe {
+        init(&rows);
         gemm::gemm(
             rows.len(),
             n,
