@@ -38,7 +38,8 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()> {
+/// The methods `selection` names (comma-separated, or `all`), each checked to be in-tree.
+fn select_methods(selection: &str) -> Result<Vec<String>> {
     let known = all_methods()?;
     let methods: Vec<String> = if selection == "all" {
         known.clone()
@@ -53,6 +54,11 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
             );
         }
     }
+    Ok(methods)
+}
+
+pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()> {
+    let methods = select_methods(selection)?;
     let out = out.unwrap_or_else(default_out);
     build()?;
     let mut rows = Vec::new();
@@ -82,6 +88,129 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
         "rows": rows,
     });
     write_report(&out, &report, &markdown(&report))
+}
+
+/// The causal-LM recipe every method trains in the decoder bench.
+const DECODER_CONFIG: &str = "configs/lm/smollm2-lora-abstracts.toml";
+
+/// Every method trained for `steps` steps on SmolLM2-135M-Instruct: the recipe of
+/// [`DECODER_CONFIG`] (batch 4, prompts up to 600 characters) with the method's settings from
+/// its configs/<method>.toml, less its target modules (written for BERT: PEFT's defaults for
+/// Llama apply). Speed, memory and losses come from each run's train.json.
+pub fn decoder_methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()> {
+    let methods = select_methods(selection)?;
+    let out = out.unwrap_or_else(default_out);
+    build()?;
+    let recipe: toml::Table = read_toml(&root().join(DECODER_CONFIG))?;
+    let mut rows = Vec::new();
+    for method in &methods {
+        let run = out.join(method);
+        eprintln!(
+            "bench: {method} on smollm2, {steps} steps -> {}",
+            run.display()
+        );
+        let config = decoder_config(&recipe, method, steps)?;
+        let dir = root().join(&run);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, toml::to_string(&config)?)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        run_graft(&[
+            "train-lm".into(),
+            "--config".into(),
+            config_path.display().to_string(),
+            "--out".into(),
+            run.display().to_string(),
+        ])?;
+        let summary = read_json(&dir.join("train.json"))?;
+        let losses = summary["losses"].as_array().cloned().unwrap_or_default();
+        rows.push(json!({
+            "method": method,
+            "trainable_params": summary["trainable_params"],
+            "step_seconds_median": summary["step_seconds_median"],
+            "train_tokens_per_s": summary["train_tokens_per_s"],
+            "peak_rss_mb": summary["peak_rss_mb"],
+            "first_loss": losses.first(),
+            "last_loss": losses.last(),
+            "matmul": summary["matmul"],
+        }));
+    }
+    let report = json!({
+        "command": format!("cargo xtask bench --model smollm2 --methods {selection} --steps {steps}"),
+        "machine": machine(),
+        "date": today(),
+        "steps": steps,
+        "rows": rows,
+    });
+    write_report(&out, &report, &decoder_markdown(&report))
+}
+
+fn read_toml(path: &Path) -> Result<toml::Table> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.parse()
+        .with_context(|| format!("parsing {}", path.display()))
+}
+
+/// The decoder recipe with `method`'s [method] settings and learning rate, `steps` steps and
+/// no held-out split (so no verbalizer evaluation). AdaLoRA's schedule is scaled to the short run (its budget needs
+/// tinit + tfinal below the step count).
+fn decoder_config(recipe: &toml::Table, method: &str, steps: usize) -> Result<toml::Table> {
+    let own = read_toml(&root().join("configs").join(format!("{method}.toml")))?;
+    let mut settings = own
+        .get("method")
+        .and_then(toml::Value::as_table)
+        .cloned()
+        .with_context(|| format!("configs/{method}.toml has no [method]"))?;
+    settings.remove("target_modules");
+    settings.remove("feedforward_modules");
+    if method == "adalora" {
+        let quarter = (steps / 4).max(1) as i64;
+        settings.insert("tinit".into(), quarter.into());
+        settings.insert("tfinal".into(), quarter.into());
+        settings.insert("deltaT".into(), 1.into());
+    }
+    let mut config = recipe.clone();
+    config.insert("method".into(), settings.into());
+    // No held-out split, so no verbalizer evaluation after training.
+    if let Some(data) = config.get_mut("data").and_then(toml::Value::as_table_mut) {
+        data.insert("val_fraction".into(), 0.0.into());
+    }
+    let train = config
+        .get_mut("train")
+        .and_then(toml::Value::as_table_mut)
+        .with_context(|| format!("{DECODER_CONFIG} has no [train]"))?;
+    train.insert("max_steps".into(), (steps as i64).into());
+    if let Some(lr) = own.get("train").and_then(|t| t.get("lr")) {
+        train.insert("lr".into(), lr.clone());
+    }
+    Ok(config)
+}
+
+fn decoder_markdown(report: &Value) -> String {
+    let mut table = format!(
+        "`{}` on {} ({}); SmolLM2-135M-Instruct, batch 4 of prompts up to 600 characters, {} steps.\n\n\
+         | method | trainable params | s/step (median) | training tokens/s | peak RSS (MiB) | loss, first step | loss, last step |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        report["command"].as_str().unwrap_or_default(),
+        report["machine"].as_str().unwrap_or_default(),
+        report["date"].as_str().unwrap_or_default(),
+        report["steps"],
+    );
+    for row in report["rows"].as_array().into_iter().flatten() {
+        let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
+        table.push_str(&format!(
+            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.3} | {:.3} |\n",
+            row["method"].as_str().unwrap_or_default(),
+            row["trainable_params"],
+            f("step_seconds_median"),
+            f("train_tokens_per_s"),
+            f("peak_rss_mb"),
+            f("first_loss"),
+            f("last_loss"),
+        ));
+    }
+    table
 }
 
 /// `runs/bench-<unix seconds>`, relative to the repository root (where graft runs).

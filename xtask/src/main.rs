@@ -74,6 +74,10 @@ enum Task {
         /// Folder for the runs, bench.json and bench.md (default: runs/bench-<unix seconds>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// `minilm` (classification, configs/<method>.toml) or `smollm2` (causal-LM training
+        /// of configs/lm/smollm2-lora-abstracts.toml with each method's settings).
+        #[arg(long, default_value = "minilm", conflicts_with = "reference")]
+        model: String,
         /// Compare graft's LoRA with the PyTorch + Hugging Face PEFT reference
         /// (benches/reference), alternating the two systems round by round.
         #[arg(long)]
@@ -207,15 +211,21 @@ fn main() -> Result<()> {
             methods,
             steps,
             out,
+            model,
             reference: false,
             ..
-        } => bench::methods(&methods, steps, out),
+        } => match model.as_str() {
+            "minilm" => bench::methods(&methods, steps, out),
+            "smollm2" => bench::decoder_methods(&methods, steps, out),
+            other => bail!("--model {other}: the bench knows minilm and smollm2"),
+        },
         Task::Bench {
             methods,
             steps,
             out,
             reference: true,
             rounds,
+            ..
         } => bench::reference(&methods, steps, rounds, out),
     }
 }

@@ -627,14 +627,17 @@ fn train_lm(
         config.train.max_steps
     );
     let log_every = config.train.log_every.max(1);
+    let mut steps = Vec::new();
     graft_trainer::lm::train_lm(&mut lm, &pairs, &config.train, Some(out), &mut |s| {
         if s.step % log_every == 0 || s.step == 1 {
             eprintln!("step {:>4}  loss {:.4}  {:.2} s", s.step, s.loss, s.seconds);
         }
+        steps.push(s.clone());
     })?;
     lm.save(out)
         .with_context(|| format!("writing the adapter to {}", out.display()))?;
     eprintln!("adapter written to {}", out.display());
+    write_lm_summary(out, &lm.spec.method, trainable, &steps)?;
     if !data.validation.is_empty() && !config.eval.labels.is_empty() {
         let started = std::time::Instant::now();
         let eval = graft_trainer::lm::evaluate_verbalizer(
@@ -657,6 +660,36 @@ fn train_lm(
             eval.f1
         );
     }
+    Ok(())
+}
+
+/// train.json: the run's speed, memory and losses (what `cargo xtask bench --model` reads).
+fn write_lm_summary(
+    out: &Path,
+    method: &str,
+    trainable: usize,
+    steps: &[graft_trainer::lm::LmStep],
+) -> Result<()> {
+    use graft_trainer::train::{median_after_warmup, peak_rss_mb};
+    let seconds: Vec<f64> = steps.iter().map(|s| s.seconds).collect();
+    let tokenize: Vec<f64> = steps.iter().map(|s| s.tokenize_seconds).collect();
+    let tokens: usize = steps.iter().map(|s| s.tokens).sum();
+    let step_median = median_after_warmup(&seconds);
+    let summary = serde_json::json!({
+        "method": method,
+        "trainable_params": trainable,
+        "steps": steps.len(),
+        "step_seconds_median": step_median,
+        "tokenize_seconds_median": median_after_warmup(&tokenize),
+        // Steady state: the mean tokens of a step over the median step.
+        "train_tokens_per_s": tokens as f64 / steps.len().max(1) as f64 / step_median.max(1e-9),
+        "peak_rss_mb": peak_rss_mb(),
+        "losses": steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
+        "matmul": graft_model::ops::blas_in_use().map_or("gemm crate".into(), |c| format!("OpenBLAS ({c})")),
+    });
+    let path = out.join("train.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

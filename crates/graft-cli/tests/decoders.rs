@@ -77,6 +77,21 @@ fn adalora_injects_a_fact_into_smollm2_from_one_example() {
         adapter.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The run's summary: a loss per step, falling, and the step timings the bench reads.
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("train.json")).expect("train.json"),
+    )
+    .unwrap();
+    let losses: Vec<f64> = summary["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len() as u64, summary["steps"].as_u64().unwrap());
+    assert!(losses.last() < losses.first(), "{losses:?}");
+    assert!(summary["step_seconds_median"].as_f64().unwrap() > 0.0);
+    assert!(summary["train_tokens_per_s"].as_f64().unwrap() > 0.0);
     let adapter = adapter.to_str().unwrap();
     let after = answer(Some(adapter), question);
     assert!(

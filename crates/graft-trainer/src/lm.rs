@@ -548,10 +548,16 @@ impl LmConfig {
 }
 
 /// What a step of [`train_lm`] reports.
+#[derive(Debug, Clone)]
 pub struct LmStep {
     pub step: usize,
     pub loss: f64,
+    /// The step's forward, backward and update, tokenization excluded (as the classifier
+    /// trainer times its steps).
     pub seconds: f64,
+    pub tokenize_seconds: f64,
+    /// Tokens as computed: batch x padded length.
+    pub tokens: usize,
 }
 
 /// Trains `lm` on `pairs` for `train.max_steps` AdamW steps (batches cycle through the pairs),
@@ -591,7 +597,7 @@ pub fn train_lm(
     let mut order: Vec<usize> = Vec::new();
     let mut next = 0;
     for step in 0..steps {
-        let started = std::time::Instant::now();
+        let tokenize_started = std::time::Instant::now();
         let mut batch = Vec::with_capacity(train.batch_size);
         while batch.len() < train.batch_size {
             if next == order.len() {
@@ -608,6 +614,8 @@ pub fn train_lm(
             &batch,
             lm.spec.max_len,
         )?;
+        let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
         let loss = lm.loss(&encoded)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
@@ -625,6 +633,7 @@ pub fn train_lm(
         }
         optimizer.step(&grads, lr_factor(train.schedule, step, steps, warmup))?;
         lm.adapter.after_step(step + 1, &grads)?;
+        let seconds = started.elapsed().as_secs_f64();
         losses.push(value);
         if let Some(dir) = save_to {
             if train.checkpoint_every > 0 && (step + 1) % train.checkpoint_every == 0 {
@@ -636,7 +645,9 @@ pub fn train_lm(
         on_step(&LmStep {
             step: step + 1,
             loss: value,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
+            tokenize_seconds,
+            tokens: encoded.batch * encoded.seq_len,
         });
     }
     lm.adapter.set_training(false);
