@@ -1,6 +1,8 @@
-//! Criterion benchmarks of every fused CPU kernel at the sizes of a MiniLM training batch
-//! (8 x 128 tokens, hidden 384, 12 heads, FFN 1536), forward and backward separately, each
-//! beside the candle composition it replaces (`ops::reference`).
+//! Criterion benchmarks of the fused CPU kernels at the sizes of a MiniLM training batch (8 x 128
+//! tokens, hidden 384, 12 heads, FFN 1536), forward and backward separately, each beside the
+//! candle composition it replaces (`ops::reference`): layer norm, GELU, attention (and over a
+//! packed q/k/v), the frozen and trained projections, the packed q/k/v projection with low-rank
+//! updates, and BERT's attention-output and feed-forward blocks with their add & norm.
 //!
 //! `cargo bench -p graft-benches --bench kernels` (or `cargo xtask bench --kernels`).
 use candle_core::{DType, Device, Tensor, Var};
@@ -88,6 +90,102 @@ fn kernels(c: &mut Criterion) {
         &[&[8, 128, hidden]],
         &|t| ops::linear(&t[0], &weight, Some(&bias)),
         &|t| reference::linear(&t[0], &weight, Some(&bias)),
+    );
+    // Query, key and value as one packed product, LoRA r=8 updates on the query and value
+    // columns (the trained inputs: x and the four factors).
+    let w_qkv = random(&[3 * hidden, hidden], 9);
+    let b_qkv = random(&[3 * hidden], 10);
+    let lora: &[&[usize]] = &[
+        &[8, 128, hidden],
+        &[8, hidden],
+        &[hidden, 8],
+        &[8, hidden],
+        &[hidden, 8],
+    ];
+    let updates = |t: &[Tensor]| {
+        [(0..hidden, 1), (2 * hidden..3 * hidden, 3)].map(|(columns, i)| {
+            let update = graft_model::LowRank {
+                a: t[i].clone(),
+                b: t[i + 1].clone(),
+                input_mask: None,
+            };
+            (columns, update)
+        })
+    };
+    pair(
+        c,
+        "packed q/k/v 1024x384 -> 3x384 with two LoRA r=8 updates",
+        lora,
+        &|t| {
+            let updates = updates(t);
+            let refs: Vec<_> = updates.iter().map(|(c, u)| (c.clone(), u)).collect();
+            ops::linear_low_ranks(&t[0], &w_qkv, Some(&b_qkv), &refs)
+        },
+        &|t| {
+            let base = reference::linear(&t[0], &w_qkv, Some(&b_qkv))?;
+            let delta = |i: usize| {
+                reference::linear(&reference::linear(&t[0], &t[i], None)?, &t[i + 1], None)
+            };
+            Tensor::cat(
+                &[
+                    (base.narrow(2, 0, hidden)? + delta(1)?)?,
+                    base.narrow(2, hidden, hidden)?,
+                    (base.narrow(2, 2 * hidden, hidden)? + delta(3)?)?,
+                ],
+                2,
+            )
+        },
+    );
+    pair(
+        c,
+        "attention over packed q/k/v 8x128, 12 heads",
+        &[&[8, 128, 3 * hidden]],
+        &|t| ops::attention_packed(&t[0], &spec),
+        &|t| {
+            let part = |i: usize| t[0].narrow(2, i * hidden, hidden);
+            reference::attention(&part(0)?, &part(1)?, &part(2)?, &spec)
+        },
+    );
+    // BERT's attention output and feed-forward blocks with their add & norm, frozen tensors.
+    let w_out = random(&[hidden, hidden], 11);
+    let w_down = random(&[hidden, ffn], 12);
+    let [b_hidden, gamma, beta] = [13, 14, 15].map(|seed| random(&[hidden], seed));
+    pair(
+        c,
+        "attention output + add & norm 1024x384",
+        &[&[8, 128, hidden], &[8, 128, hidden]],
+        &|t| {
+            ops::projection_norm(
+                &t[0],
+                &t[1],
+                (&w_out, Some(&b_hidden)),
+                (&gamma, &beta, 1e-12),
+            )
+        },
+        &|t| {
+            let sum = (reference::linear(&t[0], &w_out, Some(&b_hidden))? + &t[1])?;
+            reference::layer_norm(&sum, &gamma, &beta, 1e-12)
+        },
+    );
+    let block = ops::FeedForward {
+        w_in: &weight,
+        b_in: Some(&bias),
+        w_out: &w_down,
+        b_out: Some(&b_hidden),
+        gamma: &gamma,
+        beta: &beta,
+        eps: 1e-12,
+    };
+    pair(
+        c,
+        "feed-forward block + add & norm 1024x384, ffn 1536",
+        &[&[8, 128, hidden]],
+        &|t| ops::feed_forward_block(&t[0], &block),
+        &|t| {
+            let inner = reference::gelu_erf(&reference::linear(&t[0], &weight, Some(&bias))?)?;
+            let out = reference::linear(&inner, &w_down, Some(&b_hidden))?;
+            reference::layer_norm(&(out + &t[0])?, &gamma, &beta, 1e-12)
+        },
     );
     pair(
         c,

@@ -302,30 +302,56 @@ fn linear_with_low_rank_updates_of_column_blocks_matches_its_composition_and_fin
     );
 }
 
+/// Frozen constants of a fused op in f32 and in f64, each `scale · N(0, 1) + offset` of its
+/// shape; `like(t)` picks those of `t`'s dtype.
+struct Constants {
+    f32: Vec<Tensor>,
+    f64: Vec<Tensor>,
+}
+
+impl Constants {
+    fn new(specs: &[(&[usize], f64, f64)]) -> Self {
+        let make = |dtype: DType| {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, (shape, scale, offset))| {
+                    random(shape, 1 + i as u64, dtype)
+                        .affine(*scale, *offset)
+                        .unwrap()
+                })
+                .collect()
+        };
+        Self {
+            f32: make(DType::F32),
+            f64: make(DType::F64),
+        }
+    }
+
+    fn like(&self, t: &Tensor) -> &[Tensor] {
+        if t.dtype() == DType::F32 {
+            &self.f32
+        } else {
+            &self.f64
+        }
+    }
+}
+
 #[test]
 fn feed_forward_block_matches_its_composition_and_finite_differences() {
     // The block's tensors are frozen constants of the op; its input has the gradient.
     let (hidden, ffn) = (8, 12);
-    let tensors = |dtype: DType| {
-        let scaled =
-            |shape: &[usize], seed: u64, scale: f64| (random(shape, seed, dtype) * scale).unwrap();
-        [
-            scaled(&[ffn, hidden], 1, 0.4),
-            scaled(&[ffn], 2, 0.3),
-            scaled(&[hidden, ffn], 3, 0.4),
-            scaled(&[hidden], 4, 0.3),
-            (scaled(&[hidden], 5, 0.2) + 1.0).unwrap(),
-            scaled(&[hidden], 6, 0.2),
-        ]
-    };
-    let f32s = tensors(DType::F32);
-    let f64s = tensors(DType::F64);
-    let pick = |t: &Tensor| {
-        if t.dtype() == DType::F32 {
-            &f32s
-        } else {
-            &f64s
-        }
+    let constants = Constants::new(&[
+        (&[ffn, hidden], 0.4, 0.0),
+        (&[ffn], 0.3, 0.0),
+        (&[hidden, ffn], 0.4, 0.0),
+        (&[hidden], 0.3, 0.0),
+        (&[hidden], 0.2, 1.0),
+        (&[hidden], 0.2, 0.0),
+    ]);
+    let pick = |t: &Tensor| match constants.like(t) {
+        [w_in, b_in, w_out, b_out, gamma, beta] => [w_in, b_in, w_out, b_out, gamma, beta],
+        _ => unreachable!("six constants"),
     };
     check_within(
         "feed_forward_block",
@@ -358,24 +384,15 @@ fn feed_forward_block_matches_its_composition_and_finite_differences() {
 fn projection_norm_matches_its_composition_and_finite_differences() {
     // The projection and norm are frozen constants of the op; input and residual are trained.
     let (hidden, width) = (8, 6);
-    let tensors = |dtype: DType| {
-        let scaled =
-            |shape: &[usize], seed: u64, scale: f64| (random(shape, seed, dtype) * scale).unwrap();
-        [
-            scaled(&[hidden, width], 1, 0.4),
-            scaled(&[hidden], 2, 0.3),
-            (scaled(&[hidden], 3, 0.2) + 1.0).unwrap(),
-            scaled(&[hidden], 4, 0.2),
-        ]
-    };
-    let f32s = tensors(DType::F32);
-    let f64s = tensors(DType::F64);
-    let pick = |t: &Tensor| {
-        if t.dtype() == DType::F32 {
-            &f32s
-        } else {
-            &f64s
-        }
+    let constants = Constants::new(&[
+        (&[hidden, width], 0.4, 0.0),
+        (&[hidden], 0.3, 0.0),
+        (&[hidden], 0.2, 1.0),
+        (&[hidden], 0.2, 0.0),
+    ]);
+    let pick = |t: &Tensor| match constants.like(t) {
+        [w, b, gamma, beta] => [w, b, gamma, beta],
+        _ => unreachable!("four constants"),
     };
     check(
         "projection_norm",
