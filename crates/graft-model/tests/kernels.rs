@@ -302,6 +302,48 @@ fn linear_with_low_rank_updates_of_column_blocks_matches_its_composition_and_fin
     );
 }
 
+#[test]
+fn low_rank_updates_with_their_own_dropout_masks_compose_to_the_same_values() {
+    // Two updates, each with its own mask: the composition path (one fused node takes at most
+    // one mask), against the reference built by hand.
+    let x = random(&[2, 3, 8], 1, DType::F64);
+    let weight = random(&[12, 8], 2, DType::F64);
+    let mask = |seed: u64| {
+        (random(&[2, 3, 8], seed, DType::F64)
+            .ge(0.0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            * 2.0)
+            .unwrap()
+    };
+    let updates = [(0..4, 3, 4, 5), (8..12, 6, 7, 8)].map(|(columns, a, b, m)| {
+        let update = graft_model::LowRank {
+            a: random(&[2, 8], a, DType::F64),
+            b: random(&[4, 2], b, DType::F64),
+            input_mask: Some(mask(m)),
+        };
+        (columns, update)
+    });
+    let refs: Vec<_> = updates.iter().map(|(c, u)| (c.clone(), u)).collect();
+    let out = ops::linear_low_ranks(&x, &weight, None, &refs).unwrap();
+    let base = reference::linear(&x, &weight, None).unwrap();
+    let delta = |u: &graft_model::LowRank| {
+        let xm = (&x * u.input_mask.as_ref().unwrap()).unwrap();
+        reference::linear(&reference::linear(&xm, &u.a, None).unwrap(), &u.b, None).unwrap()
+    };
+    let want = Tensor::cat(
+        &[
+            (base.narrow(2, 0, 4).unwrap() + delta(&updates[0].1)).unwrap(),
+            base.narrow(2, 4, 4).unwrap(),
+            (base.narrow(2, 8, 4).unwrap() + delta(&updates[1].1)).unwrap(),
+        ],
+        2,
+    )
+    .unwrap();
+    assert!(max_diff(&out, &want) < 1e-12);
+}
+
 /// Frozen constants of a fused op in f32 and in f64, each `scale · N(0, 1) + offset` of its
 /// shape; `like(t)` picks those of `t`'s dtype.
 struct Constants {

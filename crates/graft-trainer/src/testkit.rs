@@ -1,6 +1,7 @@
 //! Checks every PEFT method must pass, for plugin test suites (in-tree and third-party):
 //! gradients agree with finite differences, every trainable tensor gets a gradient, the loss
-//! falls on real data, and a saved adapter reloads to the same logits.
+//! falls on real data, a saved adapter reloads to the same logits, and the method's
+//! `Hooks::acts_on` promises hold.
 use crate::data::Dataset;
 use crate::lm::{CausalLm, LmSpec};
 use crate::optim::{AdamW, ParamGroup};
@@ -8,6 +9,7 @@ use crate::task::{Classifier, TaskSpec};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::bert::Pooling;
+use graft_model::{Acts, Hooks, LinearSite, LowRank};
 use graft_peft::loader::{LoadedPlugin, Registry};
 use graft_peft::Method;
 use graft_tokenizer::{
@@ -411,8 +413,81 @@ pub struct Reloaded {
     pub logits: Tensor,
 }
 
+/// The adapter's hooks, saying that they may act on every linear site: the model then runs
+/// every site op by op and calls every hook there.
+struct ActsEverywhere<'a>(&'a dyn Hooks);
+
+impl Hooks for ActsEverywhere<'_> {
+    fn acts_on(&self, _site: &str) -> Acts {
+        Acts::Any
+    }
+    fn linear_input(
+        &self,
+        site: &LinearSite<'_>,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        self.0.linear_input(site, x)
+    }
+    fn low_rank(&self, site: &LinearSite<'_>, x: &Tensor) -> candle_core::Result<Option<LowRank>> {
+        self.0.low_rank(site, x)
+    }
+    fn linear(
+        &self,
+        site: &LinearSite<'_>,
+        x: &Tensor,
+        base: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.0.linear(site, x, base)
+    }
+    fn prompt(&self, batch: usize) -> candle_core::Result<Option<Tensor>> {
+        self.0.prompt(batch)
+    }
+    fn kv_prefix_len(&self) -> usize {
+        self.0.kv_prefix_len()
+    }
+    fn kv_prefix(
+        &self,
+        layer: usize,
+        batch: usize,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        self.0.kv_prefix(layer, batch)
+    }
+    fn parameter(&self, key: &str) -> Option<Tensor> {
+        self.0.parameter(key)
+    }
+}
+
+/// A method's [`Hooks::acts_on`] promises hold: with its tensors set at random (so that none
+/// sits at an identity), the model's logits with its sites fused where the method allows are
+/// those of every site run op by op, within float rounding. Returns the largest difference.
+pub fn check_acts_on(method: &dyn Method, settings: &serde_json::Value) -> Result<f64> {
+    let classifier = classifier(method, settings, DType::F32, 64, 3)?;
+    let keys: Vec<String> = classifier
+        .adapter
+        .trainable()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    randomize(&classifier, |name| keys.iter().any(|k| k == name), 0.1, 17)?;
+    let (texts, _) = real_batch(4)?;
+    let fused = classifier.logits(&texts)?;
+    let encoded = classifier.tokenizer.encode_batch(&texts)?;
+    let inputs = classifier.inputs(&encoded)?;
+    let op_by_op = classifier
+        .model
+        .forward(&inputs, &ActsEverywhere(classifier.hooks()))?;
+    let diff = max_abs_diff(&fused, &op_by_op)?;
+    if diff > 1e-4 {
+        return Err(Error::Check(format!(
+            "{}: logits with the sites its acts_on leaves to fusion differ by {diff} from op-by-op ones: a hook acts where acts_on says it does not",
+            method.name()
+        )));
+    }
+    Ok(diff)
+}
+
 /// The persistence check every method passes: train 3 steps, save, reopen through a registry
-/// holding `reopen_with`, and get bit-identical logits.
+/// holding `reopen_with`, and get bit-identical logits; on the way, [`check_acts_on`].
 pub fn check_reload(
     method: &dyn Method,
     settings: &serde_json::Value,
@@ -421,6 +496,7 @@ pub fn check_reload(
     let mut classifier = classifier(method, settings, DType::F32, 64, 5)?;
     let (texts, labels) = real_batch(4)?;
     train_steps(&mut classifier, &texts, &labels, 3, 1e-2)?;
+    check_acts_on(method, settings)?;
     let logits = classifier.logits(&texts)?;
     let dir = tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
     classifier.save(dir.path())?;
