@@ -150,31 +150,28 @@ fn kernels(c: &mut Criterion) {
     let w_out = random(&[hidden, hidden], 11);
     let w_down = random(&[hidden, ffn], 12);
     let [b_hidden, gamma, beta] = [13, 14, 15].map(|seed| random(&[hidden], seed));
+    let norm = |weight: &Tensor| ops::ResidualNorm {
+        weight: weight.clone(),
+        bias: Some(b_hidden.clone()),
+        gamma: gamma.clone(),
+        beta: beta.clone(),
+        eps: 1e-12,
+    };
+    let attention_out = norm(&w_out);
     pair(
         c,
         "attention output + add & norm 1024x384",
         &[&[8, 128, hidden], &[8, 128, hidden]],
-        &|t| {
-            ops::projection_norm(
-                &t[0],
-                &t[1],
-                (&w_out, Some(&b_hidden)),
-                (&gamma, &beta, 1e-12),
-            )
-        },
+        &|t| ops::projection_norm(&t[0], &t[1], &attention_out),
         &|t| {
             let sum = (reference::linear(&t[0], &w_out, Some(&b_hidden))? + &t[1])?;
             reference::layer_norm(&sum, &gamma, &beta, 1e-12)
         },
     );
     let block = ops::FeedForward {
-        w_in: &weight,
-        b_in: Some(&bias),
-        w_out: &w_down,
-        b_out: Some(&b_hidden),
-        gamma: &gamma,
-        beta: &beta,
-        eps: 1e-12,
+        w_in: weight.clone(),
+        b_in: Some(bias.clone()),
+        out: norm(&w_down),
     };
     pair(
         c,

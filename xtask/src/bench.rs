@@ -80,13 +80,7 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
         }));
     }
     let command = format!("cargo xtask bench --methods {selection} --steps {steps}");
-    let report = json!({
-        "command": command,
-        "machine": machine(),
-        "date": today(),
-        "steps": steps,
-        "rows": rows,
-    });
+    let report = report(command, steps, rows);
     write_report(&out, &report, &markdown(&report))
 }
 
@@ -135,13 +129,9 @@ pub fn decoder_methods(selection: &str, steps: usize, out: Option<PathBuf>) -> R
             "matmul": summary["matmul"],
         }));
     }
-    let report = json!({
-        "command": format!("cargo xtask bench --model smollm2 --methods {selection} --steps {steps}"),
-        "machine": machine(),
-        "date": today(),
-        "steps": steps,
-        "rows": rows,
-    });
+    let command =
+        format!("cargo xtask bench --model smollm2 --methods {selection} --steps {steps}");
+    let report = report(command, steps, rows);
     write_report(&out, &report, &decoder_markdown(&report))
 }
 
@@ -188,29 +178,30 @@ fn decoder_config(recipe: &toml::Table, method: &str, steps: usize) -> Result<to
 }
 
 fn decoder_markdown(report: &Value) -> String {
-    let mut table = format!(
-        "`{}` on {} ({}); SmolLM2-135M-Instruct, batch 4 of prompts up to 600 characters, {} steps.\n\n\
-         | method | trainable params | s/step (median) | training tokens/s | peak RSS (MiB) | loss, first step | loss, last step |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-        report["command"].as_str().unwrap_or_default(),
-        report["machine"].as_str().unwrap_or_default(),
-        report["date"].as_str().unwrap_or_default(),
-        report["steps"],
+    let what = format!(
+        "SmolLM2-135M-Instruct, batch 4 of prompts up to 600 characters, {} steps",
+        report["steps"]
     );
-    for row in report["rows"].as_array().into_iter().flatten() {
-        let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
-        table.push_str(&format!(
-            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.3} | {:.3} |\n",
-            row["method"].as_str().unwrap_or_default(),
-            row["trainable_params"],
-            f("step_seconds_median"),
-            f("train_tokens_per_s"),
-            f("peak_rss_mb"),
-            f("first_loss"),
-            f("last_loss"),
-        ));
-    }
-    table
+    let header = [
+        "method",
+        "trainable params",
+        "s/step (median)",
+        "training tokens/s",
+        "peak RSS (MiB)",
+        "loss, first step",
+        "loss, last step",
+    ];
+    rows_table(report, &what, &header, |row, f| {
+        vec![
+            row["method"].as_str().unwrap_or_default().to_string(),
+            row["trainable_params"].to_string(),
+            format!("{:.2}", f("step_seconds_median")),
+            format!("{:.0}", f("train_tokens_per_s")),
+            format!("{:.0}", f("peak_rss_mb")),
+            format!("{:.3}", f("first_loss")),
+            format!("{:.3}", f("last_loss")),
+        ]
+    })
 }
 
 /// `runs/bench-<unix seconds>`, relative to the repository root (where graft runs).
@@ -256,30 +247,66 @@ fn bench_run(method: &str, steps: usize, run: &Path, extra: &[String]) -> Result
 }
 
 fn markdown(report: &Value) -> String {
+    let what = format!(
+        "validation F1 after {} steps of 8 x 128 tokens",
+        report["steps"]
+    );
+    let header = [
+        "method",
+        "trainable params",
+        "fraction",
+        "s/step (median)",
+        "training tokens/s",
+        "inference tokens/s",
+        "peak RSS (MiB)",
+        "validation F1",
+    ];
+    rows_table(report, &what, &header, |row, f| {
+        vec![
+            row["method"].as_str().unwrap_or_default().to_string(),
+            row["trainable_params"].to_string(),
+            format!("{:.4}%", 100.0 * f("trainable_params") / f("total_params")),
+            format!("{:.2}", f("step_seconds_median")),
+            format!("{:.0}", f("train_tokens_per_s")),
+            format!("{:.0}", f("eval_tokens_per_s")),
+            format!("{:.0}", f("peak_rss_mb")),
+            format!("{:.4}", f("f1")),
+        ]
+    })
+}
+
+/// A markdown table of `report`'s rows, captioned with its command, machine and date, then
+/// `what`; `cells(row, number)` gives a row's cells, `number(key)` reading a field as f64.
+fn rows_table(
+    report: &Value,
+    what: &str,
+    header: &[&str],
+    cells: impl Fn(&Value, &dyn Fn(&str) -> f64) -> Vec<String>,
+) -> String {
     let mut table = format!(
-        "`{}` on {} ({}); validation F1 after {} steps of 8 x 128 tokens.\n\n\
-         | method | trainable params | fraction | s/step (median) | training tokens/s | inference tokens/s | peak RSS (MiB) | validation F1 |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "`{}` on {} ({}); {what}.\n\n| {} |\n| --- |{}\n",
         report["command"].as_str().unwrap_or_default(),
         report["machine"].as_str().unwrap_or_default(),
         report["date"].as_str().unwrap_or_default(),
-        report["steps"],
+        header.join(" | "),
+        " ---: |".repeat(header.len().saturating_sub(1)),
     );
     for row in report["rows"].as_array().into_iter().flatten() {
-        let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
-        table.push_str(&format!(
-            "| {} | {} | {:.4}% | {:.2} | {:.0} | {:.0} | {:.0} | {:.4} |\n",
-            row["method"].as_str().unwrap_or_default(),
-            row["trainable_params"],
-            100.0 * f("trainable_params") / f("total_params"),
-            f("step_seconds_median"),
-            f("train_tokens_per_s"),
-            f("eval_tokens_per_s"),
-            f("peak_rss_mb"),
-            f("f1"),
-        ));
+        let number = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
+        table.push_str(&format!("| {} |\n", cells(row, &number).join(" | ")));
     }
     table
+}
+
+/// The report a methods bench writes: its rows, with the command, machine and date.
+fn report(command: String, steps: usize, rows: Vec<Value>) -> Value {
+    json!({
+        "command": command,
+        "machine": machine(),
+        "date": today(),
+        "steps": steps,
+        "rows": rows,
+    })
 }
 
 /// The model folder both systems load, as graft resolves it: `graft fetch-model` prints the

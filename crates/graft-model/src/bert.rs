@@ -423,7 +423,8 @@ impl Bert {
         let b = x.dim(0)?;
         // Keys and values from every position; queries (and all that follows) from the first
         // `queries` positions.
-        let x_out = if queries == x.dim(1)? {
+        let every_position = queries == x.dim(1)?;
+        let x_out = if every_position {
             x.clone()
         } else {
             x.narrow(1, 0, queries)?
@@ -436,7 +437,7 @@ impl Bert {
             key_bias: Some(bias),
         };
         let prefix = hooks.kv_prefix(index, b)?;
-        let packed = match (&prefix, queries == x.dim(1)?) {
+        let packed = match (&prefix, every_position) {
             (None, true) => self.packed_qkv(layer, x, hooks)?,
             _ => None,
         };
@@ -465,14 +466,8 @@ impl Bert {
             layer.attention_norm.forward(&(attended + x_out)?, hooks)?
         } else {
             // One node (fused when its tensors are frozen), as the feed-forward block below.
-            let (weight, bias) = layer.attention_out.resolved(hooks)?;
-            let (gamma, beta) = layer.attention_norm.resolved(hooks)?;
-            ops::projection_norm(
-                &context,
-                &x_out,
-                (&weight, bias.as_ref()),
-                (&gamma, &beta, layer.attention_norm.eps()),
-            )?
+            let out = residual_norm(&layer.attention_out, &layer.attention_norm, hooks)?;
+            ops::projection_norm(&context, &x_out, &out)?
         };
         if self.config.hidden_act == "gelu"
             && hooks.acts_on(layer.intermediate.name()) == Acts::Not
@@ -480,17 +475,8 @@ impl Bert {
         {
             // No method acts on the block's sites: one node (fused when its tensors are frozen).
             let (w_in, b_in) = layer.intermediate.resolved(hooks)?;
-            let (w_out, b_out) = layer.output.resolved(hooks)?;
-            let (gamma, beta) = layer.output_norm.resolved(hooks)?;
-            let block = ops::FeedForward {
-                w_in: &w_in,
-                b_in: b_in.as_ref(),
-                w_out: &w_out,
-                b_out: b_out.as_ref(),
-                gamma: &gamma,
-                beta: &beta,
-                eps: layer.output_norm.eps(),
-            };
+            let out = residual_norm(&layer.output, &layer.output_norm, hooks)?;
+            let block = ops::FeedForward { w_in, b_in, out };
             return Ok(ops::feed_forward_block(&x, &block)?);
         }
         let inner = layer.intermediate.forward(&x, hooks)?;
@@ -508,6 +494,23 @@ impl Bert {
         let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         Ok(self.pooler.forward(&first, hooks)?.tanh()?)
     }
+}
+
+/// The tensors of `linear` followed by a residual add and `norm`, as `hooks` resolve them.
+fn residual_norm(
+    linear: &Linear,
+    norm: &LayerNorm,
+    hooks: &dyn Hooks,
+) -> Result<ops::ResidualNorm> {
+    let (weight, bias) = linear.resolved(hooks)?;
+    let (gamma, beta) = norm.resolved(hooks)?;
+    Ok(ops::ResidualNorm {
+        weight,
+        bias,
+        gamma,
+        beta,
+        eps: norm.eps(),
+    })
 }
 
 /// How a sequence is reduced to the vector the classifier reads.

@@ -379,6 +379,17 @@ impl Constants {
     }
 }
 
+/// A projection `[w, b]` added to a residual and normalised by `[gamma, beta]`, eps 1e-12.
+fn residual_norm([weight, bias, gamma, beta]: [&Tensor; 4]) -> ops::ResidualNorm {
+    ops::ResidualNorm {
+        weight: weight.clone(),
+        bias: Some(bias.clone()),
+        gamma: gamma.clone(),
+        beta: beta.clone(),
+        eps: 1e-12,
+    }
+}
+
 #[test]
 fn feed_forward_block_matches_its_composition_and_finite_differences() {
     // The block's tensors are frozen constants of the op; its input has the gradient.
@@ -400,13 +411,9 @@ fn feed_forward_block_matches_its_composition_and_finite_differences() {
         &|t| {
             let [w_in, b_in, w_out, b_out, gamma, beta] = pick(&t[0]);
             let block = ops::FeedForward {
-                w_in,
-                b_in: Some(b_in),
-                w_out,
-                b_out: Some(b_out),
-                gamma,
-                beta,
-                eps: 1e-12,
+                w_in: w_in.clone(),
+                b_in: Some(b_in.clone()),
+                out: residual_norm([w_out, b_out, gamma, beta]),
             };
             ops::feed_forward_block(&t[0], &block)
         },
@@ -438,10 +445,7 @@ fn projection_norm_matches_its_composition_and_finite_differences() {
     };
     check(
         "projection_norm",
-        &|t| {
-            let [w, b, gamma, beta] = pick(&t[0]);
-            ops::projection_norm(&t[0], &t[1], (w, Some(b)), (gamma, beta, 1e-12))
-        },
+        &|t| ops::projection_norm(&t[0], &t[1], &residual_norm(pick(&t[0]))),
         &|t| {
             let [w, b, gamma, beta] = pick(&t[0]);
             reference::layer_norm(
@@ -467,7 +471,8 @@ fn fused_blocks_and_their_compositions_give_bit_identical_outputs() {
         [6u64, 7, 8, 9].map(|seed| random(&[if seed == 6 { 32 } else { 24 }], seed, DType::F32));
     let trained = |t: &Tensor| Var::from_tensor(t).unwrap().as_tensor().clone();
     let projection = |w: &Tensor, gamma: &Tensor| {
-        ops::projection_norm(&x, &residual, (w, Some(&b_out)), (gamma, &beta, 1e-12)).unwrap()
+        let block = residual_norm([w, &b_out, gamma, &beta]);
+        ops::projection_norm(&x, &residual, &block).unwrap()
     };
     assert_eq!(
         max_diff(
@@ -479,13 +484,9 @@ fn fused_blocks_and_their_compositions_give_bit_identical_outputs() {
     let hidden = random(&[3, 7, 24], 10, DType::F32);
     let block = |w_in: &Tensor, gamma: &Tensor| {
         let block = ops::FeedForward {
-            w_in,
-            b_in: Some(&b_in),
-            w_out: &w_out,
-            b_out: Some(&b_out),
-            gamma,
-            beta: &beta,
-            eps: 1e-12,
+            w_in: w_in.clone(),
+            b_in: Some(b_in.clone()),
+            out: residual_norm([&w_out, &b_out, gamma, &beta]),
         };
         ops::feed_forward_block(&hidden, &block).unwrap()
     };

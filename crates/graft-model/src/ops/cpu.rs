@@ -1601,197 +1601,93 @@ impl CustomOp3 for LowRankLinear {
     }
 }
 // ---------------------------------------------------------------------------------------------
-// A transformer's feed-forward block with its residual and layer norm, as one graph node over
-// its input (BERT's intermediate + GELU + output + add & norm), for frozen weights:
-// `y = LN(x + GELU(x · W1ᵀ + b1) · W2ᵀ + b2)`. Composed, each of its five candle nodes costs
-// the backward a zeroed gradient and an add, two of them over the wide `[tokens, ffn]`
-// activations; here the input receives one gradient.
+// BERT's two blocks that end in a residual add and a layer norm, each one graph node for frozen
+// tensors: the attention output `y = LN(r + x · Wᵀ + b)` over (x, r), and the feed-forward
+// block `y = LN(x + GELU(x · W1ᵀ + b1) · W2ᵀ + b2)` over x. Composed, each of their candle
+// nodes costs the backward a zeroed gradient and an add (the feed-forward block's two over the
+// wide `[tokens, ffn]` activations); here each input receives one gradient.
 
-pub(crate) struct FeedForwardBlock {
-    /// `[ffn, hidden]` and `[ffn]`, frozen and contiguous, as the other tensors here.
-    pub w_in: Tensor,
-    pub b_in: Option<Tensor>,
-    /// `[hidden, ffn]` and `[hidden]`.
-    pub w_out: Tensor,
-    pub b_out: Option<Tensor>,
-    pub norm: LayerNorm,
-    pub gamma: Tensor,
-    pub beta: Tensor,
-    /// Keep the pre-activation and the pre-norm sum for the backward (when a gradient will
-    /// be asked for), else the backward recomputes them.
-    pub keep: bool,
-    pub kept: OnceLock<(Tensor, Tensor)>,
-}
-
-impl FeedForwardBlock {
-    /// `(pre-activation [rows, ffn], pre-norm sum [rows, hidden])` of input `x`.
-    fn pre_norm<T: Float>(&self, x: &[T]) -> Result<(Vec<T>, Vec<T>)> {
-        let ffn = self.w_in.dims2()?.0;
-        with_data::<T, _>(&self.w_in, |w_in| {
-            with_data::<T, _>(&self.w_out, |w_out| {
-                with_optional::<T, _>(self.b_in.as_ref(), |b_in| {
-                    with_optional::<T, _>(self.b_out.as_ref(), |b_out| {
-                        let inner = Linear::fwd(x, w_in, b_in, ffn);
-                        let activated = GeluErf::fwd(&inner);
-                        let sum = residual_sum(x, &activated, (w_out, ffn), b_out);
-                        Ok((inner, sum))
-                    })
-                })
-            })
-        })
-    }
-
-    fn fwd<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
-        let (inner, sum) = self.pre_norm(x)?;
-        let y = with_data::<T, _>(&self.gamma, |g| {
-            with_data::<T, _>(&self.beta, |b| Ok(self.norm.fwd(&sum, g, b)))
-        })?;
-        if self.keep {
-            let cpu = &candle_core::Device::Cpu;
-            let (n_inner, n_sum) = (inner.len(), sum.len());
-            let kept = (
-                Tensor::from_vec(inner, n_inner, cpu)?,
-                Tensor::from_vec(sum, n_sum, cpu)?,
-            );
-            let _ = self.kept.set(kept);
-        }
-        Ok(y)
-    }
-
-    fn bwd_typed<T: Float>(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let grad = grad.contiguous()?;
-        let (ffn, hidden) = self.w_in.dims2()?;
-        let recomputed;
-        let (inner, sum) = match self.kept.get() {
-            Some(kept) => kept,
-            None => {
-                let (inner, sum) = with_data::<T, _>(x, |xs| self.pre_norm(xs))?;
-                let cpu = &candle_core::Device::Cpu;
-                let (n_inner, n_sum) = (inner.len(), sum.len());
-                recomputed = (
-                    Tensor::from_vec(inner, n_inner, cpu)?,
-                    Tensor::from_vec(sum, n_sum, cpu)?,
-                );
-                &recomputed
-            }
-        };
-        let dx = with_data::<T, _>(&grad, |dy| {
-            with_data::<T, _>(sum, |sum| {
-                with_data::<T, _>(inner, |inner| {
-                    with_data::<T, _>(&self.gamma, |gamma| {
-                        with_data::<T, _>(&self.w_in, |w_in| {
-                            with_data::<T, _>(&self.w_out, |w_out| {
-                                let rows = sum.len() / hidden;
-                                // Through the norm: the gradient of the pre-norm sum, which
-                                // the residual passes to x as it is.
-                                let (mut dx, _, _) = self.norm.bwd(sum, gamma, dy);
-                                let d_activated = product(
-                                    (rows, ffn, hidden),
-                                    View::rows(dx.as_ptr(), hidden),
-                                    View::rows(w_out.as_ptr(), ffn),
-                                );
-                                let d_inner = GeluErf::bwd(inner, &d_activated);
-                                // SAFETY: dx holds rows x hidden elements, written by nobody else.
-                                unsafe {
-                                    gemm(
-                                        (rows, hidden, ffn),
-                                        dx.as_mut_ptr(),
-                                        hidden,
-                                        true,
-                                        View::rows(d_inner.as_ptr(), ffn),
-                                        View::rows(w_in.as_ptr(), hidden),
-                                        T::one(),
-                                        Threads::Pool,
-                                    )
-                                };
-                                Ok(dx)
-                            })
-                        })
-                    })
-                })
-            })
-        })?;
-        tensor(dx, x)
-    }
-}
-
-impl CustomOp1 for FeedForwardBlock {
-    fn name(&self) -> &'static str {
-        "graft-feed-forward-block"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = for_float!(s1, "graft-feed-forward-block", T => T::to_cpu_storage_owned(
-            self.fwd::<T>(contiguous(s1, l1)?)?
-        ));
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, grad)?),
-        ))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A projection added to a residual and normalised, `y = LN(r + x · Wᵀ + b)` (BERT's attention
-// output with its add & norm), as one graph node over (x, r) for frozen tensors: the sum and
-// the norm's input are no graph edges of their own.
-
-pub(crate) struct ProjectionNorm {
-    /// `[hidden, width]` and `[hidden]`, frozen and contiguous, as the norm's tensors.
+/// The frozen tensors of a projection added to a residual and normalised, contiguous:
+/// `weight` `[hidden, width]`, `bias`, `gamma` and `beta` `[hidden]`.
+pub(crate) struct ResidualNorm {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub norm: LayerNorm,
     pub gamma: Tensor,
     pub beta: Tensor,
-    /// Keep the pre-norm sum for the backward (when a gradient will be asked for).
+}
+
+impl ResidualNorm {
+    fn width(&self) -> Result<usize> {
+        Ok(self.weight.dims2()?.1)
+    }
+
+    /// `(a · Wᵀ + bias) + residual` `[rows, hidden]` for `a` `[rows, width]`, summed in the
+    /// order of the composition (`ops::linear`, then the add), so that the fused blocks and the
+    /// composed ones give bit-identical outputs.
+    fn sum<T: Float>(&self, a: &[T], residual: &[T]) -> Result<Vec<T>> {
+        let width = self.width()?;
+        let mut sum = with_data::<T, _>(&self.weight, |w| {
+            with_optional::<T, _>(self.bias.as_ref(), |bias| {
+                Ok(Linear::fwd(a, w, bias, w.len() / width))
+            })
+        })?;
+        let shared = SharedMut::new(&mut sum);
+        parallel::for_ranges(residual.len(), 16384, |range| {
+            // SAFETY: the ranges are disjoint and inside the buffer.
+            let part = unsafe { shared.slice(range.clone()) };
+            for (s, &r) in part.iter_mut().zip(&residual[range]) {
+                *s += r;
+            }
+        });
+        Ok(sum)
+    }
+
+    fn normalise<T: Float>(&self, sum: &[T]) -> Result<Vec<T>> {
+        with_data::<T, _>(&self.gamma, |g| {
+            with_data::<T, _>(&self.beta, |b| Ok(self.norm.fwd(sum, g, b)))
+        })
+    }
+
+    /// The gradient of the pre-norm sum, which the residual receives as it is.
+    fn d_sum<T: Float>(&self, sum: &[T], dy: &[T]) -> Result<Vec<T>> {
+        with_data::<T, _>(&self.gamma, |g| Ok(self.norm.bwd(sum, g, dy).0))
+    }
+
+    /// `d_sum · W`, the gradient of the projection's input `[rows, width]`.
+    fn d_input<T: Float>(&self, d_sum: &[T]) -> Result<Vec<T>> {
+        let width = self.width()?;
+        with_data::<T, _>(&self.weight, |w| {
+            let hidden = w.len() / width;
+            Ok(product(
+                (d_sum.len() / hidden, width, hidden),
+                View::rows(d_sum.as_ptr(), hidden),
+                View::rows(w.as_ptr(), width),
+            ))
+        })
+    }
+}
+
+/// A vector kept for the backward, as a tensor (the ops are not generic over the element type).
+fn kept_tensor<T: Float>(data: Vec<T>) -> Result<Tensor> {
+    let n = data.len();
+    Tensor::from_vec(data, n, &candle_core::Device::Cpu)
+}
+
+pub(crate) struct ProjectionNorm {
+    pub block: ResidualNorm,
+    /// Keep the pre-norm sum for the backward (when a gradient will be asked for), else the
+    /// backward recomputes it.
     pub keep: bool,
     pub kept: OnceLock<Tensor>,
 }
 
-/// `(a · Wᵀ + bias) + residual` `[rows, hidden]`, for `a` `[rows, width]` and `w` `[hidden,
-/// width]`, summed in the order of the composition (`ops::linear`, then the add), so that the
-/// fused blocks and the composed ones give bit-identical outputs.
-fn residual_sum<T: Float>(
-    residual: &[T],
-    a: &[T],
-    (w, width): (&[T], usize),
-    bias: Option<&[T]>,
-) -> Vec<T> {
-    let mut sum = Linear::fwd(a, w, bias, w.len() / width);
-    let shared = SharedMut::new(&mut sum);
-    parallel::for_ranges(residual.len(), 16384, |range| {
-        // SAFETY: the ranges are disjoint and inside the buffer.
-        let part = unsafe { shared.slice(range.clone()) };
-        for (s, &r) in part.iter_mut().zip(&residual[range]) {
-            *s += r;
-        }
-    });
-    sum
-}
-
 impl ProjectionNorm {
-    fn sum<T: Float>(&self, x: &[T], residual: &[T]) -> Result<Vec<T>> {
-        let width = self.weight.dims2()?.1;
-        with_data::<T, _>(&self.weight, |w| {
-            with_optional::<T, _>(self.bias.as_ref(), |b| {
-                Ok(residual_sum(residual, x, (w, width), b))
-            })
-        })
-    }
-
     fn fwd<T: Float>(&self, x: &[T], residual: &[T]) -> Result<Vec<T>> {
-        let sum = self.sum(x, residual)?;
-        let y = with_data::<T, _>(&self.gamma, |g| {
-            with_data::<T, _>(&self.beta, |b| Ok(self.norm.fwd(&sum, g, b)))
-        })?;
+        let sum = self.block.sum(x, residual)?;
+        let y = self.block.normalise(&sum)?;
         if self.keep {
-            let n = sum.len();
-            let _ = self
-                .kept
-                .set(Tensor::from_vec(sum, n, &candle_core::Device::Cpu)?);
+            let _ = self.kept.set(kept_tensor(sum)?);
         }
         Ok(y)
     }
@@ -1804,34 +1700,19 @@ impl ProjectionNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (hidden, width) = self.weight.dims2()?;
         let sum = match self.kept.get() {
             Some(kept) => kept.clone(),
-            None => {
-                let sum =
-                    with_data::<T, _>(x, |xs| with_data::<T, _>(residual, |rs| self.sum(xs, rs)))?;
-                let n = sum.len();
-                Tensor::from_vec(sum, n, &candle_core::Device::Cpu)?
-            }
+            None => kept_tensor(with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(residual, |rs| self.block.sum(xs, rs))
+            })?)?,
         };
         let d_sum = with_data::<T, _>(&grad, |dy| {
-            with_data::<T, _>(&sum, |s| {
-                with_data::<T, _>(&self.gamma, |g| Ok(self.norm.bwd(s, g, dy).0))
-            })
+            with_data::<T, _>(&sum, |s| self.block.d_sum(s, dy))
         })?;
-        let dx = if x.track_op() {
-            let dx = with_data::<T, _>(&self.weight, |w| {
-                let rows = d_sum.len() / hidden;
-                Ok(product(
-                    (rows, width, hidden),
-                    View::rows(d_sum.as_ptr(), hidden),
-                    View::rows(w.as_ptr(), width),
-                ))
-            })?;
-            Some(tensor(dx, x)?)
-        } else {
-            None
-        };
+        let dx = x
+            .track_op()
+            .then(|| tensor(self.block.d_input(&d_sum)?, x))
+            .transpose()?;
         Ok((dx, gradient(d_sum, residual)?))
     }
 }
@@ -1862,5 +1743,98 @@ impl CustomOp2 for ProjectionNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, residual, grad))
+    }
+}
+
+pub(crate) struct FeedForwardBlock {
+    /// `[ffn, hidden]` and `[ffn]`, frozen and contiguous.
+    pub w_in: Tensor,
+    pub b_in: Option<Tensor>,
+    /// The output projection `[hidden, ffn]`, its residual (the block's input) and norm.
+    pub out: ResidualNorm,
+    /// Keep the pre-activation and the pre-norm sum for the backward (when a gradient will
+    /// be asked for), else the backward recomputes them.
+    pub keep: bool,
+    pub kept: OnceLock<(Tensor, Tensor)>,
+}
+
+impl FeedForwardBlock {
+    /// `(pre-activation [rows, ffn], pre-norm sum [rows, hidden])` of input `x`.
+    fn pre_norm<T: Float>(&self, x: &[T]) -> Result<(Vec<T>, Vec<T>)> {
+        let ffn = self.w_in.dims2()?.0;
+        let inner = with_data::<T, _>(&self.w_in, |w_in| {
+            with_optional::<T, _>(self.b_in.as_ref(), |b_in| {
+                Ok(Linear::fwd(x, w_in, b_in, ffn))
+            })
+        })?;
+        let sum = self.out.sum(&GeluErf::fwd(&inner), x)?;
+        Ok((inner, sum))
+    }
+
+    fn fwd<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
+        let (inner, sum) = self.pre_norm(x)?;
+        let y = self.out.normalise(&sum)?;
+        if self.keep {
+            let _ = self.kept.set((kept_tensor(inner)?, kept_tensor(sum)?));
+        }
+        Ok(y)
+    }
+
+    fn bwd_typed<T: Float>(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let grad = grad.contiguous()?;
+        let (ffn, hidden) = self.w_in.dims2()?;
+        let recomputed;
+        let (inner, sum) = match self.kept.get() {
+            Some(kept) => kept,
+            None => {
+                let (inner, sum) = with_data::<T, _>(x, |xs| self.pre_norm(xs))?;
+                recomputed = (kept_tensor(inner)?, kept_tensor(sum)?);
+                &recomputed
+            }
+        };
+        // The residual passes the pre-norm sum's gradient to x as it is; the product through
+        // the activation is added onto it.
+        let mut dx = with_data::<T, _>(&grad, |dy| {
+            with_data::<T, _>(sum, |s| self.out.d_sum(s, dy))
+        })?;
+        let d_inner = with_data::<T, _>(inner, |inner| {
+            Ok(GeluErf::bwd(inner, &self.out.d_input(&dx)?))
+        })?;
+        with_data::<T, _>(&self.w_in, |w_in| {
+            // SAFETY: dx holds rows x hidden elements, written by nobody else.
+            unsafe {
+                gemm(
+                    (dx.len() / hidden, hidden, ffn),
+                    dx.as_mut_ptr(),
+                    hidden,
+                    true,
+                    View::rows(d_inner.as_ptr(), ffn),
+                    View::rows(w_in.as_ptr(), hidden),
+                    T::one(),
+                    Threads::Pool,
+                )
+            };
+            Ok(())
+        })?;
+        tensor(dx, x)
+    }
+}
+
+impl CustomOp1 for FeedForwardBlock {
+    fn name(&self) -> &'static str {
+        "graft-feed-forward-block"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = for_float!(s1, "graft-feed-forward-block", T => T::to_cpu_storage_owned(
+            self.fwd::<T>(contiguous(s1, l1)?)?
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            for_dtype!(x.dtype(), T => self.bwd_typed::<T>(x, grad)?),
+        ))
     }
 }
