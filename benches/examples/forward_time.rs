@@ -2,40 +2,17 @@
 //! training step's forward + backward (8 x 128), without hooks, on the model folder given.
 //!
 //! `cargo run --release -p graft-benches --example forward_time -- MODEL_DIR`
-use candle_core::{DType, Device, Tensor, Var};
-use graft_model::bert::{BertForSequenceClassification, Inputs, Pooling};
+use candle_core::Var;
+use graft_benches::{inputs, median, minilm};
 use graft_model::NoHooks;
 use std::time::Instant;
-
-fn inputs(batch: usize, seq: usize) -> candle_core::Result<Inputs> {
-    let ids: Vec<u32> = (0..batch * seq)
-        .map(|i| (1000 + i * 7919 % 20000) as u32)
-        .collect();
-    Ok(Inputs {
-        input_ids: Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?,
-        attention_mask: Tensor::ones((batch, seq), DType::U32, &Device::Cpu)?,
-        token_type_ids: None,
-    })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     graft_model::runtime::init();
     let dir = std::env::args()
         .nth(1)
         .ok_or("usage: forward_time MODEL_DIR")?;
-    let model = BertForSequenceClassification::load(
-        dir.as_ref(),
-        2,
-        Pooling::Pooler,
-        DType::F32,
-        &Device::Cpu,
-        0,
-    )?;
+    let model = minilm(&dir)?;
     let batch = inputs(32, 128)?;
     let mut times = Vec::new();
     for _ in 0..6 {
@@ -49,7 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         forward,
         4096.0 / forward
     );
-    // A training step's shape: the head is trained, so backward runs through the whole model.
+    // A training step's shape with only the head trained: the backward stops at the head (the
+    // lora_step example times a LoRA step's backward through the model).
     let batch = inputs(8, 128)?;
     let head: Vec<Var> = model.head.vars().into_iter().map(|(_, v)| v).collect();
     let (mut fwd, mut bwd) = (Vec::new(), Vec::new());

@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p graft-benches --example lora_step -- MODEL_DIR [STEPS]`
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::bert::{BertForSequenceClassification, Inputs, Pooling};
+use graft_benches::{inputs, median, minilm};
 use graft_model::ops::low_rank_delta;
 use graft_model::{init, Acts, Hooks, LinearSite, LowRank};
 use std::cell::Cell;
@@ -64,24 +64,12 @@ impl Hooks for Lora {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     graft_model::runtime::init();
     let mut args = std::env::args().skip(1);
     let dir = args.next().ok_or("usage: lora_step MODEL_DIR [STEPS]")?;
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(20);
-    let model = BertForSequenceClassification::load(
-        dir.as_ref(),
-        2,
-        Pooling::Pooler,
-        DType::F32,
-        &Device::Cpu,
-        0,
-    )?;
+    let model = minilm(&dir)?;
     let mut rng = init::seeded_rng(0);
     let mut sites = HashMap::new();
     for site in model.bert.sites() {
@@ -107,14 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sites,
         fused: Cell::new(false),
     };
-    let ids: Vec<u32> = (0..8 * 128)
-        .map(|i| (1000 + i * 7919 % 20000) as u32)
-        .collect();
-    let inputs = Inputs {
-        input_ids: Tensor::from_vec(ids, (8, 128), &Device::Cpu)?,
-        attention_mask: Tensor::ones((8, 128), DType::U32, &Device::Cpu)?,
-        token_type_ids: None,
-    };
+    let inputs = inputs(8, 128)?;
     let labels = Tensor::from_vec(vec![0u32, 1, 0, 1, 1, 0, 1, 0], 8, &Device::Cpu)?;
     let mut times: HashMap<(bool, &str), Vec<f64>> = HashMap::new();
     for step in 0..2 * (steps + 1) {
