@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: every method trained for the same step budget, one process each, with
 //! speed, memory and quality read back from the runs' eval.json. With `--reference`: graft's
 //! LoRA against the PyTorch + Hugging Face PEFT script in benches/reference.
-use crate::{build, plugin_packages, root, run_graft};
+use crate::{build, plugin_packages, root, run_graft, Backend};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -60,7 +60,7 @@ fn select_methods(selection: &str) -> Result<Vec<String>> {
 pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()> {
     let methods = select_methods(selection)?;
     let out = out.unwrap_or_else(default_out);
-    build()?;
+    build(Backend::Cpu)?;
     let mut rows = Vec::new();
     for method in &methods {
         let run = out.join(method);
@@ -94,7 +94,7 @@ const DECODER_CONFIG: &str = "configs/lm/smollm2-lora-abstracts.toml";
 pub fn decoder_methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()> {
     let methods = select_methods(selection)?;
     let out = out.unwrap_or_else(default_out);
-    build()?;
+    build(Backend::Cpu)?;
     let recipe: toml::Table = read_toml(&root().join(DECODER_CONFIG))?;
     let mut rows = Vec::new();
     for method in &methods {
@@ -109,13 +109,16 @@ pub fn decoder_methods(selection: &str, steps: usize, out: Option<PathBuf>) -> R
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, toml::to_string(&config)?)
             .with_context(|| format!("writing {}", config_path.display()))?;
-        run_graft(&[
-            "train-lm".into(),
-            "--config".into(),
-            config_path.display().to_string(),
-            "--out".into(),
-            run.display().to_string(),
-        ])?;
+        run_graft(
+            Backend::Cpu,
+            &[
+                "train-lm".into(),
+                "--config".into(),
+                config_path.display().to_string(),
+                "--out".into(),
+                run.display().to_string(),
+            ],
+        )?;
         let summary = read_json(&dir.join("train.json"))?;
         let losses = summary["losses"].as_array().cloned().unwrap_or_default();
         rows.push(json!({
@@ -242,7 +245,7 @@ fn bench_run(method: &str, steps: usize, run: &Path, extra: &[String]) -> Result
         run.display().to_string(),
     ];
     args.extend_from_slice(extra);
-    run_graft(&args)?;
+    run_graft(Backend::Cpu, &args)?;
     read_json(&root().join(run).join("eval.json"))
 }
 
@@ -424,7 +427,7 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
     }
     let out = out.unwrap_or_else(default_out);
     let python = reference_python()?;
-    build()?;
+    build(Backend::Cpu)?;
     let model = model_dir()?;
     let data = bench_data()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bench;
+mod cuda;
 mod scaffold;
 
 #[derive(Parser)]
@@ -14,30 +15,67 @@ struct Cli {
     command: Task,
 }
 
+/// Which candle backend the workspace is built with.
+#[derive(clap::Args)]
+struct Features {
+    /// `cuda`: build with candle's CUDA backend into target/cuda (the CPU build in target/debug
+    /// stays as it is) and run graft from there. Put it before graft's own options.
+    #[arg(long, value_parser = ["cuda"])]
+    features: Option<String>,
+}
+
+impl Features {
+    fn backend(&self) -> Backend {
+        match self.features {
+            Some(_) => Backend::Cuda,
+            None => Backend::Cpu,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Backend {
+    Cpu,
+    Cuda,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Build graft and the method's plugin, then `graft train` (config: configs/<method>.toml).
     Train {
         #[arg(long, default_value = "lora")]
         method: String,
+        #[command(flatten)]
+        features: Features,
         /// Further `graft train` options (--config, --model, --data, --out, --epochs, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
     /// Build graft and every plugin, then `graft eval ...`.
     Eval {
+        #[command(flatten)]
+        features: Features,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
     /// Build graft and every plugin, then `graft predict ...`.
     Predict {
+        #[command(flatten)]
+        features: Features,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
     /// Build graft and every plugin, then run any graft subcommand: `cargo xtask graft merge ...`.
     Graft {
+        #[command(flatten)]
+        features: Features,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
+    },
+    /// Only build graft and every plugin, and print the folder they are in.
+    Build {
+        #[command(flatten)]
+        features: Features,
     },
     /// Build every workspace crate (plugins and test fixtures too), then run every test.
     Test {
@@ -125,26 +163,50 @@ pub(crate) fn plugin_packages() -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The folder of graft, graft-peft and the plugins. The CUDA build has a target dir of its own:
+/// graft-peft is loaded from the binary's folder, so one build must never overwrite the other's.
+pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
+    match backend {
+        Backend::Cpu => target_dir().join("debug"),
+        Backend::Cuda => target_dir().join("cuda").join("debug"),
+    }
+}
+
 /// Builds the whole workspace, always: graft-peft is a shared library that the binary and every
 /// plugin link, so they must come from one cargo invocation with one feature resolution (a
 /// narrower `-p` selection can resolve candle's features differently and rebuild it apart).
-pub(crate) fn build() -> Result<()> {
-    let status = Command::new(cargo())
-        .current_dir(root())
-        .args(["build", "--quiet", "--workspace"])
-        .status()
-        .context("running cargo build")?;
+/// The CUDA build turns on graft-cli's `cuda`, which reaches graft-peft and every plugin through
+/// feature unification.
+pub(crate) fn build(backend: Backend) -> Result<()> {
+    let mut command = Command::new(cargo());
+    command.current_dir(root()).args(["build", "--workspace"]);
+    match backend {
+        Backend::Cpu => {
+            command.arg("--quiet");
+        }
+        Backend::Cuda => {
+            // Not quiet: the first CUDA build compiles candle's kernels for many minutes.
+            command
+                .args(["--features", "graft-cli/cuda"])
+                .env("CARGO_TARGET_DIR", target_dir().join("cuda"));
+            cuda::build_env(&mut command, &cuda::toolkit()?);
+        }
+    }
+    let status = command.status().context("running cargo build")?;
     if !status.success() {
         bail!("cargo build failed");
     }
     Ok(())
 }
 
-pub(crate) fn run_graft(args: &[String]) -> Result<()> {
-    let graft = target_dir().join("debug").join("graft");
-    let status = Command::new(&graft)
-        .current_dir(root())
-        .args(args)
+pub(crate) fn run_graft(backend: Backend, args: &[String]) -> Result<()> {
+    let graft = bin_dir(backend).join("graft");
+    let mut command = Command::new(&graft);
+    command.current_dir(root()).args(args);
+    if backend == Backend::Cuda {
+        cuda::run_env(&mut command, &cuda::toolkit()?);
+    }
+    let status = command
         .status()
         .with_context(|| format!("running {}", graft.display()))?;
     if !status.success() {
@@ -155,7 +217,11 @@ pub(crate) fn run_graft(args: &[String]) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Task::Train { method, rest } => {
+        Task::Train {
+            method,
+            features,
+            rest,
+        } => {
             let package = format!("graft-plugin-{method}");
             if !plugin_packages()?.contains(&package) {
                 bail!(
@@ -163,29 +229,41 @@ fn main() -> Result<()> {
                     plugin_packages()?.join(", ")
                 );
             }
-            build()?;
+            let backend = features.backend();
+            build(backend)?;
             let mut args = vec!["train".to_string(), "--method".into(), method.clone()];
             let config = root().join("configs").join(format!("{method}.toml"));
             if !rest.iter().any(|a| a == "--config") && config.is_file() {
                 args.extend(["--config".into(), format!("configs/{method}.toml")]);
             }
             args.extend(rest);
-            run_graft(&args)
+            run_graft(backend, &args)
         }
-        Task::Eval { rest } => {
-            build()?;
-            run_graft(&[vec!["eval".to_string()], rest].concat())
+        Task::Eval { features, rest } => {
+            build(features.backend())?;
+            run_graft(
+                features.backend(),
+                &[vec!["eval".to_string()], rest].concat(),
+            )
         }
-        Task::Predict { rest } => {
-            build()?;
-            run_graft(&[vec!["predict".to_string()], rest].concat())
+        Task::Predict { features, rest } => {
+            build(features.backend())?;
+            run_graft(
+                features.backend(),
+                &[vec!["predict".to_string()], rest].concat(),
+            )
         }
-        Task::Graft { rest } => {
-            build()?;
-            run_graft(&rest)
+        Task::Graft { features, rest } => {
+            build(features.backend())?;
+            run_graft(features.backend(), &rest)
+        }
+        Task::Build { features } => {
+            build(features.backend())?;
+            println!("{}", bin_dir(features.backend()).display());
+            Ok(())
         }
         Task::Test { rest } => {
-            build()?;
+            build(Backend::Cpu)?;
             let status = Command::new(cargo())
                 .current_dir(root())
                 .args(["test", "--workspace"])
@@ -198,8 +276,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::FetchModel { name } => {
-            build()?;
-            run_graft(&["fetch-model".to_string(), name])
+            build(Backend::Cpu)?;
+            run_graft(Backend::Cpu, &["fetch-model".to_string(), name])
         }
         Task::NewPlugin {
             name,
