@@ -12,9 +12,41 @@ pub enum Error {
 
     /// The tokenizers crate reports errors as boxed trait objects, so only the text is kept.
     #[error(
-        "cannot parse tokenizer file {path} (expected a Hugging Face tokenizer.json): {message}"
+        "cannot parse tokenizer file {path} (expected a Hugging Face tokenizer.json or a \
+         SentencePiece tokenizer.model): {message}"
     )]
     ParseTokenizer { path: PathBuf, message: String },
+
+    #[error(
+        "SentencePiece model {path}: malformed {message} at byte {offset}: {what} (expected a \
+         serialized sentencepiece ModelProto, such as a tokenizer.model)"
+    )]
+    SentencePieceFormat {
+        path: PathBuf,
+        /// The protobuf message being read.
+        message: &'static str,
+        /// Byte offset inside that message.
+        offset: usize,
+        what: String,
+    },
+
+    #[error("SentencePiece model {path}: unsupported setting: {setting}")]
+    UnsupportedSentencePiece { path: PathBuf, setting: String },
+
+    #[error("tokenizer configuration {path}: {message}")]
+    TokenizerConfig { path: PathBuf, message: String },
+
+    #[error(
+        "tokenizer {path}: chat template {template:?} needs the token {token:?}, which is not a \
+         token of the vocabulary (expected a {family} tokenizer: its tokenizer.model with \
+         tokenizer_config.json beside it)"
+    )]
+    MissingTemplateToken {
+        path: PathBuf,
+        template: &'static str,
+        token: &'static str,
+        family: &'static str,
+    },
 
     #[error(
         "tokenizer {path}: max_len must be greater than the {special_tokens} special token(s) \

@@ -1,4 +1,4 @@
-//! Tokenizer loading (Hugging Face `tokenizer.json`), padded batch encoding, text templates over
+//! Tokenizer loading (Hugging Face `tokenizer.json`, SentencePiece BPE `tokenizer.model`), padded batch encoding, text templates over
 //! CSV columns and label sets; for causal-LM fine-tuning, chat templates, prompt-response JSONL
 //! and label-shifted batches.
 
@@ -7,6 +7,7 @@ mod chat;
 mod error;
 mod jsonl;
 mod labels;
+mod spm;
 mod template;
 #[cfg(test)]
 mod test_paths;
@@ -17,5 +18,6 @@ pub use chat::{ChatTemplate, EOS_CANDIDATES};
 pub use error::{Error, Result};
 pub use jsonl::{read_jsonl, PromptResponse};
 pub use labels::LabelSet;
+pub use spm::{Piece, PieceType, SentencePieceFlavour, SentencePieceModel, CHATGLM_SPECIAL_TOKENS};
 pub use template::{Template, DEFAULT_TEMPLATE, TEMPLATE_WITH_AUTHOR};
 pub use tokenizer::{EncodedBatch, Padding, TextTokenizer};

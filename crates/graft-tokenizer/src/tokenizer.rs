@@ -5,6 +5,14 @@ use tokenizers::{
 };
 
 use crate::error::{Error, Result};
+use crate::spm::{self, looks_like_sentencepiece, SentencePieceFlavour};
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::ReadTokenizer {
+        path: path.to_path_buf(),
+        source,
+    })
+}
 
 /// How a batch is padded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +39,9 @@ pub struct EncodedBatch {
 pub struct TextTokenizer {
     path: PathBuf,
     tokenizer: Tokenizer,
+    /// Tokens past the vocabulary that text never encodes to (ChatGLM's `[gMASK]`, `sop`, ...),
+    /// looked up before it; empty for a `tokenizer.json`.
+    extra_tokens: Vec<(String, u32)>,
     /// The same tokenizer without truncation, for callers that truncate by their own rules
     /// (causal fine-tuning drops the start of a prompt, where `tokenizer` would drop the end).
     untruncated: Tokenizer,
@@ -41,18 +52,55 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads a `tokenizer.json`. Sequences are truncated to `max_len` tokens, special tokens
-    /// included, as Hugging Face does with `truncation=True, max_length=max_len`.
+    /// Loads a Hugging Face `tokenizer.json`, or a SentencePiece BPE model (a `.model` file, or
+    /// any file whose content is one) read with the conventions
+    /// [`SentencePieceFlavour::detect`] finds beside it. Sequences are truncated to `max_len`
+    /// tokens, special tokens included, as Hugging Face does with
+    /// `truncation=True, max_length=max_len`.
     pub fn from_file(path: &Path, max_len: usize, padding: Padding) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::ReadTokenizer {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::ParseTokenizer {
+        let bytes = read(path)?;
+        if looks_like_sentencepiece(path, &bytes) {
+            let flavour = SentencePieceFlavour::detect(path)?;
+            let converted = spm::convert(path, &bytes, flavour)?;
+            return Self::new(
+                path,
+                converted.tokenizer,
+                converted.extra_tokens,
+                max_len,
+                padding,
+            );
+        }
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::ParseTokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        Self::new(path, tokenizer, Vec::new(), max_len, padding)
+    }
 
+    /// Loads a SentencePiece BPE model with the given conventions, whatever lies beside it.
+    pub fn from_sentencepiece(
+        path: &Path,
+        max_len: usize,
+        padding: Padding,
+        flavour: SentencePieceFlavour,
+    ) -> Result<Self> {
+        let converted = spm::convert(path, &read(path)?, flavour)?;
+        Self::new(
+            path,
+            converted.tokenizer,
+            converted.extra_tokens,
+            max_len,
+            padding,
+        )
+    }
+
+    fn new(
+        path: &Path,
+        mut tokenizer: Tokenizer,
+        extra_tokens: Vec<(String, u32)>,
+        max_len: usize,
+        padding: Padding,
+    ) -> Result<Self> {
         // The tokenizers crate subtracts the special tokens from max_length without checking,
         // so too small a max_len must be refused here.
         let special_tokens = tokenizer
@@ -112,6 +160,7 @@ impl TextTokenizer {
         Ok(Self {
             path: path.to_path_buf(),
             tokenizer,
+            extra_tokens,
             untruncated,
             max_len,
             padding,
@@ -169,6 +218,17 @@ impl TextTokenizer {
 
     /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let kept: Vec<u32>;
+        let ids = if self.extra_tokens.is_empty() {
+            ids
+        } else {
+            kept = ids
+                .iter()
+                .copied()
+                .filter(|id| !self.extra_tokens.iter().any(|(_, e)| e == id))
+                .collect();
+            &kept
+        };
         self.tokenizer.decode(ids, true).map_err(|e| Error::Decode {
             path: self.path.clone(),
             message: e.to_string(),
@@ -176,12 +236,20 @@ impl TextTokenizer {
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.tokenizer.token_to_id(token)
+        self.extra_tokens
+            .iter()
+            .find(|(t, _)| t == token)
+            .map(|&(_, id)| id)
+            .or_else(|| self.tokenizer.token_to_id(token))
     }
 
     /// Vocabulary size including added tokens (Python's `len(tokenizer)`).
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        let extra = self.extra_tokens.iter().map(|&(_, id)| id as usize + 1);
+        extra
+            .max()
+            .unwrap_or(0)
+            .max(self.tokenizer.get_vocab_size(true))
     }
 
     pub fn pad_id(&self) -> u32 {
