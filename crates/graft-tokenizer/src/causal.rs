@@ -1,6 +1,4 @@
-use tokenizers::Encoding;
-
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, Segment};
 use crate::error::{Error, Result};
 use crate::jsonl::PromptResponse;
 use crate::tokenizer::{Padding, TextTokenizer};
@@ -30,9 +28,7 @@ pub fn encode_prompt(
     template: &ChatTemplate,
     prompt: &str,
 ) -> Result<Vec<u32>> {
-    Ok(prompt_encoding(tokenizer, template, 0, prompt)?
-        .get_ids()
-        .to_vec())
+    Ok(prompt_ids(tokenizer, template, 0, prompt)?.ids)
 }
 
 /// Encodes prompt-response pairs for training: loss on the response and the stop token only.
@@ -102,13 +98,14 @@ fn encode_row(
     pair: &PromptResponse,
     max_len: usize,
 ) -> Result<Row> {
-    let prompt = prompt_encoding(tokenizer, template, index, &pair.prompt)?;
-    let prompt_ids = prompt.get_ids();
+    let prompt = prompt_ids(tokenizer, template, index, &pair.prompt)?;
+    let prompt_ids = &prompt.ids[..];
     // The response continues the sequence: no second BOS.
-    let mut response = tokenizer
-        .encode_untruncated(index, &pair.response, false)?
-        .get_ids()
-        .to_vec();
+    let mut response = Vec::new();
+    if let Some(prefix) = template.response_prefix() {
+        response.extend(text_ids(tokenizer, index, prefix)?);
+    }
+    response.extend(text_ids(tokenizer, index, &pair.response)?);
     response.extend(stop);
 
     if response.is_empty() {
@@ -125,13 +122,7 @@ fn encode_row(
         });
     }
 
-    // Special tokens the tokenizer put first (Llama's BOS) survive truncation: the model has
-    // always seen them at the start.
-    let lead = prompt
-        .get_special_tokens_mask()
-        .iter()
-        .take_while(|&&special| special == 1)
-        .count();
+    let lead = prompt.lead;
     let min_prompt = lead.max(1);
     if response.len() + min_prompt > max_len {
         return Err(Error::ResponseTooLong {
@@ -156,20 +147,62 @@ fn encode_row(
     Ok(Row { ids, prompt_len })
 }
 
-/// The rendered prompt with the tokenizer's special tokens, never truncated.
-fn prompt_encoding(
+/// A prompt's ids, never truncated, and how many of them lead: they survive truncation, since
+/// the model has always seen them at the start.
+struct PromptIds {
+    ids: Vec<u32>,
+    lead: usize,
+}
+
+/// The rendered prompt: for ChatGLM its segments, special tokens by id and texts without the
+/// tokenizer's special tokens (the template has them); for the others one text with the
+/// tokenizer's special tokens, those it put first (Llama's BOS) leading.
+fn prompt_ids(
     tokenizer: &TextTokenizer,
     template: &ChatTemplate,
     index: usize,
     prompt: &str,
-) -> Result<Encoding> {
-    tokenizer.encode_untruncated(index, &template.render_prompt(prompt), true)
+) -> Result<PromptIds> {
+    let segments = template.prompt_segments(prompt);
+    if segments.is_empty() {
+        let encoding =
+            tokenizer.encode_untruncated(index, &template.render_prompt(prompt), true)?;
+        let lead = encoding
+            .get_special_tokens_mask()
+            .iter()
+            .take_while(|&&special| special == 1)
+            .count();
+        return Ok(PromptIds {
+            ids: encoding.get_ids().to_vec(),
+            lead,
+        });
+    }
+    let mut ids = Vec::new();
+    let mut lead = 0;
+    for (i, segment) in segments.iter().enumerate() {
+        match segment {
+            Segment::Token(token) => ids.push(template.token_id(tokenizer, token)?),
+            Segment::Text(text) => ids.extend(text_ids(tokenizer, index, text)?),
+        }
+        if i + 1 == template.kept_segments() {
+            lead = ids.len();
+        }
+    }
+    Ok(PromptIds { ids, lead })
+}
+
+/// Ids of a text inside a sequence: no special tokens, never truncated.
+fn text_ids(tokenizer: &TextTokenizer, index: usize, text: &str) -> Result<Vec<u32>> {
+    Ok(tokenizer
+        .encode_untruncated(index, text, false)?
+        .get_ids()
+        .to_vec())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_paths::{smollm2_tokenizer, stories_tokenizer};
+    use crate::test_paths::{chatglm_tokenizer, smollm2_tokenizer, stories_tokenizer};
     use proptest::prelude::*;
 
     const BOS: u32 = 1;
@@ -380,6 +413,68 @@ mod tests {
         let err = encode_causal(&tok, &custom, &[pair("Hi", "Ho")], 64).unwrap_err();
         assert!(matches!(err, Error::MissingStopToken { .. }), "{err}");
         assert!(err.to_string().contains("<nope>"), "{err}");
+    }
+
+    #[test]
+    fn chatglm2_prompts_start_with_gmask_sop_and_keep_them() {
+        let (_dir, tok) = chatglm_tokenizer(256);
+        let t = ChatTemplate::ChatGlm2;
+        let text = tok
+            .encode_no_special("[Round 1]\n\n问：Hi\n\n答：")
+            .unwrap();
+        let mut prompt = vec![265, 267];
+        prompt.extend(&text);
+        assert_eq!(encode_prompt(&tok, &t, "Hi").unwrap(), prompt);
+
+        let b = encode_causal(&tok, &t, &[pair("Hi", "Hi")], 256).unwrap();
+        let mut ids = prompt.clone();
+        ids.extend([263, 2]); // `▁Hi`, `</s>`
+        assert_eq!(b.input_ids, ids);
+        assert_eq!(labelled(&b.labels), vec![prompt.len() - 1, prompt.len()]);
+
+        // Truncation drops the start of the text, never `[gMASK] sop`.
+        let b = encode_causal(&tok, &t, &[pair("Hi", "Hi")], 6).unwrap();
+        assert_eq!(b.input_ids[..2], [265, 267]);
+        assert_eq!(b.input_ids[2..4], prompt[prompt.len() - 2..]);
+        assert_eq!(b.input_ids[4..], [263, 2]);
+
+        // A vocabulary without them is an error, not a silent plain prompt.
+        let err = encode_causal(&stories_tokenizer(64), &t, &[pair("Hi", "Ho")], 64).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MissingTemplateToken {
+                    token: "[gMASK]",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn chatglm3_matches_thudm_build_chat_input_and_learns_the_newline() {
+        let (_dir, tok) = chatglm_tokenizer(256);
+        let t = ChatTemplate::ChatGlm3;
+        // `[gMASK] sop <|user|>`, "\n" alone (`▁` `<0x0A>`), "Hi" alone (`▁Hi`), `<|assistant|>`.
+        let prompt = vec![265, 267, 270, 259, 13, 263, 271];
+        assert_eq!(encode_prompt(&tok, &t, "Hi").unwrap(), prompt);
+
+        let b = encode_causal(&tok, &t, &[pair("Hi", "Hi")], 256).unwrap();
+        let mut ids = prompt.clone();
+        ids.extend([259, 13, 263, 2]);
+        assert_eq!(b.input_ids, ids);
+        // The response's "\n", its text and `</s>` are learned; `<|assistant|>` is given.
+        let p = prompt.len();
+        assert_eq!(labelled(&b.labels), vec![p - 1, p, p + 1, p + 2]);
+        assert_eq!(b.labels[p - 1], 259);
+
+        // A long prompt keeps `[gMASK] sop <|user|>` and its "\n".
+        let long = "Hi ".repeat(20);
+        let b = encode_causal(&tok, &t, &[pair(&long, "Hi")], 12).unwrap();
+        assert_eq!(b.input_ids[..5], [265, 267, 270, 259, 13]);
+        assert_eq!(b.input_ids[7], 271);
+        assert_eq!(b.input_ids.len(), 12);
     }
 
     proptest! {

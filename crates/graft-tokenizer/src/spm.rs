@@ -719,38 +719,7 @@ pub(crate) fn looks_like_sentencepiece(path: &Path, bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
-        loop {
-            let byte = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-
-    fn field_varint(field: u64, v: u64, out: &mut Vec<u8>) {
-        varint(field << 3, out);
-        varint(v, out);
-    }
-
-    fn field_bytes(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
-        varint((field << 3) | 2, out);
-        varint(bytes.len() as u64, out);
-        out.extend_from_slice(bytes);
-    }
-
-    fn piece(text: &str, score: f32, kind: u64) -> Vec<u8> {
-        let mut p = Vec::new();
-        field_bytes(1, text.as_bytes(), &mut p);
-        varint((2 << 3) | 5, &mut p);
-        p.extend_from_slice(&score.to_le_bytes());
-        field_varint(3, kind, &mut p);
-        p
-    }
+    use crate::test_paths::proto::{field_bytes, field_varint, piece};
 
     /// A tiny BPE model: `<unk> <s> </s>`, then `▁ a b ▁a ab ▁ab`, with `model_type`.
     fn tiny_model(model_type: u64) -> Vec<u8> {
