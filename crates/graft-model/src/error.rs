@@ -17,6 +17,17 @@ pub enum Error {
     },
     #[error("{path}: not found ({what}); is this a model folder? Expected config.json, model.safetensors and tokenizer.json")]
     MissingFile { path: PathBuf, what: &'static str },
+    #[error(
+        "{dir}: the weights are PyTorch pickles ({files}), which graft does not read; convert \
+         them to safetensors once, in that folder (names kept, one file per shard):\n  {command}\n\
+         or load the model with transformers and save it with \
+         `save_pretrained(DIR, safe_serialization=True)`"
+    )]
+    PickleWeights {
+        dir: PathBuf,
+        files: String,
+        command: &'static str,
+    },
     #[error("{path}: cannot read the weights: {reason}")]
     Weights { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is missing (looked for {tried})")]

@@ -24,7 +24,11 @@ impl Weights {
     pub fn load_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         if !index.is_file() {
-            return Self::load(&dir.join("model.safetensors"), dtype, device);
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                refuse_pickles(dir)?;
+            }
+            return Self::load(&single, dtype, device);
         }
         let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
             path: index.clone(),
@@ -136,6 +140,72 @@ fn read_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// Converts a folder's `pytorch_model*.bin` shards (and their index) to safetensors, run in it.
+pub const PICKLE_CONVERSION: &str = "python3 -c \"import glob, json, torch; \
+from safetensors.torch import save_file; \
+st = lambda f: f.replace('pytorch_model', 'model').replace('.bin', '.safetensors'); \
+[save_file({k: v.clone().contiguous() for k, v in torch.load(f, map_location='cpu', \
+weights_only=True).items()}, st(f), metadata={'format': 'pt'}) \
+for f in sorted(glob.glob('pytorch_model*.bin'))]; \
+i = glob.glob('pytorch_model.bin.index.json'); \
+i and json.dump(dict(json.load(open(i[0])), weight_map={k: st(v) for k, v in \
+json.load(open(i[0]))['weight_map'].items()}), open('model.safetensors.index.json', 'w'))\"";
+
+/// A folder with no safetensors but PyTorch `.bin` checkpoints (ChatGLM2-6B ships
+/// `pytorch_model-0000N-of-00007.bin`) gets an error that says how to convert them.
+fn refuse_pickles(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(()); // the missing-file error that follows names the folder
+    };
+    let mut bins: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("pytorch_model") && n.ends_with(".bin"))
+        .collect();
+    if bins.is_empty() {
+        return Ok(());
+    }
+    bins.sort();
+    Err(Error::PickleWeights {
+        dir: dir.to_path_buf(),
+        files: bins.join(", "),
+        command: PICKLE_CONVERSION,
+    })
+}
+
+#[cfg(test)]
+mod pickle_tests {
+    use super::*;
+
+    #[test]
+    fn pytorch_bin_shards_are_refused_with_the_conversion_command() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "pytorch_model-00002-of-00002.bin",
+            "pytorch_model-00001-of-00002.bin",
+        ] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let err = Weights::load_folder(dir.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::PickleWeights { .. }), "{msg}");
+        assert!(
+            msg.contains("pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin"),
+            "{msg}"
+        );
+        assert!(msg.contains("safetensors.torch import save_file"), "{msg}");
+        assert!(msg.contains("safe_serialization=True"), "{msg}");
+
+        // Without them, the plain missing-file error as before.
+        let empty = tempfile::tempdir().unwrap();
+        let err = Weights::load_folder(empty.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::MissingFile { .. }), "{err}");
+    }
 }
 
 /// Writes `tensors` as one safetensors file, through a temporary file and a rename so that a
