@@ -112,6 +112,13 @@ enum Command {
         /// Overrides train.max_steps.
         #[arg(long)]
         max_steps: Option<usize>,
+        /// Overrides model.dtype: f32, bf16 or f16 for the frozen base and the activations
+        /// (trainable tensors and the optimizer's state stay f32).
+        #[arg(long)]
+        dtype: Option<graft_trainer::config::Precision>,
+        /// Overrides model.checkpointing: recompute each layer in the backward pass.
+        #[arg(long)]
+        checkpointing: bool,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -376,8 +383,20 @@ fn run(cli: Cli) -> Result<()> {
             config,
             out,
             max_steps,
+            dtype,
+            checkpointing,
             plugins,
-        } => train_lm(&config, &out, max_steps, &plugins)?,
+        } => {
+            let mut config = LmConfig::from_file(&config)?;
+            if let Some(steps) = max_steps {
+                config.train.max_steps = steps;
+            }
+            if let Some(dtype) = dtype {
+                config.model.dtype = dtype;
+            }
+            config.model.checkpointing |= checkpointing;
+            train_lm(config, &out, &plugins)?
+        }
         Command::Generate {
             model,
             adapter,
@@ -569,16 +588,7 @@ fn model_file(path: &Path) -> Result<PathBuf> {
     }
 }
 
-fn train_lm(
-    config_path: &Path,
-    out: &Path,
-    max_steps: Option<usize>,
-    plugins: &PluginArgs,
-) -> Result<()> {
-    let mut config = LmConfig::from_file(config_path)?;
-    if let Some(steps) = max_steps {
-        config.train.max_steps = steps;
-    }
+fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
     let model = match &config.model.path {
         Some(path) => model_file(path)?,
         None => {
@@ -607,6 +617,7 @@ fn train_lm(
         tokenizer,
         template: config.template()?,
         max_len: config.model.max_len,
+        dtype: config.model.dtype,
     };
     let device = graft_model::default_device()?;
     let mut lm = CausalLm::create(
@@ -614,15 +625,15 @@ fn train_lm(
         plugin.method.as_ref(),
         &config.method_settings(),
         &device,
-        candle_core::DType::F32,
         config.train.seed,
         config.train.max_steps,
     )?;
     let trainable: usize = lm.trainable().iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
-        "{} on {}: {trainable} trainable values, {} pairs, {} steps",
+        "{} on {} in {}: {trainable} trainable values, {} pairs, {} steps",
         lm.spec.method,
         lm.spec.model.display(),
+        lm.spec.dtype,
         pairs.len(),
         config.train.max_steps
     );

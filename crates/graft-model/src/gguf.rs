@@ -50,7 +50,8 @@ pub fn load_llama(
         } else if name.ends_with("attn_k.weight") {
             tensor = unpermute(&tensor, kv_heads)?;
         }
-        tensors.insert(hf_name, tensor);
+        // Converted one by one, so that the whole model is never held in f32 at once.
+        tensors.insert(hf_name, tensor.to_dtype(dtype)?);
     }
     Ok((
         config,

@@ -35,11 +35,14 @@ impl Param {
     }
 
     /// The tensor a forward pass uses: the method's substitute if it has one, else the base.
-    /// A substitute must have the base's shape and dtype.
+    /// A substitute must have the base's shape; one of another dtype (an f32 master copy of a
+    /// bf16 base, as full fine-tuning keeps) is used cast to the base's dtype, with a backward.
     pub fn resolve(&self, hooks: &dyn Hooks) -> Result<Tensor> {
         match hooks.parameter(&self.key) {
             None => Ok(self.value.clone()),
-            Some(t) if t.dims() == self.value.dims() && t.dtype() == self.value.dtype() => Ok(t),
+            Some(t) if t.dims() == self.value.dims() && t.dtype().is_float() => {
+                Ok(t.to_dtype(self.value.dtype())?)
+            }
             Some(t) => Err(Error::InvalidConfig(format!(
                 "the method's substitute for `{}` is {:?} {:?}, the base tensor is {:?} {:?}",
                 self.key,

@@ -38,6 +38,8 @@ pub fn cross_entropy(
     labels: &candle_core::Tensor,
 ) -> Result<candle_core::Tensor> {
     use candle_core::D;
+    // In f32 for half-precision logits: a 49k-way log-sum-exp in bf16 loses the loss.
+    let logits = &logits.to_dtype(ops::compute_dtype(logits.dtype()))?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

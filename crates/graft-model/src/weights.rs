@@ -16,7 +16,7 @@ pub struct Weights {
 impl Weights {
     /// One safetensors file.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::from_tensors(path, read_file(path, device)?, dtype)
+        Self::from_tensors(path, read_file(path, dtype, device)?, dtype)
     }
 
     /// The weights of a Hugging Face model folder: `model.safetensors`, or the shards listed in
@@ -51,7 +51,7 @@ impl Weights {
         shards.dedup();
         let mut tensors = HashMap::new();
         for shard in shards {
-            tensors.extend(read_file(&dir.join(shard), device)?);
+            tensors.extend(read_file(&dir.join(shard), dtype, device)?);
         }
         Self::from_tensors(&index, tensors, dtype)
     }
@@ -129,17 +129,34 @@ impl Weights {
     }
 }
 
-fn read_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// The tensors of one safetensors file, floating-point ones in `dtype`. The file is
+/// memory-mapped and read tensor by tensor, each converted as it is read: a shard is never
+/// held whole in memory, nor the model in its stored dtype beside the converted one.
+fn read_file(path: &Path, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
             what: "model weights",
         });
     }
-    candle_core::safetensors::load(path, device).map_err(|e| Error::Weights {
+    let bad = |e: candle_core::Error| Error::Weights {
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })
+    };
+    // SAFETY: the file is only read, and each tensor is copied out before the map is dropped;
+    // as with every memory map, a file truncated by another process meanwhile is undefined.
+    let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
+    let mut tensors = HashMap::new();
+    for (name, _) in file.tensors() {
+        let tensor = file.load(&name, &Device::Cpu).map_err(bad)?;
+        let tensor = if tensor.dtype().is_float() {
+            tensor.to_dtype(dtype).map_err(bad)?
+        } else {
+            tensor
+        };
+        tensors.insert(name, tensor.to_device(device).map_err(bad)?);
+    }
+    Ok(tensors)
 }
 
 /// Converts a folder's `pytorch_model*.bin` shards (and their index) to safetensors, run in it.

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 pub struct AttachContext<'a> {
     pub info: &'a ModelInfo,
     pub sites: &'a [SiteInfo],
+    /// The dtype of the tensors the method trains: f32 (f64 in f64 tests), also on a bf16 or
+    /// f16 base, which a method's hooks cast to (`x.dtype()`) as autocast does.
     pub dtype: DType,
     pub device: &'a Device,
     /// Seeds every random initial tensor the method makes.

@@ -23,6 +23,60 @@ pub struct PluginsSection {
     pub dirs: Vec<PathBuf>,
 }
 
+/// The dtype the frozen base weights and the activations are kept in. Trainable tensors and
+/// the optimizer's state stay f32 whatever it is, and norms, softmax and the loss compute in
+/// f32 (mixed precision, as autocast does it); f16 training scales the loss. f64 (everything
+/// in f64) is for finite-difference checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+    F64,
+}
+
+impl Precision {
+    pub const NAMES: [&'static str; 4] = ["f32", "bf16", "f16", "f64"];
+
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+            Self::F64 => candle_core::DType::F64,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            "f64" => Ok(Self::F64),
+            other => Err(Error::Config(format!(
+                "dtype `{other}`: expected one of {}",
+                Self::NAMES.join(", ")
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
@@ -34,6 +88,8 @@ pub struct ModelSection {
     pub max_len: usize,
     /// tokenizer.json when the model folder has none (a GGUF model).
     pub tokenizer: Option<PathBuf>,
+    /// The base weights' and activations' dtype: `f32`, `bf16` or `f16`.
+    pub dtype: Precision,
 }
 
 impl Default for ModelSection {
@@ -44,6 +100,7 @@ impl Default for ModelSection {
             pooling: Pooling::Pooler,
             max_len: 128,
             tokenizer: None,
+            dtype: Precision::F32,
         }
     }
 }

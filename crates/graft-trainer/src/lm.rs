@@ -25,6 +25,9 @@ pub struct LmSpec {
     pub tokenizer: PathBuf,
     pub template: ChatTemplate,
     pub max_len: usize,
+    /// The dtype the base was trained in, and is loaded in again.
+    #[serde(default)]
+    pub dtype: crate::config::Precision,
 }
 
 pub const LM_TASK_FILE: &str = "graft_lm_task.json";
@@ -88,10 +91,10 @@ impl CausalLm {
         method: &dyn Method,
         settings: &serde_json::Value,
         device: &Device,
-        dtype: DType,
         seed: u64,
         total_steps: usize,
     ) -> Result<Self> {
+        let dtype = spec.dtype.dtype();
         let (model, attached) = load_base(&spec.model, &spec, dtype, device)?;
         let adapter = attached.with_context(device, dtype, seed, total_steps, |ctx| {
             method.create(settings, ctx)
@@ -112,7 +115,7 @@ impl CausalLm {
         let plugin = registry.get(&spec.method)?;
         let method = plugin.method.as_ref();
         if method.saves_full_model() {
-            let (model, attached) = load_base(dir, &spec, DType::F32, device)?;
+            let (model, attached) = load_base(dir, &spec, spec.dtype.dtype(), device)?;
             let adapter = attach_full(dir, method, &attached, device)?;
             return Ok(Self::assemble(
                 spec,
@@ -123,7 +126,7 @@ impl CausalLm {
             ));
         }
         let saved = read_saved(dir, method, &spec.method, device)?;
-        let (model, attached) = load_base(&spec.model, &spec, DType::F32, device)?;
+        let (model, attached) = load_base(&spec.model, &spec, spec.dtype.dtype(), device)?;
         let adapter = attach_saved(dir, &saved, method, &attached, device)?;
         Ok(Self::assemble(
             spec,
@@ -350,6 +353,11 @@ pub struct LmModelSection {
     /// ChatML's system turn.
     pub system: Option<String>,
     pub max_len: usize,
+    /// The base weights' and activations' dtype: `f32`, `bf16` or `f16`.
+    pub dtype: crate::config::Precision,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping
+    /// them (gradient checkpointing): memory for one layer's activations instead of all.
+    pub checkpointing: bool,
 }
 
 impl Default for LmModelSection {
@@ -361,6 +369,8 @@ impl Default for LmModelSection {
             template: "chatml".into(),
             system: None,
             max_len: 256,
+            dtype: crate::config::Precision::F32,
+            checkpointing: false,
         }
     }
 }

@@ -79,7 +79,7 @@ impl Attachment {
         })
     }
 
-    /// Runs `f` with the method's context.
+    /// Runs `f` with the method's context; `dtype` is the base model's.
     pub fn with_context<T>(
         &self,
         device: &Device,
@@ -99,7 +99,8 @@ impl Attachment {
         f(&AttachContext {
             info: &self.info,
             sites: &self.sites,
-            dtype,
+            // Trainable tensors stay f32 on a half-precision base (mixed precision).
+            dtype: graft_model::ops::compute_dtype(dtype),
             device,
             seed,
             base_tensors: &self.base_tensors,

@@ -3,6 +3,7 @@
 //! falls on real data, a saved adapter reloads to the same logits, and the method's
 //! `Hooks::acts_on` promises hold.
 use crate::data::Dataset;
+use crate::config::Precision;
 use crate::lm::{CausalLm, LmSpec};
 use crate::optim::{AdamW, ParamGroup};
 use crate::task::{Classifier, TaskSpec};
@@ -616,6 +617,7 @@ pub fn lm_spec(method: &str, family: Family, scratch: &Path) -> Result<LmSpec> {
         tokenizer,
         template: ChatTemplate::parse("plain")?,
         max_len: 48,
+        dtype: Precision::F32,
     })
 }
 
@@ -666,11 +668,13 @@ pub fn check_lm_method(
     let name = format!("{} on {family:?}", method.name());
 
     let lm64 = CausalLm::create(
-        spec.clone(),
+        LmSpec {
+            dtype: Precision::F64,
+            ..spec.clone()
+        },
         method,
         settings,
         &Device::Cpu,
-        DType::F64,
         7,
         100,
     )?;
@@ -684,7 +688,7 @@ pub fn check_lm_method(
     let samples = finite_differences(&keys, &|| lm64.loss(&batch), |_| true, per_tensor, 1e-5, 11)?;
     judge_gradients(&name, &samples, keys.len() * per_tensor)?;
 
-    let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, DType::F32, 1, 100)?;
+    let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, 1, 100)?;
     let batch = story_batch(&lm, 4)?;
     let trainable = lm.trainable();
     let (losses, silent) = train_loop(

@@ -1,5 +1,11 @@
 //! Fused CPU kernels with hand-written backward passes, for f32 and f64.
 //!
+//! Half-precision tensors (bf16, f16) are storage only: a kernel reads them widened to f32,
+//! computes in f32 and writes its output (and each gradient) narrowed back to the dtype of the
+//! tensor it belongs to. So a bf16 model keeps half the bytes in weights and kept activations
+//! while norms, softmax and products run in f32 (as autocast does), and f32 tensors (a
+//! method's trainable ones) may meet bf16 ones in one kernel.
+//!
 //! Each replaces a chain of candle ops whose backward allocates a zeroed gradient and an
 //! intermediate per edge. Every kernel is checked against its composed counterpart in
 //! [`super::reference`] by value and by finite differences (`tests/kernels.rs`).
@@ -11,6 +17,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, WithDType,
 };
+use candle_core::backend::BackendStorage;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -86,70 +93,112 @@ fn lane_max<T: Float>(xs: &[T]) -> T {
         .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m })
 }
 
-/// Evaluates `$body` with `$T` the element type of `$storage` (f32 or f64), else refuses.
+/// Evaluates `$body` (a `CpuStorage` of `$T`) with `$T` the type the kernels compute in for
+/// `$storage`'s dtype (f64 for f64, f32 for f32, bf16 and f16), and returns it in that dtype;
+/// refuses other dtypes.
 macro_rules! for_float {
-    ($storage:expr, $op:literal, $T:ident => $body:expr) => {
-        match $storage {
-            CpuStorage::F32(_) => {
-                type $T = f32;
-                $body
-            }
-            CpuStorage::F64(_) => {
+    ($storage:expr, $op:literal, $T:ident => $body:expr) => {{
+        let dtype = $storage.dtype();
+        match dtype {
+            DType::F64 => {
                 type $T = f64;
                 $body
             }
-            _ => bail!(concat!($op, ": f32 or f64 only")),
+            DType::F32 | DType::BF16 | DType::F16 => {
+                type $T = f32;
+                narrow_storage($body, dtype)?
+            }
+            _ => bail!(concat!($op, ": f32, f64, bf16 or f16 only")),
         }
-    };
+    }};
 }
 
-/// Evaluates `$body` with `$T` the element type of `$dtype`, for backward passes (whose
-/// tensors the forward pass already checked: f32 or f64).
+/// Evaluates `$body` with `$T` the type the kernels compute in for `$dtype`, for backward
+/// passes (whose tensors the forward pass already checked).
 macro_rules! for_dtype {
     ($dtype:expr, $T:ident => $body:expr) => {
         match $dtype {
-            DType::F32 => {
-                type $T = f32;
+            DType::F64 => {
+                type $T = f64;
                 $body
             }
             _ => {
-                type $T = f64;
+                type $T = f32;
                 $body
             }
         }
     };
 }
 
-/// Whether the fused kernels handle these tensors: all on the CPU, all f32 or all f64.
+/// Whether the fused kernels handle these tensors: all on the CPU, and all f64 or all of
+/// f32, bf16 and f16 (computed in f32).
 pub(crate) fn supports(tensors: &[&Tensor]) -> bool {
     let Some(first) = tensors.first() else {
         return false;
     };
-    matches!(first.dtype(), DType::F32 | DType::F64)
-        && tensors
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
+    let wide = first.dtype() == DType::F64;
+    tensors.iter().all(|t| {
+        t.device().is_cpu()
+            && match t.dtype() {
+                DType::F64 => wide,
+                DType::F32 | DType::BF16 | DType::F16 => !wide,
+                _ => false,
+            }
+    })
 }
 
-fn contiguous<'a, T: Float>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    let all = T::cpu_storage_as_slice(storage)?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&all[start..end]),
-        None => bail!("graft kernel: input is not contiguous"),
+/// The contiguous data of `storage` as `T`: borrowed when it holds `T`, else widened (bf16
+/// and f16 to f32).
+fn contiguous<'a, T: Float>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<std::borrow::Cow<'a, [T]>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("graft kernel: input is not contiguous")
+    };
+    fn widen<H: Copy, T: Float>(data: &[H], to_f32: impl Fn(H) -> f32) -> Vec<T> {
+        data.iter()
+            .map(|&h| T::from(to_f32(h)).unwrap_or_else(T::nan))
+            .collect()
     }
+    Ok(match storage {
+        CpuStorage::BF16(data) if T::DTYPE == DType::F32 => {
+            widen(&data[start..end], half::bf16::to_f32).into()
+        }
+        CpuStorage::F16(data) if T::DTYPE == DType::F32 => {
+            widen(&data[start..end], half::f16::to_f32).into()
+        }
+        _ => (&T::cpu_storage_as_slice(storage)?[start..end]).into(),
+    })
 }
 
-/// Runs `f` on the contiguous CPU data of `t`.
+/// `data` (computed in f32 or f64) as storage of `dtype`: itself, or narrowed to bf16 or f16.
+fn narrow_storage(data: CpuStorage, dtype: DType) -> Result<CpuStorage> {
+    Ok(match (data, dtype) {
+        (CpuStorage::F32(v), DType::BF16) => {
+            CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect())
+        }
+        (CpuStorage::F32(v), DType::F16) => {
+            CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect())
+        }
+        (data, dtype) if data.dtype() == dtype => data,
+        (data, dtype) => bail!("graft kernel: cannot store {:?} as {dtype:?}", data.dtype()),
+    })
+}
+
+/// Runs `f` on the contiguous CPU data of `t`, as `T`.
 fn with_data<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
-        Storage::Cpu(cpu) => f(contiguous(cpu, layout)?),
+        Storage::Cpu(cpu) => f(&contiguous(cpu, layout)?),
         _ => bail!("graft kernel: tensor is not on the CPU"),
     }
 }
 
+/// `data` as a tensor of the shape, device and dtype of `like` (narrowed if `like` is half
+/// precision: a gradient has its tensor's dtype).
 fn tensor<T: Float>(data: Vec<T>, like: &Tensor) -> Result<Tensor> {
-    Tensor::from_vec(data, like.shape(), like.device())
+    Tensor::from_vec(data, like.shape(), like.device())?.to_dtype(like.dtype())
 }
 
 /// The gradient `data` of `input` as a tensor, if the input is tracked (else nobody needs it).
@@ -327,7 +376,7 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(s1, "graft-layer-norm", T => T::to_cpu_storage_owned(
-            self.fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?)
+            self.fwd::<T>(&contiguous(s1, l1)?, &contiguous(s2, l2)?, &contiguous(s3, l3)?)
         ));
         Ok((out, l1.shape().clone()))
     }
@@ -454,7 +503,7 @@ impl CustomOp2 for ScaleColumns {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(s1, "graft-scale-columns", T => T::to_cpu_storage_owned(
-            Self::fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?)
+            Self::fwd::<T>(&contiguous(s1, l1)?, &contiguous(s2, l2)?)
         ));
         Ok((out, l1.shape().clone()))
     }
@@ -549,7 +598,7 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(storage, "graft-gelu-erf", T => T::to_cpu_storage_owned(
-            Self::fwd::<T>(contiguous(storage, layout)?)
+            Self::fwd::<T>(&contiguous(storage, layout)?)
         ));
         Ok((out, layout.shape().clone()))
     }
@@ -633,7 +682,7 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(storage, "graft-rope", T => T::to_cpu_storage_owned(
-            self.turn_tensor::<T>(contiguous(storage, layout)?, 1.0)?
+            self.turn_tensor::<T>(&contiguous(storage, layout)?, 1.0)?
         ));
         Ok((out, layout.shape().clone()))
     }
@@ -1059,8 +1108,8 @@ impl CustomOp1 for Attention {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let (k_at, v_at) = self.packed_offsets();
         let out = for_float!(s1, "graft-attention-packed", T => {
-            let all: &[T] = contiguous(s1, l1)?;
-            self.cpu_fwd_typed::<T>(all, &all[k_at..], &all[v_at..])?
+            let all = contiguous::<T>(s1, l1)?;
+            self.cpu_fwd_typed::<T>(&all, &all[k_at..], &all[v_at..])?
         });
         let d = self.dims;
         Ok((out, Shape::from((d.batch, d.queries, d.q_width()))))
@@ -1088,9 +1137,9 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(s1, "graft-attention", T => self.cpu_fwd_typed::<T>(
-            contiguous(s1, l1)?,
-            contiguous(s2, l2)?,
-            contiguous(s3, l3)?,
+            &contiguous(s1, l1)?,
+            &contiguous(s2, l2)?,
+            &contiguous(s3, l3)?,
         )?);
         Ok((out, l1.shape().clone()))
     }
@@ -1150,9 +1199,9 @@ impl Linear {
             let out_f = w.1.dims()[0];
             let bias = bias.map(|(s, l)| contiguous::<T>(s, l)).transpose()?;
             Ok(T::to_cpu_storage_owned(Linear::fwd(
-                contiguous::<T>(x.0, x.1)?,
-                contiguous::<T>(w.0, w.1)?,
-                bias,
+                &contiguous::<T>(x.0, x.1)?,
+                &contiguous::<T>(w.0, w.1)?,
+                bias.as_deref(),
                 out_f,
             )))
         }
@@ -1580,7 +1629,7 @@ impl CustomOp3 for LowRankLinear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(s1, "graft-low-rank-linear", T => T::to_cpu_storage_owned(
-            self.fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?)?
+            self.fwd::<T>(&contiguous(s1, l1)?, &contiguous(s2, l2)?, &contiguous(s3, l3)?)?
         ));
         let mut dims = l1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -1730,7 +1779,7 @@ impl CustomOp2 for ProjectionNorm {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(s1, "graft-projection-norm", T => T::to_cpu_storage_owned(
-            self.fwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?)?
+            self.fwd::<T>(&contiguous(s1, l1)?, &contiguous(s2, l2)?)?
         ));
         Ok((out, l2.shape().clone()))
     }
@@ -1827,7 +1876,7 @@ impl CustomOp1 for FeedForwardBlock {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = for_float!(s1, "graft-feed-forward-block", T => T::to_cpu_storage_owned(
-            self.fwd::<T>(contiguous(s1, l1)?)?
+            self.fwd::<T>(&contiguous(s1, l1)?)?
         ));
         Ok((out, l1.shape().clone()))
     }

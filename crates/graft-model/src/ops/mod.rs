@@ -228,7 +228,7 @@ fn attention_keeping(
     }
     let head_dim = width / spec.heads;
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    let keep = tracked.then_some(keep_limit / q.dtype().size_in_bytes());
+    let keep = tracked.then_some(keep_limit / compute_dtype(q.dtype()).size_in_bytes());
     let op = attention_op(
         spec,
         (batch, queries, keys, head_dim),
@@ -312,7 +312,7 @@ pub fn attention_packed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
     let sizes = (batch, seq, seq, head_dim);
     let keep = qkv
         .track_op()
-        .then_some(KEEP_PROBS_BYTES / qkv.dtype().size_in_bytes());
+        .then_some(KEEP_PROBS_BYTES / compute_dtype(qkv.dtype()).size_in_bytes());
     let op = attention_op(spec, sizes, (width, width), keep)?;
     qkv.contiguous()?
         .apply_op1_arc(std::sync::Arc::new(Box::new(op)))
@@ -678,10 +678,27 @@ impl CustomOp1 for FrozenLinearGrad {
 }
 
 /// Additive attention bias `[batch, keys]` from a 0/1 key mask `[batch, keys]`: 0 where a key
-/// may be attended, a large negative number where it is padding.
-pub fn additive_mask(mask: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
-    let mask = mask.to_dtype(candle_core::DType::F32)?;
+/// may be attended, a large negative number where it is padding. In f64 for an f64 model, else
+/// in f32: attention scores are computed in f32 for half-precision models, and -1e9 is -inf in
+/// f16.
+pub fn additive_mask(mask: &Tensor, model_dtype: candle_core::DType) -> Result<Tensor> {
+    use candle_core::DType;
+    let dtype = match model_dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    };
+    let mask = mask.to_dtype(DType::F32)?;
     ((mask - 1.0)? * 1e9)?.to_dtype(dtype)
+}
+
+/// The dtype norms, softmax and the loss compute in for tensors of `dtype`: f32 for half
+/// precision (bf16, f16), else `dtype` itself.
+pub fn compute_dtype(dtype: candle_core::DType) -> candle_core::DType {
+    use candle_core::DType;
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
 }
 
 #[cfg(test)]

@@ -1,16 +1,31 @@
 //! The same operations composed from candle primitives, each of which has a backward: what
-//! runs on devices the fused kernels do not cover (CUDA, half precision), and the oracle the
-//! kernels are tested against.
-use super::AttentionSpec;
+//! runs on devices the fused kernels do not cover (CUDA), and the oracle the kernels are tested
+//! against.
+//!
+//! Mixed precision as autocast does it: products run in the activations' dtype, while norms,
+//! softmax and their statistics run in f32 for half-precision (bf16, f16) activations, and a
+//! tensor of another dtype (an f32 trainable one meeting bf16 activations) is cast, with a
+//! backward, to the activations' dtype.
+use super::{compute_dtype, AttentionSpec};
 use candle_core::{Result, Tensor, D};
+
+/// `t` in `dtype`, through a cast that passes gradients back (none when it already is).
+fn as_dtype(t: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    t.to_dtype(dtype)
+}
 
 /// Layer normalisation over the last dimension.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
+    let wide = compute_dtype(x.dtype());
+    let xw = as_dtype(x, wide)?;
+    let mean = xw.mean_keepdim(D::Minus1)?;
+    let centred = xw.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(gamma)?.broadcast_add(beta)
+    let out = normed
+        .broadcast_mul(&as_dtype(gamma, wide)?)?
+        .broadcast_add(&as_dtype(beta, wide)?)?;
+    as_dtype(&out, x.dtype())
 }
 
 /// Softmax over the last dimension. The row maximum is subtracted for stability and
@@ -23,7 +38,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// `x ⊙ scale` over the last dimension.
 pub fn scale_last_dim(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&scale.flatten_all()?)
+    x.broadcast_mul(&as_dtype(&scale.flatten_all()?, x.dtype())?)
 }
 
 /// GELU, exact (erf) form.
@@ -52,9 +67,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
     let q = heads(q, spec.heads, tq)?;
     let k = repeat(heads(k, spec.kv_heads, tk)?)?;
     let v = repeat(heads(v, spec.kv_heads, tk)?)?;
-    let mut scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    // Scores, bias and softmax in f32 for half-precision activations.
+    let wide = compute_dtype(q.dtype());
+    let mut scores = as_dtype(&q.matmul(&k.t()?)?, wide)?.affine(1.0 / (hd as f64).sqrt(), 0.0)?;
     if let Some(bias) = spec.key_bias {
-        scores = scores.broadcast_add(&bias.reshape((b, 1, 1, tk))?)?;
+        scores = scores.broadcast_add(&as_dtype(&bias.reshape((b, 1, 1, tk))?, wide)?)?;
     }
     if spec.causal {
         let offset = tk - tq;
@@ -69,15 +86,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
             .broadcast_as(scores.shape())?
             .where_cond(&scores, &blocked)?;
     }
-    softmax_last_dim(&scores)?
+    as_dtype(&softmax_last_dim(&scores)?, v.dtype())?
         .matmul(&v)?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, tq, width))
 }
 
-/// `x · Wᵀ + b` with candle's own matmul: gradients reach `x`, `weight` and `bias`.
+/// `x · Wᵀ + b` with candle's own matmul, in `x`'s dtype: gradients reach `x`, `weight` and
+/// `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let weight = &as_dtype(weight, x.dtype())?;
+    let bias = bias.map(|b| as_dtype(b, x.dtype())).transpose()?;
+    let bias = bias.as_ref();
     let out = match x.dims() {
         [b, s, i] => x
             .reshape((b * s, *i))?
@@ -93,9 +114,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// Root-mean-square normalisation over the last dimension (Llama's and ChatGLM's RMSNorm).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
-        .broadcast_mul(weight)
+    let wide = compute_dtype(x.dtype());
+    let xw = as_dtype(x, wide)?;
+    let mean_square = xw.sqr()?.mean_keepdim(D::Minus1)?;
+    let out = xw
+        .broadcast_div(&(mean_square + eps)?.sqrt()?)?
+        .broadcast_mul(&as_dtype(weight, wide)?)?;
+    as_dtype(&out, x.dtype())
 }
 
 /// Rotary position embedding on the first `2 * cos.dim(1)` features of each head; see
