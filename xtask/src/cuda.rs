@@ -38,8 +38,8 @@ pub(crate) fn toolkit() -> Result<Toolkit> {
         return Ok(Toolkit::System);
     }
     bail!(
-        "--features cuda needs the CUDA toolkit's nvcc, found neither in $CUDA_HOME/bin, \
-         target/cuda-toolkit nor on PATH. Install the pinned toolkit CI uses (a 680 MB download) \
+        "--features cuda needs the CUDA toolkit's nvcc: none in $CUDA_HOME/bin, \
+         target/cuda-toolkit or on PATH. Install the pinned toolkit CI uses (a 680 MB download) \
          from the repository root:\n  {INSTALL}"
     )
 }
@@ -59,7 +59,7 @@ pub(crate) fn build_env(command: &mut Command, toolkit: &Toolkit) {
     if std::env::var_os("CUDA_COMPUTE_CAP").is_none() && !gpu {
         eprintln!(
             "CUDA_COMPUTE_CAP is unset and no GPU answers nvidia-smi: \
-             compiling the kernels for compute capability {DEFAULT_COMPUTE_CAP}"
+             the kernels target compute capability {DEFAULT_COMPUTE_CAP}"
         );
         command.env("CUDA_COMPUTE_CAP", DEFAULT_COMPUTE_CAP);
     }
@@ -100,9 +100,6 @@ fn prepare_wheels(home: &Path) -> Result<()> {
     }
     let stubs = lib.join("stubs");
     let stub = stubs.join("libcuda.so");
-    if stub.is_file() {
-        return Ok(());
-    }
     std::fs::create_dir_all(&stubs)?;
     let include = home.join("include");
     let header = include.join("cuda.h");
@@ -118,11 +115,17 @@ fn prepare_wheels(home: &Path) -> Result<()> {
         bail!("cc -E {} failed", header.display());
     }
     let text = std::fs::read_to_string(&header)? + &String::from_utf8_lossy(&expanded.stdout);
-    let source: String = driver_functions(&text)
+    let mut names = driver_functions(&text);
+    // cudaProfiler.h's, which cudarc binds and no wheel here ships.
+    names.extend(["cuProfilerInitialize", "cuProfilerStart", "cuProfilerStop"]);
+    let source: String = names
         .iter()
         .map(|name| format!("void {name}(void) {{}}\n"))
         .collect();
     let c = stubs.join("libcuda-stub.c");
+    if stub.is_file() && std::fs::read_to_string(&c).is_ok_and(|old| old == source) {
+        return Ok(());
+    }
     std::fs::write(&c, source)?;
     let status = Command::new("cc")
         .args(["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o"])
