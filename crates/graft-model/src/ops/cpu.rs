@@ -13,11 +13,11 @@ use super::blas::{Blas, Gemm};
 use super::matmul::{gemm, gemm_onto, Start, Threads, View};
 use super::parallel::{self, Shared, SharedMut};
 use super::simd::{vectorized, Loop};
+use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, WithDType,
 };
-use candle_core::backend::BackendStorage;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
@@ -156,6 +156,31 @@ fn contiguous<'a, T: Float>(
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("graft kernel: input is not contiguous")
     };
+    elements(storage, start..end)
+}
+
+/// Rows `rows` of the contiguous `[_, width]` data of `storage`, as [`contiguous`] gives them.
+fn contiguous_rows<'a, T: Float>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    width: usize,
+    rows: std::ops::Range<usize>,
+) -> Result<std::borrow::Cow<'a, [T]>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("graft kernel: input is not contiguous")
+    };
+    let range = start + rows.start * width..start + rows.end * width;
+    if range.end > end {
+        bail!("graft kernel: rows {rows:?} of width {width} past the data's end")
+    }
+    elements(storage, range)
+}
+
+/// `storage[start..end]` as `T`: borrowed, or widened from bf16 or f16.
+fn elements<T: Float>(
+    storage: &CpuStorage,
+    std::ops::Range { start, end }: std::ops::Range<usize>,
+) -> Result<std::borrow::Cow<'_, [T]>> {
     fn widen<H: Copy, T: Float>(data: &[H], to_f32: impl Fn(H) -> f32) -> Vec<T> {
         data.iter()
             .map(|&h| T::from(to_f32(h)).unwrap_or_else(T::nan))
@@ -184,6 +209,20 @@ fn narrow_storage(data: CpuStorage, dtype: DType) -> Result<CpuStorage> {
         (data, dtype) if data.dtype() == dtype => data,
         (data, dtype) => bail!("graft kernel: cannot store {:?} as {dtype:?}", data.dtype()),
     })
+}
+
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// The blocks of rows of an `[out, width]` half-precision weight that a product widens one at
+/// a time, about 8 MiB of f32 each: a large weight (a tied 49k-word head) is never held widened
+/// whole beside the activations.
+fn widened_blocks(out: usize, width: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let block = ((2 << 20) / width.max(1)).max(1);
+    (0..out)
+        .step_by(block)
+        .map(move |start| start..(start + block).min(out))
 }
 
 /// Runs `f` on the contiguous CPU data of `t`, as `T`.
@@ -802,6 +841,8 @@ pub(crate) struct Attention {
     pub keep_probs: bool,
     /// The kept probabilities, `[batch * heads * queries * keys]`.
     pub kept: OnceLock<Tensor>,
+    /// The dtype they are kept in: the activations' (bf16 halves them).
+    pub kept_dtype: DType,
 }
 
 impl Attention {
@@ -897,7 +938,9 @@ impl Attention {
         }
         if self.keep_probs {
             let len = kept.len();
-            if let Ok(kept) = Tensor::from_vec(kept, len, &candle_core::Device::Cpu) {
+            let kept = Tensor::from_vec(kept, len, &candle_core::Device::Cpu)
+                .and_then(|k| k.to_dtype(self.kept_dtype));
+            if let Ok(kept) = kept {
                 let _ = self.kept.set(kept);
             }
         }
@@ -1186,6 +1229,65 @@ impl Linear {
         }
     }
 
+    /// As [`Linear::fwd`] for a half-precision weight, widened a block of output columns at a
+    /// time (see [`widened_blocks`]).
+    fn fwd_blocked<T: Float>(
+        x: &[T],
+        w: (&CpuStorage, &Layout),
+        bias: Option<&[T]>,
+    ) -> Result<Vec<T>> {
+        let (out_f, in_f) = (w.1.dims()[0], w.1.dims()[1]);
+        let rows = x.len() / in_f;
+        let mut y = vec![T::zero(); rows * out_f];
+        for columns in widened_blocks(out_f, in_f) {
+            let wb = contiguous_rows::<T>(w.0, w.1, in_f, columns.clone())?;
+            let start = bias.map_or(Start::Zero, |b| Start::Rows(&b[columns.clone()]));
+            // SAFETY: y holds rows x out_f elements; the block writes its columns of each row.
+            unsafe {
+                gemm_onto(
+                    (rows, columns.len(), in_f),
+                    y.as_mut_ptr().add(columns.start),
+                    out_f,
+                    start,
+                    View::rows(x.as_ptr(), in_f),
+                    View::rows(wb.as_ptr(), in_f).t(),
+                    T::one(),
+                    Threads::Pool,
+                )
+            };
+        }
+        Ok(y)
+    }
+
+    /// `dy · W` `[rows, in]` for a half-precision weight, widened a block of its rows at a
+    /// time.
+    fn d_input_blocked<T: Float>(dy: &[T], w: &Tensor) -> Result<Vec<T>> {
+        let (out_f, in_f) = w.dims2()?;
+        let rows = dy.len() / out_f;
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            bail!("graft kernel: tensor is not on the CPU")
+        };
+        let mut dx = vec![T::zero(); rows * in_f];
+        for columns in widened_blocks(out_f, in_f) {
+            let wb = contiguous_rows::<T>(storage, layout, in_f, columns.clone())?;
+            // SAFETY: dx holds rows x in_f elements; dy's block is rows x columns, out_f apart.
+            unsafe {
+                gemm(
+                    (rows, in_f, columns.len()),
+                    dx.as_mut_ptr(),
+                    in_f,
+                    columns.start > 0,
+                    View::rows(dy.as_ptr().add(columns.start), out_f),
+                    View::rows(wb.as_ptr(), in_f),
+                    T::one(),
+                    Threads::Pool,
+                )
+            };
+        }
+        Ok(dx)
+    }
+
     fn cpu_fwd_any(
         x: (&CpuStorage, &Layout),
         w: (&CpuStorage, &Layout),
@@ -1198,12 +1300,13 @@ impl Linear {
         ) -> Result<CpuStorage> {
             let out_f = w.1.dims()[0];
             let bias = bias.map(|(s, l)| contiguous::<T>(s, l)).transpose()?;
-            Ok(T::to_cpu_storage_owned(Linear::fwd(
-                &contiguous::<T>(x.0, x.1)?,
-                &contiguous::<T>(w.0, w.1)?,
-                bias.as_deref(),
-                out_f,
-            )))
+            let x = contiguous::<T>(x.0, x.1)?;
+            let y = if is_half(w.0.dtype()) {
+                Linear::fwd_blocked(&x, w, bias.as_deref())?
+            } else {
+                Linear::fwd(&x, &contiguous::<T>(w.0, w.1)?, bias.as_deref(), out_f)
+            };
+            Ok(T::to_cpu_storage_owned(y))
         }
         let out = for_float!(x.0, "graft-linear", T => typed::<T>(x, w, bias)?);
         let mut dims = x.1.dims().to_vec();
@@ -1224,7 +1327,9 @@ impl Linear {
         let (out_f, in_f) = w.dims2()?;
         let rows = x.elem_count() / in_f;
         with_data::<T, _>(&grad, |dy| {
-            let dx = if x.track_op() {
+            let dx = if x.track_op() && is_half(w.dtype()) {
+                Some(tensor(Self::d_input_blocked(dy, w)?, x)?)
+            } else if x.track_op() {
                 let dx = with_data::<T, _>(w, |w| {
                     // SAFETY: the product (not accumulated) writes every element.
                     Ok(unsafe {

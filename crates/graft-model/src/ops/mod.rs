@@ -228,12 +228,13 @@ fn attention_keeping(
     }
     let head_dim = width / spec.heads;
     let tracked = q.track_op() || k.track_op() || v.track_op();
-    let keep = tracked.then_some(keep_limit / compute_dtype(q.dtype()).size_in_bytes());
+    let keep = tracked.then_some(keep_limit / q.dtype().size_in_bytes());
     let op = attention_op(
         spec,
         (batch, queries, keys, head_dim),
         (width, kv_width),
         keep,
+        q.dtype(),
     )?;
     q.contiguous()?.apply_op3_arc(
         &k.contiguous()?,
@@ -249,6 +250,7 @@ fn attention_op(
     (batch, queries, keys, head_dim): (usize, usize, usize, usize),
     (q_stride, kv_stride): (usize, usize),
     keep: Option<usize>,
+    kept_dtype: candle_core::DType,
 ) -> Result<cpu::Attention> {
     // Probabilities are kept for the backward when one will follow and they fit the limit;
     // else (long sequences) the backward recomputes them.
@@ -256,6 +258,7 @@ fn attention_op(
     Ok(cpu::Attention {
         keep_probs: keep.is_some_and(|limit| probs <= limit),
         kept: Default::default(),
+        kept_dtype,
         dims: cpu::AttentionDims {
             batch,
             queries,
@@ -312,8 +315,8 @@ pub fn attention_packed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
     let sizes = (batch, seq, seq, head_dim);
     let keep = qkv
         .track_op()
-        .then_some(KEEP_PROBS_BYTES / compute_dtype(qkv.dtype()).size_in_bytes());
-    let op = attention_op(spec, sizes, (width, width), keep)?;
+        .then_some(KEEP_PROBS_BYTES / qkv.dtype().size_in_bytes());
+    let op = attention_op(spec, sizes, (width, width), keep, qkv.dtype())?;
     qkv.contiguous()?
         .apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
