@@ -68,7 +68,7 @@ fn classifies_on_a_decoder() {
 /// Generation with the adapter's hooks and with the adapter merged into the weights agree.
 #[test]
 fn generation_is_the_same_merged_and_unmerged() {
-    use graft_peft::candle::{DType, Device};
+    use graft_peft::candle::Device;
     use graft_trainer::lm::CausalLm;
     let scratch = tempfile::tempdir().unwrap();
     let spec = testkit::lm_spec("lora", testkit::Family::Llama, scratch.path()).unwrap();
@@ -78,7 +78,6 @@ fn generation_is_the_same_merged_and_unmerged() {
         lora.as_ref(),
         &json!({ "r": 4, "lora_alpha": 8 }),
         &Device::Cpu,
-        DType::F32,
         2,
         0,
     )
@@ -112,22 +111,13 @@ fn generation_is_the_same_merged_and_unmerged() {
 /// train-lm writes the adapter every `checkpoint_every` steps: a crash loses at most that many.
 #[test]
 fn causal_lm_training_saves_the_adapter_as_it_goes() {
-    use graft_peft::candle::{DType, Device};
+    use graft_peft::candle::Device;
     use graft_trainer::lm::{train_lm, CausalLm};
     let scratch = tempfile::tempdir().unwrap();
     let spec = testkit::lm_spec("lora", testkit::Family::Llama, scratch.path()).unwrap();
     let lora = graft_plugin_lora::method();
     let settings = json!({ "r": 4, "lora_alpha": 8 });
-    let mut lm = CausalLm::create(
-        spec,
-        lora.as_ref(),
-        &settings,
-        &Device::Cpu,
-        DType::F32,
-        1,
-        3,
-    )
-    .unwrap();
+    let mut lm = CausalLm::create(spec, lora.as_ref(), &settings, &Device::Cpu, 1, 3).unwrap();
     let train = graft_trainer::config::TrainSection {
         max_steps: 3,
         batch_size: 2,

@@ -74,22 +74,12 @@ fn trains_and_reloads_on_llama_and_chatglm() {
 /// to the same logits, and the prefixes matter.
 #[test]
 fn reads_thudm_chatglm_p_tuning_v2_layout() {
-    use graft_peft::candle::DType;
     use graft_peft::graft_model::NoHooks;
     use graft_trainer::lm::CausalLm;
     let scratch = tempfile::tempdir().unwrap();
     let spec = testkit::lm_spec("p-tuning-v2", testkit::Family::ChatGlm, scratch.path()).unwrap();
     let method = graft_plugin_p_tuning_v2::method();
-    let lm = CausalLm::create(
-        spec,
-        method.as_ref(),
-        &settings(),
-        &Device::Cpu,
-        DType::F32,
-        3,
-        10,
-    )
-    .unwrap();
+    let lm = CausalLm::create(spec, method.as_ref(), &settings(), &Device::Cpu, 3, 10).unwrap();
     let dir = scratch.path().join("thudm");
     lm.save(&dir).unwrap();
     let file = dir.join("adapter_model.safetensors");
