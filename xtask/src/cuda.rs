@@ -65,13 +65,20 @@ pub(crate) fn build_env(command: &mut Command, toolkit: &Toolkit) {
     }
 }
 
-/// The wheels' libraries for a run (the driver's libcuda comes from the system, never the stub).
-pub(crate) fn run_env(command: &mut Command, toolkit: &Toolkit) {
+/// The wheels' libraries for a run (the driver's libcuda comes from the system, never the
+/// stub). `cargo xtask` runs under `cargo run`, which puts the CPU build's folders on
+/// LD_LIBRARY_PATH, searched before the binary's own folder: they are dropped, or the CUDA graft
+/// would load the CPU build's graft-peft.
+pub(crate) fn run_env(command: &mut Command, toolkit: &Toolkit, cpu_build: &Path) {
+    let mut paths = Vec::new();
     if let Toolkit::Wheels(home) = toolkit {
-        command.env(
-            "LD_LIBRARY_PATH",
-            prepend_path(&home.join("lib"), "LD_LIBRARY_PATH"),
-        );
+        paths.push(home.join("lib"));
+    }
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        paths.extend(std::env::split_paths(&old).filter(|p| !p.starts_with(cpu_build)));
+    }
+    if let Ok(joined) = std::env::join_paths(paths) {
+        command.env("LD_LIBRARY_PATH", joined);
     }
 }
 

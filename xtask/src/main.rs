@@ -204,7 +204,7 @@ pub(crate) fn run_graft(backend: Backend, args: &[String]) -> Result<()> {
     let mut command = Command::new(&graft);
     command.current_dir(root()).args(args);
     if backend == Backend::Cuda {
-        cuda::run_env(&mut command, &cuda::toolkit()?);
+        cuda::run_env(&mut command, &cuda::toolkit()?, &bin_dir(Backend::Cpu));
     }
     let status = command
         .status()
