@@ -639,12 +639,20 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
     );
     let log_every = config.train.log_every.max(1);
     let mut steps = Vec::new();
-    graft_trainer::lm::train_lm(&mut lm, &pairs, &config.train, Some(out), &mut |s| {
-        if s.step % log_every == 0 || s.step == 1 {
-            eprintln!("step {:>4}  loss {:.4}  {:.2} s", s.step, s.loss, s.seconds);
-        }
-        steps.push(s.clone());
-    })?;
+    let checkpointing = config.model.checkpointing;
+    graft_trainer::lm::train_lm(
+        &mut lm,
+        &pairs,
+        &config.train,
+        checkpointing,
+        Some(out),
+        &mut |s| {
+            if s.step % log_every == 0 || s.step == 1 {
+                eprintln!("step {:>4}  loss {:.4}  {:.2} s", s.step, s.loss, s.seconds);
+            }
+            steps.push(s.clone());
+        },
+    )?;
     lm.save(out)
         .with_context(|| format!("writing the adapter to {}", out.display()))?;
     eprintln!("adapter written to {}", out.display());

@@ -318,6 +318,52 @@ pub struct DecoderInputs {
     pub attention_mask: Option<Tensor>,
 }
 
+/// What [`Decoder::embed`] hands every block.
+struct Stage {
+    /// The first block's input `[batch, prompt + seq, hidden]`.
+    hidden: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_bias: Option<Tensor>,
+    batch: usize,
+    seq: usize,
+    prompt_len: usize,
+    prefix_len: usize,
+    first_position: usize,
+}
+
+/// Adds `grad` (if any) to the gradient of `t` in `into`, detached.
+fn add_grad(
+    into: &mut candle_core::backprop::GradStore,
+    t: &Tensor,
+    grad: Option<&Tensor>,
+) -> Result<()> {
+    if let Some(grad) = grad {
+        let sum = match into.remove(t) {
+            Some(old) => (old + grad)?,
+            None => grad.clone(),
+        };
+        into.insert(t, sum.detach());
+    }
+    Ok(())
+}
+
+/// Moves the gradients of `trainable` from `from` into `into`, and returns the gradient of the
+/// segment's `input`, which the segment before receives.
+fn keep_grads(
+    into: &mut candle_core::backprop::GradStore,
+    from: candle_core::backprop::GradStore,
+    trainable: &[Tensor],
+    input: &candle_core::Var,
+) -> Result<Tensor> {
+    for t in trainable {
+        add_grad(into, t, from.get(t))?;
+    }
+    from.get(input.as_tensor())
+        .map(Tensor::detach)
+        .ok_or_else(|| Error::InvalidConfig("no gradient reached a block's input".into()))
+}
+
 /// Keys and values of the positions already seen, for generation one token at a time.
 #[derive(Default)]
 pub struct KvCache {
@@ -469,11 +515,85 @@ impl Decoder {
         hooks: &dyn Hooks,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let stage = self.embed(inputs, hooks, cache.as_deref())?;
+        let mut hidden = stage.hidden.clone();
+        for index in 0..self.blocks.len() {
+            let past_kv = cache.as_ref().and_then(|c| c.layers.get(index)).cloned();
+            let (out, kv) = self.layer(index, &stage, &hidden, past_kv, hooks)?;
+            hidden = out;
+            if let Some(c) = cache.as_deref_mut() {
+                if index < c.layers.len() {
+                    c.layers[index] = kv;
+                } else {
+                    c.layers.push(kv);
+                }
+            }
+        }
+        if let Some(c) = cache {
+            c.next_position = stage.first_position + stage.prompt_len + stage.seq;
+        }
+        self.finish(&stage, &hidden, hooks)
+    }
+
+    /// `loss_of(final hidden states)` and its gradients for the tensors `trainable`, with each
+    /// block recomputed in the backward pass (gradient checkpointing): the forward pass records
+    /// no graph and keeps only each block's input `[batch, seq, hidden]`; the backward rebuilds
+    /// one block's graph at a time, from the last, and carries the gradient of its input to the
+    /// block before. The gradients are those of an ordinary backward up to the order of the
+    /// additions (a test compares them for every method).
+    pub fn checkpointed_grads(
+        &self,
+        inputs: &DecoderInputs,
+        hooks: &dyn Hooks,
+        trainable: &[Tensor],
+        loss_of: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        let stage = ops::without_grad(|| self.embed(inputs, hooks, None))?;
+        let mut block_inputs = vec![stage.hidden.clone()];
+        for index in 0..self.blocks.len() {
+            let last = &block_inputs[index];
+            let out = ops::without_grad(|| self.layer(index, &stage, last, None, hooks))?.0;
+            block_inputs.push(out);
+        }
+        let mut grads = candle_core::backprop::GradStore::default();
+        // The head: the final norm and whatever `loss_of` runs, from the last block's output.
+        let top =
+            candle_core::Var::from_tensor(&block_inputs.pop().unwrap_or(stage.hidden.clone()))?;
+        let loss = loss_of(&self.finish(&stage, top.as_tensor(), hooks)?)?;
+        let mut upstream = keep_grads(&mut grads, loss.backward()?, trainable, &top)?;
+        for index in (0..self.blocks.len()).rev() {
+            let input = candle_core::Var::from_tensor(&block_inputs[index])?;
+            block_inputs.truncate(index);
+            let out = self.layer(index, &stage, input.as_tensor(), None, hooks)?.0;
+            let surrogate = (out * upstream.detach())?.sum_all()?;
+            upstream = keep_grads(&mut grads, surrogate.backward()?, trainable, &input)?;
+        }
+        // The embeddings, with any virtual tokens: trained by prompt methods and full
+        // fine-tuning.
+        let embedded = self.embed(inputs, hooks, None)?.hidden;
+        if embedded.track_op() {
+            let surrogate = (embedded * upstream)?.sum_all()?;
+            let from = surrogate.backward()?;
+            for t in trainable {
+                add_grad(&mut grads, t, from.get(t))?;
+            }
+        }
+        Ok((loss, grads))
+    }
+
+    /// The input of the first block: the embedded tokens after any virtual tokens, and what
+    /// every block needs besides (rotary tables, key bias, prefix length).
+    fn embed(
+        &self,
+        inputs: &DecoderInputs,
+        hooks: &dyn Hooks,
+        cache: Option<&KvCache>,
+    ) -> Result<Stage> {
         let (b, s) = inputs.input_ids.dims2()?;
         let table = self.embed.resolve(hooks)?;
         let dtype = table.dtype();
         let device = table.device().clone();
-        let fresh = cache.as_ref().is_none_or(|c| c.is_empty());
+        let fresh = cache.is_none_or(|c| c.is_empty());
         let mut hidden = table
             .index_select(&inputs.input_ids.flatten_all()?, 0)?
             .reshape((b, s, ()))?;
@@ -488,11 +608,11 @@ impl Decoder {
         }
         let prefix_len = if fresh { hooks.kv_prefix_len() } else { 0 };
         let t = prompt_len + s;
-        let past = match cache.as_ref().and_then(|c| c.layers.first()) {
+        let past = match cache.and_then(|c| c.layers.first()) {
             Some((keys, _)) => keys.dim(1)?,
             None => 0,
         };
-        let first_position = match cache.as_ref() {
+        let first_position = match cache {
             Some(c) if !fresh => c.next_position,
             _ if self.spec.prefix_shifts_positions => prefix_len,
             _ => 0,
@@ -519,38 +639,51 @@ impl Decoder {
             }
             None => None,
         };
-        for (index, block) in self.blocks.iter().enumerate() {
-            let prefix = if prefix_len > 0 {
-                hooks.kv_prefix(index, b)?
-            } else {
-                None
-            };
-            let past_kv = cache.as_ref().and_then(|c| c.layers.get(index)).cloned();
-            let (out, kv) = self.block_forward(
-                block,
-                &hidden,
-                &cos,
-                &sin,
-                prefix,
-                past_kv,
-                key_bias.as_ref(),
-                hooks,
-            )?;
-            hidden = out;
-            if let Some(c) = cache.as_deref_mut() {
-                if index < c.layers.len() {
-                    c.layers[index] = kv;
-                } else {
-                    c.layers.push(kv);
-                }
-            }
-        }
-        if let Some(c) = cache {
-            c.next_position = first_position + t;
-        }
-        let hidden = self.final_norm.forward(&hidden, hooks)?;
-        if prompt_len > 0 {
-            Ok(hidden.narrow(1, prompt_len, s)?)
+        Ok(Stage {
+            hidden,
+            cos,
+            sin,
+            key_bias,
+            batch: b,
+            seq: s,
+            prompt_len,
+            prefix_len,
+            first_position,
+        })
+    }
+
+    /// Block `index` on `hidden`, with the method's key/value prefix of that layer and the
+    /// cached keys and values `past`; returns its output and its keys and values.
+    fn layer(
+        &self,
+        index: usize,
+        stage: &Stage,
+        hidden: &Tensor,
+        past: Option<(Tensor, Tensor)>,
+        hooks: &dyn Hooks,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let prefix = if stage.prefix_len > 0 {
+            hooks.kv_prefix(index, stage.batch)?
+        } else {
+            None
+        };
+        self.block_forward(
+            &self.blocks[index],
+            hidden,
+            &stage.cos,
+            &stage.sin,
+            prefix,
+            past,
+            stage.key_bias.as_ref(),
+            hooks,
+        )
+    }
+
+    /// The final norm of the last block's output, without the virtual tokens.
+    fn finish(&self, stage: &Stage, hidden: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        let hidden = self.final_norm.forward(hidden, hooks)?;
+        if stage.prompt_len > 0 {
+            Ok(hidden.narrow(1, stage.prompt_len, stage.seq)?)
         } else {
             Ok(hidden)
         }

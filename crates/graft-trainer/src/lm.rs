@@ -193,6 +193,11 @@ impl CausalLm {
         let hidden = self
             .model
             .forward(&self.inputs(batch)?, self.hooks(), None)?;
+        self.loss_of_hidden(batch, &hidden)
+    }
+
+    /// The loss from the final hidden states of `batch`.
+    fn loss_of_hidden(&self, batch: &CausalBatch, hidden: &Tensor) -> Result<Tensor> {
         let labels = Tensor::from_slice(
             &batch.labels,
             (batch.batch, batch.seq_len),
@@ -207,6 +212,36 @@ impl CausalLm {
             loss = (loss + extra)?;
         }
         Ok(loss)
+    }
+
+    /// [`CausalLm::loss`] and the gradients of the trainable tensors; with `checkpointing`,
+    /// each decoder block is recomputed in the backward pass instead of kept (see
+    /// [`Decoder::checkpointed_grads`]).
+    pub fn loss_and_grads(
+        &self,
+        batch: &CausalBatch,
+        checkpointing: bool,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        if !checkpointing {
+            let loss = self.loss(batch)?;
+            let grads = loss.backward()?;
+            return Ok((loss, grads));
+        }
+        let trainable: Vec<Tensor> = self
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        let loss_of = |hidden: &Tensor| {
+            self.loss_of_hidden(batch, hidden)
+                .map_err(|e| graft_model::Error::InvalidConfig(e.to_string()))
+        };
+        Ok(self.model.checkpointed_grads(
+            &self.inputs(batch)?,
+            self.hooks(),
+            &trainable,
+            &loss_of,
+        )?)
     }
 
     /// For each prompt (rendered with the template), the index of the label whose token the
@@ -572,12 +607,14 @@ pub struct LmStep {
 
 /// Trains `lm` on `pairs` for `train.max_steps` AdamW steps (batches cycle through the pairs),
 /// with warm-up and schedule, gradient clipping and the method's after-step hook; returns the
-/// losses. `on_step` sees every step. With `save_to`, the adapter is written there every
+/// losses. `on_step` sees every step; `checkpointing` recomputes each block in the backward
+/// pass. With `save_to`, the adapter is written there every
 /// `train.checkpoint_every` steps (atomically), so a crash loses at most that many steps.
 pub fn train_lm(
     lm: &mut CausalLm,
     pairs: &[graft_tokenizer::PromptResponse],
     train: &crate::config::TrainSection,
+    checkpointing: bool,
     save_to: Option<&Path>,
     on_step: &mut dyn FnMut(&LmStep),
 ) -> Result<Vec<f64>> {
@@ -626,7 +663,7 @@ pub fn train_lm(
         )?;
         let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
         let started = std::time::Instant::now();
-        let loss = lm.loss(&encoded)?;
+        let (loss, mut grads) = lm.loss_and_grads(&encoded, checkpointing)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::Config(format!(
@@ -634,7 +671,6 @@ pub fn train_lm(
                 step + 1
             )));
         }
-        let mut grads = loss.backward()?;
         if train.max_grad_norm > 0.0 {
             let norm = global_norm(&grads, &vars)?;
             if norm > train.max_grad_norm {

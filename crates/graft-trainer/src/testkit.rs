@@ -687,6 +687,7 @@ pub fn check_lm_method(
     let per_tensor = 2;
     let samples = finite_differences(&keys, &|| lm64.loss(&batch), |_| true, per_tensor, 1e-5, 11)?;
     judge_gradients(&name, &samples, keys.len() * per_tensor)?;
+    check_checkpointing(&name, &lm64, &batch)?;
 
     let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, 1, 100)?;
     let batch = story_batch(&lm, 4)?;
@@ -857,6 +858,36 @@ pub fn check_lm_half_precision(
         )));
     }
     Ok(losses)
+}
+
+/// Gradient checkpointing gives the loss and every trainable tensor's gradient of an ordinary
+/// backward (in f64, to 1e-9 of the largest gradient: only the order of additions differs).
+fn check_checkpointing(name: &str, lm: &CausalLm, batch: &CausalBatch) -> Result<()> {
+    let (loss, plain) = lm.loss_and_grads(batch, false)?;
+    let (recomputed_loss, recomputed) = lm.loss_and_grads(batch, true)?;
+    if scalar(&loss)? != scalar(&recomputed_loss)? {
+        return Err(Error::Check(format!(
+            "{name}: checkpointing changes the loss: {} against {}",
+            scalar(&recomputed_loss)?,
+            scalar(&loss)?
+        )));
+    }
+    for (key, var) in lm.trainable() {
+        let (Some(a), Some(b)) = (plain.get(var.as_tensor()), recomputed.get(var.as_tensor()))
+        else {
+            return Err(Error::Check(format!(
+                "{name}: `{key}` has a gradient with one backward and not the other"
+            )));
+        };
+        let largest = scalar(&a.abs()?.flatten_all()?.max(0)?)?;
+        let diff = max_abs_diff(a, b)?;
+        if diff > 1e-9 * largest.max(1e-12) {
+            return Err(Error::Check(format!(
+                "{name}: with checkpointing the gradient of `{key}` differs by {diff} (largest {largest})"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// [`check_lm_method`] and [`check_lm_half_precision`] on every decoder family, the method

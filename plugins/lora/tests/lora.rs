@@ -131,6 +131,7 @@ fn causal_lm_training_saves_the_adapter_as_it_goes() {
         &mut lm,
         &testkit::story_pairs(4),
         &train,
+        false,
         Some(&out),
         &mut |s| {
             if s.step == 2 {
