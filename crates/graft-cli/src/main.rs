@@ -173,9 +173,13 @@ enum Command {
         batch: usize,
         #[arg(long, default_value_t = 512)]
         seq_len: usize,
-        /// f32, f16 or bf16: the dtype weights and activations are kept in.
-        #[arg(long, default_value = "f16")]
-        dtype: String,
+        /// f32, bf16 or f16: the dtype the base weights and activations are kept in, as
+        /// train-lm's --dtype (trainable tensors and AdamW's state are f32 in each).
+        #[arg(long, default_value = "f32")]
+        dtype: graft_trainer::config::Precision,
+        /// Gradient checkpointing, as train-lm's --checkpointing.
+        #[arg(long)]
+        checkpointing: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -467,20 +471,16 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             seq_len,
             dtype,
+            checkpointing,
             json,
         } => {
-            let dtype = match dtype.as_str() {
-                "f32" => candle_core::DType::F32,
-                "f16" => candle_core::DType::F16,
-                "bf16" => candle_core::DType::BF16,
-                other => bail!("--dtype `{other}`: expected f32, f16 or bf16"),
-            };
             let targets =
                 (!targets.is_empty()).then_some(graft_peft::TargetModules::Names(targets));
             let shape = graft_trainer::inspect::StepShape {
                 batch,
                 seq_len,
-                dtype,
+                dtype: dtype.dtype(),
+                checkpointing,
             };
             let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;
@@ -510,8 +510,13 @@ fn run(cli: Cli) -> Result<()> {
                     100.0 * report.lora_trainable as f64 / report.params as f64
                 );
                 println!(
-                    "training step, batch {batch} x {seq_len} tokens, {dtype:?}: about {:.2} GiB \
+                    "training step, batch {batch} x {seq_len} tokens, {dtype}{}: about {:.2} GiB \
                      (weights {:.2}, trainable + AdamW {:.3}, activations {:.2}, logits {:.2})",
+                    if checkpointing {
+                        " with checkpointing"
+                    } else {
+                        ""
+                    },
                     gib(m.total),
                     gib(m.weights),
                     gib(m.trainable),

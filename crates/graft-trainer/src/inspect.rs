@@ -12,8 +12,10 @@ use std::path::Path;
 pub struct StepShape {
     pub batch: usize,
     pub seq_len: usize,
-    /// The dtype the base weights and activations are kept in.
+    /// The dtype the base weights and activations are kept in (trainable tensors are f32).
     pub dtype: DType,
+    /// Gradient checkpointing: each block recomputed in the backward pass.
+    pub checkpointing: bool,
 }
 
 /// Bytes one training step holds, by what holds them.
@@ -21,9 +23,10 @@ pub struct StepShape {
 pub struct Memory {
     /// The frozen base weights.
     pub weights: usize,
-    /// The trainable tensors with their gradients and AdamW's two moments.
+    /// The trainable tensors with their gradients and AdamW's two moments, all f32.
     pub trainable: usize,
-    /// Activations the backward pass reads (see [`activation_elements`]).
+    /// Activations the backward pass reads (see [`activation_elements`]); with checkpointing,
+    /// each block's input and one block's activations and their gradients.
     pub activations: usize,
     /// Full-sequence logits and the log-softmax over them (f32).
     pub logits: usize,
@@ -61,6 +64,10 @@ pub fn lora_trainable(plan: &Plan, targets: &TargetModules, r: usize) -> Result<
 /// and after the rotary embedding (2(q + 2kv)), the attention context (q), the two residual
 /// sums (2h) and the SwiGLU's gate, up branch, activation and product (4f); plus the attention
 /// probabilities (heads · s per token) where they fit the 256 MiB a layer may keep.
+///
+/// With checkpointing the forward pass keeps each block's input (h per token and layer), and
+/// the backward holds one block's activations at a time, with their gradients beside them
+/// (counted as twice one block's).
 pub fn activation_elements(plan: &Plan, shape: StepShape) -> usize {
     let s = &plan.spec;
     let (q, kv) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
@@ -73,7 +80,12 @@ pub fn activation_elements(plan: &Plan, shape: StepShape) -> usize {
     } else {
         0
     };
-    s.num_layers * (tokens * per_token + kept_probs)
+    let one_block = tokens * per_token + kept_probs;
+    if shape.checkpointing {
+        (s.num_layers + 1) * tokens * s.hidden_size + 2 * one_block
+    } else {
+        s.num_layers * one_block
+    }
 }
 
 /// Inspects the decoder at `path` (a model folder, a config.json or a `.gguf` file) with LoRA
@@ -96,8 +108,9 @@ pub fn inspect(
     let params = plan.param_count();
     let bytes = shape.dtype.size_in_bytes();
     let weights = params * bytes;
-    // Value, gradient and two AdamW moments, in the model's dtype.
-    let trainable = 4 * lora_trainable * bytes;
+    // Value, gradient and two AdamW moments, in f32 whatever the base's dtype (f64 in f64).
+    let trainable =
+        4 * lora_trainable * graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
     let activations = activation_elements(&plan, shape) * bytes;
     let logits = 3 * shape.batch * shape.seq_len * s.vocab_size * 4;
     Ok(Inspection {
@@ -148,7 +161,8 @@ mod tests {
         let shape = StepShape {
             batch: 1,
             seq_len: 512,
-            dtype: DType::F16,
+            dtype: DType::BF16,
+            checkpointing: true,
         };
         let report = inspect(
             &path,
@@ -162,8 +176,30 @@ mod tests {
         // 28 sites of 4096 -> 4608, rank 8: 28 * 8 * (4096 + 4608).
         assert_eq!(report.lora_sites, 28);
         assert_eq!(report.lora_trainable, 1_949_696);
-        // The f16 weights alone are 12.5 GB; the step adds activations and logits.
+        // The bf16 weights alone are 12.5 GB; the step adds activations and logits.
         assert_eq!(report.memory.weights, 2 * 6_243_584_000);
+        assert_eq!(
+            report.memory.trainable,
+            4 * 4 * 1_949_696,
+            "f32 value, grad, m, v"
+        );
         assert!(report.memory.total > report.memory.weights);
+        // What the README's GPU section quotes: under 16 GB with checkpointing (12.35 GiB),
+        // and over it without (the 28 layers' activations).
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        eprintln!("with checkpointing: {:.2} GiB", gib(report.memory.total));
+        assert!(report.memory.total < 16_000_000_000, "{:?}", report.memory);
+        let without = inspect(
+            &path,
+            Some(TargetModules::Names(vec!["query_key_value".into()])),
+            8,
+            StepShape {
+                checkpointing: false,
+                ..shape
+            },
+        )
+        .unwrap();
+        eprintln!("without: {:.2} GiB", gib(without.memory.total));
+        assert!(without.memory.activations > 4 * report.memory.activations);
     }
 }
