@@ -51,6 +51,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
+    /// Build graft and every plugin, then `graft train-lm ...` (causal-LM fine-tuning of a
+    /// decoder: --config configs/lm/..., --out, --dtype, --checkpointing, --max-steps).
+    TrainLm {
+        #[command(flatten)]
+        features: Features,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
     /// Build graft and every plugin, then `graft eval ...`.
     Eval {
         #[command(flatten)]
@@ -235,6 +243,20 @@ fn main() -> Result<()> {
             let config = root().join("configs").join(format!("{method}.toml"));
             if !rest.iter().any(|a| a == "--config") && config.is_file() {
                 args.extend(["--config".into(), format!("configs/{method}.toml")]);
+            }
+            args.extend(rest);
+            run_graft(backend, &args)
+        }
+        Task::TrainLm { features, rest } => {
+            let backend = features.backend();
+            build(backend)?;
+            let mut args = vec!["train-lm".to_string()];
+            // A run folder by default, as `train` writes one.
+            if !rest.iter().any(|a| a == "--out") {
+                let seconds = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                args.extend(["--out".into(), format!("runs/lm-{seconds}")]);
             }
             args.extend(rest);
             run_graft(backend, &args)

@@ -217,14 +217,18 @@ impl CausalLm {
     /// [`CausalLm::loss`] and the gradients of the trainable tensors; with `checkpointing`,
     /// each decoder block is recomputed in the backward pass instead of kept (see
     /// [`Decoder::checkpointed_grads`]).
+    ///
+    /// The gradients are of `loss_scale` times the loss (f16's loss scaling; 1 otherwise);
+    /// the loss returned is not scaled.
     pub fn loss_and_grads(
         &self,
         batch: &CausalBatch,
         checkpointing: bool,
+        loss_scale: f64,
     ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
         if !checkpointing {
             let loss = self.loss(batch)?;
-            let grads = loss.backward()?;
+            let grads = (&loss * loss_scale)?.backward()?;
             return Ok((loss, grads));
         }
         let trainable: Vec<Tensor> = self
@@ -233,15 +237,18 @@ impl CausalLm {
             .map(|(_, v)| v.as_tensor().clone())
             .collect();
         let loss_of = |hidden: &Tensor| {
-            self.loss_of_hidden(batch, hidden)
-                .map_err(|e| graft_model::Error::InvalidConfig(e.to_string()))
+            let loss = self
+                .loss_of_hidden(batch, hidden)
+                .map_err(|e| graft_model::Error::InvalidConfig(e.to_string()))?;
+            Ok((loss * loss_scale)?)
         };
-        Ok(self.model.checkpointed_grads(
+        let (scaled, grads) = self.model.checkpointed_grads(
             &self.inputs(batch)?,
             self.hooks(),
             &trainable,
             &loss_of,
-        )?)
+        )?;
+        Ok(((scaled / loss_scale)?, grads))
     }
 
     /// For each prompt (rendered with the template), the index of the label whose token the
@@ -618,7 +625,7 @@ pub fn train_lm(
     save_to: Option<&Path>,
     on_step: &mut dyn FnMut(&LmStep),
 ) -> Result<Vec<f64>> {
-    use crate::optim::{global_norm, lr_factor, scale_grads, AdamW, ParamGroup};
+    use crate::optim::{global_norm, lr_factor, scale_grads, AdamW, LossScaler, ParamGroup};
     use rand::seq::SliceRandom;
     if pairs.is_empty() {
         return Err(Error::Config("no prompt/response pairs to train on".into()));
@@ -639,6 +646,7 @@ pub fn train_lm(
     let warmup = (steps as f64 * train.warmup_ratio).round() as usize;
     lm.adapter.set_training(true);
     let mut losses = Vec::with_capacity(steps);
+    let mut scaler = (lm.spec.dtype == crate::config::Precision::F16).then(LossScaler::default);
     // Each pass over the pairs in a fresh seeded order: files are often sorted by label.
     let mut rng = graft_model::init::seeded_rng(train.seed);
     let mut order: Vec<usize> = Vec::new();
@@ -663,7 +671,8 @@ pub fn train_lm(
         )?;
         let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
         let started = std::time::Instant::now();
-        let (loss, mut grads) = lm.loss_and_grads(&encoded, checkpointing)?;
+        let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+        let (loss, mut grads) = lm.loss_and_grads(&encoded, checkpointing, loss_scale)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::Config(format!(
@@ -671,14 +680,21 @@ pub fn train_lm(
                 step + 1
             )));
         }
-        if train.max_grad_norm > 0.0 {
-            let norm = global_norm(&grads, &vars)?;
-            if norm > train.max_grad_norm {
-                scale_grads(&mut grads, &vars, train.max_grad_norm / norm)?;
+        // An f16 step whose scaled gradients overflowed updates nothing (the scale halves).
+        let update = match scaler.as_mut() {
+            Some(scaler) => scaler.unscale(&mut grads, &vars)?,
+            None => true,
+        };
+        if update {
+            if train.max_grad_norm > 0.0 {
+                let norm = global_norm(&grads, &vars)?;
+                if norm > train.max_grad_norm {
+                    scale_grads(&mut grads, &vars, train.max_grad_norm / norm)?;
+                }
             }
+            optimizer.step(&grads, lr_factor(train.schedule, step, steps, warmup))?;
+            lm.adapter.after_step(step + 1, &grads)?;
         }
-        optimizer.step(&grads, lr_factor(train.schedule, step, steps, warmup))?;
-        lm.adapter.after_step(step + 1, &grads)?;
         let seconds = started.elapsed().as_secs_f64();
         losses.push(value);
         if let Some(dir) = save_to {

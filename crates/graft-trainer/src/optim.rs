@@ -191,6 +191,52 @@ pub fn accumulate(into: &mut GradStore, other: GradStore, vars: &[Var]) -> Resul
     Ok(())
 }
 
+/// Dynamic loss scaling for f16 activations, as PyTorch's GradScaler does it: the loss is
+/// multiplied by [`LossScaler::scale`] before the backward, so that small gradients survive
+/// f16's narrow range (its smallest normal is 6e-5), and the gradients are divided by it after.
+/// A step whose gradients overflowed (inf or NaN) is skipped and the scale halved; after
+/// `growth_interval` good steps in a row the scale doubles.
+#[derive(Debug, Clone)]
+pub struct LossScaler {
+    scale: f64,
+    good_steps: usize,
+    growth_interval: usize,
+}
+
+impl Default for LossScaler {
+    /// GradScaler's defaults: 2^16, doubling after 2000 good steps.
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            good_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaler {
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Divides the gradients of `vars` by the scale. Returns false when they are not finite:
+    /// the step must then be skipped, and the scale has been halved.
+    pub fn unscale(&mut self, grads: &mut GradStore, vars: &[Var]) -> Result<bool> {
+        if !global_norm(grads, vars)?.is_finite() {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            return Ok(false);
+        }
+        scale_grads(grads, vars, 1.0 / self.scale)?;
+        self.good_steps += 1;
+        if self.good_steps == self.growth_interval {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +325,34 @@ mod tests {
         assert!((global_norm(&grads, &vars).unwrap() - 5.0).abs() < 1e-12);
         scale_grads(&mut grads, &vars, 0.2).unwrap();
         assert!((global_norm(&grads, &vars).unwrap() - 1.0).abs() < 1e-12);
+    }
+
+    /// Overflowing gradients skip the step and halve the scale; finite ones are divided by
+    /// it, and the scale doubles after its interval of good steps.
+    #[test]
+    fn loss_scaler_skips_overflow_and_grows() {
+        use candle_core::{Device, Tensor};
+        let var = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let mut scaler = LossScaler {
+            growth_interval: 2,
+            ..LossScaler::default()
+        };
+        let grads_of = |values: &[f32]| {
+            let mut grads = GradStore::default();
+            grads.insert(var.as_tensor(), Tensor::new(values, &Device::Cpu).unwrap());
+            grads
+        };
+        let mut overflowed = grads_of(&[f32::INFINITY, 1.0]);
+        assert!(!scaler.unscale(&mut overflowed, &[var.clone()]).unwrap());
+        assert_eq!(scaler.scale(), 32768.0);
+        let mut fine = grads_of(&[32768.0, -65536.0]);
+        assert!(scaler.unscale(&mut fine, &[var.clone()]).unwrap());
+        let unscaled: Vec<f32> = fine.get(var.as_tensor()).unwrap().to_vec1().unwrap();
+        assert_eq!(unscaled, [1.0, -2.0]);
+        assert_eq!(scaler.scale(), 32768.0);
+        assert!(scaler
+            .unscale(&mut grads_of(&[1.0, 1.0]), &[var.clone()])
+            .unwrap());
+        assert_eq!(scaler.scale(), 65536.0, "doubled after two good steps");
     }
 }

@@ -863,8 +863,8 @@ pub fn check_lm_half_precision(
 /// Gradient checkpointing gives the loss and every trainable tensor's gradient of an ordinary
 /// backward (in f64, to 1e-9 of the largest gradient: only the order of additions differs).
 fn check_checkpointing(name: &str, lm: &CausalLm, batch: &CausalBatch) -> Result<()> {
-    let (loss, plain) = lm.loss_and_grads(batch, false)?;
-    let (recomputed_loss, recomputed) = lm.loss_and_grads(batch, true)?;
+    let (loss, plain) = lm.loss_and_grads(batch, false, 1.0)?;
+    let (recomputed_loss, recomputed) = lm.loss_and_grads(batch, true, 1.0)?;
     if scalar(&loss)? != scalar(&recomputed_loss)? {
         return Err(Error::Check(format!(
             "{name}: checkpointing changes the loss: {} against {}",

@@ -146,3 +146,48 @@ fn causal_lm_training_saves_the_adapter_as_it_goes() {
     let registry = testkit::registry_of(graft_plugin_lora::method()).unwrap();
     CausalLm::open(&out, &registry, &Device::Cpu).unwrap();
 }
+
+/// train-lm on an f16 base with gradient checkpointing: the loss is scaled for the backward
+/// (f16 gradients underflow otherwise), the steps learn, and the trained LoRA tensors are f32;
+/// the adapter reopens in f16, as its task file says.
+#[test]
+fn causal_lm_trains_on_an_f16_base_with_checkpointing() {
+    use graft_peft::candle::{DType, Device};
+    use graft_trainer::config::Precision;
+    use graft_trainer::lm::{train_lm, CausalLm};
+    let scratch = tempfile::tempdir().unwrap();
+    let spec = graft_trainer::lm::LmSpec {
+        dtype: Precision::F16,
+        ..testkit::lm_spec("lora", testkit::Family::Llama, scratch.path()).unwrap()
+    };
+    let lora = graft_plugin_lora::method();
+    let settings = json!({ "r": 4, "lora_alpha": 8 });
+    let mut lm = CausalLm::create(spec, lora.as_ref(), &settings, &Device::Cpu, 1, 12).unwrap();
+    assert_eq!(lm.model.dtype(), DType::F16);
+    let train = graft_trainer::config::TrainSection {
+        max_steps: 12,
+        batch_size: 4,
+        lr: 2e-2,
+        ..Default::default()
+    };
+    let losses = train_lm(
+        &mut lm,
+        &testkit::story_pairs(4),
+        &train,
+        true,
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    eprintln!("f16 with checkpointing: {losses:?}");
+    assert!(
+        losses[losses.len() - 1] < 0.8 * losses[0],
+        "the loss did not fall by 20%: {losses:?}"
+    );
+    assert!(lm.trainable().iter().all(|(_, v)| v.dtype() == DType::F32));
+    let out = scratch.path().join("out");
+    lm.save(&out).unwrap();
+    let registry = testkit::registry_of(graft_plugin_lora::method()).unwrap();
+    let reopened = CausalLm::open(&out, &registry, &Device::Cpu).unwrap();
+    assert_eq!(reopened.model.dtype(), DType::F16);
+}
