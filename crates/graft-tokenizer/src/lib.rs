@@ -20,4 +20,4 @@ pub use jsonl::{read_jsonl, PromptResponse};
 pub use labels::LabelSet;
 pub use spm::{Piece, PieceType, SentencePieceFlavour, SentencePieceModel, CHATGLM_SPECIAL_TOKENS};
 pub use template::{Template, DEFAULT_TEMPLATE, TEMPLATE_WITH_AUTHOR};
-pub use tokenizer::{EncodedBatch, Padding, TextTokenizer};
+pub use tokenizer::{tokenizer_in, EncodedBatch, Padding, TextTokenizer};

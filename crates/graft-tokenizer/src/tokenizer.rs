@@ -51,6 +51,19 @@ pub struct TextTokenizer {
     pad_type_id: u32,
 }
 
+/// The tokenizer file of a model folder: `tokenizer.json`, else the SentencePiece
+/// `tokenizer.model` that ChatGLM ships without one; `tokenizer.json` when there is neither
+/// (so that the error names the usual file).
+pub fn tokenizer_in(dir: &Path) -> std::path::PathBuf {
+    let json = dir.join("tokenizer.json");
+    let model = dir.join("tokenizer.model");
+    if !json.is_file() && model.is_file() {
+        model
+    } else {
+        json
+    }
+}
+
 impl TextTokenizer {
     /// Loads a Hugging Face `tokenizer.json`, or a SentencePiece BPE model (a `.model` file, or
     /// any file whose content is one) read with the conventions
@@ -470,5 +483,16 @@ mod tests {
         let err = TextTokenizer::from_file(&path, 32, Padding::Fixed).unwrap_err();
         assert!(matches!(err, Error::ParseTokenizer { .. }));
         assert!(err.to_string().contains(&path.display().to_string()));
+    }
+
+    /// A folder's tokenizer: tokenizer.json first, then ChatGLM's tokenizer.model.
+    #[test]
+    fn tokenizer_in_prefers_json_then_sentencepiece() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(tokenizer_in(dir.path()), dir.path().join("tokenizer.json"));
+        std::fs::write(dir.path().join("tokenizer.model"), b"").unwrap();
+        assert_eq!(tokenizer_in(dir.path()), dir.path().join("tokenizer.model"));
+        std::fs::write(dir.path().join("tokenizer.json"), b"{}").unwrap();
+        assert_eq!(tokenizer_in(dir.path()), dir.path().join("tokenizer.json"));
     }
 }

@@ -21,7 +21,7 @@ pub struct LmSpec {
     pub method: String,
     /// Base model: a Hugging Face folder or a Llama-family `.gguf` file.
     pub model: PathBuf,
-    /// tokenizer.json; by default the one in the model folder.
+    /// tokenizer.json (or a SentencePiece tokenizer.model); by default the model folder's.
     pub tokenizer: PathBuf,
     pub template: ChatTemplate,
     pub max_len: usize,
@@ -48,10 +48,9 @@ impl LmSpec {
 
     /// The tokenizer beside a model folder, or beside a GGUF file.
     pub fn default_tokenizer(model: &Path) -> PathBuf {
-        if model.is_file() {
-            model.with_file_name("tokenizer.json")
-        } else {
-            model.join("tokenizer.json")
+        match model.parent() {
+            Some(dir) if model.is_file() => graft_tokenizer::tokenizer_in(dir),
+            _ => graft_tokenizer::tokenizer_in(model),
         }
     }
 }
@@ -731,7 +730,7 @@ pub fn generate_text(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<String> {
     let ids = encode_prompt(tokenizer, template, prompt)?;
-    let stop: Vec<u32> = template.stop_token_id(tokenizer)?.into_iter().collect();
+    let stop = template.stop_token_ids(tokenizer)?;
     let mut shown = 0;
     let mut tokens = Vec::new();
     let mut error = None;

@@ -34,7 +34,7 @@ impl TaskSpec {
     pub fn tokenizer_path(&self) -> PathBuf {
         self.tokenizer
             .clone()
-            .unwrap_or_else(|| self.model_dir.join("tokenizer.json"))
+            .unwrap_or_else(|| graft_tokenizer::tokenizer_in(&self.model_dir))
     }
 
     pub fn read(dir: &Path) -> Result<Self> {

@@ -1,0 +1,160 @@
+//! The composed ops (`ops/reference.rs`), which a CUDA build runs, forced here with
+//! `GRAFT_REFERENCE_OPS=1` (this test binary sets it before any op runs): stories260K matches
+//! candle-transformers' llama in f32, and in f16 (candle multiplies f16 on the CPU, not bf16)
+//! it stays close to f32, with f32 trainable tensors meeting f16 activations and receiving f32
+//! gradients, as mixed precision on a GPU does.
+use candle_core::{DType, Device, Tensor, Var};
+use graft_model::decoder::{Decoder, DecoderInputs};
+use graft_model::{ops, LowRank, NoHooks};
+use std::path::{Path, PathBuf};
+
+fn force_reference_ops() {
+    std::env::set_var("GRAFT_REFERENCE_OPS", "1");
+}
+
+fn stories260k() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K")
+}
+
+fn logits(model: &Decoder, ids: &[u32]) -> Tensor {
+    let inputs = DecoderInputs {
+        input_ids: Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+        attention_mask: Some(Tensor::ones((1, ids.len()), DType::U32, &Device::Cpu).unwrap()),
+    };
+    let hidden = model.forward(&inputs, &NoHooks, None).unwrap();
+    model.lm_head(&hidden, &NoHooks).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+const IDS: [u32; 10] = [1, 403, 407, 261, 378, 275, 261, 499, 305, 283];
+
+#[test]
+fn composed_ops_match_candle_transformers_and_hold_in_f16() {
+    force_reference_ops();
+    let dir = stories260k();
+    let ours = Decoder::open(&dir, DType::F32, &Device::Cpu).unwrap();
+    let wide = logits(&ours, &IDS);
+
+    // candle-transformers' llama, last position.
+    let config: candle_transformers::models::llama::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config = config.into_config(false);
+    // SAFETY: ../shared is read-only and not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let llama = candle_transformers::models::llama::Llama::load(vb, &config).unwrap();
+    let mut cache =
+        candle_transformers::models::llama::Cache::new(false, DType::F32, &config, &Device::Cpu)
+            .unwrap();
+    let ids = Tensor::new(&IDS, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let expected = llama.forward(&ids, 0, &mut cache).unwrap();
+    let last = wide
+        .narrow(1, IDS.len() - 1, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    let diff = max_abs(&(last - expected).unwrap());
+    assert!(
+        diff <= 1e-4,
+        "composed f32 logits differ from candle-transformers' by {diff}"
+    );
+
+    // f16 storage, f32 norms, softmax and scores.
+    let half = Decoder::open(&dir, DType::F16, &Device::Cpu).unwrap();
+    let narrow = logits(&half, &IDS);
+    assert_eq!(narrow.dtype(), DType::F16);
+    let relative =
+        max_abs(&(narrow.to_dtype(DType::F32).unwrap() - &wide).unwrap()) / max_abs(&wide);
+    eprintln!("composed f16 logits within {relative} of the largest f32 logit");
+    assert!(
+        relative <= 0.01,
+        "composed f16 logits differ by {relative} of the largest"
+    );
+}
+
+/// A low-rank update with f32 factors on f16 activations, composed: the output is f16 and
+/// equals the f32 computation within f16 rounding; the factors' gradients are f32 and equal
+/// the f32 ones within f16 rounding of the activations they come through.
+#[test]
+fn composed_low_rank_update_mixes_f32_factors_with_f16_activations() {
+    force_reference_ops();
+    let mut rng = graft_model::init::seeded_rng(3);
+    let mut normal = |shape: &[usize]| {
+        graft_model::init::normal(&mut rng, shape, 0.5, DType::F32, &Device::Cpu).unwrap()
+    };
+    let x = normal(&[2, 5, 32]);
+    let weight = normal(&[24, 32]);
+    let (a, b) = (
+        Var::from_tensor(&normal(&[4, 32])).unwrap(),
+        Var::from_tensor(&normal(&[24, 4])).unwrap(),
+    );
+    let run = |dtype: DType| {
+        let update = LowRank {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            input_mask: None,
+        };
+        let y = ops::linear_low_rank(
+            &x.to_dtype(dtype).unwrap(),
+            &weight.to_dtype(dtype).unwrap(),
+            None,
+            &update,
+        )
+        .unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let grads = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ga = grads.get(a.as_tensor()).unwrap().clone();
+        let gb = grads.get(b.as_tensor()).unwrap().clone();
+        (y.to_dtype(DType::F32).unwrap(), ga, gb)
+    };
+    let (y32, ga32, gb32) = run(DType::F32);
+    let (y16, ga16, gb16) = run(DType::F16);
+    assert_eq!(
+        (ga16.dtype(), gb16.dtype()),
+        (DType::F32, DType::F32),
+        "f32 gradients"
+    );
+    for (what, narrow, wide) in [
+        ("output", &y16, &y32),
+        ("dA", &ga16, &ga32),
+        ("dB", &gb16, &gb32),
+    ] {
+        let relative = max_abs(&(narrow - wide).unwrap()) / max_abs(wide);
+        assert!(
+            relative <= 0.01,
+            "{what} in f16 differs by {relative} of the largest"
+        );
+    }
+}
