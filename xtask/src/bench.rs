@@ -85,7 +85,7 @@ pub fn methods(selection: &str, steps: usize, out: Option<PathBuf>) -> Result<()
 }
 
 /// The causal-LM recipe every method trains in the decoder bench.
-const DECODER_CONFIG: &str = "configs/lm/smollm2-lora-abstracts.toml";
+pub(crate) const DECODER_CONFIG: &str = "configs/lm/smollm2-lora-abstracts.toml";
 
 /// Every method trained for `steps` steps on SmolLM2-135M-Instruct: the recipe of
 /// [`DECODER_CONFIG`] (batch 4, prompts up to 600 characters) with the method's settings from
@@ -138,7 +138,7 @@ pub fn decoder_methods(selection: &str, steps: usize, out: Option<PathBuf>) -> R
     write_report(&out, &report, &decoder_markdown(&report))
 }
 
-fn read_toml(path: &Path) -> Result<toml::Table> {
+pub(crate) fn read_toml(path: &Path) -> Result<toml::Table> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.parse()
@@ -148,7 +148,11 @@ fn read_toml(path: &Path) -> Result<toml::Table> {
 /// The decoder recipe with `method`'s [method] settings and learning rate, `steps` steps and
 /// no held-out split (so no verbalizer evaluation). AdaLoRA's schedule is scaled to the short run (its budget needs
 /// tinit + tfinal below the step count).
-fn decoder_config(recipe: &toml::Table, method: &str, steps: usize) -> Result<toml::Table> {
+pub(crate) fn decoder_config(
+    recipe: &toml::Table,
+    method: &str,
+    steps: usize,
+) -> Result<toml::Table> {
     let own = read_toml(&root().join("configs").join(format!("{method}.toml")))?;
     let mut settings = own
         .get("method")
@@ -208,7 +212,7 @@ fn decoder_markdown(report: &Value) -> String {
 }
 
 /// `runs/bench-<unix seconds>`, relative to the repository root (where graft runs).
-fn default_out() -> PathBuf {
+pub(crate) fn default_out() -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -390,7 +394,7 @@ fn reference_python() -> Result<PathBuf> {
     Ok(python)
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))

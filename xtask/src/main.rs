@@ -6,6 +6,7 @@ use std::process::Command;
 
 mod bench;
 mod cuda;
+mod gpu_check;
 mod scaffold;
 
 #[derive(Parser)]
@@ -33,7 +34,7 @@ impl Features {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 pub(crate) enum Backend {
     Cpu,
     Cuda,
@@ -58,6 +59,19 @@ enum Task {
         features: Features,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
+    },
+    /// On a machine with an NVIDIA GPU: build for CUDA, train LoRA and P-tuning v2 on
+    /// SmolLM2 in bf16 on the GPU for a few steps, check that the loss falls and that the
+    /// logits match the CPU's f32 ones, and tabulate tokens/s and peak GPU memory.
+    GpuCheck {
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Folder for the runs, gpu-check.json and gpu-check.md (default: runs/bench-<unix seconds>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Train on the CPU instead (checks the script where there is no GPU).
+        #[arg(long)]
+        cpu: bool,
     },
     /// Build graft and every plugin, then `graft eval ...`.
     Eval {
@@ -260,6 +274,10 @@ fn main() -> Result<()> {
             }
             args.extend(rest);
             run_graft(backend, &args)
+        }
+        Task::GpuCheck { steps, out, cpu } => {
+            let device = if cpu { Backend::Cpu } else { Backend::Cuda };
+            gpu_check::gpu_check(steps, out, device)
         }
         Task::Eval { features, rest } => {
             build(features.backend())?;

@@ -122,6 +122,22 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Write the next-token logits after a prompt (f32, JSON) of an adapter trained by
+    /// train-lm: for comparing devices and dtypes (`cargo xtask gpu-check`).
+    Logits {
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// The base's dtype (default: the one it was trained in).
+        #[arg(long)]
+        dtype: Option<graft_trainer::config::Precision>,
+        /// JSON file to write: {"dtype", "device", "logits"}.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
     /// Generate text with a decoder, with or without an adapter.
     Generate {
         /// A Hugging Face folder or a .gguf file (with --adapter: the adapter's base model).
@@ -463,6 +479,25 @@ fn run(cli: Cli) -> Result<()> {
                 )?;
             }
             println!();
+        }
+        Command::Logits {
+            adapter,
+            prompt,
+            dtype,
+            out,
+            plugins,
+        } => {
+            let device = graft_model::default_device()?;
+            let lm = CausalLm::open_as(&adapter, &registry(&plugins)?, &device, dtype)
+                .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+            let logits: Vec<f32> = lm.next_token_logits(&prompt)?.to_vec1()?;
+            let report = serde_json::json!({
+                "dtype": lm.spec.dtype.name(),
+                "device": if device.is_cuda() { "cuda" } else { "cpu" },
+                "logits": logits,
+            });
+            std::fs::write(&out, serde_json::to_string(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
         }
         Command::Inspect {
             model,

@@ -110,7 +110,20 @@ impl CausalLm {
     /// A trained model from an adapter folder written by graft (or, for full fine-tuning, a
     /// model folder).
     pub fn open(dir: &Path, registry: &Registry, device: &Device) -> Result<Self> {
-        let spec = LmSpec::read(dir)?;
+        Self::open_as(dir, registry, device, None)
+    }
+
+    /// [`CausalLm::open`], the base in `dtype` instead of the one it was trained in.
+    pub fn open_as(
+        dir: &Path,
+        registry: &Registry,
+        device: &Device,
+        dtype: Option<crate::config::Precision>,
+    ) -> Result<Self> {
+        let mut spec = LmSpec::read(dir)?;
+        if let Some(dtype) = dtype {
+            spec.dtype = dtype;
+        }
         let plugin = registry.get(&spec.method)?;
         let method = plugin.method.as_ref();
         if method.saves_full_model() {
@@ -175,6 +188,22 @@ impl CausalLm {
             input_ids: Tensor::from_slice(&batch.input_ids, shape, device)?,
             attention_mask: Some(Tensor::from_slice(&batch.attention_mask, shape, device)?),
         })
+    }
+
+    /// Next-token logits `[vocab]` (f32) after `prompt` rendered with the task's template.
+    pub fn next_token_logits(&self, prompt: &str) -> Result<Tensor> {
+        let ids = encode_prompt(&self.tokenizer, &self.spec.template, prompt)?;
+        let n = ids.len();
+        let inputs = DecoderInputs {
+            input_ids: Tensor::from_vec(ids, (1, n), self.model.device())?,
+            attention_mask: None,
+        };
+        let logits = graft_model::ops::without_grad(|| {
+            let hidden = self.model.forward(&inputs, self.hooks(), None)?;
+            self.model
+                .lm_head(&hidden.narrow(1, n - 1, 1)?, self.hooks())
+        })?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
     /// Logits `[batch, seq, vocab]` of every position of a batch.
