@@ -191,6 +191,32 @@ fn refuse_pickles(dir: &Path) -> Result<()> {
     })
 }
 
+/// Writes `tensors` as one safetensors file, through a temporary file and a rename so that a
+/// crash never leaves half a checkpoint.
+pub fn save_safetensors(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `json` pretty-printed to `path`.
+pub fn save_json(json: &serde_json::Value, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(json).map_err(|source| Error::Config {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, text).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 #[cfg(test)]
 mod pickle_tests {
     use super::*;
@@ -223,30 +249,4 @@ mod pickle_tests {
             .unwrap();
         assert!(matches!(err, Error::MissingFile { .. }), "{err}");
     }
-}
-
-/// Writes `tensors` as one safetensors file, through a temporary file and a rename so that a
-/// crash never leaves half a checkpoint.
-pub fn save_safetensors(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Writes `json` pretty-printed to `path`.
-pub fn save_json(json: &serde_json::Value, path: &Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(json).map_err(|source| Error::Config {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    std::fs::write(path, text).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
 }

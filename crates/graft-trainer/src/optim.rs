@@ -337,22 +337,21 @@ mod tests {
             growth_interval: 2,
             ..LossScaler::default()
         };
+        let vars = std::slice::from_ref(&var);
         let grads_of = |values: &[f32]| {
             let mut grads = GradStore::default();
             grads.insert(var.as_tensor(), Tensor::new(values, &Device::Cpu).unwrap());
             grads
         };
         let mut overflowed = grads_of(&[f32::INFINITY, 1.0]);
-        assert!(!scaler.unscale(&mut overflowed, &[var.clone()]).unwrap());
+        assert!(!scaler.unscale(&mut overflowed, vars).unwrap());
         assert_eq!(scaler.scale(), 32768.0);
         let mut fine = grads_of(&[32768.0, -65536.0]);
-        assert!(scaler.unscale(&mut fine, &[var.clone()]).unwrap());
+        assert!(scaler.unscale(&mut fine, vars).unwrap());
         let unscaled: Vec<f32> = fine.get(var.as_tensor()).unwrap().to_vec1().unwrap();
         assert_eq!(unscaled, [1.0, -2.0]);
         assert_eq!(scaler.scale(), 32768.0);
-        assert!(scaler
-            .unscale(&mut grads_of(&[1.0, 1.0]), &[var.clone()])
-            .unwrap());
+        assert!(scaler.unscale(&mut grads_of(&[1.0, 1.0]), vars).unwrap());
         assert_eq!(scaler.scale(), 65536.0, "doubled after two good steps");
     }
 }

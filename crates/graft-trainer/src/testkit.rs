@@ -851,7 +851,7 @@ pub fn check_lm_half_precision(
         Family::ChatGlm => 0.05,
     };
     let (first, last) = (losses[0], losses[losses.len() - 1]);
-    if !(last < first * (1.0 - min_drop)) {
+    if last.is_nan() || last >= first * (1.0 - min_drop) {
         return Err(Error::Check(format!(
             "{name}: loss did not fall by {}%: {losses:?}",
             min_drop * 100.0
