@@ -258,10 +258,17 @@ pub struct ClassifierHead {
 }
 
 impl ClassifierHead {
+    /// A head from its initial tensors, kept in f32 when they are half precision (a trained
+    /// tensor stays f32 on a bf16 base).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let trainable = |t: &Tensor| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &t.to_dtype(ops::compute_dtype(t.dtype()))?,
+            )?)
+        };
         Ok(Self {
-            weight: Var::from_tensor(&weight)?,
-            bias: bias.map(|b| Var::from_tensor(&b)).transpose()?,
+            weight: trainable(&weight)?,
+            bias: bias.as_ref().map(trainable).transpose()?,
         })
     }
 

@@ -88,7 +88,8 @@ pub struct ModelSection {
     pub max_len: usize,
     /// tokenizer.json when the model folder has none (a GGUF model).
     pub tokenizer: Option<PathBuf>,
-    /// The base weights' and activations' dtype: `f32`, `bf16` or `f16`.
+    /// The base weights' and activations' dtype: `f32` or `bf16` (`f16` needs the loss
+    /// scaling that only train-lm has).
     pub dtype: Precision,
 }
 

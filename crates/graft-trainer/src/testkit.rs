@@ -488,7 +488,8 @@ pub fn check_acts_on(method: &dyn Method, settings: &serde_json::Value) -> Resul
 }
 
 /// The persistence check every method passes: train 3 steps, save, reopen through a registry
-/// holding `reopen_with`, and get bit-identical logits; on the way, [`check_acts_on`].
+/// holding `reopen_with`, and get bit-identical logits (within 1e-6 for a full model, see
+/// below); on the way, [`check_acts_on`].
 pub fn check_reload(
     method: &dyn Method,
     settings: &serde_json::Value,
@@ -504,9 +505,14 @@ pub fn check_reload(
     let reloaded = Classifier::open(dir.path(), &registry_of(reopen_with)?, &Device::Cpu)?;
     let after = reloaded.logits(&texts)?;
     let diff = max_abs_diff(&logits, &after)?;
-    if diff != 0.0 {
+    // A fully fine-tuned model trains with its query, key and value projected apart (trained
+    // weights) and reopens frozen, projecting them as one packed product. The gemm crate gives
+    // the packed columns bit for bit; OpenBLAS need not (measured: 6e-8 on an AMD EPYC with
+    // its Haswell kernels). Every other method reopens onto the same kernels: bit-identical.
+    let tolerance = if method.saves_full_model() { 1e-6 } else { 0.0 };
+    if diff > tolerance {
         return Err(Error::Check(format!(
-            "{}: reloaded logits differ by {diff}",
+            "{}: reloaded logits differ by {diff} (allowed {tolerance})",
             method.name()
         )));
     }

@@ -243,12 +243,20 @@ impl Plan {
     /// The base model with a fresh head and adapter, seeded by the config.
     fn classifier(&self, config: &TrainConfig, registry: &Registry) -> Result<Classifier> {
         let plugin = registry.get(&self.spec.method)?;
+        if config.model.dtype == crate::config::Precision::F16 {
+            // f16 gradients underflow without loss scaling, which only train-lm has.
+            return Err(Error::Config(
+                "model.dtype = \"f16\" is for graft train-lm (it scales the loss); \
+                 classification trains in f32 or bf16"
+                    .into(),
+            ));
+        }
         Classifier::create(
             self.spec.clone(),
             plugin.method.as_ref(),
             &config.method_settings(),
             &graft_model::default_device()?,
-            candle_core::DType::F32,
+            config.model.dtype.dtype(),
             config.train.seed,
             self.total,
         )

@@ -191,3 +191,23 @@ fn causal_lm_trains_on_an_f16_base_with_checkpointing() {
     let reopened = CausalLm::open(&out, &registry, &Device::Cpu).unwrap();
     assert_eq!(reopened.model.dtype(), DType::F16);
 }
+
+/// Classification on a bf16 MiniLM: the LoRA tensors and the head train in f32, every one
+/// receives a gradient, and the loss falls.
+#[test]
+fn classifier_trains_on_a_bf16_base() {
+    use graft_peft::candle::DType;
+    let lora = graft_plugin_lora::method();
+    let settings = json!({ "r": 8, "lora_alpha": 16 });
+    let mut classifier = testkit::classifier(lora.as_ref(), &settings, DType::BF16, 64, 1).unwrap();
+    let (texts, labels) = testkit::real_batch(8).unwrap();
+    let (losses, silent) = testkit::train_steps(&mut classifier, &texts, &labels, 8, 1e-2).unwrap();
+    eprintln!("bf16 classifier: {losses:?}");
+    assert!(silent.is_empty(), "no gradient for {silent:?}");
+    assert!(losses[losses.len() - 1] < 0.9 * losses[0], "{losses:?}");
+    let trainable = classifier.trainable();
+    assert!(
+        trainable.iter().all(|(_, v)| v.dtype() == DType::F32),
+        "every trained tensor f32"
+    );
+}
