@@ -191,14 +191,15 @@ pub fn train_steps(
     lr: f64,
 ) -> Result<(Vec<f64>, Vec<String>)> {
     let trainable = classifier.trainable();
-    train_loop(
+    let (losses, silent, _) = train_loop(
         classifier,
         &trainable,
         |c| loss(c, texts, labels),
         |c| c.adapter.as_mut(),
         steps,
         lr,
-    )
+    )?;
+    Ok((losses, silent))
 }
 
 /// The core of the training checks, for any model `T` holding an adapter.
@@ -209,7 +210,7 @@ fn train_loop<T>(
     adapter: impl Fn(&mut T) -> &mut dyn graft_peft::Adapter,
     steps: usize,
     lr: f64,
-) -> Result<(Vec<f64>, Vec<String>)> {
+) -> Result<(Vec<f64>, Vec<String>, AdamW)> {
     let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
     let mut optimizer = AdamW::new(
         vec![ParamGroup {
@@ -242,7 +243,7 @@ fn train_loop<T>(
         adapter(model).after_step(step + 1, &grads)?;
     }
     adapter(model).set_training(false);
-    Ok((losses, silent))
+    Ok((losses, silent, optimizer))
 }
 
 /// Largest absolute difference between two tensors.
@@ -698,7 +699,7 @@ pub fn check_lm_method(
     let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, 1, 100)?;
     let batch = story_batch(&lm, 4)?;
     let trainable = lm.trainable();
-    let (losses, silent) = train_loop(
+    let (losses, silent, _) = train_loop(
         &mut lm,
         &trainable,
         |m| m.loss(&batch),
@@ -711,19 +712,7 @@ pub fn check_lm_method(
             "{name}: no gradient at the last step for {silent:?}"
         )));
     }
-    // The random ChatGLM starts near ln(vocab) and moves slowly through virtual tokens (about
-    // 6% in 15 steps for prompt tuning, measured), the trained Llama fast.
-    let min_drop = match family {
-        Family::Llama => 0.10,
-        Family::ChatGlm => 0.05,
-    };
-    let (first, last) = (losses[0], losses[losses.len() - 1]);
-    if last >= first * (1.0 - min_drop) {
-        return Err(Error::Check(format!(
-            "{name}: loss did not fall by {}%: {losses:?}",
-            min_drop * 100.0
-        )));
-    }
+    check_loss_fell(&name, family, &losses)?;
 
     let logits = lm.logits(&batch)?;
     let dir = scratch.path().join("adapter");
@@ -801,46 +790,19 @@ pub fn check_lm_half_precision(
     }
 
     let trainable = lm.trainable();
-    let vars: Vec<Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
-    let mut optimizer = AdamW::new(
-        vec![ParamGroup {
-            vars,
-            lr,
-            weight_decay: 0.0,
-        }],
-        0.9,
-        0.999,
-        1e-8,
+    let (losses, silent, optimizer) = train_loop(
+        &mut lm,
+        &trainable,
+        |m| m.loss(&batch),
+        |m| m.adapter.as_mut(),
+        steps,
+        lr,
     )?;
-    lm.adapter.set_training(true);
-    let mut losses = Vec::new();
-    for step in 0..steps {
-        let loss = lm.loss(&batch)?;
-        losses.push(scalar(&loss)?);
-        let grads = loss.backward()?;
-        if step + 1 == steps {
-            for (key, var) in &trainable {
-                let nonzero = match grads.get(var.as_tensor()) {
-                    Some(g) if g.dtype() == DType::F32 => scalar(&g.abs()?.sum_all()?)? > 0.0,
-                    Some(g) => {
-                        return Err(Error::Check(format!(
-                            "{name}: the gradient of `{key}` is {:?}",
-                            g.dtype()
-                        )))
-                    }
-                    None => false,
-                };
-                if !nonzero {
-                    return Err(Error::Check(format!(
-                        "{name}: no gradient at the last step for `{key}`"
-                    )));
-                }
-            }
-        }
-        optimizer.step(&grads, 1.0)?;
-        lm.adapter.after_step(step + 1, &grads)?;
+    if !silent.is_empty() {
+        return Err(Error::Check(format!(
+            "{name}: no gradient at the last step for {silent:?}"
+        )));
     }
-    lm.adapter.set_training(false);
     if let Some((key, t)) = optimizer
         .state()
         .1
@@ -852,6 +814,14 @@ pub fn check_lm_half_precision(
             t.dtype()
         )));
     }
+    check_loss_fell(&name, family, &losses)?;
+    Ok(losses)
+}
+
+/// The loss fell over a decoder check's steps: by 10% on Llama, 5% on the random ChatGLM, which
+/// starts near ln(vocab) and moves slowly through virtual tokens (about 6% in 15 steps for
+/// prompt tuning, measured).
+fn check_loss_fell(name: &str, family: Family, losses: &[f64]) -> Result<()> {
     let min_drop = match family {
         Family::Llama => 0.10,
         Family::ChatGlm => 0.05,
@@ -863,7 +833,7 @@ pub fn check_lm_half_precision(
             min_drop * 100.0
         )));
     }
-    Ok(losses)
+    Ok(())
 }
 
 /// Gradient checkpointing gives the loss and every trainable tensor's gradient of an ordinary
