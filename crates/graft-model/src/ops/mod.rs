@@ -134,7 +134,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
 /// SiLU-gated product `silu(gate) ⊙ up` (Llama's and ChatGLM's SwiGLU feed-forward).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let (gate, up) = (&input(gate), &input(up));
-    gate.silu()? * up
+    if gate.dims() != up.dims() {
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    if !fused(&[gate, up]) {
+        return reference::swiglu(gate, up);
+    }
+    gate.contiguous()?.apply_op2_arc(
+        &up.contiguous()?,
+        std::sync::Arc::new(Box::new(cpu::Swiglu)),
+    )
 }
 
 /// GELU, exact (erf) form: transformers' `"gelu"`.

@@ -41,6 +41,11 @@ pub fn scale_last_dim(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&as_dtype(&scale.flatten_all()?, x.dtype())?)
 }
 
+/// SiLU-gated product `silu(gate) ⊙ up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
 /// GELU, exact (erf) form.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
