@@ -557,15 +557,15 @@ impl Decoder {
         }
         let mut grads = candle_core::backprop::GradStore::default();
         // The head: the final norm and whatever `loss_of` runs, from the last block's output.
-        let top =
-            candle_core::Var::from_tensor(&block_inputs.pop().unwrap_or(stage.hidden.clone()))?;
+        let last = block_inputs.pop().unwrap_or_else(|| stage.hidden.clone());
+        let top = candle_core::Var::from_tensor(&last)?;
         let loss = loss_of(&self.finish(&stage, top.as_tensor(), hooks)?)?;
         let mut upstream = keep_grads(&mut grads, loss.backward()?, trainable, &top)?;
         for index in (0..self.blocks.len()).rev() {
             let input = candle_core::Var::from_tensor(&block_inputs[index])?;
             block_inputs.truncate(index);
             let out = self.layer(index, &stage, input.as_tensor(), None, hooks)?.0;
-            let surrogate = (out * upstream.detach())?.sum_all()?;
+            let surrogate = (out * &upstream)?.sum_all()?;
             upstream = keep_grads(&mut grads, surrogate.backward()?, trainable, &input)?;
         }
         // The embeddings, with any virtual tokens: trained by prompt methods and full

@@ -698,21 +698,7 @@ pub fn check_lm_method(
 
     let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, 1, 100)?;
     let batch = story_batch(&lm, 4)?;
-    let trainable = lm.trainable();
-    let (losses, silent, _) = train_loop(
-        &mut lm,
-        &trainable,
-        |m| m.loss(&batch),
-        |m| m.adapter.as_mut(),
-        steps,
-        lr,
-    )?;
-    if !silent.is_empty() {
-        return Err(Error::Check(format!(
-            "{name}: no gradient at the last step for {silent:?}"
-        )));
-    }
-    check_loss_fell(&name, family, &losses)?;
+    let (losses, _) = train_lm_checked(&name, &mut lm, &batch, family, (steps, lr))?;
 
     let logits = lm.logits(&batch)?;
     let dir = scratch.path().join("adapter");
@@ -789,20 +775,7 @@ pub fn check_lm_half_precision(
         )));
     }
 
-    let trainable = lm.trainable();
-    let (losses, silent, optimizer) = train_loop(
-        &mut lm,
-        &trainable,
-        |m| m.loss(&batch),
-        |m| m.adapter.as_mut(),
-        steps,
-        lr,
-    )?;
-    if !silent.is_empty() {
-        return Err(Error::Check(format!(
-            "{name}: no gradient at the last step for {silent:?}"
-        )));
-    }
+    let (losses, optimizer) = train_lm_checked(&name, &mut lm, &batch, family, (steps, lr))?;
     if let Some((key, t)) = optimizer
         .state()
         .1
@@ -814,8 +787,34 @@ pub fn check_lm_half_precision(
             t.dtype()
         )));
     }
-    check_loss_fell(&name, family, &losses)?;
     Ok(losses)
+}
+
+/// `steps` AdamW steps at `lr` on `batch`: every trainable tensor receives a gradient at the
+/// last, and the loss falls as [`check_loss_fell`] asks. Returns the losses and the optimizer.
+fn train_lm_checked(
+    name: &str,
+    lm: &mut CausalLm,
+    batch: &CausalBatch,
+    family: Family,
+    (steps, lr): (usize, f64),
+) -> Result<(Vec<f64>, AdamW)> {
+    let trainable = lm.trainable();
+    let (losses, silent, optimizer) = train_loop(
+        lm,
+        &trainable,
+        |m| m.loss(batch),
+        |m| m.adapter.as_mut(),
+        steps,
+        lr,
+    )?;
+    if !silent.is_empty() {
+        return Err(Error::Check(format!(
+            "{name}: no gradient at the last step for {silent:?}"
+        )));
+    }
+    check_loss_fell(name, family, &losses)?;
+    Ok((losses, optimizer))
 }
 
 /// The loss fell over a decoder check's steps: by 10% on Llama, 5% on the random ChatGLM, which

@@ -9,23 +9,18 @@
 use super::{compute_dtype, AttentionSpec};
 use candle_core::{Result, Tensor, D};
 
-/// `t` in `dtype`, through a cast that passes gradients back (none when it already is).
-fn as_dtype(t: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
-    t.to_dtype(dtype)
-}
-
 /// Layer normalisation over the last dimension.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let wide = compute_dtype(x.dtype());
-    let xw = as_dtype(x, wide)?;
+    let xw = x.to_dtype(wide)?;
     let mean = xw.mean_keepdim(D::Minus1)?;
     let centred = xw.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
     let out = normed
-        .broadcast_mul(&as_dtype(gamma, wide)?)?
-        .broadcast_add(&as_dtype(beta, wide)?)?;
-    as_dtype(&out, x.dtype())
+        .broadcast_mul(&gamma.to_dtype(wide)?)?
+        .broadcast_add(&beta.to_dtype(wide)?)?;
+    out.to_dtype(x.dtype())
 }
 
 /// Softmax over the last dimension. The row maximum is subtracted for stability and
@@ -38,7 +33,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// `x ⊙ scale` over the last dimension.
 pub fn scale_last_dim(x: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&as_dtype(&scale.flatten_all()?, x.dtype())?)
+    x.broadcast_mul(&scale.flatten_all()?.to_dtype(x.dtype())?)
 }
 
 /// SiLU-gated product `silu(gate) ⊙ up`.
@@ -74,9 +69,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
     let v = repeat(heads(v, spec.kv_heads, tk)?)?;
     // Scores, bias and softmax in f32 for half-precision activations.
     let wide = compute_dtype(q.dtype());
-    let mut scores = as_dtype(&q.matmul(&k.t()?)?, wide)?.affine(1.0 / (hd as f64).sqrt(), 0.0)?;
+    let mut scores = q
+        .matmul(&k.t()?)?
+        .to_dtype(wide)?
+        .affine(1.0 / (hd as f64).sqrt(), 0.0)?;
     if let Some(bias) = spec.key_bias {
-        scores = scores.broadcast_add(&as_dtype(&bias.reshape((b, 1, 1, tk))?, wide)?)?;
+        scores = scores.broadcast_add(&bias.reshape((b, 1, 1, tk))?.to_dtype(wide)?)?;
     }
     if spec.causal {
         let offset = tk - tq;
@@ -91,7 +89,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
             .broadcast_as(scores.shape())?
             .where_cond(&scores, &blocked)?;
     }
-    as_dtype(&softmax_last_dim(&scores)?, v.dtype())?
+    (softmax_last_dim(&scores)?)
+        .to_dtype(v.dtype())?
         .matmul(&v)?
         .transpose(1, 2)?
         .contiguous()?
@@ -101,8 +100,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
 /// `x · Wᵀ + b` with candle's own matmul, in `x`'s dtype: gradients reach `x`, `weight` and
 /// `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let weight = &as_dtype(weight, x.dtype())?;
-    let bias = bias.map(|b| as_dtype(b, x.dtype())).transpose()?;
+    let weight = &weight.to_dtype(x.dtype())?;
+    let bias = bias.map(|b| b.to_dtype(x.dtype())).transpose()?;
     let bias = bias.as_ref();
     let out = match x.dims() {
         [b, s, i] => x
@@ -120,12 +119,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// Root-mean-square normalisation over the last dimension (Llama's and ChatGLM's RMSNorm).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let wide = compute_dtype(x.dtype());
-    let xw = as_dtype(x, wide)?;
+    let xw = x.to_dtype(wide)?;
     let mean_square = xw.sqr()?.mean_keepdim(D::Minus1)?;
     let out = xw
         .broadcast_div(&(mean_square + eps)?.sqrt()?)?
-        .broadcast_mul(&as_dtype(weight, wide)?)?;
-    as_dtype(&out, x.dtype())
+        .broadcast_mul(&weight.to_dtype(wide)?)?;
+    out.to_dtype(x.dtype())
 }
 
 /// Rotary position embedding on the first `2 * cos.dim(1)` features of each head; see
