@@ -119,6 +119,10 @@ enum Command {
         /// Overrides model.checkpointing: recompute each layer in the backward pass.
         #[arg(long)]
         checkpointing: bool,
+        /// Overrides model.quantize: q8_0 or q4_k, the frozen projection weights kept
+        /// quantized (QLoRA-style).
+        #[arg(long)]
+        quantize: Option<graft_model::quant::Quantization>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -405,6 +409,7 @@ fn run(cli: Cli) -> Result<()> {
             max_steps,
             dtype,
             checkpointing,
+            quantize,
             plugins,
         } => {
             let mut config = LmConfig::from_file(&config)?;
@@ -415,6 +420,9 @@ fn run(cli: Cli) -> Result<()> {
                 config.model.dtype = dtype;
             }
             config.model.checkpointing |= checkpointing;
+            if quantize.is_some() {
+                config.model.quantize = quantize;
+            }
             train_lm(config, &out, &plugins)?
         }
         Command::Generate {
@@ -658,6 +666,7 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
         template: config.template()?,
         max_len: config.model.max_len,
         dtype: config.model.dtype,
+        quantize: config.model.quantize,
     };
     let device = graft_model::default_device()?;
     let mut lm = CausalLm::create(
@@ -677,6 +686,9 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
         pairs.len(),
         config.train.max_steps
     );
+    if let Some(family) = lm.spec.quantize {
+        eprintln!("{}", quantized_summary(family, &lm.model));
+    }
     let log_every = config.train.log_every.max(1);
     let mut steps = Vec::new();
     let checkpointing = config.model.checkpointing;
@@ -803,4 +815,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line on what a quantized base holds: how many projection weights in which block
+/// format, their size, and the dense projections left (rows no block divides).
+fn quantized_summary(
+    family: graft_model::quant::Quantization,
+    model: &graft_model::decoder::Decoder,
+) -> String {
+    let quantized = model.quantized();
+    let mut formats = std::collections::BTreeMap::new();
+    for (_, blocks) in &quantized {
+        *formats
+            .entry(graft_model::quant::format_name(blocks.format()))
+            .or_insert(0usize) += 1;
+    }
+    let bytes: usize = quantized.iter().map(|(_, b)| b.size_in_bytes()).sum();
+    let dense = model.sites().len() - quantized.len();
+    format!(
+        "base quantized to {family}: {} projection weights ({}), {:.1} MiB; {dense} left in {} (rows no block divides)",
+        quantized.len(),
+        formats
+            .iter()
+            .map(|(f, n)| format!("{n} {f}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        bytes as f64 / (1u64 << 20) as f64,
+        model.dtype().as_str()
+    )
 }

@@ -391,7 +391,9 @@ impl Bert {
             if *acts == Acts::LowRankOnly {
                 let linear = LinearSite {
                     name: site.name(),
-                    weight,
+                    out_features: out,
+                    in_features: weight.dim(1)?,
+                    weight: Some(weight),
                     bias: Some(bias),
                 };
                 if let Some(update) = hooks.low_rank(&linear, x)? {

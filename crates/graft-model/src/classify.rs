@@ -192,7 +192,7 @@ pub fn load(
         (Decoder::open(&path, dtype, device)?, None)
     } else {
         let (plan, json) = read_plan(&path)?;
-        let weights = Weights::load_folder(&path, dtype, device)?;
+        let weights = Weights::load_folder(&path, dtype, device, None)?;
         let head = weights.find("score.weight").cloned();
         (plan.load(&weights, json)?, head)
     };

@@ -433,12 +433,39 @@ impl Decoder {
     /// qwen2 or chatglm; model.safetensors or sharded safetensors with their index) or from a
     /// Llama-family `.gguf` file, dequantised.
     pub fn open(path: &std::path::Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::open_quantized(path, dtype, None, device)
+    }
+
+    /// [`Decoder::open`], every projection weight kept quantized in `quantize`'s family
+    /// (those whose rows no block divides stay in `dtype`); embeddings and norms in `dtype`.
+    pub fn open_quantized(
+        path: &std::path::Path,
+        dtype: DType,
+        quantize: Option<crate::quant::Quantization>,
+        device: &Device,
+    ) -> Result<Self> {
+        let (plan, json) = read_plan(path)?;
+        let quantizing = quantize.map(|family| crate::weights::Quantizing {
+            family,
+            keys: plan
+                .site_specs()
+                .map(|s| format!("{}.weight", s.name))
+                .collect(),
+        });
         if path.is_file() {
-            let (config, weights, json) = crate::gguf::load_llama(path, dtype, device)?;
+            let (config, weights, json) =
+                crate::gguf::load_llama(path, dtype, device, quantizing.as_ref())?;
             return crate::llama::load(&config, &weights, json);
         }
-        let (plan, json) = read_plan(path)?;
-        plan.load(&Weights::load_folder(path, dtype, device)?, json)
+        plan.load(
+            &Weights::load_folder(path, dtype, device, quantizing.as_ref())?,
+            json,
+        )
+    }
+
+    /// The projection weights kept quantized, by checkpoint key.
+    pub fn quantized(&self) -> Vec<(&str, &crate::quant::QuantizedWeight)> {
+        self.linears().filter_map(Linear::quantized).collect()
     }
 
     pub fn spec(&self) -> &DecoderSpec {
@@ -711,6 +738,13 @@ impl Decoder {
         extra: Vec<(String, Tensor)>,
         config_json: &serde_json::Value,
     ) -> Result<()> {
+        if let Some((key, blocks)) = self.quantized().first() {
+            return Err(Error::Quantized {
+                key: key.to_string(),
+                format: crate::quant::format_name(blocks.format()),
+                what: "saved in a full model",
+            });
+        }
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
             source,

@@ -53,6 +53,15 @@ pub enum Error {
     InvalidConfig(String),
     #[error("no linear site named `{0}` in this model")]
     UnknownSite(String),
+    #[error(
+        "`{key}` is kept quantized ({format}), so it cannot be {what}; load the base without \
+         `quantize` for that"
+    )]
+    Quantized {
+        key: String,
+        format: String,
+        what: &'static str,
+    },
     #[error("model fetch failed: {0}")]
     Fetch(String),
 }

@@ -5,7 +5,7 @@
 //! llama.cpp's converter permutes the rows of Q and K for ggml's interleaved rotary embedding;
 //! graft undoes it here so that every Llama runs transformers' rotate_half form.
 use crate::llama::Config;
-use crate::weights::Weights;
+use crate::weights::{Quantizing, Weights};
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
@@ -19,11 +19,14 @@ pub fn read_llama_config(path: &Path) -> Result<(Config, serde_json::Value)> {
     config_of(path, &content)
 }
 
-/// The config and weights of a Llama-family GGUF file, and a config.json equivalent.
+/// The config and weights of a Llama-family GGUF file, and a config.json equivalent; the
+/// tensors `quantizing` names are quantized again in its family (from the file's dequantized
+/// values), one by one.
 pub fn load_llama(
     path: &Path,
     dtype: DType,
     device: &Device,
+    quantizing: Option<&Quantizing>,
 ) -> Result<(Config, Weights, serde_json::Value)> {
     let mut file = open(path)?;
     let content = read_content(path, &mut file)?;
@@ -34,7 +37,7 @@ pub fn load_llama(
     };
     let heads = config.num_attention_heads;
     let kv_heads = config.num_kv_heads();
-    let mut tensors = HashMap::new();
+    let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
     for name in content.tensor_infos.keys() {
         let Some(hf_name) = transformers_name(name) else {
             continue;
@@ -51,11 +54,17 @@ pub fn load_llama(
             tensor = unpermute(&tensor, kv_heads)?;
         }
         // Converted one by one, so that the whole model is never held in f32 at once.
+        if let Some(q) = quantizing {
+            if let Some(blocks) = q.apply(&hf_name, &tensor, dtype, device)? {
+                quantized.insert(hf_name, blocks);
+                continue;
+            }
+        }
         tensors.insert(hf_name, tensor.to_dtype(dtype)?);
     }
     Ok((
         config,
-        Weights::from_tensors(path, tensors, dtype)?,
+        Weights::from_parts(path, tensors, quantized, dtype)?,
         config_json,
     ))
 }

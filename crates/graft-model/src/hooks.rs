@@ -10,8 +10,11 @@ pub struct LinearSite<'a> {
     /// Dotted name matching the Hugging Face module path, e.g.
     /// `bert.encoder.layer.0.attention.self.query`.
     pub name: &'a str,
-    /// Frozen weight, `[out_features, in_features]` (torch's nn.Linear layout).
-    pub weight: &'a Tensor,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// Frozen weight, `[out_features, in_features]` (torch's nn.Linear layout); `None` where
+    /// the base keeps it quantized (`[model] quantize`).
+    pub weight: Option<&'a Tensor>,
     pub bias: Option<&'a Tensor>,
 }
 

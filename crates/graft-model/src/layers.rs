@@ -1,6 +1,7 @@
 //! Layers shared by the architectures, each calling the method hooks where a method may act.
 use crate::hooks::{Hooks, LinearSite, SiteInfo};
 use crate::ops;
+use crate::quant::QuantizedWeight;
 use crate::weights::Weights;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
@@ -69,17 +70,59 @@ impl Param {
     }
 }
 
+/// A projection's weight: a base tensor (which a method may substitute, as full fine-tuning
+/// does), or frozen blocks of a quantized format.
+enum ProjectionWeight {
+    Dense(Param),
+    Quantized {
+        key: String,
+        blocks: QuantizedWeight,
+    },
+}
+
+impl ProjectionWeight {
+    fn key(&self) -> &str {
+        match self {
+            Self::Dense(param) => param.key(),
+            Self::Quantized { key, .. } => key,
+        }
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(param) => param.value().dims2().unwrap_or((0, 0)),
+            Self::Quantized { blocks, .. } => blocks.dims(),
+        }
+    }
+
+    /// The dense weight as `hooks` resolve it; an error saying why for a quantized one.
+    fn dense(&self, hooks: &dyn Hooks, what: &'static str) -> Result<Tensor> {
+        match self {
+            Self::Dense(param) => param.resolve(hooks),
+            Self::Quantized { key, blocks } => Err(quantized_error(key, blocks, what)),
+        }
+    }
+}
+
+fn quantized_error(key: &str, blocks: &QuantizedWeight, what: &'static str) -> Error {
+    Error::Quantized {
+        key: key.to_string(),
+        format: crate::quant::format_name(blocks.format()),
+        what,
+    }
+}
+
 /// A projection with a stable Hugging Face module name; a linear site for the hooks.
 pub struct Linear {
     name: String,
-    weight: Param,
+    weight: ProjectionWeight,
     bias: Option<Param>,
     layer: Option<usize>,
 }
 
 impl Linear {
-    /// Loads `{name}.weight` (`[out, in]`) and, if `with_bias`, `{name}.bias`; the site is named
-    /// by the canonical key (`bert.` + `name`).
+    /// Loads `{name}.weight` (`[out, in]`, kept quantized if the weights hold it so) and, if
+    /// `with_bias`, `{name}.bias`; the site is named by the canonical key (`bert.` + `name`).
     pub fn load(
         weights: &Weights,
         name: &str,
@@ -88,11 +131,18 @@ impl Linear {
         with_bias: bool,
         layer: Option<usize>,
     ) -> Result<Self> {
-        let weight = Param::load(
-            weights,
-            &format!("{name}.weight"),
-            &[out_features, in_features],
-        )?;
+        let weight_name = format!("{name}.weight");
+        let weight = match weights.quantized(&weight_name, &[out_features, in_features])? {
+            Some(blocks) => ProjectionWeight::Quantized {
+                key: weights.canonical(&weight_name),
+                blocks: blocks.clone(),
+            },
+            None => ProjectionWeight::Dense(Param::load(
+                weights,
+                &weight_name,
+                &[out_features, in_features],
+            )?),
+        };
         let bias = if with_bias {
             Some(Param::load(
                 weights,
@@ -111,32 +161,62 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
-        let weight = self.weight.resolve(hooks)?;
+        enum Resolved<'a> {
+            Dense(Tensor),
+            Quantized(&'a QuantizedWeight),
+        }
         let bias = self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?;
+        let resolved = match &self.weight {
+            ProjectionWeight::Dense(param) => Resolved::Dense(param.resolve(hooks)?),
+            ProjectionWeight::Quantized { key, blocks } => {
+                if hooks.parameter(key).is_some() {
+                    return Err(quantized_error(key, blocks, "trained"));
+                }
+                Resolved::Quantized(blocks)
+            }
+        };
+        let (out_features, in_features) = self.weight.dims();
         let site = LinearSite {
             name: &self.name,
-            weight: &weight,
+            out_features,
+            in_features,
+            weight: match &resolved {
+                Resolved::Dense(weight) => Some(weight),
+                Resolved::Quantized(_) => None,
+            },
             bias: bias.as_ref(),
         };
         let replaced = hooks.linear_input(&site, x)?;
         let update = hooks.low_rank(&site, x)?;
-        // A trained weight (full fine-tuning) gets its gradient; a frozen one costs none.
-        let out = match (&replaced, &update) {
-            (None, Some(update)) => ops::linear_low_rank(x, &weight, bias.as_ref(), update)?,
-            _ => {
-                let base = ops::linear(replaced.as_ref().unwrap_or(x), &weight, bias.as_ref())?;
-                match &update {
-                    // The update reads the site's input as it was before the replacement.
-                    Some(update) => (base + ops::low_rank_delta(x, update)?)?,
-                    None => base,
+        let input = replaced.as_ref().unwrap_or(x);
+        let base = match &resolved {
+            Resolved::Dense(weight) => match (&replaced, &update) {
+                // One node with the update inside; a trained weight (full fine-tuning) gets its
+                // gradient, a frozen one costs none.
+                (None, Some(update)) => {
+                    let out = ops::linear_low_rank(x, weight, bias.as_ref(), update)?;
+                    return Ok(hooks.linear(&site, x, out)?);
+                }
+                _ => ops::linear(input, weight, bias.as_ref())?,
+            },
+            Resolved::Quantized(blocks) => {
+                let product = ops::quantized_linear(input, blocks)?;
+                match &bias {
+                    Some(b) => product.broadcast_add(b)?,
+                    None => product,
                 }
             }
+        };
+        let out = match &update {
+            // The update reads the site's input as it was before the replacement.
+            Some(update) => (base + ops::low_rank_delta(x, update)?)?,
+            None => base,
         };
         Ok(hooks.linear(&site, x, out)?)
     }
 
     pub fn info(&self) -> SiteInfo {
-        let (out_features, in_features) = self.weight.value().dims2().unwrap_or((0, 0));
+        let (out_features, in_features) = self.weight.dims();
         SiteInfo {
             name: self.name.clone(),
             in_features,
@@ -149,13 +229,32 @@ impl Linear {
         &self.name
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.weight.value()
+    /// The dense base weight; an error for a quantized one, which cannot be merged into.
+    pub fn weight(&self) -> Result<&Tensor> {
+        match &self.weight {
+            ProjectionWeight::Dense(param) => Ok(param.value()),
+            ProjectionWeight::Quantized { key, blocks } => {
+                Err(quantized_error(key, blocks, "merged into"))
+            }
+        }
+    }
+
+    /// The quantized blocks of the weight, if it is kept quantized, under its key.
+    pub fn quantized(&self) -> Option<(&str, &QuantizedWeight)> {
+        match &self.weight {
+            ProjectionWeight::Quantized { key, blocks } => Some((key, blocks)),
+            ProjectionWeight::Dense(_) => None,
+        }
     }
 
     /// Replaces the weight (merging an adapter in or out); the shape must not change.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
-        self.weight.set(weight)
+        match &mut self.weight {
+            ProjectionWeight::Dense(param) => param.set(weight),
+            ProjectionWeight::Quantized { key, blocks } => {
+                Err(quantized_error(key, blocks, "merged into"))
+            }
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -170,16 +269,27 @@ impl Linear {
         }
     }
 
+    /// The dense base tensors (a quantized weight is not one: see [`Linear::quantized`]).
     pub fn params(&self) -> impl Iterator<Item = &Param> {
-        std::iter::once(&self.weight).chain(self.bias.as_ref())
+        let weight = match &self.weight {
+            ProjectionWeight::Dense(param) => Some(param),
+            ProjectionWeight::Quantized { .. } => None,
+        };
+        weight.into_iter().chain(self.bias.as_ref())
     }
 
-    /// The weight and bias as `hooks` resolve them (a method's substitutes, else the base).
+    /// The weight and bias as `hooks` resolve them (a method's substitutes, else the base),
+    /// for fused blocks; an error for a quantized weight.
     pub fn resolved(&self, hooks: &dyn Hooks) -> Result<(Tensor, Option<Tensor>)> {
         Ok((
-            self.weight.resolve(hooks)?,
+            self.weight.dense(hooks, "fused with its neighbours")?,
             self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?,
         ))
+    }
+
+    /// The checkpoint key of the weight.
+    pub fn weight_key(&self) -> &str {
+        self.weight.key()
     }
 }
 

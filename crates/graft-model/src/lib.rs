@@ -12,6 +12,7 @@ pub mod init;
 pub mod layers;
 pub mod llama;
 pub mod ops;
+pub mod quant;
 pub mod runtime;
 pub mod weights;
 pub mod zoo;

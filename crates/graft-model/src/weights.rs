@@ -1,13 +1,39 @@
 //! Reading a Hugging Face model folder's safetensors weights by module path.
+use crate::quant::{Quantization, QuantizedWeight};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// All tensors of one checkpoint, converted to one dtype, looked up by name.
+/// Which tensors a load keeps quantized (the projection weights by checkpoint name), and how.
+pub struct Quantizing {
+    pub family: Quantization,
+    pub keys: HashSet<String>,
+}
+
+impl Quantizing {
+    /// `tensor` (named `name`) quantized if it is one of the keys and a block of the family
+    /// divides its rows; to be used in `dtype`.
+    pub fn apply(
+        &self,
+        name: &str,
+        tensor: &Tensor,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<QuantizedWeight>> {
+        if !self.keys.contains(name) || tensor.rank() != 2 {
+            return Ok(None);
+        }
+        QuantizedWeight::quantize(tensor, self.family, dtype, device)
+    }
+}
+
+/// All tensors of one checkpoint, converted to one dtype (or kept quantized), looked up by
+/// name.
 pub struct Weights {
     path: PathBuf,
     tensors: HashMap<String, Tensor>,
+    quantized: HashMap<String, QuantizedWeight>,
     /// Tried ahead of each name: checkpoints saved from a task model (`bert.` for
     /// BertForSequenceClassification) prefix the backbone's names.
     prefixes: Vec<String>,
@@ -16,19 +42,36 @@ pub struct Weights {
 impl Weights {
     /// One safetensors file.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::from_tensors(path, read_file(path, dtype, device)?, dtype)
+        Self::load_quantizing(path, dtype, device, None)
+    }
+
+    /// One safetensors file, the tensors `quantizing` names kept quantized.
+    fn load_quantizing(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        quantizing: Option<&Quantizing>,
+    ) -> Result<Self> {
+        let (dense, quantized) = read_file(path, dtype, device, quantizing)?;
+        Self::from_parts(path, dense, quantized, dtype)
     }
 
     /// The weights of a Hugging Face model folder: `model.safetensors`, or the shards listed in
-    /// `model.safetensors.index.json`.
-    pub fn load_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// `model.safetensors.index.json`; the tensors `quantizing` names are quantized as they
+    /// are read, so the model is never held whole unquantized.
+    pub fn load_folder(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quantizing: Option<&Quantizing>,
+    ) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         if !index.is_file() {
             let single = dir.join("model.safetensors");
             if !single.exists() {
                 refuse_pickles(dir)?;
             }
-            return Self::load(&single, dtype, device);
+            return Self::load_quantizing(&single, dtype, device, quantizing);
         }
         let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
             path: index.clone(),
@@ -49,16 +92,23 @@ impl Weights {
         let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         shards.sort_unstable();
         shards.dedup();
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
         for shard in shards {
-            tensors.extend(read_file(&dir.join(shard), dtype, device)?);
+            let (dense, blocks) = read_file(&dir.join(shard), dtype, device, quantizing)?;
+            tensors.extend(dense);
+            quantized.extend(blocks);
         }
-        Self::from_tensors(&index, tensors, dtype)
+        Self::from_parts(&index, tensors, quantized, dtype)
     }
 
-    /// Tensors read elsewhere (a GGUF file), floating-point ones converted to `dtype`; `path`
-    /// names their source in errors.
-    pub fn from_tensors(path: &Path, raw: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
+    /// Tensors read elsewhere (a GGUF file), floating-point ones converted to `dtype`, and
+    /// quantized ones; `path` names their source in errors.
+    pub fn from_parts(
+        path: &Path,
+        raw: HashMap<String, Tensor>,
+        quantized: HashMap<String, QuantizedWeight>,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut tensors = HashMap::with_capacity(raw.len());
         for (name, tensor) in raw {
             let tensor = if tensor.dtype().is_float() {
@@ -71,6 +121,7 @@ impl Weights {
         Ok(Self {
             path: path.to_path_buf(),
             tensors,
+            quantized,
             prefixes: vec![String::new()],
         })
     }
@@ -121,6 +172,27 @@ impl Weights {
         Ok(tensor.clone())
     }
 
+    /// The weight `name` if it is kept quantized, which must be `shape` (`[out, in]`).
+    pub fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<&QuantizedWeight>> {
+        let Some(blocks) = self
+            .prefixes
+            .iter()
+            .find_map(|p| self.quantized.get(&format!("{p}{name}")))
+        else {
+            return Ok(None);
+        };
+        let (out, width) = blocks.dims();
+        if shape != [out, width] {
+            return Err(Error::TensorShape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: vec![out, width],
+            });
+        }
+        Ok(Some(blocks))
+    }
+
     /// The tensor `name` if the checkpoint has it (any shape).
     pub fn find(&self, name: &str) -> Option<&Tensor> {
         self.prefixes
@@ -129,10 +201,19 @@ impl Weights {
     }
 }
 
-/// The tensors of one safetensors file, floating-point ones in `dtype`. The file is
-/// memory-mapped and read tensor by tensor, each converted as it is read: a shard is never
-/// held whole in memory, nor the model in its stored dtype beside the converted one.
-fn read_file(path: &Path, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// The dense and the quantized tensors of one safetensors file.
+type Read = (HashMap<String, Tensor>, HashMap<String, QuantizedWeight>);
+
+/// The tensors of one safetensors file, floating-point ones in `dtype`, those `quantizing`
+/// names quantized. The file is memory-mapped and read tensor by tensor, each converted as it
+/// is read: a shard is never held whole in memory, nor the model in its stored dtype beside
+/// the converted one.
+fn read_file(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    quantizing: Option<&Quantizing>,
+) -> Result<Read> {
     if !path.exists() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
@@ -146,9 +227,15 @@ fn read_file(path: &Path, dtype: DType, device: &Device) -> Result<HashMap<Strin
     // SAFETY: the file is only read, and each tensor is copied out before the map is dropped;
     // as with every memory map, a file truncated by another process meanwhile is undefined.
     let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
-    let mut tensors = HashMap::new();
+    let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
     for (name, _) in file.tensors() {
         let tensor = file.load(&name, &Device::Cpu).map_err(bad)?;
+        if let Some(q) = quantizing {
+            if let Some(blocks) = q.apply(&name, &tensor, dtype, device)? {
+                quantized.insert(name, blocks);
+                continue;
+            }
+        }
         let tensor = if tensor.dtype().is_float() {
             tensor.to_dtype(dtype).map_err(bad)?
         } else {
@@ -156,7 +243,7 @@ fn read_file(path: &Path, dtype: DType, device: &Device) -> Result<HashMap<Strin
         };
         tensors.insert(name, tensor.to_device(device).map_err(bad)?);
     }
-    Ok(tensors)
+    Ok((tensors, quantized))
 }
 
 /// Converts a folder's `pytorch_model*.bin` shards (and their index) to safetensors, run in it.
@@ -230,7 +317,7 @@ mod pickle_tests {
         ] {
             std::fs::write(dir.path().join(f), b"").unwrap();
         }
-        let err = Weights::load_folder(dir.path(), DType::F32, &Device::Cpu)
+        let err = Weights::load_folder(dir.path(), DType::F32, &Device::Cpu, None)
             .err()
             .unwrap();
         let msg = err.to_string();
@@ -244,7 +331,7 @@ mod pickle_tests {
 
         // Without them, the plain missing-file error as before.
         let empty = tempfile::tempdir().unwrap();
-        let err = Weights::load_folder(empty.path(), DType::F32, &Device::Cpu)
+        let err = Weights::load_folder(empty.path(), DType::F32, &Device::Cpu, None)
             .err()
             .unwrap();
         assert!(matches!(err, Error::MissingFile { .. }), "{err}");

@@ -27,6 +27,8 @@ pub enum Error {
     },
     #[error("adapter tensor `{key}` is missing")]
     MissingTensor { key: String },
+    #[error("the base weight `{key}` is kept quantized, and this method needs it unquantized; load the base without `quantize`")]
+    QuantizedBase { key: String },
     #[error("adapter tensor `{key}` has shape {found:?}, expected {expected:?}")]
     TensorShape {
         key: String,

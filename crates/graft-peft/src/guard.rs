@@ -150,7 +150,7 @@ impl Hooks for GuardedAdapter {
     fn low_rank(&self, site: &LinearSite<'_>, x: &Tensor) -> candle_core::Result<Option<LowRank>> {
         let out = guarded_hook(&self.path, "low_rank", || self.inner.low_rank(site, x))?;
         if let Some(update) = &out {
-            let (out_f, in_f) = site.weight.dims2()?;
+            let (out_f, in_f) = (site.out_features, site.in_features);
             let rank = update.a.dims().first().copied().unwrap_or(0);
             let hook = format!("low_rank({})", site.name);
             check(&self.path, &hook, &update.a, &[rank, in_f], x.dtype())?;

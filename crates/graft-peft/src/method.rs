@@ -18,6 +18,9 @@ pub struct AttachContext<'a> {
     /// Every base tensor under its checkpoint key (full fine-tuning starts from them; prompt
     /// initialisation reads the word embeddings, `info.word_embeddings`).
     pub base_tensors: &'a [(String, Tensor)],
+    /// Checkpoint keys of the base weights kept quantized (`[model] quantize`): frozen, and
+    /// not among `base_tensors`.
+    pub quantized: &'a [String],
     /// Token ids of a text as the model's tokenizer encodes it, special tokens included.
     pub tokenize: &'a dyn Fn(&str) -> Result<Vec<u32>>,
     /// Optimizer steps the training run will take (for budget schedules); 0 when not training.
@@ -27,6 +30,11 @@ pub struct AttachContext<'a> {
 impl AttachContext<'_> {
     /// The base tensor `key`.
     pub fn base_tensor(&self, key: &str) -> Result<&Tensor> {
+        if self.is_quantized(key) {
+            return Err(crate::Error::QuantizedBase {
+                key: key.to_string(),
+            });
+        }
         self.base_tensors
             .iter()
             .find(|(k, _)| k == key)
@@ -34,6 +42,11 @@ impl AttachContext<'_> {
             .ok_or_else(|| crate::Error::MissingTensor {
                 key: format!("{key} (in the base model)"),
             })
+    }
+
+    /// Whether the base keeps the weight `key` quantized.
+    pub fn is_quantized(&self, key: &str) -> bool {
+        self.quantized.iter().any(|k| k == key)
     }
 }
 

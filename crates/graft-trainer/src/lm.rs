@@ -8,6 +8,7 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use graft_model::decoder::{labelled_rows, Decoder, DecoderInputs};
 use graft_model::generate::{generate, Sampling};
+use graft_model::quant::Quantization;
 use graft_peft::adapter;
 use graft_peft::loader::Registry;
 use graft_peft::{Adapter, Method};
@@ -28,6 +29,9 @@ pub struct LmSpec {
     /// The dtype the base was trained in, and is loaded in again.
     #[serde(default)]
     pub dtype: crate::config::Precision,
+    /// The family the base's projection weights were kept quantized in, and are again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<Quantization>,
 }
 
 pub const LM_TASK_FILE: &str = "graft_lm_task.json";
@@ -72,12 +76,17 @@ fn load_base(
     dtype: DType,
     device: &Device,
 ) -> Result<(Decoder, Attachment)> {
-    let decoder = Decoder::open(model, dtype, device)?;
+    let decoder = Decoder::open_quantized(model, dtype, spec.quantize, device)?;
     let tokenizer = TextTokenizer::from_file(&spec.tokenizer, spec.max_len, Padding::Longest)?;
     let attached = Attachment {
         info: decoder.info(),
         sites: decoder.sites(),
         base_tensors: decoder.named_tensors(),
+        quantized: decoder
+            .quantized()
+            .into_iter()
+            .map(|(key, _)| key.to_string())
+            .collect(),
         tokenizer,
     };
     Ok((decoder, attached))
@@ -93,6 +102,13 @@ impl CausalLm {
         seed: u64,
         total_steps: usize,
     ) -> Result<Self> {
+        if let (true, Some(family)) = (method.saves_full_model(), spec.quantize) {
+            return Err(Error::Config(format!(
+                "method `{}` trains every base weight, and a base quantized to {family} is \
+                 frozen; train it without `quantize`, or use a method that trains an adapter",
+                method.name()
+            )));
+        }
         let dtype = spec.dtype.dtype();
         let (model, attached) = load_base(&spec.model, &spec, dtype, device)?;
         let adapter = attached.with_context(device, dtype, seed, total_steps, |ctx| {
@@ -425,6 +441,9 @@ pub struct LmModelSection {
     pub max_len: usize,
     /// The base weights' and activations' dtype: `f32`, `bf16` or `f16`.
     pub dtype: crate::config::Precision,
+    /// Keep the frozen projection weights quantized: `q8_0` or `q4_k` (QLoRA-style); the
+    /// embeddings, norms and activations stay in `dtype`.
+    pub quantize: Option<Quantization>,
     /// Recompute each decoder layer's activations in the backward pass instead of keeping
     /// them (gradient checkpointing): memory for one layer's activations instead of all.
     pub checkpointing: bool,
@@ -440,6 +459,7 @@ impl Default for LmModelSection {
             system: None,
             max_len: 256,
             dtype: crate::config::Precision::F32,
+            quantize: None,
             checkpointing: false,
         }
     }

@@ -62,6 +62,8 @@ pub(crate) struct Attachment {
     pub info: graft_model::ModelInfo,
     pub sites: Vec<graft_model::SiteInfo>,
     pub base_tensors: Vec<(String, Tensor)>,
+    /// Keys of the base weights kept quantized (not among `base_tensors`).
+    pub quantized: Vec<String>,
     pub tokenizer: TextTokenizer,
 }
 
@@ -71,6 +73,7 @@ impl Attachment {
             info: model.info(),
             sites: model.sites(),
             base_tensors: model.named_tensors(),
+            quantized: Vec::new(),
             tokenizer: TextTokenizer::from_file(
                 &spec.tokenizer_path(),
                 spec.max_len,
@@ -104,6 +107,7 @@ impl Attachment {
             device,
             seed,
             base_tensors: &self.base_tensors,
+            quantized: &self.quantized,
             tokenize: &tokenize,
             total_steps,
         })
@@ -418,7 +422,7 @@ pub(crate) fn apply_merge(
             .linear_mut(&delta.site)
             .ok_or(graft_model::Error::UnknownSite(delta.site.clone()))?;
         let shift = |base: &Tensor, d: &Tensor| base + (d.to_dtype(base.dtype())? * sign)?;
-        let weight = shift(linear.weight(), &delta.weight)?;
+        let weight = shift(linear.weight()?, &delta.weight)?;
         linear.set_weight(weight)?;
         if let Some(d) = &delta.bias {
             let bias = linear.bias().ok_or_else(|| {

@@ -625,6 +625,7 @@ pub fn lm_spec(method: &str, family: Family, scratch: &Path) -> Result<LmSpec> {
         template: ChatTemplate::parse("plain")?,
         max_len: 48,
         dtype: Precision::F32,
+        quantize: None,
     })
 }
 

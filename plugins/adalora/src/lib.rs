@@ -510,15 +510,19 @@ mod tests {
             device: &Device::Cpu,
             seed: 0,
             base_tensors: &[],
+            quantized: &[],
             tokenize: &tokenize,
             total_steps: 0,
         })
     }
 
     fn output(adapter: &dyn Adapter, site: &str, x: &Tensor, w: &Tensor) -> Tensor {
+        let (out_features, in_features) = w.dims2().unwrap();
         let linear = LinearSite {
             name: site,
-            weight: w,
+            out_features,
+            in_features,
+            weight: Some(w),
             bias: None,
         };
         let out = match adapter.low_rank(&linear, x).unwrap() {

@@ -10,9 +10,9 @@ use graft_peft::graft_model::ops;
 pub struct Ia3Layer {
     pub scale: Var,
     pub feedforward: bool,
-    /// The frozen base weight `[out, in]` and bias, needed by the feed-forward forward and by
-    /// merging (both depend on W, not only on `l`).
-    pub weight: Tensor,
+    /// The frozen base weight `[out, in]` and bias, needed by the forward alone (tests) and by
+    /// merging (both depend on W, not only on `l`); `None` on a base that keeps it quantized.
+    pub weight: Option<Tensor>,
     pub bias: Option<Tensor>,
 }
 
@@ -41,17 +41,26 @@ impl Ia3Layer {
         let input = self.input(x)?;
         let base = ops::linear(
             input.as_ref().unwrap_or(x),
-            &self.weight,
+            self.dense_weight()?,
             self.bias.as_ref(),
         )?;
         self.output(base)
+    }
+
+    fn dense_weight(&self) -> Result<&Tensor> {
+        match &self.weight {
+            Some(w) => Ok(w),
+            None => graft_peft::candle::bail!(
+                "the base weight is kept quantized; merging IA3 needs it unquantized"
+            ),
+        }
     }
 
     /// What merging adds to W and b: `W ⊙ (l - 1)` by rows (output scaling, and the bias
     /// `b ⊙ (l - 1)`) or by columns (input scaling).
     pub fn deltas(&self) -> Result<(Tensor, Option<Tensor>)> {
         let minus_one = (self.scale.as_tensor() - 1.0)?;
-        let weight = self.weight.broadcast_mul(&minus_one)?;
+        let weight = self.dense_weight()?.broadcast_mul(&minus_one)?;
         let bias = match (&self.bias, self.feedforward) {
             (Some(b), false) => Some(b.mul(&minus_one.flatten_all()?)?),
             _ => None,
@@ -75,7 +84,7 @@ mod tests {
         Ia3Layer {
             scale: Var::from_tensor(&l).unwrap(),
             feedforward,
-            weight: w,
+            weight: Some(w),
             bias: Some(b),
         }
     }

@@ -75,7 +75,11 @@ impl Ia3 {
                 }
                 continue;
             }
-            let weight = ctx.base_tensor(&format!("{}.weight", site.name))?.clone();
+            let key = format!("{}.weight", site.name);
+            let weight = match ctx.is_quantized(&key) {
+                true => None,
+                false => Some(ctx.base_tensor(&key)?.clone()),
+            };
             let bias = ctx
                 .base_tensor(&format!("{}.bias", site.name))
                 .ok()

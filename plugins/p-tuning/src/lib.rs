@@ -230,6 +230,7 @@ mod p_tuning_tests {
             device: &Device::Cpu,
             seed,
             base_tensors: &[],
+            quantized: &[],
             tokenize: &tokenize,
             total_steps: 0,
         };

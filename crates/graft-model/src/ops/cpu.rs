@@ -130,6 +130,9 @@ macro_rules! for_dtype {
     };
 }
 
+mod quantized;
+pub(crate) use quantized::QuantizedLinear;
+
 /// Whether the fused kernels handle these tensors: all on the CPU, and all f64 or all of
 /// f32, bf16 and f16 (computed in f32).
 pub(crate) fn supports(tensors: &[&Tensor]) -> bool {
@@ -223,6 +226,65 @@ fn widened_blocks(out: usize, width: usize) -> impl Iterator<Item = std::ops::Ra
     (0..out)
         .step_by(block)
         .map(move |start| start..(start + block).min(out))
+}
+
+/// `x · Wᵀ (+ bias)` `[rows, out]` from `x` `[rows, in]`, with the weight `[out, in]` read a
+/// block of its rows (the output's columns) at a time through `rows_of` (widened from half
+/// precision, or dequantized), so that it is never held whole in `T`.
+fn product_by_row_blocks<'w, T: Float>(
+    x: &[T],
+    (out_f, in_f): (usize, usize),
+    bias: Option<&[T]>,
+    rows_of: impl Fn(std::ops::Range<usize>) -> Result<std::borrow::Cow<'w, [T]>>,
+) -> Result<Vec<T>> {
+    let rows = x.len() / in_f.max(1);
+    let mut y = vec![T::zero(); rows * out_f];
+    for columns in widened_blocks(out_f, in_f) {
+        let wb = rows_of(columns.clone())?;
+        let start = bias.map_or(Start::Zero, |b| Start::Rows(&b[columns.clone()]));
+        // SAFETY: y holds rows x out_f elements; the block writes its columns of each row.
+        unsafe {
+            gemm_onto(
+                (rows, columns.len(), in_f),
+                y.as_mut_ptr().add(columns.start),
+                out_f,
+                start,
+                View::rows(x.as_ptr(), in_f),
+                View::rows(wb.as_ptr(), in_f).t(),
+                T::one(),
+                Threads::Pool,
+            )
+        };
+    }
+    Ok(y)
+}
+
+/// `dy · W` `[rows, in]` from `dy` `[rows, out]`, the weight read as in
+/// [`product_by_row_blocks`].
+fn d_input_by_row_blocks<'w, T: Float>(
+    dy: &[T],
+    (out_f, in_f): (usize, usize),
+    rows_of: impl Fn(std::ops::Range<usize>) -> Result<std::borrow::Cow<'w, [T]>>,
+) -> Result<Vec<T>> {
+    let rows = dy.len() / out_f.max(1);
+    let mut dx = vec![T::zero(); rows * in_f];
+    for columns in widened_blocks(out_f, in_f) {
+        let wb = rows_of(columns.clone())?;
+        // SAFETY: dx holds rows x in_f elements; dy's block is rows x columns, out_f apart.
+        unsafe {
+            gemm(
+                (rows, in_f, columns.len()),
+                dx.as_mut_ptr(),
+                in_f,
+                columns.start > 0,
+                View::rows(dy.as_ptr().add(columns.start), out_f),
+                View::rows(wb.as_ptr(), in_f),
+                T::one(),
+                Threads::Pool,
+            )
+        };
+    }
+    Ok(dx)
 }
 
 /// Runs `f` on the contiguous CPU data of `t`, as `T`.
@@ -1371,55 +1433,22 @@ impl Linear {
         bias: Option<&[T]>,
     ) -> Result<Vec<T>> {
         let (out_f, in_f) = (w.1.dims()[0], w.1.dims()[1]);
-        let rows = x.len() / in_f;
-        let mut y = vec![T::zero(); rows * out_f];
-        for columns in widened_blocks(out_f, in_f) {
-            let wb = contiguous_rows::<T>(w.0, w.1, in_f, columns.clone())?;
-            let start = bias.map_or(Start::Zero, |b| Start::Rows(&b[columns.clone()]));
-            // SAFETY: y holds rows x out_f elements; the block writes its columns of each row.
-            unsafe {
-                gemm_onto(
-                    (rows, columns.len(), in_f),
-                    y.as_mut_ptr().add(columns.start),
-                    out_f,
-                    start,
-                    View::rows(x.as_ptr(), in_f),
-                    View::rows(wb.as_ptr(), in_f).t(),
-                    T::one(),
-                    Threads::Pool,
-                )
-            };
-        }
-        Ok(y)
+        product_by_row_blocks(x, (out_f, in_f), bias, |rows| {
+            contiguous_rows::<T>(w.0, w.1, in_f, rows)
+        })
     }
 
     /// `dy · W` `[rows, in]` for a half-precision weight, widened a block of its rows at a
     /// time.
     fn d_input_blocked<T: Float>(dy: &[T], w: &Tensor) -> Result<Vec<T>> {
         let (out_f, in_f) = w.dims2()?;
-        let rows = dy.len() / out_f;
         let (storage, layout) = w.storage_and_layout();
         let Storage::Cpu(storage) = &*storage else {
             bail!("graft kernel: tensor is not on the CPU")
         };
-        let mut dx = vec![T::zero(); rows * in_f];
-        for columns in widened_blocks(out_f, in_f) {
-            let wb = contiguous_rows::<T>(storage, layout, in_f, columns.clone())?;
-            // SAFETY: dx holds rows x in_f elements; dy's block is rows x columns, out_f apart.
-            unsafe {
-                gemm(
-                    (rows, in_f, columns.len()),
-                    dx.as_mut_ptr(),
-                    in_f,
-                    columns.start > 0,
-                    View::rows(dy.as_ptr().add(columns.start), out_f),
-                    View::rows(wb.as_ptr(), in_f),
-                    T::one(),
-                    Threads::Pool,
-                )
-            };
-        }
-        Ok(dx)
+        d_input_by_row_blocks(dy, (out_f, in_f), |rows| {
+            contiguous_rows::<T>(storage, layout, in_f, rows)
+        })
     }
 
     fn cpu_fwd_any(

@@ -364,7 +364,48 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         return Ok(output);
     }
     x.apply_op1(FrozenLinearGrad {
-        weight: weight.clone(),
+        weight: FrozenWeight::Dense(weight.clone()),
+        output,
+    })
+}
+
+/// `x · Wᵀ` through a frozen weight kept quantized (`x` `[..., in]`, W `[out, in]`), with the
+/// input gradient `dy · W`. On the CPU one fused node dequantizes W a block of rows at a time,
+/// forward and backward, and computes in the activations' precision; elsewhere (and under
+/// `GRAFT_REFERENCE_OPS`) candle's quantized product runs forward, which quantizes the
+/// activations too on the CPU, and the backward multiplies by the dequantized weight.
+pub fn quantized_linear(x: &Tensor, weight: &crate::quant::QuantizedWeight) -> Result<Tensor> {
+    let x = &input(x);
+    let (out_f, in_f) = weight.dims();
+    if x.dims().last() != Some(&in_f) {
+        candle_core::bail!(
+            "quantized linear: input {:?} does not fit a weight of [{out_f}, {in_f}]",
+            x.dims()
+        );
+    }
+    if fused(&[x]) && weight.device().is_cpu() {
+        let op = cpu::QuantizedLinear {
+            weight: weight.clone(),
+            transposed: false,
+        };
+        return x
+            .contiguous()?
+            .apply_op1_arc(std::sync::Arc::new(Box::new(op)));
+    }
+    // candle's quantized product takes f32, f16 and bf16; an f64 check runs it in f32.
+    let detached = match x.dtype() {
+        candle_core::DType::F64 => x.detach().to_dtype(candle_core::DType::F32)?,
+        _ => x.detach(),
+    };
+    let product = candle_core::quantized::QMatMul::from_arc(weight.blocks().clone())?;
+    let output = candle_core::Module::forward(&product, &detached.contiguous()?)?
+        .to_dtype(x.dtype())?
+        .contiguous()?;
+    if !x.track_op() {
+        return Ok(output);
+    }
+    x.apply_op1(FrozenLinearGrad {
+        weight: FrozenWeight::Quantized(weight.clone()),
         output,
     })
 }
@@ -648,8 +689,14 @@ pub fn projection_norm(x: &Tensor, residual: &Tensor, block: &ResidualNorm) -> R
 /// The frozen projection off the CPU: the product is computed outside the graph and this op
 /// carries only the input gradient.
 struct FrozenLinearGrad {
-    weight: Tensor,
+    weight: FrozenWeight,
     output: Tensor,
+}
+
+enum FrozenWeight {
+    Dense(Tensor),
+    /// Dequantized whole for each backward (one layer's weight at a time).
+    Quantized(crate::quant::QuantizedWeight),
 }
 
 impl CustomOp1 for FrozenLinearGrad {
@@ -681,15 +728,23 @@ impl CustomOp1 for FrozenLinearGrad {
         }
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dequantized;
+        let weight = match &self.weight {
+            FrozenWeight::Dense(w) => w,
+            FrozenWeight::Quantized(q) => {
+                dequantized = q.dequantize()?.to_dtype(grad_res.dtype())?;
+                &dequantized
+            }
+        };
         let grad_x = match grad_res.dims() {
             [b, s, o] => grad_res
                 .reshape((b * s, *o))?
-                .matmul(&self.weight)?
+                .matmul(weight)?
                 .reshape((*b, *s, ()))?,
-            _ => grad_res.broadcast_matmul(&self.weight)?,
+            _ => grad_res.broadcast_matmul(weight)?,
         };
-        Ok(Some(grad_x))
+        Ok(Some(grad_x.to_dtype(arg.dtype())?))
     }
 }
 

@@ -1,0 +1,79 @@
+//! A product through a frozen quantized weight, `x · Wᵀ`, and its transpose `dy · W`: each
+//! dequantizes W a block of rows at a time into the BLAS product, so the weight is never held
+//! dequantized whole, and each is the other's backward (the input gradient of `x · Wᵀ` is
+//! `dy · W`), so every hook below a quantized layer gets its true gradient.
+use super::{contiguous, d_input_by_row_blocks, narrow_storage, product_by_row_blocks, Float};
+use crate::quant::QuantizedWeight;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+pub(crate) struct QuantizedLinear {
+    pub weight: QuantizedWeight,
+    /// `dy · W` (`[.., out]` to `[.., in]`) instead of `x · Wᵀ`.
+    pub transposed: bool,
+}
+
+impl QuantizedLinear {
+    /// Rows `rows` of W dequantized, as `T`.
+    fn rows<T: Float>(&self, rows: std::ops::Range<usize>) -> Result<Cow<'static, [T]>> {
+        let values = self.weight.rows_f32(rows)?;
+        Ok(Cow::Owned(if T::DTYPE == DType::F32 {
+            T::cpu_storage_data(CpuStorage::F32(values))?
+        } else {
+            values
+                .into_iter()
+                .map(|v| T::from(v).unwrap_or_else(T::nan))
+                .collect()
+        }))
+    }
+}
+
+impl CustomOp1 for QuantizedLinear {
+    fn name(&self) -> &'static str {
+        "graft-quantized-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (out_f, in_f) = self.weight.dims();
+        let (from, to) = match self.transposed {
+            false => (in_f, out_f),
+            true => (out_f, in_f),
+        };
+        let mut dims = layout.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == from => *last = to,
+            _ => bail!(
+                "quantized linear: input {:?} does not fit a weight of [{out_f}, {in_f}]{}",
+                layout.dims(),
+                if self.transposed { " (transposed)" } else { "" }
+            ),
+        }
+        let out = for_float!(storage, "graft-quantized-linear", T => {
+            let x = contiguous::<T>(storage, layout)?;
+            let rows_of = |rows| self.rows::<T>(rows);
+            let y = match self.transposed {
+                false => product_by_row_blocks(&x, (out_f, in_f), None, rows_of)?,
+                true => d_input_by_row_blocks(&x, (out_f, in_f), rows_of)?,
+            };
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !arg.track_op() {
+            return Ok(None);
+        }
+        let other = QuantizedLinear {
+            weight: self.weight.clone(),
+            transposed: !self.transposed,
+        };
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_arc(Arc::new(Box::new(other)))?
+                .to_dtype(arg.dtype())?,
+        ))
+    }
+}
