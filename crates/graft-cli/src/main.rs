@@ -200,6 +200,9 @@ enum Command {
         /// Gradient checkpointing, as train-lm's --checkpointing.
         #[arg(long)]
         checkpointing: bool,
+        /// q8_0 or q4_k: the projection weights kept quantized, as train-lm's --quantize.
+        #[arg(long)]
+        quantize: Option<graft_model::quant::Quantization>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -515,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
             seq_len,
             dtype,
             checkpointing,
+            quantize,
             json,
         } => {
             let targets =
@@ -524,6 +528,7 @@ fn run(cli: Cli) -> Result<()> {
                 seq_len,
                 dtype: dtype.dtype(),
                 checkpointing,
+                quantize,
             };
             let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;
@@ -553,8 +558,9 @@ fn run(cli: Cli) -> Result<()> {
                     100.0 * report.lora_trainable as f64 / report.params as f64
                 );
                 println!(
-                    "training step, batch {batch} x {seq_len} tokens, {dtype}{}: about {:.2} GiB \
-                     (weights {:.2}, trainable + AdamW {:.3}, activations {:.2}, logits {:.2})",
+                    "training step, batch {batch} x {seq_len} tokens, {dtype}{}{}: about {:.2} GiB \
+                     (weights {:.2}{}, trainable + AdamW {:.3}, activations {:.2}, logits {:.2})",
+                    quantize.map_or(String::new(), |q| format!(" on a {q} base")),
                     if checkpointing {
                         " with checkpointing"
                     } else {
@@ -562,6 +568,11 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     gib(m.total),
                     gib(m.weights),
+                    if quantize.is_some() {
+                        format!(", one weight dequantized {:.2}", gib(m.dequantized))
+                    } else {
+                        String::new()
+                    },
                     gib(m.trainable),
                     gib(m.activations),
                     gib(m.logits)

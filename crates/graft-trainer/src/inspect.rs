@@ -3,6 +3,7 @@
 use crate::Result;
 use candle_core::DType;
 use graft_model::decoder::{read_plan, Plan};
+use graft_model::quant::Quantization;
 use graft_peft::TargetModules;
 use serde::Serialize;
 use std::path::Path;
@@ -16,13 +17,19 @@ pub struct StepShape {
     pub dtype: DType,
     /// Gradient checkpointing: each block recomputed in the backward pass.
     pub checkpointing: bool,
+    /// The projection weights kept quantized in this family (`[model] quantize`).
+    pub quantize: Option<Quantization>,
 }
 
 /// Bytes one training step holds, by what holds them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
-    /// The frozen base weights.
+    /// The frozen base weights (the projections in their block formats when quantized).
     pub weights: usize,
+    /// With a quantized base: the largest projection weight dequantized in the activations'
+    /// dtype, which a product holds at most at a time (the composed path's backward; the CPU
+    /// kernel dequantizes 8 MiB of rows at a time).
+    pub dequantized: usize,
     /// The trainable tensors with their gradients and AdamW's two moments, all f32.
     pub trainable: usize,
     /// Activations the backward pass reads (see [`activation_elements`]); with checkpointing,
@@ -108,7 +115,23 @@ pub fn inspect(
     let (lora_sites, lora_trainable) = lora_trainable(&plan, &targets, r)?;
     let params = plan.param_count();
     let bytes = shape.dtype.size_in_bytes();
-    let weights = params * bytes;
+    let (weights, dequantized) = match shape.quantize {
+        None => (params * bytes, 0),
+        Some(family) => {
+            let sites = plan.sites();
+            let projections: usize = sites.iter().map(|s| s.out_features * s.in_features).sum();
+            let quantized: usize = sites
+                .iter()
+                .map(|s| family.bytes(s.out_features, s.in_features, bytes))
+                .sum();
+            let largest = sites
+                .iter()
+                .map(|s| s.out_features * s.in_features * bytes)
+                .max()
+                .unwrap_or(0);
+            ((params - projections) * bytes + quantized, largest)
+        }
+    };
     // Value, gradient and two AdamW moments, in f32 whatever the base's dtype (f64 in f64).
     let trainable =
         4 * lora_trainable * graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
@@ -126,10 +149,11 @@ pub fn inspect(
         lora_trainable,
         memory: Memory {
             weights,
+            dequantized,
             trainable,
             activations,
             logits,
-            total: weights + trainable + activations + logits,
+            total: weights + dequantized + trainable + activations + logits,
         },
     })
 }
@@ -164,6 +188,7 @@ mod tests {
             seq_len: 512,
             dtype: DType::BF16,
             checkpointing: true,
+            quantize: None,
         };
         let report = inspect(
             &path,
