@@ -203,6 +203,9 @@ enum Command {
         /// q8_0 or q4_k: the projection weights kept quantized, as train-lm's --quantize.
         #[arg(long)]
         quantize: Option<graft_model::quant::Quantization>,
+        /// Tokens of each sequence that take a loss (a response's; default: all of them).
+        #[arg(long)]
+        labelled: Option<usize>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -519,6 +522,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             checkpointing,
             quantize,
+            labelled,
             json,
         } => {
             let targets =
@@ -529,6 +533,7 @@ fn run(cli: Cli) -> Result<()> {
                 dtype: dtype.dtype(),
                 checkpointing,
                 quantize,
+                labelled,
             };
             let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;
@@ -680,6 +685,9 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
         quantize: config.model.quantize,
     };
     let device = graft_model::default_device()?;
+    // What the process holds before the model (binary, libraries, the data): `graft inspect`
+    // estimates what comes on top.
+    let rss_before_model = graft_trainer::train::rss_mb();
     let mut lm = CausalLm::create(
         spec,
         plugin.method.as_ref(),
@@ -719,7 +727,7 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
     lm.save(out)
         .with_context(|| format!("writing the adapter to {}", out.display()))?;
     eprintln!("adapter written to {}", out.display());
-    write_lm_summary(out, &lm.spec.method, trainable, &steps)?;
+    write_lm_summary(out, &lm.spec.method, trainable, &steps, rss_before_model)?;
     if !data.validation.is_empty() && !config.eval.labels.is_empty() {
         let started = std::time::Instant::now();
         let eval = graft_trainer::lm::evaluate_verbalizer(
@@ -751,6 +759,7 @@ fn write_lm_summary(
     method: &str,
     trainable: usize,
     steps: &[graft_trainer::lm::LmStep],
+    rss_before_model: Option<f64>,
 ) -> Result<()> {
     use graft_trainer::train::{median_after_warmup, peak_rss_mb};
     let seconds: Vec<f64> = steps.iter().map(|s| s.seconds).collect();
@@ -766,6 +775,8 @@ fn write_lm_summary(
         // Steady state: the mean tokens of a step over the median step.
         "train_tokens_per_s": tokens as f64 / steps.len().max(1) as f64 / step_median.max(1e-9),
         "peak_rss_mb": peak_rss_mb(),
+        "rss_before_model_mb": rss_before_model,
+        "longest_step_tokens": steps.iter().map(|s| s.tokens).max(),
         "losses": steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
         "matmul": graft_model::ops::blas_in_use().map_or("gemm crate".into(), |c| format!("OpenBLAS ({c})")),
     });

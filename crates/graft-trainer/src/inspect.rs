@@ -19,6 +19,9 @@ pub struct StepShape {
     pub checkpointing: bool,
     /// The projection weights kept quantized in this family (`[model] quantize`).
     pub quantize: Option<Quantization>,
+    /// Tokens of each sequence that take a loss (train-lm computes the head's logits at those
+    /// alone: a response's); `None`: every token.
+    pub labelled: Option<usize>,
 }
 
 /// Bytes one training step holds, by what holds them.
@@ -35,7 +38,7 @@ pub struct Memory {
     /// Activations the backward pass reads (see [`activation_elements`]); with checkpointing,
     /// each block's input and one block's activations and their gradients.
     pub activations: usize,
-    /// Full-sequence logits and the log-softmax over them (f32).
+    /// The logits of the labelled tokens and the log-softmax over them (f32).
     pub logits: usize,
     pub total: usize,
 }
@@ -136,7 +139,8 @@ pub fn inspect(
     let trainable =
         4 * lora_trainable * graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
     let activations = activation_elements(&plan, shape) * bytes;
-    let logits = 3 * shape.batch * shape.seq_len * s.vocab_size * 4;
+    let labelled = shape.labelled.unwrap_or(shape.seq_len).min(shape.seq_len);
+    let logits = 3 * shape.batch * labelled * s.vocab_size * 4;
     Ok(Inspection {
         model_type: s.model_type.clone(),
         layers: s.num_layers,
@@ -189,6 +193,7 @@ mod tests {
             dtype: DType::BF16,
             checkpointing: true,
             quantize: None,
+            labelled: None,
         };
         let report = inspect(
             &path,
@@ -227,5 +232,60 @@ mod tests {
         .unwrap();
         eprintln!("without: {:.2} GiB", gib(without.memory.total));
         assert!(without.memory.activations > 4 * report.memory.activations);
+
+        // On a q4_k base (every projection 4096 wide in q4_k, the 13696-wide down projection in
+        // q5_0; the 0.5 GiB embedding table in bf16): 5.00 GiB, one dequantized weight (the
+        // 65024 x 4096 head, 0.50 GiB) counted.
+        let q4 = inspect(
+            &path,
+            Some(TargetModules::Names(vec!["query_key_value".into()])),
+            8,
+            StepShape {
+                quantize: Some(Quantization::Q4K),
+                ..shape
+            },
+        )
+        .unwrap();
+        eprintln!("on a q4_k base: {:.2} GiB", gib(q4.memory.total));
+        assert!(3 * q4.memory.weights < report.memory.weights);
+        assert_eq!(q4.memory.dequantized, 65024 * 4096 * 2);
+        assert!(q4.memory.total < 6_000_000_000, "{:?}", q4.memory);
+    }
+
+    /// The quantized weights inspect counts for SmolLM2 are the bytes its quantized load holds
+    /// (block formats per site, embeddings and norms in the dtype), in each family.
+    #[test]
+    fn quantized_weights_are_counted_as_a_quantized_load_holds_them() {
+        use candle_core::Device;
+        use graft_model::decoder::Decoder;
+        let path = graft_model::zoo::SMOLLM2
+            .ensure(&mut |m| eprintln!("{m}"))
+            .expect("SmolLM2 (run `cargo xtask fetch-model smollm2`)")
+            .join(graft_model::zoo::SMOLLM2_GGUF);
+        for family in [Quantization::Q8_0, Quantization::Q4K] {
+            let shape = StepShape {
+                batch: 1,
+                seq_len: 8,
+                dtype: DType::BF16,
+                checkpointing: true,
+                quantize: Some(family),
+                labelled: None,
+            };
+            let report = inspect(&path, None, 8, shape).unwrap();
+            let model =
+                Decoder::open_quantized(&path, DType::BF16, Some(family), &Device::Cpu).unwrap();
+            let blocks: usize = model
+                .quantized()
+                .iter()
+                .map(|(_, b)| b.size_in_bytes())
+                .sum();
+            let dense: usize = model
+                .params()
+                .iter()
+                .map(|p| p.value().elem_count() * 2)
+                .sum();
+            assert_eq!(model.quantized().len(), 30 * 7, "{family}");
+            assert_eq!(report.memory.weights, blocks + dense, "{family}");
+        }
     }
 }

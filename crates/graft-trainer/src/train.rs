@@ -600,8 +600,17 @@ fn median(values: &[f64]) -> Option<f64> {
 
 /// This process's peak resident memory in MiB (Linux's VmHWM), if the system reports it.
 pub fn peak_rss_mb() -> Option<f64> {
+    status_mb("VmHWM:")
+}
+
+/// This process's resident memory now, in MiB (Linux's VmRSS).
+pub fn rss_mb() -> Option<f64> {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
@@ -621,6 +630,7 @@ mod tests {
     fn peak_rss_is_reported_on_linux() {
         if cfg!(target_os = "linux") {
             assert!(peak_rss_mb().unwrap() > 1.0);
+            assert!(rss_mb().unwrap() > 1.0 && rss_mb() <= peak_rss_mb());
         }
     }
 }
