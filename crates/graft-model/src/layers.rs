@@ -199,13 +199,19 @@ impl Linear {
                 }
                 _ => ops::linear(input, weight, bias.as_ref())?,
             },
-            Resolved::Quantized(blocks) => {
-                let product = ops::quantized_linear(input, blocks)?;
-                match &bias {
-                    Some(b) => product.broadcast_add(b)?,
-                    None => product,
+            Resolved::Quantized(blocks) => match (&replaced, &update) {
+                (None, Some(update)) => {
+                    let out = ops::quantized_linear_low_rank(x, blocks, bias.as_ref(), update)?;
+                    return Ok(hooks.linear(&site, x, out)?);
                 }
-            }
+                _ => {
+                    let product = ops::quantized_linear(input, blocks)?;
+                    match &bias {
+                        Some(b) => product.broadcast_add(b)?,
+                        None => product,
+                    }
+                }
+            },
         };
         let out = match &update {
             // The update reads the site's input as it was before the replacement.

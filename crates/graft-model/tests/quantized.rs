@@ -314,3 +314,69 @@ fn a_quantized_weight_refuses_merging_and_saving() {
     assert!(err.contains("saved in a full model"), "{err}");
     assert!(!out.path().join("model.safetensors").exists());
 }
+
+/// The fused low-rank update over a quantized weight (with a bias, and with a dropout mask)
+/// gives the composition's values and gradients for the input and both factors (f64).
+#[test]
+fn fused_low_rank_update_on_a_quantized_weight_matches_the_composition() {
+    let mut rng = init::seeded_rng(23);
+    let mut normal =
+        |shape: &[usize]| init::normal(&mut rng, shape, 0.5, DType::F64, &Device::Cpu).unwrap();
+    let weight = normal(&[48, 256]).to_dtype(DType::F32).unwrap();
+    let q = QuantizedWeight::quantize(&weight, Quantization::Q4K, DType::F64, &Device::Cpu)
+        .unwrap()
+        .unwrap();
+    let bias = normal(&[48]);
+    let probe = normal(&[2, 3, 48]);
+    let x = Var::from_tensor(&normal(&[2, 3, 256])).unwrap();
+    let a = Var::from_tensor(&normal(&[4, 256])).unwrap();
+    let b = Var::from_tensor(&normal(&[48, 4])).unwrap();
+    let keep = normal(&[2, 3, 256])
+        .ge(0.0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    for mask in [None, Some((keep * 2.0).unwrap())] {
+        let update = LowRank {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            input_mask: mask.clone(),
+        };
+        let run = |y: Tensor| {
+            let grads = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+            (y, [grad(&x), grad(&a), grad(&b)])
+        };
+        let (fused, fused_grads) =
+            run(ops::quantized_linear_low_rank(x.as_tensor(), &q, Some(&bias), &update).unwrap());
+        let composed = (ops::quantized_linear(x.as_tensor(), &q)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            + ops::low_rank_delta(x.as_tensor(), &update).unwrap())
+        .unwrap();
+        let (composed, composed_grads) = run(composed);
+        let diff = max_abs(&(&fused - &composed).unwrap());
+        assert!(
+            diff <= 1e-12 * max_abs(&composed),
+            "values differ by {diff}"
+        );
+        for (what, f, c) in [
+            ("x", &fused_grads[0], &composed_grads[0]),
+            ("A", &fused_grads[1], &composed_grads[1]),
+            ("B", &fused_grads[2], &composed_grads[2]),
+        ] {
+            let diff = max_abs(&(f - c).unwrap());
+            assert!(
+                diff <= 1e-12 * max_abs(c),
+                "mask {}: d{what} differs by {diff}",
+                mask.is_some()
+            );
+        }
+    }
+}

@@ -1635,9 +1635,73 @@ pub(crate) struct UpdateBlock {
     pub b_offset: usize,
 }
 
+/// A frozen weight `[out, in]` as a fused kernel reads it.
+pub(crate) enum FrozenWeight {
+    /// Contiguous; half precision is widened a block of rows at a time.
+    Dense(Tensor),
+    /// Dequantized a block of rows at a time.
+    Quantized(crate::quant::QuantizedWeight),
+}
+
+impl FrozenWeight {
+    fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Quantized(q) => Ok(q.dims()),
+        }
+    }
+
+    /// `x · Wᵀ + bias`, `[rows, out]`.
+    fn product<T: Float>(&self, x: &[T], bias: Option<&[T]>) -> Result<Vec<T>> {
+        let (out_f, in_f) = self.dims()?;
+        match self {
+            Self::Dense(w) if is_half(w.dtype()) => {
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cpu(storage) = &*storage else {
+                    bail!("graft kernel: tensor is not on the CPU")
+                };
+                Linear::fwd_blocked(x, (storage, layout), bias)
+            }
+            Self::Dense(w) => with_data::<T, _>(w, |w| Ok(Linear::fwd(x, w, bias, out_f))),
+            Self::Quantized(q) => product_by_row_blocks(x, (out_f, in_f), bias, |rows| {
+                quantized::dequantized_rows::<T>(q, rows)
+            }),
+        }
+    }
+
+    /// `dy · W`, `[rows, in]`.
+    fn d_input<T: Float>(&self, dy: &[T]) -> Result<Vec<T>> {
+        let (out_f, in_f) = self.dims()?;
+        match self {
+            Self::Dense(w) if is_half(w.dtype()) => Linear::d_input_blocked(dy, w),
+            Self::Dense(w) => with_data::<T, _>(w, |w| {
+                let rows = dy.len() / out_f.max(1);
+                // SAFETY: the product (not accumulated) writes every element.
+                Ok(unsafe {
+                    parallel::written(rows * in_f, |dx| {
+                        gemm(
+                            (rows, in_f, out_f),
+                            dx,
+                            in_f,
+                            false,
+                            View::rows(dy.as_ptr(), out_f),
+                            View::rows(w.as_ptr(), in_f),
+                            T::one(),
+                            Threads::Pool,
+                        )
+                    })
+                })
+            }),
+            Self::Quantized(q) => d_input_by_row_blocks(dy, (out_f, in_f), |rows| {
+                quantized::dequantized_rows::<T>(q, rows)
+            }),
+        }
+    }
+}
+
 pub(crate) struct LowRankLinear {
-    /// Frozen (the composition handles a trained weight), contiguous `[out, in]`.
-    pub weight: Tensor,
+    /// Frozen (the composition handles a trained weight).
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     /// Dropout's keep mask, contiguous, the shape of x.
     pub mask: Option<Tensor>,
@@ -1685,15 +1749,13 @@ impl LowRankLinear {
         }
     }
 
-    /// The frozen tensors' data: `f(weight, bias, mask)`.
+    /// The frozen bias' and mask's data: `f(bias, mask)`.
     fn with_frozen<T: Float, R>(
         &self,
-        f: impl FnOnce(&[T], Option<&[T]>, Option<&[T]>) -> Result<R>,
+        f: impl FnOnce(Option<&[T]>, Option<&[T]>) -> Result<R>,
     ) -> Result<R> {
-        with_data::<T, _>(&self.weight, |w| {
-            with_optional::<T, _>(self.bias.as_ref(), |bias| {
-                with_optional::<T, _>(self.mask.as_ref(), |mask| f(w, bias, mask))
-            })
+        with_optional::<T, _>(self.bias.as_ref(), |bias| {
+            with_optional::<T, _>(self.mask.as_ref(), |mask| f(bias, mask))
         })
     }
 
@@ -1730,8 +1792,8 @@ impl LowRankLinear {
     }
 
     fn fwd<T: Float>(&self, x: &[T], a: &[T], b: &[T]) -> Result<Vec<T>> {
-        self.with_frozen::<T, _>(|w, bias, mask| {
-            let (out_f, in_f) = self.weight.dims2()?;
+        self.with_frozen::<T, _>(|bias, mask| {
+            let (out_f, in_f) = self.weight.dims()?;
             let f = Factors {
                 a: a.as_ptr(),
                 b: b.as_ptr(),
@@ -1740,7 +1802,7 @@ impl LowRankLinear {
                 rank: a.len() / in_f,
             };
             let down = Self::down(&Self::masked(x, mask), f);
-            let mut y = Linear::fwd(x, w, bias, out_f);
+            let mut y = self.weight.product(x, bias)?;
             // SAFETY: y holds rows x out elements, and nobody else touches it.
             unsafe { self.add_updates(y.as_mut_ptr(), &down, f) };
             Ok(y)
@@ -1756,10 +1818,10 @@ impl LowRankLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (out_f, in_f) = self.weight.dims2()?;
+        let (out_f, in_f) = self.weight.dims()?;
         let rank = a.dims2()?.0;
         let rows = x.elem_count() / in_f;
-        self.with_frozen::<T, _>(|w, _, mask| {
+        self.with_frozen::<T, _>(|_, mask| {
             with_data::<T, _>(&grad, |dy| {
                 with_data::<T, _>(x, |xs| {
                     with_data::<T, _>(a, |av| {
@@ -1793,33 +1855,22 @@ impl LowRankLinear {
                             };
                             let t_v = View::rows(t.as_ptr(), rank);
                             let dx = if x.track_op() {
-                                // SAFETY: the first product (not accumulated) writes every element.
-                                let mut dx = unsafe {
-                                    parallel::written(x.elem_count(), |dx: *mut T| {
+                                let mut dx = self.weight.d_input(dy)?;
+                                if mask.is_none() {
+                                    // SAFETY: dx holds rows x in_f elements.
+                                    unsafe {
                                         gemm(
-                                            (rows, in_f, out_f),
-                                            dx,
+                                            (rows, in_f, rank),
+                                            dx.as_mut_ptr(),
                                             in_f,
-                                            false,
-                                            View::rows(dy.as_ptr(), out_f),
-                                            View::rows(w.as_ptr(), in_f),
+                                            true,
+                                            t_v,
+                                            View::rows(av.as_ptr(), in_f),
                                             T::one(),
                                             Threads::Pool,
-                                        );
-                                        if mask.is_none() {
-                                            gemm(
-                                                (rows, in_f, rank),
-                                                dx,
-                                                in_f,
-                                                true,
-                                                t_v,
-                                                View::rows(av.as_ptr(), in_f),
-                                                T::one(),
-                                                Threads::Pool,
-                                            );
-                                        }
-                                    })
-                                };
+                                        )
+                                    };
+                                }
                                 if let Some(mask) = mask {
                                     let update = product(
                                         (rows, in_f, rank),
@@ -1901,7 +1952,7 @@ impl CustomOp3 for LowRankLinear {
         ));
         let mut dims = l1.dims().to_vec();
         if let Some(last) = dims.last_mut() {
-            *last = self.weight.dims()[0];
+            *last = self.weight.dims()?.0;
         }
         Ok((out, Shape::from(dims)))
     }

@@ -410,6 +410,60 @@ pub fn quantized_linear(x: &Tensor, weight: &crate::quant::QuantizedWeight) -> R
     })
 }
 
+/// `x · Wᵀ + bias` through a frozen quantized weight plus a low-rank update `(x ⊙ mask) · aᵀ ·
+/// bᵀ` (LoRA on a quantized base, as QLoRA trains). On the CPU, with a frozen bias, one fused
+/// node: the update is accumulated into the product and the input's gradient passes through
+/// the dequantizing kernel, and the graph keeps neither the product nor the update apart.
+/// Elsewhere the sum of [`quantized_linear`], the bias and [`low_rank_delta`].
+pub fn quantized_linear_low_rank(
+    x: &Tensor,
+    weight: &crate::quant::QuantizedWeight,
+    bias: Option<&Tensor>,
+    update: &crate::LowRank,
+) -> Result<Tensor> {
+    let (out_f, in_f) = weight.dims();
+    let (rank, in_a) = update.a.dims2()?;
+    if in_a != in_f || update.b.dims() != [out_f, rank] {
+        candle_core::bail!(
+            "low-rank update of shapes a {:?}, b {:?} does not fit a weight of [{out_f}, {in_f}]",
+            update.a.dims(),
+            update.b.dims()
+        )
+    }
+    let x = &input(x);
+    let bias = bias.map(input);
+    let (a, b) = (input(&update.a), input(&update.b));
+    let mask = update.input_mask.as_ref().map(input);
+    let mut all = vec![x, &a, &b];
+    all.extend(bias.as_ref());
+    all.extend(mask.as_ref());
+    let fits = mask.as_ref().is_none_or(|m| m.dims() == x.dims())
+        && !bias.as_ref().is_some_and(Tensor::track_op);
+    if !(fits && fused(&all) && weight.device().is_cpu()) {
+        let product = quantized_linear(x, weight)?;
+        let base = match &bias {
+            Some(b) => product.broadcast_add(b)?,
+            None => product,
+        };
+        return base + low_rank_delta(x, update)?;
+    }
+    let op = cpu::LowRankLinear {
+        weight: cpu::FrozenWeight::Quantized(weight.clone()),
+        bias: bias.as_ref().map(Tensor::contiguous).transpose()?,
+        mask: mask.as_ref().map(Tensor::contiguous).transpose()?,
+        blocks: vec![cpu::UpdateBlock {
+            columns: 0..out_f,
+            ranks: 0..rank,
+            b_offset: 0,
+        }],
+    };
+    x.contiguous()?.apply_op3_arc(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        std::sync::Arc::new(Box::new(op)),
+    )
+}
+
 /// `x · Wᵀ + bias` plus a low-rank update `(x ⊙ mask) · aᵀ · bᵀ` (LoRA, AdaLoRA). With a
 /// frozen weight and bias on the CPU this is one fused node (see `cpu::LowRankLinear`);
 /// otherwise the sum of [`linear`] and [`low_rank_delta`].
@@ -499,7 +553,7 @@ pub fn linear_low_ranks(
         b_offset += columns.len() * r;
     }
     let op = cpu::LowRankLinear {
-        weight: weight.contiguous()?,
+        weight: cpu::FrozenWeight::Dense(weight.contiguous()?),
         bias: bias.as_ref().map(Tensor::contiguous).transpose()?,
         mask: masks.first().map(|m| m.contiguous()).transpose()?,
         blocks,

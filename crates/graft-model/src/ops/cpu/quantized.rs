@@ -2,6 +2,7 @@
 //! dequantizes W a block of rows at a time into the BLAS product, so the weight is never held
 //! dequantized whole, and each is the other's backward (the input gradient of `x · Wᵀ` is
 //! `dy · W`), so every hook below a quantized layer gets its true gradient.
+use super::parallel::{self, SharedMut};
 use super::{contiguous, d_input_by_row_blocks, narrow_storage, product_by_row_blocks, Float};
 use crate::quant::QuantizedWeight;
 use candle_core::backend::BackendStorage;
@@ -15,18 +16,29 @@ pub(crate) struct QuantizedLinear {
     pub transposed: bool,
 }
 
-impl QuantizedLinear {
-    /// Rows `rows` of W dequantized, as `T`.
-    fn rows<T: Float>(&self, rows: std::ops::Range<usize>) -> Result<Cow<'static, [T]>> {
-        let values = self.weight.rows_f32(rows)?;
-        Ok(Cow::Owned(if T::DTYPE == DType::F32 {
-            T::cpu_storage_data(CpuStorage::F32(values))?
-        } else {
-            values
-                .into_iter()
-                .map(|v| T::from(v).unwrap_or_else(T::nan))
-                .collect()
-        }))
+/// Rows `rows` of `weight` dequantized, as `T`, the rows split over the pool's threads.
+pub(super) fn dequantized_rows<T: Float>(
+    weight: &QuantizedWeight,
+    rows: std::ops::Range<usize>,
+) -> Result<Cow<'static, [T]>> {
+    let width = weight.dims().1;
+    let mut out = vec![T::zero(); rows.len() * width];
+    let shared = SharedMut::new(&mut out);
+    let failure = std::sync::Mutex::new(None);
+    parallel::for_ranges(rows.len(), (1 << 16) / width.max(1), |part| {
+        let first = rows.start + part.start;
+        match weight.rows_f32(first..first + part.len()) {
+            // SAFETY: each task writes its own rows of `out`.
+            Ok(values) => unsafe { shared.slice(part.start * width..part.end * width) }
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = T::from(v).unwrap_or_else(T::nan)),
+            Err(e) => *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(Cow::Owned(out)),
     }
 }
 
@@ -52,7 +64,7 @@ impl CustomOp1 for QuantizedLinear {
         }
         let out = for_float!(storage, "graft-quantized-linear", T => {
             let x = contiguous::<T>(storage, layout)?;
-            let rows_of = |rows| self.rows::<T>(rows);
+            let rows_of = |rows| dequantized_rows::<T>(&self.weight, rows);
             let y = match self.transposed {
                 false => product_by_row_blocks(&x, (out_f, in_f), None, rows_of)?,
                 true => d_input_by_row_blocks(&x, (out_f, in_f), rows_of)?,
