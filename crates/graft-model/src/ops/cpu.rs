@@ -1490,27 +1490,9 @@ impl Linear {
         let (out_f, in_f) = w.dims2()?;
         let rows = x.elem_count() / in_f;
         with_data::<T, _>(&grad, |dy| {
-            let dx = if x.track_op() && is_half(w.dtype()) {
-                Some(tensor(Self::d_input_blocked(dy, w)?, x)?)
-            } else if x.track_op() {
-                let dx = with_data::<T, _>(w, |w| {
-                    // SAFETY: the product (not accumulated) writes every element.
-                    Ok(unsafe {
-                        parallel::written(x.elem_count(), |dx| {
-                            gemm(
-                                (rows, in_f, out_f),
-                                dx,
-                                in_f,
-                                false,
-                                View::rows(dy.as_ptr(), out_f),
-                                View::rows(w.as_ptr(), in_f),
-                                T::one(),
-                                Threads::Pool,
-                            )
-                        })
-                    })
-                })?;
-                Some(tensor(dx, x)?)
+            let dx = if x.track_op() {
+                let weight = FrozenWeight::Dense(w.contiguous()?);
+                Some(tensor(weight.d_input::<T>(dy)?, x)?)
             } else {
                 None
             };
