@@ -81,13 +81,6 @@ enum ProjectionWeight {
 }
 
 impl ProjectionWeight {
-    fn key(&self) -> &str {
-        match self {
-            Self::Dense(param) => param.key(),
-            Self::Quantized { key, .. } => key,
-        }
-    }
-
     fn dims(&self) -> (usize, usize) {
         match self {
             Self::Dense(param) => param.value().dims2().unwrap_or((0, 0)),
@@ -291,11 +284,6 @@ impl Linear {
             self.weight.dense(hooks, "fused with its neighbours")?,
             self.bias.as_ref().map(|b| b.resolve(hooks)).transpose()?,
         ))
-    }
-
-    /// The checkpoint key of the weight.
-    pub fn weight_key(&self) -> &str {
-        self.weight.key()
     }
 }
 

@@ -3,7 +3,7 @@
 //! dequantized whole, and each is the other's backward (the input gradient of `x · Wᵀ` is
 //! `dy · W`), so every hook below a quantized layer gets its true gradient.
 use super::parallel::{self, SharedMut};
-use super::{contiguous, d_input_by_row_blocks, narrow_storage, product_by_row_blocks, Float};
+use super::{contiguous, narrow_storage, Float, FrozenWeight};
 use crate::quant::QuantizedWeight;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -62,12 +62,12 @@ impl CustomOp1 for QuantizedLinear {
                 if self.transposed { " (transposed)" } else { "" }
             ),
         }
+        let weight = FrozenWeight::Quantized(self.weight.clone());
         let out = for_float!(storage, "graft-quantized-linear", T => {
             let x = contiguous::<T>(storage, layout)?;
-            let rows_of = |rows| dequantized_rows::<T>(&self.weight, rows);
             let y = match self.transposed {
-                false => product_by_row_blocks(&x, (out_f, in_f), None, rows_of)?,
-                true => d_input_by_row_blocks(&x, (out_f, in_f), rows_of)?,
+                false => weight.product(&x, None)?,
+                true => weight.d_input(&x)?,
             };
             T::to_cpu_storage_owned(y)
         });
