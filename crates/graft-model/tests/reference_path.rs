@@ -262,17 +262,7 @@ fn composed_quantized_base_stays_close_to_the_dequantized_model() {
     .unwrap();
     let through_blocks = ops::quantized_linear(x.as_tensor(), blocks).unwrap();
     let upstream_free = through_blocks.detach();
-    let g_quantized = {
-        let grads = (&through_blocks * &upstream_free)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        grads.get(x.as_tensor()).unwrap().clone()
-    };
-    let g_dense = {
-        let y = ops::linear(x.as_tensor(), &blocks.dequantize().unwrap(), None).unwrap();
+    let input_grad = |y: Tensor| {
         let grads = (y * &upstream_free)
             .unwrap()
             .sum_all()
@@ -281,6 +271,9 @@ fn composed_quantized_base_stays_close_to_the_dequantized_model() {
             .unwrap();
         grads.get(x.as_tensor()).unwrap().clone()
     };
+    let g_quantized = input_grad(through_blocks);
+    let g_dense =
+        input_grad(ops::linear(x.as_tensor(), &blocks.dequantize().unwrap(), None).unwrap());
     let diff = max_abs(&(&g_quantized - &g_dense).unwrap()) / max_abs(&g_dense);
     assert!(diff <= 1e-6, "{key}: input gradient differs by {diff}");
 
