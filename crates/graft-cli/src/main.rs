@@ -4,7 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::data::Dataset;
 use graft_trainer::lm::{generate_text, CausalLm, LmConfig, LmSpec};
-use graft_trainer::task::Classifier;
+use graft_trainer::task::{Classifier, TaskSpec};
 use graft_trainer::train::{self, Examples};
 use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
@@ -66,8 +66,12 @@ enum Command {
     },
     /// Evaluate an adapter on a labelled CSV.
     Eval {
+        /// An adapter folder written by graft, or by Hugging Face PEFT (then give --model).
         #[arg(long)]
         adapter: PathBuf,
+        /// The base model folder (default: the one the adapter's graft_task.json names).
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[arg(long)]
         data: PathBuf,
         /// Write the evaluation as JSON here.
@@ -78,8 +82,12 @@ enum Command {
     },
     /// Predict labels for a CSV; writes uuid,label.
     Predict {
+        /// An adapter folder written by graft, or by Hugging Face PEFT (then give --model).
         #[arg(long)]
         adapter: PathBuf,
+        /// The base model folder (default: the one the adapter's graft_task.json names).
+        #[arg(long)]
+        model: Option<PathBuf>,
         #[arg(long)]
         data: PathBuf,
         #[arg(long)]
@@ -287,9 +295,12 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             plugins,
         } => {
+            print_matmul_notice();
             if let Some(dir) = resume {
-                let saved = TrainConfig::from_file(&dir.join(graft_trainer::run::RunDir::CONFIG))?;
-                let registry = registry_with(&plugins, &saved.plugins.dirs)?;
+                // A run folder is data: the plugin directories its config names are not
+                // searched (they are for the command that started the run). `--plugin-dir`
+                // and the built-in directories are.
+                let registry = registry(&plugins)?;
                 let outcome = train::resume(&dir, &registry)
                     .with_context(|| format!("resuming the run in {}", dir.display()))?;
                 report_outcome(&outcome);
@@ -319,6 +330,8 @@ fn run(cli: Cli) -> Result<()> {
             cfg.validate()?;
             let method_name = cfg.method_name()?.to_string();
             let registry = registry_with(&plugins, &cfg.plugins.dirs)?;
+            // An unknown method is reported before any model is fetched or data read.
+            registry.get(&method_name)?;
             let data = match data.or_else(|| cfg.data.train.clone()) {
                 Some(path) => path,
                 None => default_data()?,
@@ -330,12 +343,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval {
             adapter,
+            model,
             data,
             out,
             plugins,
         } => {
             let registry = registry(&plugins)?;
-            let classifier = open(&adapter, &registry)?;
+            let classifier = open(&adapter, model.as_deref(), &registry)?;
             let examples = Examples::from_file(&data, &classifier.spec)?;
             let (_, evaluation, _) = train::evaluate_examples(&classifier, &examples, 32)?;
             let text = serde_json::to_string_pretty(&evaluation)?;
@@ -356,13 +370,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Predict {
             adapter,
+            model,
             data,
             out,
             submission,
             plugins,
         } => {
             let registry = registry(&plugins)?;
-            let classifier = open(&adapter, &registry)?;
+            let classifier = open(&adapter, model.as_deref(), &registry)?;
             let dataset = Dataset::read(&data, &classifier.template.columns())?;
             let texts = dataset.texts(&classifier.template)?;
             let mut rows = String::from(if submission {
@@ -402,7 +417,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let registry = registry(&plugins)?;
-            let mut classifier = open(&adapter, &registry)?;
+            let mut classifier = open(&adapter, None, &registry)?;
             classifier.set_merged(true)?;
             classifier
                 .save_model(&out)
@@ -418,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             quantize,
             plugins,
         } => {
+            print_matmul_notice();
             let mut config = LmConfig::from_file(&config)?;
             if let Some(steps) = max_steps {
                 config.train.max_steps = steps;
@@ -653,6 +669,9 @@ fn model_file(path: &Path) -> Result<PathBuf> {
 }
 
 fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
+    // An unknown method is reported before any model is fetched or data read.
+    let registry = registry(plugins)?;
+    let plugin = registry.get(config.method_name()?)?;
     let model = match &config.model.path {
         Some(path) => model_file(path)?,
         None => {
@@ -673,8 +692,6 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
         .unwrap_or_else(|| LmSpec::default_tokenizer(&model));
     let data = graft_trainer::lm::LmData::load(&config)?;
     let pairs = data.train;
-    let registry = registry(plugins)?;
-    let plugin = registry.get(config.method_name()?)?;
     let spec = LmSpec {
         method: config.method_name()?.to_string(),
         model,
@@ -786,6 +803,14 @@ fn write_lm_summary(
     Ok(())
 }
 
+/// Training's first line when the large products will not run on OpenBLAS: why, and how to
+/// install it.
+fn print_matmul_notice() {
+    if let Some(notice) = graft_model::ops::blas_notice() {
+        eprintln!("note: {notice}");
+    }
+}
+
 fn report_outcome(outcome: &train::Outcome) {
     println!(
         "run: {}\nbest validation (step {} of {}): accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}",
@@ -799,10 +824,11 @@ fn report_outcome(outcome: &train::Outcome) {
     );
 }
 
-fn open(adapter: &Path, registry: &Registry) -> Result<Classifier> {
+fn open(adapter: &Path, model: Option<&Path>, registry: &Registry) -> Result<Classifier> {
     let device = graft_model::default_device()?;
-    Classifier::open(adapter, registry, &device)
-        .with_context(|| format!("loading the adapter in {}", adapter.display()))
+    let context = || format!("loading the adapter in {}", adapter.display());
+    let spec = TaskSpec::locate(adapter, model, registry).with_context(context)?;
+    Classifier::open_with_spec(adapter, spec, registry, &device).with_context(context)
 }
 
 /// Quotes a CSV field when it needs it (RFC 4180).

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 /// Keys PEFT writes in every adapter_config.json; methods read them as informational only.
 pub const PEFT_BOOKKEEPING: &[&str] = &["peft_type", "task_type", "base_model_name_or_path"];
 
+
 /// The error of `method`'s config.
 pub fn invalid(method: &str, reason: impl Into<String>) -> Error {
     Error::Config {
@@ -96,24 +97,93 @@ pub fn with_suggestion(message: &str) -> String {
     }
 }
 
-/// Refuses the options of a saved LoRA-family config that change the math and that graft's
-/// LoRA and AdaLoRA do not implement: `use_dora`, `fan_in_fan_out`, a `bias` other than "none".
-pub fn refuse_lora_variants(method: &str, other: &Map<String, Value>) -> Result<()> {
-    for key in ["use_dora", "fan_in_fan_out"] {
-        if other.get(key) == Some(&Value::Bool(true)) {
+/// Keys of adapter_config.json that describe the file rather than the math: read with any
+/// value.
+pub const PEFT_DESCRIPTIVE: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+];
+
+/// The modules whose saved copies graft reads: the classification head (`classifier` in BERT,
+/// `score` in decoders).
+pub const HEAD_MODULES: &[&str] = &["classifier", "score"];
+
+/// Is `value` one PEFT writes for a feature that is off: null, false, or empty?
+fn is_off(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Refuses, by name, every field of a saved adapter_config.json that `method` would otherwise
+/// ignore while it changes what the adapter computes. `other` holds the fields the method's
+/// config did not take. A field passes when it is descriptive ([`PEFT_DESCRIPTIVE`]), when
+/// it is off (null, false, empty), when `inert` lists it with that value (repeat a key for
+/// several values; `Value::Null` as the value: any value, for a field the method checks
+/// itself), or when it is `modules_to_save` naming only the classification head. Anything else,
+/// fields of a later PEFT included, is an error naming the field: graft refuses rather than
+/// misreads an adapter.
+pub fn refuse_unimplemented(
+    method: &str,
+    other: &Map<String, Value>,
+    inert: &[(&str, Value)],
+) -> Result<()> {
+    for (key, value) in other {
+        if PEFT_DESCRIPTIVE.contains(&key.as_str()) || is_off(value) {
+            continue;
+        }
+        if key == "modules_to_save" {
+            let names = value.as_array().map(|a| a.iter().map(Value::as_str).collect::<Vec<_>>());
+            if names.is_some_and(|n| n.iter().all(|m| m.is_some_and(|m| HEAD_MODULES.contains(&m)))) {
+                continue;
+            }
             return Err(invalid(
                 method,
-                format!("`{key}: true` is not supported by this plugin"),
+                format!(
+                    "`modules_to_save` = {value}: graft loads the saved copies of {HEAD_MODULES:?} only, so the adapter would be misread"
+                ),
             ));
         }
-    }
-    match other.get("bias").and_then(Value::as_str) {
-        Some(bias) if bias != "none" => Err(invalid(
+        let listed: Vec<&Value> = inert.iter().filter(|(k, _)| k == key).map(|(_, v)| v).collect();
+        if listed.iter().any(|v| v.is_null() || *v == value) {
+            continue;
+        }
+        let accepted = if listed.is_empty() {
+            "null, false or empty".to_string()
+        } else {
+            let values: Vec<String> = listed.iter().map(|v| v.to_string()).collect();
+            format!("null, false, empty or {}", values.join(", "))
+        };
+        return Err(invalid(
             method,
-            format!("bias `{bias}` is not supported (only \"none\")"),
-        )),
-        _ => Ok(()),
+            format!(
+                "`{key}` = {value} is not implemented by graft's {method} (it accepts {accepted} there); refusing rather than misreading the adapter"
+            ),
+        ));
     }
+    Ok(())
+}
+
+/// The LoRA family's saved fields that graft reads as PEFT's defaults at these values.
+pub fn lora_family_inert() -> Vec<(&'static str, Value)> {
+    vec![
+        ("bias", Value::from("none")),
+        // Initialisation schemes that leave the base weights as they were.
+        ("init_lora_weights", Value::from(true)),
+        ("init_lora_weights", Value::from("gaussian")),
+        ("megatron_core", Value::from("megatron.core")),
+        // Only read with use_qalora.
+        ("qalora_group_size", Value::from(16)),
+    ]
 }
 
 /// `value` with `field` set to PEFT's default targets for `model_type` when it names none, so

@@ -55,6 +55,9 @@ impl VirtualTokens {
 
     /// From a saved adapter_config.json, checked against the model it is loaded into.
     pub fn from_saved(method: &str, config: &Value, info: &ModelInfo) -> Result<Self> {
+        if let Some(fields) = config.as_object() {
+            crate::config::refuse_unimplemented(method, fields, &Self::saved_fields())?;
+        }
         // THUDM's ChatGLM configs call it `pre_seq_len`.
         let n = config["num_virtual_tokens"]
             .as_u64()
@@ -80,6 +83,30 @@ impl VirtualTokens {
             }
         }
         Ok(tokens)
+    }
+
+    /// The fields of a saved prompt-learning config graft reads (checked here or by the
+    /// method), or that only shape initialisation and training (the saved table is what
+    /// PEFT loads in inference mode, any projection folded in). One transformer submodule:
+    /// graft has no encoder-decoder models.
+    fn saved_fields() -> Vec<(&'static str, Value)> {
+        let any = [
+            "num_virtual_tokens",
+            "pre_seq_len",
+            "token_dim",
+            "num_layers",
+            "num_attention_heads",
+            "encoder_hidden_size",
+            "prefix_projection",
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "tokenizer_name_or_path",
+            "tokenizer_kwargs",
+        ];
+        let mut fields: Vec<(&'static str, Value)> =
+            any.iter().map(|k| (*k, Value::Null)).collect();
+        fields.push(("num_transformer_submodules", Value::from(1)));
+        fields
     }
 
     pub fn to_json(&self) -> Value {

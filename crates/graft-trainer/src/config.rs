@@ -227,6 +227,22 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// The config a run records: the model folder and data it trains on, and every path in
+    /// it, made absolute, so that `eval`, `predict` and `--resume` work from any directory.
+    pub fn resolved(&self, model_dir: &Path, data: &Path) -> Result<Self> {
+        let mut resolved = self.clone();
+        resolved.model.dir = Some(absolute(model_dir)?);
+        resolved.data.train = Some(absolute(data)?);
+        resolved.model.tokenizer = self.model.tokenizer.as_deref().map(absolute).transpose()?;
+        resolved.plugins.dirs = self
+            .plugins
+            .dirs
+            .iter()
+            .map(|d| absolute(d))
+            .collect::<Result<_>>()?;
+        Ok(resolved)
+    }
+
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string_pretty(self).map_err(|e| Error::Config(e.to_string()))
     }
@@ -328,6 +344,12 @@ pub fn read_task_file<T: serde::de::DeserializeOwned>(
         path,
         reason: format!("not a graft {what} file: {e}"),
     })
+}
+
+/// `path` made absolute against the current directory (not resolving links), so that a file
+/// written now names it the same way whatever directory reads it later.
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).map_err(crate::error::io_error(path))
 }
 
 /// Writes what [`read_task_file`] reads, atomically.

@@ -50,6 +50,16 @@ impl LmSpec {
         crate::config::read_task_file(dir, LM_TASK_FILE, "causal-LM task")
     }
 
+    /// The same task with its model and tokenizer paths absolute: what an adapter folder
+    /// records, so that it opens from any working directory.
+    pub fn with_absolute_paths(&self) -> Result<Self> {
+        Ok(Self {
+            model: crate::config::absolute(&self.model)?,
+            tokenizer: crate::config::absolute(&self.tokenizer)?,
+            ..self.clone()
+        })
+    }
+
     /// The tokenizer beside a model folder, or beside a GGUF file.
     pub fn default_tokenizer(model: &Path) -> PathBuf {
         match model.parent() {
@@ -384,7 +394,7 @@ impl CausalLm {
             );
             adapter::save(dir, &config, &self.adapter.tensors()?)?;
         }
-        crate::config::write_task_file(dir, LM_TASK_FILE, &self.spec)
+        crate::config::write_task_file(dir, LM_TASK_FILE, &self.spec.with_absolute_paths()?)
     }
 
     /// A Hugging Face model folder of the model as it runs now (full fine-tuning's tensors, or

@@ -40,6 +40,80 @@ impl TaskSpec {
     pub fn read(dir: &Path) -> Result<Self> {
         crate::config::read_task_file(dir, TASK_FILE, "task")
     }
+
+    /// The task of the adapter folder `dir`: graft's task file, with `model` (when given)
+    /// replacing the base model it names; or, for a folder Hugging Face PEFT wrote (no task
+    /// file), a sequence-classification task on `model` with graft's defaults (labels `0`/`1`
+    /// in column `label`, the default template, pooling and length) and the method whose
+    /// `peft_type` the adapter names.
+    pub fn locate(dir: &Path, model: Option<&Path>, registry: &Registry) -> Result<Self> {
+        if dir.join(TASK_FILE).is_file() {
+            let mut spec = Self::read(dir)?;
+            if let Some(model) = model {
+                spec.model_dir = model.to_path_buf();
+                spec.tokenizer = None;
+            }
+            return Ok(spec);
+        }
+        let config_path = dir.join(adapter::CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Adapter {
+                path: config_path.clone(),
+                reason: format!("not JSON: {e}"),
+            })?;
+        let field = |name: &str| config.get(name).and_then(|v| v.as_str());
+        let peft_type = field("peft_type").ok_or_else(|| Error::Adapter {
+            path: config_path.clone(),
+            reason: "no `peft_type`: not an adapter folder PEFT or graft wrote".into(),
+        })?;
+        match field("task_type") {
+            Some("SEQ_CLS") => {}
+            other => {
+                return Err(Error::Adapter {
+                    path: config_path.clone(),
+                    reason: format!(
+                        "task_type {other:?}: graft eval and predict read sequence-classification (SEQ_CLS) adapters"
+                    ),
+                })
+            }
+        }
+        let model = model.ok_or_else(|| Error::Adapter {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "no {TASK_FILE} (not written by graft): give the base model's folder with --model{}",
+                field("base_model_name_or_path")
+                    .map(|m| format!(" (PEFT recorded `{m}`)"))
+                    .unwrap_or_default()
+            ),
+        })?;
+        let method = registry.by_peft_type(peft_type)?.method.name().to_string();
+        let defaults = crate::TrainConfig::default();
+        Ok(Self {
+            method,
+            model_dir: model.to_path_buf(),
+            labels: defaults.data.labels,
+            label_column: defaults.data.label_column,
+            template: defaults.data.template,
+            pooling: defaults.model.pooling,
+            max_len: defaults.model.max_len,
+            tokenizer: None,
+        })
+    }
+
+    /// The same task with its model and tokenizer paths absolute: what an adapter folder
+    /// records, so that it opens from any working directory.
+    pub fn with_absolute_paths(&self) -> Result<Self> {
+        Ok(Self {
+            model_dir: crate::config::absolute(&self.model_dir)?,
+            tokenizer: self
+                .tokenizer
+                .as_deref()
+                .map(crate::config::absolute)
+                .transpose()?,
+            ..self.clone()
+        })
+    }
 }
 
 pub struct Classifier {
@@ -276,7 +350,7 @@ impl Classifier {
         } else {
             self.save_adapter(dir)?;
         }
-        crate::config::write_task_file(dir, TASK_FILE, &self.spec)
+        crate::config::write_task_file(dir, TASK_FILE, &self.spec.with_absolute_paths()?)
     }
 
     /// A Hugging Face model folder (config.json, model.safetensors, tokenizer.json) of the

@@ -271,9 +271,7 @@ pub fn train(
     data_path: &Path,
     out: &Path,
 ) -> Result<Outcome> {
-    let mut resolved = config.clone();
-    resolved.model.dir = Some(model_dir.to_path_buf());
-    resolved.data.train = Some(data_path.to_path_buf());
+    let resolved = config.resolved(model_dir, data_path)?;
     // Read and check the data, plugin and model before anything is written.
     let plan = Plan::new(&resolved)?;
     let classifier = plan.classifier(&resolved, registry)?;

@@ -45,7 +45,8 @@ pub struct AdaLoraConfig {
     /// Written by training: per `{site}.lora_E`, which rank indices were kept.
     #[serde(default)]
     pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
-    /// PEFT's many other fields: refused when training, ignored when loading PEFT's files.
+    /// PEFT's many other fields: refused when training; when loading PEFT's files, refused
+    /// unless off or at a value graft reads as PEFT does.
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -111,10 +112,13 @@ impl AdaLoraConfig {
         Ok(config)
     }
 
-    /// From PEFT's adapter_config.json: other keys are ignored, unsupported options refused.
+    /// From PEFT's adapter_config.json: a field graft does not implement is refused by name.
     pub fn from_adapter_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        config::refuse_lora_variants("adalora", &config.other)?;
+        // PEFT's AdaLoraConfig inherits LoRA's `r`, which AdaLoRA never reads (init_r).
+        let mut inert = config::lora_family_inert();
+        inert.push(("r", Value::Null));
+        config::refuse_unimplemented("adalora", &config.other, &inert)?;
         Ok(config)
     }
 

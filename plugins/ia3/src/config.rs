@@ -16,7 +16,8 @@ pub struct Ia3Config {
     /// Start from ones (the base model unchanged), as PEFT does; false starts at random.
     #[serde(default = "default_true")]
     pub init_ia3_weights: bool,
-    /// PEFT's other fields: refused when training, ignored when loading PEFT's files.
+    /// PEFT's other fields: refused when training; when loading PEFT's files, refused unless
+    /// off.
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -44,15 +45,10 @@ impl Ia3Config {
         Ok(config)
     }
 
-    /// From PEFT's adapter_config.json: other keys are ignored, unsupported options refused.
+    /// From PEFT's adapter_config.json: a field graft does not implement is refused by name.
     pub fn from_adapter_config(value: &Value) -> Result<Self> {
         let config: Self = config::parse(NAME, value)?;
-        if config.other.get("fan_in_fan_out") == Some(&Value::Bool(true)) {
-            return Err(config::invalid(
-                NAME,
-                "`fan_in_fan_out: true` is not supported by this plugin",
-            ));
-        }
+        config::refuse_unimplemented(NAME, &config.other, &[])?;
         Ok(config)
     }
 

@@ -20,7 +20,8 @@ pub struct LoraConfig {
     /// Rank-stabilised scaling (Kalajdzievski 2023).
     #[serde(default)]
     pub use_rslora: bool,
-    /// PEFT's many other fields: refused when training, ignored when loading PEFT's files.
+    /// PEFT's many other fields: refused when training; when loading PEFT's files, refused
+    /// unless off or at a value graft reads as PEFT does.
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -50,10 +51,10 @@ impl LoraConfig {
         Ok(config)
     }
 
-    /// From PEFT's adapter_config.json: other keys are ignored, unsupported options refused.
+    /// From PEFT's adapter_config.json: a field graft does not implement is refused by name.
     pub fn from_adapter_config(value: &Value) -> Result<Self> {
         let config = Self::parse(value)?;
-        config::refuse_lora_variants("lora", &config.other)?;
+        config::refuse_unimplemented("lora", &config.other, &config::lora_family_inert())?;
         Ok(config)
     }
 

@@ -68,7 +68,8 @@ pub struct PTuningConfig {
     /// Dropout between LSTM layers while training.
     #[serde(default)]
     pub encoder_dropout: f64,
-    /// PEFT's other fields: refused when training, ignored when loading PEFT's files.
+    /// PEFT's other fields: refused when training; when loading PEFT's files, refused unless
+    /// off.
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -101,9 +102,10 @@ impl PTuningConfig {
         Ok(config)
     }
 
-    /// From PEFT's adapter_config.json: other keys are ignored.
+    /// From PEFT's adapter_config.json: a field graft does not implement is refused by name.
     pub fn from_adapter_config(value: &Value, info: &ModelInfo) -> Result<Self> {
         let mut config = Self::parse(value)?;
+        config::refuse_unimplemented("p-tuning", &config.other, &[])?;
         config.other.clear();
         config.resolve(info)?;
         Ok(config)

@@ -17,7 +17,8 @@ pub struct PrefixTuningConfig {
     /// Hidden width of that MLP (default: the model's hidden size, as PEFT fills it).
     #[serde(default)]
     pub encoder_hidden_size: Option<usize>,
-    /// PEFT's other fields: refused when training, ignored when loading PEFT's files.
+    /// PEFT's other fields: refused when training; when loading PEFT's files, refused unless
+    /// off or read (`VirtualTokens::from_saved`).
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }

@@ -28,7 +28,8 @@ pub struct PromptTuningConfig {
     pub prompt_tuning_init: PromptInit,
     #[serde(default)]
     pub prompt_tuning_init_text: Option<String>,
-    /// PEFT's other fields: refused when training, ignored when loading PEFT's files.
+    /// PEFT's other fields: refused when training; when loading PEFT's files, refused unless
+    /// off or read (`VirtualTokens::from_saved`).
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }

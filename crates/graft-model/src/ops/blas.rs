@@ -53,18 +53,65 @@ const FALLBACK_CORES: [&str; 8] = [
     "unknown",
 ];
 
+/// Why the large products run where they do: the outcome of looking for a system BLAS.
+pub(crate) enum Choice {
+    /// OpenBLAS, running this kernel family.
+    Blas(Blas),
+    /// `GRAFT_BLAS=off`.
+    Off,
+    /// No library could be opened under these names.
+    NotFound(Vec<String>),
+    /// OpenBLAS picked a kernel family older than AVX2, slower than the gemm crate here.
+    SlowKernels(String),
+}
+
+/// `GRAFT_BLAS`: `off` (or `0`) uses the gemm crate; any other value names the library to open
+/// (a file name the loader searches for, or a path); unset, the usual OpenBLAS names.
+pub(crate) const ENV: &str = "GRAFT_BLAS";
+
+/// The outcome of looking for a system BLAS, decided once per process.
+pub(crate) fn choice() -> &'static Choice {
+    static CHOICE: OnceLock<Choice> = OnceLock::new();
+    CHOICE.get_or_init(|| {
+        let names: Vec<String> = match std::env::var(ENV) {
+            Ok(v) if v == "off" || v == "0" => return Choice::Off,
+            Ok(v) if !v.is_empty() => vec![v],
+            _ => LIBRARIES.iter().map(|n| n.to_string()).collect(),
+        };
+        let Some(blas) = names.iter().find_map(|name| open(name)) else {
+            return Choice::NotFound(names);
+        };
+        if FALLBACK_CORES.contains(&blas.core.to_lowercase().as_str()) && has_avx2() {
+            return Choice::SlowKernels(blas.core.clone());
+        }
+        Choice::Blas(blas)
+    })
+}
+
 /// The system BLAS, if one is installed, usable, and not switched off by `GRAFT_BLAS=off`.
 pub(crate) fn get() -> Option<&'static Blas> {
-    static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
-    BLAS.get_or_init(|| {
-        if std::env::var("GRAFT_BLAS").is_ok_and(|v| v == "off" || v == "0") {
-            return None;
-        }
-        let blas = LIBRARIES.iter().find_map(|name| open(name))?;
-        let fallback = FALLBACK_CORES.contains(&blas.core.to_lowercase().as_str());
-        (!fallback || !has_avx2()).then_some(blas)
-    })
-    .as_ref()
+    match choice() {
+        Choice::Blas(blas) => Some(blas),
+        _ => None,
+    }
+}
+
+/// What a user should know when the products do not run on OpenBLAS: why, and how to get it.
+pub(crate) fn notice() -> Option<String> {
+    const GEMM: &str = "large products run on the gemm crate";
+    match choice() {
+        Choice::Blas(_) => None,
+        Choice::Off => Some(format!("{GEMM} ({ENV}=off)")),
+        Choice::NotFound(names) => Some(format!(
+            "{GEMM}: OpenBLAS was not found ({}), and training runs slower without it (0.58x on \
+             the machine the README measures); install it with `apt-get install libopenblas0-pthread` \
+             (Debian, Ubuntu), or name the library in {ENV}",
+            names.join(", ")
+        )),
+        Choice::SlowKernels(core) => Some(format!(
+            "{GEMM}: OpenBLAS chose its `{core}` kernels for this CPU, slower than the gemm crate"
+        )),
+    }
 }
 
 fn open(name: &str) -> Option<Blas> {

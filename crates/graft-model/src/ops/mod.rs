@@ -29,6 +29,12 @@ pub fn blas_in_use() -> Option<String> {
     blas::get().map(|b| b.core.clone())
 }
 
+/// When the large CPU products do not run on OpenBLAS: a line saying why, and how to install
+/// it (`GRAFT_BLAS` names another library or turns it off).
+pub fn blas_notice() -> Option<String> {
+    blas::notice()
+}
+
 thread_local! {
     static GRAD_ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
