@@ -20,28 +20,50 @@ fn library_file(stem: &str) -> String {
     )
 }
 
-/// A workspace library built by cargo; built here if this test run has not built it yet.
-fn workspace_library(package: &str, stem: &str) -> PathBuf {
+/// A workspace library, as `cargo build --workspace` leaves it: built every time (a no-op when
+/// up to date), so a stale file from an older build is never what a test loads. Always the whole
+/// workspace: a `-p` selection can resolve features apart and rebuild graft-peft under the other
+/// plugins. That build must find graft-peft fresh: a rebuild would replace the libgraft_peft this
+/// test binary runs on (graft-model's Cargo.toml keeps `cargo build` and `cargo test` agreeing).
+fn workspace_library(stem: &str) -> PathBuf {
+    let output = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(testkit::workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "cargo build --workspace failed");
+    let rebuilt_peft = String::from_utf8_lossy(&output.stdout).lines().any(|line| {
+        let message: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        message["reason"] == "compiler-artifact"
+            && message["target"]["name"] == "graft_peft"
+            && message["fresh"] == false
+    });
+    assert!(
+        !rebuilt_peft,
+        "`cargo build --workspace` rebuilt graft-peft, which this test binary was built against: \
+         `cargo build` and this `cargo test` resolve features differently (a dev-dependency \
+         turns on a feature the build lacks; see graft-model's Cargo.toml), or this test runs \
+         from a narrower selection than `cargo test --workspace`"
+    );
     let file = library_file(stem);
-    let candidates = [
+    [
         profile_dir().join(&file),
         profile_dir().join("deps").join(&file),
-    ];
-    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
-        return found.clone();
-    }
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package])
-        .current_dir(testkit::workspace_root())
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo build -p {package} failed");
-    candidates.into_iter().find(|p| p.is_file()).unwrap()
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .unwrap_or_else(|| panic!("cargo build --workspace left no {file}"))
 }
 
 #[test]
 fn lora_loads_dynamically_and_trains_through_the_library() {
-    let path = workspace_library("graft-plugin-lora", "graft_plugin_lora");
+    let path = workspace_library("graft_plugin_lora");
     let plugin = load_plugin(&path).unwrap();
     assert_eq!(plugin.method.name(), "lora");
     assert_eq!(plugin.abi, graft_peft::abi::ABI);
@@ -56,7 +78,7 @@ fn lora_loads_dynamically_and_trains_through_the_library() {
 
 #[test]
 fn discovery_finds_lora_in_a_directory() {
-    let path = workspace_library("graft-plugin-lora", "graft_plugin_lora");
+    let path = workspace_library("graft_plugin_lora");
     let registry = Registry::discover(&[path.parent().unwrap().to_path_buf()]);
     let lora = registry.get("lora").unwrap();
     assert_eq!(lora.method.peft_type(), "LORA");
@@ -69,7 +91,7 @@ fn discovery_finds_lora_in_a_directory() {
 
 #[test]
 fn a_plugin_with_its_own_static_candle_is_refused() {
-    let path = workspace_library("graft-plugin-static-candle", "static_candle_fixture");
+    let path = workspace_library("static_candle_fixture");
     let err = load_plugin(&path).unwrap_err();
     // Its ABI string is graft's own: only the probe can catch it.
     assert!(matches!(err, PluginError::ProbeFailed { .. }), "{err:?}");
@@ -97,7 +119,7 @@ fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refuse
     assert!(err.to_string().contains("graft_plugin_garbage"));
 
     // graft-peft itself is a library but exports no plugin entry point.
-    let peft = workspace_library("graft-peft", "graft_peft");
+    let peft = workspace_library("graft_peft");
     let err = load_plugin(&peft).unwrap_err();
     assert!(
         err.to_string().contains("graft_plugin_abi") && err.to_string().contains("graft_peft"),
@@ -105,17 +127,16 @@ fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refuse
     );
 }
 
-#[test]
-fn a_plugin_built_for_another_abi_is_refused_naming_the_difference() {
-    // A C library that exports only the ABI symbol, claiming another compiler and features.
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("fake.c");
+/// Builds a C library whose `graft_plugin_abi` returns `abi`: a plugin as far as the ABI check
+/// can see.
+fn fake_plugin(dir: &Path, stem: &str, abi: &str) -> PathBuf {
+    let source = dir.join(format!("{stem}.c"));
     std::fs::write(
         &source,
-        "const char *graft_plugin_abi(void) { return \"graft-peft 0.0.1; rustc 1.0.0 (old); features cuda\"; }\n",
+        format!("const char *graft_plugin_abi(void) {{ return {abi:?}; }}\n"),
     )
     .unwrap();
-    let library = dir.path().join(library_file("graft_plugin_fake"));
+    let library = dir.join(library_file(stem));
     let status = std::process::Command::new("cc")
         .args(["-shared", "-fPIC", "-o"])
         .arg(&library)
@@ -123,6 +144,17 @@ fn a_plugin_built_for_another_abi_is_refused_naming_the_difference() {
         .status()
         .expect("a C compiler (cc) to build the fake plugin");
     assert!(status.success());
+    library
+}
+
+#[test]
+fn a_plugin_built_for_another_abi_is_refused_naming_the_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = fake_plugin(
+        dir.path(),
+        "graft_plugin_fake",
+        "graft-peft 0.0.1; rustc 1.0.0 (old); features cuda",
+    );
     let err = load_plugin(&library).unwrap_err();
     assert!(matches!(err, PluginError::AbiMismatch { .. }), "{err:?}");
     let message = err.to_string();
@@ -136,10 +168,38 @@ fn a_plugin_built_for_another_abi_is_refused_naming_the_difference() {
     }
 }
 
+/// A plugin built from the same graft-peft version, compiler and features but an older source
+/// (a pull, then a rebuild of graft alone) differs only in the source hash, and is refused.
+#[test]
+fn a_plugin_built_against_other_graft_source_is_refused_as_stale() {
+    let abi = graft_peft::abi::ABI;
+    let (head, tail) = abi.split_once("; source ").unwrap();
+    let (hash, rest) = tail.split_once("; ").unwrap();
+    assert_eq!(hash.len(), 16, "{abi}");
+    let stale = format!("{head}; source {}; {rest}", "0".repeat(16));
+    let dir = tempfile::tempdir().unwrap();
+    let library = fake_plugin(dir.path(), "graft_plugin_stale", &stale);
+    let err = load_plugin(&library).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, PluginError::AbiMismatch { differs, .. } if differs == "graft-peft/graft-model source"),
+        "{message}"
+    );
+    assert!(message.contains("rebuild this plugin"), "{message}");
+
+    let old_candle = format!("{}; candle-core 0.1.0", abi.rsplit_once("; ").unwrap().0);
+    let library = fake_plugin(dir.path(), "graft_plugin_old_candle", &old_candle);
+    let err = load_plugin(&library).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::AbiMismatch { differs, .. } if differs == "candle version"),
+        "{err}"
+    );
+}
+
 #[test]
 fn two_libraries_of_one_method_in_a_directory_are_a_conflict() {
     let dir = tempfile::tempdir().unwrap();
-    let lora = workspace_library("graft-plugin-lora", "graft_plugin_lora");
+    let lora = workspace_library("graft_plugin_lora");
     for name in ["graft_plugin_lora", "graft_plugin_lora_copy"] {
         std::fs::copy(&lora, dir.path().join(library_file(name))).unwrap();
     }
@@ -165,10 +225,7 @@ fn every_shipped_config_loads_its_plugin_dynamically_and_attaches_to_minilm() {
         let config = graft_trainer::config::TrainConfig::from_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name = config.method_name().unwrap().to_string();
-        let library = workspace_library(
-            &format!("graft-plugin-{name}"),
-            &format!("graft_plugin_{}", name.replace('-', "_")),
-        );
+        let library = workspace_library(&format!("graft_plugin_{}", name.replace('-', "_")));
         let plugin = load_plugin(&library).unwrap();
         assert_eq!(plugin.method.name(), name, "{}", library.display());
         testkit::classifier(
@@ -457,10 +514,7 @@ fn every_shipped_decoder_config_parses_and_names_a_shipped_plugin() {
         let config = graft_trainer::lm::LmConfig::from_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name = config.method_name().unwrap().to_string();
-        let library = workspace_library(
-            &format!("graft-plugin-{name}"),
-            &format!("graft_plugin_{}", name.replace('-', "_")),
-        );
+        let library = workspace_library(&format!("graft_plugin_{}", name.replace('-', "_")));
         assert_eq!(load_plugin(&library).unwrap().method.name(), name);
         config.template().unwrap();
         count += 1;

@@ -73,7 +73,10 @@ fn a_run_trained_with_relative_paths_evaluates_predicts_and_resumes_from_another
     let elsewhere = tempfile::tempdir().unwrap();
     let data = workspace.path().join("data.csv");
     let in_elsewhere = |args: &[&str]| {
-        let out = command(args).current_dir(elsewhere.path()).output().unwrap();
+        let out = command(args)
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
         out
     };
@@ -96,11 +99,18 @@ fn a_run_trained_with_relative_paths_evaluates_predicts_and_resumes_from_another
         predictions.to_str().unwrap(),
     ]);
     assert_eq!(
-        std::fs::read_to_string(&predictions).unwrap().lines().count(),
+        std::fs::read_to_string(&predictions)
+            .unwrap()
+            .lines()
+            .count(),
         41
     );
     let out = in_elsewhere(&["train", "--resume", run.to_str().unwrap()]);
-    assert!(stderr(&out).contains("resuming after step"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming after step"),
+        "{}",
+        stderr(&out)
+    );
 
     // What the run recorded names its files absolutely.
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
@@ -174,14 +184,19 @@ fn resuming_a_run_never_loads_the_plugin_directories_its_config_names() {
     // The marker works: a directory named on the command line is searched, and loads it.
     let out = graft(&["plugins", "--plugin-dir", planted.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(marker.exists(), "the marker library did not mark its loading");
+    assert!(
+        marker.exists(),
+        "the marker library did not mark its loading"
+    );
 }
 
 #[test]
 fn an_unknown_method_is_the_first_error_and_lists_the_installed_ones() {
     let missing = "/nonexistent/graft-test";
     for args in [
-        vec!["train", "--method", "lorra", "--data", missing, "--model", missing],
+        vec![
+            "train", "--method", "lorra", "--data", missing, "--model", missing,
+        ],
         vec!["train", "--method", "lorra", "--data", missing],
     ] {
         let out = graft(&args);
@@ -198,7 +213,10 @@ fn an_unknown_method_is_the_first_error_and_lists_the_installed_ones() {
     let config = dir.path().join("lm.toml");
     std::fs::write(
         &config,
-        format!("[model]\npath = \"{missing}\"\n[data]\ntrain = \"{missing}\"\n[method]\nname = \"lorra\"\n"),
+        format!(
+            "[model]\npath = \"{missing}\"\n[data]\ntrain = \"{missing}\"\n\
+             [train]\nmax_steps = 1\nbatch_size = 1\n[method]\nname = \"lorra\"\n"
+        ),
     )
     .unwrap();
     let out = graft(&[
@@ -247,16 +265,20 @@ fn a_folder_peft_wrote_evaluates_with_model_and_unimplemented_fields_are_refused
     );
 
     // PEFT fields graft does not implement, set away from PEFT's defaults: refused by name.
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     for (field, value) in [
         ("alpha_pattern", serde_json::json!({ "query": 32 })),
         ("rank_pattern", serde_json::json!({ "value": 4 })),
         ("layers_to_transform", serde_json::json!([0, 1])),
         ("layers_pattern", serde_json::json!("layer")),
         ("init_lora_weights", serde_json::json!("pissa")),
-        ("modules_to_save", serde_json::json!(["classifier", "pooler"])),
+        (
+            "modules_to_save",
+            serde_json::json!(["classifier", "pooler"]),
+        ),
         ("a_field_from_a_later_peft", serde_json::json!(3)),
     ] {
         let dir = tempfile::tempdir().unwrap();

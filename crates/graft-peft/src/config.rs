@@ -7,7 +7,6 @@ use serde_json::{Map, Value};
 /// Keys PEFT writes in every adapter_config.json; methods read them as informational only.
 pub const PEFT_BOOKKEEPING: &[&str] = &["peft_type", "task_type", "base_model_name_or_path"];
 
-
 /// The error of `method`'s config.
 pub fn invalid(method: &str, reason: impl Into<String>) -> Error {
     Error::Config {
@@ -142,8 +141,13 @@ pub fn refuse_unimplemented(
             continue;
         }
         if key == "modules_to_save" {
-            let names = value.as_array().map(|a| a.iter().map(Value::as_str).collect::<Vec<_>>());
-            if names.is_some_and(|n| n.iter().all(|m| m.is_some_and(|m| HEAD_MODULES.contains(&m)))) {
+            let names = value
+                .as_array()
+                .map(|a| a.iter().map(Value::as_str).collect::<Vec<_>>());
+            if names.is_some_and(|n| {
+                n.iter()
+                    .all(|m| m.is_some_and(|m| HEAD_MODULES.contains(&m)))
+            }) {
                 continue;
             }
             return Err(invalid(
@@ -153,7 +157,11 @@ pub fn refuse_unimplemented(
                 ),
             ));
         }
-        let listed: Vec<&Value> = inert.iter().filter(|(k, _)| k == key).map(|(_, v)| v).collect();
+        let listed: Vec<&Value> = inert
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .collect();
         if listed.iter().any(|v| v.is_null() || *v == value) {
             continue;
         }

@@ -50,7 +50,7 @@ pub enum PluginError {
     NotALibrary { path: PathBuf, reason: String },
     #[error("{path}: not a graft plugin: symbol `{symbol}` is missing (plugins export it with graft_peft::export_plugin!)")]
     MissingSymbol { path: PathBuf, symbol: String },
-    #[error("{path}: built for another ABI and refused; differs in {differs}:\n  plugin: {found}\n  graft:  {expected}\nRebuild the plugin with this graft's toolchain and features")]
+    #[error("{path}: built for another ABI and refused; differs in {differs}:\n  plugin: {found}\n  graft:  {expected}\nrebuild this plugin against this graft's source with its toolchain and features (`cargo xtask build` for in-tree plugins, `cargo build` in the plugin's folder for others)")]
     AbiMismatch {
         path: PathBuf,
         expected: String,
