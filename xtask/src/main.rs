@@ -200,25 +200,28 @@ pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
 /// The CUDA build turns on graft-cli's `cuda`, which reaches graft-peft and every plugin through
 /// feature unification.
 pub(crate) fn build(backend: Backend) -> Result<()> {
-    let mut command = Command::new(cargo());
-    command.current_dir(root()).args(["build", "--workspace"]);
-    match backend {
-        Backend::Cpu => {
-            command.arg("--quiet");
-        }
-        Backend::Cuda => {
-            // Not quiet: the first CUDA build compiles candle's kernels for many minutes.
-            command
-                .args(["--features", "graft-cli/cuda"])
-                .env("CARGO_TARGET_DIR", target_dir().join("cuda"));
-            cuda::build_env(&mut command, &cuda::toolkit()?);
-        }
+    let mut command = build_command(backend);
+    if backend == Backend::Cuda {
+        cuda::build_env(&mut command, &cuda::toolkit()?);
     }
     let status = command.status().context("running cargo build")?;
     if !status.success() {
         bail!("cargo build failed");
     }
     Ok(())
+}
+
+/// The `cargo build` of [`build`], without the CUDA toolkit's environment. Never `--quiet`: a
+/// first build takes minutes (the CUDA one many more), and cargo's progress is what shows it.
+fn build_command(backend: Backend) -> Command {
+    let mut command = Command::new(cargo());
+    command.current_dir(root()).args(["build", "--workspace"]);
+    if backend == Backend::Cuda {
+        command
+            .args(["--features", "graft-cli/cuda"])
+            .env("CARGO_TARGET_DIR", target_dir().join("cuda"));
+    }
+    command
 }
 
 pub(crate) fn run_graft(backend: Backend, args: &[String]) -> Result<()> {
@@ -345,5 +348,35 @@ fn main() -> Result<()> {
             rounds,
             ..
         } => bench::reference(&methods, steps, rounds, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh machine's first `cargo xtask train` compiles for minutes: cargo's progress must
+    /// show, both for xtask itself (the alias) and for the workspace build it runs.
+    #[test]
+    fn builds_show_cargo_progress() {
+        for backend in [Backend::Cpu, Backend::Cuda] {
+            let command = build_command(backend);
+            let args: Vec<_> = command.get_args().collect();
+            assert!(args.starts_with(&["build".as_ref(), "--workspace".as_ref()]));
+            assert!(
+                !args.iter().any(|a| *a == "--quiet" || *a == "-q"),
+                "{args:?}"
+            );
+        }
+        let config = std::fs::read_to_string(root().join(".cargo/config.toml")).unwrap();
+        let config: toml::Table = config.parse().unwrap();
+        let alias = config["alias"]["xtask"].as_str().unwrap();
+        assert!(alias.starts_with("run "), "{alias}");
+        assert!(
+            !alias
+                .split_whitespace()
+                .any(|a| a == "--quiet" || a == "-q"),
+            "{alias}"
+        );
     }
 }

@@ -500,17 +500,6 @@ fn fused_blocks_and_their_compositions_give_bit_identical_outputs() {
     );
 }
 
-#[test]
-fn a_frozen_and_a_trained_weight_give_bit_identical_outputs() {
-    let x = random(&[3, 7, 16], 1, DType::F32);
-    let w = random(&[24, 16], 2, DType::F32);
-    let b = random(&[24], 3, DType::F32);
-    let frozen = ops::linear(&x, &w, Some(&b)).unwrap();
-    let trained = Var::from_tensor(&w).unwrap();
-    let tracked = ops::linear(&x, trained.as_tensor(), Some(&b)).unwrap();
-    assert_eq!(max_diff(&frozen, &tracked), 0.0);
-}
-
 /// A padding bias `[batch, keys]` whose last `padded` keys of row 1 are blocked.
 fn key_bias(batch: usize, keys: usize, padded: usize, dtype: DType) -> Tensor {
     let mask: Vec<f32> = (0..batch * keys)

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 fn force_reference_ops() {
     std::env::set_var("GRAFT_REFERENCE_OPS", "1");
+    assert!(
+        ops::reference_forced(),
+        "an op ran before GRAFT_REFERENCE_OPS was set: this binary tests the fused kernels"
+    );
 }
 
 fn stories260k() -> PathBuf {
@@ -300,5 +304,44 @@ fn composed_quantized_base_stays_close_to_the_dequantized_model() {
     assert!(
         worst <= 0.2,
         "factor gradients differ by {worst} of their largest"
+    );
+}
+
+/// A frozen weight takes its own path (the product on a detached input, then a node that only
+/// passes the input gradient back); a trained one goes through candle's autograd. Reloading a
+/// fully fine-tuned model turns the second into the first: outputs must be bit-identical and
+/// input gradients equal.
+#[test]
+fn a_frozen_and_a_trained_weight_give_bit_identical_outputs_and_equal_input_gradients() {
+    force_reference_ops();
+    let seeded = |shape: &[usize], seed: u64| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n as u64)
+            .map(|i| (((i + 1) * (seed * 7919 + 13)) % 997) as f32 / 997.0 - 0.5)
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    };
+    let (w, b) = (seeded(&[24, 16], 2), seeded(&[24], 3));
+    let x = Var::from_tensor(&seeded(&[3, 7, 16], 1)).unwrap();
+    let frozen = ops::linear(x.as_tensor(), &w, Some(&b)).unwrap();
+    let trained_w = Var::from_tensor(&w).unwrap();
+    let trained = ops::linear(x.as_tensor(), trained_w.as_tensor(), Some(&b)).unwrap();
+    assert_eq!(max_abs(&(&frozen - &trained).unwrap()), 0.0);
+
+    let upstream = seeded(&[3, 7, 24], 4);
+    let input_grad = |y: &Tensor| {
+        let grads = (y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        grads.get(x.as_tensor()).unwrap().clone()
+    };
+    let (frozen_grad, trained_grad) = (input_grad(&frozen), input_grad(&trained));
+    let gap = max_abs(&(&frozen_grad - &trained_grad).unwrap());
+    assert!(
+        gap <= 1e-6 * max_abs(&trained_grad),
+        "input gradients differ by {gap}"
     );
 }

@@ -214,10 +214,7 @@ impl TrainConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|e| match e {
-            Error::Config(reason) => Error::Config(format!("{}: {reason}", path.display())),
-            other => other,
-        })
+        Self::from_toml(&text).map_err(in_file(path))
     }
 
     pub fn from_toml(text: &str) -> Result<Self> {
@@ -257,41 +254,13 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let t = &self.train;
-        let checks: [(bool, String); 8] = [
-            (
-                t.batch_size > 0,
-                "train.batch_size must be at least 1".into(),
-            ),
-            (
-                t.grad_accum > 0,
-                "train.grad_accum must be at least 1".into(),
-            ),
-            (
-                t.lr > 0.0 && t.lr.is_finite(),
-                format!("train.lr must be positive, found {}", t.lr),
-            ),
-            (
-                t.epochs > 0 || t.max_steps > 0,
-                "train.epochs or train.max_steps must be positive".into(),
-            ),
-            (
-                (0.0..1.0).contains(&t.warmup_ratio),
-                format!(
-                    "train.warmup_ratio must be in [0, 1), found {}",
-                    t.warmup_ratio
-                ),
-            ),
-            (
-                t.weight_decay >= 0.0,
-                format!(
-                    "train.weight_decay must not be negative, found {}",
-                    t.weight_decay
-                ),
-            ),
+        self.train.validate()?;
+        let labels = &self.data.labels;
+        let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
+        let checks = [
             (
                 self.model.max_len > 0,
-                "model.max_len must be at least 1".into(),
+                "model.max_len must be at least 1".to_string(),
             ),
             (
                 self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0,
@@ -300,20 +269,97 @@ impl TrainConfig {
                     self.data.val_fraction
                 ),
             ),
+            (
+                labels.len() >= 2 && distinct.len() == labels.len(),
+                format!("data.labels must name at least two distinct classes, found {labels:?}"),
+            ),
         ];
-        for (ok, message) in checks {
-            if !ok {
-                return Err(Error::Config(message));
-            }
-        }
-        if let Some(head_lr) = t.head_lr {
-            if !(head_lr > 0.0 && head_lr.is_finite()) {
-                return Err(Error::Config(format!(
-                    "train.head_lr must be positive, found {head_lr}"
-                )));
-            }
-        }
-        Ok(())
+        first_failure(checks)
+    }
+}
+
+/// Prefixes a config error with the file it is about.
+pub(crate) fn in_file(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Config(reason) => Error::Config(format!("{}: {reason}", path.display())),
+        other => other,
+    }
+}
+
+/// The first failed check's message as a config error.
+fn first_failure<const N: usize>(checks: [(bool, String); N]) -> Result<()> {
+    match checks.into_iter().find(|(ok, _)| !ok) {
+        Some((_, message)) => Err(Error::Config(message)),
+        None => Ok(()),
+    }
+}
+
+impl TrainSection {
+    /// What the optimiser, the schedule and the batching divide by or step with; shared by
+    /// classification and causal-LM runs.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let non_negative = |v: f64| v >= 0.0 && v.is_finite();
+        let below_one = |v: f64| (0.0..1.0).contains(&v);
+        let checks = [
+            (
+                self.batch_size > 0,
+                "train.batch_size must be at least 1".to_string(),
+            ),
+            (
+                self.grad_accum > 0,
+                "train.grad_accum must be at least 1".into(),
+            ),
+            (
+                self.eval_batch_size > 0,
+                "train.eval_batch_size must be at least 1".into(),
+            ),
+            (
+                self.epochs > 0 || self.max_steps > 0,
+                "train.epochs or train.max_steps must be positive".into(),
+            ),
+            (
+                positive(self.lr),
+                format!("train.lr must be positive, found {}", self.lr),
+            ),
+            (
+                self.head_lr.is_none_or(positive),
+                format!("train.head_lr must be positive, found {:?}", self.head_lr),
+            ),
+            (
+                non_negative(self.weight_decay),
+                format!(
+                    "train.weight_decay must be finite and not negative, found {}",
+                    self.weight_decay
+                ),
+            ),
+            (
+                below_one(self.beta1) && below_one(self.beta2),
+                format!(
+                    "train.beta1 and train.beta2 must be in [0, 1), found {} and {}",
+                    self.beta1, self.beta2
+                ),
+            ),
+            (
+                positive(self.eps),
+                format!("train.eps must be positive, found {}", self.eps),
+            ),
+            (
+                below_one(self.warmup_ratio),
+                format!(
+                    "train.warmup_ratio must be in [0, 1), found {}",
+                    self.warmup_ratio
+                ),
+            ),
+            (
+                non_negative(self.max_grad_norm),
+                format!(
+                    "train.max_grad_norm must be finite and not negative (0: no clipping), found {}",
+                    self.max_grad_norm
+                ),
+            ),
+        ];
+        first_failure(checks)
     }
 }
 

@@ -629,12 +629,15 @@ impl LmConfig {
                 graft_peft::config::with_suggestion(&e.to_string())
             ))
         })?;
-        if config.train.max_steps == 0 || config.train.batch_size == 0 {
-            return Err(Error::Config(format!(
-                "{}: train.max_steps and train.batch_size must be at least 1",
-                path.display()
+        if config.train.max_steps == 0 || config.model.max_len == 0 {
+            return Err(crate::config::in_file(path)(Error::Config(
+                "train.max_steps and model.max_len must be at least 1".into(),
             )));
         }
+        config
+            .train
+            .validate()
+            .map_err(crate::config::in_file(path))?;
         Ok(config)
     }
 

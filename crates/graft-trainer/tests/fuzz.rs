@@ -78,9 +78,119 @@ proptest! {
         let _ = TrainConfig::from_toml(&text);
         let edited = String::from_utf8_lossy(&mutate(TOML, &edits)).into_owned();
         if let Ok(config) = TrainConfig::from_toml(&edited) {
-            // Whatever parses also validates and round-trips.
-            prop_assert!(config.validate().is_ok());
-            prop_assert!(TrainConfig::from_toml(&config.to_toml().unwrap()).is_ok());
+            // Whatever is accepted is usable by the trainer and round-trips unchanged.
+            prop_assert_eq!(usable(&config), Ok(()));
+            let again = TrainConfig::from_toml(&config.to_toml().unwrap());
+            prop_assert_eq!(again.ok(), Some(config));
         }
+    }
+
+    /// Every numeric field at its edges: accepted exactly when the trainer can use it.
+    #[test]
+    fn config_is_accepted_exactly_when_usable(
+        values in proptest::collection::vec(proptest::sample::select(EDGES), FIELDS.len()),
+        labels in proptest::sample::select(&["[]", "[\"0\"]", "[\"0\", \"0\"]", "[\"0\", \"1\"]"][..]),
+    ) {
+        let mut text = format!("[data]\nlabels = {labels}\n");
+        for (field, value) in FIELDS.iter().zip(&values) {
+            let (section, key, integer) = *field;
+            // Integer fields take the edges that are integers; others keep their default.
+            match (integer, value.parse::<i64>()) {
+                (true, Ok(n)) if n >= 0 => text += &format!("[{section}]\n{key} = {n}\n"),
+                (true, _) => {}
+                (false, _) => text += &format!("[{section}]\n{key} = {value}\n"),
+            }
+        }
+        // TOML forbids a table twice: merge the lines per section.
+        let text = merge_sections(&text);
+        let raw: TrainConfig = toml::from_str(&text).unwrap();
+        let accepted = TrainConfig::from_toml(&text);
+        prop_assert_eq!(accepted.is_ok(), usable(&raw).is_ok(), "{}\n{:?}", text, accepted.err());
+    }
+}
+
+/// Values at the edges of what the numeric fields accept (TOML literals).
+const EDGES: &[&str] = &[
+    "0", "1", "2", "-1", "0.0", "0.5", "1.0", "-0.5", "1e-3", "nan", "inf", "-inf",
+];
+
+/// (section, key, is an integer field).
+const FIELDS: &[(&str, &str, bool)] = &[
+    ("train", "epochs", true),
+    ("train", "max_steps", true),
+    ("train", "batch_size", true),
+    ("train", "grad_accum", true),
+    ("train", "eval_batch_size", true),
+    ("train", "lr", false),
+    ("train", "head_lr", false),
+    ("train", "weight_decay", false),
+    ("train", "beta1", false),
+    ("train", "beta2", false),
+    ("train", "eps", false),
+    ("train", "warmup_ratio", false),
+    ("train", "max_grad_norm", false),
+    ("model", "max_len", true),
+    ("data", "val_fraction", false),
+];
+
+fn merge_sections(text: &str) -> String {
+    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('[') {
+            current = name.trim_end_matches(']').to_string();
+        } else if let Some((_, lines)) = sections.iter_mut().find(|(n, _)| *n == current) {
+            lines.push(line.to_string());
+        } else {
+            sections.push((current.clone(), vec![line.to_string()]));
+        }
+    }
+    sections
+        .into_iter()
+        .map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n")))
+        .collect()
+}
+
+/// What training needs of a config, stated apart from `validate()`: every divisor and count at
+/// least 1, rates and the optimiser's constants in their ranges, finite, and at least two
+/// distinct labels.
+fn usable(config: &TrainConfig) -> Result<(), String> {
+    let t = &config.train;
+    let finite_positive = |v: f64| v.is_finite() && v > 0.0;
+    let unit = |v: f64| (0.0..1.0).contains(&v);
+    let mut labels = config.data.labels.clone();
+    labels.sort();
+    labels.dedup();
+    let rules = [
+        ("batch_size", t.batch_size >= 1),
+        ("grad_accum", t.grad_accum >= 1),
+        ("eval_batch_size", t.eval_batch_size >= 1),
+        ("steps", t.epochs >= 1 || t.max_steps >= 1),
+        ("lr", finite_positive(t.lr)),
+        ("head_lr", t.head_lr.is_none_or(finite_positive)),
+        (
+            "weight_decay",
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+        ),
+        ("betas", unit(t.beta1) && unit(t.beta2)),
+        ("eps", finite_positive(t.eps)),
+        ("warmup_ratio", unit(t.warmup_ratio)),
+        (
+            "max_grad_norm",
+            t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
+        ),
+        ("max_len", config.model.max_len >= 1),
+        (
+            "val_fraction",
+            config.data.val_fraction > 0.0 && config.data.val_fraction < 1.0,
+        ),
+        (
+            "labels",
+            labels.len() >= 2 && labels.len() == config.data.labels.len(),
+        ),
+    ];
+    match rules.iter().find(|(_, ok)| !ok) {
+        Some((name, _)) => Err(format!("{name} unusable")),
+        None => Ok(()),
     }
 }

@@ -69,11 +69,16 @@ fn input(t: &Tensor) -> Tensor {
 
 /// Whether the fused CPU kernels may run on these tensors.
 fn fused(tensors: &[&Tensor]) -> bool {
+    !reference_forced() && cpu::supports(tensors)
+}
+
+/// Whether `GRAFT_REFERENCE_OPS` forces the composed reference ops everywhere; read once, when
+/// the first op runs (a test that sets it checks here that it was in time).
+pub fn reference_forced() -> bool {
     static FORCE_REFERENCE: OnceLock<bool> = OnceLock::new();
-    let force_reference = *FORCE_REFERENCE.get_or_init(|| {
+    *FORCE_REFERENCE.get_or_init(|| {
         std::env::var("GRAFT_REFERENCE_OPS").is_ok_and(|v| v != "0" && !v.is_empty())
-    });
-    !force_reference && cpu::supports(tensors)
+    })
 }
 
 /// Layer normalisation over the last dimension.
