@@ -6,6 +6,8 @@ use graft_peft::PluginError;
 use graft_trainer::testkit;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 /// `target/<profile>`, from this test binary's path (`target/<profile>/deps/plugins-...`).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -127,24 +129,10 @@ fn missing_files_non_libraries_and_libraries_without_the_entry_points_are_refuse
     );
 }
 
-/// Builds a C library whose `graft_plugin_abi` returns `abi`: a plugin as far as the ABI check
-/// can see.
+/// A C library whose `graft_plugin_abi` returns `abi`: a plugin as far as the ABI check can see.
 fn fake_plugin(dir: &Path, stem: &str, abi: &str) -> PathBuf {
-    let source = dir.join(format!("{stem}.c"));
-    std::fs::write(
-        &source,
-        format!("const char *graft_plugin_abi(void) {{ return {abi:?}; }}\n"),
-    )
-    .unwrap();
-    let library = dir.join(library_file(stem));
-    let status = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .status()
-        .expect("a C compiler (cc) to build the fake plugin");
-    assert!(status.success());
-    library
+    let source = format!("const char *graft_plugin_abi(void) {{ return {abi:?}; }}\n");
+    common::c_library(dir, stem, &source)
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! a resumed run loads no plugin its folder names, PEFT folders are read (or refused) field by
 //! field, an unknown method is reported first, and a missing OpenBLAS is said.
 use graft_trainer::testkit;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod common;
 use common::{command, graft, stderr};
@@ -48,8 +48,11 @@ fn relative_workspace() -> tempfile::TempDir {
     dir
 }
 
-/// Trains in `workspace` (its current directory) with relative paths into `workspace/run`.
-fn train_relative(workspace: &Path) {
+/// Trains in a fresh workspace (its current directory) with relative paths into
+/// `workspace/run`; returns the workspace and the run folder.
+fn trained_relative_run() -> (tempfile::TempDir, PathBuf) {
+    let workspace_dir = relative_workspace();
+    let workspace = workspace_dir.path();
     let out = command(&[
         "train",
         "--config",
@@ -63,13 +66,13 @@ fn train_relative(workspace: &Path) {
     .output()
     .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    let run = workspace.join("run");
+    (workspace_dir, run)
 }
 
 #[test]
 fn a_run_trained_with_relative_paths_evaluates_predicts_and_resumes_from_another_folder() {
-    let workspace = relative_workspace();
-    train_relative(workspace.path());
-    let run = workspace.path().join("run");
+    let (workspace, run) = trained_relative_run();
     let elsewhere = tempfile::tempdir().unwrap();
     let data = workspace.path().join("data.csv");
     let in_elsewhere = |args: &[&str]| {
@@ -127,40 +130,21 @@ fn a_run_trained_with_relative_paths_evaluates_predicts_and_resumes_from_another
 }
 
 /// A shared library whose initialiser writes `marker`: loading it at all is visible.
-fn marker_library(dir: &Path, marker: &Path) -> std::path::PathBuf {
-    let source = dir.join("marker.c");
-    std::fs::write(
-        &source,
-        format!(
-            "#include <stdio.h>\n\
-             __attribute__((constructor)) static void loaded(void) {{\n\
-               FILE *f = fopen(\"{}\", \"w\"); if (f) fclose(f);\n\
-             }}\n\
-             const char *graft_plugin_abi(void) {{ return \"not graft\"; }}\n",
-            marker.display()
-        ),
-    )
-    .unwrap();
-    let library = dir.join(format!(
-        "{}graft_plugin_marker{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    let status = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .status()
-        .expect("a C compiler (cc) to build the marker library");
-    assert!(status.success());
-    library
+fn marker_library(dir: &Path, marker: &Path) -> PathBuf {
+    let source = format!(
+        "#include <stdio.h>\n\
+         __attribute__((constructor)) static void loaded(void) {{\n\
+           FILE *f = fopen(\"{}\", \"w\"); if (f) fclose(f);\n\
+         }}\n\
+         const char *graft_plugin_abi(void) {{ return \"not graft\"; }}\n",
+        marker.display()
+    );
+    common::c_library(dir, "graft_plugin_marker", &source)
 }
 
 #[test]
 fn resuming_a_run_never_loads_the_plugin_directories_its_config_names() {
-    let workspace = relative_workspace();
-    train_relative(workspace.path());
-    let run = workspace.path().join("run");
+    let (workspace, run) = trained_relative_run();
 
     let planted = tempfile::tempdir().unwrap();
     let marker = planted.path().join("loaded");

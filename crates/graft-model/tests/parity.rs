@@ -67,6 +67,13 @@ fn graft_bert_matches_candle_transformers() {
         .forward(&input_ids, &token_type_ids, Some(&attention_mask))
         .unwrap();
 
+    // f32 rounding of products summed in another order (OpenBLAS picks its kernel by CPU),
+    // relative to the largest hidden value (5.7): measured 1.2e-5 absolute on an AMD EPYC with
+    // OpenBLAS, under 1e-5 elsewhere.
+    let scale = max_abs_diff(&reference, &reference.zeros_like().unwrap());
     let diff = max_abs_diff(&hidden, &reference);
-    assert!(diff <= 1e-5, "max abs diff {diff} > 1e-5");
+    assert!(
+        diff <= 4e-6 * scale,
+        "max abs diff {diff} > 4e-6 x {scale} (largest hidden value)"
+    );
 }

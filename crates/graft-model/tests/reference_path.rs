@@ -45,6 +45,17 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The gradient of `sum(y ⊙ upstream)` with respect to `x`.
+fn input_grad(x: &Var, y: &Tensor, upstream: &Tensor) -> Tensor {
+    let grads = (y * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    grads.get(x.as_tensor()).unwrap().clone()
+}
+
 const IDS: [u32; 10] = [1, 403, 407, 261, 378, 275, 261, 499, 305, 283];
 
 #[test]
@@ -266,18 +277,9 @@ fn composed_quantized_base_stays_close_to_the_dequantized_model() {
     .unwrap();
     let through_blocks = ops::quantized_linear(x.as_tensor(), blocks).unwrap();
     let upstream_free = through_blocks.detach();
-    let input_grad = |y: Tensor| {
-        let grads = (y * &upstream_free)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        grads.get(x.as_tensor()).unwrap().clone()
-    };
-    let g_quantized = input_grad(through_blocks);
-    let g_dense =
-        input_grad(ops::linear(x.as_tensor(), &blocks.dequantize().unwrap(), None).unwrap());
+    let g_quantized = input_grad(&x, &through_blocks, &upstream_free);
+    let through_dense = ops::linear(x.as_tensor(), &blocks.dequantize().unwrap(), None).unwrap();
+    let g_dense = input_grad(&x, &through_dense, &upstream_free);
     let diff = max_abs(&(&g_quantized - &g_dense).unwrap()) / max_abs(&g_dense);
     assert!(diff <= 1e-6, "{key}: input gradient differs by {diff}");
 
@@ -329,16 +331,8 @@ fn a_frozen_and_a_trained_weight_give_bit_identical_outputs_and_equal_input_grad
     assert_eq!(max_abs(&(&frozen - &trained).unwrap()), 0.0);
 
     let upstream = seeded(&[3, 7, 24], 4);
-    let input_grad = |y: &Tensor| {
-        let grads = (y * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        grads.get(x.as_tensor()).unwrap().clone()
-    };
-    let (frozen_grad, trained_grad) = (input_grad(&frozen), input_grad(&trained));
+    let frozen_grad = input_grad(&x, &frozen, &upstream);
+    let trained_grad = input_grad(&x, &trained, &upstream);
     let gap = max_abs(&(&frozen_grad - &trained_grad).unwrap());
     assert!(
         gap <= 1e-6 * max_abs(&trained_grad),

@@ -31,3 +31,23 @@ pub fn graft(args: &[&str]) -> Output {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Compiles C `source` into a shared library `dir/lib<stem>.so`: a fake plugin, which the
+/// loader sees as a library exporting whatever the source exports.
+pub fn c_library(dir: &std::path::Path, stem: &str, source: &str) -> PathBuf {
+    let source_file = dir.join(format!("{stem}.c"));
+    std::fs::write(&source_file, source).unwrap();
+    let library = dir.join(format!(
+        "{}{stem}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source_file)
+        .status()
+        .expect("a C compiler (cc) to build the fake plugin");
+    assert!(status.success(), "cc failed on {}", source_file.display());
+    library
+}
