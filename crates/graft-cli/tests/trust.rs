@@ -144,7 +144,7 @@ fn marker_library(dir: &Path, marker: &Path) -> PathBuf {
 
 #[test]
 fn resuming_a_run_never_loads_the_plugin_directories_its_config_names() {
-    let (workspace, run) = trained_relative_run();
+    let (_workspace, run) = trained_relative_run();
 
     let planted = tempfile::tempdir().unwrap();
     let marker = planted.path().join("loaded");
