@@ -8,11 +8,10 @@ mod common;
 use common::{command, graft, stderr};
 
 /// A small LoRA run config whose paths are relative to the folder it is run from.
-fn write_relative_config(dir: &Path, plugin_dirs: &str) {
+fn write_relative_config(dir: &Path) {
     std::fs::write(
         dir.join("config.toml"),
-        format!(
-            r#"
+        r#"
 [model]
 max_len = 32
 [data]
@@ -27,10 +26,7 @@ checkpoint_every = 2
 [method]
 name = "lora"
 r = 4
-[plugins]
-dirs = [{plugin_dirs}]
-"#
-        ),
+"#,
     )
     .unwrap();
 }
@@ -44,7 +40,7 @@ fn relative_workspace() -> tempfile::TempDir {
     )
     .unwrap();
     std::os::unix::fs::symlink(testkit::minilm_dir().unwrap(), dir.path().join("model")).unwrap();
-    write_relative_config(dir.path(), "");
+    write_relative_config(dir.path());
     dir
 }
 

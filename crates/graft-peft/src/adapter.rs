@@ -84,6 +84,19 @@ pub fn save(dir: &Path, config: &serde_json::Value, tensors: &[(String, Tensor)]
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }
 
+/// The adapter_config.json of the adapter folder `dir`, as JSON.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: config_path,
+        source,
+    })
+}
+
 /// A saved adapter folder, read.
 pub struct SavedAdapter {
     pub dir: PathBuf,
@@ -93,16 +106,7 @@ pub struct SavedAdapter {
 
 impl SavedAdapter {
     pub fn read(dir: &Path, device: &Device) -> Result<Self> {
-        let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: config_path.clone(),
-                source,
-            })?;
+        let config = read_config(dir)?;
         let weights = dir.join(WEIGHTS_FILE);
         if !weights.is_file() {
             return Err(Error::Io {

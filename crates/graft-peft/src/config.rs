@@ -141,13 +141,12 @@ pub fn refuse_unimplemented(
             continue;
         }
         if key == "modules_to_save" {
-            let names = value
-                .as_array()
-                .map(|a| a.iter().map(Value::as_str).collect::<Vec<_>>());
-            if names.is_some_and(|n| {
-                n.iter()
-                    .all(|m| m.is_some_and(|m| HEAD_MODULES.contains(&m)))
-            }) {
+            let head_only = value.as_array().is_some_and(|names| {
+                names
+                    .iter()
+                    .all(|m| m.as_str().is_some_and(|m| HEAD_MODULES.contains(&m)))
+            });
+            if head_only {
                 continue;
             }
             return Err(invalid(

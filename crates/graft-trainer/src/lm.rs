@@ -629,15 +629,14 @@ impl LmConfig {
                 graft_peft::config::with_suggestion(&e.to_string())
             ))
         })?;
-        if config.train.max_steps == 0 || config.model.max_len == 0 {
-            return Err(crate::config::in_file(path)(Error::Config(
+        let checked = if config.train.max_steps == 0 || config.model.max_len == 0 {
+            Err(Error::Config(
                 "train.max_steps and model.max_len must be at least 1".into(),
-            )));
-        }
-        config
-            .train
-            .validate()
-            .map_err(crate::config::in_file(path))?;
+            ))
+        } else {
+            config.train.validate()
+        };
+        checked.map_err(crate::config::in_file(path))?;
         Ok(config)
     }
 

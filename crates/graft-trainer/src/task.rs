@@ -56,12 +56,7 @@ impl TaskSpec {
             return Ok(spec);
         }
         let config_path = dir.join(adapter::CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Adapter {
-                path: config_path.clone(),
-                reason: format!("not JSON: {e}"),
-            })?;
+        let config = adapter::read_config(dir)?;
         let field = |name: &str| config.get(name).and_then(|v| v.as_str());
         let peft_type = field("peft_type").ok_or_else(|| Error::Adapter {
             path: config_path.clone(),
@@ -87,18 +82,26 @@ impl TaskSpec {
                     .unwrap_or_default()
             ),
         })?;
-        let method = registry.by_peft_type(peft_type)?.method.name().to_string();
-        let defaults = crate::TrainConfig::default();
-        Ok(Self {
+        let method = registry.by_peft_type(peft_type)?.method.name();
+        Ok(Self::from_config(
+            &crate::TrainConfig::default(),
             method,
-            model_dir: model.to_path_buf(),
-            labels: defaults.data.labels,
-            label_column: defaults.data.label_column,
-            template: defaults.data.template,
-            pooling: defaults.model.pooling,
-            max_len: defaults.model.max_len,
-            tokenizer: None,
-        })
+            model.to_path_buf(),
+        ))
+    }
+
+    /// The task a training config describes, for `method` on the model in `model_dir`.
+    pub fn from_config(config: &crate::TrainConfig, method: &str, model_dir: PathBuf) -> Self {
+        Self {
+            method: method.to_string(),
+            model_dir,
+            labels: config.data.labels.clone(),
+            label_column: config.data.label_column.clone(),
+            template: config.data.template.clone(),
+            pooling: config.model.pooling,
+            max_len: config.model.max_len,
+            tokenizer: config.model.tokenizer.clone(),
+        }
     }
 
     /// The same task with its model and tokenizer paths absolute: what an adapter folder

@@ -208,16 +208,7 @@ impl Plan {
         };
         let model_dir = field(&config.model.dir, "model.dir")?;
         let data_path = field(&config.data.train, "data.train")?;
-        let spec = TaskSpec {
-            method: config.method_name()?.to_string(),
-            model_dir,
-            labels: config.data.labels.clone(),
-            label_column: config.data.label_column.clone(),
-            template: config.data.template.clone(),
-            pooling: config.model.pooling,
-            max_len: config.model.max_len,
-            tokenizer: config.model.tokenizer.clone(),
-        };
+        let spec = TaskSpec::from_config(config, config.method_name()?, model_dir);
         let examples = Examples::from_file(&data_path, &spec)?;
         let (train_idx, val_idx) = stratified_split(
             &examples.labels,

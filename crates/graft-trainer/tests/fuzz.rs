@@ -91,18 +91,22 @@ proptest! {
         values in proptest::collection::vec(proptest::sample::select(EDGES), FIELDS.len()),
         labels in proptest::sample::select(&["[]", "[\"0\"]", "[\"0\", \"0\"]", "[\"0\", \"1\"]"][..]),
     ) {
-        let mut text = format!("[data]\nlabels = {labels}\n");
-        for (field, value) in FIELDS.iter().zip(&values) {
-            let (section, key, integer) = *field;
+        // Lines per section: TOML forbids a table twice.
+        let mut sections: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        sections.entry("data").or_default().push(format!("labels = {labels}"));
+        for (&(section, key, integer), value) in FIELDS.iter().zip(&values) {
             // Integer fields take the edges that are integers; others keep their default.
-            match (integer, value.parse::<i64>()) {
-                (true, Ok(n)) if n >= 0 => text += &format!("[{section}]\n{key} = {n}\n"),
-                (true, _) => {}
-                (false, _) => text += &format!("[{section}]\n{key} = {value}\n"),
-            }
+            let literal = match (integer, value.parse::<i64>()) {
+                (true, Ok(n)) if n >= 0 => n.to_string(),
+                (true, _) => continue,
+                (false, _) => value.to_string(),
+            };
+            sections.entry(section).or_default().push(format!("{key} = {literal}"));
         }
-        // TOML forbids a table twice: merge the lines per section.
-        let text = merge_sections(&text);
+        let text: String = sections
+            .iter()
+            .map(|(section, lines)| format!("[{section}]\n{}\n", lines.join("\n")))
+            .collect();
         let raw: TrainConfig = toml::from_str(&text).unwrap();
         let accepted = TrainConfig::from_toml(&text);
         prop_assert_eq!(accepted.is_ok(), usable(&raw).is_ok(), "{}\n{:?}", text, accepted.err());
@@ -132,24 +136,6 @@ const FIELDS: &[(&str, &str, bool)] = &[
     ("model", "max_len", true),
     ("data", "val_fraction", false),
 ];
-
-fn merge_sections(text: &str) -> String {
-    let mut sections: Vec<(String, Vec<String>)> = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix('[') {
-            current = name.trim_end_matches(']').to_string();
-        } else if let Some((_, lines)) = sections.iter_mut().find(|(n, _)| *n == current) {
-            lines.push(line.to_string());
-        } else {
-            sections.push((current.clone(), vec![line.to_string()]));
-        }
-    }
-    sections
-        .into_iter()
-        .map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n")))
-        .collect()
-}
 
 /// What training needs of a config, stated apart from `validate()`: every divisor and count at
 /// least 1, rates and the optimiser's constants in their ranges, finite, and at least two
