@@ -10,6 +10,8 @@ use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod keywords;
+
 #[derive(Parser)]
 #[command(
     name = "graft",
@@ -92,10 +94,15 @@ enum Command {
         data: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        /// Write the challenge's submission columns uuid,Keywords,label (Keywords left empty:
-        /// graft does not extract keywords).
+        /// Write the challenge's submission columns uuid,Keywords,label (the data needs
+        /// title and abstract columns for the keywords).
         #[arg(long)]
         submission: bool,
+        /// With --submission: keywords from the generative extractor of this `graft train-lm`
+        /// keyword adapter (default: the statistical baseline, fitted on the file's own titles
+        /// and abstracts).
+        #[arg(long, requires = "submission")]
+        keywords_adapter: Option<PathBuf>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -105,6 +112,14 @@ enum Command {
         adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+    /// Score a keyword extractor against gold keywords on the report rows of a CSV (every
+    /// fifth row from the first; never trained on): exact-match and partial-match F1.
+    KeywordsEval {
+        #[command(flatten)]
+        args: keywords::EvalArgs,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -374,24 +389,37 @@ fn run(cli: Cli) -> Result<()> {
             data,
             out,
             submission,
+            keywords_adapter,
             plugins,
         } => {
             let registry = registry(&plugins)?;
             let classifier = open(&adapter, model.as_deref(), &registry)?;
-            let dataset = Dataset::read(&data, &classifier.template.columns())?;
+            let mut columns = classifier.template.columns();
+            if submission {
+                columns.extend(["title", "abstract"]);
+            }
+            let dataset = Dataset::read(&data, &columns)?;
             let texts = dataset.texts(&classifier.template)?;
+            let keywords = if submission {
+                keywords::submission_keywords(&dataset, keywords_adapter.as_deref(), &registry)?
+            } else {
+                Vec::new()
+            };
             let mut rows = String::from(if submission {
                 "uuid,Keywords,label\n"
             } else {
                 "uuid,label\n"
             });
+            let mut index = 0;
             for (records, chunk) in dataset.records.chunks(32).zip(texts.chunks(32)) {
                 let logits = graft_model::ops::without_grad(|| classifier.logits(chunk))?;
                 for (record, class) in records.iter().zip(graft_model::bert::argmax(&logits)?) {
                     let label = classifier.labels.labels()[class as usize].as_str();
                     let uuid = csv_field(&record.uuid);
                     if submission {
-                        rows.push_str(&format!("{uuid},,{}\n", csv_field(label)));
+                        let found = csv_field(&keywords[index]);
+                        rows.push_str(&format!("{uuid},{found},{}\n", csv_field(label)));
+                        index += 1;
                     } else {
                         rows.push_str(&format!("{uuid},{}\n", csv_field(label)));
                     }
@@ -424,6 +452,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing the merged model to {}", out.display()))?;
             eprintln!("merged model written to {}", out.display());
         }
+        Command::KeywordsEval { args, plugins } => keywords::eval(args, &registry(&plugins)?)?,
         Command::TrainLm {
             config,
             out,
@@ -700,6 +729,7 @@ fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()> {
         max_len: config.model.max_len,
         dtype: config.model.dtype,
         quantize: config.model.quantize,
+        prompt: config.data.prompt_source(),
     };
     let device = graft_model::default_device()?;
     // What the process holds before the model (binary, libraries, the data): `graft inspect`

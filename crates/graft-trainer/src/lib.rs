@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod inspect;
+pub mod keywords;
 pub mod lm;
 pub mod metrics;
 pub mod optim;

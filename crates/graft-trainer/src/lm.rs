@@ -32,6 +32,30 @@ pub struct LmSpec {
     /// The family the base's projection weights were kept quantized in, and are again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<Quantization>,
+    /// How the training prompts were rendered from CSV columns (none for JSONL pairs): what
+    /// renders a new row's prompt the same way (the keyword extractor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<PromptSource>,
+}
+
+/// A CSV prompt: the template over the columns and the cut applied after rendering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptSource {
+    pub template: String,
+    /// Rendered prompts are cut to this many bytes, at a character boundary (0: never).
+    pub max_chars: usize,
+}
+
+/// `text` cut to at most `max_chars` bytes at a character boundary (0: not cut).
+pub fn clip_chars(mut text: String, max_chars: usize) -> String {
+    if max_chars > 0 && text.len() > max_chars {
+        let mut end = max_chars;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 pub const LM_TASK_FILE: &str = "graft_lm_task.json";
@@ -490,6 +514,20 @@ pub struct LmDataSection {
     pub max_prompt_chars: usize,
     /// CSV only: share of each class (by `eval.label_column`) held out for validation.
     pub val_fraction: f64,
+    /// Rows whose 0-based index is a multiple of this are never trained on: the report rows
+    /// of `graft keywords-eval` (5 there). 0: every row may be trained on.
+    pub report_every: usize,
+}
+
+impl LmDataSection {
+    /// The CSV prompt training renders, recorded in the adapter for later prompts.
+    pub fn prompt_source(&self) -> Option<PromptSource> {
+        let is_csv = self.train.as_ref()?.extension().is_some_and(|x| x == "csv");
+        Some(PromptSource {
+            template: self.prompt.clone().filter(|_| is_csv)?,
+            max_chars: self.max_prompt_chars,
+        })
+    }
 }
 
 /// Verbalizer classification of the validation split: the label words compared at the
@@ -526,20 +564,14 @@ impl LmData {
             .train
             .clone()
             .ok_or_else(|| Error::Config("data.train is required".into()))?;
-        let clip = |mut text: String| {
-            if data.max_prompt_chars > 0 && text.len() > data.max_prompt_chars {
-                let mut end = data.max_prompt_chars;
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                text.truncate(end);
-            }
-            text
-        };
+        let clip = |text: String| clip_chars(text, data.max_prompt_chars);
+        let trained = |index: &usize| !crate::keywords::is_report_row(*index, data.report_every);
         if path.extension().is_none_or(|x| x != "csv") {
             let train = graft_tokenizer::read_jsonl(&path)?
                 .into_iter()
-                .map(|p| graft_tokenizer::PromptResponse {
+                .enumerate()
+                .filter(|(i, _)| trained(i))
+                .map(|(_, p)| graft_tokenizer::PromptResponse {
                     prompt: clip(p.prompt),
                     response: p.response,
                 })
@@ -565,14 +597,17 @@ impl LmData {
             prompt: prompts[i].clone(),
             response: responses[i].clone(),
         };
+        // The rows training may see; the split below picks positions in this list.
+        let kept: Vec<usize> = (0..prompts.len()).filter(trained).collect();
         if data.val_fraction == 0.0 {
             return Ok(Self {
-                train: (0..prompts.len()).map(pair).collect(),
+                train: kept.into_iter().map(pair).collect(),
                 validation: Vec::new(),
             });
         }
         let labels = graft_tokenizer::LabelSet::new(config.eval.labels.clone())?;
-        let classes = rows.labels(&config.eval.label_column, &labels)?;
+        let all_classes = rows.labels(&config.eval.label_column, &labels)?;
+        let classes: Vec<usize> = kept.iter().map(|&i| all_classes[i]).collect();
         let (train, val) = crate::data::stratified_split(
             &classes,
             labels.len(),
@@ -580,10 +615,10 @@ impl LmData {
             config.train.seed,
         )?;
         Ok(Self {
-            train: train.into_iter().map(pair).collect(),
+            train: train.into_iter().map(|k| pair(kept[k])).collect(),
             validation: val
                 .into_iter()
-                .map(|i| (prompts[i].clone(), classes[i]))
+                .map(|k| (prompts[kept[k]].clone(), classes[k]))
                 .collect(),
         })
     }

@@ -653,6 +653,7 @@ pub fn lm_spec(method: &str, family: Family, scratch: &Path) -> Result<LmSpec> {
         max_len: 48,
         dtype: Precision::F32,
         quantize: None,
+        prompt: None,
     })
 }
 
