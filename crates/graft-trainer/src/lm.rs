@@ -391,7 +391,7 @@ impl CausalLm {
         max_new_tokens: usize,
         sampling: &Sampling,
         on_text: &mut dyn FnMut(&str),
-    ) -> Result<String> {
+    ) -> Result<Answer> {
         generate_text(
             &self.model,
             self.hooks(),
@@ -811,6 +811,15 @@ pub fn train_lm(
     Ok(losses)
 }
 
+/// A generated answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The new text, without the stop token.
+    pub text: String,
+    /// Whether it ended with the template's stop token; false when the token cap cut it.
+    pub stopped: bool,
+}
+
 /// The answer of `model` (with `hooks`) to `prompt` rendered with `template`, up to
 /// `max_new_tokens` tokens, stopping at the template's stop token; `on_text` receives the text
 /// as it grows.
@@ -824,13 +833,13 @@ pub fn generate_text(
     max_new_tokens: usize,
     sampling: &Sampling,
     on_text: &mut dyn FnMut(&str),
-) -> Result<String> {
+) -> Result<Answer> {
     let ids = encode_prompt(tokenizer, template, prompt)?;
     let stop = template.stop_token_ids(tokenizer)?;
     let mut shown = 0;
     let mut tokens = Vec::new();
     let mut error = None;
-    graft_model::ops::without_grad(|| {
+    let new_tokens = graft_model::ops::without_grad(|| {
         generate(
             model,
             hooks,
@@ -860,5 +869,8 @@ pub fn generate_text(
     if let Some(e) = error {
         return Err(e.into());
     }
-    Ok(tokenizer.decode(&tokens)?)
+    Ok(Answer {
+        text: tokenizer.decode(&tokens)?,
+        stopped: new_tokens.last().is_some_and(|t| stop.contains(t)),
+    })
 }

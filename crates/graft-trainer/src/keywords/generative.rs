@@ -1,5 +1,6 @@
 //! The fine-tuned extractor: a decoder adapter written by `graft train-lm` on prompt ->
-//! "kw1; kw2; ..." pairs, asked each paper's prompt as it was trained, answering greedily.
+//! "kw1; kw2; ..." pairs, asked each paper's prompt as it was trained, answering greedily; an
+//! answer cut by the token cap loses its last, unfinished keyword.
 use super::{parse_keywords, KeywordExtractor, Paper};
 use crate::lm::{clip_chars, CausalLm};
 use crate::{Error, Result};
@@ -69,6 +70,11 @@ impl KeywordExtractor for GenerativeExtractor {
             &Sampling::greedy(),
             &mut |_| {},
         )?;
-        Ok(parse_keywords(&answer))
+        let mut keywords = parse_keywords(&answer.text);
+        // An answer the token cap cut ends in an unfinished keyword.
+        if !answer.stopped && keywords.len() > 1 {
+            keywords.pop();
+        }
+        Ok(keywords)
     }
 }
