@@ -24,10 +24,7 @@ fn rate(what: &str, (m, k, n): (usize, usize, usize), f: impl Fn() -> candle_cor
 
 fn main() -> candle_core::Result<()> {
     graft_model::runtime::init();
-    println!(
-        "graft's matmul: {}",
-        graft_model::ops::blas_in_use().map_or("gemm crate".into(), |c| format!("OpenBLAS ({c})"))
-    );
+    println!("graft's matmul: {}", graft_model::ops::matmul_path());
     for (m, k, n) in [
         (1024, 384, 1536),
         (1024, 1536, 384),

@@ -198,7 +198,7 @@ pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
 /// plugin link, so they must come from one cargo invocation with one feature resolution (a
 /// narrower `-p` selection can resolve candle's features differently and rebuild it apart).
 /// The CUDA build turns on graft-cli's `cuda`, which reaches graft-peft and every plugin through
-/// feature unification.
+/// feature unification. A CPU build then makes sure graft's copy of OpenBLAS is in its cache.
 pub(crate) fn build(backend: Backend) -> Result<()> {
     let mut command = build_command(backend);
     if backend == Backend::Cuda {
@@ -208,7 +208,28 @@ pub(crate) fn build(backend: Backend) -> Result<()> {
     if !status.success() {
         bail!("cargo build failed");
     }
+    if backend == Backend::Cpu {
+        fetch_blas();
+    }
     Ok(())
+}
+
+/// `graft fetch-blas`: without OpenBLAS the large CPU products run on the gemm crate at about
+/// half the speed, and graft's own copy needs no system package. A failed fetch (no registry)
+/// is only a warning: graft runs without it, and its first line says so.
+fn fetch_blas() {
+    let graft = bin_dir(Backend::Cpu).join("graft");
+    let status = Command::new(&graft)
+        .current_dir(root())
+        .arg("fetch-blas")
+        .stdout(std::process::Stdio::null())
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "warning: `{} fetch-blas` failed; graft runs without its OpenBLAS copy",
+            graft.display()
+        );
+    }
 }
 
 /// The `cargo build` of [`build`], without the CUDA toolkit's environment. Never `--quiet`: a

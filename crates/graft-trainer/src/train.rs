@@ -550,10 +550,7 @@ fn run_loop(
         state.tokens as f64 / steps_done / median_after_warmup(&state.step_seconds).max(1e-9)
     );
     report["peak_rss_mb"] = json!(peak_rss_mb());
-    report["matmul"] = json!(match graft_model::ops::blas_in_use() {
-        Some(core) => format!("OpenBLAS ({core})"),
-        None => "gemm crate".to_string(),
-    });
+    report["matmul"] = json!(graft_model::ops::matmul_path());
     // Measured at the last evaluation, in full batches of eval_batch_size.
     report["eval_batch_size"] = json!(t.eval_batch_size);
     report["eval_tokens_per_s"] = json!(state.eval_throughput.tokens_per_s());

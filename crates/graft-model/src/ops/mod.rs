@@ -23,16 +23,26 @@ pub fn blas_core_for_this_cpu() -> Option<&'static str> {
     blas::core_for_this_cpu()
 }
 
-/// The system BLAS the large CPU products run through, by its kernel family, or `None` when
-/// they run on the gemm crate.
-pub fn blas_in_use() -> Option<String> {
-    blas::get().map(|b| b.core.clone())
+/// What the large CPU products run on, for reports and `eval.json`'s `matmul`: "OpenBLAS
+/// 0.3.34 (graft's copy, Haswell kernels)", or "gemm crate".
+pub fn matmul_path() -> String {
+    blas::get().map_or("gemm crate".into(), |b| b.describe())
 }
 
-/// When the large CPU products do not run on OpenBLAS: a line saying why, and how to install
-/// it (`GRAFT_BLAS` names another library or turns it off).
+/// When the large CPU products do not run on OpenBLAS: a line saying why, and how to get it
+/// (`GRAFT_BLAS` names another library or chooses the gemm crate).
 pub fn blas_notice() -> Option<String> {
     blas::notice()
+}
+
+pub use blas::OPENBLAS_WHEEL;
+
+/// graft's own copy of OpenBLAS in its cache, fetched first if it is not there (`graft
+/// fetch-blas`): the file's path.
+pub fn fetch_blas() -> crate::Result<std::path::PathBuf> {
+    let dir = blas::copy_dir();
+    blas::OPENBLAS_WHEEL.fetch(&dir)?;
+    Ok(dir.join(blas::OPENBLAS_WHEEL.files[0]))
 }
 
 thread_local! {
