@@ -496,6 +496,7 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
                 "eval_tokens_per_s": graft["eval_tokens_per_s"],
                 "peak_rss_mb": graft["peak_rss_mb"],
                 "f1": graft["f1"],
+                "matmul": graft["matmul"],
             },
             "reference": {
                 "step_seconds_median": reference["train"]["step_seconds_median"],
@@ -549,8 +550,18 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
         ),
         metric("peak RSS (MiB)", graft_rss, reference_rss),
     ];
+    // Which matrix path graft ran, and the GRAFT_BLAS that chose it, so that a table says
+    // whether it was the default path.
+    let mut matmul: Vec<&str> = per_round
+        .iter()
+        .filter_map(|r| r["graft"]["matmul"].as_str())
+        .collect();
+    matmul.dedup();
+    let blas_env =
+        std::env::var("GRAFT_BLAS").map_or(String::new(), |v| format!("GRAFT_BLAS={v} "));
     let report = json!({
-        "command": format!("cargo xtask bench --reference --steps {steps} --rounds {rounds}"),
+        "command": format!("{blas_env}cargo xtask bench --reference --steps {steps} --rounds {rounds}"),
+        "graft_matmul": matmul.join(", then "),
         "machine": machine(),
         "date": today(),
         "steps": steps,
@@ -572,8 +583,8 @@ fn reference_markdown(report: &Value) -> String {
     let versions = &report["reference_versions"];
     let mut table = format!(
         "`{}` on {} ({}); LoRA r=8 on query/value, {} training steps of 8 x up to 128 tokens, \
-         inference at 32 x 128 tokens; median of {} alternating rounds. Reference: torch {}, \
-         transformers {}, peft {}, {} threads, fp32.\n\n\
+         inference at 32 x 128 tokens; median of {} alternating rounds; graft's products on {}. \
+         Reference: torch {}, transformers {}, peft {}, {} threads, fp32.\n\n\
          | metric | graft | PyTorch + PEFT | graft / reference |\n\
          | --- | ---: | ---: | ---: |\n",
         report["command"].as_str().unwrap_or_default(),
@@ -581,6 +592,7 @@ fn reference_markdown(report: &Value) -> String {
         report["date"].as_str().unwrap_or_default(),
         report["steps"],
         report["rounds"],
+        report["graft_matmul"].as_str().unwrap_or("?"),
         versions["torch"].as_str().unwrap_or("?"),
         versions["transformers"].as_str().unwrap_or("?"),
         versions["peft"].as_str().unwrap_or("?"),
