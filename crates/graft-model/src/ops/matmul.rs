@@ -45,6 +45,11 @@ impl<T> View<T> {
         self.ptr.wrapping_offset(i as isize * self.row_stride)
     }
 
+    /// Where column `j` starts.
+    pub fn col(self, j: usize) -> *const T {
+        self.ptr.wrapping_offset(j as isize * self.col_stride)
+    }
+
     /// The transpose of this view (no data moves).
     pub fn t(self) -> Self {
         Self {
@@ -111,61 +116,61 @@ pub(crate) unsafe fn gemm_onto<T: Float>(
     threads: Threads,
 ) {
     let dst = SharedMut(dst);
-    // Each part sets its own rows' start, so that the copy runs in parallel and leaves them
+    // Each block sets its own rows' start, so that the copy runs in parallel and leaves them
     // in this core's cache for the product.
-    let init = |rows: &std::ops::Range<usize>| {
+    let init = |block: &Block| {
         if let Start::Rows(row) = start {
-            for r in rows.clone() {
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(r * dst_leading), n) };
+            for r in block.rows.clone() {
+                let src = &row[block.cols.clone()];
+                let at = dst.at(r * dst_leading + block.cols.start);
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), at, src.len()) };
             }
         }
     };
     let accumulate = !matches!(start, Start::Zero);
     if let Some(blas) = blas::get() {
         if let (Some((ta, lda)), Some((tb, ldb))) = (a.blas_form(m, k), b.blas_form(k, n)) {
-            let call = |rows: std::ops::Range<usize>| {
-                init(&rows);
+            let call = |block: Block| {
+                init(&block);
                 let c = |v: usize| v as std::ffi::c_int;
-                // Rows `rows` of dst come from the same rows of a.
-                let a_rows = a.row(rows.start);
                 unsafe {
                     T::blas_gemm(blas)(
                         blas::ROW_MAJOR,
                         ta,
                         tb,
-                        c(rows.len()),
-                        c(n),
+                        c(block.rows.len()),
+                        c(block.cols.len()),
                         c(k),
                         scale,
-                        a_rows,
+                        a.row(block.rows.start),
                         lda,
-                        b.row(0),
+                        b.col(block.cols.start),
                         ldb,
                         if accumulate { T::one() } else { T::zero() },
-                        dst.at(rows.start * dst_leading),
+                        dst.at(block.rows.start * dst_leading + block.cols.start),
                         c(dst_leading),
                     )
                 }
             };
-            split_rows(m, n * k, threads, call);
+            split((m, n, k), threads, call);
             return;
         }
     }
-    // The gemm crate, split the same way, each part on one thread.
-    split_rows(m, n * k, threads, |rows| unsafe {
-        init(&rows);
+    // The gemm crate, split the same way, each block on one thread.
+    split((m, n, k), threads, |block| unsafe {
+        init(&block);
         gemm::gemm(
-            rows.len(),
-            n,
+            block.rows.len(),
+            block.cols.len(),
             k,
-            dst.at(rows.start * dst_leading),
+            dst.at(block.rows.start * dst_leading + block.cols.start),
             1,
             dst_leading as isize,
             accumulate,
-            a.row(rows.start),
+            a.row(block.rows.start),
             a.col_stride,
             a.row_stride,
-            b.row(0),
+            b.col(block.cols.start),
             b.col_stride,
             b.row_stride,
             T::one(),
@@ -178,17 +183,95 @@ pub(crate) unsafe fn gemm_onto<T: Float>(
     });
 }
 
-/// Runs `product(rows)` over row ranges of an `m`-row product whose rows cost `row_work`
-/// multiply-adds each: one range per thread for a large product in the pool, else one range.
-fn split_rows(
-    m: usize,
-    row_work: usize,
-    threads: Threads,
-    product: impl Fn(std::ops::Range<usize>) + Sync,
-) {
+/// The rows and columns of `dst` one thread computes.
+struct Block {
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+/// Runs `product(block)` over blocks of an `m x n` product with inner size `k`: one block per
+/// thread for a large product in the pool, else the whole. Each thread packs the whole of the
+/// operand it shares (b when rows are split, a when columns are), so the cut goes across the
+/// longer side of dst: the less packing per thread, and a one-row product (a decoder's step
+/// while generating) still runs on every thread.
+fn split((m, n, k): (usize, usize, usize), threads: Threads, product: impl Fn(Block) + Sync) {
     let tasks = match threads {
-        Threads::Pool if m * row_work >= 1 << 18 => parallel::threads().min(m),
+        Threads::Pool if m * n * k >= 1 << 18 => parallel::threads(),
         _ => 1,
     };
-    parallel::for_ranges(m, m.div_ceil(tasks.max(1)), product);
+    if n > m && tasks > 1 {
+        parallel::for_ranges(n, n.div_ceil(tasks.min(n)), |cols| {
+            product(Block { rows: 0..m, cols })
+        });
+    } else {
+        parallel::for_ranges(m, m.div_ceil(tasks.min(m).max(1)), |rows| {
+            product(Block { rows, cols: 0..n })
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every cut (rows for a tall product, columns for a wide one, one block for a small one)
+    /// against the plain triple loop, with a bias start, an accumulated start, a transposed
+    /// operand and a destination wider than the product.
+    #[test]
+    fn every_cut_gives_the_plain_product() {
+        for (m, n, k) in [
+            (1, 700, 600),
+            (3, 900, 200),
+            (700, 5, 400),
+            (300, 300, 300),
+            (4, 4, 4),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+                .collect();
+            // b stored as its transpose [n, k], read through a transposed view.
+            let b_t: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0)
+                .collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 / 100.0).collect();
+            let leading = n + 3;
+            let expected = |i: usize, j: usize| -> f32 {
+                (0..k).map(|p| a[i * k + p] * b_t[j * k + p]).sum::<f32>() * 0.5
+            };
+            for (start, name) in [
+                (Start::Rows(&bias[..]), "bias"),
+                (Start::Kept, "kept"),
+                (Start::Zero, "zero"),
+            ] {
+                let mut dst = vec![1.0f32; m * leading];
+                unsafe {
+                    gemm_onto(
+                        (m, n, k),
+                        dst.as_mut_ptr(),
+                        leading,
+                        start,
+                        View::rows(a.as_ptr(), k),
+                        View::rows(b_t.as_ptr(), k).t(),
+                        0.5,
+                        Threads::Pool,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..leading {
+                        let got = dst[i * leading + j];
+                        let want = match (j < n, name) {
+                            (false, _) => 1.0,
+                            (true, "bias") => bias[j] + expected(i, j),
+                            (true, "kept") => 1.0 + expected(i, j),
+                            (true, _) => expected(i, j),
+                        };
+                        assert!(
+                            (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                            "{m}x{n}x{k} {name} [{i}, {j}]: {got} against {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
