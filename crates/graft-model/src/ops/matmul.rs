@@ -259,11 +259,11 @@ mod tests {
                 for i in 0..m {
                     for j in 0..leading {
                         let got = dst[i * leading + j];
-                        let want = match (j < n, name) {
+                        let want = match (j < n, start) {
                             (false, _) => 1.0,
-                            (true, "bias") => bias[j] + expected(i, j),
-                            (true, "kept") => 1.0 + expected(i, j),
-                            (true, _) => expected(i, j),
+                            (true, Start::Rows(row)) => row[j] + expected(i, j),
+                            (true, Start::Kept) => 1.0 + expected(i, j),
+                            (true, Start::Zero) => expected(i, j),
                         };
                         assert!(
                             (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
