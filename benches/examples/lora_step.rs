@@ -103,7 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         lora.fused.set(fused);
         let started = Instant::now();
         let logits = model.forward(&inputs, &lora)?;
-        let loss = graft_model::cross_entropy(&logits, &labels)?;
+        let loss = graft_model::loss::cross_entropy(&logits, &labels)?;
         let forward = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let grads = loss.backward()?;

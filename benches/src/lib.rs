@@ -1,7 +1,7 @@
 //! Criterion benchmarks live in `benches/`; `cargo bench -p graft-benches` runs them. What the
 //! timing examples in `examples/` share is here.
 use candle_core::{DType, Device, Tensor};
-use graft_model::bert::{BertForSequenceClassification, Inputs, Pooling};
+use graft_model::models::bert::{BertForSequenceClassification, Inputs, Pooling};
 
 /// The MiniLM classifier in `dir` (2 labels, BERT's pooler, f32, on the CPU).
 pub fn minilm(dir: &str) -> graft_model::Result<BertForSequenceClassification> {

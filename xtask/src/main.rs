@@ -7,6 +7,7 @@ use std::process::Command;
 mod bench;
 mod cuda;
 mod gpu_check;
+mod modules;
 mod scaffold;
 
 #[derive(Parser)]
@@ -99,6 +100,9 @@ enum Task {
         #[command(flatten)]
         features: Features,
     },
+    /// List the module cycles of every crate in crates/ (files that name each other's
+    /// items); fails if there is one. `cargo xtask test` runs the same check.
+    Modules,
     /// Build every workspace crate (plugins and test fixtures too), then run every test.
     Test {
         /// Further `cargo test` arguments.
@@ -326,6 +330,7 @@ fn main() -> Result<()> {
             println!("{}", bin_dir(features.backend()).display());
             Ok(())
         }
+        Task::Modules => modules::check(&root()),
         Task::Test { rest } => {
             build(Backend::Cpu)?;
             let status = Command::new(cargo())

@@ -416,7 +416,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut index = 0;
             for (records, chunk) in dataset.records.chunks(32).zip(texts.chunks(32)) {
                 let logits = graft_model::ops::without_grad(|| classifier.logits(chunk))?;
-                for (record, class) in records.iter().zip(graft_model::bert::argmax(&logits)?) {
+                for (record, class) in records
+                    .iter()
+                    .zip(graft_model::models::bert::argmax(&logits)?)
+                {
                     let label = classifier.labels.labels()[class as usize].as_str();
                     let uuid = csv_field(&record.uuid);
                     if submission {

@@ -103,10 +103,10 @@ fn train_eval_predict_and_merge_on_the_demo_set() {
     let classifier = Classifier::open(&adapter, &registry, &Device::Cpu).unwrap();
     let (texts, _) = testkit::real_batch(4).unwrap();
     let with_adapter = classifier.logits(&texts).unwrap();
-    let merged_model = graft_model::bert::BertForSequenceClassification::load(
+    let merged_model = graft_model::models::bert::BertForSequenceClassification::load(
         &merged,
         2,
-        graft_model::bert::Pooling::Pooler,
+        graft_model::models::bert::Pooling::Pooler,
         DType::F32,
         &Device::Cpu,
         0,

@@ -1,12 +1,14 @@
 //! Sequence classifiers, as transformers' `*ForSequenceClassification`: BERT with its pooler
 //! and `classifier`, or a decoder read at each sequence's last real token with `score` (no
 //! bias). What the trainer's classification task drives, whatever the architecture.
-use crate::bert::{BertForSequenceClassification, Inputs, Pooling};
-use crate::decoder::{read_plan, Decoder, DecoderInputs};
+use crate::decoder::{Decoder, DecoderInputs};
+use crate::error::{Error, Result};
 use crate::hooks::{Hooks, ModelInfo, SiteInfo};
+use crate::init;
 use crate::layers::{ClassifierHead, Linear, LinearSites};
+use crate::load::read_plan;
+use crate::models::bert::{BertForSequenceClassification, Inputs, Pooling};
 use crate::weights::Weights;
-use crate::{init, Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -24,7 +26,7 @@ pub trait SequenceClassifier: LinearSites + Send + Sync {
     /// base tensor as `hooks` resolve it.
     fn save(&self, dir: &Path, num_labels: usize, hooks: &dyn Hooks) -> Result<()>;
     /// The BERT encoder, for BERT classifiers (tests reach into its layout).
-    fn bert(&self) -> Option<&crate::bert::Bert> {
+    fn bert(&self) -> Option<&crate::models::bert::Bert> {
         None
     }
 }
@@ -57,7 +59,7 @@ impl SequenceClassifier for BertForSequenceClassification {
     fn save(&self, dir: &Path, num_labels: usize, hooks: &dyn Hooks) -> Result<()> {
         BertForSequenceClassification::save(self, dir, num_labels, hooks)
     }
-    fn bert(&self) -> Option<&crate::bert::Bert> {
+    fn bert(&self) -> Option<&crate::models::bert::Bert> {
         Some(&self.bert)
     }
 }
@@ -194,7 +196,7 @@ pub fn load(
         let (plan, json) = read_plan(&path)?;
         let weights = Weights::load_folder(&path, dtype, device, None)?;
         let head = weights.find("score.weight").cloned();
-        (plan.load(&weights, json)?, head)
+        (Decoder::from_plan(&plan, &weights, json)?, head)
     };
     let h = decoder.spec().hidden_size;
     let weight = match saved_head {

@@ -1,8 +1,9 @@
 //! Text generation with a decoder: greedy or sampled (temperature, top-k, top-p), one token at a
 //! time through a key/value cache, with any method's hooks active.
 use crate::decoder::{Decoder, DecoderInputs, KvCache};
+use crate::error::{Error, Result};
 use crate::hooks::Hooks;
-use crate::{init, Error, Result};
+use crate::init;
 use candle_core::{DType, Tensor, D};
 use rand::Rng;
 use serde::{Deserialize, Serialize};

@@ -1,9 +1,9 @@
 //! Layers shared by the architectures, each calling the method hooks where a method may act.
+use crate::error::{Error, Result};
 use crate::hooks::{Hooks, LinearSite, SiteInfo};
 use crate::ops;
 use crate::quant::QuantizedWeight;
 use crate::weights::Weights;
-use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 
 /// A base-model tensor under its checkpoint key (e.g. `bert.embeddings.word_embeddings.weight`).

@@ -1,7 +1,7 @@
 //! Frozen projection weights kept quantized in GGML blocks (QLoRA-style training on a
 //! quantized base): the weight lives as blocks of 8- or 4-bit integers with a scale each, and
 //! every product dequantizes it a block of rows at a time (see `ops::quantized_linear`).
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};

@@ -20,3 +20,15 @@ pub fn init() {
         }
     }
 }
+
+/// The device graft computes on: the first CUDA GPU when built with `--features cuda`.
+pub fn default_device() -> crate::error::Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(candle_core::Device::new_cuda(0)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(candle_core::Device::Cpu)
+    }
+}

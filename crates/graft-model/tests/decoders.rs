@@ -2,8 +2,9 @@
 //! and against the facts measured on the real models in `../shared/models/README.md`.
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use graft_model::decoder::{causal_lm_loss, Decoder, DecoderInputs, KvCache};
+use graft_model::decoder::{Decoder, DecoderInputs, KvCache};
 use graft_model::generate::{generate, Sampling};
+use graft_model::loss::causal_lm_loss;
 use graft_model::NoHooks;
 use std::path::{Path, PathBuf};
 
@@ -224,15 +225,15 @@ fn smollm2_gguf_matches_candle_transformers_quantized_llama() {
 #[test]
 fn random_chatglm_matches_candle_transformers_chatglm() {
     for groups in [2, 1] {
-        let mut config = graft_model::chatglm::Config::tiny(70);
+        let mut config = graft_model::models::chatglm::Config::tiny(70);
         config.multi_query_group_num = groups;
         compare_chatglm(config);
     }
 }
 
-fn compare_chatglm(ours_config: graft_model::chatglm::Config) {
+fn compare_chatglm(ours_config: graft_model::models::chatglm::Config) {
     let dir = tempfile::tempdir().unwrap();
-    graft_model::chatglm::write_random(dir.path(), &ours_config, 11).unwrap();
+    graft_model::models::chatglm::write_random(dir.path(), &ours_config, 11).unwrap();
     let ours = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
     let c = &ours_config;
     let config = candle_transformers::models::chatglm::Config {
@@ -278,8 +279,8 @@ fn random_qwen2_matches_candle_transformers_qwen2() {
         "tie_word_embeddings": false, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
         "use_sliding_window": false, "hidden_act": "silu",
     });
-    let config: graft_model::llama::Config = serde_json::from_value(json.clone()).unwrap();
-    graft_model::llama::plan(&config)
+    let config: graft_model::models::llama::Config = serde_json::from_value(json.clone()).unwrap();
+    graft_model::models::llama::plan(&config)
         .unwrap()
         .write_random(dir.path(), &json, 5)
         .unwrap();
@@ -348,10 +349,10 @@ fn sharded_checkpoint_loads_like_the_single_file() {
 #[test]
 fn chatglm_with_one_group_runs_with_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = graft_model::chatglm::Config::tiny(64);
+    let mut config = graft_model::models::chatglm::Config::tiny(64);
     config.multi_query_group_num = 1;
     config.seq_length = 32;
-    graft_model::chatglm::write_random(dir.path(), &config, 9).unwrap();
+    graft_model::models::chatglm::write_random(dir.path(), &config, 9).unwrap();
     let model = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.spec().num_kv_heads, 1);
     let ids = [3u32, 9, 27, 1, 60, 33];

@@ -1,7 +1,7 @@
 //! An adapter-free graft BERT against candle-transformers' bert on the same inputs.
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use graft_model::bert::{Bert, Config, Inputs, PREFIX};
+use graft_model::models::bert::{Bert, Config, Inputs, PREFIX};
 use graft_model::weights::Weights;
 use graft_model::NoHooks;
 

@@ -2,7 +2,8 @@
 //! its storage, on SmolLM2 and on a random ChatGLM; the kernels' half-precision paths (weights
 //! widened block by block, norms in f32) give the f32 values of the same stored numbers.
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::decoder::{causal_lm_loss, Decoder, DecoderInputs};
+use graft_model::decoder::{Decoder, DecoderInputs};
+use graft_model::loss::causal_lm_loss;
 use graft_model::{ops, NoHooks};
 use std::path::Path;
 
@@ -117,8 +118,8 @@ fn smollm2_half_precision_is_close_to_f32() {
 #[test]
 fn random_chatglm_in_bf16_is_close_to_f32() {
     let dir = tempfile::tempdir().unwrap();
-    let config = graft_model::chatglm::Config::tiny(70);
-    graft_model::chatglm::write_random(dir.path(), &config, 11).unwrap();
+    let config = graft_model::models::chatglm::Config::tiny(70);
+    graft_model::models::chatglm::write_random(dir.path(), &config, 11).unwrap();
     let ids: Vec<u32> = vec![3, 17, 42, 5, 69, 0, 11, 23, 8];
     let wide = logits(
         &Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap(),

@@ -3,7 +3,8 @@
 //! dequantized weight, and on a whole decoder with a q8_0 base the gradients of low-rank
 //! factors at every site match central differences on the dequantized model.
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::decoder::{causal_lm_loss, Decoder, DecoderInputs};
+use graft_model::decoder::{Decoder, DecoderInputs};
+use graft_model::loss::causal_lm_loss;
 use graft_model::quant::{Quantization, QuantizedWeight};
 use graft_model::{init, ops, Hooks, LinearSite, LowRank};
 use std::collections::BTreeMap;

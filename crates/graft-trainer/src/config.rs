@@ -1,6 +1,6 @@
 //! A training run's configuration: TOML, every field defaulted, unknown keys refused.
 use crate::{Error, Result};
-use graft_model::bert::Pooling;
+use graft_model::models::bert::Pooling;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,8 @@
 //! weights read), so that a 6B model can be sized on a machine that cannot hold it.
 use crate::Result;
 use candle_core::DType;
-use graft_model::decoder::{read_plan, Plan};
+use graft_model::decoder::Plan;
+use graft_model::load::read_plan;
 use graft_model::quant::Quantization;
 use graft_peft::TargetModules;
 use serde::Serialize;

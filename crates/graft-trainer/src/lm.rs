@@ -6,8 +6,9 @@ use crate::task::{
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::decoder::{labelled_rows, Decoder, DecoderInputs};
+use graft_model::decoder::{Decoder, DecoderInputs};
 use graft_model::generate::{generate, Sampling};
+use graft_model::loss::labelled_rows;
 use graft_model::quant::Quantization;
 use graft_peft::adapter;
 use graft_peft::loader::Registry;
@@ -285,7 +286,7 @@ impl CausalLm {
         let (b, t, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
         let logits = self.model.lm_head(&picked, self.hooks())?;
-        let mut loss = graft_model::cross_entropy(&logits, &targets)?;
+        let mut loss = graft_model::loss::cross_entropy(&logits, &targets)?;
         if let Some(extra) = self.adapter.extra_loss()? {
             loss = (loss + extra)?;
         }

@@ -2,8 +2,8 @@
 use crate::error::io_error;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::bert::{Inputs, Pooling};
 use graft_model::classify::SequenceClassifier;
+use graft_model::models::bert::{Inputs, Pooling};
 use graft_peft::adapter::{self, SavedAdapter};
 use graft_peft::loader::Registry;
 use graft_peft::{Adapter, AttachContext, Method};

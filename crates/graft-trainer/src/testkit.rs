@@ -9,7 +9,7 @@ use crate::optim::{AdamW, ParamGroup};
 use crate::task::{Classifier, TaskSpec};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::bert::Pooling;
+use graft_model::models::bert::Pooling;
 use graft_model::{Acts, Hooks, LinearSite, LowRank};
 use graft_peft::loader::{LoadedPlugin, Registry};
 use graft_peft::Method;
@@ -79,7 +79,7 @@ pub fn loss(classifier: &Classifier, texts: &[String], labels: &[usize]) -> Resu
     let device = classifier.model.head().device().clone();
     let targets = Tensor::from_iter(labels.iter().map(|&l| l as u32), &device)?;
     let logits = classifier.logits(texts)?;
-    let mut loss = graft_model::cross_entropy(&logits, &targets)?;
+    let mut loss = graft_model::loss::cross_entropy(&logits, &targets)?;
     if let Some(extra) = classifier.adapter.extra_loss()? {
         loss = (loss + extra)?;
     }
@@ -549,7 +549,7 @@ pub fn check_peft_fixture(method: Box<dyn Method>, fixture: &str) -> Result<f64>
     };
     let ids =
         |key: &str| -> Result<Tensor> { Ok(matrix(&expected[key], key)?.to_dtype(DType::U32)?) };
-    let inputs = graft_model::bert::Inputs {
+    let inputs = graft_model::models::bert::Inputs {
         input_ids: ids("input_ids")?,
         attention_mask: ids("attention_mask")?,
         token_type_ids: Some(ids("token_type_ids")?),
@@ -618,9 +618,9 @@ fn write_quantizable_llama(dir: &Path) -> Result<()> {
         "max_position_embeddings": 256,
         "tie_word_embeddings": false,
     });
-    let config: graft_model::llama::Config = serde_json::from_value(config_json.clone())
+    let config: graft_model::models::llama::Config = serde_json::from_value(config_json.clone())
         .map_err(|e| Error::Check(format!("quantizable Llama config: {e}")))?;
-    Ok(graft_model::llama::plan(&config)?.write_random(dir, &config_json, 5)?)
+    Ok(graft_model::models::llama::plan(&config)?.write_random(dir, &config_json, 5)?)
 }
 
 /// stories260K's folder beside the checkout.
@@ -636,7 +636,11 @@ pub fn lm_spec(method: &str, family: Family, scratch: &Path) -> Result<LmSpec> {
         Family::Llama => stories260k_dir(),
         Family::ChatGlm => {
             let dir = scratch.join("chatglm");
-            graft_model::chatglm::write_random(&dir, &graft_model::chatglm::Config::tiny(512), 3)?;
+            graft_model::models::chatglm::write_random(
+                &dir,
+                &graft_model::models::chatglm::Config::tiny(512),
+                3,
+            )?;
             dir
         }
         Family::QuantizableLlama => {

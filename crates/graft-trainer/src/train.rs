@@ -94,10 +94,10 @@ pub fn evaluate_examples(
             throughput.tokens += encoded.batch * encoded.seq_len;
         }
         let targets = Tensor::from_iter(labels.iter().map(|&l| l as u32), &device)?;
-        let loss = graft_model::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64;
+        let loss = graft_model::loss::cross_entropy(&logits, &targets)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * texts.len() as f64;
         predicted.extend(
-            graft_model::bert::argmax(&logits)?
+            graft_model::models::bert::argmax(&logits)?
                 .into_iter()
                 .map(|p| p as usize),
         );
@@ -407,7 +407,7 @@ fn run_loop(
             let logits = classifier
                 .model
                 .forward(&inputs, classifier.adapter.as_ref())?;
-            let mut loss = graft_model::cross_entropy(&logits, &targets)?;
+            let mut loss = graft_model::loss::cross_entropy(&logits, &targets)?;
             if let Some(extra) = classifier.adapter.extra_loss()? {
                 loss = (loss + extra)?;
             }

@@ -2,7 +2,7 @@
 //! there is one, else the gemm crate that candle's own CPU matmul uses. Strided views let a kernel multiply one attention head, or a
 //! transposed operand, in place: no copy to make a block contiguous.
 use super::blas;
-use super::cpu::Float;
+use super::float::Float;
 use super::parallel::{self, SharedMut};
 
 /// A matrix view: element `(i, j)` lives at `ptr + i * row_stride + j * col_stride`.

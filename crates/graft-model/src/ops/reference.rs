@@ -6,7 +6,7 @@
 //! softmax and their statistics run in f32 for half-precision (bf16, f16) activations, and a
 //! tensor of another dtype (an f32 trainable one meeting bf16 activations) is cast, with a
 //! backward, to the activations' dtype.
-use super::{compute_dtype, AttentionSpec};
+use super::types::{compute_dtype, AttentionSpec};
 use candle_core::{Result, Tensor, D};
 
 /// Layer normalisation over the last dimension.

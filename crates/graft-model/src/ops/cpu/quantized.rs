@@ -2,44 +2,17 @@
 //! dequantizes W a block of rows at a time into the BLAS product, so the weight is never held
 //! dequantized whole, and each is the other's backward (the input gradient of `x · Wᵀ` is
 //! `dy · W`), so every hook below a quantized layer gets its true gradient.
-use super::parallel::{self, SharedMut};
-use super::{contiguous, narrow_storage, Float, FrozenWeight};
+use super::data::{contiguous, for_float};
+use super::linear::FrozenWeight;
 use crate::quant::QuantizedWeight;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
-use std::borrow::Cow;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use std::sync::Arc;
 
 pub(crate) struct QuantizedLinear {
     pub weight: QuantizedWeight,
     /// `dy · W` (`[.., out]` to `[.., in]`) instead of `x · Wᵀ`.
     pub transposed: bool,
-}
-
-/// Rows `rows` of `weight` dequantized, as `T`, the rows split over the pool's threads.
-pub(super) fn dequantized_rows<T: Float>(
-    weight: &QuantizedWeight,
-    rows: std::ops::Range<usize>,
-) -> Result<Cow<'static, [T]>> {
-    let width = weight.dims().1;
-    let mut out = vec![T::zero(); rows.len() * width];
-    let shared = SharedMut::new(&mut out);
-    let failure = std::sync::Mutex::new(None);
-    parallel::for_ranges(rows.len(), (1 << 16) / width.max(1), |part| {
-        let first = rows.start + part.start;
-        match weight.rows_f32(first..first + part.len()) {
-            // SAFETY: each task writes its own rows of `out`.
-            Ok(values) => unsafe { shared.slice(part.start * width..part.end * width) }
-                .iter_mut()
-                .zip(values)
-                .for_each(|(o, v)| *o = T::from(v).unwrap_or_else(T::nan)),
-            Err(e) => *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
-        }
-    });
-    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(Cow::Owned(out)),
-    }
 }
 
 impl CustomOp1 for QuantizedLinear {

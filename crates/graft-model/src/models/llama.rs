@@ -1,9 +1,8 @@
 //! The Llama family as transformers defines it: Llama, Mistral (grouped-query attention),
 //! Qwen2 (biases on q, k, v), tied or untied embeddings. Sites are named like transformers'
 //! module paths (`model.layers.3.self_attn.q_proj`).
-use crate::decoder::{BlockPlan, Decoder, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
-use crate::weights::Weights;
-use crate::{Error, Result};
+use crate::decoder::{BlockPlan, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// The fields of a Llama-family config.json that the forward pass depends on.
@@ -167,9 +166,4 @@ pub fn plan(config: &Config) -> Result<Plan> {
         final_norm: "model.norm".into(),
         lm_head,
     })
-}
-
-/// The decoder from checkpoint tensors; `config_json` is the config.json it was read from.
-pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
-    plan(config)?.load(weights, config_json)
 }

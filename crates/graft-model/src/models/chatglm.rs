@@ -5,9 +5,8 @@
 //!
 //! THUDM's code keeps activations sequence-first (`[seq, batch, ...]`); graft keeps them
 //! batch-first like every other architecture, which changes no value.
-use crate::decoder::{BlockPlan, Decoder, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
-use crate::weights::Weights;
-use crate::{Error, Result};
+use crate::decoder::{BlockPlan, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
+use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// The fields of a ChatGLM2/3 config.json that the forward pass depends on.
@@ -169,11 +168,6 @@ pub fn plan(config: &Config) -> Result<Plan> {
             layer: None,
         }),
     })
-}
-
-/// The decoder from checkpoint tensors; `config_json` is the config.json it was read from.
-pub fn load(config: &Config, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
-    plan(config)?.load(weights, config_json)
 }
 
 /// Writes a ChatGLM model folder with random weights of `config`'s shapes: small real-shaped

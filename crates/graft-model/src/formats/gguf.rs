@@ -4,9 +4,9 @@
 //!
 //! llama.cpp's converter permutes the rows of Q and K for ggml's interleaved rotary embedding;
 //! graft undoes it here so that every Llama runs transformers' rotate_half form.
-use crate::llama::Config;
+use crate::error::{Error, Result};
+use crate::models::llama::Config;
 use crate::weights::{Quantizing, Weights};
-use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;

@@ -1,299 +1,18 @@
 //! The pre-norm causal decoder that the Llama family (Llama, Mistral, Qwen2, SmolLM2) and
 //! ChatGLM2/3 share: RMSNorm, rotary positions, grouped-query attention, a SwiGLU feed-forward.
-//! [`crate::llama`] and [`crate::chatglm`] read their configs and checkpoint names into it;
+//! [`crate::models::llama`] and [`crate::models::chatglm`] plan it from their configs;
 //! what differs between them (fused projections, how much of a head rotates, whether key/value
 //! prefixes count as past positions) is data here, not a second copy of the graph.
+use super::cache::KvCache;
+use super::plan::{BlockOf, DecoderSpec, GateUp, Plan, Qkv, SiteSpec};
+use crate::error::{Error, Result};
 use crate::hooks::{Hooks, ModelInfo, SiteInfo};
-use crate::layers::{Linear, Param, RmsNorm};
+use crate::layers::{Linear, LinearSites, Param, RmsNorm};
+use crate::ops;
 use crate::weights::Weights;
-use crate::{ops, Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-/// Rotary position embedding as an architecture applies it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeSpec {
-    pub theta: f64,
-    /// Features of each head that rotate: the whole head in Llama, half of it in ChatGLM.
-    pub rotary_dims: usize,
-    /// Pairs (0, 1), (2, 3), ... (ChatGLM) instead of transformers' rotate_half.
-    pub interleaved: bool,
-}
-
-/// The shape facts of a decoder.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecoderSpec {
-    /// config.json's `model_type`: `llama`, `mistral`, `qwen2`, `chatglm`.
-    pub model_type: String,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab_size: usize,
-    pub rms_norm_eps: f64,
-    pub rope: RopeSpec,
-    pub max_positions: usize,
-    /// Key/value prefixes count as past positions, so the real tokens' positions start after
-    /// them (transformers' Llama with PEFT's prefix tuning); ChatGLM's own P-tuning v2 starts
-    /// them at 0.
-    pub prefix_shifts_positions: bool,
-}
-
-/// How a block projects queries, keys and values (`L`: a loaded [`Linear`], or a
-/// [`SiteSpec`] in a [`Plan`]).
-pub enum Qkv<L> {
-    /// `q_proj`, `k_proj`, `v_proj` (Llama).
-    Separate { q: L, k: L, v: L },
-    /// One `query_key_value` whose output is queries, then keys, then values (ChatGLM).
-    Fused(L),
-}
-
-/// How a block projects the gate and the up branch of its SwiGLU.
-pub enum GateUp<L> {
-    /// `gate_proj`, `up_proj` (Llama).
-    Separate { gate: L, up: L },
-    /// One `dense_h_to_4h` whose output is the gate, then the up branch (ChatGLM).
-    Fused(L),
-}
-
-impl<L> Qkv<L> {
-    fn items(&self) -> Vec<&L> {
-        match self {
-            Self::Separate { q, k, v } => vec![q, k, v],
-            Self::Fused(l) => vec![l],
-        }
-    }
-
-    fn items_mut(&mut self) -> Vec<&mut L> {
-        match self {
-            Self::Separate { q, k, v } => vec![q, k, v],
-            Self::Fused(l) => vec![l],
-        }
-    }
-
-    fn try_map<M>(&self, mut f: impl FnMut(&L) -> Result<M>) -> Result<Qkv<M>> {
-        Ok(match self {
-            Self::Separate { q, k, v } => Qkv::Separate {
-                q: f(q)?,
-                k: f(k)?,
-                v: f(v)?,
-            },
-            Self::Fused(l) => Qkv::Fused(f(l)?),
-        })
-    }
-}
-
-impl<L> GateUp<L> {
-    fn items(&self) -> Vec<&L> {
-        match self {
-            Self::Separate { gate, up } => vec![gate, up],
-            Self::Fused(l) => vec![l],
-        }
-    }
-
-    fn items_mut(&mut self) -> Vec<&mut L> {
-        match self {
-            Self::Separate { gate, up } => vec![gate, up],
-            Self::Fused(l) => vec![l],
-        }
-    }
-
-    fn try_map<M>(&self, mut f: impl FnMut(&L) -> Result<M>) -> Result<GateUp<M>> {
-        Ok(match self {
-            Self::Separate { gate, up } => GateUp::Separate {
-                gate: f(gate)?,
-                up: f(up)?,
-            },
-            Self::Fused(l) => GateUp::Fused(f(l)?),
-        })
-    }
-}
-
-/// A projection as a checkpoint lays it out: `{name}.weight` `[out, in]`, maybe `{name}.bias`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SiteSpec {
-    pub name: String,
-    pub in_features: usize,
-    pub out_features: usize,
-    pub bias: bool,
-    pub layer: Option<usize>,
-}
-
-impl SiteSpec {
-    /// A maker of the sites of block `layer`, named `{prefix}.{name}`.
-    pub fn in_layer(prefix: &str, layer: usize) -> impl Fn(&str, usize, usize, bool) -> Self + '_ {
-        move |name, in_features, out_features, bias| Self {
-            name: format!("{prefix}.{name}"),
-            in_features,
-            out_features,
-            bias,
-            layer: Some(layer),
-        }
-    }
-
-    fn params(&self) -> usize {
-        self.in_features * self.out_features + if self.bias { self.out_features } else { 0 }
-    }
-
-    fn info(&self) -> SiteInfo {
-        SiteInfo {
-            name: self.name.clone(),
-            in_features: self.in_features,
-            out_features: self.out_features,
-            layer: self.layer,
-        }
-    }
-}
-
-/// One block: loaded (`Block`: [`Linear`]s and [`RmsNorm`]s) or planned (`BlockPlan`:
-/// [`SiteSpec`]s and norm module names, each norm's tensor being `{name}.weight`).
-pub struct BlockOf<L, N> {
-    pub input_norm: N,
-    pub qkv: Qkv<L>,
-    pub attention_out: L,
-    pub post_attention_norm: N,
-    pub gate_up: GateUp<L>,
-    pub down: L,
-}
-
 pub type Block = BlockOf<Linear, RmsNorm>;
-pub type BlockPlan = BlockOf<SiteSpec, String>;
-
-impl<L, N> BlockOf<L, N> {
-    /// The projections in model order: attention (q, k, v or the fused one; out), then the
-    /// feed-forward (gate, up or the fused one; down).
-    fn projections(&self) -> Vec<&L> {
-        let mut out = self.qkv.items();
-        out.push(&self.attention_out);
-        out.extend(self.gate_up.items());
-        out.push(&self.down);
-        out
-    }
-
-    fn projections_mut(&mut self) -> Vec<&mut L> {
-        let mut out = self.qkv.items_mut();
-        out.push(&mut self.attention_out);
-        out.extend(self.gate_up.items_mut());
-        out.push(&mut self.down);
-        out
-    }
-}
-
-/// Every tensor of a decoder checkpoint by name and shape: what an architecture module
-/// derives from its config, so that loading and `graft inspect` (which reads no weights) agree.
-pub struct Plan {
-    pub spec: DecoderSpec,
-    /// The input embedding table `[vocab, hidden]`.
-    pub embed: String,
-    pub blocks: Vec<BlockPlan>,
-    pub final_norm: String,
-    /// `None`: tied to the input embeddings.
-    pub lm_head: Option<SiteSpec>,
-}
-
-impl Plan {
-    /// Every linear site, in model order.
-    pub fn sites(&self) -> Vec<SiteInfo> {
-        self.site_specs().map(SiteSpec::info).collect()
-    }
-
-    fn site_specs(&self) -> impl Iterator<Item = &SiteSpec> {
-        self.blocks
-            .iter()
-            .flat_map(BlockPlan::projections)
-            .chain(self.lm_head.as_ref())
-    }
-
-    /// Values in the checkpoint.
-    pub fn param_count(&self) -> usize {
-        let h = self.spec.hidden_size;
-        let norms = (2 * self.blocks.len() + 1) * h;
-        let sites: usize = self.site_specs().map(SiteSpec::params).sum();
-        self.spec.vocab_size * h + norms + sites
-    }
-
-    /// Writes a model folder (config.json, model.safetensors) of this plan with random weights:
-    /// norms near 1, projections and biases normal(0, 0.2), embeddings normal(0, 1).
-    pub fn write_random(
-        &self,
-        dir: &std::path::Path,
-        config_json: &serde_json::Value,
-        seed: u64,
-    ) -> Result<()> {
-        let h = self.spec.hidden_size;
-        let mut rng = crate::init::seeded_rng(seed);
-        let mut tensors = Vec::new();
-        let mut add = |name: String, shape: &[usize], std: f64, mean: f64| -> Result<()> {
-            let t = crate::init::normal(&mut rng, shape, std, DType::F32, &Device::Cpu)?;
-            tensors.push((name, (t + mean)?));
-            Ok(())
-        };
-        add(self.embed.clone(), &[self.spec.vocab_size, h], 1.0, 0.0)?;
-        let norms = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.input_norm, &b.post_attention_norm])
-            .chain([&self.final_norm]);
-        for norm in norms {
-            add(format!("{norm}.weight"), &[h], 0.1, 1.0)?;
-        }
-        for s in self.site_specs() {
-            add(
-                format!("{}.weight", s.name),
-                &[s.out_features, s.in_features],
-                0.2,
-                0.0,
-            )?;
-            if s.bias {
-                add(format!("{}.bias", s.name), &[s.out_features], 0.2, 0.0)?;
-            }
-        }
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
-        crate::weights::save_json(config_json, &dir.join("config.json"))
-    }
-
-    /// Loads the planned tensors into a decoder; `config_json` is written back on save.
-    pub fn load(&self, weights: &Weights, config_json: serde_json::Value) -> Result<Decoder> {
-        let spec = &self.spec;
-        let h = spec.hidden_size;
-        let eps = spec.rms_norm_eps;
-        let linear = |s: &SiteSpec| {
-            Linear::load(
-                weights,
-                &s.name,
-                s.in_features,
-                s.out_features,
-                s.bias,
-                s.layer,
-            )
-        };
-        let norm = |name: &str| RmsNorm::load(weights, name, h, eps);
-        let mut blocks = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            blocks.push(Block {
-                input_norm: norm(&b.input_norm)?,
-                qkv: b.qkv.try_map(linear)?,
-                attention_out: linear(&b.attention_out)?,
-                post_attention_norm: norm(&b.post_attention_norm)?,
-                gate_up: b.gate_up.try_map(linear)?,
-                down: linear(&b.down)?,
-            });
-        }
-        Decoder::new(
-            spec.clone(),
-            Param::load(weights, &self.embed, &[spec.vocab_size, h])?,
-            blocks,
-            norm(&self.final_norm)?,
-            self.lm_head.as_ref().map(linear).transpose()?,
-            config_json,
-        )
-    }
-}
 
 impl Block {
     /// Every tensor in checkpoint order: norms around the attention and feed-forward
@@ -364,25 +83,6 @@ fn keep_grads(
         .ok_or_else(|| Error::InvalidConfig("no gradient reached a block's input".into()))
 }
 
-/// Keys and values of the positions already seen, for generation one token at a time.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    /// Position id the next token gets.
-    next_position: usize,
-}
-
-impl KvCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether nothing has been run through it yet.
-    pub fn is_empty(&self) -> bool {
-        self.layers.is_empty()
-    }
-}
-
 /// A causal decoder with its language-model head.
 pub struct Decoder {
     spec: DecoderSpec,
@@ -429,37 +129,44 @@ impl Decoder {
         })
     }
 
-    /// A decoder from a Hugging Face folder (config.json with `model_type` llama, mistral,
-    /// qwen2 or chatglm; model.safetensors or sharded safetensors with their index) or from a
-    /// Llama-family `.gguf` file, dequantised.
-    pub fn open(path: &std::path::Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::open_quantized(path, dtype, None, device)
-    }
-
-    /// [`Decoder::open`], every projection weight kept quantized in `quantize`'s family
-    /// (those whose rows no block divides stay in `dtype`); embeddings and norms in `dtype`.
-    pub fn open_quantized(
-        path: &std::path::Path,
-        dtype: DType,
-        quantize: Option<crate::quant::Quantization>,
-        device: &Device,
+    /// Loads the tensors `plan` names into a decoder; `config_json` is written back on save.
+    pub fn from_plan(
+        plan: &Plan,
+        weights: &Weights,
+        config_json: serde_json::Value,
     ) -> Result<Self> {
-        let (plan, json) = read_plan(path)?;
-        let quantizing = quantize.map(|family| crate::weights::Quantizing {
-            family,
-            keys: plan
-                .site_specs()
-                .map(|s| format!("{}.weight", s.name))
-                .collect(),
-        });
-        if path.is_file() {
-            let (config, weights, json) =
-                crate::gguf::load_llama(path, dtype, device, quantizing.as_ref())?;
-            return crate::llama::load(&config, &weights, json);
+        let spec = &plan.spec;
+        let h = spec.hidden_size;
+        let eps = spec.rms_norm_eps;
+        let linear = |s: &SiteSpec| {
+            Linear::load(
+                weights,
+                &s.name,
+                s.in_features,
+                s.out_features,
+                s.bias,
+                s.layer,
+            )
+        };
+        let norm = |name: &str| RmsNorm::load(weights, name, h, eps);
+        let mut blocks = Vec::with_capacity(plan.blocks.len());
+        for b in &plan.blocks {
+            blocks.push(Block {
+                input_norm: norm(&b.input_norm)?,
+                qkv: b.qkv.try_map(linear)?,
+                attention_out: linear(&b.attention_out)?,
+                post_attention_norm: norm(&b.post_attention_norm)?,
+                gate_up: b.gate_up.try_map(linear)?,
+                down: linear(&b.down)?,
+            });
         }
-        plan.load(
-            &Weights::load_folder(path, dtype, device, quantizing.as_ref())?,
-            json,
+        Self::new(
+            spec.clone(),
+            Param::load(weights, &plan.embed, &[spec.vocab_size, h])?,
+            blocks,
+            norm(&plan.final_norm)?,
+            plan.lm_head.as_ref().map(linear).transpose()?,
+            config_json,
         )
     }
 
@@ -753,8 +460,8 @@ impl Decoder {
         for param in self.params() {
             tensors.push((param.key().to_string(), param.resolve(hooks)?.detach()));
         }
-        crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
-        crate::weights::save_json(config_json, &dir.join("config.json"))
+        crate::formats::safetensors::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::formats::safetensors::save_json(config_json, &dir.join("config.json"))
     }
 
     /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`, computed in
@@ -878,109 +585,8 @@ impl Decoder {
     }
 }
 
-/// The plan of a decoder from its config alone (no weights are read): a model folder, a
-/// config.json, or a `.gguf` file's metadata. Also returns the config as JSON.
-pub fn read_plan(path: &std::path::Path) -> Result<(Plan, serde_json::Value)> {
-    if path.extension().is_some_and(|x| x == "gguf") {
-        let (config, json) = crate::gguf::read_llama_config(path)?;
-        return Ok((crate::llama::plan(&config)?, json));
-    }
-    let config_path = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
-    let text = std::fs::read_to_string(&config_path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: config_path.clone(),
-            what: "model config",
-        },
-        _ => Error::Io {
-            path: config_path.clone(),
-            source,
-        },
-    })?;
-    let parse_error = |source| Error::Config {
-        path: config_path.clone(),
-        source,
-    };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(parse_error)?;
-    let in_file = |e: Error| match e {
-        Error::InvalidConfig(reason) => {
-            Error::InvalidConfig(format!("{}: {reason}", config_path.display()))
-        }
-        other => other,
-    };
-    let model_type = json
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
-    if model_type != "chatglm" && !crate::llama::MODEL_TYPES.contains(&model_type) {
-        let known = format!("{}, chatglm", crate::llama::MODEL_TYPES.join(", "));
-        return Err(Error::InvalidConfig(if model_type == "bert" {
-            format!(
-                "{}: model_type `bert` is an encoder; this needs a decoder ({known})",
-                config_path.display()
-            )
-        } else {
-            format!(
-                "{}: model_type `{model_type}` is not an architecture graft knows (bert, {known})",
-                config_path.display()
-            )
-        }));
-    }
-    let plan = if model_type == "chatglm" {
-        let config: crate::chatglm::Config =
-            serde_json::from_value(json.clone()).map_err(parse_error)?;
-        crate::chatglm::plan(&config).map_err(in_file)?
-    } else {
-        let config: crate::llama::Config =
-            serde_json::from_value(json.clone()).map_err(parse_error)?;
-        crate::llama::plan(&config).map_err(in_file)?
-    };
-    Ok((plan, json))
-}
-
-/// Mean next-token cross-entropy of `logits` `[batch, seq, vocab]` against `labels`
-/// `[batch, seq]` (i64: the id expected at each position, negative where no loss is taken).
-pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let (rows, targets) = labelled_rows(labels, v)?;
-    crate::cross_entropy(
-        &logits.reshape((b * t, v))?.index_select(&rows, 0)?,
-        &targets,
-    )
-}
-
-/// The flattened positions (`[n]`, into `[batch * seq]`) where `labels` `[batch, seq]` takes a
-/// loss, and their target ids (`[n]`): a loss needs the head's logits at those rows only.
-pub fn labelled_rows(labels: &Tensor, vocab: usize) -> Result<(Tensor, Tensor)> {
-    let flat: Vec<i64> = labels.flatten_all()?.to_vec1::<i64>()?;
-    let kept: Vec<u32> = (0..flat.len())
-        .filter(|&i| flat[i] >= 0)
-        .map(|i| i as u32)
-        .collect();
-    if kept.is_empty() {
-        return Err(Error::InvalidConfig(
-            "no position of the batch carries a label".into(),
-        ));
-    }
-    let targets: Vec<u32> = kept.iter().map(|&i| flat[i as usize] as u32).collect();
-    if let Some(bad) = targets.iter().find(|&&id| id as usize >= vocab) {
-        return Err(Error::InvalidConfig(format!(
-            "label id {bad} is outside the vocabulary of {vocab}"
-        )));
-    }
-    let device = labels.device();
-    let n = kept.len();
-    Ok((
-        Tensor::from_vec(kept, n, device)?,
-        Tensor::from_vec(targets, n, device)?,
-    ))
-}
-
-impl crate::layers::LinearSites for Decoder {
-    fn linear_mut(&mut self, name: &str) -> Option<&mut crate::layers::Linear> {
+impl LinearSites for Decoder {
+    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
         Decoder::linear_mut(self, name)
     }
 }

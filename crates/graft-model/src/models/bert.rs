@@ -3,11 +3,12 @@
 //!
 //! Dropout is not applied (the training graph is deterministic for a seed); the frozen base is
 //! used as in evaluation mode, which is also how the PEFT fixtures' logits were produced.
+use crate::error::{Error, Result};
 use crate::hooks::{Acts, Hooks, LinearSite, ModelInfo, SiteInfo};
+use crate::init;
 use crate::layers::{ClassifierHead, LayerNorm, Linear, Param};
 use crate::ops;
 use crate::weights::Weights;
-use crate::{init, Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -610,14 +611,14 @@ impl BertForSequenceClassification {
         for (name, var) in self.head.vars() {
             tensors.push((format!("classifier.{name}"), var.as_tensor().detach()));
         }
-        crate::weights::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::formats::safetensors::save_safetensors(tensors, &dir.join("model.safetensors"))?;
         let mut json = serde_json::to_value(c).map_err(|source| Error::Config {
             path: dir.join("config.json"),
             source,
         })?;
         json["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
         json["num_labels"] = serde_json::json!(num_labels);
-        crate::weights::save_json(&json, &dir.join("config.json"))
+        crate::formats::safetensors::save_json(&json, &dir.join("config.json"))
     }
 }
 

@@ -1,0 +1,3 @@
+//! One file per checkpoint format, each reading into [`crate::weights::Weights`].
+pub mod gguf;
+pub mod safetensors;
