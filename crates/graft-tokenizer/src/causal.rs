@@ -1,7 +1,15 @@
 use crate::chat::{ChatTemplate, Segment};
 use crate::error::{Error, Result};
-use crate::jsonl::PromptResponse;
 use crate::tokenizer::{Padding, TextTokenizer};
+use serde::{Deserialize, Serialize};
+
+/// One fine-tuning example: the user's prompt and the answer the model should learn (a JSON
+/// Lines record's `prompt` and `response`, or a CSV row through templates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptResponse {
+    pub prompt: String,
+    pub response: String,
+}
 
 /// Label of a position that takes no loss (PyTorch's and Hugging Face's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

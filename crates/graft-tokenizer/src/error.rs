@@ -173,67 +173,6 @@ pub enum Error {
         prompt_tokens: usize,
         max_len: usize,
     },
-
-    #[error("cannot read JSONL file {path}: {source}")]
-    ReadJsonl {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("JSONL file {path}, line {line}: cannot read: {source}")]
-    ReadJsonlLine {
-        path: PathBuf,
-        /// 1-based.
-        line: usize,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error(
-        "JSONL file {path}, line {line}: invalid JSON ({message}): expected one object per \
-         line, like {{\"prompt\": \"...\", \"response\": \"...\"}}"
-    )]
-    JsonlSyntax {
-        path: PathBuf,
-        /// 1-based.
-        line: usize,
-        message: String,
-    },
-
-    #[error(
-        "JSONL file {path}, line {line}: expected a JSON object with string fields \"prompt\" \
-         and \"response\", found {found}"
-    )]
-    JsonlNotObject {
-        path: PathBuf,
-        /// 1-based.
-        line: usize,
-        found: &'static str,
-    },
-
-    #[error("JSONL file {path}, line {line}: missing field {field:?} (expected a string)")]
-    JsonlMissingField {
-        path: PathBuf,
-        /// 1-based.
-        line: usize,
-        field: &'static str,
-    },
-
-    #[error("JSONL file {path}, line {line}: field {field:?}: expected a string, found {found}")]
-    JsonlFieldType {
-        path: PathBuf,
-        /// 1-based.
-        line: usize,
-        field: &'static str,
-        found: &'static str,
-    },
-
-    #[error(
-        "JSONL file {path} holds no records: expected one JSON object per line with string \
-         fields \"prompt\" and \"response\""
-    )]
-    EmptyJsonl { path: PathBuf },
 }
 
 /// Crate-wide result alias.

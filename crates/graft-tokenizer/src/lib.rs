@@ -1,11 +1,10 @@
 //! Tokenizer loading (Hugging Face `tokenizer.json`, SentencePiece BPE `tokenizer.model`), padded batch encoding, text templates over
-//! CSV columns and label sets; for causal-LM fine-tuning, chat templates, prompt-response JSONL
-//! and label-shifted batches.
+//! CSV columns and label sets; for causal-LM fine-tuning, chat templates, prompt-response
+//! pairs and label-shifted batches.
 
 mod causal;
 mod chat;
 mod error;
-mod jsonl;
 mod labels;
 mod spm;
 mod template;
@@ -13,10 +12,9 @@ mod template;
 mod test_paths;
 mod tokenizer;
 
-pub use causal::{encode_causal, encode_prompt, CausalBatch, IGNORE_INDEX};
+pub use causal::{encode_causal, encode_prompt, CausalBatch, PromptResponse, IGNORE_INDEX};
 pub use chat::{ChatTemplate, EOS_CANDIDATES};
 pub use error::{Error, Result};
-pub use jsonl::{read_jsonl, PromptResponse};
 pub use labels::LabelSet;
 pub use spm::{Piece, PieceType, SentencePieceFlavour, SentencePieceModel, CHATGLM_SPECIAL_TOKENS};
 pub use template::{Template, DEFAULT_TEMPLATE, TEMPLATE_WITH_AUTHOR};

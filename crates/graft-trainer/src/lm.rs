@@ -568,13 +568,19 @@ impl LmData {
         let clip = |text: String| clip_chars(text, data.max_prompt_chars);
         let trained = |index: &usize| !crate::keywords::is_report_row(*index, data.report_every);
         if path.extension().is_none_or(|x| x != "csv") {
-            let train = graft_tokenizer::read_jsonl(&path)?
+            // Required columns come first: each record's fields are prompt, response, others.
+            let rows = crate::data::Dataset::read_jsonl(&path, &["prompt", "response"])?;
+            let train = rows
+                .records
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| trained(i))
-                .map(|(_, p)| graft_tokenizer::PromptResponse {
-                    prompt: clip(p.prompt),
-                    response: p.response,
+                .map(|(_, record)| {
+                    let mut fields = record.fields.into_iter();
+                    graft_tokenizer::PromptResponse {
+                        prompt: clip(fields.next().unwrap_or_default()),
+                        response: fields.next().unwrap_or_default(),
+                    }
                 })
                 .collect();
             return Ok(Self {
