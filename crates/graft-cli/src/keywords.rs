@@ -168,8 +168,11 @@ pub fn eval(args: EvalArgs, registry: &Registry) -> Result<()> {
         rows,
     };
     if let Some(path) = &args.out {
-        graft_peft::adapter::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        graft_model::formats::safetensors::write_atomic(
+            path,
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
     }
     println!(
         "{}: exact-match F1 {:.4}  partial-match F1 {:.4}  on {} {}  ({:.1} keywords predicted, {:.1} gold, {:.0} s)",

@@ -377,7 +377,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
-            graft_peft::adapter::write_atomic(&out, rows.as_bytes())
+            graft_model::formats::safetensors::write_atomic(&out, rows.as_bytes())
                 .with_context(|| format!("writing predictions to {}", out.display()))?;
             eprintln!(
                 "wrote {} predictions to {}",

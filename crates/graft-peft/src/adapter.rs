@@ -2,8 +2,8 @@
 //! `adapter_model.safetensors`, written atomically.
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
+use graft_model::formats::safetensors::{save_safetensors, write_atomic};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -31,57 +31,18 @@ fn is_head_key(key: &str) -> bool {
     })
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsync and rename: a crash leaves either
-/// the old file or the new one, never half of one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    let tmp = tmp_path(path);
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Writes `tensors` as a safetensors file through a temporary file, fsync and rename. Tensors
-/// are written as stored (their dtype).
-pub fn save_tensors_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    let map: HashMap<&str, Tensor> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let tmp = tmp_path(path);
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
 /// Saves an adapter folder, each file atomically.
 pub fn save(dir: &Path, config: &serde_json::Value, tensors: &[(String, Tensor)]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,
     })?;
-    save_tensors_atomic(&dir.join(WEIGHTS_FILE), tensors)?;
+    save_safetensors(&dir.join(WEIGHTS_FILE), tensors)?;
     let text = serde_json::to_string_pretty(config).map_err(|source| Error::Json {
         path: dir.join(CONFIG_FILE),
         source,
     })?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    Ok(write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?)
 }
 
 /// The adapter_config.json of the adapter folder `dir`, as JSON.

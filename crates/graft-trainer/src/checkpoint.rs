@@ -9,7 +9,7 @@
 use crate::error::io_error;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
-use graft_peft::adapter::{save_tensors_atomic, write_atomic};
+use graft_model::formats::safetensors::{save_safetensors, write_atomic};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,9 +45,9 @@ pub fn write<S: Serialize>(run: &Path, parts: Parts<'_, S>) -> Result<()> {
     let name = format!("step-{:06}", parts.step);
     let dir = root.join(&name);
     std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-    save_tensors_atomic(&dir.join(TRAINABLE), parts.trainable)?;
-    save_tensors_atomic(&dir.join(OPTIMIZER), parts.optimizer)?;
-    save_tensors_atomic(&dir.join(ADAPTER_STATE), parts.adapter_state)?;
+    save_safetensors(&dir.join(TRAINABLE), parts.trainable)?;
+    save_safetensors(&dir.join(OPTIMIZER), parts.optimizer)?;
+    save_safetensors(&dir.join(ADAPTER_STATE), parts.adapter_state)?;
     let json = serde_json::to_string_pretty(parts.state)
         .map_err(|e| Error::Config(format!("checkpoint state: {e}")))?;
     write_atomic(&dir.join(STATE), json.as_bytes())?;

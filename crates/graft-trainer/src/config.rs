@@ -401,6 +401,6 @@ pub fn absolute(path: &Path) -> Result<PathBuf> {
 /// Writes what [`read_task_file`] reads, atomically.
 pub fn write_task_file<T: serde::Serialize>(dir: &Path, file: &str, spec: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(spec).map_err(|e| Error::Config(e.to_string()))?;
-    graft_peft::adapter::write_atomic(&dir.join(file), text.as_bytes())?;
+    graft_model::formats::safetensors::write_atomic(&dir.join(file), text.as_bytes())?;
     Ok(())
 }

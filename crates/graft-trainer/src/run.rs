@@ -49,7 +49,7 @@ impl RunDir {
             })
             .map(|line| format!("{line}\n"))
             .collect();
-        graft_peft::adapter::write_atomic(&path, kept.as_bytes())?;
+        graft_model::formats::safetensors::write_atomic(&path, kept.as_bytes())?;
         let metrics = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -72,7 +72,7 @@ impl RunDir {
     }
 
     pub fn write(&self, name: &str, text: &str) -> Result<()> {
-        Ok(graft_peft::adapter::write_atomic(
+        Ok(graft_model::formats::safetensors::write_atomic(
             &self.root.join(name),
             text.as_bytes(),
         )?)

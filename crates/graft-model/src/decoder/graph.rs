@@ -460,7 +460,7 @@ impl Decoder {
         for param in self.params() {
             tensors.push((param.key().to_string(), param.resolve(hooks)?.detach()));
         }
-        crate::formats::safetensors::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::formats::safetensors::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
         crate::formats::safetensors::save_json(config_json, &dir.join("config.json"))
     }
 

@@ -248,7 +248,7 @@ impl Plan {
             path: dir.to_path_buf(),
             source,
         })?;
-        crate::formats::safetensors::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::formats::safetensors::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
         crate::formats::safetensors::save_json(config_json, &dir.join("config.json"))
     }
 }

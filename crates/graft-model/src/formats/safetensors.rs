@@ -5,6 +5,7 @@ use crate::quant::QuantizedWeight;
 use crate::weights::{Quantizing, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 impl Weights {
@@ -147,30 +148,51 @@ fn refuse_pickles(dir: &Path) -> Result<()> {
     })
 }
 
-/// Writes `tensors` as one safetensors file, through a temporary file and a rename so that a
-/// crash never leaves half a checkpoint.
-pub fn save_safetensors(tensors: Vec<(String, Tensor)>, path: &Path) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+/// Writes `bytes` to `path` through a temporary file, fsync and rename: a crash leaves either
+/// the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// Writes `json` pretty-printed to `path`.
+/// Writes `tensors` (each in its own dtype) as one safetensors file, through a temporary file,
+/// fsync and rename, as [`write_atomic`] does.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = tmp_path(path);
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Writes `json` pretty-printed to `path`, as [`write_atomic`] does.
 pub fn save_json(json: &serde_json::Value, path: &Path) -> Result<()> {
     let text = serde_json::to_string_pretty(json).map_err(|source| Error::Config {
         path: path.to_path_buf(),
         source,
     })?;
-    std::fs::write(path, text).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    write_atomic(path, text.as_bytes())
+}
+
+/// `path`'s name with `.tmp-<pid>` appended, beside it.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// An I/O error on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { path, source }
 }
 
 #[cfg(test)]

@@ -611,7 +611,7 @@ impl BertForSequenceClassification {
         for (name, var) in self.head.vars() {
             tensors.push((format!("classifier.{name}"), var.as_tensor().detach()));
         }
-        crate::formats::safetensors::save_safetensors(tensors, &dir.join("model.safetensors"))?;
+        crate::formats::safetensors::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
         let mut json = serde_json::to_value(c).map_err(|source| Error::Config {
             path: dir.join("config.json"),
             source,
