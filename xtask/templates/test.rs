@@ -1,6 +1,6 @@
-//! The checks every graft method passes (graft_trainer::testkit), run against this plugin.
+//! The checks every graft method passes (graft_testkit), run against this plugin.
 use graft_peft::serde_json::json;
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 #[test]
 fn gradients_agree_with_finite_differences() {

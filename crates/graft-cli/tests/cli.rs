@@ -3,7 +3,7 @@
 use graft_peft::candle::{DType, Device};
 use graft_peft::loader::Registry;
 use graft_trainer::task::Classifier;
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 mod common;
 use common::{graft, stderr};

@@ -2,7 +2,7 @@
 //! `graft predict --submission` filling Keywords and label on the challenge's B file, and the
 //! generative extractor trained by `graft train-lm` with the report rows held out.
 use graft_trainer::keywords::{is_report_row, parse_keywords, score::normalise, REPORT_EVERY};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 use std::path::{Path, PathBuf};
 
 mod common;

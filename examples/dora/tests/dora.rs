@@ -1,6 +1,6 @@
 //! DoRA against graft's method test kit, and its merge against its forward.
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"] })

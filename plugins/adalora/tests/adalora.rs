@@ -3,7 +3,7 @@
 use graft_peft::candle::{DType, Device, Tensor};
 use graft_peft::serde_json::{self, json, Value};
 use graft_trainer::task::Classifier;
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 /// 12 sites (6 layers x query, value) of rank 4 pruned towards 2.
 const SITES: usize = 12;

@@ -2,7 +2,7 @@
 //! a complete model that candle-transformers' BERT reads.
 use graft_peft::candle::DType;
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({})

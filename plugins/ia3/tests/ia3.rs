@@ -1,6 +1,6 @@
 //! IA3 through the whole BERT with the shared method checks, and merging (bias included).
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({})

@@ -1,7 +1,7 @@
 //! LoRA through the whole BERT with the shared method checks: gradients, training,
 //! save/reload, merge, and the PEFT fixture.
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"] })

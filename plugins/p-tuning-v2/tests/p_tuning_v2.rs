@@ -3,7 +3,7 @@
 use graft_peft::candle::Device;
 use graft_peft::serde_json::{self, json};
 use graft_trainer::task::{Classifier, TaskSpec};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4, "prefix_dropout": 0.1 })

@@ -2,7 +2,7 @@
 //! save/reload for both prompt encoders, and ragged batches.
 use graft_peft::candle::DType;
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn mlp() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4, "encoder_hidden_size": 16 })

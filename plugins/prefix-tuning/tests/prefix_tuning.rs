@@ -1,7 +1,7 @@
 //! Prefix tuning through the whole BERT with the shared method checks, the PEFT fixture, and
 //! the attention properties of key/value prefixes.
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4 })
@@ -67,7 +67,7 @@ mod properties {
     use graft_peft::candle::{DType, Tensor};
     use graft_peft::serde_json::json;
     use graft_trainer::task::Classifier;
-    use graft_trainer::testkit;
+    use graft_testkit as testkit;
     use proptest::prelude::*;
 
     fn classifier(n: usize, seed: u64) -> Classifier {

@@ -1,7 +1,7 @@
 //! Prompt tuning through the whole BERT with the shared method checks, every initialisation,
 //! and the PEFT fixture.
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4 })
@@ -117,7 +117,7 @@ mod properties {
     //! Virtual tokens shift positions and widen masks the same way for every row of a batch.
     use graft_peft::candle::DType;
     use graft_peft::serde_json::json;
-    use graft_trainer::testkit;
+    use graft_testkit as testkit;
     use proptest::prelude::*;
 
     proptest! {
