@@ -108,7 +108,9 @@ fn artifacts() -> Result<Artifacts> {
             trainer,
             testkit,
         }),
-        _ => bail!("cargo did not report the graft-peft, graft-trainer and graft-testkit libraries"),
+        _ => {
+            bail!("cargo did not report the graft-peft, graft-trainer and graft-testkit libraries")
+        }
     }
 }
 

@@ -254,8 +254,8 @@ mod misbehaving {
     use graft_peft::candle::{Result as CandleResult, Tensor, Var};
     use graft_peft::graft_model::{Hooks, LinearSite};
     use graft_peft::{Adapter, AttachContext, Method, Result};
-    use graft_trainer::task::Classifier;
     use graft_testkit as testkit;
+    use graft_trainer::task::Classifier;
     use std::collections::HashMap;
 
     #[derive(Clone, Copy)]

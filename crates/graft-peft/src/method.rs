@@ -81,6 +81,94 @@ pub trait Method: Send + Sync {
     ) -> Result<Box<dyn Adapter>>;
 }
 
+/// What a method crate implements: its two ways to make an adapter. [`plugin!`](crate::plugin)
+/// gives it a name, a PEFT type and its crate's version, makes it a [`Method`], and exports it.
+pub trait PluginMethod: Send + Sync {
+    /// A new adapter from the method's config: PEFT's field names, unknown keys refused.
+    fn create(&self, config: &serde_json::Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
+    /// An adapter from a saved adapter_config.json (unknown keys ignored, as PEFT writes many)
+    /// and its tensors.
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
+}
+
+/// A saved adapter as [`Method::load`] receives it.
+pub struct Saved<'a> {
+    /// adapter_config.json.
+    pub config: &'a serde_json::Value,
+    /// The method's tensors under their full PEFT keys.
+    pub tensors: &'a HashMap<String, Tensor>,
+}
+
+impl Saved<'_> {
+    /// The tensor `key`, checked to have `shape`.
+    pub fn tensor(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        crate::adapter::take_tensor(self.tensors, key, shape)
+    }
+}
+
+/// Makes a [`PluginMethod`] a [`Method`] and exports it from the plugin library
+/// ([`export_plugin!`](crate::export_plugin)), with `pub fn method()` for static linking:
+///
+/// ```ignore
+/// pub struct Lora;
+/// graft_peft::plugin!(Lora { name: "lora", peft_type: "LORA" });
+/// ```
+///
+/// `prompt_learning: true` (the head is saved as PEFT's prompt-learning methods save it) and
+/// `full_model: true` (the adapter is the whole model) may follow, in that order. The version is
+/// the plugin crate's own (`CARGO_PKG_VERSION` where the macro expands).
+#[macro_export]
+macro_rules! plugin {
+    ($method:ident {
+        name: $name:expr,
+        peft_type: $peft_type:expr
+        $(, prompt_learning: $prompt_learning:expr)?
+        $(, full_model: $full_model:expr)?
+        $(,)?
+    }) => {
+        impl $crate::Method for $method {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn peft_type(&self) -> &'static str {
+                $peft_type
+            }
+            fn version(&self) -> &'static str {
+                env!("CARGO_PKG_VERSION")
+            }
+            $(fn is_prompt_learning(&self) -> bool {
+                $prompt_learning
+            })?
+            $(fn saves_full_model(&self) -> bool {
+                $full_model
+            })?
+            fn create(
+                &self,
+                config: &$crate::serde_json::Value,
+                ctx: &$crate::AttachContext,
+            ) -> $crate::Result<::std::boxed::Box<dyn $crate::Adapter>> {
+                $crate::PluginMethod::create(self, config, ctx)
+            }
+            fn load(
+                &self,
+                config: &$crate::serde_json::Value,
+                tensors: &::std::collections::HashMap<::std::string::String, $crate::candle::Tensor>,
+                ctx: &$crate::AttachContext,
+            ) -> $crate::Result<::std::boxed::Box<dyn $crate::Adapter>> {
+                let saved = $crate::Saved { config, tensors };
+                $crate::PluginMethod::load(self, &saved, ctx)
+            }
+        }
+
+        $crate::export_plugin!($method);
+
+        /// The method for static linking (tests, builds without dynamic loading).
+        pub fn method() -> ::std::boxed::Box<dyn $crate::Method> {
+            ::std::boxed::Box::new($method)
+        }
+    };
+}
+
 /// What merging a method adds to one linear site: `W + weight`, `b + bias`.
 #[derive(Debug, Clone)]
 pub struct MergeDelta {

@@ -340,12 +340,8 @@ impl PrefixAdapter {
 
     /// An adapter from PEFT's prefix-tuning files (`prompt_embeddings`, no projection), or
     /// from THUDM's P-tuning v2 layout ([`THUDM_PREFIX`], `pre_seq_len`).
-    pub fn load(
-        method: &str,
-        config: &Value,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        ctx: &crate::AttachContext,
-    ) -> Result<Self> {
+    pub fn load(method: &str, saved: &crate::Saved, ctx: &crate::AttachContext) -> Result<Self> {
+        let (config, tensors) = (saved.config, saved.tensors);
         let tokens = VirtualTokens::from_saved(method, config, ctx.info)?;
         let key = if !tensors.contains_key(PROMPT_EMBEDDINGS) && tensors.contains_key(THUDM_PREFIX)
         {
@@ -353,8 +349,7 @@ impl PrefixAdapter {
         } else {
             PROMPT_EMBEDDINGS
         };
-        let table = crate::adapter::take_tensor(
-            tensors,
+        let table = saved.tensor(
             key,
             &[tokens.num_virtual_tokens, PrefixEncoder::width(ctx.info)],
         )?;

@@ -2,8 +2,8 @@
 //! save/reload, merge), plus rank allocation inside a real training run.
 use graft_peft::candle::{DType, Device, Tensor};
 use graft_peft::serde_json::{self, json, Value};
-use graft_trainer::task::Classifier;
 use graft_testkit as testkit;
+use graft_trainer::task::Classifier;
 
 /// 12 sites (6 layers x query, value) of rank 4 pruned towards 2.
 const SITES: usize = 12;

@@ -9,40 +9,21 @@ mod config;
 
 pub use config::PTuningV2Config;
 
-use graft_peft::candle::Tensor;
 use graft_peft::prompt_learning::PrefixAdapter;
 use graft_peft::serde_json::Value;
-use graft_peft::{Adapter, AttachContext, Method, Result};
-use std::collections::HashMap;
+use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
 pub struct PTuningV2;
 
-graft_peft::export_plugin!(PTuningV2);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(PTuningV2)
-}
+graft_peft::plugin!(PTuningV2 {
+    name: NAME,
+    peft_type: "PREFIX_TUNING",
+    prompt_learning: true
+});
 
 const NAME: &str = "p-tuning-v2";
 
-impl Method for PTuningV2 {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "PREFIX_TUNING"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn is_prompt_learning(&self) -> bool {
-        true
-    }
-
+impl PluginMethod for PTuningV2 {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PTuningV2Config::from_train_config(config)?;
         let hidden = config
@@ -57,12 +38,7 @@ impl Method for PTuningV2 {
         )?))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        Ok(Box::new(PrefixAdapter::load(NAME, config, tensors, ctx)?))
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(PrefixAdapter::load(NAME, saved, ctx)?))
     }
 }

@@ -2,8 +2,8 @@
 //! prefix tuning, so the prefix-tuning plugin reads them too.
 use graft_peft::candle::Device;
 use graft_peft::serde_json::{self, json};
-use graft_trainer::task::{Classifier, TaskSpec};
 use graft_testkit as testkit;
+use graft_trainer::task::{Classifier, TaskSpec};
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4, "prefix_dropout": 0.1 })

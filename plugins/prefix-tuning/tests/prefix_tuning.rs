@@ -66,8 +66,8 @@ mod properties {
     //! How key/value prefixes meet the attention mask, on the real model.
     use graft_peft::candle::{DType, Tensor};
     use graft_peft::serde_json::json;
-    use graft_trainer::task::Classifier;
     use graft_testkit as testkit;
+    use graft_trainer::task::Classifier;
     use proptest::prelude::*;
 
     fn classifier(n: usize, seed: u64) -> Classifier {
