@@ -32,10 +32,7 @@ pub struct __TITLE__;
 
 // Its name on the command line, and its `peft_type` in adapter_config.json (not one of PEFT's
 // types: graft writes it and reads it back). Also exports it, with `method()` for the tests.
-graft_peft::plugin!(__TITLE__ {
-    name: NAME,
-    peft_type: "__PEFT_TYPE__",
-});
+graft_peft::plugin!(__TITLE__, NAME, "__PEFT_TYPE__");
 
 fn key(site: &str) -> String {
     format!("base_model.model.{site}.bias_delta")

@@ -111,21 +111,16 @@ impl Saved<'_> {
 ///
 /// ```ignore
 /// pub struct Lora;
-/// graft_peft::plugin!(Lora { name: "lora", peft_type: "LORA" });
+/// graft_peft::plugin!(Lora, "lora", "LORA");
 /// ```
 ///
-/// `prompt_learning: true` (the head is saved as PEFT's prompt-learning methods save it) and
-/// `full_model: true` (the adapter is the whole model) may follow, in that order. The version is
-/// the plugin crate's own (`CARGO_PKG_VERSION` where the macro expands).
+/// The type, the method's name, its PEFT type, then any of two flags: `prompt_learning` (the
+/// head is saved as PEFT's prompt-learning methods save it) and `full_model` (the adapter is
+/// the whole model; see [`Method::saves_full_model`]). The version is the plugin crate's own
+/// (`CARGO_PKG_VERSION` where the macro expands).
 #[macro_export]
 macro_rules! plugin {
-    ($method:ident {
-        name: $name:expr,
-        peft_type: $peft_type:expr
-        $(, prompt_learning: $prompt_learning:expr)?
-        $(, full_model: $full_model:expr)?
-        $(,)?
-    }) => {
+    ($method:ident, $name:expr, $peft_type:expr $(, $flag:ident)* $(,)?) => {
         impl $crate::Method for $method {
             fn name(&self) -> &'static str {
                 $name
@@ -136,12 +131,7 @@ macro_rules! plugin {
             fn version(&self) -> &'static str {
                 env!("CARGO_PKG_VERSION")
             }
-            $(fn is_prompt_learning(&self) -> bool {
-                $prompt_learning
-            })?
-            $(fn saves_full_model(&self) -> bool {
-                $full_model
-            })?
+            $($crate::plugin!(@flag $flag);)*
             fn create(
                 &self,
                 config: &$crate::serde_json::Value,
@@ -165,6 +155,16 @@ macro_rules! plugin {
         /// The method for static linking (tests, builds without dynamic loading).
         pub fn method() -> ::std::boxed::Box<dyn $crate::Method> {
             ::std::boxed::Box::new($method)
+        }
+    };
+    (@flag prompt_learning) => {
+        fn is_prompt_learning(&self) -> bool {
+            true
+        }
+    };
+    (@flag full_model) => {
+        fn saves_full_model(&self) -> bool {
+            true
         }
     };
 }

@@ -54,7 +54,7 @@ impl DoraConfig {
 
 pub struct Dora;
 
-graft_peft::plugin!(Dora { name: NAME, peft_type: "LORA" });
+graft_peft::plugin!(Dora, NAME, "LORA");
 
 fn keys(site: &str) -> [String; 3] {
     [

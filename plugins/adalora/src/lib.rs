@@ -23,10 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 
 pub struct AdaLora;
 
-graft_peft::plugin!(AdaLora {
-    name: "adalora",
-    peft_type: "ADALORA"
-});
+graft_peft::plugin!(AdaLora, "adalora", "ADALORA");
 
 /// PEFT stores AdaLoRA's factors as a ParameterDict: no `.weight` suffix.
 fn key(site: &str, part: &str) -> String {

@@ -13,11 +13,7 @@ use std::collections::BTreeMap;
 pub struct Full;
 
 // `FULL` is not a PEFT type, and is written nowhere: the output is a model folder.
-graft_peft::plugin!(Full {
-    name: "full",
-    peft_type: "FULL",
-    full_model: true
-});
+graft_peft::plugin!(Full, "full", "FULL", full_model);
 
 impl PluginMethod for Full {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {

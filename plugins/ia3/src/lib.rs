@@ -18,10 +18,7 @@ use std::collections::BTreeMap;
 
 pub struct Ia3;
 
-graft_peft::plugin!(Ia3 {
-    name: "ia3",
-    peft_type: "IA3"
-});
+graft_peft::plugin!(Ia3, "ia3", "IA3");
 
 /// PEFT's key (a ParameterDict entry: no `.weight`).
 fn key(site: &str) -> String {

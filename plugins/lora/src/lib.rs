@@ -17,10 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 
 pub struct Lora;
 
-graft_peft::plugin!(Lora {
-    name: "lora",
-    peft_type: "LORA"
-});
+graft_peft::plugin!(Lora, "lora", "LORA");
 
 fn key(site: &str, part: &str) -> String {
     format!("base_model.model.{site}.{part}.weight")

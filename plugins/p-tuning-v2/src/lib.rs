@@ -15,27 +15,15 @@ use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
 pub struct PTuningV2;
 
-graft_peft::plugin!(PTuningV2 {
-    name: NAME,
-    peft_type: "PREFIX_TUNING",
-    prompt_learning: true
-});
+graft_peft::plugin!(PTuningV2, NAME, "PREFIX_TUNING", prompt_learning);
 
 const NAME: &str = "p-tuning-v2";
 
 impl PluginMethod for PTuningV2 {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PTuningV2Config::from_train_config(config)?;
-        let hidden = config
-            .prefix_projection
-            .then(|| config.encoder_hidden_size.unwrap_or(ctx.info.hidden_size));
-        Ok(Box::new(PrefixAdapter::create(
-            NAME,
-            config.num_virtual_tokens,
-            hidden,
-            config.prefix_dropout,
-            ctx,
-        )?))
+        let dropout = config.prefix_dropout;
+        Ok(Box::new(config.prefix.adapter(NAME, dropout, ctx)?))
     }
 
     fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {

@@ -23,11 +23,7 @@ use std::collections::HashMap;
 
 pub struct PTuning;
 
-graft_peft::plugin!(PTuning {
-    name: "p-tuning",
-    peft_type: "P_TUNING",
-    prompt_learning: true
-});
+graft_peft::plugin!(PTuning, "p-tuning", "P_TUNING", prompt_learning);
 
 /// The saved tensor: the encoder's output for the virtual tokens.
 use graft_peft::prompt_learning::PROMPT_EMBEDDINGS as PROMPT_KEY;

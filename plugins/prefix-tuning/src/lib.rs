@@ -14,27 +14,14 @@ use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
 pub struct PrefixTuning;
 
-graft_peft::plugin!(PrefixTuning {
-    name: NAME,
-    peft_type: "PREFIX_TUNING",
-    prompt_learning: true
-});
+graft_peft::plugin!(PrefixTuning, NAME, "PREFIX_TUNING", prompt_learning);
 
 const NAME: &str = "prefix-tuning";
 
 impl PluginMethod for PrefixTuning {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PrefixTuningConfig::from_train_config(config)?;
-        let hidden = config
-            .prefix_projection
-            .then(|| config.encoder_hidden_size.unwrap_or(ctx.info.hidden_size));
-        Ok(Box::new(PrefixAdapter::create(
-            NAME,
-            config.num_virtual_tokens,
-            hidden,
-            0.0,
-            ctx,
-        )?))
+        Ok(Box::new(config.prefix.adapter(NAME, 0.0, ctx)?))
     }
 
     fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {

@@ -17,11 +17,7 @@ use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
 pub struct PromptTuning;
 
-graft_peft::plugin!(PromptTuning {
-    name: NAME,
-    peft_type: "PROMPT_TUNING",
-    prompt_learning: true
-});
+graft_peft::plugin!(PromptTuning, NAME, "PROMPT_TUNING", prompt_learning);
 
 const NAME: &str = "prompt-tuning";
 
