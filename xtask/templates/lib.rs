@@ -28,10 +28,9 @@ fn default_targets() -> TargetModules {
     TargetModules::Names(vec!["query".into(), "value".into()])
 }
 
-pub struct __TITLE__;
-
-// Its name on the command line, and its `peft_type` in adapter_config.json (not one of PEFT's
-// types: graft writes it and reads it back). Also exports it, with `method()` for the tests.
+// Declares the method's type with its name on the command line and its `peft_type` in
+// adapter_config.json (not one of PEFT's types: graft writes it and reads it back), and exports
+// it, with `method()` for the tests.
 graft_peft::plugin!(__TITLE__, NAME, "__PEFT_TYPE__");
 
 fn key(site: &str) -> String {

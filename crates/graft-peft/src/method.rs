@@ -110,17 +110,20 @@ impl Saved<'_> {
 /// ([`export_plugin!`](crate::export_plugin)), with `pub fn method()` for static linking:
 ///
 /// ```ignore
-/// pub struct Lora;
 /// graft_peft::plugin!(Lora, "lora", "LORA");
+/// impl graft_peft::PluginMethod for Lora { ... }
 /// ```
 ///
-/// The type, the method's name, its PEFT type, then any of two flags: `prompt_learning` (the
+/// The type (a unit struct the macro declares), the method's name, its PEFT type, then any of two flags: `prompt_learning` (the
 /// head is saved as PEFT's prompt-learning methods save it) and `full_model` (the adapter is
 /// the whole model; see [`Method::saves_full_model`]). The version is the plugin crate's own
 /// (`CARGO_PKG_VERSION` where the macro expands).
 #[macro_export]
 macro_rules! plugin {
     ($method:ident, $name:expr, $peft_type:expr $(, $flag:ident)* $(,)?) => {
+        /// The method; [`method`] makes it for static linking.
+        pub struct $method;
+
         impl $crate::Method for $method {
             fn name(&self) -> &'static str {
                 $name

@@ -109,6 +109,20 @@ pub fn classifier(
     )?)
 }
 
+/// The error of attaching `method` with `settings` to a classifier (f32, 16 tokens), which must
+/// refuse them; panics if it accepts them.
+pub fn attach_error(method: &dyn Method, settings: &serde_json::Value) -> String {
+    match classifier(method, settings, DType::F32, 16, 1) {
+        Ok(_) => panic!("{} accepted {settings}", method.name()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The keys of named tensors (an adapter's `trainable()` or `tensors()`), in order.
+pub fn keys<T>(named: &[(String, T)]) -> Vec<String> {
+    named.iter().map(|(k, _)| k.clone()).collect()
+}
+
 /// Sets every trainable tensor whose key `select` accepts to normal(0, `std`) values: methods
 /// that start a factor at zero (LoRA's B, AdaLoRA's E) leave the other factor without gradient
 /// until it moves, which a gradient check must not mistake for agreement.

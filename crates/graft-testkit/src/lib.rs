@@ -10,6 +10,7 @@ mod decoder;
 mod error;
 mod fixtures;
 mod gradients;
+mod suite;
 mod training;
 
 pub use classifier::{
@@ -22,9 +23,10 @@ pub use decoder::{
 };
 pub use error::{Error, Result};
 pub use fixtures::{
-    classifier, fixture_dir, lm_spec, loss, max_abs_diff, minilm_dir, randomize, randomize_vars,
-    real_batch, real_data_path, registry_of, spec, stories260k_dir, story_pairs, workspace_root,
-    Family,
+    attach_error, classifier, fixture_dir, keys, lm_spec, loss, max_abs_diff, minilm_dir,
+    randomize, randomize_vars, real_batch, real_data_path, registry_of, spec, stories260k_dir,
+    story_pairs, workspace_root, Family,
 };
 pub use gradients::{finite_difference_check, GradientSample};
+pub use suite::{Randomize, Suite};
 pub use training::train_steps;

@@ -52,8 +52,6 @@ impl DoraConfig {
     }
 }
 
-pub struct Dora;
-
 graft_peft::plugin!(Dora, NAME, "LORA");
 
 fn keys(site: &str) -> [String; 3] {

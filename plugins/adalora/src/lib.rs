@@ -21,8 +21,6 @@ use graft_peft::serde_json::Value;
 use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
 use std::collections::{BTreeMap, HashMap};
 
-pub struct AdaLora;
-
 graft_peft::plugin!(AdaLora, "adalora", "ADALORA");
 
 /// PEFT stores AdaLoRA's factors as a ParameterDict: no `.weight` suffix.

@@ -10,8 +10,6 @@ use graft_peft::serde_json::{json, Value};
 use graft_peft::{Adapter, AttachContext, Error, PluginMethod, Result, Saved};
 use std::collections::BTreeMap;
 
-pub struct Full;
-
 // `FULL` is not a PEFT type, and is written nowhere: the output is a model folder.
 graft_peft::plugin!(Full, "full", "FULL", full_model);
 

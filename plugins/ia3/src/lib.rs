@@ -16,8 +16,6 @@ use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
 use std::collections::BTreeMap;
 
-pub struct Ia3;
-
 graft_peft::plugin!(Ia3, "ia3", "IA3");
 
 /// PEFT's key (a ParameterDict entry: no `.weight`).

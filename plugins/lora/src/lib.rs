@@ -15,8 +15,6 @@ use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
 use std::collections::{BTreeMap, HashMap};
 
-pub struct Lora;
-
 graft_peft::plugin!(Lora, "lora", "LORA");
 
 fn key(site: &str, part: &str) -> String {

@@ -4,7 +4,7 @@ use graft_peft::serde_json::{Map, Value};
 use graft_peft::{config, Result};
 use serde::Deserialize;
 
-const NAME: &str = "p-tuning-v2";
+pub(crate) const NAME: &str = "p-tuning-v2";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PTuningV2Config {

@@ -9,15 +9,12 @@ mod config;
 
 pub use config::PTuningV2Config;
 
+use config::NAME;
 use graft_peft::prompt_learning::PrefixAdapter;
 use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
-pub struct PTuningV2;
-
 graft_peft::plugin!(PTuningV2, NAME, "PREFIX_TUNING", prompt_learning);
-
-const NAME: &str = "p-tuning-v2";
 
 impl PluginMethod for PTuningV2 {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {

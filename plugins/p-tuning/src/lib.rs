@@ -21,8 +21,6 @@ use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 use std::collections::HashMap;
 
-pub struct PTuning;
-
 graft_peft::plugin!(PTuning, "p-tuning", "P_TUNING", prompt_learning);
 
 /// The saved tensor: the encoder's output for the virtual tokens.

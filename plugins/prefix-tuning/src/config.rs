@@ -4,7 +4,7 @@ use graft_peft::serde_json::{Map, Value};
 use graft_peft::{config, Result};
 use serde::Deserialize;
 
-const NAME: &str = "prefix-tuning";
+pub(crate) const NAME: &str = "prefix-tuning";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PrefixTuningConfig {

@@ -8,15 +8,12 @@ mod config;
 
 pub use config::PrefixTuningConfig;
 
+use config::NAME;
 use graft_peft::prompt_learning::PrefixAdapter;
 use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
-pub struct PrefixTuning;
-
 graft_peft::plugin!(PrefixTuning, NAME, "PREFIX_TUNING", prompt_learning);
-
-const NAME: &str = "prefix-tuning";
 
 impl PluginMethod for PrefixTuning {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {

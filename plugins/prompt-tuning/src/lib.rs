@@ -9,17 +9,14 @@ mod prompt;
 pub use config::{PromptInit, PromptTuningConfig};
 pub use prompt::initial_prompt;
 
+use config::NAME;
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::prompt_learning::{merge_json, VirtualTokens, PROMPT_EMBEDDINGS};
 use graft_peft::serde_json::{json, Value};
 use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
-pub struct PromptTuning;
-
 graft_peft::plugin!(PromptTuning, NAME, "PROMPT_TUNING", prompt_learning);
-
-const NAME: &str = "prompt-tuning";
 
 impl PluginMethod for PromptTuning {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
