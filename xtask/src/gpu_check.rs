@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The largest bf16-against-f32 logit difference accepted, relative to the largest logit:
-/// graft's own bf16 check (graft-trainer's testkit) allows the same, and measured 0.012-0.038
+/// graft's own bf16 check (graft-testkit's BF16_LOGITS_TOLERANCE) allows the same, and measured 0.012-0.038
 /// on the CPU.
 const LOGITS_TOLERANCE: f64 = 0.06;
 

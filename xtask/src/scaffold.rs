@@ -14,11 +14,22 @@ use std::process::Command;
 const LIB_TEMPLATE: &str = include_str!("../templates/lib.rs");
 const TEST_TEMPLATE: &str = include_str!("../templates/test.rs");
 
-/// The files of graft-peft and graft-trainer in the existing build, without building: the
-/// shared library (one per profile) and the newest graft-trainer rlib. For callers that run
-/// inside a build of their own (the test suite), where another cargo build would replace the
-/// libraries their other tests are loading.
-fn existing_artifacts() -> Result<(PathBuf, PathBuf)> {
+/// The libraries a plugin compiles against: graft-peft's shared library, and for its tests the
+/// rlibs of graft-trainer and graft-testkit.
+struct Artifacts {
+    peft: PathBuf,
+    trainer: PathBuf,
+    testkit: PathBuf,
+}
+
+/// The rlibs a plugin's tests link, by crate name.
+const TEST_RLIBS: [&str; 2] = ["graft_trainer", "graft_testkit"];
+
+/// The libraries in the existing build, without building: the shared library (one per
+/// profile) and the newest rlib of each test crate. For callers that run inside a build of
+/// their own (the test suite), where another cargo build would replace the libraries their
+/// other tests are loading.
+fn existing_artifacts() -> Result<Artifacts> {
     let deps = target_dir().join("debug").join("deps");
     let peft = deps.join(format!(
         "{}graft_peft{}",
@@ -28,27 +39,30 @@ fn existing_artifacts() -> Result<(PathBuf, PathBuf)> {
     if !peft.is_file() {
         bail!("{} is missing: build graft first", peft.display());
     }
-    let trainer = std::fs::read_dir(&deps)
-        .with_context(|| format!("reading {}", deps.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libgraft_trainer-") && n.ends_with(".rlib"))
-        })
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .with_context(|| {
-            format!(
-                "no graft-trainer rlib in {}: build graft first",
-                deps.display()
-            )
-        })?;
-    Ok((peft, trainer))
+    let newest_rlib = |krate: &str| -> Result<PathBuf> {
+        let prefix = format!("lib{krate}-");
+        std::fs::read_dir(&deps)
+            .with_context(|| format!("reading {}", deps.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".rlib"))
+            })
+            .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+            .with_context(|| format!("no {krate} rlib in {}: build graft first", deps.display()))
+    };
+    let [trainer, testkit] = TEST_RLIBS.map(newest_rlib);
+    Ok(Artifacts {
+        peft,
+        trainer: trainer?,
+        testkit: testkit?,
+    })
 }
 
-/// The files of graft-peft and graft-trainer that a workspace build produces, from cargo's own
-/// artifact messages (several builds can leave several hashed rlibs behind).
-fn artifacts() -> Result<(PathBuf, PathBuf)> {
+/// The libraries that a workspace build produces, from cargo's own artifact messages (several
+/// builds can leave several hashed rlibs behind).
+fn artifacts() -> Result<Artifacts> {
     let output = Command::new(crate::cargo())
         .current_dir(root())
         .args(["build", "--workspace", "--message-format=json"])
@@ -60,7 +74,7 @@ fn artifacts() -> Result<(PathBuf, PathBuf)> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let (mut peft, mut trainer) = (None, None);
+    let (mut peft, mut trainer, mut testkit) = (None, None, None);
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -84,12 +98,19 @@ fn artifacts() -> Result<(PathBuf, PathBuf)> {
         match name {
             "graft_peft" => peft = find(std::env::consts::DLL_EXTENSION),
             "graft_trainer" => trainer = find("rlib"),
+            "graft_testkit" => testkit = find("rlib"),
             _ => {}
         }
     }
-    match (peft, trainer) {
-        (Some(p), Some(t)) => Ok((p, t)),
-        _ => bail!("cargo did not report the graft-peft and graft-trainer libraries"),
+    match (peft, trainer, testkit) {
+        (Some(peft), Some(trainer), Some(testkit)) => Ok(Artifacts {
+            peft,
+            trainer,
+            testkit,
+        }),
+        _ => {
+            bail!("cargo did not report the graft-peft, graft-trainer and graft-testkit libraries")
+        }
     }
 }
 
@@ -104,7 +125,7 @@ fn rustc_libdir() -> Result<String> {
 
 /// `.cargo/config.toml` of a plugin: build it against this checkout's libraries.
 fn cargo_config(build: bool) -> Result<String> {
-    let (peft, trainer) = if build {
+    let built = if build {
         artifacts()?
     } else {
         existing_artifacts()?
@@ -118,9 +139,11 @@ fn cargo_config(build: bool) -> Result<String> {
         "-C".to_string(),
         "prefer-dynamic".into(),
         "--extern".into(),
-        format!("graft_peft={}", peft.display()),
+        format!("graft_peft={}", built.peft.display()),
         "--extern".into(),
-        format!("graft_trainer={}", trainer.display()),
+        format!("graft_trainer={}", built.trainer.display()),
+        "--extern".into(),
+        format!("graft_testkit={}", built.testkit.display()),
         "-L".into(),
         format!("dependency={deps}"),
         "-C".into(),
@@ -130,8 +153,9 @@ fn cargo_config(build: bool) -> Result<String> {
     Ok(format!(
         "# Written by `cargo xtask new-plugin` from the graft checkout at {}.\n\
          # The plugin compiles against that build's own graft-peft (and its tests against\n\
-         # graft-trainer), which is what lets graft load it. After graft-peft changes, rebuild\n\
-         # graft and run `cargo xtask new-plugin --refresh --path <this folder>` there.\n\
+         # graft-testkit and graft-trainer), which is what lets graft load it. After\n\
+         # graft-peft changes, rebuild graft and run\n\
+         # `cargo xtask new-plugin --refresh --path <this folder>` there.\n\
          [build]\nrustflags = [\n    {},\n]\n",
         root().display(),
         quoted.join(",\n    ")
@@ -204,7 +228,7 @@ pub fn new_plugin(name: &str, path: Option<PathBuf>, refresh: bool, build: bool)
              crate-type = [\"dylib\", \"rlib\"]\n\
              # rustdoc does not get the rustflags that find graft-peft.\n\
              doctest = false\n\n\
-             # graft-peft (and graft-trainer for tests) are not dependencies here: .cargo/config.toml\n\
+             # graft-peft (and graft-testkit for tests) are not dependencies here: .cargo/config.toml\n\
              # hands rustc the host's own built libraries.\n[dependencies]\n\n\
              # A project of its own, not a member of any workspace above it.\n[workspace]\n"
         ),

@@ -2,15 +2,15 @@
 //!
 //! The method as generated is BitFit-style bias tuning (Ben Zaken et al. 2021): every target
 //! linear site gets a trainable bias delta, `y = x·Wᵀ + b + Δb`, zero-initialised, mergeable.
-//! Replace the math, keep the shape: config, `Method`, `Adapter` + `Hooks`, tests.
+//! Replace the math, keep the shape: config, `PluginMethod`, `Adapter` + `Hooks`, tests.
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde::Deserialize;
 use graft_peft::serde_json::{json, Map, Value};
 use graft_peft::{
-    adapter, config, Adapter, AttachContext, MergeDelta, Method, Result, TargetModules,
+    config, Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved, TargetModules,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 const NAME: &str = "__NAME__";
 
@@ -28,33 +28,16 @@ fn default_targets() -> TargetModules {
     TargetModules::Names(vec!["query".into(), "value".into()])
 }
 
-pub struct Plugin;
-
-graft_peft::export_plugin!(Plugin);
-
-/// The method for static linking (this crate's tests).
-pub fn method() -> Box<dyn Method> {
-    Box::new(Plugin)
-}
+// Declares the method's type with its name on the command line and its `peft_type` in
+// adapter_config.json (not one of PEFT's types: graft writes it and reads it back), and exports
+// it, with `method()` for the tests.
+graft_peft::plugin!(__TITLE__, NAME, "__PEFT_TYPE__");
 
 fn key(site: &str) -> String {
     format!("base_model.model.{site}.bias_delta")
 }
 
-impl Method for Plugin {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    /// Not one of PEFT's types: graft writes it in adapter_config.json and reads it back.
-    fn peft_type(&self) -> &'static str {
-        "__PEFT_TYPE__"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
+impl PluginMethod for __TITLE__ {
     fn create(&self, settings: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let settings: Settings = config::parse(NAME, settings)?;
         config::refuse_unknown(NAME, &settings.other, &[], "target_modules")?;
@@ -69,17 +52,12 @@ impl Method for Plugin {
         Ok(Box::new(BiasDeltas { settings, deltas }))
     }
 
-    fn load(
-        &self,
-        settings: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let settings: Settings = config::parse(NAME, settings)?;
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let settings: Settings = config::parse(NAME, saved.config)?;
         let mut deltas = BTreeMap::new();
         for site in settings.target_modules.select(NAME, ctx.sites)? {
-            let saved = adapter::take_tensor(tensors, &key(&site.name), &[site.out_features])?;
-            let delta = Var::from_tensor(&saved.to_dtype(ctx.dtype)?)?;
+            let tensor = saved.tensor(&key(&site.name), &[site.out_features])?;
+            let delta = Var::from_tensor(&tensor.to_dtype(ctx.dtype)?)?;
             deltas.insert(site.name.clone(), (delta, site.in_features));
         }
         Ok(Box::new(BiasDeltas { settings, deltas }))

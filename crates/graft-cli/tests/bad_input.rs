@@ -1,7 +1,7 @@
 //! Every kind of bad input gets a clear error: a non-zero exit, a message naming the file and
 //! the place in it, no panic, and nothing written over existing outputs.
 use graft_peft::candle::{Device, Tensor};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,8 @@
 //! tests/bad_input.rs).
 use graft_peft::candle::{DType, Device};
 use graft_peft::loader::Registry;
+use graft_testkit as testkit;
 use graft_trainer::task::Classifier;
-use graft_trainer::testkit;
 
 mod common;
 use common::{graft, stderr};

@@ -1,8 +1,8 @@
 //! Task 2 end to end: `graft keywords-eval` on the report rows of the challenge's test file,
 //! `graft predict --submission` filling Keywords and label on the challenge's B file, and the
 //! generative extractor trained by `graft train-lm` with the report rows held out.
+use graft_testkit as testkit;
 use graft_trainer::keywords::{is_report_row, parse_keywords, score::normalise, REPORT_EVERY};
-use graft_trainer::testkit;
 use std::path::{Path, PathBuf};
 
 mod common;

@@ -3,7 +3,7 @@
 use graft_peft::candle::DType;
 use graft_peft::loader::{load_plugin, Registry};
 use graft_peft::PluginError;
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -254,8 +254,8 @@ mod misbehaving {
     use graft_peft::candle::{Result as CandleResult, Tensor, Var};
     use graft_peft::graft_model::{Hooks, LinearSite};
     use graft_peft::{Adapter, AttachContext, Method, Result};
+    use graft_testkit as testkit;
     use graft_trainer::task::Classifier;
-    use graft_trainer::testkit;
     use std::collections::HashMap;
 
     #[derive(Clone, Copy)]

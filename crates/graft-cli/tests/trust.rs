@@ -2,7 +2,7 @@
 //! a resumed run loads no plugin its folder names, PEFT folders are read (or refused) field by
 //! field, an unknown method is reported first, a missing OpenBLAS is said, and graft's own
 //! OpenBLAS copy is fetched (pinned by hash) and used.
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 use std::path::{Path, PathBuf};
 
 mod common;

@@ -18,7 +18,7 @@ pub use candle_core as candle;
 pub use candle_nn;
 pub use error::{Error, PluginError, Result};
 pub use graft_model;
-pub use method::{Adapter, AttachContext, MergeDelta, Method};
+pub use method::{Adapter, AttachContext, MergeDelta, Method, PluginMethod, Saved};
 pub use serde;
 pub use serde_json;
 pub use targets::{DefaultTargets, TargetModules};

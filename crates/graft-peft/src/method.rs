@@ -81,6 +81,97 @@ pub trait Method: Send + Sync {
     ) -> Result<Box<dyn Adapter>>;
 }
 
+/// What a method crate implements: its two ways to make an adapter. [`plugin!`](crate::plugin)
+/// gives it a name, a PEFT type and its crate's version, makes it a [`Method`], and exports it.
+pub trait PluginMethod: Send + Sync {
+    /// A new adapter from the method's config: PEFT's field names, unknown keys refused.
+    fn create(&self, config: &serde_json::Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
+    /// An adapter from a saved adapter_config.json (unknown keys ignored, as PEFT writes many)
+    /// and its tensors.
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
+}
+
+/// A saved adapter as [`Method::load`] receives it.
+pub struct Saved<'a> {
+    /// adapter_config.json.
+    pub config: &'a serde_json::Value,
+    /// The method's tensors under their full PEFT keys.
+    pub tensors: &'a HashMap<String, Tensor>,
+}
+
+impl Saved<'_> {
+    /// The tensor `key`, checked to have `shape`.
+    pub fn tensor(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        crate::adapter::take_tensor(self.tensors, key, shape)
+    }
+}
+
+/// Makes a [`PluginMethod`] a [`Method`] and exports it from the plugin library
+/// ([`export_plugin!`](crate::export_plugin)), with `pub fn method()` for static linking:
+///
+/// ```ignore
+/// graft_peft::plugin!(Lora, "lora", "LORA");
+/// impl graft_peft::PluginMethod for Lora { ... }
+/// ```
+///
+/// The type (a unit struct the macro declares), the method's name, its PEFT type, then any of two flags: `prompt_learning` (the
+/// head is saved as PEFT's prompt-learning methods save it) and `full_model` (the adapter is
+/// the whole model; see [`Method::saves_full_model`]). The version is the plugin crate's own
+/// (`CARGO_PKG_VERSION` where the macro expands).
+#[macro_export]
+macro_rules! plugin {
+    ($method:ident, $name:expr, $peft_type:expr $(, $flag:ident)* $(,)?) => {
+        /// The method; [`method`] makes it for static linking.
+        pub struct $method;
+
+        impl $crate::Method for $method {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn peft_type(&self) -> &'static str {
+                $peft_type
+            }
+            fn version(&self) -> &'static str {
+                env!("CARGO_PKG_VERSION")
+            }
+            $($crate::plugin!(@flag $flag);)*
+            fn create(
+                &self,
+                config: &$crate::serde_json::Value,
+                ctx: &$crate::AttachContext,
+            ) -> $crate::Result<::std::boxed::Box<dyn $crate::Adapter>> {
+                $crate::PluginMethod::create(self, config, ctx)
+            }
+            fn load(
+                &self,
+                config: &$crate::serde_json::Value,
+                tensors: &::std::collections::HashMap<::std::string::String, $crate::candle::Tensor>,
+                ctx: &$crate::AttachContext,
+            ) -> $crate::Result<::std::boxed::Box<dyn $crate::Adapter>> {
+                let saved = $crate::Saved { config, tensors };
+                $crate::PluginMethod::load(self, &saved, ctx)
+            }
+        }
+
+        $crate::export_plugin!($method);
+
+        /// The method for static linking (tests, builds without dynamic loading).
+        pub fn method() -> ::std::boxed::Box<dyn $crate::Method> {
+            ::std::boxed::Box::new($method)
+        }
+    };
+    (@flag prompt_learning) => {
+        fn is_prompt_learning(&self) -> bool {
+            true
+        }
+    };
+    (@flag full_model) => {
+        fn saves_full_model(&self) -> bool {
+            true
+        }
+    };
+}
+
 /// What merging a method adds to one linear site: `W + weight`, `b + bias`.
 #[derive(Debug, Clone)]
 pub struct MergeDelta {

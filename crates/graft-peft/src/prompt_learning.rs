@@ -114,6 +114,61 @@ impl VirtualTokens {
     }
 }
 
+/// The fields of PEFT's `PrefixTuningConfig`, which prefix tuning and P-tuning v2 both take;
+/// each method's config holds them (`#[serde(flatten)]`) beside its own.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PrefixSettings {
+    /// Prefix positions added to every layer's keys and values.
+    #[serde(default = "default_prefix_tokens")]
+    pub num_virtual_tokens: usize,
+    /// Train the prefixes through an MLP (Li and Liang's reparametrisation); saving folds it in.
+    #[serde(default)]
+    pub prefix_projection: bool,
+    /// Hidden width of that MLP (default: the model's hidden size, as PEFT fills it).
+    #[serde(default)]
+    pub encoder_hidden_size: Option<usize>,
+}
+
+fn default_prefix_tokens() -> usize {
+    20
+}
+
+impl PrefixSettings {
+    /// The fields, for a "`method` takes ..." message.
+    pub const FIELDS: &'static str = "num_virtual_tokens, prefix_projection, encoder_hidden_size";
+
+    /// Refuses counts of zero, as errors of `method`'s config.
+    pub fn check(&self, method: &str) -> Result<()> {
+        if self.num_virtual_tokens == 0 {
+            return Err(crate::config::invalid(
+                method,
+                "num_virtual_tokens must be at least 1, found 0",
+            ));
+        }
+        if self.encoder_hidden_size == Some(0) {
+            return Err(crate::config::invalid(
+                method,
+                "encoder_hidden_size must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A fresh adapter of `method` with these settings and `dropout` on the prefixes while
+    /// training.
+    pub fn adapter(
+        &self,
+        method: &str,
+        dropout: f64,
+        ctx: &crate::AttachContext,
+    ) -> Result<PrefixAdapter> {
+        let hidden = self
+            .prefix_projection
+            .then(|| self.encoder_hidden_size.unwrap_or(ctx.info.hidden_size));
+        PrefixAdapter::create(method, self.num_virtual_tokens, hidden, dropout, ctx)
+    }
+}
+
 /// Adds the fields of `extra` (an object) to `base` (an object).
 pub fn merge_json(mut base: Value, extra: Value) -> Value {
     if let (Some(out), Value::Object(fields)) = (base.as_object_mut(), extra) {
@@ -340,12 +395,8 @@ impl PrefixAdapter {
 
     /// An adapter from PEFT's prefix-tuning files (`prompt_embeddings`, no projection), or
     /// from THUDM's P-tuning v2 layout ([`THUDM_PREFIX`], `pre_seq_len`).
-    pub fn load(
-        method: &str,
-        config: &Value,
-        tensors: &std::collections::HashMap<String, Tensor>,
-        ctx: &crate::AttachContext,
-    ) -> Result<Self> {
+    pub fn load(method: &str, saved: &crate::Saved, ctx: &crate::AttachContext) -> Result<Self> {
+        let (config, tensors) = (saved.config, saved.tensors);
         let tokens = VirtualTokens::from_saved(method, config, ctx.info)?;
         let key = if !tensors.contains_key(PROMPT_EMBEDDINGS) && tensors.contains_key(THUDM_PREFIX)
         {
@@ -353,8 +404,7 @@ impl PrefixAdapter {
         } else {
             PROMPT_EMBEDDINGS
         };
-        let table = crate::adapter::take_tensor(
-            tensors,
+        let table = saved.tensor(
             key,
             &[tokens.num_virtual_tokens, PrefixEncoder::width(ctx.info)],
         )?;

@@ -16,4 +16,3 @@ pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};
-pub mod testkit;

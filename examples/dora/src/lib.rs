@@ -11,7 +11,7 @@ use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde::Deserialize;
 use graft_peft::serde_json::{json, Map, Value};
 use graft_peft::{
-    adapter, config, Adapter, AttachContext, MergeDelta, Method, Result, TargetModules,
+    adapter, config, Adapter, AttachContext, MergeDelta, PluginMethod, Saved, Result, TargetModules,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -52,14 +52,7 @@ impl DoraConfig {
     }
 }
 
-pub struct Dora;
-
-graft_peft::export_plugin!(Dora);
-
-/// The method for static linking (this crate's tests).
-pub fn method() -> Box<dyn Method> {
-    Box::new(Dora)
-}
+graft_peft::plugin!(Dora, NAME, "LORA");
 
 fn keys(site: &str) -> [String; 3] {
     [
@@ -123,19 +116,7 @@ impl DoraLayer {
     }
 }
 
-impl Method for Dora {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "LORA"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
+impl PluginMethod for Dora {
     fn create(&self, settings: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let settings: DoraConfig = config::parse(NAME, settings)?;
         config::refuse_unknown(
@@ -167,13 +148,8 @@ impl Method for Dora {
         Ok(Box::new(DoraAdapter { settings, layers }))
     }
 
-    fn load(
-        &self,
-        settings: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let settings: DoraConfig = config::parse(NAME, settings)?;
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let settings: DoraConfig = config::parse(NAME, saved.config)?;
         if settings.other.get("use_dora") != Some(&Value::Bool(true)) {
             return Err(config::invalid(
                 NAME,
@@ -184,9 +160,9 @@ impl Method for Dora {
         for site in settings.target_modules.select(NAME, ctx.sites)? {
             let (weight, bias) = base(ctx, &site.name)?;
             let [ka, kb, km] = keys(&site.name);
-            let a = adapter::take_tensor(tensors, &ka, &[settings.r, site.in_features])?;
-            let b = adapter::take_tensor(tensors, &kb, &[site.out_features, settings.r])?;
-            let m = adapter::take_tensor(tensors, &km, &[site.out_features])?;
+            let a = saved.tensor(&ka, &[settings.r, site.in_features])?;
+            let b = saved.tensor(&kb, &[site.out_features, settings.r])?;
+            let m = saved.tensor(&km, &[site.out_features])?;
             let parts = (
                 a.to_dtype(ctx.dtype)?,
                 b.to_dtype(ctx.dtype)?,

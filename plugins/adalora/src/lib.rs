@@ -18,17 +18,10 @@ use graft_peft::candle::{Device, Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Acts, Hooks, LinearSite, LowRank, SiteInfo};
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
+use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
 use std::collections::{BTreeMap, HashMap};
 
-pub struct AdaLora;
-
-graft_peft::export_plugin!(AdaLora);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(AdaLora)
-}
+graft_peft::plugin!(AdaLora, "adalora", "ADALORA");
 
 /// PEFT stores AdaLoRA's factors as a ParameterDict: no `.weight` suffix.
 fn key(site: &str, part: &str) -> String {
@@ -50,19 +43,7 @@ fn with_default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
     )
 }
 
-impl Method for AdaLora {
-    fn name(&self) -> &'static str {
-        "adalora"
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "ADALORA"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
+impl PluginMethod for AdaLora {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = AdaLoraConfig::from_train_config(&with_default_targets(config, ctx)?)?;
         let total_step = config.resolve_total_step(ctx.total_steps)?;
@@ -96,17 +77,12 @@ impl Method for AdaLora {
         )))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let config = AdaLoraConfig::from_adapter_config(&with_default_targets(config, ctx)?)?;
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let config = AdaLoraConfig::from_adapter_config(&with_default_targets(saved.config, ctx)?)?;
         let mut layers = BTreeMap::new();
         let mut pattern = BTreeMap::new();
         for site in config.target_modules.select("adalora", ctx.sites)? {
-            let [mut a, mut e, mut b] = load_site(&config, site, tensors)?;
+            let [mut a, mut e, mut b] = load_site(&config, site, saved.tensors)?;
             if let Some(kept) = saved_pattern(&config, &site.name) {
                 [a, e, b] = pad_to_pattern([a, e, b], kept, &site.name)?;
                 pattern.insert(site.name.clone(), kept.clone());
@@ -578,7 +554,16 @@ mod tests {
             saved.config["rank_pattern"]["m.0.value.lora_E"],
             json!([true, false, true])
         );
-        let loaded = with_ctx(|ctx| AdaLora.load(&saved.config, &saved.tensors, ctx)).unwrap();
+        let loaded = with_ctx(|ctx| {
+            AdaLora.load(
+                &Saved {
+                    config: &saved.config,
+                    tensors: &saved.tensors,
+                },
+                ctx,
+            )
+        })
+        .unwrap();
 
         let x = random(&[4, 6]);
         let w = random(&[5, 6]);
@@ -629,12 +614,30 @@ mod tests {
             "init_r": 3,
             "rank_pattern": { "m.0.query.lora_E": [true, false, false] },
         });
-        let err = with_ctx(|ctx| AdaLora.load(&config, &tensors, ctx))
-            .err()
-            .unwrap();
+        let err = with_ctx(|ctx| {
+            AdaLora.load(
+                &Saved {
+                    config: &config,
+                    tensors: &tensors,
+                },
+                ctx,
+            )
+        })
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("keeps 1 of 3"), "{err}");
         // Without a pattern, the rank is read from the tensors.
-        let loaded = with_ctx(|ctx| AdaLora.load(&json!({ "init_r": 3 }), &tensors, ctx)).unwrap();
+        let loaded = with_ctx(|ctx| {
+            let config = json!({ "init_r": 3 });
+            AdaLora.load(
+                &Saved {
+                    config: &config,
+                    tensors: &tensors,
+                },
+                ctx,
+            )
+        })
+        .unwrap();
         assert_eq!(loaded.trainable()[0].1.dims(), [2, 6]);
     }
 

@@ -7,36 +7,13 @@
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::serde_json::{json, Value};
-use graft_peft::{Adapter, AttachContext, Error, Method, Result};
-use std::collections::{BTreeMap, HashMap};
+use graft_peft::{Adapter, AttachContext, Error, PluginMethod, Result, Saved};
+use std::collections::BTreeMap;
 
-pub struct Full;
+// `FULL` is not a PEFT type, and is written nowhere: the output is a model folder.
+graft_peft::plugin!(Full, "full", "FULL", full_model);
 
-graft_peft::export_plugin!(Full);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(Full)
-}
-
-impl Method for Full {
-    fn name(&self) -> &'static str {
-        "full"
-    }
-
-    /// Not a PEFT type; written nowhere (the output is a model folder).
-    fn peft_type(&self) -> &'static str {
-        "FULL"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn saves_full_model(&self) -> bool {
-        true
-    }
-
+impl PluginMethod for Full {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let unknown: Vec<&String> = config
             .as_object()
@@ -58,16 +35,11 @@ impl Method for Full {
 
     /// The host opens the saved model folder as the base model and asks for an adapter with
     /// no tensors: the model alone. Given tensors, they become the trained parameters.
-    fn load(
-        &self,
-        _config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let mut params = BTreeMap::new();
         for (key, base) in ctx.base_tensors {
-            if tensors.contains_key(key) {
-                let t = graft_peft::adapter::take_tensor(tensors, key, base.dims())?;
+            if saved.tensors.contains_key(key) {
+                let t = saved.tensor(key, base.dims())?;
                 params.insert(key.clone(), Var::from_tensor(&t.to_dtype(ctx.dtype)?)?);
             }
         }

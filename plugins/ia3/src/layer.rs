@@ -123,7 +123,7 @@ mod tests {
             let (dw, db) = site.deltas().unwrap();
             let merged_b = match db { Some(d) => (&b + d).unwrap(), None => b.clone() };
             let merged = ops::linear(&x, &(&w + dw).unwrap(), Some(&merged_b)).unwrap();
-            let diff = graft_trainer::testkit::max_abs_diff(&adapted, &merged).unwrap();
+            let diff = graft_testkit::max_abs_diff(&adapted, &merged).unwrap();
             prop_assert!(diff <= 1e-9, "{}", diff);
         }
     }

@@ -13,17 +13,10 @@ pub use layer::Ia3Layer;
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{init, Acts, Hooks, LinearSite, SiteInfo};
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
-use std::collections::{BTreeMap, HashMap};
+use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
+use std::collections::BTreeMap;
 
-pub struct Ia3;
-
-graft_peft::export_plugin!(Ia3);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(Ia3)
-}
+graft_peft::plugin!(Ia3, "ia3", "IA3");
 
 /// PEFT's key (a ParameterDict entry: no `.weight`).
 fn key(site: &str) -> String {
@@ -99,19 +92,7 @@ impl Ia3 {
     }
 }
 
-impl Method for Ia3 {
-    fn name(&self) -> &'static str {
-        "ia3"
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "IA3"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
+impl PluginMethod for Ia3 {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = Ia3Config::from_train_config(&default_targets(config, ctx)?)?;
         let mut rng = init::seeded_rng(ctx.seed);
@@ -126,15 +107,10 @@ impl Method for Ia3 {
         })
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let config = Ia3Config::from_adapter_config(&default_targets(config, ctx)?)?;
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let config = Ia3Config::from_adapter_config(&default_targets(saved.config, ctx)?)?;
         Self::attach(config, ctx, |site, shape| {
-            adapter::take_tensor(tensors, &key(&site.name), &shape)
+            saved.tensor(&key(&site.name), &shape)
         })
     }
 }

@@ -48,7 +48,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        graft_trainer::testkit::max_abs_diff(a, b).unwrap()
+        graft_testkit::max_abs_diff(a, b).unwrap()
     }
 
     proptest! {

@@ -12,17 +12,10 @@ use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Acts, Hooks, LinearSite, LowRank};
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, Method, Result};
+use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
 use std::collections::{BTreeMap, HashMap};
 
-pub struct Lora;
-
-graft_peft::export_plugin!(Lora);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(Lora)
-}
+graft_peft::plugin!(Lora, "lora", "LORA");
 
 fn key(site: &str, part: &str) -> String {
     format!("base_model.model.{site}.{part}.weight")
@@ -39,19 +32,7 @@ fn with_default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
     )
 }
 
-impl Method for Lora {
-    fn name(&self) -> &'static str {
-        "lora"
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "LORA"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
+impl PluginMethod for Lora {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = LoraConfig::from_train_config(&with_default_targets(config, ctx)?)?;
         let mut rng = init::seeded_rng(ctx.seed);
@@ -71,25 +52,12 @@ impl Method for Lora {
         Ok(Box::new(LoraAdapter::new(config, layers, ctx.seed)))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_adapter_config(&with_default_targets(config, ctx)?)?;
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let config = LoraConfig::from_adapter_config(&with_default_targets(saved.config, ctx)?)?;
         let mut layers = BTreeMap::new();
         for site in config.target_modules.select("lora", ctx.sites)? {
-            let a = adapter::take_tensor(
-                tensors,
-                &key(&site.name, "lora_A"),
-                &[config.r, site.in_features],
-            )?;
-            let b = adapter::take_tensor(
-                tensors,
-                &key(&site.name, "lora_B"),
-                &[site.out_features, config.r],
-            )?;
+            let a = saved.tensor(&key(&site.name, "lora_A"), &[config.r, site.in_features])?;
+            let b = saved.tensor(&key(&site.name, "lora_B"), &[site.out_features, config.r])?;
             layers.insert(
                 site.name.clone(),
                 new_layer(

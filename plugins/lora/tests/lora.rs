@@ -1,68 +1,33 @@
 //! LoRA through the whole BERT with the shared method checks: gradients, training,
 //! save/reload, merge, and the PEFT fixture.
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"] })
 }
 
-#[test]
-fn finite_differences_agree_with_autograd_in_f64_for_every_lora_tensor() {
-    let lora = graft_plugin_lora::method();
-    // B starts at zero, which would leave A without gradient.
-    let samples = testkit::check_gradients(lora.as_ref(), &settings(), 2, |c| {
-        testkit::randomize(c, |k| k.contains("lora_B"), 0.05, 3)
-    })
-    .unwrap();
-    assert_eq!(samples.len(), 24 * 2, "every LoRA tensor sampled");
+/// B starts at zero, which would leave A without gradient: the gradient checks randomise it.
+/// In training, step 1 has B = 0, so A's gradient is zero as in PEFT; from step 2 on every
+/// tensor has one. On the decoders, PEFT's default targets for each (q_proj and v_proj;
+/// ChatGLM's query_key_value).
+fn suite() -> testkit::Suite {
+    testkit::Suite::new(graft_plugin_lora::method, settings(), (2, 24), (6, 1e-2))
+        .randomizing(|k| k.contains("lora_B"), 0.05)
+        .merging(1e-5)
+        .on_decoders(json!({ "r": 4, "lora_alpha": 8 }), (8, 1e-2))
 }
 
-#[test]
-fn trains_on_a_real_batch_and_every_tensor_gets_a_gradient() {
-    // Step 1: B = 0, so A's gradient is zero as in PEFT; from step 2 on every tensor has one.
-    testkit::check_trains(graft_plugin_lora::method().as_ref(), &settings(), 6, 1e-2).unwrap();
-}
-
-#[test]
-fn saved_adapter_reloads_to_identical_logits_and_merges_to_the_same_logits() {
-    let lora = graft_plugin_lora::method();
-    let mut reloaded =
-        testkit::check_reload(lora.as_ref(), &settings(), graft_plugin_lora::method()).unwrap();
-    testkit::check_merge(&mut reloaded, 1e-5).unwrap();
-}
+graft_testkit::method_tests!(
+    standard,
+    suite(),
+    [gradients, trains, reloads, decoders, decoder_classifier]
+);
 
 #[test]
 fn peft_lora_fixture_reproduces_its_logits() {
     // The adapter moves the logits by about 4e-3, so 1e-4 tells it from no adapter.
     testkit::check_peft_fixture(graft_plugin_lora::method(), "lora_minilm").unwrap();
-}
-
-/// On both decoder families with PEFT's default targets for each (q_proj and v_proj; ChatGLM's
-/// query_key_value).
-#[test]
-fn trains_and_reloads_on_llama_and_chatglm() {
-    testkit::check_lm_families(
-        graft_plugin_lora::method,
-        &json!({ "r": 4, "lora_alpha": 8 }),
-        (8, 1e-2),
-        |lm| testkit::randomize_vars(&lm.trainable(), |k| k.contains("lora_B"), 0.05, 3),
-    )
-    .unwrap();
-}
-
-/// Sequence classification on a decoder, as LlamaForSequenceClassification with PEFT's
-/// `score` head.
-#[test]
-fn classifies_on_a_decoder() {
-    let losses = testkit::check_decoder_classifier(
-        graft_plugin_lora::method().as_ref(),
-        &json!({ "r": 4, "lora_alpha": 8 }),
-        (8, 1e-2),
-        graft_plugin_lora::method(),
-    )
-    .unwrap();
-    eprintln!("{losses:?}");
 }
 
 /// Generation with the adapter's hooks and with the adapter merged into the weights agree.

@@ -1,32 +1,27 @@
 //! P-tuning v2's configuration: PEFT's prefix-tuning fields plus the paper's prefix dropout.
+use graft_peft::prompt_learning::PrefixSettings;
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{config, Error, Result};
+use graft_peft::{config, Result};
 use serde::Deserialize;
 
+pub(crate) const NAME: &str = "p-tuning-v2";
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PTuningV2Config {
-    /// Deep-prompt length per layer; task-specific in the paper (short, about 20, suits
-    /// sentence classification; sequence labelling wants about 100).
-    #[serde(default = "default_tokens")]
-    pub num_virtual_tokens: usize,
-    /// The paper finds the MLP reparametrisation task-dependent and leaves it off by default.
-    #[serde(default)]
-    pub prefix_projection: bool,
-    #[serde(default)]
-    pub encoder_hidden_size: Option<usize>,
+    /// PEFT's prefix fields. The deep-prompt length is task-specific in the paper (short,
+    /// about 20, suits sentence classification; sequence labelling wants about 100), and it
+    /// finds the MLP reparametrisation task-dependent and leaves it off, as the default is.
+    #[serde(flatten)]
+    pub prefix: PrefixSettings,
     /// Dropout on the prefixes while training (THUDM's P-tuning v2 uses the model's
     /// hidden_dropout_prob, 0.1 for BERT models). Training only; not saved.
     #[serde(default = "default_dropout")]
     pub prefix_dropout: f64,
-    /// Written by graft's own config files; informational.
-    #[serde(default)]
-    pub peft_type: Option<String>,
+    /// Keys it does not take (PEFT's bookkeeping keys pass); refused.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
-fn default_tokens() -> usize {
-    20
-}
 fn default_dropout() -> f64 {
     0.1
 }
@@ -34,28 +29,19 @@ fn default_dropout() -> f64 {
 impl PTuningV2Config {
     /// From a training config: unknown keys are an error.
     pub fn from_train_config(value: &Value) -> Result<Self> {
-        let mut fields: Map<String, Value> = value.as_object().cloned().unwrap_or_default();
-        fields.retain(|k, _| !matches!(k.as_str(), "task_type" | "base_model_name_or_path"));
-        let config: Self = serde_json::from_value(Value::Object(fields)).map_err(|e| {
-            invalid(format!(
-                "{e}; P-tuning v2 takes num_virtual_tokens, prefix_projection, encoder_hidden_size, prefix_dropout"
-            ))
-        })?;
-        if config.num_virtual_tokens == 0 {
-            return Err(invalid(
-                "num_virtual_tokens must be at least 1, found 0".into(),
+        let config: Self = config::parse(NAME, value)?;
+        config.prefix.check(NAME)?;
+        if !(0.0..1.0).contains(&config.prefix_dropout) {
+            return Err(config::invalid(
+                NAME,
+                format!(
+                    "prefix_dropout must be in [0, 1), found {}",
+                    config.prefix_dropout
+                ),
             ));
         }
-        if !(0.0..1.0).contains(&config.prefix_dropout) {
-            return Err(invalid(format!(
-                "prefix_dropout must be in [0, 1), found {}",
-                config.prefix_dropout
-            )));
-        }
+        let takes = format!("{}, prefix_dropout", PrefixSettings::FIELDS);
+        config::refuse_unknown(NAME, &config.other, &[], &takes)?;
         Ok(config)
     }
-}
-
-fn invalid(reason: String) -> Error {
-    config::invalid("p-tuning-v2", reason)
 }

@@ -9,60 +9,21 @@ mod config;
 
 pub use config::PTuningV2Config;
 
-use graft_peft::candle::Tensor;
+use config::NAME;
 use graft_peft::prompt_learning::PrefixAdapter;
 use graft_peft::serde_json::Value;
-use graft_peft::{Adapter, AttachContext, Method, Result};
-use std::collections::HashMap;
+use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
-pub struct PTuningV2;
+graft_peft::plugin!(PTuningV2, NAME, "PREFIX_TUNING", prompt_learning);
 
-graft_peft::export_plugin!(PTuningV2);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(PTuningV2)
-}
-
-const NAME: &str = "p-tuning-v2";
-
-impl Method for PTuningV2 {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "PREFIX_TUNING"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn is_prompt_learning(&self) -> bool {
-        true
-    }
-
+impl PluginMethod for PTuningV2 {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PTuningV2Config::from_train_config(config)?;
-        let hidden = config
-            .prefix_projection
-            .then(|| config.encoder_hidden_size.unwrap_or(ctx.info.hidden_size));
-        Ok(Box::new(PrefixAdapter::create(
-            NAME,
-            config.num_virtual_tokens,
-            hidden,
-            config.prefix_dropout,
-            ctx,
-        )?))
+        let dropout = config.prefix_dropout;
+        Ok(Box::new(config.prefix.adapter(NAME, dropout, ctx)?))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        Ok(Box::new(PrefixAdapter::load(NAME, config, tensors, ctx)?))
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        Ok(Box::new(PrefixAdapter::load(NAME, saved, ctx)?))
     }
 }

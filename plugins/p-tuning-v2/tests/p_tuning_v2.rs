@@ -2,35 +2,24 @@
 //! prefix tuning, so the prefix-tuning plugin reads them too.
 use graft_peft::candle::Device;
 use graft_peft::serde_json::{self, json};
+use graft_plugin_p_tuning_v2::method;
+use graft_testkit as testkit;
 use graft_trainer::task::{Classifier, TaskSpec};
-use graft_trainer::testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4, "prefix_dropout": 0.1 })
 }
 
-#[test]
-fn finite_differences_agree_with_autograd() {
-    let method = graft_plugin_p_tuning_v2::method();
-    let samples = testkit::check_gradients(method.as_ref(), &settings(), 4, |_| Ok(())).unwrap();
-    assert_eq!(samples.len(), 4);
+/// Training runs with the prefix dropout on.
+fn suite() -> testkit::Suite {
+    testkit::Suite::new(method, settings(), (4, 1), (6, 3e-2)).on_decoders(settings(), (15, 5e-2))
 }
 
-#[test]
-fn trains_on_a_real_batch_with_prefix_dropout() {
-    let method = graft_plugin_p_tuning_v2::method();
-    testkit::check_trains(method.as_ref(), &settings(), 6, 3e-2).unwrap();
-}
+graft_testkit::method_tests!(standard, suite(), [gradients, trains, decoders]);
 
 #[test]
 fn saved_adapter_reloads_to_identical_logits_also_as_peft_prefix_tuning() {
-    let method = graft_plugin_p_tuning_v2::method();
-    let reloaded = testkit::check_reload(
-        method.as_ref(),
-        &settings(),
-        graft_plugin_p_tuning_v2::method(),
-    )
-    .unwrap();
+    let reloaded = suite().check_reload().unwrap();
     let dir = tempfile::tempdir().unwrap();
     reloaded.classifier.save(dir.path()).unwrap();
     let config: serde_json::Value = serde_json::from_str(
@@ -55,18 +44,6 @@ fn saved_adapter_reloads_to_identical_logits_also_as_peft_prefix_tuning() {
         testkit::max_abs_diff(&logits, &reloaded.logits).unwrap(),
         0.0
     );
-}
-
-/// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
-#[test]
-fn trains_and_reloads_on_llama_and_chatglm() {
-    testkit::check_lm_families(
-        graft_plugin_p_tuning_v2::method,
-        &settings(),
-        (15, 5e-2),
-        |_| Ok(()),
-    )
-    .unwrap();
 }
 
 /// An adapter in the layout THUDM's ChatGLM P-tuning v2 scripts save (the prefix table under

@@ -18,40 +18,17 @@ use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
+use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 use std::collections::HashMap;
 
-pub struct PTuning;
-
-graft_peft::export_plugin!(PTuning);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(PTuning)
-}
+graft_peft::plugin!(PTuning, "p-tuning", "P_TUNING", prompt_learning);
 
 /// The saved tensor: the encoder's output for the virtual tokens.
 use graft_peft::prompt_learning::PROMPT_EMBEDDINGS as PROMPT_KEY;
 /// Where PEFT keeps the encoder of the (only) adapter, `default`.
 const ENCODER_PREFIX: &str = "prompt_encoder.default";
 
-impl Method for PTuning {
-    fn name(&self) -> &'static str {
-        "p-tuning"
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "P_TUNING"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn is_prompt_learning(&self) -> bool {
-        true
-    }
-
+impl PluginMethod for PTuning {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PTuningConfig::from_train_config(config, ctx.info)?;
         let mut rng = init::seeded_rng(ctx.seed);
@@ -79,15 +56,9 @@ impl Method for PTuning {
         )))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let config = PTuningConfig::from_adapter_config(config, ctx.info)?;
-        let table = adapter::take_tensor(
-            tensors,
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let config = PTuningConfig::from_adapter_config(saved.config, ctx.info)?;
+        let table = saved.tensor(
             PROMPT_KEY,
             &[config.total_virtual_tokens(), config.token_dim()],
         )?;

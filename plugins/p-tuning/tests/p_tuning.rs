@@ -2,7 +2,7 @@
 //! save/reload for both prompt encoders, and ragged batches.
 use graft_peft::candle::DType;
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 
 fn mlp() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4, "encoder_hidden_size": 16 })
@@ -17,61 +17,37 @@ fn lstm() -> serde_json::Value {
     })
 }
 
-#[test]
-fn finite_differences_agree_with_autograd_for_every_mlp_encoder_tensor() {
-    let method = graft_plugin_p_tuning::method();
-    let samples = testkit::check_gradients(method.as_ref(), &mlp(), 2, |_| Ok(())).unwrap();
-    // embedding + 3 linear layers (weight, bias).
-    assert_eq!(samples.len(), 7 * 2, "every encoder tensor sampled");
+/// The MLP encoder: the embedding and 3 linear layers (weight, bias).
+fn mlp_suite() -> testkit::Suite {
+    testkit::Suite::new(graft_plugin_p_tuning::method, mlp(), (2, 7), (4, 2e-2))
+        .on_decoders(mlp(), (15, 5e-2))
 }
 
-#[test]
-fn finite_differences_agree_with_autograd_for_every_lstm_encoder_tensor() {
-    let method = graft_plugin_p_tuning::method();
-    let samples = testkit::check_gradients(method.as_ref(), &lstm(), 2, |_| Ok(())).unwrap();
-    // embedding + 2 layers x 2 directions x 4 + 2 head linear layers (weight, bias).
-    assert_eq!(
-        samples.len(),
-        (1 + 16 + 4) * 2,
-        "every encoder tensor sampled"
-    );
+/// The LSTM encoder: the embedding, 2 layers x 2 directions x 4, and 2 head linear layers
+/// (weight, bias).
+fn lstm_suite() -> testkit::Suite {
+    testkit::Suite::new(
+        graft_plugin_p_tuning::method,
+        lstm(),
+        (2, 1 + 16 + 4),
+        (4, 2e-2),
+    )
 }
 
-#[test]
-fn trains_on_a_real_batch_with_the_mlp_encoder() {
-    let method = graft_plugin_p_tuning::method();
-    let losses = testkit::check_trains(method.as_ref(), &mlp(), 4, 2e-2).unwrap();
-    eprintln!("mlp losses: {losses:?}");
-}
-
-#[test]
-fn trains_on_a_real_batch_with_the_lstm_encoder() {
-    let method = graft_plugin_p_tuning::method();
-    let losses = testkit::check_trains(method.as_ref(), &lstm(), 4, 2e-2).unwrap();
-    eprintln!("lstm losses: {losses:?}");
-}
+graft_testkit::method_tests!(mlp_encoder, mlp_suite(), [gradients, trains, decoders]);
+graft_testkit::method_tests!(lstm_encoder, lstm_suite(), [gradients, trains]);
 
 #[test]
 fn saved_mlp_adapter_reloads_to_identical_logits() {
-    let method = graft_plugin_p_tuning::method();
-    let reloaded =
-        testkit::check_reload(method.as_ref(), &mlp(), graft_plugin_p_tuning::method()).unwrap();
+    let reloaded = mlp_suite().check_reload().unwrap();
     // The reloaded adapter is the saved table, as in PEFT.
-    let names: Vec<String> = reloaded
-        .classifier
-        .adapter
-        .trainable()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let names = testkit::keys(&reloaded.classifier.adapter.trainable());
     assert_eq!(names, ["prompt_embeddings"]);
 }
 
 #[test]
 fn saved_lstm_adapter_reloads_to_identical_logits() {
-    let method = graft_plugin_p_tuning::method();
-    let reloaded =
-        testkit::check_reload(method.as_ref(), &lstm(), graft_plugin_p_tuning::method()).unwrap();
+    let reloaded = lstm_suite().check_reload().unwrap();
     let config = reloaded.classifier.adapter.config_json();
     assert_eq!(config["encoder_reparameterization_type"], "LSTM");
     assert_eq!(config["token_dim"], 384);
@@ -100,16 +76,4 @@ fn ragged_batch_gives_each_text_its_logits_alone() {
             assert!(diff <= 1e-5, "text {i}: batched vs alone differ by {diff}");
         }
     }
-}
-
-/// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
-#[test]
-fn trains_and_reloads_on_llama_and_chatglm() {
-    testkit::check_lm_families(
-        graft_plugin_p_tuning::method,
-        &mlp(),
-        (15, 5e-2),
-        |_| Ok(()),
-    )
-    .unwrap();
 }

@@ -1,30 +1,20 @@
 //! Prefix tuning's configuration, with PEFT's field names and defaults.
-use graft_peft::prompt_learning::VirtualTokens;
+use graft_peft::prompt_learning::{PrefixSettings, VirtualTokens};
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{config, Error, Result};
-
-const NAME: &str = "prefix-tuning";
+use graft_peft::{config, Result};
 use serde::Deserialize;
+
+pub(crate) const NAME: &str = "prefix-tuning";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct PrefixTuningConfig {
-    /// Prefix positions added to every layer's keys and values.
-    #[serde(default = "default_tokens")]
-    pub num_virtual_tokens: usize,
-    /// Train the prefixes through an MLP (Li and Liang's reparametrisation); saving folds it in.
-    #[serde(default)]
-    pub prefix_projection: bool,
-    /// Hidden width of that MLP (default: the model's hidden size, as PEFT fills it).
-    #[serde(default)]
-    pub encoder_hidden_size: Option<usize>,
+    /// PEFT's prefix fields (graft-peft holds them: P-tuning v2 takes them too).
+    #[serde(flatten)]
+    pub prefix: PrefixSettings,
     /// PEFT's other fields: refused when training; when loading PEFT's files, refused unless
     /// off or read (`VirtualTokens::from_saved`).
     #[serde(flatten)]
     pub other: Map<String, Value>,
-}
-
-fn default_tokens() -> usize {
-    20
 }
 
 impl PrefixTuningConfig {
@@ -35,7 +25,7 @@ impl PrefixTuningConfig {
             NAME,
             &config.other,
             VirtualTokens::MODEL_FIELDS,
-            "num_virtual_tokens, prefix_projection, encoder_hidden_size",
+            PrefixSettings::FIELDS,
         )?;
         Ok(config)
     }
@@ -47,18 +37,7 @@ impl PrefixTuningConfig {
 
     fn parse(value: &Value) -> Result<Self> {
         let config: Self = config::parse(NAME, value)?;
-        if config.num_virtual_tokens == 0 {
-            return Err(invalid(
-                "num_virtual_tokens must be at least 1, found 0".into(),
-            ));
-        }
-        if config.encoder_hidden_size == Some(0) {
-            return Err(invalid("encoder_hidden_size must be at least 1".into()));
-        }
+        config.prefix.check(NAME)?;
         Ok(config)
     }
-}
-
-fn invalid(reason: String) -> Error {
-    config::invalid("prefix-tuning", reason)
 }

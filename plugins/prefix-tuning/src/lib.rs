@@ -8,61 +8,21 @@ mod config;
 
 pub use config::PrefixTuningConfig;
 
-use graft_peft::candle::Tensor;
+use config::NAME;
 use graft_peft::prompt_learning::PrefixAdapter;
 use graft_peft::serde_json::Value;
-use graft_peft::{Adapter, AttachContext, Method, Result};
-use std::collections::HashMap;
+use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
-pub struct PrefixTuning;
+graft_peft::plugin!(PrefixTuning, NAME, "PREFIX_TUNING", prompt_learning);
 
-graft_peft::export_plugin!(PrefixTuning);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(PrefixTuning)
-}
-
-const NAME: &str = "prefix-tuning";
-
-impl Method for PrefixTuning {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "PREFIX_TUNING"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn is_prompt_learning(&self) -> bool {
-        true
-    }
-
+impl PluginMethod for PrefixTuning {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PrefixTuningConfig::from_train_config(config)?;
-        let hidden = config
-            .prefix_projection
-            .then(|| config.encoder_hidden_size.unwrap_or(ctx.info.hidden_size));
-        Ok(Box::new(PrefixAdapter::create(
-            NAME,
-            config.num_virtual_tokens,
-            hidden,
-            0.0,
-            ctx,
-        )?))
+        Ok(Box::new(config.prefix.adapter(NAME, 0.0, ctx)?))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        PrefixTuningConfig::from_adapter_config(config)?;
-        Ok(Box::new(PrefixAdapter::load(NAME, config, tensors, ctx)?))
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        PrefixTuningConfig::from_adapter_config(saved.config)?;
+        Ok(Box::new(PrefixAdapter::load(NAME, saved, ctx)?))
     }
 }

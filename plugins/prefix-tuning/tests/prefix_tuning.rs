@@ -1,7 +1,8 @@
 //! Prefix tuning through the whole BERT with the shared method checks, the PEFT fixture, and
 //! the attention properties of key/value prefixes.
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_plugin_prefix_tuning::method;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4 })
@@ -11,49 +12,30 @@ fn projected() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4, "prefix_projection": true, "encoder_hidden_size": 16 })
 }
 
-#[test]
-fn finite_differences_agree_with_autograd_with_and_without_projection() {
-    let method = graft_plugin_prefix_tuning::method();
-    let samples = testkit::check_gradients(method.as_ref(), &settings(), 3, |_| Ok(())).unwrap();
-    assert_eq!(samples.len(), 3);
-    let samples = testkit::check_gradients(method.as_ref(), &projected(), 2, |_| Ok(())).unwrap();
-    assert_eq!(
-        samples.len(),
-        5 * 2,
-        "embedding and both projection layers sampled"
-    );
+fn plain() -> testkit::Suite {
+    testkit::Suite::new(method, settings(), (3, 1), (6, 3e-2)).on_decoders(settings(), (15, 5e-2))
 }
 
-#[test]
-fn trains_on_a_real_batch_with_and_without_projection() {
-    let method = graft_plugin_prefix_tuning::method();
-    testkit::check_trains(method.as_ref(), &settings(), 6, 3e-2).unwrap();
-    testkit::check_trains(method.as_ref(), &projected(), 6, 1e-2).unwrap();
+/// The embedding and both projection layers (weight, bias) are sampled.
+fn projected_suite() -> testkit::Suite {
+    testkit::Suite::new(method, projected(), (2, 5), (6, 1e-2)).on_decoders(projected(), (15, 5e-2))
 }
+
+graft_testkit::method_tests!(
+    without_projection,
+    plain(),
+    [gradients, trains, reloads, decoders]
+);
+graft_testkit::method_tests!(
+    with_projection,
+    projected_suite(),
+    [gradients, trains, decoders]
+);
 
 #[test]
 fn saved_adapter_reloads_to_identical_logits_and_the_projection_is_folded_in() {
-    let method = graft_plugin_prefix_tuning::method();
-    testkit::check_reload(
-        method.as_ref(),
-        &settings(),
-        graft_plugin_prefix_tuning::method(),
-    )
-    .unwrap();
-    let reloaded = testkit::check_reload(
-        method.as_ref(),
-        &projected(),
-        graft_plugin_prefix_tuning::method(),
-    )
-    .unwrap();
-    let keys: Vec<String> = reloaded
-        .classifier
-        .adapter
-        .tensors()
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
+    let reloaded = projected_suite().check_reload().unwrap();
+    let keys = testkit::keys(&reloaded.classifier.adapter.tensors().unwrap());
     assert_eq!(keys, ["prompt_embeddings"]);
 }
 
@@ -66,8 +48,8 @@ mod properties {
     //! How key/value prefixes meet the attention mask, on the real model.
     use graft_peft::candle::{DType, Tensor};
     use graft_peft::serde_json::json;
+    use graft_testkit as testkit;
     use graft_trainer::task::Classifier;
-    use graft_trainer::testkit;
     use proptest::prelude::*;
 
     fn classifier(n: usize, seed: u64) -> Classifier {
@@ -150,23 +132,4 @@ mod properties {
             table.set(&original).unwrap();
         }
     }
-}
-
-/// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
-#[test]
-fn trains_and_reloads_on_llama_and_chatglm() {
-    testkit::check_lm_families(
-        graft_plugin_prefix_tuning::method,
-        &settings(),
-        (15, 5e-2),
-        |_| Ok(()),
-    )
-    .unwrap();
-    testkit::check_lm_families(
-        graft_plugin_prefix_tuning::method,
-        &projected(),
-        (15, 5e-2),
-        |_| Ok(()),
-    )
-    .unwrap();
 }

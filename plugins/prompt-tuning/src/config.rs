@@ -3,7 +3,7 @@ use graft_peft::prompt_learning::VirtualTokens;
 use graft_peft::serde_json::{Map, Value};
 use graft_peft::{config, Error, Result};
 
-const NAME: &str = "prompt-tuning";
+pub(crate) const NAME: &str = "prompt-tuning";
 use serde::{Deserialize, Serialize};
 
 /// How the soft prompt starts (PEFT's `PromptTuningInit`).

@@ -9,41 +9,16 @@ mod prompt;
 pub use config::{PromptInit, PromptTuningConfig};
 pub use prompt::initial_prompt;
 
+use config::NAME;
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::prompt_learning::{merge_json, VirtualTokens, PROMPT_EMBEDDINGS};
 use graft_peft::serde_json::{json, Value};
-use graft_peft::{adapter, Adapter, AttachContext, Method, Result};
-use std::collections::HashMap;
+use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 
-pub struct PromptTuning;
+graft_peft::plugin!(PromptTuning, NAME, "PROMPT_TUNING", prompt_learning);
 
-graft_peft::export_plugin!(PromptTuning);
-
-/// The method for static linking (tests, builds without dynamic loading).
-pub fn method() -> Box<dyn Method> {
-    Box::new(PromptTuning)
-}
-
-const NAME: &str = "prompt-tuning";
-
-impl Method for PromptTuning {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn peft_type(&self) -> &'static str {
-        "PROMPT_TUNING"
-    }
-
-    fn version(&self) -> &'static str {
-        env!("CARGO_PKG_VERSION")
-    }
-
-    fn is_prompt_learning(&self) -> bool {
-        true
-    }
-
+impl PluginMethod for PromptTuning {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PromptTuningConfig::from_train_config(config)?;
         let tokens = VirtualTokens::for_model(NAME, config.num_virtual_tokens, ctx.info)?;
@@ -54,16 +29,10 @@ impl Method for PromptTuning {
         }))
     }
 
-    fn load(
-        &self,
-        config: &Value,
-        tensors: &HashMap<String, Tensor>,
-        ctx: &AttachContext,
-    ) -> Result<Box<dyn Adapter>> {
-        let tokens = VirtualTokens::from_saved(NAME, config, ctx.info)?;
-        let config = PromptTuningConfig::from_adapter_config(config)?;
-        let prompt = adapter::take_tensor(
-            tensors,
+    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
+        let tokens = VirtualTokens::from_saved(NAME, saved.config, ctx.info)?;
+        let config = PromptTuningConfig::from_adapter_config(saved.config)?;
+        let prompt = saved.tensor(
             PROMPT_EMBEDDINGS,
             &[tokens.num_virtual_tokens, tokens.token_dim],
         )?;

@@ -1,35 +1,19 @@
 //! Prompt tuning through the whole BERT with the shared method checks, every initialisation,
 //! and the PEFT fixture.
+use graft_peft::candle::DType;
 use graft_peft::serde_json::{self, json};
-use graft_trainer::testkit;
+use graft_plugin_prompt_tuning::method;
+use graft_testkit as testkit;
 
 fn settings() -> serde_json::Value {
     json!({ "num_virtual_tokens": 4 })
 }
 
-#[test]
-fn finite_differences_agree_with_autograd() {
-    let method = graft_plugin_prompt_tuning::method();
-    let samples = testkit::check_gradients(method.as_ref(), &settings(), 4, |_| Ok(())).unwrap();
-    assert_eq!(samples.len(), 4);
+fn suite() -> testkit::Suite {
+    testkit::Suite::new(method, settings(), (4, 1), (6, 3e-2)).on_decoders(settings(), (15, 5e-2))
 }
 
-#[test]
-fn trains_on_a_real_batch() {
-    let method = graft_plugin_prompt_tuning::method();
-    testkit::check_trains(method.as_ref(), &settings(), 6, 3e-2).unwrap();
-}
-
-#[test]
-fn saved_adapter_reloads_to_identical_logits() {
-    let method = graft_plugin_prompt_tuning::method();
-    testkit::check_reload(
-        method.as_ref(),
-        &settings(),
-        graft_plugin_prompt_tuning::method(),
-    )
-    .unwrap();
-}
+graft_testkit::method_tests!(standard, suite(), [gradients, trains, reloads, decoders]);
 
 #[test]
 fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
@@ -39,14 +23,7 @@ fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
         "prompt_tuning_init": "TEXT",
         "prompt_tuning_init_text": "medical paper",
     });
-    let classifier = testkit::classifier(
-        method.as_ref(),
-        &text,
-        graft_peft::candle::DType::F32,
-        32,
-        1,
-    )
-    .unwrap();
+    let classifier = testkit::classifier(method.as_ref(), &text, DType::F32, 32, 1).unwrap();
     let prompt = classifier.adapter.trainable()[0].1.as_tensor().clone();
     // [CLS] medical paper [SEP] [CLS]: the text's ids with special tokens, repeated to 5.
     let ids = classifier.tokenizer.encode("medical paper").unwrap();
@@ -70,14 +47,7 @@ fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
     assert_eq!(testkit::max_abs_diff(&prompt, &want).unwrap(), 0.0);
 
     let sampled = json!({ "num_virtual_tokens": 3, "prompt_tuning_init": "SAMPLE_VOCAB" });
-    let classifier = testkit::classifier(
-        method.as_ref(),
-        &sampled,
-        graft_peft::candle::DType::F32,
-        32,
-        1,
-    )
-    .unwrap();
+    let classifier = testkit::classifier(method.as_ref(), &sampled, DType::F32, 32, 1).unwrap();
     let prompt = classifier.adapter.trainable()[0].1.as_tensor().clone();
     for row in 0..3 {
         let row = prompt.get(row).unwrap();
@@ -96,16 +66,8 @@ fn text_and_vocabulary_initialisations_start_from_word_embeddings() {
     }
 
     let missing = json!({ "prompt_tuning_init": "TEXT" });
-    let err = testkit::classifier(
-        method.as_ref(),
-        &missing,
-        graft_peft::candle::DType::F32,
-        32,
-        1,
-    )
-    .err()
-    .unwrap();
-    assert!(err.to_string().contains("prompt_tuning_init_text"), "{err}");
+    let err = testkit::attach_error(method.as_ref(), &missing);
+    assert!(err.contains("prompt_tuning_init_text"), "{err}");
 }
 
 #[test]
@@ -117,7 +79,7 @@ mod properties {
     //! Virtual tokens shift positions and widen masks the same way for every row of a batch.
     use graft_peft::candle::DType;
     use graft_peft::serde_json::json;
-    use graft_trainer::testkit;
+    use graft_testkit as testkit;
     use proptest::prelude::*;
 
     proptest! {
@@ -153,16 +115,4 @@ mod properties {
             }
         }
     }
-}
-
-/// On both decoder families: gradients, training and reload (see `testkit::check_lm_method`).
-#[test]
-fn trains_and_reloads_on_llama_and_chatglm() {
-    testkit::check_lm_families(
-        graft_plugin_prompt_tuning::method,
-        &settings(),
-        (15, 5e-2),
-        |_| Ok(()),
-    )
-    .unwrap();
 }

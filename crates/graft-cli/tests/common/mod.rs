@@ -1,6 +1,6 @@
 //! Running the built `graft` binary from integration tests.
 #![allow(dead_code)] // each test file uses part of this
-use graft_trainer::testkit;
+use graft_testkit as testkit;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
