@@ -79,6 +79,8 @@ pub fn set_rng_position(rng: &mut SeededRng, position: &Tensor) -> Result<()> {
 pub struct Dropout {
     p: f64,
     rng: std::sync::Mutex<SeededRng>,
+    /// Masks are drawn only while training (an adapter's `set_training`); off at first.
+    training: std::sync::atomic::AtomicBool,
 }
 
 impl Dropout {
@@ -89,17 +91,24 @@ impl Dropout {
         Self {
             p,
             rng: std::sync::Mutex::new(seeded_rng(seed)),
+            training: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Training mode draws masks; evaluation mode leaves inputs as they are.
+    pub fn set_training(&self, training: bool) {
+        self.training
+            .store(training, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn p(&self) -> f64 {
         self.p
     }
 
-    /// A scale mask of `shape` (each entry 0 with probability p, else 1 / (1 - p)), or `None`
-    /// when p is 0.
+    /// While training, a scale mask of `shape` (each entry 0 with probability p, else
+    /// 1 / (1 - p)); `None` when p is 0 or in evaluation mode.
     pub fn mask(&self, shape: &[usize], dtype: DType, device: &Device) -> Result<Option<Tensor>> {
-        if self.p == 0.0 {
+        if self.p == 0.0 || !self.training.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
         }
         let mut rng = self
@@ -113,7 +122,12 @@ impl Dropout {
         Ok(Some((keep / (1.0 - self.p))?.to_device(device)?))
     }
 
-    /// `x` with dropout applied.
+    /// A mask for `x` (its shape, dtype and device), as [`Dropout::mask`] draws it.
+    pub fn mask_like(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        self.mask(x.dims(), x.dtype(), x.device())
+    }
+
+    /// `x` with dropout applied (while training).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match self.mask(x.dims(), x.dtype(), x.device())? {
             Some(mask) => x * mask,

@@ -212,6 +212,88 @@ pub fn with_default_targets(
     Ok(value)
 }
 
+/// `value` with LoRA-family targets (PEFT's query/value defaults for the model) where it
+/// names none: LoRA's and AdaLoRA's `target_modules`.
+pub fn with_query_value_targets(
+    value: &Value,
+    method: &str,
+    ctx: &crate::AttachContext,
+) -> Result<Value> {
+    with_default_targets(
+        value,
+        "target_modules",
+        crate::DefaultTargets::QueryValue,
+        method,
+        &ctx.info.model_type,
+    )
+}
+
+/// The fields LoRA-family configs share, with PEFT's names and defaults; each method's
+/// config flattens them in.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct LowRankFields {
+    /// Scale numerator (each method says what it divides by).
+    #[serde(default = "default_lora_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout on the update's input while training.
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Which linear sites get an update.
+    #[serde(default = "query_value_targets")]
+    pub target_modules: crate::TargetModules,
+}
+
+impl LowRankFields {
+    /// Refuses a `lora_alpha` that is not positive and a `lora_dropout` outside [0, 1).
+    pub fn check(&self, method: &str) -> Result<()> {
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(invalid(
+                method,
+                format!("lora_alpha must be positive, found {}", self.lora_alpha),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(invalid(
+                method,
+                format!(
+                    "lora_dropout must be in [0, 1), found {}",
+                    self.lora_dropout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// These fields in adapter_config.json, with PEFT's for the options graft leaves at their
+    /// defaults (no bias training, no DoRA, PEFT's initialisation), merged into `method_fields`.
+    pub fn to_json(&self, method_fields: Value) -> Value {
+        let mut json = serde_json::json!({
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules.to_json(),
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+        });
+        if let (Some(out), Value::Object(fields)) = (json.as_object_mut(), method_fields) {
+            out.extend(fields);
+        }
+        json
+    }
+}
+
+/// PEFT's BERT query/value targets, the serde default of LoRA-family configs;
+/// [`with_query_value_targets`] fills in other architectures' before parsing.
+pub fn query_value_targets() -> crate::TargetModules {
+    crate::TargetModules::Names(vec!["query".into(), "value".into()])
+}
+
+/// PEFT's `lora_alpha` default.
+pub fn default_lora_alpha() -> f64 {
+    8.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod guard;
 pub mod loader;
 pub mod method;
 pub mod prompt_learning;
+pub mod sites;
 pub mod targets;
 
 pub use candle_core as candle;
@@ -21,4 +22,5 @@ pub use graft_model;
 pub use method::{Adapter, AttachContext, MergeDelta, Method, PluginMethod, Saved};
 pub use serde;
 pub use serde_json;
+pub use sites::SiteLayers;
 pub use targets::{DefaultTargets, TargetModules};

@@ -2,6 +2,7 @@
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use graft_model::init::Dropout;
 use graft_model::{Hooks, ModelInfo, SiteInfo};
 use std::collections::HashMap;
 
@@ -187,8 +188,17 @@ pub trait Adapter: Hooks + Send + Sync {
     /// Trainable tensors under their PEFT keys (as saved, e.g.
     /// `base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight`).
     fn trainable(&self) -> Vec<(String, Var)>;
+    /// The method's dropout, if it has one: the defaults of [`Adapter::set_training`],
+    /// [`Adapter::training_state`] and [`Adapter::restore_training_state`] act on it.
+    fn dropout(&self) -> Option<&Dropout> {
+        None
+    }
     /// Training mode turns dropout on.
-    fn set_training(&mut self, _training: bool) {}
+    fn set_training(&mut self, training: bool) {
+        if let Some(dropout) = self.dropout() {
+            dropout.set_training(training);
+        }
+    }
     /// A term added to the task loss (e.g. an orthogonality regulariser).
     fn extra_loss(&self) -> Result<Option<Tensor>> {
         Ok(None)
@@ -201,10 +211,18 @@ pub trait Adapter: Hooks + Send + Sync {
     /// statistics), under names the method chooses: checkpoints save it so that a resumed run
     /// continues exactly as an uninterrupted one.
     fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(Vec::new())
+        Ok(self
+            .dropout()
+            .map(Dropout::state)
+            .transpose()?
+            .into_iter()
+            .collect())
     }
     /// Restores what [`Adapter::training_state`] returned.
-    fn restore_training_state(&mut self, _state: &HashMap<String, Tensor>) -> Result<()> {
+    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        if let Some(dropout) = self.dropout() {
+            dropout.restore(state)?;
+        }
         Ok(())
     }
     /// The method's fields of `adapter_config.json` (peft_type and task fields are added by

@@ -367,7 +367,6 @@ pub struct PrefixAdapter {
     /// The method's fields of adapter_config.json.
     config: Value,
     dropout: init::Dropout,
-    training: bool,
 }
 
 impl PrefixAdapter {
@@ -422,7 +421,6 @@ impl PrefixAdapter {
             num_virtual_tokens,
             config,
             dropout: init::Dropout::new(dropout, seed ^ 0x9e37_79b9),
-            training: false,
         })
     }
 }
@@ -442,10 +440,7 @@ impl graft_model::Hooks for PrefixAdapter {
         layer: usize,
         batch: usize,
     ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let mut table = self.encoder.table()?;
-        if self.training {
-            table = self.dropout.apply(&table)?;
-        }
+        let table = self.dropout.apply(&self.encoder.table()?)?;
         self.encoder.layer_prefix(&table, layer, batch).map(Some)
     }
 }
@@ -455,19 +450,8 @@ impl crate::Adapter for PrefixAdapter {
         self.encoder.vars()
     }
 
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(vec![self.dropout.state()?])
-    }
-
-    fn restore_training_state(
-        &mut self,
-        state: &std::collections::HashMap<String, Tensor>,
-    ) -> Result<()> {
-        Ok(self.dropout.restore(state)?)
+    fn dropout(&self) -> Option<&init::Dropout> {
+        Some(&self.dropout)
     }
 
     fn config_json(&self) -> Value {

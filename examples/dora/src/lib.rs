@@ -11,6 +11,7 @@ use graft_peft::graft_model::{Hooks, LinearSite};
 use graft_peft::serde::Deserialize;
 use graft_peft::serde_json::{json, Map, Value};
 use graft_peft::{
+    SiteLayers,
     adapter, config, Adapter, AttachContext, MergeDelta, PluginMethod, Saved, Result, TargetModules,
 };
 use std::collections::{BTreeMap, HashMap};
@@ -145,7 +146,10 @@ impl PluginMethod for Dora {
             let parts = (a, b, magnitude, weight, bias);
             layers.insert(site.name.clone(), layer(parts, &settings)?);
         }
-        Ok(Box::new(DoraAdapter { settings, layers }))
+        Ok(Box::new(DoraAdapter {
+            settings,
+            layers: SiteLayers::new(layers),
+        }))
     }
 
     fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
@@ -172,7 +176,10 @@ impl PluginMethod for Dora {
             );
             layers.insert(site.name.clone(), layer(parts, &settings)?);
         }
-        Ok(Box::new(DoraAdapter { settings, layers }))
+        Ok(Box::new(DoraAdapter {
+            settings,
+            layers: SiteLayers::new(layers),
+        }))
     }
 }
 
@@ -204,7 +211,7 @@ fn layer((a, b, m, weight, bias): Parts, settings: &DoraConfig) -> Result<DoraLa
 
 pub struct DoraAdapter {
     settings: DoraConfig,
-    layers: BTreeMap<String, DoraLayer>,
+    layers: SiteLayers<DoraLayer>,
 }
 
 impl Hooks for DoraAdapter {
@@ -246,14 +253,7 @@ impl Adapter for DoraAdapter {
     }
 
     fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
-        let mut deltas = Vec::new();
-        for (site, layer) in &self.layers {
-            deltas.push(MergeDelta {
-                site: site.clone(),
-                weight: layer.delta_weight()?,
-                bias: None,
-            });
-        }
-        Ok(Some(deltas))
+        self.layers
+            .merge_deltas(|layer| Ok((layer.delta_weight()?, None)))
     }
 }

@@ -1,6 +1,6 @@
 //! AdaLoRA's configuration, with PEFT's field names and defaults (`AdaLoraConfig`).
 use graft_peft::serde_json::{Map, Value};
-use graft_peft::{config, Error, Result, TargetModules};
+use graft_peft::{config, Error, Result};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -33,15 +33,10 @@ pub struct AdaLoraConfig {
     /// Optimizer steps of the run; the schedule's length (graft: the run's steps when unset).
     #[serde(default)]
     pub total_step: Option<usize>,
-    /// Scaling: the update is multiplied by `lora_alpha / (init_r + 1e-5)` (not alpha / r).
-    #[serde(default = "default_alpha")]
-    pub lora_alpha: f64,
-    /// Dropout on the update's input while training.
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// Which linear sites get an update.
-    #[serde(default = "default_targets")]
-    pub target_modules: TargetModules,
+    /// lora_alpha (the update is multiplied by `lora_alpha / (init_r + 1e-5)`, not alpha / r),
+    /// lora_dropout and target_modules.
+    #[serde(flatten)]
+    pub low_rank: config::LowRankFields,
     /// Written by training: per `{site}.lora_E`, which rank indices were kept.
     #[serde(default)]
     pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
@@ -65,14 +60,6 @@ fn default_beta() -> f64 {
 }
 fn default_orth_reg_weight() -> f64 {
     0.5
-}
-fn default_alpha() -> f64 {
-    8.0
-}
-/// PEFT's BERT default; [`graft_peft::config::with_default_targets`] fills in other
-/// architectures' before parsing.
-fn default_targets() -> TargetModules {
-    TargetModules::Names(vec!["query".into(), "value".into()])
 }
 
 impl AdaLoraConfig {
@@ -135,18 +122,7 @@ impl AdaLoraConfig {
                 return Err(invalid(format!("{name} must be in (0, 1), found {beta}")));
             }
         }
-        if !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
-            return Err(invalid(format!(
-                "lora_alpha must be positive, found {}",
-                config.lora_alpha
-            )));
-        }
-        if !(0.0..1.0).contains(&config.lora_dropout) {
-            return Err(invalid(format!(
-                "lora_dropout must be in [0, 1), found {}",
-                config.lora_dropout
-            )));
-        }
+        config.low_rank.check("adalora")?;
         Ok(config)
     }
 
@@ -175,13 +151,13 @@ impl AdaLoraConfig {
     /// The factor applied to `B·(A⊙E)`: `lora_alpha / (ranknum + 1e-5)` with `ranknum` PEFT's
     /// constant `init_r` (kept after pruning).
     pub fn scale(&self) -> f64 {
-        self.lora_alpha / (self.init_r as f64 + 1e-5)
+        self.low_rank.lora_alpha / (self.init_r as f64 + 1e-5)
     }
 
     /// The fields PEFT writes for AdaLoRA in adapter_config.json (`total_step` as the schedule
     /// ran; PEFT refuses a config without one).
     pub fn to_json(&self, total_step: Option<usize>, rank_pattern: Option<Value>) -> Value {
-        serde_json::json!({
+        self.low_rank.to_json(serde_json::json!({
             "r": 8,
             "init_r": self.init_r,
             "target_r": self.target_r,
@@ -193,14 +169,7 @@ impl AdaLoraConfig {
             "orth_reg_weight": self.orth_reg_weight,
             "total_step": total_step,
             "rank_pattern": rank_pattern,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-            "target_modules": self.target_modules.to_json(),
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "use_dora": false,
-            "init_lora_weights": true,
-        })
+        }))
     }
 }
 

@@ -3,6 +3,7 @@
 //! `B = P` `[out, r]`, and the orthogonality regulariser on P and Q.
 use graft_peft::candle::{DType, Result, Tensor, Var};
 use graft_peft::graft_model::LowRank;
+use graft_peft::sites::LowRankLayer;
 
 pub struct AdaLoraLayer {
     /// `[r, in]`, normal(0, 0.02): the right singular vectors (rows).
@@ -24,20 +25,6 @@ impl AdaLoraLayer {
     fn scaled_a(&self, dtype: DType) -> Result<Tensor> {
         let a = self.a.as_tensor().to_dtype(dtype)?;
         a.broadcast_mul(&self.e.as_tensor().to_dtype(dtype)?)
-    }
-
-    /// The update as the model adds it to the site's output, `(x ⊙ keep) · (A⊙E)ᵀ ·
-    /// (scale·B)ᵀ`, or `None` for a rank-0 site; `keep` is an optional dropout mask over `x`
-    /// (already divided by the keep probability).
-    pub fn update(&self, dtype: DType, keep: Option<Tensor>) -> Result<Option<LowRank>> {
-        if self.rank() == 0 {
-            return Ok(None);
-        }
-        Ok(Some(LowRank {
-            a: self.scaled_a(dtype)?,
-            b: (self.b.as_tensor().to_dtype(dtype)? * self.scale)?,
-            input_mask: keep,
-        }))
     }
 
     /// `scale · B·(A⊙E)`, the `[out, in]` weight delta that merging adds to the base weight.
@@ -88,6 +75,22 @@ pub fn orth_penalty(squares: &[Tensor], weight: f64) -> Result<Option<Tensor>> {
         stacked.index_select(&index, 0)?.sqrt()?.sum_all()?
     };
     (roots * (weight / values.len() as f64)).map(Some)
+}
+
+impl LowRankLayer for AdaLoraLayer {
+    /// The update as the model adds it to the site's output, `(x ⊙ keep) · (A⊙E)ᵀ ·
+    /// (scale·B)ᵀ`, or `None` for a rank-0 site; `keep` is an optional dropout mask over `x`
+    /// (already divided by the keep probability).
+    fn update(&self, dtype: DType, keep: Option<Tensor>) -> Result<Option<LowRank>> {
+        if self.rank() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(LowRank {
+            a: self.scaled_a(dtype)?,
+            b: (self.b.as_tensor().to_dtype(dtype)? * self.scale)?,
+            input_mask: keep,
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -16,9 +16,11 @@ use config::invalid;
 use graft_peft::candle::backprop::GradStore;
 use graft_peft::candle::{Device, Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::{Acts, Hooks, LinearSite, LowRank, SiteInfo};
+use graft_peft::graft_model::SiteInfo;
 use graft_peft::serde_json::Value;
-use graft_peft::{adapter, Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
+use graft_peft::{
+    adapter, Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved, SiteLayers,
+};
 use std::collections::{BTreeMap, HashMap};
 
 graft_peft::plugin!(AdaLora, "adalora", "ADALORA");
@@ -32,25 +34,20 @@ fn keys(site: &str) -> [String; 3] {
     ["lora_A", "lora_E", "lora_B"].map(|part| key(site, part))
 }
 
-/// `config` with PEFT's default targets for the model where it names none.
-fn with_default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
-    graft_peft::config::with_default_targets(
-        config,
-        "target_modules",
-        graft_peft::DefaultTargets::QueryValue,
-        "adalora",
-        &ctx.info.model_type,
-    )
-}
-
 impl PluginMethod for AdaLora {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = AdaLoraConfig::from_train_config(&with_default_targets(config, ctx)?)?;
+        let config = AdaLoraConfig::from_train_config(
+            &graft_peft::config::with_query_value_targets(config, "adalora", ctx)?,
+        )?;
         let total_step = config.resolve_total_step(ctx.total_steps)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let mut layers = BTreeMap::new();
         let r = config.init_r;
-        for site in config.target_modules.select("adalora", ctx.sites)? {
+        for site in config
+            .low_rank
+            .target_modules
+            .select("adalora", ctx.sites)?
+        {
             let a = init::normal(
                 &mut rng,
                 &[r, site.in_features],
@@ -78,10 +75,16 @@ impl PluginMethod for AdaLora {
     }
 
     fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = AdaLoraConfig::from_adapter_config(&with_default_targets(saved.config, ctx)?)?;
+        let config = AdaLoraConfig::from_adapter_config(
+            &graft_peft::config::with_query_value_targets(saved.config, "adalora", ctx)?,
+        )?;
         let mut layers = BTreeMap::new();
         let mut pattern = BTreeMap::new();
-        for site in config.target_modules.select("adalora", ctx.sites)? {
+        for site in config
+            .low_rank
+            .target_modules
+            .select("adalora", ctx.sites)?
+        {
             let [mut a, mut e, mut b] = load_site(&config, site, saved.tensors)?;
             if let Some(kept) = saved_pattern(&config, &site.name) {
                 [a, e, b] = pad_to_pattern([a, e, b], kept, &site.name)?;
@@ -185,14 +188,12 @@ fn new_layer([a, e, b]: [Tensor; 3], scale: f64) -> Result<AdaLoraLayer> {
 
 pub struct AdaLoraAdapter {
     config: AdaLoraConfig,
-    /// By site name; a BTreeMap so that saving, listing and tie-breaking follow a stable order.
-    layers: BTreeMap<String, AdaLoraLayer>,
+    layers: SiteLayers<AdaLoraLayer>,
     /// The schedule's length; `None` for a loaded adapter whose config has none.
     total_step: Option<usize>,
     importance: Importance,
     /// Per site, which rank indices survive the last allocation.
     rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
-    training: bool,
     dropout: Dropout,
 }
 
@@ -205,13 +206,12 @@ impl AdaLoraAdapter {
         seed: u64,
     ) -> Self {
         Self {
-            dropout: Dropout::new(config.lora_dropout, seed ^ 0x00ad_a104),
+            dropout: Dropout::new(config.low_rank.lora_dropout, seed ^ 0x00ad_a104),
             importance: Importance::new(config.beta1, config.beta2),
             config,
-            layers,
+            layers: SiteLayers::new(layers),
             total_step,
             rank_pattern,
-            training: false,
         }
     }
 
@@ -276,13 +276,6 @@ impl AdaLoraAdapter {
         self.rank_pattern = Some(pattern);
         Ok(())
     }
-
-    fn dropout_mask(&self, x: &Tensor) -> graft_peft::candle::Result<Option<Tensor>> {
-        if !self.training {
-            return Ok(None);
-        }
-        self.dropout.mask(x.dims(), x.dtype(), x.device())
-    }
 }
 
 /// Sets the entries of E whose triplet is not kept to 0, in place.
@@ -292,25 +285,7 @@ fn zero_pruned(e: &Var, kept: &[bool]) -> Result<()> {
     Ok(e.set(&e.as_tensor().detach().mul(&mask)?)?)
 }
 
-impl Hooks for AdaLoraAdapter {
-    fn acts_on(&self, site: &str) -> Acts {
-        match self.layers.contains_key(site) {
-            true => Acts::LowRankOnly,
-            false => Acts::Not,
-        }
-    }
-
-    fn low_rank(
-        &self,
-        site: &LinearSite<'_>,
-        x: &Tensor,
-    ) -> graft_peft::candle::Result<Option<LowRank>> {
-        match self.layers.get(site.name) {
-            Some(layer) => layer.update(x.dtype(), self.dropout_mask(x)?),
-            None => Ok(None),
-        }
-    }
-}
+graft_peft::low_rank_hooks!(AdaLoraAdapter);
 
 impl Adapter for AdaLoraAdapter {
     /// The full-size factors (pruning zeroes E in place; saving truncates).
@@ -322,8 +297,8 @@ impl Adapter for AdaLoraAdapter {
             .collect()
     }
 
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
+    fn dropout(&self) -> Option<&Dropout> {
+        Some(&self.dropout)
     }
 
     /// Dropout position, smoothed importance and the current rank pattern.
@@ -435,15 +410,8 @@ impl Adapter for AdaLoraAdapter {
     }
 
     fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
-        let mut deltas = Vec::with_capacity(self.layers.len());
-        for (site, layer) in &self.layers {
-            deltas.push(MergeDelta {
-                site: site.clone(),
-                weight: layer.delta_weight()?,
-                bias: None,
-            });
-        }
-        Ok(Some(deltas))
+        self.layers
+            .merge_deltas(|layer| Ok((layer.delta_weight()?, None)))
     }
 }
 
@@ -452,6 +420,7 @@ mod tests {
     use super::*;
     use graft_peft::adapter::SavedAdapter;
     use graft_peft::candle::DType;
+    use graft_peft::graft_model::LinearSite;
     use graft_peft::graft_model::{ops, ModelInfo};
     use serde_json::json;
 

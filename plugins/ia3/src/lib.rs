@@ -13,7 +13,7 @@ pub use layer::Ia3Layer;
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::{init, Acts, Hooks, LinearSite, SiteInfo};
 use graft_peft::serde_json::Value;
-use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
+use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved, SiteLayers};
 use std::collections::BTreeMap;
 
 graft_peft::plugin!(Ia3, "ia3", "IA3");
@@ -88,7 +88,10 @@ impl Ia3 {
                 },
             );
         }
-        Ok(Box::new(Ia3Adapter { config, layers }))
+        Ok(Box::new(Ia3Adapter {
+            config,
+            layers: SiteLayers::new(layers),
+        }))
     }
 }
 
@@ -117,16 +120,12 @@ impl PluginMethod for Ia3 {
 
 pub struct Ia3Adapter {
     config: Ia3Config,
-    /// By site name; a BTreeMap so that saving and listing follow a stable order.
-    layers: BTreeMap<String, Ia3Layer>,
+    layers: SiteLayers<Ia3Layer>,
 }
 
 impl Hooks for Ia3Adapter {
     fn acts_on(&self, site: &str) -> Acts {
-        match self.layers.contains_key(site) {
-            true => Acts::Any,
-            false => Acts::Not,
-        }
+        self.layers.acts_on(site, Acts::Any)
     }
 
     fn linear(
@@ -146,10 +145,7 @@ impl Hooks for Ia3Adapter {
         site: &LinearSite<'_>,
         x: &Tensor,
     ) -> graft_peft::candle::Result<Option<Tensor>> {
-        match self.layers.get(site.name) {
-            Some(layer) => layer.input(x),
-            None => Ok(None),
-        }
+        self.layers.at(site.name, |layer| layer.input(x))
     }
 }
 
@@ -166,15 +162,6 @@ impl Adapter for Ia3Adapter {
     }
 
     fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
-        let mut deltas = Vec::with_capacity(self.layers.len());
-        for (site, layer) in &self.layers {
-            let (weight, bias) = layer.deltas()?;
-            deltas.push(MergeDelta {
-                site: site.clone(),
-                weight,
-                bias,
-            });
-        }
-        Ok(Some(deltas))
+        self.layers.merge_deltas(|layer| Ok(layer.deltas()?))
     }
 }

@@ -1,6 +1,7 @@
 //! The LoRA update of one linear site: `y = base + scale · dropout(x) · Aᵀ · Bᵀ`.
 use graft_peft::candle::{DType, Result, Tensor, Var};
 use graft_peft::graft_model::LowRank;
+use graft_peft::sites::LowRankLayer;
 
 pub struct LoraLayer {
     /// `[r, in]`, kaiming-uniform initialised.
@@ -10,19 +11,21 @@ pub struct LoraLayer {
     pub scale: f64,
 }
 
-impl LoraLayer {
+impl LowRankLayer for LoraLayer {
     /// The update as the model adds it to the site's output, `(x ⊙ keep) · Aᵀ · (scale·B)ᵀ`;
     /// `keep` is an optional dropout mask over `x` (already divided by the keep probability).
     /// The scale is folded into B (out x r) rather than applied to the output (tokens x out):
     /// one pass over the activations fewer, forward and backward.
-    pub fn update(&self, dtype: DType, keep: Option<Tensor>) -> Result<LowRank> {
-        Ok(LowRank {
+    fn update(&self, dtype: DType, keep: Option<Tensor>) -> Result<Option<LowRank>> {
+        Ok(Some(LowRank {
             a: self.a.as_tensor().to_dtype(dtype)?,
             b: (self.b.as_tensor().to_dtype(dtype)? * self.scale)?,
             input_mask: keep,
-        })
+        }))
     }
+}
 
+impl LoraLayer {
     /// `scale · B·A`, the `[out, in]` weight delta that merging adds to the base weight.
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
@@ -65,7 +68,7 @@ mod tests {
             let lora = layer(&mut rng, out, inp, r, scale);
             let w = init::normal(&mut rng, &[out, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
             let x = init::normal(&mut rng, &[rows, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
-            let unmerged = (linear(&x, &w, None).unwrap() + low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap()).unwrap()).unwrap();
+            let unmerged = (linear(&x, &w, None).unwrap() + low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap().unwrap()).unwrap()).unwrap();
             let merged_w = (&w + lora.delta_weight().unwrap()).unwrap();
             let merged = linear(&x, &merged_w, None).unwrap();
             prop_assert!(max_diff(&merged, &unmerged) <= 1e-9);
@@ -100,7 +103,7 @@ mod tests {
         let x = init::normal(&mut rng, &[3, 7], 1.0, DType::F64, &Device::Cpu).unwrap();
         assert_eq!(
             max_diff(
-                &low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap()).unwrap(),
+                &low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap().unwrap()).unwrap(),
                 &x.zeros_like().unwrap().narrow(1, 0, 5).unwrap()
             ),
             0.0

@@ -10,10 +10,10 @@ pub use layer::LoraLayer;
 
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-use graft_peft::graft_model::{Acts, Hooks, LinearSite, LowRank};
+
 use graft_peft::serde_json::Value;
-use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved};
-use std::collections::{BTreeMap, HashMap};
+use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved, SiteLayers};
+use std::collections::BTreeMap;
 
 graft_peft::plugin!(Lora, "lora", "LORA");
 
@@ -21,23 +21,14 @@ fn key(site: &str, part: &str) -> String {
     format!("base_model.model.{site}.{part}.weight")
 }
 
-/// `config` with PEFT's default targets for the model where it names none.
-fn with_default_targets(config: &Value, ctx: &AttachContext) -> Result<Value> {
-    graft_peft::config::with_default_targets(
-        config,
-        "target_modules",
-        graft_peft::DefaultTargets::QueryValue,
-        "lora",
-        &ctx.info.model_type,
-    )
-}
-
 impl PluginMethod for Lora {
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_train_config(&with_default_targets(config, ctx)?)?;
+        let config = LoraConfig::from_train_config(&graft_peft::config::with_query_value_targets(
+            config, "lora", ctx,
+        )?)?;
         let mut rng = init::seeded_rng(ctx.seed);
         let mut layers = BTreeMap::new();
-        for site in config.target_modules.select("lora", ctx.sites)? {
+        for site in config.low_rank.target_modules.select("lora", ctx.sites)? {
             let bound = init::kaiming_uniform_bound(site.in_features);
             let a = init::uniform(
                 &mut rng,
@@ -53,9 +44,11 @@ impl PluginMethod for Lora {
     }
 
     fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = LoraConfig::from_adapter_config(&with_default_targets(saved.config, ctx)?)?;
+        let config = LoraConfig::from_adapter_config(
+            &graft_peft::config::with_query_value_targets(saved.config, "lora", ctx)?,
+        )?;
         let mut layers = BTreeMap::new();
-        for site in config.target_modules.select("lora", ctx.sites)? {
+        for site in config.low_rank.target_modules.select("lora", ctx.sites)? {
             let a = saved.tensor(&key(&site.name, "lora_A"), &[config.r, site.in_features])?;
             let b = saved.tensor(&key(&site.name, "lora_B"), &[site.out_features, config.r])?;
             layers.insert(
@@ -81,9 +74,7 @@ fn new_layer(a: Tensor, b: Tensor, scale: f64) -> Result<LoraLayer> {
 
 pub struct LoraAdapter {
     config: LoraConfig,
-    /// By site name; a BTreeMap so that saving and listing follow a stable order.
-    layers: BTreeMap<String, LoraLayer>,
-    training: bool,
+    layers: SiteLayers<LoraLayer>,
     /// Dropout masks come from here, so a seeded run is reproducible.
     dropout: Dropout,
 }
@@ -91,44 +82,18 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     fn new(config: LoraConfig, layers: BTreeMap<String, LoraLayer>, seed: u64) -> Self {
         Self {
-            dropout: Dropout::new(config.lora_dropout, seed ^ 0x10_4a_d0),
+            dropout: Dropout::new(config.low_rank.lora_dropout, seed ^ 0x10_4a_d0),
             config,
-            layers,
-            training: false,
+            layers: SiteLayers::new(layers),
         }
     }
 
     pub fn layers(&self) -> &BTreeMap<String, LoraLayer> {
         &self.layers
     }
-
-    fn dropout_mask(&self, x: &Tensor) -> graft_peft::candle::Result<Option<Tensor>> {
-        if !self.training {
-            return Ok(None);
-        }
-        self.dropout.mask(x.dims(), x.dtype(), x.device())
-    }
 }
 
-impl Hooks for LoraAdapter {
-    fn acts_on(&self, site: &str) -> Acts {
-        match self.layers.contains_key(site) {
-            true => Acts::LowRankOnly,
-            false => Acts::Not,
-        }
-    }
-
-    fn low_rank(
-        &self,
-        site: &LinearSite<'_>,
-        x: &Tensor,
-    ) -> graft_peft::candle::Result<Option<LowRank>> {
-        match self.layers.get(site.name) {
-            Some(layer) => Ok(Some(layer.update(x.dtype(), self.dropout_mask(x)?)?)),
-            None => Ok(None),
-        }
-    }
-}
+graft_peft::low_rank_hooks!(LoraAdapter);
 
 impl Adapter for LoraAdapter {
     fn trainable(&self) -> Vec<(String, Var)> {
@@ -143,16 +108,8 @@ impl Adapter for LoraAdapter {
             .collect()
     }
 
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(vec![self.dropout.state()?])
-    }
-
-    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        Ok(self.dropout.restore(state)?)
+    fn dropout(&self) -> Option<&Dropout> {
+        Some(&self.dropout)
     }
 
     fn config_json(&self) -> Value {
@@ -160,14 +117,7 @@ impl Adapter for LoraAdapter {
     }
 
     fn merge_deltas(&self) -> Result<Option<Vec<MergeDelta>>> {
-        let mut deltas = Vec::with_capacity(self.layers.len());
-        for (site, layer) in &self.layers {
-            deltas.push(MergeDelta {
-                site: site.clone(),
-                weight: layer.delta_weight()?,
-                bias: None,
-            });
-        }
-        Ok(Some(deltas))
+        self.layers
+            .merge_deltas(|layer| Ok((layer.delta_weight()?, None)))
     }
 }

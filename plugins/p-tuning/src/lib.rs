@@ -19,7 +19,6 @@ use graft_peft::graft_model::init::{self, Dropout};
 use graft_peft::graft_model::{Acts, Hooks};
 use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
-use std::collections::HashMap;
 
 graft_peft::plugin!(PTuning, "p-tuning", "P_TUNING", prompt_learning);
 
@@ -82,7 +81,6 @@ pub enum Prompt {
 pub struct PTuningAdapter {
     config: PTuningConfig,
     prompt: Prompt,
-    training: bool,
     /// Dropout masks come from here, so a seeded run is reproducible.
     dropout: Dropout,
 }
@@ -93,7 +91,6 @@ impl PTuningAdapter {
             dropout: Dropout::new(config.encoder_dropout, seed ^ 0x97_7e_d0),
             config,
             prompt,
-            training: false,
         }
     }
 
@@ -105,18 +102,10 @@ impl PTuningAdapter {
         &self.prompt
     }
 
-    /// torch's inverted dropout on `x` with the LSTM's `encoder_dropout`, only while training.
-    fn dropout(&self, x: &Tensor) -> graft_peft::candle::Result<Tensor> {
-        if !self.training {
-            return Ok(x.clone());
-        }
-        self.dropout.apply(x)
-    }
-
     /// The virtual tokens `[n, token_dim]` (dropout applies only while training).
     pub fn virtual_tokens(&self) -> graft_peft::candle::Result<Tensor> {
         match &self.prompt {
-            Prompt::Encoder(encoder) => encoder.forward(&|x| self.dropout(x)),
+            Prompt::Encoder(encoder) => encoder.forward(&|x| self.dropout.apply(x)),
             Prompt::Table(table) => Ok(table.as_tensor().clone()),
         }
     }
@@ -143,16 +132,8 @@ impl Adapter for PTuningAdapter {
         }
     }
 
-    fn set_training(&mut self, training: bool) {
-        self.training = training;
-    }
-
-    fn training_state(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(vec![self.dropout.state()?])
-    }
-
-    fn restore_training_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
-        Ok(self.dropout.restore(state)?)
+    fn dropout(&self) -> Option<&Dropout> {
+        Some(&self.dropout)
     }
 
     fn config_json(&self) -> Value {
