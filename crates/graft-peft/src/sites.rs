@@ -51,6 +51,19 @@ impl<L> SiteLayers<L> {
     }
 }
 
+/// Trainable tensors starting from `values`.
+pub fn trainable<const N: usize>(
+    values: [Tensor; N],
+) -> candle_core::Result<[candle_core::Var; N]> {
+    let vars = values
+        .iter()
+        .map(candle_core::Var::from_tensor)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(vars
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one var per value")))
+}
+
 /// A layer that adds a low-rank update to its site's product (LoRA, AdaLoRA).
 pub trait LowRankLayer {
     /// The update in `dtype` with dropout's keep mask over the input; `None` when the layer

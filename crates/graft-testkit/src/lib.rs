@@ -10,6 +10,7 @@ mod decoder;
 mod error;
 mod fixtures;
 mod gradients;
+mod properties;
 mod suite;
 mod training;
 
@@ -28,5 +29,6 @@ pub use fixtures::{
     story_pairs, workspace_root, Family,
 };
 pub use gradients::{finite_difference_check, GradientSample};
+pub use properties::{check_merge_equals_forward, LowRankCase};
 pub use suite::{Randomize, Suite};
 pub use training::train_steps;

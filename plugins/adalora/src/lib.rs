@@ -63,7 +63,10 @@ impl PluginMethod for AdaLora {
                 ctx.dtype,
                 ctx.device,
             )?;
-            layers.insert(site.name.clone(), new_layer([a, e, b], config.scale())?);
+            layers.insert(
+                site.name.clone(),
+                AdaLoraLayer::new([a, e, b], config.scale())?,
+            );
         }
         Ok(Box::new(AdaLoraAdapter::new(
             config,
@@ -90,7 +93,7 @@ impl PluginMethod for AdaLora {
                 [a, e, b] = pad_to_pattern([a, e, b], kept, &site.name)?;
                 pattern.insert(site.name.clone(), kept.clone());
             }
-            let layer = new_layer(
+            let layer = AdaLoraLayer::new(
                 [
                     a.to_dtype(ctx.dtype)?,
                     e.to_dtype(ctx.dtype)?,
@@ -175,15 +178,6 @@ fn pad_to_pattern([a, e, b]: [Tensor; 3], kept: &[bool], site: &str) -> Result<[
         Ok(Tensor::cat(&[t, &zero], dim)?.index_select(&index, dim)?)
     };
     Ok([pad(&a, 0)?, pad(&e, 0)?, pad(&b, 1)?])
-}
-
-fn new_layer([a, e, b]: [Tensor; 3], scale: f64) -> Result<AdaLoraLayer> {
-    Ok(AdaLoraLayer {
-        a: Var::from_tensor(&a)?,
-        e: Var::from_tensor(&e)?,
-        b: Var::from_tensor(&b)?,
-        scale,
-    })
 }
 
 pub struct AdaLoraAdapter {
@@ -487,7 +481,10 @@ mod tests {
         let mut layers = BTreeMap::new();
         for site in sites() {
             let tensors = [random(&[3, 6]), random(&[3, 1]), random(&[5, 3])];
-            layers.insert(site.name, new_layer(tensors, config.scale()).unwrap());
+            layers.insert(
+                site.name,
+                AdaLoraLayer::new(tensors, config.scale()).unwrap(),
+            );
         }
         let mut trained = AdaLoraAdapter::new(config, layers, Some(10), None, 0);
         // query loses every triplet (rank 0), value its middle one.

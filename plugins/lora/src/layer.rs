@@ -1,7 +1,7 @@
 //! The LoRA update of one linear site: `y = base + scale · dropout(x) · Aᵀ · Bᵀ`.
 use graft_peft::candle::{DType, Result, Tensor, Var};
 use graft_peft::graft_model::LowRank;
-use graft_peft::sites::LowRankLayer;
+use graft_peft::sites::{trainable, LowRankLayer};
 
 pub struct LoraLayer {
     /// `[r, in]`, kaiming-uniform initialised.
@@ -26,6 +26,11 @@ impl LowRankLayer for LoraLayer {
 }
 
 impl LoraLayer {
+    /// A layer that trains `a` `[r, in]` and `b` `[out, r]` from these values.
+    pub fn new([a, b]: [Tensor; 2], scale: f64) -> Result<Self> {
+        let [a, b] = trainable([a, b])?;
+        Ok(Self { a, b, scale })
+    }
     /// `scale · B·A`, the `[out, in]` weight delta that merging adds to the base weight.
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
@@ -37,7 +42,7 @@ mod tests {
     use super::*;
     use graft_peft::candle::{DType, Device};
     use graft_peft::graft_model::init;
-    use graft_peft::graft_model::ops::{linear, low_rank_delta};
+    use graft_peft::graft_model::ops::low_rank_delta;
     use proptest::prelude::*;
 
     fn layer(rng: &mut init::SeededRng, out: usize, inp: usize, r: usize, scale: f64) -> LoraLayer {
@@ -57,25 +62,6 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
-        /// x·(W + s·B·A)ᵀ equals x·Wᵀ + s·(x·Aᵀ)·Bᵀ, and unmerging restores W.
-        #[test]
-        fn merge_equals_forward_and_unmerge_restores(
-            out in 1usize..24, inp in 1usize..24, r in 1usize..9, alpha in 0.1f64..64.0,
-            rows in 1usize..5, seed in any::<u64>(),
-        ) {
-            let mut rng = init::seeded_rng(seed);
-            let scale = alpha / r as f64;
-            let lora = layer(&mut rng, out, inp, r, scale);
-            let w = init::normal(&mut rng, &[out, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
-            let x = init::normal(&mut rng, &[rows, inp], 1.0, DType::F64, &Device::Cpu).unwrap();
-            let unmerged = (linear(&x, &w, None).unwrap() + low_rank_delta(&x, &lora.update(x.dtype(), None).unwrap().unwrap()).unwrap()).unwrap();
-            let merged_w = (&w + lora.delta_weight().unwrap()).unwrap();
-            let merged = linear(&x, &merged_w, None).unwrap();
-            prop_assert!(max_diff(&merged, &unmerged) <= 1e-9);
-            let restored = (&merged_w - lora.delta_weight().unwrap()).unwrap();
-            prop_assert!(max_diff(&restored, &w) <= 1e-12 * (1.0 + alpha));
-        }
-
         /// The update is linear in the scale: doubling alpha doubles it; rsLoRA scales by
         /// alpha/sqrt(r).
         #[test]
@@ -93,6 +79,21 @@ mod tests {
             })).unwrap();
             prop_assert!((config.scale() - alpha / (r as f64).sqrt()).abs() < 1e-12);
         }
+    }
+
+    /// x·(W + s·B·A)ᵀ equals x·Wᵀ + s·(x·Aᵀ)·Bᵀ, and unmerging restores W.
+    #[test]
+    fn merge_equals_forward_and_unmerge_restores() {
+        graft_testkit::check_merge_equals_forward(
+            |rng, c| layer(rng, c.out, c.inp, c.r, c.alpha / c.r as f64),
+            |lora| lora.delta_weight().unwrap(),
+            1e-9,
+            |c, lora, w, merged_w| {
+                let restored = (merged_w - lora.delta_weight().unwrap()).unwrap();
+                prop_assert!(max_diff(&restored, w) <= 1e-12 * (1.0 + c.alpha));
+                Ok(())
+            },
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl PluginMethod for Lora {
                 ctx.device,
             )?;
             let b = Tensor::zeros((site.out_features, config.r), ctx.dtype, ctx.device)?;
-            layers.insert(site.name.clone(), new_layer(a, b, config.scale())?);
+            layers.insert(site.name.clone(), LoraLayer::new([a, b], config.scale())?);
         }
         Ok(Box::new(LoraAdapter::new(config, layers, ctx.seed)))
     }
@@ -53,23 +53,14 @@ impl PluginMethod for Lora {
             let b = saved.tensor(&key(&site.name, "lora_B"), &[site.out_features, config.r])?;
             layers.insert(
                 site.name.clone(),
-                new_layer(
-                    a.to_dtype(ctx.dtype)?,
-                    b.to_dtype(ctx.dtype)?,
+                LoraLayer::new(
+                    [a.to_dtype(ctx.dtype)?, b.to_dtype(ctx.dtype)?],
                     config.scale(),
                 )?,
             );
         }
         Ok(Box::new(LoraAdapter::new(config, layers, ctx.seed)))
     }
-}
-
-fn new_layer(a: Tensor, b: Tensor, scale: f64) -> Result<LoraLayer> {
-    Ok(LoraLayer {
-        a: Var::from_tensor(&a)?,
-        b: Var::from_tensor(&b)?,
-        scale,
-    })
 }
 
 pub struct LoraAdapter {
