@@ -169,6 +169,114 @@ impl PrefixSettings {
     }
 }
 
+/// A prefix method's config: PEFT's prefix fields, dropout on the prefixes while training
+/// (graft's, from P-tuning v2; not saved), and the keys it does not take.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PrefixConfig {
+    #[serde(flatten)]
+    pub prefix: PrefixSettings,
+    /// Unset: the method's default.
+    #[serde(default)]
+    pub prefix_dropout: Option<f64>,
+    /// PEFT's other fields: refused when training, unless the method lets them pass.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// What tells the prefix methods (prefix tuning, P-tuning v2) apart: name, defaults, and the
+/// keys a training config may carry. Their plugins implement [`PrefixPlugin`] with one.
+pub struct PrefixMethod {
+    pub name: &'static str,
+    /// `None`: the method takes no `prefix_dropout` (PEFT's prefix tuning has none).
+    pub default_dropout: Option<f64>,
+    /// Keys a training config may hold besides the method's (model fields PEFT fills in).
+    pub passes: &'static [&'static str],
+}
+
+impl PrefixMethod {
+    /// A method without prefix dropout, passing `passes`.
+    pub const fn without_dropout(name: &'static str, passes: &'static [&'static str]) -> Self {
+        Self {
+            name,
+            default_dropout: None,
+            passes,
+        }
+    }
+
+    /// A method with prefix dropout, `default` when unset.
+    pub const fn with_dropout(name: &'static str, default: f64) -> Self {
+        Self {
+            name,
+            default_dropout: Some(default),
+            passes: &[],
+        }
+    }
+
+    /// From a training config: unknown keys refused, counts and dropout checked.
+    pub fn train_config(&self, value: &Value) -> Result<PrefixConfig> {
+        let mut config = self.adapter_config(value)?;
+        let takes = match self.default_dropout {
+            Some(default) => {
+                let dropout = *config.prefix_dropout.get_or_insert(default);
+                if !(0.0..1.0).contains(&dropout) {
+                    return Err(crate::config::invalid(
+                        self.name,
+                        format!("prefix_dropout must be in [0, 1), found {dropout}"),
+                    ));
+                }
+                format!("{}, prefix_dropout", PrefixSettings::FIELDS)
+            }
+            None => {
+                // Not a key of this method: refused below as any unknown key is.
+                if let Some(dropout) = config.prefix_dropout.take() {
+                    config.other.insert("prefix_dropout".into(), dropout.into());
+                }
+                PrefixSettings::FIELDS.to_string()
+            }
+        };
+        crate::config::refuse_unknown(self.name, &config.other, self.passes, &takes)?;
+        Ok(config)
+    }
+
+    /// From a saved adapter_config.json: unknown keys ignored (PEFT writes many).
+    pub fn adapter_config(&self, value: &Value) -> Result<PrefixConfig> {
+        let config: PrefixConfig = crate::config::parse(self.name, value)?;
+        config.prefix.check(self.name)?;
+        Ok(config)
+    }
+}
+
+/// A prefix method's plugin: [`PrefixPlugin::METHOD`] says which, and the adapter is graft-peft's
+/// shared [`PrefixAdapter`].
+pub trait PrefixPlugin: Send + Sync {
+    const METHOD: PrefixMethod;
+}
+
+impl<T: PrefixPlugin> crate::PluginMethod for T {
+    fn create(
+        &self,
+        config: &Value,
+        ctx: &crate::AttachContext,
+    ) -> Result<Box<dyn crate::Adapter>> {
+        let config = T::METHOD.train_config(config)?;
+        let dropout = config.prefix_dropout.unwrap_or(0.0);
+        Ok(Box::new(config.prefix.adapter(
+            T::METHOD.name,
+            dropout,
+            ctx,
+        )?))
+    }
+
+    fn load(
+        &self,
+        saved: &crate::Saved,
+        ctx: &crate::AttachContext,
+    ) -> Result<Box<dyn crate::Adapter>> {
+        T::METHOD.adapter_config(saved.config)?;
+        Ok(Box::new(PrefixAdapter::load(T::METHOD.name, saved, ctx)?))
+    }
+}
+
 /// Adds the fields of `extra` (an object) to `base` (an object).
 pub fn merge_json(mut base: Value, extra: Value) -> Value {
     if let (Some(out), Value::Object(fields)) = (base.as_object_mut(), extra) {

@@ -4,26 +4,15 @@
 //!
 //! On disk it is Hugging Face PEFT's prefix tuning (`peft_type` PREFIX_TUNING,
 //! `prompt_embeddings`, `prefix_projection` false) plus the head, so PEFT loads it as such.
-//! The math is graft-peft's shared [`PrefixAdapter`]; this crate holds the paper's defaults.
-mod config;
+//! Config and math are graft-peft's, shared with prefix tuning; this crate holds the paper's
+//! defaults: prefix dropout 0.1 while training (THUDM's P-tuning v2 uses the model's
+//! hidden_dropout_prob, 0.1 for BERT models), 20 virtual tokens (short prompts suit sentence
+//! classification; sequence labelling wants about 100), no reparametrisation (the paper finds
+//! it task-dependent).
+use graft_peft::prompt_learning::{PrefixMethod, PrefixPlugin};
 
-pub use config::PTuningV2Config;
+graft_peft::plugin!(PTuningV2, "p-tuning-v2", "PREFIX_TUNING", prompt_learning);
 
-use config::NAME;
-use graft_peft::prompt_learning::PrefixAdapter;
-use graft_peft::serde_json::Value;
-use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
-
-graft_peft::plugin!(PTuningV2, NAME, "PREFIX_TUNING", prompt_learning);
-
-impl PluginMethod for PTuningV2 {
-    fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        let config = PTuningV2Config::from_train_config(config)?;
-        let dropout = config.prefix_dropout;
-        Ok(Box::new(config.prefix.adapter(NAME, dropout, ctx)?))
-    }
-
-    fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
-        Ok(Box::new(PrefixAdapter::load(NAME, saved, ctx)?))
-    }
+impl PrefixPlugin for PTuningV2 {
+    const METHOD: PrefixMethod = PrefixMethod::with_dropout("p-tuning-v2", 0.1);
 }
