@@ -36,7 +36,7 @@ pub struct DecoderSpec {
     pub prefix_shifts_positions: bool,
 }
 
-/// How a block projects queries, keys and values (`L`: a loaded [`Linear`], or a
+/// How a block projects queries, keys and values (`L`: a loaded `layers::Linear`, or a
 /// [`SiteSpec`] in a [`Plan`]).
 pub enum Qkv<L> {
     /// `q_proj`, `k_proj`, `v_proj` (Llama).
