@@ -17,10 +17,8 @@ struct Module {
     children: HashMap<String, usize>,
     /// Names of the items defined here (functions, types, traits, consts, macros...).
     items: HashSet<String>,
-    /// `pub use` (any visibility but private) and private `use`: name -> absolute path.
+    /// Every `use` of an item of this crate, public or not: name -> absolute path.
     imports: HashMap<String, Vec<String>>,
-    /// Names of the imports that are re-exported (visible outside the module).
-    reexported: HashSet<String>,
     /// `use path::*`: absolute paths.
     globs: Vec<Vec<String>>,
     /// Whether the glob is re-exported.
@@ -95,7 +93,6 @@ impl Crate {
             children: HashMap::new(),
             items: HashSet::new(),
             imports: HashMap::new(),
-            reexported: HashSet::new(),
             globs: Vec::new(),
             reexported_globs: Vec::new(),
             references: Vec::new(),
@@ -160,9 +157,6 @@ impl Crate {
             };
             match import.name {
                 Some(name) => {
-                    if import.public {
-                        module.reexported.insert(name.clone());
-                    }
                     module.imports.insert(name, path);
                 }
                 None => {
@@ -284,7 +278,8 @@ impl Crate {
         for e in &edges {
             out.entry(&e.from).or_default().push(&e.to);
         }
-        // Kosaraju: a file's component is the set it reaches that also reaches it.
+        // A file's component: the files it reaches that also reach it (a few dozen files, so
+        // a search from each is cheap).
         let reach = |start: &PathBuf| -> BTreeSet<PathBuf> {
             let mut seen = BTreeSet::new();
             let mut stack = vec![start.clone()];
@@ -349,9 +344,6 @@ impl Collector<'_> {
         let mut base: Vec<String> = self.module.to_vec();
         let mut rest = path.as_slice();
         match rest.first().map(String::as_str) {
-            Some("crate") => {
-                return path;
-            }
             Some("self") => rest = &rest[1..],
             Some("super") => {
                 while rest.first().map(String::as_str) == Some("super") {

@@ -34,9 +34,8 @@ impl Decoder {
                 .collect(),
         });
         if path.is_file() {
-            let (config, weights, json) =
-                gguf::load_llama(path, dtype, device, quantizing.as_ref())?;
-            return Decoder::from_plan(&llama::plan(&config)?, &weights, json);
+            let weights = gguf::load_llama(path, dtype, device, quantizing.as_ref())?;
+            return Decoder::from_plan(&plan, &weights, json);
         }
         Decoder::from_plan(
             &plan,

@@ -267,7 +267,7 @@ impl LowRankFields {
     /// These fields in adapter_config.json, with PEFT's for the options graft leaves at their
     /// defaults (no bias training, no DoRA, PEFT's initialisation), merged into `method_fields`.
     pub fn to_json(&self, method_fields: Value) -> Value {
-        let mut json = serde_json::json!({
+        let fields = serde_json::json!({
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "target_modules": self.target_modules.to_json(),
@@ -276,10 +276,7 @@ impl LowRankFields {
             "use_dora": false,
             "init_lora_weights": true,
         });
-        if let (Some(out), Value::Object(fields)) = (json.as_object_mut(), method_fields) {
-            out.extend(fields);
-        }
-        json
+        merge_json(fields, method_fields)
     }
 }
 
@@ -287,6 +284,14 @@ impl LowRankFields {
 /// [`with_query_value_targets`] fills in other architectures' before parsing.
 pub fn query_value_targets() -> crate::TargetModules {
     crate::TargetModules::Names(vec!["query".into(), "value".into()])
+}
+
+/// Adds the fields of `extra` (an object) to `base` (an object).
+pub fn merge_json(mut base: Value, extra: Value) -> Value {
+    if let (Some(out), Value::Object(fields)) = (base.as_object_mut(), extra) {
+        out.extend(fields);
+    }
+    base
 }
 
 /// PEFT's `lora_alpha` default.

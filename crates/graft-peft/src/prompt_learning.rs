@@ -277,14 +277,6 @@ impl<T: PrefixPlugin> crate::PluginMethod for T {
     }
 }
 
-/// Adds the fields of `extra` (an object) to `base` (an object).
-pub fn merge_json(mut base: Value, extra: Value) -> Value {
-    if let (Some(out), Value::Object(fields)) = (base.as_object_mut(), extra) {
-        out.extend(fields);
-    }
-    base
-}
-
 /// PEFT's reparametrisation of prefix tuning: Linear(token_dim, hidden), tanh,
 /// Linear(hidden, layers * 2 * kv_dim), over a `[n, token_dim]` embedding.
 pub struct PrefixProjection {
@@ -458,7 +450,7 @@ impl PrefixEncoder {
 /// PEFT's prefix-tuning fields of adapter_config.json. The saved table has any projection
 /// folded in, so `prefix_projection` is false (PEFT's loader would otherwise expect the MLP).
 fn saved_config(tokens: &VirtualTokens, encoder_hidden_size: usize) -> Value {
-    merge_json(
+    crate::config::merge_json(
         tokens.to_json(),
         serde_json::json!({
             "prefix_projection": false,

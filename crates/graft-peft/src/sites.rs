@@ -112,12 +112,6 @@ impl<L> std::ops::Deref for SiteLayers<L> {
     }
 }
 
-impl<L> std::ops::DerefMut for SiteLayers<L> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
 impl<'a, L> IntoIterator for &'a SiteLayers<L> {
     type Item = (&'a String, &'a L);
     type IntoIter = std::collections::btree_map::Iter<'a, String, L>;

@@ -289,11 +289,11 @@ impl Dataset {
         }
     }
 
-    /// Reads JSON Lines: one object per line, blank lines skipped, string or number values (a
-    /// leading byte order mark ignored): graft's one JSONL reader, for classification data and
-    /// causal-LM prompt/response pairs alike. The
-    /// columns are the `required` keys, then the first object's other keys; a later object
-    /// may lack a key that is not required (it reads as empty). Rows are numbered by line.
+    /// Reads JSON Lines: one object per line, blank lines skipped, string or number values, a
+    /// leading byte order mark ignored. graft's one JSONL reader, for classification data and
+    /// causal-LM prompt/response pairs alike. The columns are the `required` keys, then the
+    /// first object's other keys; a later object may lack a key that is not required (it reads
+    /// as empty). Rows are numbered by line.
     pub fn read_jsonl(path: &Path, required: &[&str]) -> Result<Dataset, DataError> {
         Self::parse_jsonl(path, &read_bytes(path)?, required)
     }
@@ -305,8 +305,7 @@ impl Dataset {
                 path: path.to_path_buf(),
             });
         }
-        // Editors on Windows may start the file with a byte order mark.
-        let data: &[u8] = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+        let data = without_bom(data);
         let mut columns: Vec<String> = required.iter().map(|c| c.to_string()).collect();
         let mut records = Vec::new();
         for (index, raw) in data.split(|&b| b == b'\n').enumerate() {
@@ -408,7 +407,7 @@ impl Dataset {
                 path: path.to_path_buf(),
             });
         }
-        let bytes: &[u8] = data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data);
+        let bytes = without_bom(data);
 
         // Flexible, headerless reading: field counts and the header are checked here, so that
         // the messages can name rows, lines and columns.
@@ -672,6 +671,11 @@ pub fn stratified_split(
     train.sort_unstable();
     val.sort_unstable();
     Ok((train, val))
+}
+
+/// `data` without a leading UTF-8 byte order mark (editors on Windows may write one).
+fn without_bom(data: &[u8]) -> &[u8] {
+    data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data)
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {

@@ -10,7 +10,6 @@ pub use layer::LoraLayer;
 
 use graft_peft::candle::{Tensor, Var};
 use graft_peft::graft_model::init::{self, Dropout};
-
 use graft_peft::serde_json::Value;
 use graft_peft::{Adapter, AttachContext, MergeDelta, PluginMethod, Result, Saved, SiteLayers};
 use std::collections::BTreeMap;

@@ -11,8 +11,9 @@ pub use prompt::initial_prompt;
 
 use config::NAME;
 use graft_peft::candle::{Tensor, Var};
+use graft_peft::config::merge_json;
 use graft_peft::graft_model::{Acts, Hooks};
-use graft_peft::prompt_learning::{merge_json, VirtualTokens, PROMPT_EMBEDDINGS};
+use graft_peft::prompt_learning::{VirtualTokens, PROMPT_EMBEDDINGS};
 use graft_peft::serde_json::{json, Value};
 use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 

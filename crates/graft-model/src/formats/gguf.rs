@@ -19,7 +19,7 @@ pub fn read_llama_config(path: &Path) -> Result<(Config, serde_json::Value)> {
     config_of(path, &content)
 }
 
-/// The config and weights of a Llama-family GGUF file, and a config.json equivalent; the
+/// The weights of a Llama-family GGUF file (its config comes from [`read_llama_config`]); the
 /// tensors `quantizing` names are quantized again in its family (from the file's dequantized
 /// values), one by one.
 pub fn load_llama(
@@ -27,10 +27,10 @@ pub fn load_llama(
     dtype: DType,
     device: &Device,
     quantizing: Option<&Quantizing>,
-) -> Result<(Config, Weights, serde_json::Value)> {
+) -> Result<Weights> {
     let mut file = open(path)?;
     let content = read_content(path, &mut file)?;
-    let (config, config_json) = config_of(path, &content)?;
+    let (config, _) = config_of(path, &content)?;
     let bad = |reason: String| Error::Weights {
         path: path.to_path_buf(),
         reason,
@@ -62,11 +62,7 @@ pub fn load_llama(
         }
         tensors.insert(hf_name, tensor.to_dtype(dtype)?);
     }
-    Ok((
-        config,
-        Weights::from_parts(path, tensors, quantized, dtype)?,
-        config_json,
-    ))
+    Weights::from_parts(path, tensors, quantized, dtype)
 }
 
 fn open(path: &Path) -> Result<std::fs::File> {
