@@ -15,7 +15,7 @@ fn all_methods() -> Result<Vec<String>> {
         .collect())
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -29,7 +29,7 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d"])
         .output()
@@ -220,7 +220,7 @@ pub(crate) fn default_out() -> PathBuf {
 }
 
 /// Prints the table and writes bench.json and bench.md into `out`.
-fn write_report(out: &Path, report: &Value, table: &str) -> Result<()> {
+pub(crate) fn write_report(out: &Path, report: &Value, table: &str) -> Result<()> {
     println!("{table}");
     let dir = root().join(out);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -318,29 +318,30 @@ fn report(command: String, steps: usize, rows: Vec<Value>) -> Value {
 
 /// The model folder both systems load, as graft resolves it: `graft fetch-model` prints the
 /// folder it settled on (its cache, or a Hugging Face cache hit), fetching it first if needed.
-fn model_dir() -> Result<PathBuf> {
+/// Where graft's cache holds the known model `name` (`graft fetch-model`, fetching it first).
+pub(crate) fn fetched_model(name: &str) -> Result<PathBuf> {
     let graft = crate::target_dir().join("debug").join("graft");
     let output = Command::new(&graft)
         .current_dir(root())
-        .args(["fetch-model", "minilm"])
+        .args(["fetch-model", name])
         .stderr(std::process::Stdio::inherit())
         .output()
-        .with_context(|| format!("running {} fetch-model minilm", graft.display()))?;
+        .with_context(|| format!("running {} fetch-model {name}", graft.display()))?;
     if !output.status.success() {
-        bail!("graft fetch-model minilm failed");
+        bail!("graft fetch-model {name} failed");
     }
     let printed = String::from_utf8_lossy(&output.stdout);
-    let dir = printed
+    let path = printed
         .lines()
         .last()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .with_context(|| "graft fetch-model minilm printed no folder")?;
-    Ok(PathBuf::from(dir))
+        .with_context(|| format!("graft fetch-model {name} printed no path"))?;
+    Ok(PathBuf::from(path))
 }
 
 /// The data graft trains on by default (relative to the repository root), passed to both.
-fn bench_data() -> Result<PathBuf> {
+pub(crate) fn bench_data() -> Result<PathBuf> {
     let candidates = ["../shared/data/abstracts/train.csv", "data/demo.csv"];
     candidates
         .iter()
@@ -360,7 +361,7 @@ const VENV_HINT: &str = "python3 -m venv target/reference-venv && \
 
 /// `$GRAFT_REFERENCE_PYTHON`, else the repository's `target/reference-venv`; checked by
 /// importing the reference's packages so that a broken setup fails before graft's long run.
-fn reference_python() -> Result<PathBuf> {
+pub(crate) fn reference_python(modules: &[&str]) -> Result<PathBuf> {
     let python = match std::env::var_os("GRAFT_REFERENCE_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => {
@@ -379,16 +380,19 @@ fn reference_python() -> Result<PathBuf> {
             venv
         }
     };
+    let mut needed = vec!["torch", "transformers", "peft", "safetensors"];
+    needed.extend_from_slice(modules);
     let status = Command::new(&python)
         .current_dir(root())
-        .args(["-c", "import torch, transformers, peft, safetensors"])
+        .args(["-c", &format!("import {}", needed.join(", "))])
         .status()
         .with_context(|| format!("running {}", python.display()))?;
     if !status.success() {
         bail!(
-            "{} cannot import torch, transformers, peft and safetensors; install them with:\n  \
-             {VENV_HINT}\n(or point GRAFT_REFERENCE_PYTHON at an interpreter that has them)",
-            python.display()
+            "{} cannot import {}; install them with:\n  {VENV_HINT}\n(or point \
+             GRAFT_REFERENCE_PYTHON at an interpreter that has them)",
+            python.display(),
+            needed.join(", ")
         );
     }
     Ok(python)
@@ -401,7 +405,7 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
 }
 
 /// Median of the values present; None when no round reported the key.
-fn median(values: &[Option<f64>]) -> Option<f64> {
+pub(crate) fn median(values: &[Option<f64>]) -> Option<f64> {
     let mut present: Vec<f64> = values.iter().flatten().copied().collect();
     present.sort_by(f64::total_cmp);
     let n = present.len();
@@ -412,7 +416,7 @@ fn median(values: &[Option<f64>]) -> Option<f64> {
     }
 }
 
-fn ratio(graft: Option<f64>, reference: Option<f64>) -> Option<f64> {
+pub(crate) fn ratio(graft: Option<f64>, reference: Option<f64>) -> Option<f64> {
     match (graft, reference) {
         (Some(g), Some(r)) if r > 0.0 => Some(g / r),
         _ => None,
@@ -430,9 +434,9 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
         bail!("--rounds and --steps must be positive");
     }
     let out = out.unwrap_or_else(default_out);
-    let python = reference_python()?;
+    let python = reference_python(&[])?;
     build(Backend::Cpu)?;
-    let model = model_dir()?;
+    let model = fetched_model("minilm")?;
     let data = bench_data()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let out_dir = root().join(&out);
@@ -501,6 +505,7 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
             "reference": {
                 "step_seconds_median": reference["train"]["step_seconds_median"],
                 "train_tokens_per_s": reference["train"]["train_tokens_per_s"],
+                "train_tokens_per_s_total_time": reference["train"]["train_tokens_per_s_total_time"],
                 "train_nonpad_tokens_per_s": reference["train"]["train_nonpad_tokens_per_s"],
                 "infer_batch_seconds_median": reference["infer"]["infer_batch_seconds_median"],
                 "infer_tokens_per_s": reference["infer"]["infer_tokens_per_s"],

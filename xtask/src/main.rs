@@ -6,6 +6,7 @@ use std::process::Command;
 
 mod bench;
 mod cuda;
+mod decoder_reference;
 mod gpu_check;
 mod modules;
 mod scaffold;
@@ -139,8 +140,9 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
         /// `minilm` (classification, configs/<method>.toml) or `smollm2` (causal-LM training
-        /// of configs/lm/smollm2-lora-abstracts.toml with each method's settings).
-        #[arg(long, default_value = "minilm", conflicts_with = "reference")]
+        /// of configs/lm/smollm2-lora-abstracts.toml with each method's settings; with
+        /// --reference, LoRA training, verbalizer scoring and generation beside the reference).
+        #[arg(long, default_value = "minilm")]
         model: String,
         /// Compare graft's LoRA with the PyTorch + Hugging Face PEFT reference
         /// (benches/reference), alternating the two systems round by round.
@@ -370,10 +372,19 @@ fn main() -> Result<()> {
             methods,
             steps,
             out,
+            model,
             reference: true,
             rounds,
-            ..
-        } => bench::reference(&methods, steps, rounds, out),
+        } => match model.as_str() {
+            "minilm" => bench::reference(&methods, steps, rounds, out),
+            "smollm2" if methods == "all" || methods == "lora" => {
+                decoder_reference::decoder_reference(steps, rounds, out)
+            }
+            "smollm2" => {
+                bail!("--reference compares LoRA only; drop --methods or pass --methods lora")
+            }
+            other => bail!("--model {other}: the bench knows minilm and smollm2"),
+        },
     }
 }
 

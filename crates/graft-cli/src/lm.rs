@@ -34,8 +34,8 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
         .tokenizer
         .clone()
         .unwrap_or_else(|| LmSpec::default_tokenizer(&model));
-    let data = graft_trainer::lm::LmData::load(&config)?;
-    let pairs = data.train;
+    let mut data = graft_trainer::lm::LmData::load(&config)?;
+    let pairs = std::mem::take(&mut data.train);
     let spec = LmSpec {
         method: config.method_name()?.to_string(),
         model,
@@ -89,29 +89,71 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
     lm.save(out)
         .with_context(|| format!("writing the adapter to {}", out.display()))?;
     eprintln!("adapter written to {}", out.display());
-    write_lm_summary(out, &lm.spec.method, trainable, &steps, rss_before_model)?;
+    write_lm_summary(
+        out,
+        &lm.spec.method,
+        trainable,
+        &steps,
+        rss_before_model,
+        &data.train_rows,
+    )?;
     if !data.validation.is_empty() && !config.eval.labels.is_empty() {
-        let started = std::time::Instant::now();
-        let eval = graft_trainer::lm::evaluate_verbalizer(
-            &lm,
-            &data.validation,
-            &config.eval.labels,
-            config.eval.batch_size,
-        )?;
-        let path = out.join("eval.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&eval)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!(
-            "validation ({} rows, verbalizer {:?}, {:.0} s): accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}",
-            eval.count,
-            config.eval.labels,
-            started.elapsed().as_secs_f64(),
-            eval.accuracy,
-            eval.precision,
-            eval.recall,
-            eval.f1
-        );
+        score(&lm, &data, &config, &out.join("eval.json"))?;
     }
+    Ok(())
+}
+
+/// `graft eval-lm`: the verbalizer evaluation of an adapter trained by train-lm, on the
+/// held-out split its config names.
+pub fn eval_lm(adapter: &Path, config: &Path, out: &Path, plugins: &PluginArgs) -> Result<()> {
+    let config = LmConfig::from_file(config)?;
+    if config.eval.labels.is_empty() {
+        anyhow::bail!("the config has no [eval] labels: nothing to score");
+    }
+    let data = graft_trainer::lm::LmData::load(&config)?;
+    if data.validation.is_empty() {
+        anyhow::bail!("the config holds out no rows (data.val_fraction is 0): nothing to score");
+    }
+    let device = graft_model::default_device()?;
+    let lm = CausalLm::open(adapter, &registry(plugins)?, &device)
+        .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+    score(&lm, &data, &config, out)
+}
+
+/// Scores the held-out rows with the verbalizer and writes `path`: the metrics, the rows (their
+/// indexes in the data file), the time and rows per second, and the process's peak RSS.
+fn score(
+    lm: &CausalLm,
+    data: &graft_trainer::lm::LmData,
+    config: &LmConfig,
+    path: &Path,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let eval = graft_trainer::lm::evaluate_verbalizer(
+        lm,
+        &data.validation,
+        &config.eval.labels,
+        config.eval.batch_size,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut report = serde_json::to_value(&eval)?;
+    report["rows"] = serde_json::json!(data.validation_rows);
+    report["batch_size"] = serde_json::json!(config.eval.batch_size);
+    report["seconds"] = serde_json::json!(seconds);
+    report["rows_per_s"] = serde_json::json!(eval.count as f64 / seconds.max(1e-9));
+    report["peak_rss_mb"] = serde_json::json!(graft_trainer::train::peak_rss_mb());
+    report["matmul"] = serde_json::json!(graft_model::ops::matmul_path());
+    std::fs::write(path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "validation ({} rows, verbalizer {:?}, {seconds:.0} s): accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}",
+        eval.count,
+        config.eval.labels,
+        eval.accuracy,
+        eval.precision,
+        eval.recall,
+        eval.f1
+    );
     Ok(())
 }
 
@@ -122,6 +164,7 @@ pub fn write_lm_summary(
     trainable: usize,
     steps: &[graft_trainer::lm::LmStep],
     rss_before_model: Option<f64>,
+    train_rows: &[usize],
 ) -> Result<()> {
     use graft_trainer::train::{median_after_warmup, peak_rss_mb};
     let seconds: Vec<f64> = steps.iter().map(|s| s.seconds).collect();
@@ -140,6 +183,11 @@ pub fn write_lm_summary(
         "rss_before_model_mb": rss_before_model,
         "longest_step_tokens": steps.iter().map(|s| s.tokens).max(),
         "losses": steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
+        // Each step's batch as indexes of rows in the data file.
+        "batch_rows": steps
+            .iter()
+            .map(|s| s.pairs.iter().map(|&p| train_rows[p]).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
         "matmul": graft_model::ops::matmul_path(),
     });
     let path = out.join("train.json");

@@ -148,6 +148,21 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Score the held-out rows of a train-lm config with an adapter it trained (verbalizer
+    /// classification), and write the metrics, time and peak RSS as JSON.
+    EvalLm {
+        /// An adapter folder written by `graft train-lm`.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The train-lm config whose data, split and [eval] labels to use.
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
     /// Write the next-token logits after a prompt (f32, JSON) of an adapter trained by
     /// train-lm: for comparing devices and dtypes (`cargo xtask gpu-check`).
     Logits {
@@ -197,6 +212,9 @@ enum Command {
         /// Merge the adapter into the weights before generating (mergeable methods).
         #[arg(long)]
         merge: bool,
+        /// JSON file to write the generation's token counts, time and peak RSS to.
+        #[arg(long)]
+        stats: Option<PathBuf>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -441,6 +459,7 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             seed,
             merge,
+            stats,
             plugins,
         } => {
             let sampling = graft_model::generate::Sampling {
@@ -455,7 +474,7 @@ fn run(cli: Cli) -> Result<()> {
                 let _ = std::io::stdout().flush();
             };
             let device = graft_model::default_device()?;
-            if let Some(adapter) = adapter {
+            let (answer, seconds) = if let Some(adapter) = adapter {
                 let mut lm = CausalLm::open(&adapter, &registry(&plugins)?, &device)
                     .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
                 if let Some(name) = template {
@@ -464,7 +483,9 @@ fn run(cli: Cli) -> Result<()> {
                 if merge {
                     lm.set_merged(true)?;
                 }
-                lm.generate(&prompt, max_new_tokens, &sampling, &mut print)?;
+                let started = std::time::Instant::now();
+                let answer = lm.generate(&prompt, max_new_tokens, &sampling, &mut print)?;
+                (answer, started.elapsed().as_secs_f64())
             } else {
                 let model = model.context("--model or --adapter is required")?;
                 let model = model_file(&model)?;
@@ -478,7 +499,8 @@ fn run(cli: Cli) -> Result<()> {
                     graft_tokenizer::Padding::Longest,
                 )?;
                 let template = chat_template(template.as_deref().unwrap_or("plain"), system)?;
-                generate_text(
+                let started = std::time::Instant::now();
+                let answer = generate_text(
                     &decoder,
                     &graft_model::NoHooks,
                     &tokenizer,
@@ -488,9 +510,31 @@ fn run(cli: Cli) -> Result<()> {
                     &sampling,
                     &mut print,
                 )?;
-            }
+                (answer, started.elapsed().as_secs_f64())
+            };
             println!();
+            if let Some(path) = stats {
+                let report = serde_json::json!({
+                    "prompt_tokens": answer.prompt_tokens,
+                    "new_tokens": answer.new_tokens,
+                    "stopped": answer.stopped,
+                    // Prompt and generation together, as a caller waits for them.
+                    "seconds": seconds,
+                    "new_tokens_per_s": answer.new_tokens as f64 / seconds.max(1e-9),
+                    "text": answer.text,
+                    "peak_rss_mb": train::peak_rss_mb(),
+                    "matmul": graft_model::ops::matmul_path(),
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
+        Command::EvalLm {
+            adapter,
+            config,
+            out,
+            plugins,
+        } => lm::eval_lm(&adapter, &config, &out, &plugins)?,
         Command::Logits {
             adapter,
             prompt,

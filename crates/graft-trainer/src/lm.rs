@@ -552,10 +552,14 @@ impl Default for LmEvalSection {
     }
 }
 
-/// Training pairs and the held-out prompts with their class ids.
+/// Training pairs and the held-out prompts with their class ids, each with the index of the
+/// data row it came from (0-based, the header apart), so that a run's batches and its held-out
+/// rows can be named (`cargo xtask bench --reference --model` feeds them to the reference).
 pub struct LmData {
     pub train: Vec<graft_tokenizer::PromptResponse>,
+    pub train_rows: Vec<usize>,
     pub validation: Vec<(String, usize)>,
+    pub validation_rows: Vec<usize>,
 }
 
 impl LmData {
@@ -570,22 +574,25 @@ impl LmData {
         if path.extension().is_none_or(|x| x != "csv") {
             // Required columns come first: each record's fields are prompt, response, others.
             let rows = crate::data::Dataset::read_jsonl(&path, &["prompt", "response"])?;
-            let train = rows
+            let (train_rows, train) = rows
                 .records
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| trained(i))
-                .map(|(_, record)| {
+                .map(|(i, record)| {
                     let mut fields = record.fields.into_iter();
-                    graft_tokenizer::PromptResponse {
+                    let pair = graft_tokenizer::PromptResponse {
                         prompt: clip(fields.next().unwrap_or_default()),
                         response: fields.next().unwrap_or_default(),
-                    }
+                    };
+                    (i, pair)
                 })
-                .collect();
+                .unzip();
             return Ok(Self {
                 train,
+                train_rows,
                 validation: Vec::new(),
+                validation_rows: Vec::new(),
             });
         }
         let template = |t: &Option<String>, field: &str| {
@@ -608,8 +615,10 @@ impl LmData {
         let kept: Vec<usize> = (0..prompts.len()).filter(trained).collect();
         if data.val_fraction == 0.0 {
             return Ok(Self {
-                train: kept.into_iter().map(pair).collect(),
+                train: kept.iter().map(|&i| pair(i)).collect(),
+                train_rows: kept,
                 validation: Vec::new(),
+                validation_rows: Vec::new(),
             });
         }
         let labels = graft_tokenizer::LabelSet::new(config.eval.labels.clone())?;
@@ -622,11 +631,13 @@ impl LmData {
             config.train.seed,
         )?;
         Ok(Self {
-            train: train.into_iter().map(|k| pair(kept[k])).collect(),
+            train: train.iter().map(|&k| pair(kept[k])).collect(),
+            train_rows: train.iter().map(|&k| kept[k]).collect(),
             validation: val
-                .into_iter()
-                .map(|k| (prompts[kept[k]].clone(), classes[k]))
+                .iter()
+                .map(|&k| (prompts[kept[k]].clone(), classes[k]))
                 .collect(),
+            validation_rows: val.iter().map(|&k| kept[k]).collect(),
         })
     }
 }
@@ -712,6 +723,8 @@ pub struct LmStep {
     pub tokenize_seconds: f64,
     /// Tokens as computed: batch x padded length.
     pub tokens: usize,
+    /// The batch: positions in the training pairs.
+    pub pairs: Vec<usize>,
 }
 
 /// Trains `lm` on `pairs` for `train.max_steps` AdamW steps (batches cycle through the pairs),
@@ -756,6 +769,7 @@ pub fn train_lm(
     for step in 0..steps {
         let tokenize_started = std::time::Instant::now();
         let mut batch = Vec::with_capacity(train.batch_size);
+        let mut positions = Vec::with_capacity(train.batch_size);
         while batch.len() < train.batch_size {
             if next == order.len() {
                 order = (0..pairs.len()).collect();
@@ -763,6 +777,7 @@ pub fn train_lm(
                 next = 0;
             }
             batch.push(pairs[order[next]].clone());
+            positions.push(order[next]);
             next += 1;
         }
         let encoded = graft_tokenizer::encode_causal(
@@ -812,6 +827,7 @@ pub fn train_lm(
             seconds,
             tokenize_seconds,
             tokens: encoded.batch * encoded.seq_len,
+            pairs: positions,
         });
     }
     lm.adapter.set_training(false);
@@ -825,6 +841,10 @@ pub struct Answer {
     pub text: String,
     /// Whether it ended with the template's stop token; false when the token cap cut it.
     pub stopped: bool,
+    /// The prompt's tokens, template included.
+    pub prompt_tokens: usize,
+    /// The tokens generated, the stop token included.
+    pub new_tokens: usize,
 }
 
 /// The answer of `model` (with `hooks`) to `prompt` rendered with `template`, up to
@@ -879,5 +899,7 @@ pub fn generate_text(
     Ok(Answer {
         text: tokenizer.decode(&tokens)?,
         stopped: new_tokens.last().is_some_and(|t| stop.contains(t)),
+        prompt_tokens: ids.len(),
+        new_tokens: new_tokens.len(),
     })
 }
