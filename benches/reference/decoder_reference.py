@@ -17,17 +17,16 @@ import argparse
 import csv
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
 
-import peft
 import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from report import peak_rss_mb, versions
 
 
 def parse_args():
@@ -45,11 +44,6 @@ def parse_args():
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--seed", type=int, default=42)
     return p.parse_args()
-
-
-def peak_rss_mb():
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def median_after_warmup(values):
@@ -239,12 +233,7 @@ def main():
     result = {"prepare": prepare, "train": train, "score": score, "generate": generate}[args.mode](args)
     report = {
         "system": "pytorch+peft",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
+        "versions": versions(),
         "mode": args.mode,
         "threads": torch.get_num_threads(),
         **result,

@@ -11,18 +11,16 @@ import argparse
 import csv
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
 
-import peft
-import safetensors
 import torch
 import transformers
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertForSequenceClassification
+
+from report import peak_rss_mb, versions
 
 TEMPLATE = "{title}. {abstract}"
 MAX_LEN = 128
@@ -63,11 +61,6 @@ def batch_rows(rows, index, size):
     """Batch `index` of consecutive rows, wrapping around the end of the data."""
     start = index * size
     return [rows[(start + i) % len(rows)] for i in range(size)]
-
-
-def peak_rss_mb():
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def load_model(model_dir):
@@ -195,13 +188,7 @@ def main():
     result = train(args, tokenizer, model) if args.mode == "train" else infer(args, tokenizer, model)
     report = {
         "system": "pytorch+peft",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "safetensors": safetensors.__version__,
-        },
+        "versions": versions(),
         "mode": args.mode,
         "threads": torch.get_num_threads(),
         "attn_implementation": model.config._attn_implementation,

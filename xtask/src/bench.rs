@@ -531,7 +531,11 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
         (Some(t), Some(i)) => Some(t.max(i)),
         (t, i) => t.or(i),
     };
-    let metric = |name: &str, graft: Option<f64>, reference: Option<f64>| json!({ "metric": name, "graft": graft, "reference": reference, "ratio": ratio(graft, reference) });
+    // Seconds per step or batch get decimals; tokens/s and MiB do not.
+    let metric = |name: &str, graft: Option<f64>, reference: Option<f64>| {
+        let digits = if name.contains(" s/") { 3 } else { 0 };
+        json!({ "metric": name, "digits": digits, "graft": graft, "reference": reference, "ratio": ratio(graft, reference) })
+    };
     let rows = vec![
         metric(
             "train tokens/s",
@@ -584,36 +588,22 @@ pub fn reference(selection: &str, steps: usize, rounds: usize, out: Option<PathB
     write_report(&out, &report, &reference_markdown(&report))
 }
 
-fn reference_markdown(report: &Value) -> String {
-    let versions = &report["reference_versions"];
-    let mut table = format!(
-        "`{}` on {} ({}); LoRA r=8 on query/value, {} training steps of 8 x up to 128 tokens, \
-         inference at 32 x 128 tokens; median of {} alternating rounds; graft's products on {}. \
-         Reference: torch {}, transformers {}, peft {}, {} threads, fp32.\n\n\
-         | metric | graft | PyTorch + PEFT | graft / reference |\n\
-         | --- | ---: | ---: | ---: |\n",
-        report["command"].as_str().unwrap_or_default(),
-        report["machine"].as_str().unwrap_or_default(),
-        report["date"].as_str().unwrap_or_default(),
-        report["steps"],
-        report["rounds"],
-        report["graft_matmul"].as_str().unwrap_or("?"),
-        versions["torch"].as_str().unwrap_or("?"),
-        versions["transformers"].as_str().unwrap_or("?"),
-        versions["peft"].as_str().unwrap_or("?"),
-        report["threads"],
-    );
-    let cell = |v: &Value, digits: usize| match v.as_f64() {
+/// A number for a table with `digits` decimals, or "n/a" where it is absent.
+pub(crate) fn cell(value: &Value, digits: usize) -> String {
+    match value.as_f64() {
         Some(x) => format!("{x:.digits$}"),
         None => "n/a".to_string(),
-    };
+    }
+}
+
+/// The graft / reference table of `report["rows"]`, each row with its own decimals
+/// (`digits`).
+pub(crate) fn ratio_table(report: &Value) -> String {
+    let mut table = String::from(
+        "| metric | graft | PyTorch + PEFT | graft / reference |\n| --- | ---: | ---: | ---: |\n",
+    );
     for row in report["rows"].as_array().into_iter().flatten() {
-        // Seconds per step or batch get decimals; "tokens/s" and MiB do not.
-        let digits = if row["metric"].as_str().is_some_and(|m| m.contains(" s/")) {
-            3
-        } else {
-            0
-        };
+        let digits = row["digits"].as_u64().unwrap_or(0) as usize;
         table.push_str(&format!(
             "| {} | {} | {} | {} |\n",
             row["metric"].as_str().unwrap_or_default(),
@@ -622,6 +612,42 @@ fn reference_markdown(report: &Value) -> String {
             cell(&row["ratio"], 2),
         ));
     }
+    table
+}
+
+/// "`COMMAND` on MACHINE (DATE)", where a reference table was measured.
+pub(crate) fn measured_on(report: &Value) -> String {
+    format!(
+        "`{}` on {} ({})",
+        report["command"].as_str().unwrap_or_default(),
+        report["machine"].as_str().unwrap_or_default(),
+        report["date"].as_str().unwrap_or_default(),
+    )
+}
+
+/// "graft's products on ... Reference: torch ..., N threads": what each side ran on.
+pub(crate) fn software(report: &Value) -> String {
+    let versions = &report["reference_versions"];
+    format!(
+        "graft's products on {}. Reference: torch {}, transformers {}, peft {}, {} threads",
+        report["graft_matmul"].as_str().unwrap_or("?"),
+        versions["torch"].as_str().unwrap_or("?"),
+        versions["transformers"].as_str().unwrap_or("?"),
+        versions["peft"].as_str().unwrap_or("?"),
+        report["threads"],
+    )
+}
+
+fn reference_markdown(report: &Value) -> String {
+    let mut table = format!(
+        "{}; LoRA r=8 on query/value, {} training steps of 8 x up to 128 tokens, inference at 32 \
+         x 128 tokens; median of {} alternating rounds; {}, fp32.\n\n",
+        measured_on(report),
+        report["steps"],
+        report["rounds"],
+        software(report),
+    );
+    table.push_str(&ratio_table(report));
     let rss = &report["reference_peak_rss_mb"];
     table.push_str(&format!(
         "\ngraft's peak RSS covers training and its final evaluation in one process; the \
@@ -652,7 +678,7 @@ mod tests {
             "reference_peak_rss_mb": { "train": 1071.0, "infer": 1030.0 },
             "rows": [
                 { "metric": "inference tokens/s", "graft": null, "reference": 6923.1, "ratio": null },
-                { "metric": "train s/step (median)", "graft": 2.33, "reference": 0.3, "ratio": 7.77 },
+                { "metric": "train s/step (median)", "digits": 3, "graft": 2.33, "reference": 0.3, "ratio": 7.77 },
             ],
         });
         let table = reference_markdown(&report);

@@ -7,8 +7,9 @@
 //! data rows its train.json names), and scores and generates through the adapter graft trained
 //! (PEFT reads graft's files): the two do the same work, and the same F1 and text show it.
 use crate::bench::{
-    bench_data, decoder_config, default_out, fetched_model, machine, median, ratio, read_json,
-    read_toml, reference_python, today, write_report, DECODER_CONFIG,
+    bench_data, cell, decoder_config, default_out, fetched_model, machine, measured_on, median,
+    ratio, ratio_table, read_json, read_toml, reference_python, software, today, write_report,
+    DECODER_CONFIG,
 };
 use crate::{build, root, run_graft, Backend};
 use anyhow::{bail, Context, Result};
@@ -298,42 +299,18 @@ fn report(steps: usize, rounds: usize, data: &Path, per_round: Vec<Value>) -> Va
 }
 
 fn markdown(report: &Value) -> String {
-    let versions = &report["reference_versions"];
     let mut table = format!(
-        "`{}` on {} ({}); SmolLM2-135M-Instruct in f32, LoRA r=8 on q_proj/v_proj, {} training \
-         steps of batch 4 ({}), verbalizer scoring of {} held-out rows at batch 8, greedy \
-         generation of {NEW_TOKENS} tokens; median of {} alternating rounds, each job in its \
-         own process; graft's products on {}. Reference: torch {}, transformers {}, peft {}, \
-         {} threads.\n\n\
-         | metric | graft | PyTorch + PEFT | graft / reference |\n\
-         | --- | ---: | ---: | ---: |\n",
-        report["command"].as_str().unwrap_or_default(),
-        report["machine"].as_str().unwrap_or_default(),
-        report["date"].as_str().unwrap_or_default(),
+        "{}; SmolLM2-135M-Instruct in f32, LoRA r=8 on q_proj/v_proj, {} training steps of batch \
+         4 ({DECODER_CONFIG}), verbalizer scoring of {} held-out rows at batch 8, greedy \
+         generation of {NEW_TOKENS} tokens; median of {} alternating rounds, each job in its own \
+         process; {}.\n\n",
+        measured_on(report),
         report["steps"],
-        DECODER_CONFIG,
         report["scored_rows"],
         report["rounds"],
-        report["graft_matmul"].as_str().unwrap_or("?"),
-        versions["torch"].as_str().unwrap_or("?"),
-        versions["transformers"].as_str().unwrap_or("?"),
-        versions["peft"].as_str().unwrap_or("?"),
-        report["threads"],
+        software(report),
     );
-    let cell = |v: &Value, digits: usize| match v.as_f64() {
-        Some(x) => format!("{x:.digits$}"),
-        None => "n/a".to_string(),
-    };
-    for row in report["rows"].as_array().into_iter().flatten() {
-        let metric = row["metric"].as_str().unwrap_or_default();
-        let digits = row["digits"].as_u64().unwrap_or(0) as usize;
-        table.push_str(&format!(
-            "| {metric} | {} | {} | {} |\n",
-            cell(&row["graft"], digits),
-            cell(&row["reference"], digits),
-            cell(&row["ratio"], 2),
-        ));
-    }
+    table.push_str(&ratio_table(report));
     table.push_str("\nSame work on both sides, round by round (first training loss, F1 through graft's adapter, greedy text equal):\n\n");
     for check in report["checks"].as_array().into_iter().flatten() {
         table.push_str(&format!(
