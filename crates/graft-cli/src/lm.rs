@@ -105,14 +105,20 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
 
 /// `graft eval-lm`: the verbalizer evaluation of an adapter trained by train-lm, on the
 /// held-out split its config names.
-pub fn eval_lm(adapter: &Path, config: &Path, out: &Path, plugins: &PluginArgs) -> Result<()> {
-    let config = LmConfig::from_file(config)?;
+pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginArgs) -> Result<()> {
+    let config = LmConfig::from_file(config_path)?;
     if config.eval.labels.is_empty() {
-        anyhow::bail!("the config has no [eval] labels: nothing to score");
+        anyhow::bail!(
+            "{}: no [eval] labels (the label words to score): nothing to score",
+            config_path.display()
+        );
     }
     let data = graft_trainer::lm::LmData::load(&config)?;
     if data.validation.is_empty() {
-        anyhow::bail!("the config holds out no rows (data.val_fraction is 0): nothing to score");
+        anyhow::bail!(
+            "{}: no rows are held out (data.val_fraction is 0, or the data is JSONL): nothing to score",
+            config_path.display()
+        );
     }
     let device = graft_model::default_device()?;
     let lm = CausalLm::open(adapter, &registry(plugins)?, &device)

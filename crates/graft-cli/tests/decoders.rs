@@ -186,6 +186,36 @@ fn eval_lm_and_generate_stats_report_what_the_decoder_bench_compares() {
         );
     }
     assert!(scored["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    // A config with nothing to score says which file and what is missing.
+    let text = std::fs::read_to_string(config).unwrap();
+    for (edit, expected) in [
+        (
+            text[..text.find("[eval]").unwrap()].to_string(),
+            "no [eval] labels",
+        ),
+        (
+            text.replace("val_fraction = 0.25", "val_fraction = 0.0"),
+            "no rows are held out",
+        ),
+    ] {
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, edit).unwrap();
+        let out = graft(&[
+            "eval-lm",
+            "--adapter",
+            adapter_arg,
+            "--config",
+            other.to_str().unwrap(),
+            "--out",
+            dir.path().join("never.json").to_str().unwrap(),
+        ]);
+        let message = stderr(&out);
+        assert!(!out.status.success(), "{message}");
+        assert!(
+            message.contains(expected) && message.contains("other.toml"),
+            "{message}"
+        );
+    }
 
     let stats = dir.path().join("generate.json");
     let out = graft(&[
