@@ -126,7 +126,7 @@ fn eval_lm_and_generate_stats_report_what_the_decoder_bench_compares() {
         format!(
             "[model]\npath = \"../shared/models/stories260K\"\ntemplate = \"plain\"\nmax_len = 64\n\
              [data]\ntrain = \"{}\"\nprompt = \"{{title}}\"\nresponse = \"{{label}}\"\nval_fraction = 0.25\n\
-             [train]\nmax_steps = 3\nbatch_size = 2\nlr = 1e-2\n\
+             [train]\nmax_steps = 30\nbatch_size = 2\nlr = 2e-2\n\
              [method]\nname = \"lora\"\nr = 4\n\
              [eval]\nlabels = [\"Lily\", \"happy\"]\nbatch_size = 3\n",
             data.display()
@@ -149,10 +149,13 @@ fn eval_lm_and_generate_stats_report_what_the_decoder_bench_compares() {
         .collect();
     assert_eq!(held_out.len(), 4, "{trained}");
     assert_eq!(trained["count"], 4);
+    // The two kinds of title differ in length, so scoring batches them out of file order; every
+    // prediction must still land on its own row (the task is learnt: both kinds are right).
+    assert_eq!(trained["accuracy"], 1.0, "{trained}");
     assert!(trained["rows_per_s"].as_f64().unwrap() > 0.0);
     let batches = read(&adapter.join("train.json"))["batch_rows"].clone();
     let batches = batches.as_array().unwrap();
-    assert_eq!(batches.len(), 3);
+    assert_eq!(batches.len(), 30);
     for batch in batches {
         let rows: Vec<u64> = batch
             .as_array()
