@@ -32,6 +32,22 @@ pub(crate) type Gemm<T> = unsafe extern "C" fn(
     c_int,
 );
 
+/// `cblas_?gemv`: order, transpose, rows, columns, alpha, a, lda, x, incx, beta, y, incy.
+pub(crate) type Gemv<T> = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    T,
+    *const T,
+    c_int,
+    *const T,
+    c_int,
+    T,
+    *mut T,
+    c_int,
+);
+
 pub(crate) const ROW_MAJOR: c_int = 101;
 pub(crate) const NO_TRANS: c_int = 111;
 pub(crate) const TRANS: c_int = 112;
@@ -39,6 +55,8 @@ pub(crate) const TRANS: c_int = 112;
 pub(crate) struct Blas {
     pub sgemm: Gemm<f32>,
     pub dgemm: Gemm<f64>,
+    pub sgemv: Gemv<f32>,
+    pub dgemv: Gemv<f64>,
     /// The kernel family the library runs, as it reports it.
     pub core: String,
     /// "OpenBLAS 0.3.34", from the library's build configuration.
@@ -202,6 +220,8 @@ fn open(name: &str, origin: Origin) -> Option<Blas> {
     unsafe {
         let sgemm = symbol::<Gemm<f32>>(&library, "cblas_sgemm")?;
         let dgemm = symbol::<Gemm<f64>>(&library, "cblas_dgemm")?;
+        let sgemv = symbol::<Gemv<f32>>(&library, "cblas_sgemv")?;
+        let dgemv = symbol::<Gemv<f64>>(&library, "cblas_dgemv")?;
         type Text = unsafe extern "C" fn() -> *const c_char;
         let text = |f: Text| CStr::from_ptr(f()).to_string_lossy().into_owned();
         let core = text(symbol::<Text>(&library, "openblas_get_corename")?);
@@ -218,6 +238,8 @@ fn open(name: &str, origin: Origin) -> Option<Blas> {
         Some(Blas {
             sgemm,
             dgemm,
+            sgemv,
+            dgemv,
             core,
             version,
             origin,

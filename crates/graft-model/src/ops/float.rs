@@ -1,6 +1,6 @@
 //! The element types the kernels compute in, and reductions written so the compiler keeps
 //! them in vector registers.
-use super::blas::{Blas, Gemm};
+use super::blas::{Blas, Gemm, Gemv};
 use candle_core::WithDType;
 
 /// The element types the kernels are written for.
@@ -10,6 +10,8 @@ pub(crate) trait Float: num_traits::Float + WithDType + std::iter::Sum {
     fn exp_fast(self) -> Self;
     /// The BLAS routine for this type.
     fn blas_gemm(blas: &Blas) -> Gemm<Self>;
+    /// The BLAS matrix-vector routine for this type.
+    fn blas_gemv(blas: &Blas) -> Gemv<Self>;
 }
 
 impl Float for f32 {
@@ -24,6 +26,9 @@ impl Float for f32 {
     fn blas_gemm(blas: &Blas) -> Gemm<Self> {
         blas.sgemm
     }
+    fn blas_gemv(blas: &Blas) -> Gemv<Self> {
+        blas.sgemv
+    }
 }
 
 impl Float for f64 {
@@ -36,6 +41,9 @@ impl Float for f64 {
     }
     fn blas_gemm(blas: &Blas) -> Gemm<Self> {
         blas.dgemm
+    }
+    fn blas_gemv(blas: &Blas) -> Gemv<Self> {
+        blas.dgemv
     }
 }
 

@@ -130,9 +130,44 @@ pub(crate) unsafe fn gemm_onto<T: Float>(
     let accumulate = !matches!(start, Start::Zero);
     if let Some(blas) = blas::get() {
         if let (Some((ta, lda)), Some((tb, ldb))) = (a.blas_form(m, k), b.blas_form(k, n)) {
+            let c = |v: usize| v as std::ffi::c_int;
+            // A one-row product (each token of greedy decoding) as a matrix-vector product:
+            // sgemm would first pack all of b, which it then reads once (packing was 42% of a
+            // generation's samples in `perf`).
+            let one_row = m == 1 && a.col_stride >= 1;
             let call = |block: Block| {
                 init(&block);
-                let c = |v: usize| v as std::ffi::c_int;
+                if one_row {
+                    if !accumulate {
+                        for j in block.cols.clone() {
+                            unsafe { *dst.at(j) = T::zero() };
+                        }
+                    }
+                    // dst[cols] += scale · b[:, cols]ᵀ · a[0, :]; b as stored is either the
+                    // [n, k] matrix itself (transposed view) or [k, n].
+                    let (trans, rows, cols) = if tb == blas::TRANS {
+                        (blas::NO_TRANS, block.cols.len(), k)
+                    } else {
+                        (blas::TRANS, k, block.cols.len())
+                    };
+                    unsafe {
+                        T::blas_gemv(blas)(
+                            blas::ROW_MAJOR,
+                            trans,
+                            c(rows),
+                            c(cols),
+                            scale,
+                            b.col(block.cols.start),
+                            ldb,
+                            a.row(0),
+                            c(a.col_stride as usize),
+                            T::one(),
+                            dst.at(block.cols.start),
+                            1,
+                        )
+                    };
+                    return;
+                }
                 unsafe {
                     T::blas_gemm(blas)(
                         blas::ROW_MAJOR,
@@ -229,20 +264,28 @@ mod tests {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
                 .collect();
-            // b stored as its transpose [n, k], read through a transposed view.
+            // b stored as its transpose [n, k], read through a transposed view, and as [k, n].
             let b_t: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0)
                 .collect();
+            let b_rows: Vec<f32> = (0..k * n).map(|i| b_t[(i % n) * k + i / n]).collect();
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 100.0).collect();
             let leading = n + 3;
             let expected = |i: usize, j: usize| -> f32 {
                 (0..k).map(|p| a[i * k + p] * b_t[j * k + p]).sum::<f32>() * 0.5
             };
-            for (start, name) in [
+            let layouts = [
+                ("transposed b", View::rows(b_t.as_ptr(), k).t()),
+                ("row-major b", View::rows(b_rows.as_ptr(), n)),
+            ];
+            for ((start, name), (layout, b)) in [
                 (Start::Rows(&bias[..]), "bias"),
                 (Start::Kept, "kept"),
                 (Start::Zero, "zero"),
-            ] {
+            ]
+            .into_iter()
+            .flat_map(|s| layouts.map(|l| (s, l)))
+            {
                 let mut dst = vec![1.0f32; m * leading];
                 unsafe {
                     gemm_onto(
@@ -251,7 +294,7 @@ mod tests {
                         leading,
                         start,
                         View::rows(a.as_ptr(), k),
-                        View::rows(b_t.as_ptr(), k).t(),
+                        b,
                         0.5,
                         Threads::Pool,
                     )
@@ -267,7 +310,7 @@ mod tests {
                         };
                         assert!(
                             (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
-                            "{m}x{n}x{k} {name} [{i}, {j}]: {got} against {want}"
+                            "{m}x{n}x{k} {name}, {layout} [{i}, {j}]: {got} against {want}"
                         );
                     }
                 }
