@@ -134,21 +134,21 @@ pub(crate) unsafe fn gemm_onto<T: Float>(
             // A one-row product (each token of greedy decoding) as a matrix-vector product:
             // sgemm would first pack all of b, which it then reads once (packing was 42% of a
             // generation's samples in `perf`).
-            let one_row = m == 1 && a.col_stride >= 1;
-            let call = |block: Block| {
-                init(&block);
-                if one_row {
+            if m == 1 && a.col_stride >= 1 {
+                // dst[cols] += scale · b[:, cols]ᵀ · a[0, :]; b as stored is either the [n, k]
+                // matrix itself (transposed view) or [k, n].
+                split((m, n, k), threads, |block| {
+                    init(&block);
+                    let (cols, at) = (block.cols.len(), dst.at(block.cols.start));
                     if !accumulate {
-                        for j in block.cols.clone() {
-                            unsafe { *dst.at(j) = T::zero() };
-                        }
+                        // Zeroed here rather than by beta = 0: OpenBLAS versions differ on
+                        // whether beta = 0 overwrites a NaN already in dst.
+                        unsafe { std::ptr::write_bytes(at, 0, cols) };
                     }
-                    // dst[cols] += scale · b[:, cols]ᵀ · a[0, :]; b as stored is either the
-                    // [n, k] matrix itself (transposed view) or [k, n].
                     let (trans, rows, cols) = if tb == blas::TRANS {
-                        (blas::NO_TRANS, block.cols.len(), k)
+                        (blas::NO_TRANS, cols, k)
                     } else {
-                        (blas::TRANS, k, block.cols.len())
+                        (blas::TRANS, k, cols)
                     };
                     unsafe {
                         T::blas_gemv(blas)(
@@ -162,12 +162,15 @@ pub(crate) unsafe fn gemm_onto<T: Float>(
                             a.row(0),
                             c(a.col_stride as usize),
                             T::one(),
-                            dst.at(block.cols.start),
+                            at,
                             1,
                         )
                     };
-                    return;
-                }
+                });
+                return;
+            }
+            split((m, n, k), threads, |block| {
+                init(&block);
                 unsafe {
                     T::blas_gemm(blas)(
                         blas::ROW_MAJOR,
@@ -186,8 +189,7 @@ pub(crate) unsafe fn gemm_onto<T: Float>(
                         c(dst_leading),
                     )
                 }
-            };
-            split((m, n, k), threads, call);
+            });
             return;
         }
     }
