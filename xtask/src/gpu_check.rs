@@ -18,6 +18,14 @@ const LOGITS_TOLERANCE: f64 = 0.06;
 
 const METHODS: [&str; 2] = ["lora", "p-tuning-v2"];
 
+/// The loss must fall to this fraction of the first step's or below, over at least
+/// [`MIN_STEPS`] steps of the decoder recipe. Measured with `cargo xtask gpu-check --cpu` (bf16
+/// on the CPU, 2026-12-07): LoRA 4.43 -> 0.44 (0.10 of the first), P-tuning v2 10.68 -> 3.88
+/// (0.36); with the optimizer's learning rate zeroed the last losses were 1.10 and 1.16 of the
+/// first, and no step went below 0.84 of it.
+const LOSS_FALLS_TO: f64 = 0.5;
+const MIN_STEPS: usize = 10;
+
 const PROMPT: &str = "Aspirin for the primary prevention of cardiovascular events in the \
     elderly. A randomised trial of 19,114 people aged 70 or older.";
 
@@ -88,6 +96,9 @@ fn relative_difference(a: &[f64], b: &[f64]) -> Result<f64> {
 /// Runs the check with the trained side on `device` (`Backend::Cpu` checks the script itself
 /// where there is no GPU).
 pub fn gpu_check(steps: usize, out: Option<PathBuf>, device: Backend) -> Result<()> {
+    if steps < MIN_STEPS {
+        bail!("--steps {steps}: the check judges the loss after at least {MIN_STEPS} steps");
+    }
     let out = out.unwrap_or_else(default_out);
     build(Backend::Cpu)?;
     if device == Backend::Cuda {
@@ -155,9 +166,11 @@ pub fn gpu_check(steps: usize, out: Option<PathBuf>, device: Backend) -> Result<
             .map(|l| l.iter().filter_map(Value::as_f64).collect())
             .unwrap_or_default();
         let (first, last) = (losses.first().copied(), losses.last().copied());
-        let falls = matches!((first, last), (Some(f), Some(l)) if l < f);
+        let falls = matches!((first, last), (Some(f), Some(l)) if l <= LOSS_FALLS_TO * f);
         if !falls {
-            failures.push(format!("{method}: the loss did not fall: {losses:?}"));
+            failures.push(format!(
+                "{method}: the loss did not fall to {LOSS_FALLS_TO} of the first step's: {losses:?}"
+            ));
         }
         if difference > LOGITS_TOLERANCE {
             failures.push(format!(

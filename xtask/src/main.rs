@@ -154,6 +154,48 @@ enum Task {
     },
 }
 
+/// Python's `sentencepiece`, the reference graft-tokenizer's `tests/sentencepiece.rs` checks
+/// graft's reader against, installed by pip into target/spm-site (which the test puts on
+/// `PYTHONPATH`) unless it is there: like the models and OpenBLAS, fetched by the test command
+/// itself, so that it passes on a fresh machine with nothing else run. pip's `--target` needs
+/// no virtual environment (no python3-venv package).
+fn spm_reference() -> Result<()> {
+    const PACKAGE: &str = "sentencepiece==0.2.2";
+    let site = root().join("target/spm-site");
+    if site.join("sentencepiece").is_dir() {
+        return Ok(());
+    }
+    eprintln!(
+        "installing {PACKAGE} into {} (the SentencePiece tests' reference)",
+        site.display()
+    );
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--root-user-action=ignore",
+            "--no-deps",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&site)
+        .arg(PACKAGE)
+        .status()
+        .context("running `python3 -m pip` (the SentencePiece tests need Python 3 with pip)")?;
+    if !status.success() {
+        bail!(
+            "`python3 -m pip install --target {} {PACKAGE}` failed ({status})",
+            site.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -335,6 +377,7 @@ fn main() -> Result<()> {
         Task::Modules => modules::check(&root()),
         Task::Test { rest } => {
             build(Backend::Cpu)?;
+            spm_reference()?;
             let status = Command::new(cargo())
                 .current_dir(root())
                 .args(["test", "--workspace"])

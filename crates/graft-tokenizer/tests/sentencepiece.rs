@@ -2,8 +2,9 @@
 //! `../shared/data/abstracts/train.csv` with ChatGLM's trainer settings (and with SentencePiece's
 //! defaults), 200 other lines encoded and decoded by both.
 //!
-//! Needs Python with the `sentencepiece` package: `$GRAFT_PYTHON`, else
-//! `target/spm-venv/bin/python` (see `.ci/run` for the install).
+//! Needs Python with the `sentencepiece` package: `$GRAFT_PYTHON`, else `python3` with
+//! `target/spm-site` on its path, where `cargo xtask test` installs the package (pip
+//! `--target`) before it runs the tests.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,38 +25,44 @@ fn train_csv() -> PathBuf {
     path
 }
 
-fn python() -> PathBuf {
-    let python = match std::env::var_os("GRAFT_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => workspace().join("target/spm-venv/bin/python"),
-    };
+/// The folder `cargo xtask test` installs `sentencepiece` into (see `xtask/src/main.rs`).
+const SPM_SITE: &str = "target/spm-site";
+
+/// A Python that has `sentencepiece`: `$GRAFT_PYTHON`, else `python3` with [`SPM_SITE`] on its
+/// path.
+fn python() -> Command {
+    if let Some(python) = std::env::var_os("GRAFT_PYTHON") {
+        return Command::new(python);
+    }
+    let site = workspace().join(SPM_SITE);
     assert!(
-        python.is_file(),
-        "no Python for the SentencePiece reference at {}: install it with \
-         `python3 -m venv target/spm-venv && target/spm-venv/bin/pip install sentencepiece==0.2.2` \
-         (as .ci/run does), or set GRAFT_PYTHON to a python that has `sentencepiece`",
-        python.display()
+        site.join("sentencepiece").is_dir(),
+        "no SentencePiece reference in {}: `cargo xtask test` installs it, or run \
+         `python3 -m pip install --target {SPM_SITE} sentencepiece==0.2.2` in the workspace, \
+         or set GRAFT_PYTHON to a python that has `sentencepiece`",
+        site.display()
     );
+    let mut python = Command::new("python3");
+    python.env("PYTHONPATH", site);
     python
 }
 
 /// Runs `spm_reference.py` with `args`, failing with its output if it fails.
 fn reference(args: &[&std::ffi::OsStr]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/spm_reference.py");
-    let python = python();
-    let out = Command::new(&python)
+    let mut python = python();
+    let program = python.get_program().to_string_lossy().into_owned();
+    let out = python
         .arg(&script)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     assert!(
         out.status.success(),
-        "{} {} failed ({}); if `sentencepiece` is missing, install it with \
-         `{} -m pip install sentencepiece==0.2.2`\nstderr:\n{}",
-        python.display(),
+        "{program} {} failed ({}); if `sentencepiece` is missing, `cargo xtask test` installs \
+         it\nstderr:\n{}",
         script.display(),
         out.status,
-        python.display(),
         String::from_utf8_lossy(&out.stderr)
     );
 }

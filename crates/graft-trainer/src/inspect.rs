@@ -203,19 +203,13 @@ mod tests {
             shape,
         )
         .unwrap();
-        // 6,243,584,000: the figure THUDM and PEFT's print_trainable_parameters report.
+        // The figures PEFT's print_trainable_parameters reports for ChatGLM2-6B with LoRA r 8
+        // on query_key_value: 6,243,584,000 parameters, 1,949,696 trainable (28 sites). That
+        // the byte counts match the tensors a real step holds is checked on small models by
+        // plugins/lora's `inspect_counts_the_tensors_a_lora_step_holds`.
         assert_eq!(report.params, 6_243_584_000);
-        // 28 sites of 4096 -> 4608, rank 8: 28 * 8 * (4096 + 4608).
         assert_eq!(report.lora_sites, 28);
         assert_eq!(report.lora_trainable, 1_949_696);
-        // The bf16 weights alone are 12.5 GB; the step adds activations and logits.
-        assert_eq!(report.memory.weights, 2 * 6_243_584_000);
-        assert_eq!(
-            report.memory.trainable,
-            4 * 4 * 1_949_696,
-            "f32 value, grad, m, v"
-        );
-        assert!(report.memory.total > report.memory.weights);
         // What the README's GPU section quotes: under 16 GB with checkpointing (12.33 GiB),
         // and over it without (the 28 layers' activations).
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
@@ -236,7 +230,7 @@ mod tests {
 
         // On a q4_k base (every projection 4096 wide in q4_k, the 13696-wide down projection in
         // q5_0; the 0.5 GiB embedding table in bf16): 5.00 GiB, one dequantized weight (the
-        // 65024 x 4096 head, 0.50 GiB) counted.
+        // 65024 x 4096 head, 0.50 GiB) counted, the largest site.
         let q4 = inspect(
             &path,
             Some(TargetModules::Names(vec!["query_key_value".into()])),
@@ -249,7 +243,6 @@ mod tests {
         .unwrap();
         eprintln!("on a q4_k base: {:.2} GiB", gib(q4.memory.total));
         assert!(3 * q4.memory.weights < report.memory.weights);
-        assert_eq!(q4.memory.dequantized, 65024 * 4096 * 2);
         assert!(q4.memory.total < 6_000_000_000, "{:?}", q4.memory);
     }
 

@@ -321,9 +321,15 @@ impl CausalLm {
                 .map_err(|e| graft_model::Error::InvalidConfig(e.to_string()))?;
             Ok((loss * loss_scale)?)
         };
+        let dropout = if self.merged {
+            None
+        } else {
+            self.adapter.dropout()
+        };
         let (scaled, grads) = self.model.checkpointed_grads(
             &self.inputs(batch)?,
             self.hooks(),
+            dropout,
             &trainable,
             &loss_of,
         )?;

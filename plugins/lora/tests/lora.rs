@@ -10,12 +10,16 @@ fn settings() -> serde_json::Value {
 /// B starts at zero, which would leave A without gradient: the gradient checks randomise it.
 /// In training, step 1 has B = 0, so A's gradient is zero as in PEFT; from step 2 on every
 /// tensor has one. On the decoders, PEFT's default targets for each (q_proj and v_proj;
-/// ChatGLM's query_key_value).
+/// ChatGLM's query_key_value), with dropout, so that gradient checkpointing is checked to
+/// recompute each block with its forward's masks.
 fn suite() -> testkit::Suite {
     testkit::Suite::new(graft_plugin_lora::method, settings(), (2, 24), (6, 1e-2))
         .randomizing(|k| k.contains("lora_B"), 0.05)
         .merging(1e-5)
-        .on_decoders(json!({ "r": 4, "lora_alpha": 8 }), (8, 1e-2))
+        .on_decoders(
+            json!({ "r": 4, "lora_alpha": 8, "lora_dropout": 0.1 }),
+            (8, 1e-2),
+        )
 }
 
 graft_testkit::method_tests!(
@@ -175,4 +179,117 @@ fn classifier_trains_on_a_bf16_base() {
         trainable.iter().all(|(_, v)| v.dtype() == DType::F32),
         "every trained tensor f32"
     );
+}
+
+/// `graft inspect`'s bytes against the tensors a real LoRA step holds, on the random ChatGLM
+/// (r 8 on query_key_value, as ChatGLM2-6B's recipe) in bf16, and on a q4_k Llama: the base
+/// weights as loaded (every tensor in its dtype, the projections in their blocks), the
+/// trainable tensors with their gradients and AdamW's moments after one step, and the largest
+/// projection weight dequantized in the activations' dtype.
+#[test]
+fn inspect_counts_the_tensors_a_lora_step_holds() {
+    use graft_peft::candle::{DType, Device};
+    use graft_peft::graft_model::quant::Quantization;
+    use graft_peft::TargetModules;
+    use graft_trainer::config::Precision;
+    use graft_trainer::inspect::{inspect, StepShape};
+    use graft_trainer::lm::{CausalLm, LmSpec};
+    use graft_trainer::optim::{AdamW, ParamGroup};
+    let scratch = tempfile::tempdir().unwrap();
+    let lora = graft_plugin_lora::method();
+    let settings = json!({ "r": 8, "lora_alpha": 16, "target_modules": ["query_key_value"] });
+    let bytes = |t: &graft_peft::candle::Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    for (family, quantize) in [
+        (testkit::Family::ChatGlm, None),
+        (testkit::Family::QuantizableLlama, Some(Quantization::Q4K)),
+    ] {
+        let spec = LmSpec {
+            dtype: Precision::Bf16,
+            quantize,
+            ..testkit::lm_spec("lora", family, scratch.path()).unwrap()
+        };
+        let targets = match family {
+            testkit::Family::ChatGlm => Some(TargetModules::Names(vec!["query_key_value".into()])),
+            _ => None,
+        };
+        let settings = match family {
+            testkit::Family::ChatGlm => settings.clone(),
+            _ => json!({ "r": 8, "lora_alpha": 16 }),
+        };
+        let lm =
+            CausalLm::create(spec.clone(), lora.as_ref(), &settings, &Device::Cpu, 1, 1).unwrap();
+        let batch = graft_tokenizer::encode_causal(
+            &lm.tokenizer,
+            &lm.spec.template,
+            &testkit::story_pairs(1),
+            lm.spec.max_len,
+        )
+        .unwrap();
+        let shape = StepShape {
+            batch: batch.batch,
+            seq_len: batch.seq_len,
+            dtype: DType::BF16,
+            checkpointing: true,
+            quantize,
+            labelled: None,
+        };
+        let report = inspect(&spec.model, targets, 8, shape).unwrap();
+        let name = format!("{family:?}, quantized {quantize:?}");
+
+        let quantized = lm.model.quantized();
+        let held: usize = lm
+            .model
+            .params()
+            .iter()
+            .map(|p| bytes(p.value()))
+            .sum::<usize>()
+            + quantized
+                .iter()
+                .map(|(_, q)| q.size_in_bytes())
+                .sum::<usize>();
+        assert_eq!(report.memory.weights, held, "{name}: base weights");
+        let largest_dequantized = quantized
+            .iter()
+            .map(|(_, q)| bytes(&q.dequantize().unwrap().to_dtype(DType::BF16).unwrap()))
+            .max()
+            .unwrap_or(0);
+        assert_eq!(
+            report.memory.dequantized, largest_dequantized,
+            "{name}: the largest dequantized weight"
+        );
+
+        let vars: Vec<_> = lm.trainable().into_iter().map(|(_, v)| v).collect();
+        let mut optimizer = AdamW::new(
+            vec![ParamGroup {
+                vars: vars.clone(),
+                lr: 1e-3,
+                weight_decay: 0.0,
+            }],
+            0.9,
+            0.999,
+            1e-8,
+        )
+        .unwrap();
+        let (_, grads) = lm.loss_and_grads(&batch, true, 1.0).unwrap();
+        optimizer.step(&grads, 1.0).unwrap();
+        let trainable: usize = vars
+            .iter()
+            .map(|v| bytes(v.as_tensor()) + bytes(grads.get(v.as_tensor()).expect("a gradient")))
+            .sum::<usize>()
+            + optimizer
+                .state()
+                .1
+                .iter()
+                .map(|(_, t)| bytes(t))
+                .sum::<usize>();
+        assert_eq!(
+            report.memory.trainable, trainable,
+            "{name}: trainable tensors"
+        );
+        assert_eq!(
+            report.lora_trainable,
+            vars.iter().map(|v| v.elem_count()).sum::<usize>(),
+            "{name}: LoRA values"
+        );
+    }
 }

@@ -274,17 +274,30 @@ impl Decoder {
     /// no graph and keeps only each block's input `[batch, seq, hidden]`; the backward rebuilds
     /// one block's graph at a time, from the last, and carries the gradient of its input to the
     /// block before. The gradients are those of an ordinary backward up to the order of the
-    /// additions (a test compares them for every method).
+    /// additions (a test compares them for every method, with dropout on).
+    ///
+    /// `dropout` is the method's generator of random draws ([`crate::init::Dropout`]): each
+    /// recomputation draws the masks its forward drew, as PyTorch's `checkpoint` restores the
+    /// RNG state, and the generator is left where the forward left it.
     pub fn checkpointed_grads(
         &self,
         inputs: &DecoderInputs,
         hooks: &dyn Hooks,
+        dropout: Option<&crate::init::Dropout>,
         trainable: &[Tensor],
         loss_of: &dyn Fn(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        let position = || dropout.map(|d| d.position()).transpose();
+        let rewind = |to: Option<u128>| match (dropout, to) {
+            (Some(d), Some(to)) => d.rewind(to),
+            _ => Ok(()),
+        };
+        let at_embed = position()?;
         let stage = ops::without_grad(|| self.embed(inputs, hooks, None))?;
         let mut block_inputs = vec![stage.hidden.clone()];
+        let mut at_block = Vec::with_capacity(self.blocks.len());
         for index in 0..self.blocks.len() {
+            at_block.push(position()?);
             let last = &block_inputs[index];
             let out = ops::without_grad(|| self.layer(index, &stage, last, None, hooks))?.0;
             block_inputs.push(out);
@@ -294,16 +307,19 @@ impl Decoder {
         let last = block_inputs.pop().unwrap_or_else(|| stage.hidden.clone());
         let top = candle_core::Var::from_tensor(&last)?;
         let loss = loss_of(&self.finish(&stage, top.as_tensor(), hooks)?)?;
+        let after_forward = position()?;
         let mut upstream = keep_grads(&mut grads, loss.backward()?, trainable, &top)?;
         for index in (0..self.blocks.len()).rev() {
             let input = candle_core::Var::from_tensor(&block_inputs[index])?;
             block_inputs.truncate(index);
+            rewind(at_block[index])?;
             let out = self.layer(index, &stage, input.as_tensor(), None, hooks)?.0;
             let surrogate = (out * &upstream)?.sum_all()?;
             upstream = keep_grads(&mut grads, surrogate.backward()?, trainable, &input)?;
         }
         // The embeddings, with any virtual tokens: trained by prompt methods and full
         // fine-tuning.
+        rewind(at_embed)?;
         let embedded = self.embed(inputs, hooks, None)?.hidden;
         if embedded.track_op() {
             let surrogate = (embedded * upstream)?.sum_all()?;
@@ -312,6 +328,7 @@ impl Decoder {
                 add_grad(&mut grads, t, from.get(t))?;
             }
         }
+        rewind(after_forward)?;
         Ok((loss, grads))
     }
 

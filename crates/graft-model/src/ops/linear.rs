@@ -41,8 +41,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// `x · Wᵀ` through a frozen weight kept quantized (`x` `[..., in]`, W `[out, in]`), with the
 /// input gradient `dy · W`. On the CPU one fused node dequantizes W a block of rows at a time,
 /// forward and backward, and computes in the activations' precision; elsewhere (and under
-/// `GRAFT_REFERENCE_OPS`) candle's quantized product runs forward, which quantizes the
-/// activations too on the CPU, and the backward multiplies by the dequantized weight.
+/// `GRAFT_REFERENCE_OPS`) W is dequantized whole (one weight at a time, not kept) for the
+/// forward product and again for the backward's, in the activations' precision. Both
+/// directions thus use the same dequantized W, so the gradients are those of the function the
+/// forward computed (candle's quantized product would also quantize the activations, forward
+/// only).
 pub fn quantized_linear(x: &Tensor, weight: &crate::quant::QuantizedWeight) -> Result<Tensor> {
     let x = &input(x);
     let (out_f, in_f) = weight.dims();
@@ -61,15 +64,10 @@ pub fn quantized_linear(x: &Tensor, weight: &crate::quant::QuantizedWeight) -> R
             .contiguous()?
             .apply_op1_arc(std::sync::Arc::new(Box::new(op)));
     }
-    // candle's quantized product takes f32, f16 and bf16; an f64 check runs it in f32.
-    let detached = match x.dtype() {
-        candle_core::DType::F64 => x.detach().to_dtype(candle_core::DType::F32)?,
-        _ => x.detach(),
+    let output = {
+        let dense = weight.dequantize()?.to_dtype(x.dtype())?;
+        reference::linear(&x.detach(), &dense, None)?.contiguous()?
     };
-    let product = candle_core::quantized::QMatMul::from_arc(weight.blocks().clone())?;
-    let output = candle_core::Module::forward(&product, &detached.contiguous()?)?
-        .to_dtype(x.dtype())?
-        .contiguous()?;
     if !x.track_op() {
         return Ok(output);
     }
