@@ -167,3 +167,46 @@ fn a_diverging_run_stops_with_its_step_and_keeps_the_last_good_checkpoint() {
         "{eval}"
     );
 }
+
+/// FNV-1a (64 bits) of `bytes`: a fingerprint to pin a file by.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The classifier's adapter for a fixed seed (LoRA with dropout, 2 accumulation steps, a
+/// mid-run evaluation) is byte for byte what it was before the classifier and causal-LM loops
+/// became one (2026-12-07). Float results depend on the product library and the kernels the
+/// CPU selects (AVX2 or AVX-512), so the bytes are pinned per path (eval.json's `matmul` and
+/// the CPU's kernel family); on another path the test prints the fingerprint and pins nothing.
+#[test]
+fn the_classifier_adapter_bytes_of_a_seed_are_pinned() {
+    // Measured on an AMD EPYC with AVX-512 (2026-12-07), with the loops before the change.
+    const PINNED: &[(&str, u64)] = &[
+        ("gemm crate / SkylakeX", 0x3ec3_292d_c20a_b92c),
+        ("graft's copy, SkylakeX kernels) / SkylakeX", 0xd1f3_ee7a_cbe7_6fba),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 6, "1e-3", 2, "stop");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[train]\n", "[train]\ngrad_accum = 2\n");
+    std::fs::write(&config, text).unwrap();
+    let run = dir.path().join("run");
+    let out = train(&config, &run);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let matmul = format!(
+        "{} / {}",
+        eval["matmul"].as_str().unwrap_or_default(),
+        graft_peft::graft_model::ops::blas_core_for_this_cpu().unwrap_or("no AVX2")
+    );
+    let found = fingerprint(&adapter_bytes(&run));
+    eprintln!("adapter fingerprint {found:#018x} on `{matmul}`");
+    match PINNED.iter().find(|(path, _)| matmul.contains(path)) {
+        Some((_, pinned)) => assert_eq!(found, *pinned, "adapter bytes changed on `{matmul}`"),
+        None => eprintln!("no fingerprint pinned for `{matmul}`: nothing compared"),
+    }
+}
