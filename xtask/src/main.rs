@@ -44,7 +44,8 @@ pub(crate) enum Backend {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build graft and the method's plugin, then `graft train` (config: configs/<method>.toml).
+    /// Build graft and the method's plugin, then `graft train` (config: the plugin's own,
+    /// embedded from configs/<method>.toml).
     Train {
         #[arg(long, default_value = "lora")]
         method: String,
@@ -325,11 +326,9 @@ fn main() -> Result<()> {
             }
             let backend = features.backend();
             build(backend)?;
+            // Without --config graft starts from the plugin's recommended config, which every
+            // in-tree plugin embeds from configs/<method>.toml.
             let mut args = vec!["train".to_string(), "--method".into(), method.clone()];
-            let config = root().join("configs").join(format!("{method}.toml"));
-            if !rest.iter().any(|a| a == "--config") && config.is_file() {
-                args.extend(["--config".into(), format!("configs/{method}.toml")]);
-            }
             args.extend(rest);
             run_graft(backend, &args)
         }

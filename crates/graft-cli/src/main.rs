@@ -3,7 +3,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::data::Dataset;
-use graft_trainer::lm::{generate_text, CausalLm, LmConfig, LmSpec};
+use graft_trainer::lm::{generate_text, CausalLm, LmSpec};
+use graft_trainer::lm_train::LmConfig;
 use graft_trainer::task::{Classifier, TaskSpec};
 use graft_trainer::train::{self, Examples};
 use graft_trainer::TrainConfig;
@@ -14,7 +15,7 @@ mod keywords;
 mod lm;
 mod models;
 
-use lm::{chat_template, train_lm};
+use lm::{chat_template, resume_lm, train_lm};
 use models::{
     default_data, known_models, model_dir, model_file, registry, registry_with, PluginArgs,
 };
@@ -126,11 +127,16 @@ enum Command {
     /// write the adapter folder.
     TrainLm {
         /// TOML config (see configs/lm/knowledge-adalora.toml).
-        #[arg(long)]
-        config: PathBuf,
-        /// Adapter folder to write.
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Run folder to write: the config, metrics, checkpoints and the adapter (the best by
+        /// evaluation, else the last).
+        #[arg(long, required_unless_present = "resume")]
+        out: Option<PathBuf>,
+        /// Continue the run in this folder from its newest checkpoint, with its recorded
+        /// config (no other option applies).
+        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "dtype", "checkpointing", "quantize"])]
+        resume: Option<PathBuf>,
         /// Overrides train.max_steps.
         #[arg(long)]
         max_steps: Option<usize>,
@@ -290,7 +296,19 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut cfg = match &config {
                 Some(path) => TrainConfig::from_file(path)?,
-                None => TrainConfig::default(),
+                // Without a config, the method's own recipe (what `cargo xtask train` runs).
+                None => {
+                    let name = match &method {
+                        Some(name) => name.clone(),
+                        None => TrainConfig::default().method_name()?.to_string(),
+                    };
+                    let recommended = registry(&plugins)?.get(&name)?.method.recommended_config();
+                    match recommended {
+                        Some(text) => TrainConfig::from_toml(&text)
+                            .with_context(|| format!("the {name} plugin's recommended config"))?,
+                        None => TrainConfig::default(),
+                    }
+                }
             };
             if let Some(method) = method {
                 cfg.method
@@ -426,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainLm {
             config,
             out,
+            resume,
             max_steps,
             dtype,
             checkpointing,
@@ -433,6 +452,12 @@ fn run(cli: Cli) -> Result<()> {
             plugins,
         } => {
             print_matmul_notice();
+            if let Some(dir) = resume {
+                return resume_lm(&dir, &plugins);
+            }
+            let (Some(config), Some(out)) = (config, out) else {
+                anyhow::bail!("train-lm needs --config and --out (or --resume RUN_DIR)");
+            };
             let mut config = LmConfig::from_file(&config)?;
             if let Some(steps) = max_steps {
                 config.train.max_steps = steps;
@@ -522,7 +547,7 @@ fn run(cli: Cli) -> Result<()> {
                     "seconds": seconds,
                     "new_tokens_per_s": answer.new_tokens as f64 / seconds.max(1e-9),
                     "text": answer.text,
-                    "peak_rss_mb": train::peak_rss_mb(),
+                    "peak_rss_mb": graft_trainer::fit::peak_rss_mb(),
                     "matmul": graft_model::ops::matmul_path(),
                 });
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)

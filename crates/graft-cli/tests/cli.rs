@@ -150,3 +150,28 @@ fn train_eval_predict_and_merge_on_the_demo_set() {
         "candle-transformers on the merged model differs by {diff}"
     );
 }
+
+/// `graft train --method ia3` without `--config` trains with the plugin's recommended config
+/// (configs/ia3.toml, embedded in the plugin), which is what `cargo xtask train --method ia3`
+/// runs: the same adapter bytes as with the file given, and not those of graft's generic
+/// defaults (IA3 wants a high rate and no decay).
+#[test]
+fn a_method_without_a_config_trains_with_its_recommended_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let generic = dir.path().join("generic.toml");
+    std::fs::write(&generic, "[method]\nname = \"ia3\"\n").unwrap();
+    let run = |name: &str, config: Option<&str>| {
+        let out = dir.path().join(name);
+        let mut args = vec!["train", "--method", "ia3", "--data", "data/demo.csv"];
+        args.extend(["--max-steps", "3", "--out", out.to_str().unwrap()]);
+        if let Some(config) = config {
+            args.extend(["--config", config]);
+        }
+        let result = graft(&args);
+        assert!(result.status.success(), "{}", stderr(&result));
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    let recommended = run("recommended", None);
+    assert_eq!(recommended, run("file", Some("configs/ia3.toml")));
+    assert_ne!(recommended, run("generic", Some(generic.to_str().unwrap())));
+}

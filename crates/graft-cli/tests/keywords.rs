@@ -170,7 +170,11 @@ target_modules = ["q_proj", "v_proj"]
     let adapter = dir.path().join("adapter");
     let out = run(&[&"train-lm", &"--config", &config, &"--out", &adapter]);
     // Rows 0, 5 and 10 are report rows: 9 of the 12 pairs train.
-    assert!(stderr(&out).contains(", 9 pairs,"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(", 9 pairs (0 held out),"),
+        "{}",
+        stderr(&out)
+    );
     let task: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(adapter.join("graft_lm_task.json")).unwrap())
             .unwrap();

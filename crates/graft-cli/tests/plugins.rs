@@ -499,7 +499,7 @@ fn every_shipped_decoder_config_parses_and_names_a_shipped_plugin() {
     let mut count = 0;
     for entry in std::fs::read_dir(&configs).unwrap() {
         let path = entry.unwrap().path();
-        let config = graft_trainer::lm::LmConfig::from_file(&path)
+        let config = graft_trainer::lm_train::LmConfig::from_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let name = config.method_name().unwrap().to_string();
         let library = workspace_library(&format!("graft_plugin_{}", name.replace('-', "_")));

@@ -3,10 +3,9 @@
 use graft_peft::candle::Device;
 use graft_trainer::checkpoint;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 mod common;
-use common::{command, graft, stderr};
+use common::{graft, kill_after_checkpoint, resume_to_the_same_adapter, stderr};
 
 /// A small LoRA run on the demo set, with dropout so that the RNG state matters on resume.
 fn write_config(
@@ -78,48 +77,29 @@ fn a_run_killed_with_sigkill_resumes_to_the_byte_identical_adapter() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     let killed = dir.path().join("killed");
-    let mut child = command(&[
-        "train",
-        "--config",
-        &config,
-        "--out",
-        killed.to_str().unwrap(),
-    ])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
-    let latest = killed.join(checkpoint::DIR).join("latest");
-    let started = Instant::now();
-    let reached = loop {
-        let step = std::fs::read_to_string(&latest)
-            .ok()
-            .and_then(|name| name.trim().strip_prefix("step-")?.parse::<usize>().ok());
-        if step.is_some_and(|s| s >= 6) {
-            break step.unwrap();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
+    let reached = kill_after_checkpoint(
+        &[
+            "train",
+            "--config",
+            &config,
+            "--out",
+            killed.to_str().unwrap(),
+        ],
+        &killed,
+        6,
+    );
     assert!(reached < steps, "the run finished before it was killed");
     assert!(
         !killed.join("eval.json").exists(),
         "the run finished before it was killed"
     );
 
-    let out = graft(&["train", "--resume", killed.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("resuming after step"),
-        "{}",
-        stderr(&out)
+    resume_to_the_same_adapter(
+        "train",
+        &whole,
+        &killed,
+        "adapter/adapter_model.safetensors",
     );
-    assert_eq!(adapter_bytes(&whole), adapter_bytes(&killed));
 }
 
 #[test]
@@ -185,7 +165,10 @@ fn the_classifier_adapter_bytes_of_a_seed_are_pinned() {
     // Measured on an AMD EPYC with AVX-512 (2026-12-07), with the loops before the change.
     const PINNED: &[(&str, u64)] = &[
         ("gemm crate / SkylakeX", 0x3ec3_292d_c20a_b92c),
-        ("graft's copy, SkylakeX kernels) / SkylakeX", 0xd1f3_ee7a_cbe7_6fba),
+        (
+            "graft's copy, SkylakeX kernels) / SkylakeX",
+            0xd1f3_ee7a_cbe7_6fba,
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), 6, "1e-3", 2, "stop");

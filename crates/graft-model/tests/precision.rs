@@ -221,16 +221,17 @@ fn half_precision_weight_is_widened_block_by_block_exactly() {
     );
 }
 
+/// Every value of `t`, widened to f64 (exactly, from any float dtype).
+fn values_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(DType::F64)?.to_vec1())
+        .unwrap()
+}
+
 /// RMSNorm of every row of `x` `[.., width]` times `weight`, in f64 loops over the stored
 /// values, rounded once to `dtype`: the definition, apart from both ops.
 fn rms_norm_by_rows(x: &Tensor, weight: &Tensor, eps: f64, dtype: DType) -> Tensor {
-    let values: Vec<f64> = x
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values = values_f64(x);
     let w: Vec<f64> = weight.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
     let normed: Vec<f64> = values
         .chunks(w.len())
@@ -274,20 +275,8 @@ fn norms_compute_in_f32_for_half_precision_input() {
                 DType::BF16 => 2f64.powi(-7),
                 _ => 2f64.powi(-10),
             };
-            let ours: Vec<f64> = y
-                .flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let exact: Vec<f64> = expected
-                .flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let ours = values_f64(&y);
+            let exact = values_f64(&expected);
             let worst = ours
                 .iter()
                 .zip(&exact)

@@ -98,6 +98,9 @@ impl Method for GuardedMethod {
     fn saves_full_model(&self) -> bool {
         self.inner.saves_full_model()
     }
+    fn recommended_config(&self) -> Option<String> {
+        catch_unwind(AssertUnwindSafe(|| self.inner.recommended_config())).unwrap_or(None)
+    }
     fn create(&self, config: &serde_json::Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let adapter = guarded(&self.path, "create", || self.inner.create(config, ctx))?;
         Ok(self.wrap(adapter, ctx))

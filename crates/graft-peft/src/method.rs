@@ -70,6 +70,13 @@ pub trait Method: Send + Sync {
     fn saves_full_model(&self) -> bool {
         false
     }
+    /// The method's recommended `graft train` config (TOML: the paper-abstract recipe it was
+    /// tuned on), which `graft train --method NAME` starts from when no `--config` is given: a
+    /// method's defaults travel with the method. `None`: graft's generic defaults. An owned
+    /// copy: the plugin's own text lives only as long as its library is loaded.
+    fn recommended_config(&self) -> Option<String> {
+        None
+    }
     /// A new adapter from the method's config: PEFT's field names, unknown keys refused.
     fn create(&self, config: &serde_json::Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
     /// An adapter from a saved `adapter_config.json` (unknown keys ignored, as PEFT writes many)
@@ -90,6 +97,10 @@ pub trait PluginMethod: Send + Sync {
     /// An adapter from a saved adapter_config.json (unknown keys ignored, as PEFT writes many)
     /// and its tensors.
     fn load(&self, saved: &Saved, ctx: &AttachContext) -> Result<Box<dyn Adapter>>;
+    /// See [`Method::recommended_config`]; in-tree plugins embed `configs/<name>.toml`.
+    fn recommended_config(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A saved adapter as [`Method::load`] receives it.
@@ -136,6 +147,9 @@ macro_rules! plugin {
                 env!("CARGO_PKG_VERSION")
             }
             $($crate::plugin!(@flag $flag);)*
+            fn recommended_config(&self) -> Option<String> {
+                $crate::PluginMethod::recommended_config(self).map(str::to_string)
+            }
             fn create(
                 &self,
                 config: &$crate::serde_json::Value,

@@ -250,9 +250,15 @@ impl PrefixMethod {
 /// shared [`PrefixAdapter`].
 pub trait PrefixPlugin: Send + Sync {
     const METHOD: PrefixMethod;
+    /// See [`crate::Method::recommended_config`].
+    const RECOMMENDED_CONFIG: Option<&'static str> = None;
 }
 
 impl<T: PrefixPlugin> crate::PluginMethod for T {
+    fn recommended_config(&self) -> Option<&'static str> {
+        T::RECOMMENDED_CONFIG
+    }
+
     fn create(
         &self,
         config: &Value,

@@ -449,3 +449,72 @@ pub fn check_decoder_classifier(
     }
     Ok(losses)
 }
+
+/// Gradient accumulation is exact: one optimizer step's gradients for a batch of four pairs
+/// equal those of two accumulated micro-batches of two on the same pairs, as the training loop
+/// computes them (`fit::step_gradients`), in f64, to 1e-12 of each tensor's largest gradient,
+/// with and without gradient checkpointing; the step's loss too. The two micro-batches hold
+/// different numbers of labelled tokens, so a mean of their means would fail. `settings` should
+/// turn dropout off (masks of other shapes are other draws).
+pub fn check_accumulation(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    family: Family,
+    prepare: impl Fn(&CausalLm) -> Result<()>,
+) -> Result<()> {
+    use graft_trainer::fit::{step_gradients, Task};
+    use graft_trainer::lm_train::{LmData, LmTask};
+    let scratch =
+        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let spec = LmSpec {
+        dtype: Precision::F64,
+        ..lm_spec(method.name(), family, scratch.path())?
+    };
+    for checkpointing in [false, true] {
+        let name = format!(
+            "{} on {family:?}, checkpointing {checkpointing}",
+            method.name()
+        );
+        let mut config = crate::fixtures::lm_config(
+            &spec,
+            settings,
+            &crate::fixtures::story_pairs(4),
+            graft_trainer::config::TrainSection::default(),
+            scratch.path(),
+        )?;
+        config.model.checkpointing = checkpointing;
+        let lm = CausalLm::create(spec.clone(), method, settings, &Device::Cpu, 7, 1)?;
+        prepare(&lm)?;
+        let task = LmTask::new(lm, LmData::load(&config)?, config);
+        let vars: Vec<Var> = task.trainable().into_iter().map(|(_, v)| v).collect();
+        let halves = [task.batch(&[0, 1])?, task.batch(&[2, 3])?];
+        if task.units(&halves[0]) == task.units(&halves[1]) {
+            return Err(Error::Check(format!(
+                "{name}: the micro-batches hold the same number of labelled tokens: the check proves less"
+            )));
+        }
+        let (whole_loss, whole) = step_gradients(&task, &[task.batch(&[0, 1, 2, 3])?], 1.0, &vars)?;
+        let (split_loss, split) = step_gradients(&task, &halves, 1.0, &vars)?;
+        if (whole_loss - split_loss).abs() > 1e-12 * whole_loss.abs() {
+            return Err(Error::Check(format!(
+                "{name}: the accumulated loss {split_loss} is not the batch's {whole_loss}"
+            )));
+        }
+        for (key, var) in task.trainable() {
+            let (Some(a), Some(b)) = (whole.get(var.as_tensor()), split.get(var.as_tensor()))
+            else {
+                return Err(Error::Check(format!(
+                    "{name}: `{key}` has a gradient one way and not the other"
+                )));
+            };
+            let largest = scalar(&a.abs()?.flatten_all()?.max(0)?)?;
+            let diff = max_abs_diff(a, b)?;
+            if largest == 0.0 || diff > 1e-12 * largest {
+                return Err(Error::Check(format!(
+                    "{name}: the accumulated gradient of `{key}` differs by {diff} (largest {largest})"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -259,6 +259,47 @@ pub fn story_pairs(count: usize) -> Vec<PromptResponse> {
         .collect()
 }
 
+/// A train-lm config on the model, tokenizer, template and length of `spec`, training its method
+/// with `settings` on `pairs` (written as JSONL to `scratch/pairs.jsonl`) with `train`'s settings:
+/// what `graft train-lm` reads, resolved, for library-level runs of the one training loop.
+pub fn lm_config(
+    spec: &LmSpec,
+    settings: &serde_json::Value,
+    pairs: &[PromptResponse],
+    train: graft_trainer::config::TrainSection,
+    scratch: &Path,
+) -> Result<graft_trainer::lm_train::LmConfig> {
+    use graft_trainer::lm_train::{LmConfig, LmDataSection, LmModelSection};
+    let data = scratch.join("pairs.jsonl");
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|p| serde_json::json!({ "prompt": p.prompt, "response": p.response }).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n"))
+        .map_err(|e| Error::Check(format!("{}: {e}", data.display())))?;
+    let mut method = toml::Table::try_from(settings)
+        .map_err(|e| Error::Check(format!("method settings {settings}: {e}")))?;
+    method.insert("name".into(), toml::Value::String(spec.method.clone()));
+    Ok(LmConfig {
+        model: LmModelSection {
+            path: Some(spec.model.clone()),
+            tokenizer: Some(spec.tokenizer.clone()),
+            template: spec.template.name().to_string(),
+            max_len: spec.max_len,
+            dtype: spec.dtype,
+            quantize: spec.quantize,
+            ..LmModelSection::default()
+        },
+        data: LmDataSection {
+            train: Some(data),
+            ..LmDataSection::default()
+        },
+        train,
+        method,
+        eval: Default::default(),
+    })
+}
+
 pub(crate) fn story_batch(lm: &CausalLm, count: usize) -> Result<CausalBatch> {
     Ok(encode_causal(
         &lm.tokenizer,

@@ -19,14 +19,14 @@ pub use classifier::{
     Reloaded,
 };
 pub use decoder::{
-    check_decoder_classifier, check_lm_families, check_lm_half_precision, check_lm_method,
-    check_lm_quantized, BF16_LOGITS_TOLERANCE,
+    check_accumulation, check_decoder_classifier, check_lm_families, check_lm_half_precision,
+    check_lm_method, check_lm_quantized, BF16_LOGITS_TOLERANCE,
 };
 pub use error::{Error, Result};
 pub use fixtures::{
-    attach_error, classifier, fixture_dir, keys, lm_spec, loss, max_abs_diff, minilm_dir,
-    randomize, randomize_vars, real_batch, real_data_path, registry_of, spec, stories260k_dir,
-    story_pairs, workspace_root, Family,
+    attach_error, classifier, fixture_dir, keys, lm_config, lm_spec, loss, max_abs_diff,
+    minilm_dir, randomize, randomize_vars, real_batch, real_data_path, registry_of, spec,
+    stories260k_dir, story_pairs, workspace_root, Family,
 };
 pub use gradients::{finite_difference_check, GradientSample};
 pub use properties::{check_merge_equals_forward, LowRankCase};

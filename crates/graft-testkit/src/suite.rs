@@ -1,8 +1,8 @@
 //! A method's standard tests, written once: [`method_tests!`](crate::method_tests) turns a
 //! [`Suite`] into `#[test]` functions, so that a plugin's test file holds only what is its own.
 use crate::classifier::{check_gradients, check_merge, check_reload, check_trains, Reloaded};
-use crate::decoder::{check_decoder_classifier, check_lm_families};
-use crate::fixtures::{randomize, randomize_vars};
+use crate::decoder::{check_accumulation, check_decoder_classifier, check_lm_families};
+use crate::fixtures::{randomize, randomize_vars, Family};
 use crate::{Error, Result};
 use graft_peft::Method;
 use graft_trainer::lm::CausalLm;
@@ -123,6 +123,15 @@ impl Suite {
     pub fn check_decoders(&self) -> Result<()> {
         let (settings, schedule) = self.decoder_config()?;
         check_lm_families(self.make, settings, schedule, |lm| self.prepare_lm(lm))
+    }
+
+    /// [`check_accumulation`] on both decoder families, with `settings` (dropout off).
+    pub fn check_accumulation(&self, settings: &serde_json::Value) -> Result<()> {
+        let method = (self.make)();
+        for family in [Family::Llama, Family::ChatGlm] {
+            check_accumulation(method.as_ref(), settings, family, |lm| self.prepare_lm(lm))?;
+        }
+        Ok(())
     }
 
     /// [`check_decoder_classifier`] with the decoder config; returns the losses.

@@ -11,7 +11,13 @@ pub struct Evaluation {
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<usize>>,
     pub count: usize,
+    /// JSON has no NaN: a diverged run's NaN loss is written as null, and read back as NaN.
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 fn ratio(a: usize, b: usize) -> f64 {

@@ -196,7 +196,7 @@ pub fn accumulate(into: &mut GradStore, other: GradStore, vars: &[Var]) -> Resul
 /// f16's narrow range (its smallest normal is 6e-5), and the gradients are divided by it after.
 /// A step whose gradients overflowed (inf or NaN) is skipped and the scale halved; after
 /// `growth_interval` good steps in a row the scale doubles.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LossScaler {
     scale: f64,
     good_steps: usize,

@@ -1,4 +1,4 @@
-//! The loss and validation-F1 curves of a run as a small self-contained SVG.
+//! The training loss and evaluation curves of a run as a small self-contained SVG.
 use std::fmt::Write;
 
 const W: f64 = 640.0;
@@ -53,14 +53,14 @@ fn panel(out: &mut String, title: &str, points: &[(f64, f64)], x_max: f64, top: 
 }
 
 /// `loss` and `f1` as (step, value) series.
-pub fn curves_svg(loss: &[(f64, f64)], f1: &[(f64, f64)]) -> String {
-    let x_max = loss.iter().chain(f1).map(|p| p.0).fold(1.0, f64::max);
+pub fn curves_svg(loss: &[(f64, f64)], eval_name: &str, eval: &[(f64, f64)]) -> String {
+    let x_max = loss.iter().chain(eval).map(|p| p.0).fold(1.0, f64::max);
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" font-family=\"sans-serif\">",
         2.0 * H
     );
     panel(&mut out, "training loss", loss, x_max, 0.0, "#c0392b");
-    panel(&mut out, "validation F1", f1, x_max, H, "#2471a3");
+    panel(&mut out, eval_name, eval, x_max, H, "#2471a3");
     out.push_str("</svg>\n");
     out
 }

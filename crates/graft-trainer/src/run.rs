@@ -1,4 +1,5 @@
-//! A run directory: resolved config, metrics.jsonl, eval.json, adapter/, curves.svg.
+//! A run directory: resolved config, metrics.jsonl, checkpoints, eval.json, train.json,
+//! curves.svg and the adapter.
 use crate::error::io_error;
 use crate::Result;
 use std::io::Write;
@@ -13,15 +14,16 @@ impl RunDir {
     pub const CONFIG: &'static str = "config.toml";
     pub const METRICS: &'static str = "metrics.jsonl";
     pub const EVAL: &'static str = "eval.json";
+    pub const TRAIN: &'static str = "train.json";
     pub const ADAPTER: &'static str = "adapter";
     pub const CURVES: &'static str = "curves.svg";
 
-    /// Creates the directory; an existing one must not hold an adapter already (nothing is
-    /// written over a finished run).
-    pub fn create(root: &Path) -> Result<Self> {
-        if root.join(Self::ADAPTER).exists() {
+    /// Creates the directory; an existing one must not hold `finished` (the adapter a run
+    /// writes: nothing is written over a run, which `--resume` continues instead).
+    pub fn create(root: &Path, finished: &str) -> Result<Self> {
+        if root.join(finished).exists() {
             return Err(crate::Error::Config(format!(
-                "{} already holds a run (adapter/ exists); choose another --out",
+                "{} already holds a run ({finished} exists); choose another --out, or continue it with --resume",
                 root.display()
             )));
         }

@@ -35,6 +35,11 @@ fn keys(site: &str) -> [String; 3] {
 }
 
 impl PluginMethod for AdaLora {
+    /// configs/adalora.toml, the recipe `cargo xtask train --method adalora` documents.
+    fn recommended_config(&self) -> Option<&'static str> {
+        Some(include_str!("../../../configs/adalora.toml"))
+    }
+
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = AdaLoraConfig::from_train_config(
             &graft_peft::config::with_query_value_targets(config, "adalora", ctx)?,

@@ -14,6 +14,11 @@ use std::collections::BTreeMap;
 graft_peft::plugin!(Full, "full", "FULL", full_model);
 
 impl PluginMethod for Full {
+    /// configs/full.toml, the recipe `cargo xtask train --method full` documents.
+    fn recommended_config(&self) -> Option<&'static str> {
+        Some(include_str!("../../../configs/full.toml"))
+    }
+
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let unknown: Vec<&String> = config
             .as_object()

@@ -96,6 +96,11 @@ impl Ia3 {
 }
 
 impl PluginMethod for Ia3 {
+    /// configs/ia3.toml, the recipe `cargo xtask train --method ia3` documents.
+    fn recommended_config(&self) -> Option<&'static str> {
+        Some(include_str!("../../../configs/ia3.toml"))
+    }
+
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = Ia3Config::from_train_config(&default_targets(config, ctx)?)?;
         let mut rng = init::seeded_rng(ctx.seed);

@@ -21,6 +21,11 @@ fn key(site: &str, part: &str) -> String {
 }
 
 impl PluginMethod for Lora {
+    /// configs/lora.toml, the recipe `cargo xtask train --method lora` documents.
+    fn recommended_config(&self) -> Option<&'static str> {
+        Some(include_str!("../../../configs/lora.toml"))
+    }
+
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = LoraConfig::from_train_config(&graft_peft::config::with_query_value_targets(
             config, "lora", ctx,

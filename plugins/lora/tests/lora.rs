@@ -77,88 +77,59 @@ fn generation_is_the_same_merged_and_unmerged() {
     );
 }
 
-/// train-lm writes the adapter every `checkpoint_every` steps: a crash loses at most that many.
+/// Gradient accumulation through the training loop is exact on both decoder families (see
+/// `graft_testkit::check_accumulation`); LoRA's B randomised so that A has a gradient.
 #[test]
-fn causal_lm_training_saves_the_adapter_as_it_goes() {
-    use graft_peft::candle::Device;
-    use graft_trainer::lm::{train_lm, CausalLm};
-    let scratch = tempfile::tempdir().unwrap();
-    let spec = testkit::lm_spec("lora", testkit::Family::Llama, scratch.path()).unwrap();
-    let lora = graft_plugin_lora::method();
-    let settings = json!({ "r": 4, "lora_alpha": 8 });
-    let mut lm = CausalLm::create(spec, lora.as_ref(), &settings, &Device::Cpu, 1, 3).unwrap();
-    let train = graft_trainer::config::TrainSection {
-        max_steps: 3,
-        batch_size: 2,
-        lr: 1e-2,
-        checkpoint_every: 2,
-        ..Default::default()
-    };
-    let out = scratch.path().join("out");
-    let mut after_two = None;
-    train_lm(
-        &mut lm,
-        &testkit::story_pairs(4),
-        &train,
-        false,
-        Some(&out),
-        &mut |s| {
-            if s.step == 2 {
-                after_two = Some(std::fs::read(out.join("adapter_model.safetensors")).unwrap());
-            }
-        },
-    )
-    .unwrap();
-    // Written at step 2 (not again at 3: the caller saves the end), and it reopens.
-    let saved = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(Some(saved), after_two);
-    let registry = testkit::registry_of(graft_plugin_lora::method()).unwrap();
-    CausalLm::open(&out, &registry, &Device::Cpu).unwrap();
+fn accumulated_micro_batches_give_the_whole_batch_gradients() {
+    suite()
+        .check_accumulation(&json!({ "r": 4, "lora_alpha": 8 }))
+        .unwrap();
 }
 
-/// train-lm on an f16 base with gradient checkpointing: the loss is scaled for the backward
-/// (f16 gradients underflow otherwise), the steps learn, and the trained LoRA tensors are f32;
-/// the adapter reopens in f16, as its task file says.
+/// train-lm on an f16 base with gradient checkpointing, through the training loop: the loss is
+/// scaled for the backward (f16 gradients underflow otherwise), the steps learn, and the
+/// trained LoRA tensors are f32; the adapter it keeps reopens in f16, as its task file says.
 #[test]
 fn causal_lm_trains_on_an_f16_base_with_checkpointing() {
     use graft_peft::candle::{DType, Device};
     use graft_trainer::config::Precision;
-    use graft_trainer::lm::{train_lm, CausalLm};
+    use graft_trainer::lm::CausalLm;
     let scratch = tempfile::tempdir().unwrap();
     let spec = graft_trainer::lm::LmSpec {
         dtype: Precision::F16,
         ..testkit::lm_spec("lora", testkit::Family::Llama, scratch.path()).unwrap()
     };
-    let lora = graft_plugin_lora::method();
-    let settings = json!({ "r": 4, "lora_alpha": 8 });
-    let mut lm = CausalLm::create(spec, lora.as_ref(), &settings, &Device::Cpu, 1, 12).unwrap();
-    assert_eq!(lm.model.dtype(), DType::F16);
     let train = graft_trainer::config::TrainSection {
         max_steps: 12,
         batch_size: 4,
         lr: 2e-2,
         ..Default::default()
     };
-    let losses = train_lm(
-        &mut lm,
+    let settings = json!({ "r": 4, "lora_alpha": 8 });
+    let mut config = testkit::lm_config(
+        &spec,
+        &settings,
         &testkit::story_pairs(4),
-        &train,
-        true,
-        None,
-        &mut |_| {},
+        train,
+        scratch.path(),
     )
     .unwrap();
+    config.model.checkpointing = true;
+    let registry = testkit::registry_of(graft_plugin_lora::method()).unwrap();
+    let out = scratch.path().join("run");
+    let outcome = graft_trainer::lm_train::train(&config, &registry, &out).unwrap();
+    let losses = outcome.losses;
     eprintln!("f16 with checkpointing: {losses:?}");
     assert!(
         losses[losses.len() - 1] < 0.8 * losses[0],
         "the loss did not fall by 20%: {losses:?}"
     );
-    assert!(lm.trainable().iter().all(|(_, v)| v.dtype() == DType::F32));
-    let out = scratch.path().join("out");
-    lm.save(&out).unwrap();
-    let registry = testkit::registry_of(graft_plugin_lora::method()).unwrap();
     let reopened = CausalLm::open(&out, &registry, &Device::Cpu).unwrap();
     assert_eq!(reopened.model.dtype(), DType::F16);
+    assert!(reopened
+        .trainable()
+        .iter()
+        .all(|(_, v)| v.dtype() == DType::F32));
 }
 
 /// Classification on a bf16 MiniLM: the LoRA tensors and the head train in f32, every one

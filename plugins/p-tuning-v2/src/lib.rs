@@ -15,4 +15,7 @@ graft_peft::plugin!(PTuningV2, "p-tuning-v2", "PREFIX_TUNING", prompt_learning);
 
 impl PrefixPlugin for PTuningV2 {
     const METHOD: PrefixMethod = PrefixMethod::with_dropout("p-tuning-v2", 0.1);
+    /// configs/p-tuning-v2.toml, the recipe `cargo xtask train --method p-tuning-v2` documents.
+    const RECOMMENDED_CONFIG: Option<&'static str> =
+        Some(include_str!("../../../configs/p-tuning-v2.toml"));
 }

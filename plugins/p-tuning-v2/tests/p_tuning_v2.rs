@@ -19,6 +19,15 @@ fn suite() -> testkit::Suite {
 
 graft_testkit::method_tests!(standard, suite(), [gradients, trains, decoders]);
 
+/// Gradient accumulation through the training loop is exact on both decoder families (see
+/// `graft_testkit::check_accumulation`), with the prefix dropout off.
+#[test]
+fn accumulated_micro_batches_give_the_whole_batch_gradients() {
+    suite()
+        .check_accumulation(&json!({ "num_virtual_tokens": 4, "prefix_dropout": 0.0 }))
+        .unwrap();
+}
+
 #[test]
 fn saved_adapter_reloads_to_identical_logits_also_as_peft_prefix_tuning() {
     let reloaded = suite().check_reload().unwrap();

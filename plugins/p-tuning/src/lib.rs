@@ -28,6 +28,11 @@ use graft_peft::prompt_learning::PROMPT_EMBEDDINGS as PROMPT_KEY;
 const ENCODER_PREFIX: &str = "prompt_encoder.default";
 
 impl PluginMethod for PTuning {
+    /// configs/p-tuning.toml, the recipe `cargo xtask train --method p-tuning` documents.
+    fn recommended_config(&self) -> Option<&'static str> {
+        Some(include_str!("../../../configs/p-tuning.toml"))
+    }
+
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PTuningConfig::from_train_config(config, ctx.info)?;
         let mut rng = init::seeded_rng(ctx.seed);

@@ -18,4 +18,7 @@ graft_peft::plugin!(
 impl PrefixPlugin for PrefixTuning {
     const METHOD: PrefixMethod =
         PrefixMethod::without_dropout("prefix-tuning", VirtualTokens::MODEL_FIELDS);
+    /// configs/prefix-tuning.toml, the recipe `cargo xtask train --method prefix-tuning` documents.
+    const RECOMMENDED_CONFIG: Option<&'static str> =
+        Some(include_str!("../../../configs/prefix-tuning.toml"));
 }

@@ -20,6 +20,11 @@ use graft_peft::{Adapter, AttachContext, PluginMethod, Result, Saved};
 graft_peft::plugin!(PromptTuning, NAME, "PROMPT_TUNING", prompt_learning);
 
 impl PluginMethod for PromptTuning {
+    /// configs/prompt-tuning.toml, the recipe `cargo xtask train --method prompt-tuning` documents.
+    fn recommended_config(&self) -> Option<&'static str> {
+        Some(include_str!("../../../configs/prompt-tuning.toml"))
+    }
+
     fn create(&self, config: &Value, ctx: &AttachContext) -> Result<Box<dyn Adapter>> {
         let config = PromptTuningConfig::from_train_config(config)?;
         let tokens = VirtualTokens::for_model(NAME, config.num_virtual_tokens, ctx.info)?;

@@ -51,3 +51,54 @@ pub fn c_library(dir: &std::path::Path, stem: &str, source: &str) -> PathBuf {
     assert!(status.success(), "cc failed on {}", source_file.display());
     library
 }
+
+/// Starts `graft args`, waits until the run in `run` has a checkpoint at step `min_step` or
+/// later, and kills it with SIGKILL; returns that checkpoint's step.
+pub fn kill_after_checkpoint(args: &[&str], run: &std::path::Path, min_step: usize) -> usize {
+    let mut child = command(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = run.join(graft_trainer::checkpoint::DIR).join("latest");
+    let started = std::time::Instant::now();
+    let reached = loop {
+        let step = std::fs::read_to_string(&latest)
+            .ok()
+            .and_then(|name| name.trim().strip_prefix("step-")?.parse::<usize>().ok());
+        if let Some(step) = step.filter(|&s| s >= min_step) {
+            break step;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no checkpoint"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    reached
+}
+
+/// Resumes the killed run `killed` with `graft <command> --resume`, checks that it says so, and
+/// that its adapter file `adapter` (relative to each run folder) is byte for byte the
+/// uninterrupted run `whole`'s.
+pub fn resume_to_the_same_adapter(
+    command: &str,
+    whole: &std::path::Path,
+    killed: &std::path::Path,
+    adapter: &str,
+) {
+    let out = graft(&[command, "--resume", killed.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming after step"),
+        "{}",
+        stderr(&out)
+    );
+    let bytes = |run: &std::path::Path| std::fs::read(run.join(adapter)).unwrap();
+    assert!(
+        bytes(whole) == bytes(killed),
+        "{command}: resumed to other adapter bytes"
+    );
+}

@@ -117,20 +117,13 @@ pub fn logits(model: &Decoder, hooks: &dyn Hooks, ids: &[Vec<u32>], with_mask: b
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    max_diff(t, &t.zeros_like().unwrap())
 }
 
 /// The largest difference of `ours` from `theirs`, at every position of every row.
 pub fn max_diff(ours: &Tensor, theirs: &Tensor) -> f32 {
     assert_eq!(ours.dims(), theirs.dims(), "logits of every position");
-    max_abs(&(ours - theirs).unwrap())
+    graft_testkit::max_abs_diff(ours, theirs).unwrap() as f32
 }
 
 /// graft's logits against THUDM's in `dtype`, without and with the prefix, with and without

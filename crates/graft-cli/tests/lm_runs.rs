@@ -1,0 +1,165 @@
+//! `graft train-lm` runs through the one training loop: a killed run resumes to the same
+//! adapter bytes (dropout on, the best adapter kept by held-out loss), a run that skipped
+//! non-finite steps resumes with them counted, and the reports have the classifier's shape.
+mod common;
+use common::{graft, kill_after_checkpoint, resume_to_the_same_adapter, stderr};
+use std::path::Path;
+
+/// A causal-LM run on stories260K: 16 story pairs as JSONL, a quarter held out (the held-out
+/// loss picks the best adapter), LoRA with dropout.
+fn write_config(dir: &Path, steps: usize, lr: &str, on_non_finite: &str) -> String {
+    let data = dir.join("pairs.jsonl");
+    let starts = [
+        "Once upon a time",
+        "Lily liked to",
+        "The sun was",
+        "Tom saw a",
+    ];
+    let ends = [
+        " big dog.",
+        " little cat that ran away.",
+        " red ball.",
+        " tree.",
+    ];
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({ "prompt": starts[i % 4], "response": ends[i / 4] }).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let path = dir.join("lm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[model]
+path = "../shared/models/stories260K"
+template = "plain"
+max_len = 32
+[data]
+train = "{}"
+val_fraction = 0.25
+[train]
+seed = 3
+max_steps = {steps}
+batch_size = 2
+grad_accum = 2
+lr = {lr}
+eval_every = 10
+log_every = 10
+checkpoint_every = 2
+on_non_finite = "{on_non_finite}"
+[method]
+name = "lora"
+r = 4
+lora_dropout = 0.1
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn train_lm(config: &str, out: &Path) -> std::process::Output {
+    graft(&[
+        "train-lm",
+        "--config",
+        config,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+fn read(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Kills a run between checkpoints, resumes it, and compares with an uninterrupted run.
+fn killed_and_resumed_matches_whole(config: &str, dir: &Path, steps: usize) -> serde_json::Value {
+    let whole = dir.join("whole");
+    let out = train_lm(config, &whole);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let killed = dir.join("killed");
+    let reached = kill_after_checkpoint(
+        &[
+            "train-lm",
+            "--config",
+            config,
+            "--out",
+            killed.to_str().unwrap(),
+        ],
+        &killed,
+        4,
+    );
+    assert!(reached < steps, "the run finished before it was killed");
+    assert!(!killed.join("train.json").exists(), "the run finished");
+    resume_to_the_same_adapter("train-lm", &whole, &killed, "adapter_model.safetensors");
+    let (a, b) = (
+        read(&whole.join("eval.json")),
+        read(&killed.join("eval.json")),
+    );
+    for key in ["best_step", "loss", "skipped_steps"] {
+        assert_eq!(a[key], b[key], "{key}");
+    }
+    // Every evaluation's step and held-out loss (not its time).
+    let losses = |eval: &serde_json::Value| -> Vec<(serde_json::Value, serde_json::Value)> {
+        eval["evaluations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["step"].clone(), e["metrics"]["loss"].clone()))
+            .collect()
+    };
+    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(
+        read(&whole.join("train.json"))["losses"],
+        read(&killed.join("train.json"))["losses"]
+    );
+    a
+}
+
+#[test]
+fn a_killed_train_lm_run_resumes_to_the_byte_identical_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 100;
+    let config = write_config(dir.path(), steps, "5e-3", "stop");
+    let eval = killed_and_resumed_matches_whole(&config, dir.path(), steps);
+    // The classifier's shape: the best evaluation's metrics and step, every evaluation, the
+    // skipped steps, the run's speed.
+    // Every 10 steps and at each epoch's end (12 training pairs, 4 a step).
+    let evaluated: Vec<u64> = eval["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = (1..=steps as u64)
+        .filter(|s| s % 10 == 0 || s % 3 == 0)
+        .collect();
+    assert_eq!(evaluated, expected);
+    let best = eval["best_step"].as_u64().unwrap();
+    assert_eq!(eval["step"].as_u64(), Some(best));
+    assert!(eval["loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(eval["skipped_steps"], serde_json::json!([]));
+    for key in ["train_tokens_per_s", "step_seconds_median", "peak_rss_mb"] {
+        assert!(eval[key].as_f64().unwrap() > 0.0, "{key}: {eval}");
+    }
+}
+
+#[test]
+fn a_train_lm_run_that_skipped_non_finite_steps_resumes_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 100;
+    // At 1e30 the first update overflows what the next steps compute: their losses are NaN.
+    let config = write_config(dir.path(), steps, "1e30", "skip");
+    let eval = killed_and_resumed_matches_whole(&config, dir.path(), steps);
+    let skipped = eval["skipped_steps"].as_array().unwrap();
+    assert!(skipped.len() > steps / 2, "{eval}");
+
+    // With the stop policy the run ends at the first NaN step and names it.
+    let config = write_config(dir.path(), steps, "1e30", "stop");
+    let out = train_lm(&config, &dir.path().join("stopped"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("at step"), "{}", stderr(&out));
+}
