@@ -18,6 +18,7 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
     let registry = registry(plugins)?;
     registry.get(config.method_name()?)?;
     let model = match &config.model.path {
+        Some(shape) if config.model.random_init => shape.clone(),
         Some(path) => model_file(path)?,
         None => {
             let known = graft_model::zoo::find_known(&config.model.name).with_context(|| {
@@ -30,7 +31,12 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
             model_file(&known.ensure(&mut |m| eprintln!("{m}"))?)?
         }
     };
-    let resolved = lm_train::resolved(&config, &model)?;
+    let mut resolved = lm_train::resolved(&config, &model)?;
+    if config.model.random_init {
+        if let Some(note) = lm_train::fit_targets_to_shape(&mut resolved)? {
+            eprintln!("{note}");
+        }
+    }
     let outcome = lm_train::train(&resolved, &registry, out)?;
     report(&outcome);
     Ok(())

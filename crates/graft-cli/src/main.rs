@@ -135,7 +135,7 @@ enum Command {
         out: Option<PathBuf>,
         /// Continue the run in this folder from its newest checkpoint, with its recorded
         /// config (no other option applies).
-        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "dtype", "checkpointing", "quantize"])]
+        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "dtype", "checkpointing", "quantize", "random_init"])]
         resume: Option<PathBuf>,
         /// Overrides train.max_steps.
         #[arg(long)]
@@ -151,6 +151,11 @@ enum Command {
         /// quantized (QLoRA-style).
         #[arg(long)]
         quantize: Option<graft_model::quant::Quantization>,
+        /// Build the model from this config.json (e.g. configs/shapes/chatglm2-6b.json) with
+        /// random weights seeded by train.seed, instead of the config's model: a model's real
+        /// size without its weights. Data and tokenizer come from --config.
+        #[arg(long)]
+        random_init: Option<PathBuf>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -221,6 +226,10 @@ enum Command {
         /// JSON file to write the generation's token counts, time and peak RSS to.
         #[arg(long)]
         stats: Option<PathBuf>,
+        /// --model is a config.json to build the model from with random weights of this seed
+        /// (as `train-lm --random-init` builds it with its train.seed), in f32.
+        #[arg(long, requires = "model", conflicts_with = "adapter")]
+        random_init: Option<u64>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -252,6 +261,10 @@ enum Command {
         /// Tokens of each sequence that take a loss (a response's; default: all of them).
         #[arg(long)]
         labelled: Option<usize>,
+        /// cpu or cuda: where the step runs (a quantized product on the GPU holds a whole
+        /// dequantized weight); default: this build's device.
+        #[arg(long, value_parser = ["cpu", "cuda"])]
+        device: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -449,6 +462,7 @@ fn run(cli: Cli) -> Result<()> {
             dtype,
             checkpointing,
             quantize,
+            random_init,
             plugins,
         } => {
             print_matmul_notice();
@@ -469,6 +483,10 @@ fn run(cli: Cli) -> Result<()> {
             if quantize.is_some() {
                 config.model.quantize = quantize;
             }
+            if let Some(shape) = random_init {
+                config.model.path = Some(shape);
+                config.model.random_init = true;
+            }
             train_lm(config, &out, &plugins)?
         }
         Command::Generate {
@@ -485,6 +503,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             merge,
             stats,
+            random_init,
             plugins,
         } => {
             let sampling = graft_model::generate::Sampling {
@@ -513,11 +532,19 @@ fn run(cli: Cli) -> Result<()> {
                 (answer, started.elapsed().as_secs_f64())
             } else {
                 let model = model.context("--model or --adapter is required")?;
-                let model = model_file(&model)?;
+                let model = match random_init {
+                    Some(_) => model,
+                    None => model_file(&model)?,
+                };
                 let tokenizer = tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model));
-                let decoder =
-                    graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
-                        .with_context(|| format!("loading the model {}", model.display()))?;
+                let f32 = candle_core::DType::F32;
+                let decoder = match random_init {
+                    Some(seed) => {
+                        graft_model::decoder::Decoder::random(&model, f32, None, &device, seed)
+                    }
+                    None => graft_model::decoder::Decoder::open(&model, f32, &device),
+                }
+                .with_context(|| format!("loading the model {}", model.display()))?;
                 let tokenizer = graft_tokenizer::TextTokenizer::from_file(
                     &tokenizer,
                     decoder.spec().max_positions,
@@ -589,6 +616,7 @@ fn run(cli: Cli) -> Result<()> {
             checkpointing,
             quantize,
             labelled,
+            device,
             json,
         } => {
             let targets =
@@ -600,6 +628,11 @@ fn run(cli: Cli) -> Result<()> {
                 checkpointing,
                 quantize,
                 labelled,
+                composed_ops: match device.as_deref() {
+                    Some("cpu") => false,
+                    Some(_) => true,
+                    None => !graft_model::default_device()?.is_cpu(),
+                },
             };
             let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;

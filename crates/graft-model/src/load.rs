@@ -26,13 +26,7 @@ impl Decoder {
         device: &Device,
     ) -> Result<Self> {
         let (plan, json) = read_plan(path)?;
-        let quantizing = quantize.map(|family| Quantizing {
-            family,
-            keys: plan
-                .site_specs()
-                .map(|s| format!("{}.weight", s.name))
-                .collect(),
-        });
+        let quantizing = quantizing(&plan, quantize);
         if path.is_file() {
             let weights = gguf::load_llama(path, dtype, device, quantizing.as_ref())?;
             return Decoder::from_plan(&plan, &weights, json);
@@ -43,6 +37,51 @@ impl Decoder {
             json,
         )
     }
+}
+
+impl Decoder {
+    /// A decoder built from its config alone (`--random-init`): a config.json (or a model
+    /// folder's) with THUDM's ChatGLM2/3 or Hugging Face's Llama/Qwen2 fields, its weights drawn
+    /// from `seed` as [`crate::formats::random`] says, in `dtype` (the projections kept quantized
+    /// in `quantize`'s family as they are made) on `device`.
+    pub fn random(
+        config: &Path,
+        dtype: DType,
+        quantize: Option<Quantization>,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        if config.extension().is_some_and(|x| x == "gguf") {
+            return Err(Error::InvalidConfig(format!(
+                "{}: a random model is built from a config.json, not a GGUF file",
+                config.display()
+            )));
+        }
+        let (plan, json) = read_plan(config)?;
+        let quantizing = quantizing(&plan, quantize);
+        let std = crate::formats::random::initializer_std(&json);
+        let weights = crate::formats::random::weights(
+            &plan,
+            std,
+            seed,
+            dtype,
+            device,
+            quantizing.as_ref(),
+            config,
+        )?;
+        Decoder::from_plan(&plan, &weights, json)
+    }
+}
+
+/// Which weights a load in `quantize`'s family keeps quantized: every projection's.
+fn quantizing(plan: &Plan, quantize: Option<Quantization>) -> Option<Quantizing> {
+    quantize.map(|family| Quantizing {
+        family,
+        keys: plan
+            .site_specs()
+            .map(|s| format!("{}.weight", s.name))
+            .collect(),
+    })
 }
 
 /// The plan of a decoder from its config alone (no weights are read): a model folder, a

@@ -103,16 +103,51 @@ impl QuantizedWeight {
         dtype: DType,
         device: &Device,
     ) -> Result<Option<Self>> {
-        let (_, width) = weight.dims2()?;
+        let (out, width) = weight.dims2()?;
+        let source = weight.to_device(&Device::Cpu)?;
+        Self::quantize_rows((out, width), family, dtype, device, &mut |rows| {
+            Ok(source
+                .narrow(0, rows.start, rows.len())?
+                .to_dtype(DType::F32)?)
+        })
+    }
+
+    /// Rows of a weight `[out, width]` at a time (f32 blocks of about 4 MiB, which `rows_of`
+    /// makes), in the `family` format that fits its rows, onto `device`; `None` when no block
+    /// divides its rows. The weight is never held whole in f32: a 65024 x 4096 head would be
+    /// 1 GiB of it beside the model.
+    pub fn quantize_rows(
+        (out, width): (usize, usize),
+        family: Quantization,
+        dtype: DType,
+        device: &Device,
+        rows_of: &mut dyn FnMut(std::ops::Range<usize>) -> Result<Tensor>,
+    ) -> Result<Option<Self>> {
         let Some(format) = family.format_for(width) else {
             return Ok(None);
         };
-        let source = weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let blocks = QTensor::quantize_onto(&source, format, device)?;
+        let step = Self::rows_at_a_time(width);
+        let mut bytes = Vec::with_capacity(out * width / format.block_size() * format.type_size());
+        for start in (0..out).step_by(step) {
+            let rows = rows_of(start..(start + step).min(out))?;
+            bytes.extend_from_slice(&QTensor::quantize(&rows, format)?.data()?);
+        }
+        let blocks = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            format,
+            &bytes,
+            vec![out, width],
+            device,
+        )?;
         Ok(Some(Self {
             blocks: Arc::new(blocks),
             dtype,
         }))
+    }
+
+    /// Rows of a `width`-wide weight that [`QuantizedWeight::quantize_rows`] takes at a time:
+    /// about 2^20 values.
+    pub fn rows_at_a_time(width: usize) -> usize {
+        ((1 << 20) / width.max(1)).max(1)
     }
 
     /// `[out, in]`.

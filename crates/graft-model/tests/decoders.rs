@@ -377,3 +377,55 @@ fn chatglm_with_one_group_runs_with_the_cache() {
     };
     assert!(model.forward(&inputs, &NoHooks, None).is_err());
 }
+
+/// Llama 3.1's `rope_scaling` (`rope_type` llama3) against candle-transformers' llama, on a
+/// random model whose original context (8 positions) is short enough that the scaling moves
+/// every band of frequencies at the positions compared.
+#[test]
+fn llama3_rope_scaling_matches_candle_transformers_llama() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "tie_word_embeddings": true, "hidden_act": "silu",
+        "rope_scaling": { "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8 },
+    });
+    let config: graft_model::models::llama::Config = serde_json::from_value(json.clone()).unwrap();
+    assert!(config.llama3_scaling().unwrap().is_some());
+    graft_model::models::llama::plan(&config)
+        .unwrap()
+        .write_random(dir.path(), &json, 5)
+        .unwrap();
+    let ours = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let reference_config: candle_transformers::models::llama::LlamaConfig =
+        serde_json::from_value(json.clone()).unwrap();
+    let reference_config = reference_config.into_config(false);
+    let vb = var_builder(&dir.path().join("model.safetensors"));
+    let reference = candle_transformers::models::llama::Llama::load(vb, &reference_config).unwrap();
+    let mut cache = candle_transformers::models::llama::Cache::new(
+        false,
+        DType::F32,
+        &reference_config,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 96).collect();
+    let expected = reference.forward(&ids_tensor(&ids), 0, &mut cache).unwrap();
+    let last = all_logits(&ours, &ids).i((.., ids.len() - 1, ..)).unwrap();
+    let diff = max_abs_diff(&last, &expected);
+    assert!(diff <= 1e-4, "last-position logits differ by {diff}");
+    // The scaling matters here: without it the logits move.
+    let mut plain = json;
+    plain.as_object_mut().unwrap().remove("rope_scaling");
+    std::fs::write(dir.path().join("config.json"), plain.to_string()).unwrap();
+    let unscaled = Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let moved = max_abs_diff(
+        &all_logits(&unscaled, &ids)
+            .i((.., ids.len() - 1, ..))
+            .unwrap(),
+        &expected,
+    );
+    assert!(moved > 1e-3, "the scaling changes nothing here ({moved})");
+}

@@ -237,6 +237,8 @@ pub fn lm_spec(method: &str, family: Family, scratch: &Path) -> Result<LmSpec> {
         dtype: Precision::F32,
         quantize: None,
         prompt: None,
+        random_init: None,
+        pad_to_max_len: false,
     })
 }
 

@@ -516,6 +516,7 @@ fn write_reports<T: Task>(
         // running rate in the log includes the slow first steps).
         "train_tokens_per_s": state.tokens as f64 / steps_done / median.max(1e-9),
         "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_training_mb": peak_rss_in_window_mb(),
         "matmul": graft_model::ops::matmul_path(),
         "batch_size": train.batch_size,
         "grad_accum": train.grad_accum,
@@ -575,8 +576,33 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
-/// This process's peak resident memory in MiB (Linux's VmHWM), if the system reports it.
+/// The peak before [`start_peak_rss_window`] last reset it, in KiB (0: never reset).
+static PEAK_BEFORE_WINDOW_KIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// This process's peak resident memory in MiB (Linux's VmHWM), if the system reports it: over
+/// the whole process, windows included.
 pub fn peak_rss_mb() -> Option<f64> {
+    let before = PEAK_BEFORE_WINDOW_KIB.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
+    status_mb("VmHWM:").map(|now| now.max(before))
+}
+
+/// Starts measuring the peak anew from now (Linux resets VmHWM when 5 is written to
+/// /proc/self/clear_refs), keeping the whole process's peak for [`peak_rss_mb`]; returns the
+/// peak so far. What [`peak_rss_in_window_mb`] then reports is the peak of what comes after,
+/// e.g. the training steps apart from building the model.
+pub fn start_peak_rss_window() -> Option<f64> {
+    let so_far = peak_rss_mb()?;
+    PEAK_BEFORE_WINDOW_KIB.store(
+        (so_far * 1024.0) as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    Some(so_far)
+}
+
+/// The peak resident memory in MiB since [`start_peak_rss_window`] (the whole process's if it
+/// was never called or the system cannot reset it).
+pub fn peak_rss_in_window_mb() -> Option<f64> {
     status_mb("VmHWM:")
 }
 

@@ -23,16 +23,23 @@ pub struct StepShape {
     /// Tokens of each sequence that take a loss (train-lm computes the head's logits at those
     /// alone: a response's); `None`: every token.
     pub labelled: Option<usize>,
+    /// The step runs the composed ops (a CUDA build): a quantized product dequantizes its
+    /// whole weight; the CPU's kernels dequantize [`CPU_DEQUANTIZED_VALUES`] at a time.
+    pub composed_ops: bool,
 }
+
+/// Values of a quantized weight the CPU's product dequantizes at a time, in f32 (a block of
+/// its rows: `ops/cpu/data.rs`, `widened_blocks`).
+pub const CPU_DEQUANTIZED_VALUES: usize = 2 << 20;
 
 /// Bytes one training step holds, by what holds them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Memory {
     /// The frozen base weights (the projections in their block formats when quantized).
     pub weights: usize,
-    /// With a quantized base: the largest projection weight dequantized in the activations'
-    /// dtype, which a product holds at most at a time (the composed path's backward; the CPU
-    /// kernel dequantizes 8 MiB of rows at a time).
+    /// With a quantized base: what a product holds dequantized at a time: on the composed ops
+    /// the largest projection weight in the activations' dtype, on the CPU's kernels a block
+    /// of its rows in f32 (8 MiB).
     pub dequantized: usize,
     /// The trainable tensors with their gradients and AdamW's two moments, all f32.
     pub trainable: usize,
@@ -130,10 +137,15 @@ pub fn inspect(
                 .sum();
             let largest = sites
                 .iter()
-                .map(|s| s.out_features * s.in_features * bytes)
+                .map(|s| s.out_features * s.in_features)
                 .max()
                 .unwrap_or(0);
-            ((params - projections) * bytes + quantized, largest)
+            let held = if shape.composed_ops {
+                largest * bytes
+            } else {
+                largest.min(CPU_DEQUANTIZED_VALUES) * 4
+            };
+            ((params - projections) * bytes + quantized, held)
         }
     };
     // Value, gradient and two AdamW moments, in f32 whatever the base's dtype (f64 in f64).
@@ -195,6 +207,7 @@ mod tests {
             checkpointing: true,
             quantize: None,
             labelled: None,
+            composed_ops: true,
         };
         let report = inspect(
             &path,
@@ -264,6 +277,7 @@ mod tests {
                 checkpointing: true,
                 quantize: Some(family),
                 labelled: None,
+                composed_ops: false,
             };
             let report = inspect(&path, None, 8, shape).unwrap();
             let model =

@@ -36,6 +36,14 @@ pub struct LmSpec {
     /// renders a new row's prompt the same way (the keyword extractor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<PromptSource>,
+    /// Every batch padded to `max_len` (static shapes: a benchmark's exact step size, a GPU's
+    /// one graph), instead of to its longest row.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pad_to_max_len: bool,
+    /// `model` is a config.json the base is built from with random weights of this seed
+    /// (`--random-init`), not a checkpoint; the same seed builds the same base again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_init: Option<u64>,
 }
 
 /// A CSV prompt: the template over the columns and the cut applied after rendering.
@@ -110,8 +118,25 @@ fn load_base(
     dtype: DType,
     device: &Device,
 ) -> Result<(Decoder, Attachment)> {
-    let decoder = Decoder::open_quantized(model, dtype, spec.quantize, device)?;
-    let tokenizer = TextTokenizer::from_file(&spec.tokenizer, spec.max_len, Padding::Longest)?;
+    let decoder = match spec.random_init {
+        Some(seed) => Decoder::random(model, dtype, spec.quantize, device, seed)?,
+        None => Decoder::open_quantized(model, dtype, spec.quantize, device)?,
+    };
+    let padding = if spec.pad_to_max_len {
+        Padding::Fixed
+    } else {
+        Padding::Longest
+    };
+    let tokenizer = TextTokenizer::from_file(&spec.tokenizer, spec.max_len, padding)?;
+    // Every id the tokenizer can give must have a row in the model's embedding table.
+    let (tokens, rows) = (tokenizer.vocab_size(), decoder.spec().vocab_size);
+    if tokens > rows {
+        return Err(Error::Config(format!(
+            "the tokenizer {} has {tokens} tokens, more than the {rows} rows of the model {}'s embedding table",
+            spec.tokenizer.display(),
+            model.display()
+        )));
+    }
     let attached = Attachment {
         info: decoder.info(),
         sites: decoder.sites(),

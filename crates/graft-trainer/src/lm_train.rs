@@ -47,6 +47,9 @@ pub struct LmModelSection {
     /// ChatML's system turn.
     pub system: Option<String>,
     pub max_len: usize,
+    /// Pad every batch to `max_len` rather than to its longest row (static shapes: every step
+    /// of a benchmark the same size).
+    pub pad_to_max_len: bool,
     /// The base weights' and activations' dtype: `f32`, `bf16` or `f16`.
     pub dtype: crate::config::Precision,
     /// Keep the frozen projection weights quantized: `q8_0` or `q4_k` (QLoRA-style); the
@@ -55,6 +58,9 @@ pub struct LmModelSection {
     /// Recompute each decoder layer's activations in the backward pass instead of keeping
     /// them (gradient checkpointing): memory for one layer's activations instead of all.
     pub checkpointing: bool,
+    /// `path` is a config.json (`configs/shapes/`) to build the model from with random weights
+    /// seeded by `train.seed` (`--random-init`): a model's real size without its weights.
+    pub random_init: bool,
 }
 
 impl Default for LmModelSection {
@@ -66,9 +72,11 @@ impl Default for LmModelSection {
             template: "chatml".into(),
             system: None,
             max_len: 256,
+            pad_to_max_len: false,
             dtype: crate::config::Precision::F32,
             quantize: None,
             checkpointing: false,
+            random_init: false,
         }
     }
 }
@@ -317,9 +325,18 @@ pub struct LmTask {
     lm: CausalLm,
     data: LmData,
     config: LmConfig,
-    /// The process's resident memory before the model was loaded (what `graft inspect`'s
-    /// estimate comes on top of).
+    memory: ModelMemory,
+}
+
+/// The process's resident memory around building the model, in MiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct ModelMemory {
+    /// Before the model (and the tokenizer) were loaded: what `graft inspect`'s estimate of a
+    /// step comes on top of.
     rss_before_model: Option<f64>,
+    rss_after_model: Option<f64>,
+    /// The peak while building it.
+    peak_rss_building: Option<f64>,
 }
 
 impl LmTask {
@@ -329,7 +346,7 @@ impl LmTask {
             lm,
             data,
             config,
-            rss_before_model: None,
+            memory: ModelMemory::default(),
         }
     }
 
@@ -486,8 +503,16 @@ impl fit::Task for LmTask {
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum::<usize>());
-        report["rss_before_model_mb"] = json!(self.rss_before_model);
+        report["rss_before_model_mb"] = json!(self.memory.rss_before_model);
+        report["rss_after_model_mb"] = json!(self.memory.rss_after_model);
+        report["peak_rss_building_model_mb"] = json!(self.memory.peak_rss_building);
         report["dtype"] = json!(self.lm.spec.dtype);
+        // Which tokenizer fed which model (a --random-init shape takes the recipe's tokenizer).
+        report["model"] = json!(self.lm.spec.model);
+        report["random_init_seed"] = json!(self.lm.spec.random_init);
+        report["tokenizer"] = json!(self.lm.spec.tokenizer);
+        report["tokenizer_vocab"] = json!(self.lm.tokenizer.vocab_size());
+        report["model_vocab"] = json!(self.lm.model.spec().vocab_size);
         report["checkpointing"] = json!(self.config.model.checkpointing);
         // Each step's batch as indexes of rows in the data file.
         report["batch_rows"] = json!(state
@@ -530,6 +555,38 @@ pub fn resolved(config: &LmConfig, model: &Path) -> Result<LmConfig> {
     Ok(resolved)
 }
 
+/// For a recipe run on another model's shape (`--random-init`): a `target_modules` list that
+/// names none of the shape's projections (the recipe's `q_proj` on a ChatGLM shape) is dropped,
+/// so that the method takes PEFT's default for the shape's architecture; returns a note saying
+/// so, if it was.
+pub fn fit_targets_to_shape(config: &mut LmConfig) -> Result<Option<String>> {
+    let Some(model) = &config.model.path else {
+        return Ok(None);
+    };
+    let Some(targets) = config.method.get("target_modules") else {
+        return Ok(None);
+    };
+    let names: Vec<String> = match targets.as_array() {
+        Some(list) => list
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        None => return Ok(None),
+    };
+    let (plan, _) = graft_model::load::read_plan(model)?;
+    let sites = plan.sites();
+    let chosen = graft_peft::TargetModules::Names(names.clone());
+    if chosen.select(config.method_name()?, &sites).is_ok() {
+        return Ok(None);
+    }
+    config.method.remove("target_modules");
+    Ok(Some(format!(
+        "target_modules {names:?} name no projection of {}: the method's default for `{}` is used",
+        model.display(),
+        plan.spec.model_type
+    )))
+}
+
 impl LmConfig {
     /// The task file of the adapter this config trains (its model resolved, see [`resolved`]).
     pub fn spec(&self) -> Result<LmSpec> {
@@ -551,6 +608,8 @@ impl LmConfig {
             dtype: self.model.dtype,
             quantize: self.model.quantize,
             prompt: self.data.prompt_source(),
+            random_init: self.model.random_init.then_some(self.train.seed),
+            pad_to_max_len: self.model.pad_to_max_len,
         })
     }
 
@@ -604,11 +663,18 @@ fn task(config: &LmConfig, registry: &Registry, data: LmData) -> Result<LmTask> 
         config.train.seed,
         config.train.max_steps,
     )?;
+    // What building the model held at its peak (a quantized model's weights are drawn or
+    // read in f32 one at a time), and from here the steps' own peak.
+    let model_built = ModelMemory {
+        rss_before_model,
+        rss_after_model: fit::rss_mb(),
+        peak_rss_building: fit::start_peak_rss_window(),
+    };
     Ok(LmTask {
         lm,
         data,
         config: config.clone(),
-        rss_before_model,
+        memory: model_built,
     })
 }
 

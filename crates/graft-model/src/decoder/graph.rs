@@ -494,6 +494,7 @@ impl Decoder {
         let half = rope.rotary_dims / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / rope.theta.powf((2 * i) as f64 / rope.rotary_dims as f64) as f32)
+            .map(|f| rope.llama3.map_or(f, |scaling| scaling.apply(f)))
             .collect();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);

@@ -6,4 +6,6 @@ mod plan;
 
 pub use cache::KvCache;
 pub use graph::{Block, Decoder, DecoderInputs};
-pub use plan::{BlockOf, BlockPlan, DecoderSpec, GateUp, Plan, Qkv, RopeSpec, SiteSpec};
+pub use plan::{
+    BlockOf, BlockPlan, DecoderSpec, GateUp, Llama3Scaling, Plan, Qkv, RopeSpec, SiteSpec,
+};

@@ -13,6 +13,40 @@ pub struct RopeSpec {
     pub rotary_dims: usize,
     /// Pairs (0, 1), (2, 3), ... (ChatGLM) instead of transformers' rotate_half.
     pub interleaved: bool,
+    /// Llama 3.1's frequency scaling (`rope_scaling` with `rope_type` llama3).
+    pub llama3: Option<Llama3Scaling>,
+}
+
+/// Llama 3.1's `rope_scaling`: wavelengths longer than the original context over
+/// `low_freq_factor` are slowed by `factor`, those shorter than it over `high_freq_factor` kept,
+/// and those between blended (transformers' `_compute_llama3_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+impl Llama3Scaling {
+    /// `inv_freq` scaled, in f32 as transformers computes it.
+    pub fn apply(&self, inv_freq: f32) -> f32 {
+        let old = self.original_max_position_embeddings as f32;
+        let (factor, low, high) = (
+            self.factor as f32,
+            self.low_freq_factor as f32,
+            self.high_freq_factor as f32,
+        );
+        let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
+        if wavelen < old / high {
+            inv_freq
+        } else if wavelen > old / low {
+            inv_freq / factor
+        } else {
+            let smooth = (old / wavelen - low) / (high - low);
+            (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+        }
+    }
 }
 
 /// The shape facts of a decoder.

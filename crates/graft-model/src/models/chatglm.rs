@@ -121,6 +121,7 @@ impl Config {
                 theta: 10_000.0 * self.rope_ratio,
                 rotary_dims: self.kv_channels / 2,
                 interleaved: true,
+                llama3: None,
             },
             max_positions: self.seq_length,
             // THUDM's P-tuning v2 passes the prefix as past keys but numbers the real tokens

@@ -73,11 +73,7 @@ impl Config {
                 self.hidden_act
             )));
         }
-        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(Error::InvalidConfig(
-                "rope_scaling is not supported yet: positions would silently differ".into(),
-            ));
-        }
+        self.llama3_scaling()?;
         if self.num_attention_heads == 0 || self.head_dim() == 0 {
             return Err(Error::InvalidConfig(format!(
                 "{} heads over a hidden size of {}",
@@ -85,6 +81,34 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// Llama 3.1's `rope_scaling` (`rope_type` llama3), if the config has one; any other kind
+    /// is refused, since positions would silently differ.
+    pub fn llama3_scaling(&self) -> Result<Option<crate::decoder::Llama3Scaling>> {
+        let Some(scaling) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let kind = scaling["rope_type"]
+            .as_str()
+            .or_else(|| scaling["type"].as_str())
+            .unwrap_or("");
+        let field = |name: &str| {
+            scaling[name].as_f64().ok_or_else(|| {
+                Error::InvalidConfig(format!("rope_scaling ({kind}) lacks a number `{name}`"))
+            })
+        };
+        if kind != "llama3" {
+            return Err(Error::InvalidConfig(format!(
+                "rope_scaling of type `{kind}` is not supported (llama3 is): positions would silently differ"
+            )));
+        }
+        Ok(Some(crate::decoder::Llama3Scaling {
+            factor: field("factor")?,
+            low_freq_factor: field("low_freq_factor")?,
+            high_freq_factor: field("high_freq_factor")?,
+            original_max_position_embeddings: field("original_max_position_embeddings")?,
+        }))
     }
 
     pub fn head_dim(&self) -> usize {
@@ -115,6 +139,8 @@ impl Config {
                 theta: self.rope_theta,
                 rotary_dims: self.head_dim(),
                 interleaved: false,
+                // validate() refuses the configs this cannot read.
+                llama3: self.llama3_scaling().ok().flatten(),
             },
             max_positions: self.max_position_embeddings,
             prefix_shifts_positions: true,
