@@ -265,6 +265,10 @@ enum Command {
         /// dequantized weight); default: this build's device.
         #[arg(long, value_parser = ["cpu", "cuda"])]
         device: Option<String>,
+        /// A key/value prefix of this many positions trains instead of LoRA (prefix tuning,
+        /// P-tuning v2's pre_seq_len).
+        #[arg(long)]
+        prefix: Option<usize>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -617,6 +621,7 @@ fn run(cli: Cli) -> Result<()> {
             quantize,
             labelled,
             device,
+            prefix,
             json,
         } => {
             let targets =
@@ -633,6 +638,7 @@ fn run(cli: Cli) -> Result<()> {
                     Some(_) => true,
                     None => !graft_model::default_device()?.is_cpu(),
                 },
+                prefix: prefix.unwrap_or(0),
             };
             let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;
@@ -655,12 +661,17 @@ fn run(cli: Cli) -> Result<()> {
                     report.params,
                     report.params as f64 / 1e9
                 );
-                println!(
-                    "LoRA r={r}: {} trainable values on {} sites ({:.4}% of the model)",
-                    report.lora_trainable,
-                    report.lora_sites,
-                    100.0 * report.lora_trainable as f64 / report.params as f64
-                );
+                let share = 100.0 * report.trainable as f64 / report.params as f64;
+                match prefix {
+                    Some(n) => println!(
+                        "key/value prefix of {n}: {} trainable values ({share:.4}% of the model)",
+                        report.trainable
+                    ),
+                    None => println!(
+                        "LoRA r={r}: {} trainable values on {} sites ({share:.4}% of the model)",
+                        report.lora_trainable, report.lora_sites
+                    ),
+                }
                 println!(
                     "training step, batch {batch} x {seq_len} tokens, {dtype}{}{}: about {:.2} GiB \
                      (weights {:.2}{}, trainable + AdamW {:.3}, activations {:.2}, logits {:.2})",
@@ -673,7 +684,7 @@ fn run(cli: Cli) -> Result<()> {
                     gib(m.total),
                     gib(m.weights),
                     if quantize.is_some() {
-                        format!(", one weight dequantized {:.2}", gib(m.dequantized))
+                        format!(", dequantized at a time {:.2}", gib(m.dequantized))
                     } else {
                         String::new()
                     },

@@ -26,6 +26,9 @@ pub struct StepShape {
     /// The step runs the composed ops (a CUDA build): a quantized product dequantizes its
     /// whole weight; the CPU's kernels dequantize [`CPU_DEQUANTIZED_VALUES`] at a time.
     pub composed_ops: bool,
+    /// Key/value prefix positions every layer attends to (prefix tuning, P-tuning v2 without
+    /// projection): its table is then what trains, instead of LoRA; 0: LoRA.
+    pub prefix: usize,
 }
 
 /// Values of a quantized weight the CPU's product dequantizes at a time, in f32 (a block of
@@ -63,6 +66,8 @@ pub struct Inspection {
     /// Linear sites the targets select, and the LoRA values on them.
     pub lora_sites: usize,
     pub lora_trainable: usize,
+    /// The values the step trains: LoRA's, or the prefix table's with [`StepShape::prefix`].
+    pub trainable: usize,
     pub memory: Memory,
 }
 
@@ -93,7 +98,7 @@ pub fn activation_elements(plan: &Plan, shape: StepShape) -> usize {
     let per_token =
         4 * s.hidden_size + 2 * (q + 2 * kv) + q + 2 * s.hidden_size + 3 * s.intermediate_size;
     let tokens = shape.batch * shape.seq_len;
-    let probs = shape.batch * s.num_heads * shape.seq_len * shape.seq_len;
+    let probs = shape.batch * s.num_heads * shape.seq_len * (shape.seq_len + shape.prefix);
     let kept_probs = if probs * shape.dtype.size_in_bytes() <= 256 << 20 {
         probs
     } else {
@@ -148,9 +153,13 @@ pub fn inspect(
             ((params - projections) * bytes + quantized, held)
         }
     };
+    let trained = match shape.prefix {
+        0 => lora_trainable,
+        // A key and a value of every key/value head, per layer and position.
+        n => n * s.num_layers * 2 * s.num_kv_heads * s.head_dim,
+    };
     // Value, gradient and two AdamW moments, in f32 whatever the base's dtype (f64 in f64).
-    let trainable =
-        4 * lora_trainable * graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
+    let trainable = 4 * trained * graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
     let activations = activation_elements(&plan, shape) * bytes;
     let labelled = shape.labelled.unwrap_or(shape.seq_len).min(shape.seq_len);
     let logits = 3 * shape.batch * labelled * s.vocab_size * 4;
@@ -164,6 +173,7 @@ pub fn inspect(
         params,
         lora_sites,
         lora_trainable,
+        trainable: trained,
         memory: Memory {
             weights,
             dequantized,
@@ -208,6 +218,7 @@ mod tests {
             quantize: None,
             labelled: None,
             composed_ops: true,
+            prefix: 0,
         };
         let report = inspect(
             &path,
@@ -278,6 +289,7 @@ mod tests {
                 quantize: Some(family),
                 labelled: None,
                 composed_ops: false,
+                prefix: 0,
             };
             let report = inspect(&path, None, 8, shape).unwrap();
             let model =

@@ -205,6 +205,7 @@ fn inspect_counts_the_tensors_a_lora_step_holds() {
             labelled: None,
             // The whole largest weight dequantized, as the composed ops hold it.
             composed_ops: true,
+            prefix: 0,
         };
         let report = inspect(&spec.model, targets, 8, shape).unwrap();
         let name = format!("{family:?}, quantized {quantize:?}");
