@@ -249,7 +249,6 @@ pub fn fit<T: Task>(
 
     for step in state.done..total {
         let step_started = Instant::now();
-        let tokenize_started = Instant::now();
         let mut batches = Vec::with_capacity(accum);
         let mut rows_of_step = Vec::new();
         for _ in 0..accum {
@@ -268,7 +267,7 @@ pub fn fit<T: Task>(
             rows_of_step.extend(rows);
             batches.push(batch);
         }
-        let tokenizing = tokenize_started.elapsed();
+        let tokenizing = step_started.elapsed();
         let loss_scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let (step_loss, mut grads) = step_gradients(task, &batches, loss_scale, &vars)?;
         let done = step + 1;
@@ -279,6 +278,12 @@ pub fn fit<T: Task>(
             _ => false,
         };
         let norm = optim::global_norm(&grads, &vars)?;
+        let diverged = |run: &RunDir| Error::NonFinite {
+            step: done,
+            loss: step_loss,
+            grad_norm: norm,
+            kept: run.root.clone(),
+        };
         if overflowed {
             progress.note(&format!(
                 "step {done}: the f16 gradients overflowed; skipped, loss scale now {}",
@@ -290,12 +295,7 @@ pub fn fit<T: Task>(
             )?;
         } else if !(step_loss.is_finite() && norm.is_finite()) {
             if train.on_non_finite == OnNonFinite::Stop {
-                return Err(Error::NonFinite {
-                    step: done,
-                    loss: step_loss,
-                    grad_norm: norm,
-                    kept: run.root.clone(),
-                });
+                return Err(diverged(run));
             }
             progress.note(&format!(
                 "step {done}: loss {step_loss}, gradient norm {norm}: batch skipped"
@@ -311,12 +311,7 @@ pub fn fit<T: Task>(
             // An update can overflow even from finite gradients; it cannot be undone, so the
             // run stops before such parameters reach a checkpoint, whatever the policy.
             if !optim::all_finite(&vars)? {
-                return Err(Error::NonFinite {
-                    step: done,
-                    loss: step_loss,
-                    grad_norm: norm,
-                    kept: run.root.clone(),
-                });
+                return Err(diverged(run));
             }
             task.adapter_mut().after_step(done, &grads)?;
             state
@@ -531,28 +526,24 @@ fn write_reports<T: Task>(
     };
     report["best_step"] = json!(state.best.as_ref().map(|b| b.step));
     report["evaluations"] = json!(state.evaluations);
-    merge_into(&mut report, &speed);
+    let mut report = graft_peft::config::merge_json(report, speed.clone());
     task.report(state, &mut report);
     run.write(RunDir::EVAL, &to_pretty(&report)?)?;
 
-    let mut summary = json!({
+    let summary = json!({
         "losses": state.losses(),
         "loss_steps": state.loss_curve.iter().map(|(s, _)| *s as usize).collect::<Vec<_>>(),
         "batches": state.batches,
         "tokens": state.tokens,
     });
-    merge_into(&mut summary, &speed);
+    let mut summary = graft_peft::config::merge_json(summary, speed);
     task.report(state, &mut summary);
     run.write(RunDir::TRAIN, &to_pretty(&summary)?)
 }
 
-/// Sets every field of the object `from` on `into`.
-fn merge_into(into: &mut Value, from: &Value) {
-    if let Some(fields) = from.as_object() {
-        for (key, value) in fields {
-            into[key.as_str()] = value.clone();
-        }
-    }
+/// The values of the tensors `named` (trainable parameters, a head).
+pub fn value_count(named: &[(String, Var)]) -> usize {
+    named.iter().map(|(_, v)| v.elem_count()).sum()
 }
 
 fn to_pretty(value: &Value) -> Result<String> {

@@ -350,8 +350,15 @@ impl LmTask {
         }
     }
 
-    pub fn lm(&self) -> &CausalLm {
-        &self.lm
+    /// `pairs` as one batch, as the task's tokenizer, template and length encode them.
+    fn encode(&self, pairs: &[PromptResponse]) -> Result<CausalBatch> {
+        let spec = &self.lm.spec;
+        Ok(encode_causal(
+            &self.lm.tokenizer,
+            &spec.template,
+            pairs,
+            spec.max_len,
+        )?)
     }
 
     /// The mean loss over the labelled tokens of the held-out pairs.
@@ -362,12 +369,7 @@ impl LmTask {
             .validation
             .chunks(self.config.eval.batch_size.max(1))
         {
-            let batch = encode_causal(
-                &self.lm.tokenizer,
-                &self.lm.spec.template,
-                chunk,
-                self.lm.spec.max_len,
-            )?;
+            let batch = self.encode(chunk)?;
             let units = labelled(&batch);
             let loss = graft_model::ops::without_grad(|| self.lm.loss(&batch))?;
             sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * units as f64;
@@ -391,12 +393,7 @@ impl fit::Task for LmTask {
 
     fn batch(&self, rows: &[usize]) -> Result<CausalBatch> {
         let pairs: Vec<PromptResponse> = rows.iter().map(|&i| self.data.train[i].clone()).collect();
-        Ok(encode_causal(
-            &self.lm.tokenizer,
-            &self.lm.spec.template,
-            &pairs,
-            self.lm.spec.max_len,
-        )?)
+        self.encode(&pairs)
     }
 
     fn tokens(&self, batch: &CausalBatch) -> usize {
@@ -497,12 +494,7 @@ impl fit::Task for LmTask {
 
     fn report(&self, state: &fit::LoopState, report: &mut serde_json::Value) {
         report["method"] = json!(self.lm.spec.method);
-        report["trainable_params"] = json!(self
-            .lm
-            .trainable()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>());
+        report["trainable_params"] = json!(fit::value_count(&self.lm.trainable()));
         report["rss_before_model_mb"] = json!(self.memory.rss_before_model);
         report["rss_after_model_mb"] = json!(self.memory.rss_after_model);
         report["peak_rss_building_model_mb"] = json!(self.memory.peak_rss_building);
@@ -684,7 +676,7 @@ fn run_task(
     resume_from: Option<checkpoint::Checkpoint<fit::LoopState>>,
 ) -> Result<LmOutcome> {
     let lm = &task.lm;
-    let trainable: usize = lm.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+    let trainable = fit::value_count(&lm.trainable());
     let t = &task.config.train;
     let mut intro = format!(
         "{} on {} in {}: {trainable} trainable values, {} pairs ({} held out), {} steps of {}",

@@ -334,12 +334,7 @@ impl fit::Task for ClassifierTask {
     }
 
     fn report(&self, _state: &fit::LoopState, report: &mut serde_json::Value) {
-        let head: usize = self
-            .classifier
-            .head_vars()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let head = fit::value_count(&self.classifier.head_vars());
         let base: usize = self
             .classifier
             .model
@@ -347,12 +342,7 @@ impl fit::Task for ClassifierTask {
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
-        let trainable: usize = self
-            .classifier
-            .trainable()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let trainable = fit::value_count(&self.classifier.trainable());
         report["split"] = json!("validation");
         report["method"] = json!(self.classifier.spec.method);
         report["trainable_params"] = json!(trainable);
@@ -378,11 +368,7 @@ fn run_loop(
         val_set,
         total,
     } = plan;
-    let trainable_params: usize = classifier
-        .trainable()
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
+    let trainable_params = fit::value_count(&classifier.trainable());
     let intro = format!(
         "training {}: {} train / {} validation examples, {trainable_params} trainable parameters, {total} steps of {}",
         spec.method,

@@ -8,6 +8,7 @@
 //! block of rows at a time, never whole in f32.
 use crate::decoder::Plan;
 use crate::error::Result;
+use crate::ops::parallel;
 use crate::quant::QuantizedWeight;
 use crate::weights::{Quantizing, Weights};
 use candle_core::{DType, Device, Tensor};
@@ -42,42 +43,28 @@ struct Draw<'a> {
 }
 
 impl Draw<'_> {
-    /// Rows `rows` (whole blocks, or the last) as `T`, the blocks shared out over the cores.
+    /// Rows `rows` (whole blocks, or the last) as `T`, the blocks shared out over the pool's
+    /// threads.
     fn rows<T: Copy + Default + Send>(
         &self,
         rows: std::ops::Range<usize>,
         convert: fn(f32) -> T,
     ) -> Vec<T> {
         let per_block = QuantizedWeight::rows_at_a_time(self.width);
+        let block_values = per_block * self.width;
         let mut values = vec![T::default(); rows.len() * self.width];
-        let blocks: Vec<(usize, &mut [T])> = values
-            .chunks_mut(per_block * self.width)
-            .enumerate()
-            .map(|(i, chunk)| (rows.start / per_block + i, chunk))
-            .collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = blocks.len().div_ceil(threads).max(1);
-        let mut groups: Vec<Vec<(usize, &mut [T])>> = Vec::new();
-        for (i, block) in blocks.into_iter().enumerate() {
-            if i % per_thread == 0 {
-                groups.push(Vec::new());
-            }
-            if let Some(group) = groups.last_mut() {
-                group.push(block);
-            }
-        }
-        std::thread::scope(|scope| {
-            for group in groups {
-                scope.spawn(move || {
-                    for (index, block) in group {
-                        let seed = stream_seed(self.seed, self.name, index);
-                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-                        for v in block.iter_mut() {
-                            let z: f32 = rng.sample(rand_distr::StandardNormal);
-                            *v = convert(z * self.std);
-                        }
-                    }
-                });
+        let total = values.len();
+        let shared = parallel::SharedMut::new(&mut values);
+        parallel::for_ranges(total.div_ceil(block_values), 1, |blocks| {
+            for b in blocks {
+                let seed = stream_seed(self.seed, self.name, rows.start / per_block + b);
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let range = b * block_values..((b + 1) * block_values).min(total);
+                // SAFETY: each block index is handed to one task, and its range lies in `values`.
+                for v in unsafe { shared.slice(range) } {
+                    let z: f32 = rng.sample(rand_distr::StandardNormal);
+                    *v = convert(z * self.std);
+                }
             }
         });
         values
@@ -98,7 +85,7 @@ impl Draw<'_> {
 }
 
 /// Every tensor of `plan`, drawn with `std` from `seed` in `dtype` on `device`, the weights
-/// `quantizing` names quantized as they are made (each drawn in f32 first, one at a time).
+/// `quantizing` names quantized as they are made (a block of rows drawn in f32 at a time).
 /// `source` names the config in errors.
 pub fn weights(
     plan: &Plan,

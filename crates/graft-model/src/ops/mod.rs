@@ -17,7 +17,7 @@ mod float;
 mod linear;
 mod math;
 mod matmul;
-mod parallel;
+pub(crate) mod parallel;
 pub mod reference;
 mod simd;
 mod types;
