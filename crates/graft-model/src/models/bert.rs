@@ -543,7 +543,7 @@ pub struct BertForSequenceClassification {
 }
 
 impl BertForSequenceClassification {
-    /// Loads a model folder (config.json + model.safetensors); the head is initialised like
+    /// Loads a model folder (config.json + its weights, as [`Weights::load_folder`] finds them); the head is initialised like
     /// transformers' (normal(0, 0.02) weights, zero bias) from `seed`.
     pub fn load(
         dir: &Path,
@@ -554,8 +554,7 @@ impl BertForSequenceClassification {
         seed: u64,
     ) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let weights =
-            Weights::load(&dir.join("model.safetensors"), dtype, device)?.with_prefix(PREFIX);
+        let weights = Weights::load_folder(dir, dtype, device, None)?.with_prefix(PREFIX);
         let bert = Bert::load(config, &weights)?;
         let h = bert.config.hidden_size;
         // A checkpoint of a sequence classifier (e.g. written by `graft merge`) carries its head.
