@@ -1,7 +1,7 @@
 //! `graft train-lm` and `graft eval-lm`: causal-LM fine-tuning of a decoder, and scoring it.
 use crate::models::{known_models, model_file, registry, PluginArgs};
 use anyhow::{Context, Result};
-use graft_trainer::lm::CausalLm;
+use graft_trainer::lm::{CausalLm, OpenOptions};
 use graft_trainer::lm_train::{self, LmConfig, LmData, LmOutcome};
 use std::path::Path;
 
@@ -76,9 +76,19 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
             config_path.display()
         );
     }
+    // THUDM's P-tuning v2 output names no base: the config's model is it.
+    let options = if graft_trainer::thudm::is_checkpoint(adapter) {
+        OpenOptions {
+            model: config.model.path.as_deref().map(model_file).transpose()?,
+            tokenizer: config.model.tokenizer.clone(),
+            template: Some(config.template()?),
+            dtype: Some(config.model.dtype),
+        }
+    } else {
+        OpenOptions::default()
+    };
     let device = graft_model::default_device()?;
-    let lm = CausalLm::open(adapter, &registry(plugins)?, &device)
-        .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+    let lm = open_lm(adapter, plugins, &device, &options)?;
     let (eval, mut report) = lm_train::score_held_out(&lm, &data, &config.eval)?;
     let seconds = report["seconds"].as_f64().unwrap_or_default();
     report["peak_rss_mb"] = serde_json::json!(graft_trainer::fit::peak_rss_mb());
@@ -95,4 +105,15 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
         eval.f1
     );
     Ok(())
+}
+
+/// The causal LM of an adapter folder, with `options` in place of what the folder records.
+pub fn open_lm(
+    adapter: &Path,
+    plugins: &PluginArgs,
+    device: &candle_core::Device,
+    options: &OpenOptions,
+) -> Result<CausalLm> {
+    CausalLm::open_with(adapter, &registry(plugins)?, device, options)
+        .with_context(|| format!("loading the adapter in {}", adapter.display()))
 }

@@ -101,6 +101,18 @@ impl LmSpec {
     }
 }
 
+/// What a command gives besides an adapter folder, in place of what the folder records (THUDM's
+/// P-tuning v2 output records none of it and needs `model`).
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The base model (its tokenizer too, unless `tokenizer` is given).
+    pub model: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub template: Option<ChatTemplate>,
+    /// The base's dtype, instead of the one it was trained in.
+    pub dtype: Option<crate::config::Precision>,
+}
+
 pub struct CausalLm {
     pub model: Decoder,
     pub adapter: Box<dyn Adapter>,
@@ -183,20 +195,35 @@ impl CausalLm {
     }
 
     /// A trained model from an adapter folder written by graft (or, for full fine-tuning, a
-    /// model folder).
+    /// model folder), or from THUDM's P-tuning v2 output (with `options.model`).
     pub fn open(dir: &Path, registry: &Registry, device: &Device) -> Result<Self> {
-        Self::open_as(dir, registry, device, None)
+        Self::open_with(dir, registry, device, &OpenOptions::default())
     }
 
-    /// [`CausalLm::open`], the base in `dtype` instead of the one it was trained in.
-    pub fn open_as(
+    /// [`CausalLm::open`], with what `options` gives in place of what the folder records.
+    pub fn open_with(
         dir: &Path,
         registry: &Registry,
         device: &Device,
-        dtype: Option<crate::config::Precision>,
+        options: &OpenOptions,
     ) -> Result<Self> {
-        let mut spec = LmSpec::read(dir)?;
-        if let Some(dtype) = dtype {
+        let thudm = crate::thudm::is_checkpoint(dir);
+        let mut spec = if thudm {
+            crate::thudm::spec(dir, options.model.as_deref())?
+        } else {
+            LmSpec::read(dir)?
+        };
+        if let (false, Some(model)) = (thudm, &options.model) {
+            spec.tokenizer = LmSpec::default_tokenizer(model);
+            spec.model = model.clone();
+        }
+        if let Some(tokenizer) = &options.tokenizer {
+            spec.tokenizer = tokenizer.clone();
+        }
+        if let Some(template) = &options.template {
+            spec.template = template.clone();
+        }
+        if let Some(dtype) = options.dtype {
             spec.dtype = dtype;
         }
         let plugin = registry.get(&spec.method)?;
@@ -212,7 +239,11 @@ impl CausalLm {
                 attached.tokenizer,
             ));
         }
-        let saved = read_saved(dir, method, &spec.method, device)?;
+        let saved = if thudm {
+            crate::thudm::read(dir, device)?
+        } else {
+            read_saved(dir, method, &spec.method, device)?
+        };
         let (model, attached) = load_base(&spec.model, &spec, spec.dtype.dtype(), device)?;
         let adapter = attach_saved(dir, &saved, method, &attached, device)?;
         Ok(Self::assemble(
