@@ -92,6 +92,24 @@ impl LmSpec {
         })
     }
 
+    /// The task of THUDM's P-tuning v2 output `dir` on `base`: its prompt format (`chatglm2`,
+    /// as `ptuning/main.py` builds its inputs), the base's tokenizer and longest sequence.
+    fn of_thudm(dir: &Path, base: Option<&Path>) -> Result<Self> {
+        let (model, max_len) = crate::thudm::base(dir, base)?;
+        Ok(Self {
+            method: crate::thudm::METHOD.into(),
+            tokenizer: Self::default_tokenizer(&model),
+            model,
+            template: ChatTemplate::ChatGlm2,
+            max_len,
+            dtype: Default::default(),
+            quantize: None,
+            prompt: None,
+            pad_to_max_len: false,
+            random_init: None,
+        })
+    }
+
     /// The tokenizer beside a model folder, or beside a GGUF file.
     pub fn default_tokenizer(model: &Path) -> PathBuf {
         match model.parent() {
@@ -209,7 +227,7 @@ impl CausalLm {
     ) -> Result<Self> {
         let thudm = crate::thudm::is_checkpoint(dir);
         let mut spec = if thudm {
-            crate::thudm::spec(dir, options.model.as_deref())?
+            LmSpec::of_thudm(dir, options.model.as_deref())?
         } else {
             LmSpec::read(dir)?
         };

@@ -3,12 +3,10 @@
 //! `transformer.prefix_encoder.embedding.weight`) read as a graft P-tuning v2 adapter. The
 //! method itself reads THUDM's key and `pre_seq_len` (`graft_peft::prompt_learning`); this
 //! finds the files, which name no base model, and checks them against the base given.
-use crate::lm::LmSpec;
 use crate::{Error, Result};
 use candle_core::Device;
 use graft_peft::adapter::{SavedAdapter, CONFIG_FILE as ADAPTER_CONFIG};
 use graft_peft::prompt_learning::THUDM_PREFIX;
-use graft_tokenizer::ChatTemplate;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -45,37 +43,25 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
-/// The task of such a folder on `base` (a ChatGLM model folder): THUDM's prompt format
-/// (`chatglm2`, as `ptuning/main.py` builds its inputs), the base's tokenizer and length.
-pub fn spec(dir: &Path, base: Option<&Path>) -> Result<LmSpec> {
+/// The base model of such a folder, `base` (which the folder does not record), checked to fit
+/// it; with the base's longest sequence.
+pub fn base(dir: &Path, base: Option<&Path>) -> Result<(PathBuf, usize)> {
     let base = base.ok_or_else(|| Error::Adapter {
         path: dir.to_path_buf(),
         reason: "THUDM's P-tuning v2 output does not name its base model: give the ChatGLM \
                  folder it was trained on (--model)"
             .into(),
     })?;
-    check_base(dir, base)?;
-    let (plan, _) = graft_model::load::read_plan(base)?;
-    Ok(LmSpec {
-        method: METHOD.into(),
-        model: base.to_path_buf(),
-        tokenizer: LmSpec::default_tokenizer(base),
-        template: ChatTemplate::ChatGlm2,
-        max_len: plan.spec.max_positions,
-        dtype: Default::default(),
-        quantize: None,
-        prompt: None,
-        pad_to_max_len: false,
-        random_init: None,
-    })
+    let max_positions = check_base(dir, base)?;
+    Ok((base.to_path_buf(), max_positions))
 }
 
 /// The base must be a ChatGLM of the shape the prefix was trained on: the table's width alone
-/// cannot tell layers from groups.
-fn check_base(dir: &Path, base: &Path) -> Result<()> {
+/// cannot tell layers from groups. Returns the base's longest sequence.
+fn check_base(dir: &Path, base: &Path) -> Result<usize> {
     let ours_path = dir.join("config.json");
     let ours = read_json(&ours_path)?;
-    let (_, theirs) = graft_model::load::read_plan(base)?;
+    let (plan, theirs) = graft_model::load::read_plan(base)?;
     let base_config = if base.is_dir() {
         base.join("config.json")
     } else {
@@ -103,7 +89,7 @@ fn check_base(dir: &Path, base: &Path) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(plan.spec.max_positions)
 }
 
 /// The prefix table and `pre_seq_len`, as a saved adapter the P-tuning v2 method loads.
