@@ -538,9 +538,7 @@ fn run(cli: Cli) -> Result<()> {
                 let options = OpenOptions {
                     model,
                     tokenizer,
-                    template: template
-                        .map(|name| chat_template(&name, system))
-                        .transpose()?,
+                    template: template.map(|t| chat_template(&t, system)).transpose()?,
                     dtype: None,
                 };
                 let mut lm = open_lm(&adapter, &plugins, &device, &options)?;

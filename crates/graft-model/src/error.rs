@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors of graft-model: loading weights and configs, and building graphs.
 #[derive(Debug, thiserror::Error)]
@@ -61,3 +61,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// What an I/O error on opening `path` is: the file is missing (it holds `what`), or
+    /// another failure.
+    pub fn opening(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| match source.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile { path, what },
+            _ => Error::Io { path, source },
+        }
+    }
+}

@@ -33,16 +33,7 @@ impl PytorchFile {
             path: path.to_path_buf(),
             reason,
         };
-        let file = File::open(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "model weights",
-            },
-            _ => Error::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+        let file = File::open(path).map_err(Error::opening(path, "model weights"))?;
         let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|e| {
             bad(format!(
                 "not the zip archive torch.save writes since PyTorch 1.6 ({e}); files in the \

@@ -52,16 +52,7 @@ fn default_model_type() -> String {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "model config",
-            },
-            _ => Error::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+        let text = std::fs::read_to_string(path).map_err(Error::opening(path, "model config"))?;
         let config: Self = serde_json::from_str(&text).map_err(|source| Error::Config {
             path: path.to_path_buf(),
             source,
