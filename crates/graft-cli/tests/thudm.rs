@@ -111,6 +111,33 @@ fn graft_logits_with_thudms_ptuning_folder_gives_thudms_logits() {
     }
 }
 
+#[test]
+fn graft_generate_with_thudms_ptuning_folder_continues_as_thudms_model_does() {
+    let scratch = tempfile::tempdir().unwrap();
+    let tokenizer = write_tokenizer(scratch.path());
+    let (fixture, ptuning) = (fixture(), fixture().join("ptuning"));
+    // After THUDM's row 0's first two ids, the prefix turns the most likely next id from 159
+    // into 342 (by 0.24 over the runner-up; expected.json's logits at position 1).
+    let run = graft(&[
+        "generate",
+        "--adapter",
+        ptuning.to_str().unwrap(),
+        "--model",
+        fixture.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--template",
+        "plain",
+        "--prompt",
+        "t419 t187",
+        "--max-new-tokens",
+        "1",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(text.trim(), "t342", "{text}");
+}
+
 /// `graft args` fails, saying each of `needles`.
 fn fails_saying(args: &[&str], needles: &[&str]) {
     let run = graft(args);
