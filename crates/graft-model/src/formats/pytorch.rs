@@ -36,8 +36,8 @@ impl PytorchFile {
         let file = File::open(path).map_err(Error::opening(path, "model weights"))?;
         let mut archive = ZipArchive::new(BufReader::new(file)).map_err(|e| {
             bad(format!(
-                "not the zip archive torch.save writes since PyTorch 1.6 ({e}); files in the \
-                 older format are not read"
+                "not a zip archive as torch.save writes ({e}): cut short, or in the format of \
+                 PyTorch before 1.6, which graft does not read"
             ))
         })?;
         let pickles: Vec<String> = archive
