@@ -350,13 +350,13 @@ impl CausalLm {
 
     /// The loss from the final hidden states of `batch`.
     fn loss_of_hidden(&self, batch: &CausalBatch, hidden: &Tensor) -> Result<Tensor> {
-        let labels = Tensor::from_slice(
+        let (b, t, h) = hidden.dims3()?;
+        let (rows, targets) = labelled_rows(
             &batch.labels,
-            (batch.batch, batch.seq_len),
+            b * t,
+            self.model.spec().vocab_size,
             self.model.device(),
         )?;
-        let (rows, targets) = labelled_rows(&labels, self.model.spec().vocab_size)?;
-        let (b, t, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
         let logits = self.model.lm_head(&picked, self.hooks())?;
         let mut loss = graft_model::loss::cross_entropy(&logits, &targets)?;
