@@ -195,10 +195,40 @@ impl CausalLm {
         device: &Device,
         dtype: Option<crate::config::Precision>,
     ) -> Result<Self> {
+        Self::open_with(dir, registry, device, |spec| {
+            if let Some(dtype) = dtype {
+                spec.dtype = dtype;
+            }
+        })
+    }
+
+    /// [`CausalLm::open`] with the base in f32 and dense (one trained quantized is read
+    /// dequantized), from `model` when given instead of the task's: what merging the adapter
+    /// into weights that are written out needs.
+    pub fn open_dense(
+        dir: &Path,
+        registry: &Registry,
+        device: &Device,
+        model: Option<&Path>,
+    ) -> Result<Self> {
+        Self::open_with(dir, registry, device, |spec| {
+            spec.dtype = crate::config::Precision::F32;
+            spec.quantize = None;
+            if let Some(model) = model {
+                spec.model = model.to_path_buf();
+            }
+        })
+    }
+
+    /// [`CausalLm::open`] with the task file's spec changed by `edit` first.
+    fn open_with(
+        dir: &Path,
+        registry: &Registry,
+        device: &Device,
+        edit: impl FnOnce(&mut LmSpec),
+    ) -> Result<Self> {
         let mut spec = LmSpec::read(dir)?;
-        if let Some(dtype) = dtype {
-            spec.dtype = dtype;
-        }
+        edit(&mut spec);
         let plugin = registry.get(&spec.method)?;
         let method = plugin.method.as_ref();
         if method.saves_full_model() {
