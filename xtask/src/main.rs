@@ -205,7 +205,10 @@ fn spm_reference() -> Result<()> {
 fn llama_cpp_reference() -> Result<()> {
     const PACKAGES: [&str; 2] = ["node-llama-cpp@3.21.1", "@node-llama-cpp/linux-x64@3.21.1"];
     let prefix = root().join("target/llama-cpp-node");
-    if prefix.join("node_modules/@node-llama-cpp/linux-x64").is_dir() {
+    if prefix
+        .join("node_modules/@node-llama-cpp/linux-x64")
+        .is_dir()
+    {
         return Ok(());
     }
     eprintln!(
@@ -215,7 +218,12 @@ fn llama_cpp_reference() -> Result<()> {
     );
     std::fs::create_dir_all(&prefix)?;
     let status = Command::new("npm")
-        .args(["install", "--save-exact", "--omit=optional", "--ignore-scripts"])
+        .args([
+            "install",
+            "--save-exact",
+            "--omit=optional",
+            "--ignore-scripts",
+        ])
         .args(["--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
         .arg(&prefix)
         .args(PACKAGES)

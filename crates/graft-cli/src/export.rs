@@ -37,20 +37,30 @@ pub fn export(args: ExportArgs) -> Result<()> {
         .file_stem()
         .map_or("graft".into(), |s| s.to_string_lossy().into_owned());
     let written = if let Some(adapter) = &args.adapter {
-        let mut lm =
-            CausalLm::open_dense(adapter, &registry(&args.plugins)?, &device, model.as_deref())
-                .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+        let mut lm = CausalLm::open_dense(
+            adapter,
+            &registry(&args.plugins)?,
+            &device,
+            model.as_deref(),
+        )
+        .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
         lm.set_merged(true)
             .with_context(|| format!("merging the adapter in {}", adapter.display()))?;
         let tokenizer = tokenizer_metadata(&lm.spec.model, Some(&lm.spec.tokenizer))?;
         write_llama(&lm.model, lm.hooks(), &tokenizer, &name, args.gguf, out)
     } else {
         let model = model.context("--model or --adapter is required")?;
-        let decoder =
-            graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
-                .with_context(|| format!("loading the model {}", model.display()))?;
+        let decoder = graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
+            .with_context(|| format!("loading the model {}", model.display()))?;
         let tokenizer = tokenizer_metadata(&model, None)?;
-        write_llama(&decoder, &graft_model::NoHooks, &tokenizer, &name, args.gguf, out)
+        write_llama(
+            &decoder,
+            &graft_model::NoHooks,
+            &tokenizer,
+            &name,
+            args.gguf,
+            out,
+        )
     }
     .with_context(|| format!("writing {}", out.display()))?;
     let formats: Vec<String> = written

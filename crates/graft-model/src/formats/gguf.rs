@@ -196,7 +196,11 @@ fn rename(
     block_to: &str,
     pick: fn((&'static str, &'static str)) -> (&'static str, &'static str),
 ) -> Option<String> {
-    if let Some((_, to)) = MODEL_TENSORS.into_iter().map(pick).find(|(from, _)| *from == name) {
+    if let Some((_, to)) = MODEL_TENSORS
+        .into_iter()
+        .map(pick)
+        .find(|(from, _)| *from == name)
+    {
         return Some(to.to_string());
     }
     let rest = name.strip_prefix(block_from)?;

@@ -154,7 +154,11 @@ impl TokenizerMetadata {
             by_id.insert(id, (token.to_string(), kind));
         }
         let count = by_id.len();
-        if by_id.keys().last().is_some_and(|&last| last + 1 != count as u64) {
+        if by_id
+            .keys()
+            .last()
+            .is_some_and(|&last| last + 1 != count as u64)
+        {
             return Err(bad(format!("token ids are not 0..{count}")));
         }
         let index: BTreeMap<&str, usize> = by_id
@@ -191,7 +195,12 @@ impl TokenizerMetadata {
             ("tokenizer.ggml.pre", Value::String("default".into())),
             (
                 "tokenizer.ggml.tokens",
-                Value::Array(by_id.values().map(|(t, _)| Value::String(t.clone())).collect()),
+                Value::Array(
+                    by_id
+                        .values()
+                        .map(|(t, _)| Value::String(t.clone()))
+                        .collect(),
+                ),
             ),
             (
                 "tokenizer.ggml.scores",
@@ -381,7 +390,10 @@ fn llama_metadata(
 ) -> Vec<(String, Value)> {
     let u32_of = |n: usize| Value::U32(n as u32);
     let mut keys = vec![
-        ("general.architecture".to_string(), Value::String("llama".into())),
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(ty.file_type())),
     ];
