@@ -1,9 +1,11 @@
 // Greedy generation in llama.cpp (npm's node-llama-cpp), for tests/gguf_export.rs.
 // Usage: node generate.mjs INSTALL_DIR JOBS_JSON, where INSTALL_DIR holds node_modules/ with
-// node-llama-cpp and JOBS_JSON is [{"model": PATH, "prompt": TEXT, "tokens": N}, ...].
+// node-llama-cpp and JOBS_JSON is [{"model": PATH, "prompt": TEXT, "tokens": N, "through_eog":
+// BOOL}, ...].
 // Prints one JSON line per job: the prompt's and the generated token ids, the generated text,
 // and the metadata llama.cpp read. Special tokens in a prompt are parsed as such (a chat
-// template's markers); generation stops at N tokens or at an end-of-generation token.
+// template's markers); generation stops at N tokens or at an end-of-generation token, unless
+// `through_eog` (then it is yielded and generation goes on).
 import {join} from "node:path";
 import {availableParallelism} from "node:os";
 import {pathToFileURL} from "node:url";
@@ -18,13 +20,16 @@ const threads = Math.min(4, availableParallelism());
 for (const job of JSON.parse(jobsJson)) {
     const model = await llama.loadModel({modelPath: job.model});
     const context = await model.createContext({contextSize: 512, threads});
-    const promptTokens = model.tokenize(job.prompt, true);
+    const md = model.fileInfo.metadata;
+    // tokenize() parses special tokens but adds none: BOS goes first where the file says so,
+    // as llama.cpp's own tokenizer call with add_special does.
+    const bos = md.tokenizer.ggml.add_bos_token ? [md.tokenizer.ggml.bos_token_id] : [];
+    const promptTokens = [...bos, ...model.tokenize(job.prompt, true)];
     const tokens = [];
-    for await (const token of context.getSequence().evaluate(promptTokens, {temperature: 0})) {
+    for await (const token of context.getSequence().evaluate(promptTokens, {temperature: 0, yieldEogToken: Boolean(job.through_eog)})) {
         tokens.push(token);
         if (tokens.length >= job.tokens) break;
     }
-    const md = model.fileInfo.metadata;
     console.log(JSON.stringify({
         model: job.model,
         prompt_tokens: promptTokens,
