@@ -196,7 +196,25 @@ fn stories260k_tells_its_story_in_llama_cpp() {
         prompt,
         dir.path(),
     );
-    let theirs = &llama_cpp(&json!([{"model": out, "prompt": prompt, "tokens": TOKENS}]))[0];
+    // Merges applied in another order than tokenizer.json's would split rarer words otherwise.
+    let hard = "Unbelievably, the grumpy dragon's wobbly kite flew over 7 hills!";
+    let job =
+        |prompt: &str, tokens: usize| json!({"model": out, "prompt": prompt, "tokens": tokens});
+    let theirs = llama_cpp(&json!([job(prompt, TOKENS), job(hard, 1)]));
+    let tokenizer = graft_tokenizer::TextTokenizer::from_file(
+        &root().join("../shared/models/stories260K/tokenizer.json"),
+        512,
+        graft_tokenizer::Padding::Longest,
+    )
+    .unwrap();
+    let ids: Vec<u64> = tokenizer
+        .encode(hard)
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(theirs[1]["prompt_tokens"], json!(ids));
+    let theirs = &theirs[0];
     assert!(
         ours["text"]
             .as_str()
