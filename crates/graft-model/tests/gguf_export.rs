@@ -1,15 +1,17 @@
 //! GGUF export (`formats::gguf_export`): graft reading back its own export gives the model it
 //! wrote, the metadata is llama.cpp's, and what cannot be exported is refused by name.
 //! (llama.cpp running the exports is graft-cli's `tests/gguf_export.rs`.)
+mod common;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{DType, Device, Tensor};
-use graft_model::decoder::{Decoder, DecoderInputs};
+use candle_core::{DType, Device};
+use common::{all_logits, max_abs_diff, shared_model};
+use graft_model::decoder::Decoder;
 use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
 use graft_model::NoHooks;
 use std::path::{Path, PathBuf};
 
 fn stories260k() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/stories260K")
+    shared_model("stories260K")
 }
 
 fn smollm2() -> PathBuf {
@@ -17,25 +19,6 @@ fn smollm2() -> PathBuf {
         .ensure(&mut |m| eprintln!("{m}"))
         .expect("SmolLM2 (run `cargo xtask fetch-model smollm2`)")
         .join(graft_model::zoo::SMOLLM2_GGUF)
-}
-
-/// Logits `[1, t, vocab]` of every position of `ids`.
-fn logits(model: &Decoder, ids: &[u32]) -> Tensor {
-    let inputs = DecoderInputs {
-        input_ids: Tensor::new(ids, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap(),
-        attention_mask: None,
-    };
-    let hidden = model.forward(&inputs, &NoHooks, None).unwrap();
-    model.lm_head(&hidden, &NoHooks).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-        .unwrap()
 }
 
 /// `model` exported in `ty` to `path` with `tokenizer`, then read back by graft in f32.
@@ -64,7 +47,7 @@ fn check_round_trip(model: &Decoder, tokenizer: &TokenizerMetadata, ids: &[u32],
         GgufType::F16,
         &dir.path().join("once.gguf"),
     );
-    let (original, read) = (logits(model, ids), logits(&once, ids));
+    let (original, read) = (all_logits(model, ids), all_logits(&once, ids));
     let diff = max_abs_diff(&original, &read);
     assert!(
         diff <= bound,
@@ -76,7 +59,7 @@ fn check_round_trip(model: &Decoder, tokenizer: &TokenizerMetadata, ids: &[u32],
         GgufType::F16,
         &dir.path().join("twice.gguf"),
     );
-    assert_eq!(max_abs_diff(&read, &logits(&twice, ids)), 0.0);
+    assert_eq!(max_abs_diff(&read, &all_logits(&twice, ids)), 0.0);
     let (a, b) = (
         std::fs::read(dir.path().join("once.gguf")).unwrap(),
         std::fs::read(dir.path().join("twice.gguf")).unwrap(),
@@ -211,8 +194,7 @@ fn what_llama_cpp_would_misread_is_refused() {
         "{e}"
     );
     // A byte-level BPE tokenizer needs a pre-tokenizer name graft cannot derive.
-    let smollm = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/smollm2-135m-instruct/tokenizer.json");
+    let smollm = shared_model("smollm2-135m-instruct").join("tokenizer.json");
     let e = TokenizerMetadata::from_folder(&smollm)
         .unwrap_err()
         .to_string();
