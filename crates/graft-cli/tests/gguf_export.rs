@@ -225,3 +225,48 @@ fn stories260k_tells_its_story_in_llama_cpp() {
     assert_eq!(theirs["text"], ours["text"], "{theirs}");
     assert_eq!(theirs["tokenizer_model"], "llama");
 }
+
+/// An IA3 adapter (scales on keys, values and the down projection's input) is merged into the
+/// export too: llama.cpp and graft reading the export back generate what graft generates with
+/// the adapter, which is not what the base generates.
+#[test]
+fn ia3_on_stories260k_is_merged_into_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ia3.toml");
+    std::fs::write(
+        &config,
+        "[model]\npath = \"../shared/models/stories260K\"\ntemplate = \"plain\"\nmax_len = 128\n\
+         [data]\ntrain = \"data/knowledge.jsonl\"\n\
+         [train]\nseed = 1\nmax_steps = 30\nbatch_size = 1\nlr = 5e-2\nweight_decay = 0.0\n\
+         [method]\nname = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\n\
+         feedforward_modules = [\"down_proj\"]\n",
+    )
+    .unwrap();
+    let adapter = dir.path().join("adapter");
+    let adapter_arg = adapter.to_str().unwrap();
+    let out = graft(&[
+        "train-lm",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        adapter_arg,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gguf = dir.path().join("stories-ia3.gguf");
+    export(&["--adapter", adapter_arg], "f16", &gguf);
+
+    let prompt = "What is the Quillfeather X9?";
+    let stories = "../shared/models/stories260K";
+    let base = graft_generate(&["--model", stories], prompt, dir.path());
+    let ours = graft_generate(&["--adapter", adapter_arg], prompt, dir.path());
+    let tokenizer = format!("{stories}/tokenizer.json");
+    let back = graft_generate(
+        &["--model", gguf.to_str().unwrap(), "--tokenizer", &tokenizer],
+        prompt,
+        dir.path(),
+    );
+    let theirs = &llama_cpp(&json!([{"model": gguf, "prompt": prompt, "tokens": TOKENS}]))[0];
+    assert_ne!(ours["text"], base["text"], "the adapter changes nothing");
+    assert_eq!(back["text"], ours["text"]);
+    assert_eq!(theirs["text"], ours["text"], "{theirs}");
+}
