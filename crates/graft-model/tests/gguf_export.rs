@@ -208,3 +208,45 @@ fn what_llama_cpp_would_misread_is_refused() {
         .to_string()
         .contains("f16, q8_0, q4_k"));
 }
+
+/// Llama 3.1's rope scaling becomes llama.cpp's `rope_freqs` tensor: the factor each rotary
+/// frequency is divided by, 1 for short wavelengths and `factor` for long ones, blended between.
+/// graft's reader refuses such a file rather than run it unscaled.
+#[test]
+fn llama3_rope_scaling_becomes_rope_freqs() {
+    let json = serde_json::json!({
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rope_theta": 500000.0, "tie_word_embeddings": true,
+        "rope_scaling": { "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192 },
+    });
+    let folder = tempfile::tempdir().unwrap();
+    let config: graft_model::models::llama::Config = serde_json::from_value(json.clone()).unwrap();
+    graft_model::models::llama::plan(&config)
+        .unwrap()
+        .write_random(folder.path(), &json, 1)
+        .unwrap();
+    let model = Decoder::open(folder.path(), DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = TokenizerMetadata::from_folder(&stories260k().join("tokenizer.json")).unwrap();
+    let out = folder.path().join("scaled.gguf");
+    write_llama(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap();
+    let content = metadata(&out);
+    let mut file = std::fs::File::open(&out).unwrap();
+    let factors: Vec<f32> = content
+        .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // Head 16 wide: 8 frequencies, wavelengths from 2 pi to about 6e5 positions.
+    assert_eq!(factors.len(), 8);
+    assert_eq!((factors[0], factors[7]), (1.0, 8.0), "{factors:?}");
+    assert!(factors.windows(2).all(|w| w[0] <= w[1]), "{factors:?}");
+    let e = Decoder::open(&out, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("rope_freqs.weight"), "{e}");
+}
