@@ -60,32 +60,38 @@ fn export(args: &[&str], ty: &str, out: &Path) -> String {
     stderr(&result)
 }
 
-#[test]
-fn smollm2_with_lora_runs_in_llama_cpp_as_in_graft() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("lora.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[model]\nname = \"smollm2\"\ntokenizer = \"{SMOLLM2_TOKENIZER}\"\n\
-             template = \"chatml\"\nmax_len = 64\n\
-             [data]\ntrain = \"data/knowledge.jsonl\"\n\
-             [train]\nseed = 1\nmax_steps = 20\nbatch_size = 1\nlr = 1e-2\n\
-             [method]\nname = \"lora\"\nr = 8\nlora_alpha = 16\n\
-             target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n"
-        ),
-    )
-    .unwrap();
-    let adapter = dir.path().join("adapter");
-    let adapter_arg = adapter.to_str().unwrap();
+/// An adapter folder `dir/adapter` trained by `graft train-lm` with the config `toml` (on
+/// data/knowledge.jsonl's one pair).
+fn train_lm(dir: &Path, toml: &str) -> String {
+    let config = dir.join("train.toml");
+    std::fs::write(&config, toml).unwrap();
+    let adapter = dir.join("adapter");
+    let adapter = adapter.to_str().unwrap();
     let out = graft(&[
         "train-lm",
         "--config",
         config.to_str().unwrap(),
         "--out",
-        adapter_arg,
+        adapter,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    adapter.to_string()
+}
+
+#[test]
+fn smollm2_with_lora_runs_in_llama_cpp_as_in_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = train_lm(
+        dir.path(),
+        &format!(
+            "[model]\nname = \"smollm2\"\ntokenizer = \"{SMOLLM2_TOKENIZER}\"\n\
+             template = \"chatml\"\nmax_len = 64\n\
+             [data]\ntrain = \"data/knowledge.jsonl\"\n\
+             [train]\nseed = 1\nmax_steps = 20\nbatch_size = 1\nlr = 1e-2\n\
+             [method]\nname = \"lora\"\nr = 8\nlora_alpha = 16\n\
+             target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n"),
+    );
+    let adapter_arg = adapter.as_str();
 
     let file = |ty: &str| dir.path().join(format!("smollm2-lora-{ty}.gguf"));
     for ty in ["f16", "q8_0", "q4_k"] {
@@ -232,26 +238,15 @@ fn stories260k_tells_its_story_in_llama_cpp() {
 #[test]
 fn ia3_on_stories260k_is_merged_into_the_export() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ia3.toml");
-    std::fs::write(
-        &config,
+    let adapter = train_lm(
+        dir.path(),
         "[model]\npath = \"../shared/models/stories260K\"\ntemplate = \"plain\"\nmax_len = 128\n\
          [data]\ntrain = \"data/knowledge.jsonl\"\n\
          [train]\nseed = 1\nmax_steps = 30\nbatch_size = 1\nlr = 5e-2\nweight_decay = 0.0\n\
          [method]\nname = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\n\
          feedforward_modules = [\"down_proj\"]\n",
-    )
-    .unwrap();
-    let adapter = dir.path().join("adapter");
-    let adapter_arg = adapter.to_str().unwrap();
-    let out = graft(&[
-        "train-lm",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        adapter_arg,
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    );
+    let adapter_arg = adapter.as_str();
     let gguf = dir.path().join("stories-ia3.gguf");
     export(&["--adapter", adapter_arg], "f16", &gguf);
 

@@ -67,6 +67,18 @@ fn check_round_trip(model: &Decoder, tokenizer: &TokenizerMetadata, ids: &[u32],
     assert!(a == b, "the second export differs from the first");
 }
 
+/// A Llama-family model of config.json `json` with random weights, and the folder holding it.
+fn random_llama(json: &serde_json::Value) -> (tempfile::TempDir, Decoder) {
+    let folder = tempfile::tempdir().unwrap();
+    let config: graft_model::models::llama::Config = serde_json::from_value(json.clone()).unwrap();
+    graft_model::models::llama::plan(&config)
+        .unwrap()
+        .write_random(folder.path(), json, 1)
+        .unwrap();
+    let model = Decoder::open(folder.path(), DType::F32, &Device::Cpu).unwrap();
+    (folder, model)
+}
+
 #[test]
 fn smollm2_exports_and_reads_back_to_its_logits() {
     let path = smollm2();
@@ -161,14 +173,7 @@ fn what_llama_cpp_would_misread_is_refused() {
     };
     let tokenizer = TokenizerMetadata::from_folder(&stories260k().join("tokenizer.json")).unwrap();
     let export = |json: serde_json::Value| {
-        let folder = tempfile::tempdir().unwrap();
-        let config: graft_model::models::llama::Config =
-            serde_json::from_value(json.clone()).unwrap();
-        graft_model::models::llama::plan(&config)
-            .unwrap()
-            .write_random(folder.path(), &json, 1)
-            .unwrap();
-        let model = Decoder::open(folder.path(), DType::F32, &Device::Cpu).unwrap();
+        let (_folder, model) = random_llama(&json);
         let out = dir.path().join("out.gguf");
         let e = write_llama(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap_err();
         assert!(!out.exists());
@@ -221,13 +226,7 @@ fn llama3_rope_scaling_becomes_rope_freqs() {
         "rope_scaling": { "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192 },
     });
-    let folder = tempfile::tempdir().unwrap();
-    let config: graft_model::models::llama::Config = serde_json::from_value(json.clone()).unwrap();
-    graft_model::models::llama::plan(&config)
-        .unwrap()
-        .write_random(folder.path(), &json, 1)
-        .unwrap();
-    let model = Decoder::open(folder.path(), DType::F32, &Device::Cpu).unwrap();
+    let (folder, model) = random_llama(&json);
     let tokenizer = TokenizerMetadata::from_folder(&stories260k().join("tokenizer.json")).unwrap();
     let out = folder.path().join("scaled.gguf");
     write_llama(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap();
