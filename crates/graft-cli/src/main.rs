@@ -11,6 +11,7 @@ use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod export;
 mod keywords;
 mod lm;
 mod models;
@@ -115,6 +116,9 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Write a decoder (an adapter merged into it, or the base alone) as a GGUF file that
+    /// llama.cpp and Ollama run: Llama-family models, tokenizer and chat template included.
+    Export(export::ExportArgs),
     /// Score a keyword extractor against gold keywords on the report rows of a CSV (every
     /// fifth row from the first; never trained on): exact-match and partial-match F1.
     KeywordsEval {
@@ -469,6 +473,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing the merged model to {}", out.display()))?;
             eprintln!("merged model written to {}", out.display());
         }
+        Command::Export(args) => export::export(args)?,
         Command::KeywordsEval { args, plugins } => keywords::eval(args, &registry(&plugins)?)?,
         Command::TrainLm {
             config,
@@ -540,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
                     tokenizer,
                     template: template.map(|t| chat_template(&t, system)).transpose()?,
                     dtype: None,
+                    dense: false,
                 };
                 let mut lm = open_lm(&adapter, &plugins, &device, &options)?;
                 if merge {
@@ -623,6 +629,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|name| chat_template(&name, None))
                     .transpose()?,
                 dtype,
+                dense: false,
             };
             let lm = open_lm(&adapter, &plugins, &device, &options)?;
             let logits: Vec<f32> = lm.next_token_logits(&prompt)?.to_vec1()?;
