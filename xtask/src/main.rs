@@ -42,6 +42,13 @@ pub(crate) enum Backend {
     Cuda,
 }
 
+/// Cargo's profile: `Dev` for everything run from the checkout, `Release` for the GPU kit.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Profile {
+    Dev,
+    Release,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Build graft and the method's plugin, then `graft train` (config: the plugin's own,
@@ -101,6 +108,9 @@ enum Task {
     Build {
         #[command(flatten)]
         features: Features,
+        /// The release profile (what `gpu-kit` packs) instead of the dev one.
+        #[arg(long)]
+        release: bool,
     },
     /// List the module cycles of every crate in crates/ (files that name each other's
     /// items); fails if there is one. `cargo xtask test` runs the same check.
@@ -237,10 +247,18 @@ pub(crate) fn plugin_packages() -> Result<Vec<String>> {
 /// The folder of graft, graft-peft and the plugins. The CUDA build has a target dir of its own:
 /// graft-peft is loaded from the binary's folder, so one build must never overwrite the other's.
 pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
-    match backend {
-        Backend::Cpu => target_dir().join("debug"),
-        Backend::Cuda => target_dir().join("cuda").join("debug"),
-    }
+    profile_dir(backend, Profile::Dev)
+}
+
+pub(crate) fn profile_dir(backend: Backend, profile: Profile) -> PathBuf {
+    let target = match backend {
+        Backend::Cpu => target_dir(),
+        Backend::Cuda => target_dir().join("cuda"),
+    };
+    target.join(match profile {
+        Profile::Dev => "debug",
+        Profile::Release => "release",
+    })
 }
 
 /// Builds the whole workspace, always: graft-peft is a shared library that the binary and every
@@ -249,7 +267,11 @@ pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
 /// The CUDA build turns on graft-cli's `cuda`, which reaches graft-peft and every plugin through
 /// feature unification. A CPU build then makes sure graft's copy of OpenBLAS is in its cache.
 pub(crate) fn build(backend: Backend) -> Result<()> {
-    let mut command = build_command(backend);
+    build_profile(backend, Profile::Dev)
+}
+
+pub(crate) fn build_profile(backend: Backend, profile: Profile) -> Result<()> {
+    let mut command = build_command(backend, profile);
     if backend == Backend::Cuda {
         cuda::build_env(&mut command, &cuda::toolkit()?);
     }
@@ -257,7 +279,7 @@ pub(crate) fn build(backend: Backend) -> Result<()> {
     if !status.success() {
         bail!("cargo build failed");
     }
-    if backend == Backend::Cpu {
+    if backend == Backend::Cpu && profile == Profile::Dev {
         fetch_blas();
     }
     Ok(())
@@ -283,9 +305,12 @@ fn fetch_blas() {
 
 /// The `cargo build` of [`build`], without the CUDA toolkit's environment. Never `--quiet`: a
 /// first build takes minutes (the CUDA one many more), and cargo's progress is what shows it.
-fn build_command(backend: Backend) -> Command {
+fn build_command(backend: Backend, profile: Profile) -> Command {
     let mut command = Command::new(cargo());
     command.current_dir(root()).args(["build", "--workspace"]);
+    if profile == Profile::Release {
+        command.arg("--release");
+    }
     if backend == Backend::Cuda {
         command
             .args(["--features", "graft-cli/cuda"])
@@ -368,9 +393,14 @@ fn main() -> Result<()> {
             build(features.backend())?;
             run_graft(features.backend(), &rest)
         }
-        Task::Build { features } => {
-            build(features.backend())?;
-            println!("{}", bin_dir(features.backend()).display());
+        Task::Build { features, release } => {
+            let profile = if release {
+                Profile::Release
+            } else {
+                Profile::Dev
+            };
+            build_profile(features.backend(), profile)?;
+            println!("{}", profile_dir(features.backend(), profile).display());
             Ok(())
         }
         Task::Modules => modules::check(&root()),
@@ -439,7 +469,7 @@ mod tests {
     #[test]
     fn builds_show_cargo_progress() {
         for backend in [Backend::Cpu, Backend::Cuda] {
-            let command = build_command(backend);
+            let command = build_command(backend, Profile::Dev);
             let args: Vec<_> = command.get_args().collect();
             assert!(args.starts_with(&["build".as_ref(), "--workspace".as_ref()]));
             assert!(

@@ -175,13 +175,17 @@ enum Command {
         plugins: PluginArgs,
     },
     /// Write the next-token logits after a prompt (f32, JSON) of an adapter trained by
-    /// train-lm: for comparing devices and dtypes (`cargo xtask gpu-check`).
+    /// train-lm, or of a base model: for comparing devices and dtypes (`cargo xtask gpu-kit`).
     Logits {
-        #[arg(long)]
-        adapter: PathBuf,
+        #[arg(long, required_unless_present = "model")]
+        adapter: Option<PathBuf>,
+        /// A Hugging Face model folder without an adapter (its tokenizer.json, the plain
+        /// template).
+        #[arg(long, conflicts_with = "adapter")]
+        model: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
-        /// The base's dtype (default: the one it was trained in).
+        /// The base's dtype (default: the one it was trained in; f32 for --model).
         #[arg(long)]
         dtype: Option<graft_trainer::config::Precision>,
         /// JSON file to write: {"dtype", "device", "logits"}.
@@ -232,6 +236,21 @@ enum Command {
         random_init: Option<u64>,
         #[command(flatten)]
         plugins: PluginArgs,
+    },
+    /// Write a decoder with random weights, built from a config.json as `train-lm
+    /// --random-init` builds it, as a Hugging Face folder (config.json, model.safetensors):
+    /// one set of weights that graft and another framework can both read.
+    RandomModel {
+        /// The model's config.json (e.g. configs/shapes/llama-3.2-1b.json).
+        #[arg(long)]
+        shape: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "bf16")]
+        dtype: graft_trainer::config::Precision,
+        /// Folder to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Size a decoder and LoRA on it from the config alone (no weights read): parameters,
     /// trainable values, and the memory a training step needs.
@@ -593,22 +612,80 @@ fn run(cli: Cli) -> Result<()> {
         } => lm::eval_lm(&adapter, &config, &out, &plugins)?,
         Command::Logits {
             adapter,
+            model,
             prompt,
             dtype,
             out,
             plugins,
         } => {
             let device = graft_model::default_device()?;
-            let lm = CausalLm::open_as(&adapter, &registry(&plugins)?, &device, dtype)
-                .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
-            let logits: Vec<f32> = lm.next_token_logits(&prompt)?.to_vec1()?;
+            let (logits, dtype) = match (adapter, model) {
+                (Some(adapter), _) => {
+                    let lm = CausalLm::open_as(&adapter, &registry(&plugins)?, &device, dtype)
+                        .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+                    (lm.next_token_logits(&prompt)?, lm.spec.dtype)
+                }
+                (None, Some(model)) => {
+                    let dtype = dtype.unwrap_or_default();
+                    let decoder = graft_model::decoder::Decoder::open(
+                        &model_file(&model)?,
+                        dtype.dtype(),
+                        &device,
+                    )
+                    .with_context(|| format!("loading the model {}", model.display()))?;
+                    let tokenizer = graft_tokenizer::TextTokenizer::from_file(
+                        &LmSpec::default_tokenizer(&model),
+                        decoder.spec().max_positions,
+                        graft_tokenizer::Padding::Longest,
+                    )?;
+                    let logits = graft_trainer::lm::next_token_logits(
+                        &decoder,
+                        &graft_model::NoHooks,
+                        &tokenizer,
+                        &chat_template("plain", None)?,
+                        &prompt,
+                    )?;
+                    (logits, dtype)
+                }
+                (None, None) => bail!("--adapter or --model is required"),
+            };
+            let logits: Vec<f32> = logits.to_vec1()?;
             let report = serde_json::json!({
-                "dtype": lm.spec.dtype.name(),
+                "dtype": dtype.name(),
                 "device": if device.is_cuda() { "cuda" } else { "cpu" },
                 "logits": logits,
             });
             std::fs::write(&out, serde_json::to_string(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
+        }
+        Command::RandomModel {
+            shape,
+            seed,
+            dtype,
+            out,
+        } => {
+            if out.join("model.safetensors").exists() {
+                bail!(
+                    "{} already holds a model; choose another --out",
+                    out.display()
+                );
+            }
+            // Drawn and written on the CPU: the weights go to a file, never through a GPU.
+            let decoder = graft_model::decoder::Decoder::random(
+                &shape,
+                dtype.dtype(),
+                None,
+                &candle_core::Device::Cpu,
+                seed,
+            )
+            .with_context(|| format!("building a random model from {}", shape.display()))?;
+            decoder
+                .save(&out, &graft_model::NoHooks)
+                .with_context(|| format!("writing the model to {}", out.display()))?;
+            eprintln!(
+                "random model (seed {seed}, {dtype}) written to {}",
+                out.display()
+            );
         }
         Command::Inspect {
             model,

@@ -64,6 +64,8 @@ pub enum Error {
     },
     #[error("model fetch failed: {0}")]
     Fetch(String),
+    #[error("GRAFT_DEVICE={given}: this build runs on {known}")]
+    DeviceName { given: String, known: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
