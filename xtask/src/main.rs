@@ -9,6 +9,7 @@ mod cuda;
 mod decoder_reference;
 mod gpu_check;
 mod modules;
+mod ptx;
 mod scaffold;
 
 #[derive(Parser)]
@@ -111,6 +112,13 @@ enum Task {
         /// The release profile (what `gpu-kit` packs) instead of the dev one.
         #[arg(long)]
         release: bool,
+    },
+    /// Check a CUDA build for the oldest driver it needs: every embedded PTX module's ISA
+    /// version at most CUDA 13.0's (driver 580), and only CUDA 13's libraries linked.
+    CheckPtx {
+        /// The folder of graft and its libraries (default: the release CUDA build's).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// List the module cycles of every crate in crates/ (files that name each other's
     /// items); fails if there is one. `cargo xtask test` runs the same check.
@@ -401,6 +409,13 @@ fn main() -> Result<()> {
             };
             build_profile(features.backend(), profile)?;
             println!("{}", profile_dir(features.backend(), profile).display());
+            Ok(())
+        }
+        Task::CheckPtx { dir } => {
+            let dir = dir.unwrap_or_else(|| profile_dir(Backend::Cuda, Profile::Release));
+            for line in ptx::check(&dir)? {
+                println!("{line}");
+            }
             Ok(())
         }
         Task::Modules => modules::check(&root()),

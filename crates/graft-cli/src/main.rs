@@ -135,11 +135,14 @@ enum Command {
         out: Option<PathBuf>,
         /// Continue the run in this folder from its newest checkpoint, with its recorded
         /// config (no other option applies).
-        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "dtype", "checkpointing", "quantize", "random_init"])]
+        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "batch_size", "dtype", "checkpointing", "quantize", "random_init"])]
         resume: Option<PathBuf>,
         /// Overrides train.max_steps.
         #[arg(long)]
         max_steps: Option<usize>,
+        /// Overrides train.batch_size.
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// Overrides model.dtype: f32, bf16 or f16 for the frozen base and the activations
         /// (trainable tensors and the optimizer's state stay f32).
         #[arg(long)]
@@ -482,6 +485,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             max_steps,
+            batch_size,
             dtype,
             checkpointing,
             quantize,
@@ -498,6 +502,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut config = LmConfig::from_file(&config)?;
             if let Some(steps) = max_steps {
                 config.train.max_steps = steps;
+            }
+            if let Some(batch) = batch_size {
+                config.train.batch_size = batch;
             }
             if let Some(dtype) = dtype {
                 config.model.dtype = dtype;
