@@ -7,7 +7,7 @@ use std::process::Command;
 mod bench;
 mod cuda;
 mod decoder_reference;
-mod gpu_check;
+mod gpu_kit;
 mod modules;
 mod ptx;
 mod scaffold;
@@ -71,18 +71,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
-    /// On a machine with an NVIDIA GPU: build for CUDA, train LoRA and P-tuning v2 on
-    /// SmolLM2 in bf16 on the GPU for a few steps, check that the loss falls and that the
-    /// logits match the CPU's f32 ones, and tabulate tokens/s and peak GPU memory.
-    GpuCheck {
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Folder for the runs, gpu-check.json and gpu-check.md (default: runs/bench-<unix seconds>).
+    /// Pack the GPU kit: one folder (at most 60 MiB) whose `run.sh OUT_DIR` checks graft on a
+    /// GPU machine without Rust, nvcc or network (correctness against the CPU, ChatGLM2-6B's
+    /// shape at scale, Llama shapes beside PyTorch + PEFT) and writes report.json and
+    /// report.md. Builds the release CUDA build and checks its PTX first (`check-ptx`).
+    GpuKit {
+        /// The kit's folder (default: target/gpu-kit, or target/gpu-kit-dry-run).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Train on the CPU instead (checks the script where there is no GPU).
+        /// Pack the CPU debug build with tiny shapes instead, and run its run.sh here with no
+        /// cargo, rustc or nvcc on PATH (into the kit's folder name + `.out`).
         #[arg(long)]
-        cpu: bool,
+        dry_run: bool,
     },
     /// Build graft and every plugin, then `graft eval ...`.
     Eval {
@@ -379,10 +379,7 @@ fn main() -> Result<()> {
             args.extend(rest);
             run_graft(backend, &args)
         }
-        Task::GpuCheck { steps, out, cpu } => {
-            let device = if cpu { Backend::Cpu } else { Backend::Cuda };
-            gpu_check::gpu_check(steps, out, device)
-        }
+        Task::GpuKit { out, dry_run } => gpu_kit::gpu_kit(out, dry_run),
         Task::Eval { features, rest } => {
             build(features.backend())?;
             run_graft(
