@@ -217,7 +217,10 @@ fn pack_inputs(kit: &Path, dry_run: bool) -> Result<()> {
         &shared.join("models/smollm2-135m-instruct/tokenizer.json"),
         &kit.join(tokenizer),
     )?;
-    write_stories(&kit.join("data/stories.jsonl"))?;
+    copy(
+        &root().join("data/stories.jsonl"),
+        &kit.join("data/stories.jsonl"),
+    )?;
     write_abstracts(
         &shared.join("data/abstracts/train.csv"),
         &kit.join("data/abstracts.csv"),
@@ -329,29 +332,6 @@ fn story_recipe() -> toml::Table {
         ]),
     );
     recipe
-}
-
-fn write_stories(path: &Path) -> Result<()> {
-    let starts = [
-        "Once upon a time",
-        "Lily liked to",
-        "The sun was",
-        "Tom saw a",
-    ];
-    let ends = [
-        " big dog.",
-        " little cat that ran away.",
-        " red ball.",
-        " tree.",
-    ];
-    let lines: Vec<String> = (0..16)
-        .map(|i| json!({ "prompt": starts[i % 4], "response": ends[i / 4] }).to_string())
-        .collect();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, lines.join("\n") + "\n")
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The first [`ABSTRACT_ROWS`] records of the abstracts CSV.
