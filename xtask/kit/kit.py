@@ -35,6 +35,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 # The GPU run: 8 minutes in all on an H100; rows that would start later are skipped.
 BUDGET_S = 450 if GPU else 1800
 SEQ = 512
+METHODS = ("lora", "p-tuning-v2")
 SCALE_STEPS = 3 if GPU else 2
 SIDE_STEPS = 6 if GPU else 2
 SCALE_BATCHES = [16, 8, 4, 2] if GPU else [2]
@@ -171,6 +172,18 @@ def train_summary(run_dir):
         "tokens_per_s": per_step / median if median else None,
         "peak_rss_mb": summary.get("peak_rss_mb"),
     }
+
+
+def plugins_load():
+    graft("plugins", "plugins")
+    listed = open(os.path.join(OUT, "logs", "plugins.log")).read().splitlines()
+    features = "features cuda;" if GPU else "features cpu;"
+    missing = [m for m in METHODS if not any(line.startswith(m + " ") for line in listed)]
+    matching = sum(features in line for line in listed)
+    problems = [f"not loaded: {', '.join(missing)}"] if missing else []
+    if matching != len(METHODS):
+        problems.append(f"{matching} of {len(METHODS)} plugins report `{features}`")
+    return {"passed": not problems, "error": "; ".join(problems)}
 
 
 # ---- (a) correctness -------------------------------------------------------------------------
@@ -380,7 +393,7 @@ def markdown(report):
         "| row | result | loss, first | loss, last | logits difference | tolerance | note |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in (r for r in report["rows"] if r["section"] == "correctness"):
+    for r in (r for r in report["rows"] if r["section"] in ("environment", "correctness")):
         lines.append(f"| {r['name']} | {status(r)} | {cell(r.get('first_loss'))} | {cell(r.get('last_loss'))} | "
                      f"{cell(r.get('logits_difference'))} | {cell(r.get('tolerance'))} | {r.get('error', '')} |")
     scale = MANIFEST["shapes"]["scale"]["name"]
@@ -422,10 +435,10 @@ def main():
     gpu = nvidia_smi("name", "driver_version", "memory.total")
     if GPU and not gpu:
         log("nvidia-smi answers nothing: the GPU rows will fail")
-    row("environment", "graft plugins load", lambda: {"seconds": graft("plugins", "plugins")[0]})
+    row("environment", "graft loads both plugins with this build's features", plugins_load)
     for dtype in ("f32", "bf16"):
         row("correctness", f"base model logits, {dtype} on the device", base_logits(dtype))
-    for method in ("lora", "p-tuning-v2"):
+    for method in METHODS:
         row("correctness", f"{method}: trains, logits bf16 on the device", trained_adapter(method))
     for checkpointing in (False, True):
         row("scale", f"lora, batch 1{', checkpointing' if checkpointing else ''}", scale_row("lora", 1, checkpointing))
