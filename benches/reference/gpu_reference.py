@@ -2,7 +2,7 @@
 
 Trains LoRA (r 8, alpha 16, q_proj and v_proj, no dropout) in bf16 on the GPU on the model folder
 graft wrote (`graft random-model`: the same random weights), on the data rows graft trained on
-(its train.json's `batches`), encoded as graft encodes them with the plain template: the prompt
+(its train.json's `batch_rows`: indexes of rows in the CSV), encoded as graft encodes them with the plain template: the prompt
 with the tokenizer's special tokens, cut from the start to leave room for the response, the
 response without them, padded on the right to --max-len, the loss on the response only. Writes
 one JSON object: step times, tokens/s of the median step, torch's allocator high-water mark.
@@ -75,7 +75,7 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     model.train()
     losses, step_seconds, tokens = [], [], 0
-    for batch in graft_run["batches"]:
+    for batch in graft_run["batch_rows"]:
         encoded = [encode(tokenizer, rows[i], args.max_len) for i in batch]
         ids, mask, labels = (torch.tensor([e[k] for e in encoded], device=device) for k in range(3))
         torch.cuda.synchronize()
