@@ -59,7 +59,9 @@ def main():
     with open(args.data, newline="") as f:
         rows = list(csv.DictReader(f))
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    device = torch.device("cuda")
+    # The GPU kit's dry run has no GPU: the same steps on the CPU check the script itself.
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     loaded = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(device)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
@@ -72,20 +74,23 @@ def main():
     load_seconds = time.perf_counter() - loaded
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=0.0)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model.train()
     losses, step_seconds, tokens = [], [], 0
     for batch in graft_run["batch_rows"]:
         encoded = [encode(tokenizer, rows[i], args.max_len) for i in batch]
         ids, mask, labels = (torch.tensor([e[k] for e in encoded], device=device) for k in range(3))
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         step_seconds.append(time.perf_counter() - started)
         losses.append(loss.item())
         tokens += ids.numel()
@@ -100,10 +105,10 @@ def main():
         "tokens_per_step": per_step,
         "tokens_per_s": per_step / median,
         "load_seconds": load_seconds,
-        "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-        "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if cuda else None,
         "peak_rss_mb": peak_rss_mb(),
-        "gpu": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "versions": versions(),
     }, open(args.out, "w"), indent=2)
 
