@@ -11,9 +11,11 @@ use std::process::Command;
 pub(crate) const INSTALL: &str =
     "python3 -m pip install --no-deps --target target/cuda-toolkit -r xtask/cuda-toolkit.txt";
 
-/// Kernels are compiled for this compute capability (H100/H200) when CUDA_COMPUTE_CAP is unset
-/// and no GPU answers nvidia-smi, as in CI.
-const DEFAULT_COMPUTE_CAP: &str = "90";
+/// Kernels are compiled for this compute capability when CUDA_COMPUTE_CAP is unset and no GPU
+/// answers nvidia-smi, as in CI. candle embeds its kernels as PTX, which the driver compiles for
+/// the GPU it finds: PTX for sm_80 runs on every GPU from A100 on (L4, L40S, H100, H200), where
+/// 90 (which candle's build turns into sm_90a, arch-specific) runs on H100 and H200 only.
+const DEFAULT_COMPUTE_CAP: &str = "80";
 
 /// Where the toolkit is: CUDA_HOME, else PyPI's wheels under target/cuda-toolkit (prepared on
 /// first use), else an nvcc on PATH (a system install, which the build scripts find themselves).

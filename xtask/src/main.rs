@@ -7,8 +7,9 @@ use std::process::Command;
 mod bench;
 mod cuda;
 mod decoder_reference;
-mod gpu_check;
+mod gpu_kit;
 mod modules;
+mod ptx;
 mod scaffold;
 
 #[derive(Parser)]
@@ -42,6 +43,13 @@ pub(crate) enum Backend {
     Cuda,
 }
 
+/// Cargo's profile: `Dev` for everything run from the checkout, `Release` for the GPU kit.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(crate) enum Profile {
+    Dev,
+    Release,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Build graft and the method's plugin, then `graft train` (config: the plugin's own,
@@ -63,18 +71,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         rest: Vec<String>,
     },
-    /// On a machine with an NVIDIA GPU: build for CUDA, train LoRA and P-tuning v2 on
-    /// SmolLM2 in bf16 on the GPU for a few steps, check that the loss falls and that the
-    /// logits match the CPU's f32 ones, and tabulate tokens/s and peak GPU memory.
-    GpuCheck {
-        #[arg(long, default_value_t = 10)]
-        steps: usize,
-        /// Folder for the runs, gpu-check.json and gpu-check.md (default: runs/bench-<unix seconds>).
+    /// Pack the GPU kit: one folder (at most 60 MiB) whose `run.sh OUT_DIR` checks graft on a
+    /// GPU machine without Rust, nvcc or network (correctness against the CPU, ChatGLM2-6B's
+    /// shape at scale, Llama shapes beside PyTorch + PEFT) and writes report.json and
+    /// report.md. Builds the release CUDA build and checks its PTX first (`check-ptx`).
+    GpuKit {
+        /// The kit's folder (default: target/gpu-kit, or target/gpu-kit-dry-run).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Train on the CPU instead (checks the script where there is no GPU).
+        /// Pack the CPU debug build with tiny shapes instead, and run its run.sh here with no
+        /// cargo, rustc or nvcc on PATH (into the kit's folder name + `.out`).
         #[arg(long)]
-        cpu: bool,
+        dry_run: bool,
     },
     /// Build graft and every plugin, then `graft eval ...`.
     Eval {
@@ -101,6 +109,16 @@ enum Task {
     Build {
         #[command(flatten)]
         features: Features,
+        /// The release profile (what `gpu-kit` packs) instead of the dev one.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Check a CUDA build for the oldest driver it needs: every embedded PTX module's ISA
+    /// version at most CUDA 13.0's (driver 580), and only CUDA 13's libraries linked.
+    CheckPtx {
+        /// The folder of graft and its libraries (default: the release CUDA build's).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// List the module cycles of every crate in crates/ (files that name each other's
     /// items); fails if there is one. `cargo xtask test` runs the same check.
@@ -279,10 +297,18 @@ pub(crate) fn plugin_packages() -> Result<Vec<String>> {
 /// The folder of graft, graft-peft and the plugins. The CUDA build has a target dir of its own:
 /// graft-peft is loaded from the binary's folder, so one build must never overwrite the other's.
 pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
-    match backend {
-        Backend::Cpu => target_dir().join("debug"),
-        Backend::Cuda => target_dir().join("cuda").join("debug"),
-    }
+    profile_dir(backend, Profile::Dev)
+}
+
+pub(crate) fn profile_dir(backend: Backend, profile: Profile) -> PathBuf {
+    let target = match backend {
+        Backend::Cpu => target_dir(),
+        Backend::Cuda => target_dir().join("cuda"),
+    };
+    target.join(match profile {
+        Profile::Dev => "debug",
+        Profile::Release => "release",
+    })
 }
 
 /// Builds the whole workspace, always: graft-peft is a shared library that the binary and every
@@ -291,7 +317,11 @@ pub(crate) fn bin_dir(backend: Backend) -> PathBuf {
 /// The CUDA build turns on graft-cli's `cuda`, which reaches graft-peft and every plugin through
 /// feature unification. A CPU build then makes sure graft's copy of OpenBLAS is in its cache.
 pub(crate) fn build(backend: Backend) -> Result<()> {
-    let mut command = build_command(backend);
+    build_profile(backend, Profile::Dev)
+}
+
+pub(crate) fn build_profile(backend: Backend, profile: Profile) -> Result<()> {
+    let mut command = build_command(backend, profile);
     if backend == Backend::Cuda {
         cuda::build_env(&mut command, &cuda::toolkit()?);
     }
@@ -299,7 +329,7 @@ pub(crate) fn build(backend: Backend) -> Result<()> {
     if !status.success() {
         bail!("cargo build failed");
     }
-    if backend == Backend::Cpu {
+    if backend == Backend::Cpu && profile == Profile::Dev {
         fetch_blas();
     }
     Ok(())
@@ -325,9 +355,12 @@ fn fetch_blas() {
 
 /// The `cargo build` of [`build`], without the CUDA toolkit's environment. Never `--quiet`: a
 /// first build takes minutes (the CUDA one many more), and cargo's progress is what shows it.
-fn build_command(backend: Backend) -> Command {
+fn build_command(backend: Backend, profile: Profile) -> Command {
     let mut command = Command::new(cargo());
     command.current_dir(root()).args(["build", "--workspace"]);
+    if profile == Profile::Release {
+        command.arg("--release");
+    }
     if backend == Backend::Cuda {
         command
             .args(["--features", "graft-cli/cuda"])
@@ -388,10 +421,7 @@ fn main() -> Result<()> {
             args.extend(rest);
             run_graft(backend, &args)
         }
-        Task::GpuCheck { steps, out, cpu } => {
-            let device = if cpu { Backend::Cpu } else { Backend::Cuda };
-            gpu_check::gpu_check(steps, out, device)
-        }
+        Task::GpuKit { out, dry_run } => gpu_kit::gpu_kit(out, dry_run),
         Task::Eval { features, rest } => {
             build(features.backend())?;
             run_graft(
@@ -410,9 +440,21 @@ fn main() -> Result<()> {
             build(features.backend())?;
             run_graft(features.backend(), &rest)
         }
-        Task::Build { features } => {
-            build(features.backend())?;
-            println!("{}", bin_dir(features.backend()).display());
+        Task::Build { features, release } => {
+            let profile = if release {
+                Profile::Release
+            } else {
+                Profile::Dev
+            };
+            build_profile(features.backend(), profile)?;
+            println!("{}", profile_dir(features.backend(), profile).display());
+            Ok(())
+        }
+        Task::CheckPtx { dir } => {
+            let dir = dir.unwrap_or_else(|| profile_dir(Backend::Cuda, Profile::Release));
+            for line in ptx::check(&dir)? {
+                println!("{line}");
+            }
             Ok(())
         }
         Task::Modules => modules::check(&root()),
@@ -482,7 +524,7 @@ mod tests {
     #[test]
     fn builds_show_cargo_progress() {
         for backend in [Backend::Cpu, Backend::Cuda] {
-            let command = build_command(backend);
+            let command = build_command(backend, Profile::Dev);
             let args: Vec<_> = command.get_args().collect();
             assert!(args.starts_with(&["build".as_ref(), "--workspace".as_ref()]));
             assert!(

@@ -139,11 +139,14 @@ enum Command {
         out: Option<PathBuf>,
         /// Continue the run in this folder from its newest checkpoint, with its recorded
         /// config (no other option applies).
-        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "dtype", "checkpointing", "quantize", "random_init"])]
+        #[arg(long, conflicts_with_all = ["config", "out", "max_steps", "batch_size", "dtype", "checkpointing", "quantize", "random_init"])]
         resume: Option<PathBuf>,
         /// Overrides train.max_steps.
         #[arg(long)]
         max_steps: Option<usize>,
+        /// Overrides train.batch_size.
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// Overrides model.dtype: f32, bf16 or f16 for the frozen base and the activations
         /// (trainable tensors and the optimizer's state stay f32).
         #[arg(long)]
@@ -179,24 +182,25 @@ enum Command {
         plugins: PluginArgs,
     },
     /// Write the next-token logits after a prompt (f32, JSON) of an adapter trained by
-    /// train-lm (or THUDM's P-tuning v2 output, with --model): for comparing devices and
-    /// dtypes (`cargo xtask gpu-check`) and implementations.
+    /// train-lm (or THUDM's P-tuning v2 output, with --model), or of a base model alone: for
+    /// comparing devices and dtypes (`cargo xtask gpu-kit`) and implementations.
     Logits {
-        #[arg(long)]
-        adapter: PathBuf,
-        /// The base model (default: the one the adapter records; THUDM's P-tuning v2 output
-        /// records none).
+        #[arg(long, required_unless_present = "model")]
+        adapter: Option<PathBuf>,
+        /// The base model: with --adapter, in place of the one the adapter records (THUDM's
+        /// P-tuning v2 output records none); alone, a model run without an adapter.
         #[arg(long)]
         model: Option<PathBuf>,
         /// tokenizer.json or tokenizer.model (default: the base's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// plain, chatglm2, chatglm3 or chatml (default: the adapter's; chatglm2 for THUDM's).
+        /// plain, chatglm2, chatglm3 or chatml (default: the adapter's; chatglm2 for THUDM's;
+        /// plain for a base model alone).
         #[arg(long)]
         template: Option<String>,
         #[arg(long)]
         prompt: String,
-        /// The base's dtype (default: the one it was trained in).
+        /// The base's dtype (default: the one it was trained in; f32 for --model).
         #[arg(long)]
         dtype: Option<graft_trainer::config::Precision>,
         /// JSON file to write: {"dtype", "device", "logits"}.
@@ -248,6 +252,21 @@ enum Command {
         random_init: Option<u64>,
         #[command(flatten)]
         plugins: PluginArgs,
+    },
+    /// Write a decoder with random weights, built from a config.json as `train-lm
+    /// --random-init` builds it, as a Hugging Face folder (config.json, model.safetensors):
+    /// one set of weights that graft and another framework can both read.
+    RandomModel {
+        /// The model's config.json (e.g. configs/shapes/llama-3.2-1b.json).
+        #[arg(long)]
+        shape: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "bf16")]
+        dtype: graft_trainer::config::Precision,
+        /// Folder to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Size a decoder and LoRA on it from the config alone (no weights read): parameters,
     /// trainable values, and the memory a training step needs.
@@ -480,6 +499,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             max_steps,
+            batch_size,
             dtype,
             checkpointing,
             quantize,
@@ -496,6 +516,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut config = LmConfig::from_file(&config)?;
             if let Some(steps) = max_steps {
                 config.train.max_steps = steps;
+            }
+            if let Some(batch) = batch_size {
+                config.train.batch_size = batch;
             }
             if let Some(dtype) = dtype {
                 config.model.dtype = dtype;
@@ -622,24 +645,86 @@ fn run(cli: Cli) -> Result<()> {
             plugins,
         } => {
             let device = graft_model::default_device()?;
-            let options = OpenOptions {
-                model,
-                tokenizer,
-                template: template
-                    .map(|name| chat_template(&name, None))
-                    .transpose()?,
-                dtype,
-                dense: false,
+            let template = template
+                .map(|name| chat_template(&name, None))
+                .transpose()?;
+            let (logits, dtype) = match adapter {
+                Some(adapter) => {
+                    let options = OpenOptions {
+                        model,
+                        tokenizer,
+                        template,
+                        dtype,
+                        dense: false,
+                    };
+                    let lm = open_lm(&adapter, &plugins, &device, &options)?;
+                    (lm.next_token_logits(&prompt)?, lm.spec.dtype)
+                }
+                None => {
+                    let model = model.context("--adapter or --model is required")?;
+                    let dtype = dtype.unwrap_or_default();
+                    let decoder = graft_model::decoder::Decoder::open(
+                        &model_file(&model)?,
+                        dtype.dtype(),
+                        &device,
+                    )
+                    .with_context(|| format!("loading the model {}", model.display()))?;
+                    let tokenizer = graft_tokenizer::TextTokenizer::from_file(
+                        &tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model)),
+                        decoder.spec().max_positions,
+                        graft_tokenizer::Padding::Longest,
+                    )?;
+                    let template = match template {
+                        Some(template) => template,
+                        None => chat_template("plain", None)?,
+                    };
+                    let logits = graft_trainer::lm::next_token_logits(
+                        &decoder,
+                        &graft_model::NoHooks,
+                        &tokenizer,
+                        &template,
+                        &prompt,
+                    )?;
+                    (logits, dtype)
+                }
             };
-            let lm = open_lm(&adapter, &plugins, &device, &options)?;
-            let logits: Vec<f32> = lm.next_token_logits(&prompt)?.to_vec1()?;
+            let logits: Vec<f32> = logits.to_vec1()?;
             let report = serde_json::json!({
-                "dtype": lm.spec.dtype.name(),
+                "dtype": dtype.name(),
                 "device": if device.is_cuda() { "cuda" } else { "cpu" },
                 "logits": logits,
             });
             std::fs::write(&out, serde_json::to_string(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
+        }
+        Command::RandomModel {
+            shape,
+            seed,
+            dtype,
+            out,
+        } => {
+            if out.join("model.safetensors").exists() {
+                bail!(
+                    "{} already holds a model; choose another --out",
+                    out.display()
+                );
+            }
+            // Drawn and written on the CPU: the weights go to a file, never through a GPU.
+            let decoder = graft_model::decoder::Decoder::random(
+                &shape,
+                dtype.dtype(),
+                None,
+                &candle_core::Device::Cpu,
+                seed,
+            )
+            .with_context(|| format!("building a random model from {}", shape.display()))?;
+            decoder
+                .save(&out, &graft_model::NoHooks)
+                .with_context(|| format!("writing the model to {}", out.display()))?;
+            eprintln!(
+                "random model (seed {seed}, {dtype}) written to {}",
+                out.display()
+            );
         }
         Command::Inspect {
             model,

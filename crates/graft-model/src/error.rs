@@ -60,6 +60,8 @@ pub enum Error {
     Export { path: PathBuf, reason: String },
     #[error("model fetch failed: {0}")]
     Fetch(String),
+    #[error("GRAFT_DEVICE={given}: this build runs on {known}")]
+    DeviceName { given: String, known: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -24,8 +24,26 @@ pub fn init() {
     }
 }
 
-/// The device graft computes on: the first CUDA GPU when built with `--features cuda`.
+/// The device graft computes on: the first CUDA GPU when built with `--features cuda`, unless
+/// `GRAFT_DEVICE=cpu` asks for the CPU (a CUDA build's reference side on the GPU machine itself:
+/// the GPU kit compares the GPU's logits with the CPU's there).
 pub fn default_device() -> crate::error::Result<candle_core::Device> {
+    match std::env::var("GRAFT_DEVICE").ok().as_deref() {
+        None | Some("") => build_device(),
+        Some("cpu") => Ok(candle_core::Device::Cpu),
+        Some("cuda") if cfg!(feature = "cuda") => build_device(),
+        Some(other) => Err(crate::error::Error::DeviceName {
+            given: other.to_string(),
+            known: if cfg!(feature = "cuda") {
+                "`cpu` or `cuda`"
+            } else {
+                "`cpu` only"
+            },
+        }),
+    }
+}
+
+fn build_device() -> crate::error::Result<candle_core::Device> {
     #[cfg(feature = "cuda")]
     {
         Ok(candle_core::Device::new_cuda(0)?)

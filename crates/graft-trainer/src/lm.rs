@@ -322,18 +322,13 @@ impl CausalLm {
 
     /// Next-token logits `[vocab]` (f32) after `prompt` rendered with the task's template.
     pub fn next_token_logits(&self, prompt: &str) -> Result<Tensor> {
-        let ids = encode_prompt(&self.tokenizer, &self.spec.template, prompt)?;
-        let n = ids.len();
-        let inputs = DecoderInputs {
-            input_ids: Tensor::from_vec(ids, (1, n), self.model.device())?,
-            attention_mask: None,
-        };
-        let logits = graft_model::ops::without_grad(|| {
-            let hidden = self.model.forward(&inputs, self.hooks(), None)?;
-            self.model
-                .lm_head(&hidden.narrow(1, n - 1, 1)?, self.hooks())
-        })?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+        next_token_logits(
+            &self.model,
+            self.hooks(),
+            &self.tokenizer,
+            &self.spec.template,
+            prompt,
+        )
     }
 
     /// Logits `[batch, seq, vocab]` of every position of a batch.
@@ -542,6 +537,27 @@ pub struct Answer {
     pub prompt_tokens: usize,
     /// The tokens generated, the stop token included.
     pub new_tokens: usize,
+}
+
+/// The next-token logits (f32) of `model` with `hooks` after `prompt` rendered with `template`.
+pub fn next_token_logits(
+    model: &Decoder,
+    hooks: &dyn graft_model::Hooks,
+    tokenizer: &TextTokenizer,
+    template: &ChatTemplate,
+    prompt: &str,
+) -> Result<Tensor> {
+    let ids = encode_prompt(tokenizer, template, prompt)?;
+    let n = ids.len();
+    let inputs = DecoderInputs {
+        input_ids: Tensor::from_vec(ids, (1, n), model.device())?,
+        attention_mask: None,
+    };
+    let logits = graft_model::ops::without_grad(|| {
+        let hidden = model.forward(&inputs, hooks, None)?;
+        model.lm_head(&hidden.narrow(1, n - 1, 1)?, hooks)
+    })?;
+    Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
 }
 
 /// The answer of `model` (with `hooks`) to `prompt` rendered with `template`, up to

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU kit's one command: ./run.sh OUT_DIR. Needs python3 and, on a GPU machine, the NVIDIA
+# driver and CUDA 13's libraries (PyTorch's cu130 wheels, nvidia/*/lib, or a toolkit's lib64).
+# Calls no cargo, rustc, nvcc, pip or network. Writes OUT_DIR/report.json, report.md, run.log.
+set -uo pipefail
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUT_DIR" >&2
+  exit 2
+fi
+kit=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$1" || exit 1
+out=$(cd "$1" && pwd)
+log="$out/run.log"
+: >"$log"
+say() { echo "$*" | tee -a "$log" >&2; }
+
+command -v python3 >/dev/null || { say "run.sh: step 'python3': not found"; exit 1; }
+for tool in cargo rustc nvcc; do
+  if command -v "$tool" >/dev/null; then
+    say "note: $tool is on PATH ($(command -v "$tool")); the kit never calls it"
+  fi
+done
+
+# The large libraries travel xz-compressed: unpack once, beside the binary.
+for packed in "$kit"/bin/*.xz; do
+  [ -e "$packed" ] || continue
+  lib=${packed%.xz}
+  [ -e "$lib" ] && continue
+  say "unpacking $(basename "$packed")"
+  python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)' "$packed" "$lib" \
+    && mv "$lib.part" "$lib" \
+    || { say "run.sh: step 'unpack $(basename "$packed")' failed"; exit 1; }
+done
+
+# CUDA 13's libraries: from the Python packages' nvidia/*/lib folders (PyTorch's cu130 wheels),
+# else a toolkit's lib64. The driver's libcuda.so.1 is the system's.
+cuda_libs=$(python3 - <<'EOF'
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()]
+dirs = [d for r in roots for d in sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib")))]
+home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+dirs += [d for d in (os.path.join(home, "lib64"),) if os.path.isdir(d)]
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="$kit/bin${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "library path: $LD_LIBRARY_PATH"
+
+cd "$kit" && python3 "$kit/kit.py" "$out" 2>&1 | tee -a "$log"
+exit "${PIPESTATUS[0]}"
