@@ -1,6 +1,7 @@
 //! `graft train-lm` and `graft eval-lm`: causal-LM fine-tuning of a decoder, and scoring it.
-use crate::models::{known_models, model_file, registry, PluginArgs};
+use crate::models::{model_file, registry, resolve_model, PluginArgs};
 use anyhow::{Context, Result};
+use graft_model::hub::Files;
 use graft_trainer::lm::CausalLm;
 use graft_trainer::lm_train::{self, LmConfig, LmData, LmOutcome};
 use std::path::Path;
@@ -19,17 +20,11 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
     registry.get(config.method_name()?)?;
     let model = match &config.model.path {
         Some(shape) if config.model.random_init => shape.clone(),
-        Some(path) => model_file(path)?,
-        None => {
-            let known = graft_model::zoo::find_known(&config.model.name).with_context(|| {
-                format!(
-                    "model.name `{}` is not a model graft can fetch (known: {}); set model.path",
-                    config.model.name,
-                    known_models()
-                )
-            })?;
-            model_file(&known.ensure(&mut |m| eprintln!("{m}"))?)?
-        }
+        Some(path) => model_file(&resolve_model(path, Files::Model)?)?,
+        None => model_file(&resolve_model(
+            Path::new(&config.model.name),
+            Files::Model,
+        )?)?,
     };
     let mut resolved = lm_train::resolved(&config, &model)?;
     if config.model.random_init {

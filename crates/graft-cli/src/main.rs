@@ -16,8 +16,9 @@ mod lm;
 mod models;
 
 use lm::{chat_template, resume_lm, train_lm};
+use graft_model::hub::Files;
 use models::{
-    default_data, known_models, model_dir, model_file, registry, registry_with, PluginArgs,
+    default_data, model_dir, model_file, registry, registry_with, resolve_model, PluginArgs,
 };
 
 #[derive(Parser)]
@@ -41,7 +42,8 @@ enum Command {
         /// TOML config (see configs/).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Model folder (config.json, model.safetensors, tokenizer.json).
+        /// Model folder (config.json, model.safetensors, tokenizer.json), alias (minilm) or
+        /// hub id (owner/name[@revision]; a local path of that name wins).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Labelled CSV (uuid,title,author,abstract,Keywords,label).
@@ -71,7 +73,8 @@ enum Command {
         /// An adapter folder written by graft, or by Hugging Face PEFT (then give --model).
         #[arg(long)]
         adapter: PathBuf,
-        /// The base model folder (default: the one the adapter's graft_task.json names).
+        /// The base model: a folder, alias or hub id (default: the folder the adapter's
+        /// graft_task.json names).
         #[arg(long)]
         model: Option<PathBuf>,
         #[arg(long)]
@@ -87,7 +90,8 @@ enum Command {
         /// An adapter folder written by graft, or by Hugging Face PEFT (then give --model).
         #[arg(long)]
         adapter: PathBuf,
-        /// The base model folder (default: the one the adapter's graft_task.json names).
+        /// The base model: a folder, alias or hub id (default: the folder the adapter's
+        /// graft_task.json names).
         #[arg(long)]
         model: Option<PathBuf>,
         #[arg(long)]
@@ -192,7 +196,8 @@ enum Command {
     },
     /// Generate text with a decoder, with or without an adapter.
     Generate {
-        /// A Hugging Face folder or a .gguf file (with --adapter: the adapter's base model).
+        /// A Hugging Face folder, a .gguf file, an alias or a hub id (owner/name[@revision])
+        /// (with --adapter: the adapter's base model).
         #[arg(long, required_unless_present = "adapter")]
         model: Option<PathBuf>,
         /// An adapter folder written by `graft train-lm`.
@@ -236,7 +241,8 @@ enum Command {
     /// Size a decoder and LoRA on it from the config alone (no weights read): parameters,
     /// trainable values, and the memory a training step needs.
     Inspect {
-        /// A model folder, its config.json, or a .gguf file.
+        /// A model folder, its config.json, a .gguf file, an alias or a hub id (only its
+        /// config.json is fetched).
         model: PathBuf,
         /// LoRA rank.
         #[arg(long, default_value_t = 8)]
@@ -273,8 +279,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Put a known model (minilm, smollm2) in graft's cache and print its folder.
-    FetchModel { name: String },
+    /// Fetch a model, a known one (minilm, smollm2) into graft's cache or a hub id
+    /// (owner/name[@revision]) into the Hugging Face cache, and print its folder.
+    FetchModel { name: PathBuf },
     /// Put graft's own copy of OpenBLAS in its cache (PyPI's scipy-openblas32, pinned by
     /// version and hash) and print its path and what the products will run on.
     FetchBlas,
@@ -538,7 +545,7 @@ fn run(cli: Cli) -> Result<()> {
                 let model = model.context("--model or --adapter is required")?;
                 let model = match random_init {
                     Some(_) => model,
-                    None => model_file(&model)?,
+                    None => model_file(&resolve_model(&model, Files::Model)?)?,
                 };
                 let tokenizer = tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model));
                 let f32 = candle_core::DType::F32;
@@ -640,7 +647,8 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 prefix: prefix.unwrap_or(0),
             };
-            let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
+            let path = resolve_model(&model, Files::Config)?;
+            let report = graft_trainer::inspect::inspect(&path, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -695,9 +703,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::FetchModel { name } => {
-            let known = graft_model::zoo::find_known(&name)
-                .with_context(|| format!("unknown model `{name}` (known: {})", known_models()))?;
-            println!("{}", known.ensure(&mut |m| eprintln!("{m}"))?.display());
+            println!("{}", resolve_model(&name, Files::Model)?.display());
         }
         Command::FetchBlas => {
             let path = graft_model::ops::fetch_blas()?;
@@ -762,8 +768,11 @@ fn report_outcome(outcome: &train::Outcome) {
 
 fn open(adapter: &Path, model: Option<&Path>, registry: &Registry) -> Result<Classifier> {
     let device = graft_model::default_device()?;
+    let model = model
+        .map(|spec| resolve_model(spec, Files::Model))
+        .transpose()?;
     let context = || format!("loading the adapter in {}", adapter.display());
-    let spec = TaskSpec::locate(adapter, model, registry).with_context(context)?;
+    let spec = TaskSpec::locate(adapter, model.as_deref(), registry).with_context(context)?;
     Classifier::open_with_spec(adapter, spec, registry, &device).with_context(context)
 }
 
