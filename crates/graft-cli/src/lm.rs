@@ -21,10 +21,7 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
     let model = match &config.model.path {
         Some(shape) if config.model.random_init => shape.clone(),
         Some(path) => model_file(&resolve_model(path, Files::Model)?)?,
-        None => model_file(&resolve_model(
-            Path::new(&config.model.name),
-            Files::Model,
-        )?)?,
+        None => model_file(&resolve_model(Path::new(&config.model.name), Files::Model)?)?,
     };
     let mut resolved = lm_train::resolved(&config, &model)?;
     if config.model.random_init {

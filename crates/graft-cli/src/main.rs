@@ -15,8 +15,8 @@ mod keywords;
 mod lm;
 mod models;
 
-use lm::{chat_template, resume_lm, train_lm};
 use graft_model::hub::Files;
+use lm::{chat_template, resume_lm, train_lm};
 use models::{
     default_data, model_dir, model_file, registry, registry_with, resolve_model, PluginArgs,
 };

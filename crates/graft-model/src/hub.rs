@@ -216,7 +216,11 @@ impl Hub {
                         id,
                         format!(
                             "holds no weights graft reads (one of {})",
-                            WEIGHTS.iter().map(|w| w.file()).collect::<Vec<_>>().join(", ")
+                            WEIGHTS
+                                .iter()
+                                .map(|w| w.file())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     )
                 })?)
@@ -242,7 +246,9 @@ impl Hub {
                 if let Some(missing) = shards.iter().find(|s| !listed.contains(s.as_str())) {
                     return Err(self.error(
                         id,
-                        format!("{index} names the shard {missing}, which the repository does not hold"),
+                        format!(
+                            "{index} names the shard {missing}, which the repository does not hold"
+                        ),
                     ));
                 }
                 for shard in &shards {
@@ -363,7 +369,10 @@ fn shards(index: &Path) -> Result<Vec<String>> {
         .ok_or_else(|| invalid("no `weight_map` object"))?;
     let names = map
         .values()
-        .map(|v| v.as_str().ok_or_else(|| invalid("a `weight_map` value is not a file name")))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| invalid("a `weight_map` value is not a file name"))
+        })
         .collect::<Result<BTreeSet<&str>>>()?;
     if names.is_empty() {
         return Err(invalid("`weight_map` names no shard file"));
