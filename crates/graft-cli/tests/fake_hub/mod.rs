@@ -124,11 +124,9 @@ impl FakeHub {
             log: log.clone(),
         };
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if let Ok(stream) = stream {
-                    // A client that hung up is its own business.
-                    let _ = state.serve(stream);
-                }
+            for stream in listener.incoming().flatten() {
+                // A client that hung up is its own business.
+                let _ = state.serve(stream);
             }
         });
         FakeHub { url, log }
