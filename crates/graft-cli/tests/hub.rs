@@ -289,7 +289,7 @@ fn only_what_the_model_needs_is_fetched_sharded_or_pickled() {
     assert!(
         error
             .to_string()
-            .contains("model-00002-of-00002.safetensors"),
+            .contains("names the shard model-00002-of-00002.safetensors, which the repository"),
         "{error}"
     );
 }
