@@ -218,36 +218,48 @@ fn only_what_the_model_needs_is_fetched_sharded_or_pickled() {
         )
         .into_bytes()
     };
-    let file = |name: &str, lfs: bool| RepoFile::new(name, name.as_bytes().to_vec(), lfs);
-    let config = || RepoFile::new("config.json", b"{}".to_vec(), false);
-    let sharded = FakeRepo::new(
+    // Placeholder bytes; an index names the two shards of its weights' extension.
+    let repo = |id: &str, files: &[&str]| {
+        let file = |name: &&str| {
+            let bytes = match name.strip_suffix(".index.json") {
+                Some(weights) => index(weights.rsplit('.').next().unwrap()),
+                None => name.as_bytes().to_vec(),
+            };
+            let lfs = [".safetensors", ".bin", ".msgpack"]
+                .iter()
+                .any(|x| name.ends_with(x));
+            RepoFile::new(name, bytes, lfs)
+        };
+        FakeRepo::new(id, files.iter().map(file).collect())
+    };
+    let sharded = repo(
         "graft-test/sharded",
-        vec![
-            config(),
-            file("tokenizer.json", false),
-            RepoFile::new("model.safetensors.index.json", index("safetensors"), false),
-            file("model-00001-of-00002.safetensors", true),
-            file("model-00002-of-00002.safetensors", true),
-            file("pytorch_model.bin", true),
-            file("README.md", false),
+        &[
+            "config.json",
+            "tokenizer.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "pytorch_model.bin",
+            "README.md",
         ],
     );
-    let pickled = FakeRepo::new(
+    let pickled = repo(
         "graft-test/pickled",
-        vec![
-            config(),
-            RepoFile::new("pytorch_model.bin.index.json", index("bin"), false),
-            file("model-00001-of-00002.bin", true),
-            file("model-00002-of-00002.bin", true),
-            file("flax_model.msgpack", true),
+        &[
+            "config.json",
+            "pytorch_model.bin.index.json",
+            "model-00001-of-00002.bin",
+            "model-00002-of-00002.bin",
+            "flax_model.msgpack",
         ],
     );
-    let broken = FakeRepo::new(
+    let broken = repo(
         "graft-test/broken",
-        vec![
-            config(),
-            RepoFile::new("model.safetensors.index.json", index("safetensors"), false),
-            file("model-00001-of-00002.safetensors", true),
+        &[
+            "config.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
         ],
     );
     let server = FakeHub::start(vec![sharded, pickled, broken]);
