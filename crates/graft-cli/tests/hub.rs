@@ -334,22 +334,39 @@ fn hub_ids_are_told_apart_from_paths() {
     }
 }
 
-/// `graft` with the fake hub's endpoint and a Hugging Face home of its own.
-fn graft_with_hub(args: &[&str], server: &FakeHub, home: &Path) -> std::process::Output {
-    let mut command = common::command(args);
+/// `graft` run in `dir` with the fake hub's endpoint, a Hugging Face home of its own and
+/// `env` (no plugins: nothing here trains).
+fn graft_with_hub(
+    args: &[&str],
+    dir: &Path,
+    server: &FakeHub,
+    home: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_graft"));
     command
+        .args(args)
+        .current_dir(dir)
         .env("HF_ENDPOINT", &server.url)
         .env("HF_HOME", home)
         .env_remove("HF_HUB_CACHE")
         .env_remove("HF_TOKEN")
-        .env_remove("HF_HUB_OFFLINE");
+        .env_remove("HF_HUB_OFFLINE")
+        .envs(env.iter().copied());
     command.output().unwrap()
 }
 
 #[test]
-fn graft_generate_takes_a_hub_id_for_its_model() {
-    let server = FakeHub::start(vec![stories()]);
+fn graft_takes_a_hub_id_for_its_model() {
+    let mut gated = stories();
+    gated.id = "graft-test/gated".into();
+    gated.gated_token = Some("hf_granted".into());
+    let server = FakeHub::start(vec![stories(), gated]);
     let home = tempfile::tempdir().unwrap();
+    let root = testkit::workspace_root();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        graft_with_hub(args, &root, &server, home.path(), env)
+    };
     let generate = [
         "generate",
         "--model",
@@ -361,7 +378,7 @@ fn graft_generate_takes_a_hub_id_for_its_model() {
     ];
     let story = ", there was a little girl named Lily.";
 
-    let out = graft_with_hub(&generate, &server, home.path());
+    let out = run(&generate, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert!(stdout.starts_with(story), "{stdout}");
@@ -371,8 +388,9 @@ fn graft_generate_takes_a_hub_id_for_its_model() {
         .is_dir());
 
     server.clear();
-    let out = graft_with_hub(&generate, &server, home.path());
+    let out = run(&generate, &[("HF_HUB_OFFLINE", "1")]);
     assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(story));
     assert!(server.requests().is_empty(), "{:?}", server.requests());
 
     // A local folder of the same name wins over the hub.
@@ -384,24 +402,38 @@ fn graft_generate_takes_a_hub_id_for_its_model() {
     )
     .unwrap();
     let empty_home = tempfile::tempdir().unwrap();
-    let mut local = common::command(&generate);
-    local
-        .current_dir(here.path())
-        .env("HF_ENDPOINT", &server.url)
-        .env("HF_HOME", empty_home.path());
-    let out = local.output().unwrap();
+    let out = graft_with_hub(&generate, here.path(), &server, empty_home.path(), &[]);
     assert!(out.status.success(), "{}", common::stderr(&out));
     assert!(server.requests().is_empty(), "{:?}", server.requests());
 
-    let out = graft_with_hub(
+    let out = run(
         &["generate", "--model", "nobody/nothing", "--prompt", "x"],
-        &server,
-        home.path(),
+        &[],
     );
     let stderr = common::stderr(&out);
     assert!(!out.status.success());
     assert!(
         stderr.contains("nobody/nothing: no such model repository"),
         "{stderr}"
+    );
+
+    // inspect fetches config.json alone; HF_TOKEN opens a gated repository.
+    let inspect = ["inspect", "graft-test/gated"];
+    let out = run(&inspect, &[]);
+    let stderr = common::stderr(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains("set HF_TOKEN"), "{stderr}");
+    server.clear();
+    let out = run(&inspect, &[("HF_TOKEN", "hf_granted")]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vocab 512"));
+    let files: Vec<String> = server
+        .paths()
+        .into_iter()
+        .filter(|p| p.contains("/resolve/"))
+        .collect();
+    assert!(
+        files.iter().all(|p| p.ends_with("/config.json")),
+        "{files:?}"
     );
 }

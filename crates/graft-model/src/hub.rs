@@ -37,6 +37,9 @@ const WEIGHTS: &[Weights] = &[
 
 const CONFIG: &str = "config.json";
 
+/// The hub, unless `HF_ENDPOINT` names another (a mirror).
+pub const ENDPOINT: &str = "https://huggingface.co";
+
 /// How often hf-hub retries a file whose download broke off; each retry asks a `Range` from
 /// the bytes already written.
 const RETRIES: usize = 3;
@@ -113,7 +116,7 @@ impl std::fmt::Display for HubId {
 /// Where and how to reach the hub.
 #[derive(Debug, Clone)]
 pub struct Hub {
-    /// `https://huggingface.co`, or `HF_ENDPOINT`.
+    /// [`ENDPOINT`], or `HF_ENDPOINT`.
     pub endpoint: String,
     /// The hub cache (`models--owner--name/{blobs,refs,snapshots}`).
     pub cache: PathBuf,
@@ -134,7 +137,7 @@ impl Hub {
         });
         Hub {
             endpoint: var("HF_ENDPOINT")
-                .unwrap_or_else(|| "https://huggingface.co".into())
+                .unwrap_or_else(|| ENDPOINT.into())
                 .trim_end_matches('/')
                 .to_string(),
             cache: cache_dir(),
