@@ -287,6 +287,18 @@ fn only_what_the_model_needs_is_fetched_sharded_or_pickled() {
             "model-00002-of-00002.safetensors"
         ])
     );
+    // A snapshot lacking a shard (an interrupted fetch) is no cache hit; fetching again
+    // requests only that shard.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    assert_eq!(hub.cached(&id("graft-test/sharded"), Files::Model), None);
+    server.clear();
+    fetch(&hub, "graft-test/sharded", Files::Model).unwrap();
+    let files: BTreeSet<String> = server
+        .paths()
+        .into_iter()
+        .filter_map(|p| Some(p.split_once("/resolve/main/")?.1.to_string()))
+        .collect();
+    assert_eq!(files, set(&["model-00002-of-00002.safetensors"]));
     let dir = fetch(&hub, "graft-test/pickled", Files::Model).unwrap();
     assert_eq!(
         names(&dir),
