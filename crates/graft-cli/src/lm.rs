@@ -2,7 +2,7 @@
 use crate::models::{model_file, registry, resolve_model, PluginArgs};
 use anyhow::{Context, Result};
 use graft_model::hub::Files;
-use graft_trainer::lm::CausalLm;
+use graft_trainer::lm::{CausalLm, OpenOptions};
 use graft_trainer::lm_train::{self, LmConfig, LmData, LmOutcome};
 use std::path::Path;
 
@@ -68,9 +68,19 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
             config_path.display()
         );
     }
+    // THUDM's P-tuning v2 output names no base: the config's model is it.
+    let options = if graft_trainer::thudm::is_checkpoint(adapter) {
+        OpenOptions {
+            model: config.model.path.clone(),
+            tokenizer: config.model.tokenizer.clone(),
+            template: Some(config.template()?),
+            dtype: Some(config.model.dtype),
+        }
+    } else {
+        OpenOptions::default()
+    };
     let device = graft_model::default_device()?;
-    let lm = CausalLm::open(adapter, &registry(plugins)?, &device)
-        .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+    let lm = open_lm(adapter, plugins, &device, &options)?;
     let (eval, mut report) = lm_train::score_held_out(&lm, &data, &config.eval)?;
     let seconds = report["seconds"].as_f64().unwrap_or_default();
     report["peak_rss_mb"] = serde_json::json!(graft_trainer::fit::peak_rss_mb());
@@ -87,4 +97,21 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
         eval.f1
     );
     Ok(())
+}
+
+/// The causal LM of an adapter folder, with `options` in place of what the folder records.
+pub fn open_lm(
+    adapter: &Path,
+    plugins: &PluginArgs,
+    device: &candle_core::Device,
+    options: &OpenOptions,
+) -> Result<CausalLm> {
+    let options = OpenOptions {
+        model: (options.model.as_deref())
+            .map(|spec| model_file(&resolve_model(spec, Files::Model)?))
+            .transpose()?,
+        ..options.clone()
+    };
+    CausalLm::open_with(adapter, &registry(plugins)?, device, &options)
+        .with_context(|| format!("loading the adapter in {}", adapter.display()))
 }

@@ -3,7 +3,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::data::Dataset;
-use graft_trainer::lm::{generate_text, CausalLm, LmSpec};
+use graft_trainer::lm::{generate_text, LmSpec, OpenOptions};
 use graft_trainer::lm_train::LmConfig;
 use graft_trainer::task::{Classifier, TaskSpec};
 use graft_trainer::train::{self, Examples};
@@ -16,7 +16,7 @@ mod lm;
 mod models;
 
 use graft_model::hub::Files;
-use lm::{chat_template, resume_lm, train_lm};
+use lm::{chat_template, open_lm, resume_lm, train_lm};
 use models::{
     default_data, model_dir, model_file, registry, registry_with, resolve_model, PluginArgs,
 };
@@ -179,10 +179,21 @@ enum Command {
         plugins: PluginArgs,
     },
     /// Write the next-token logits after a prompt (f32, JSON) of an adapter trained by
-    /// train-lm: for comparing devices and dtypes (`cargo xtask gpu-check`).
+    /// train-lm (or THUDM's P-tuning v2 output, with --model): for comparing devices and
+    /// dtypes (`cargo xtask gpu-check`) and implementations.
     Logits {
         #[arg(long)]
         adapter: PathBuf,
+        /// The base model (default: the one the adapter records; THUDM's P-tuning v2 output
+        /// records none).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// tokenizer.json or tokenizer.model (default: the base's).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// plain, chatglm2, chatglm3 or chatml (default: the adapter's; chatglm2 for THUDM's).
+        #[arg(long)]
+        template: Option<String>,
         #[arg(long)]
         prompt: String,
         /// The base's dtype (default: the one it was trained in).
@@ -197,10 +208,11 @@ enum Command {
     /// Generate text with a decoder, with or without an adapter.
     Generate {
         /// A Hugging Face folder, a .gguf file, an alias or a hub id (owner/name[@revision])
-        /// (with --adapter: the adapter's base model).
+        /// (with --adapter: the adapter's base model, by default the one it records; THUDM's
+        /// P-tuning v2 output records none).
         #[arg(long, required_unless_present = "adapter")]
         model: Option<PathBuf>,
-        /// An adapter folder written by `graft train-lm`.
+        /// An adapter folder written by `graft train-lm`, or by THUDM's `ptuning/main.py`.
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// tokenizer.json (default: beside the model).
@@ -530,11 +542,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let device = graft_model::default_device()?;
             let (answer, seconds) = if let Some(adapter) = adapter {
-                let mut lm = CausalLm::open(&adapter, &registry(&plugins)?, &device)
-                    .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
-                if let Some(name) = template {
-                    lm.spec.template = chat_template(&name, system)?;
-                }
+                let options = OpenOptions {
+                    model,
+                    tokenizer,
+                    template: template.map(|t| chat_template(&t, system)).transpose()?,
+                    dtype: None,
+                };
+                let mut lm = open_lm(&adapter, &plugins, &device, &options)?;
                 if merge {
                     lm.set_merged(true)?;
                 }
@@ -600,14 +614,24 @@ fn run(cli: Cli) -> Result<()> {
         } => lm::eval_lm(&adapter, &config, &out, &plugins)?,
         Command::Logits {
             adapter,
+            model,
+            tokenizer,
+            template,
             prompt,
             dtype,
             out,
             plugins,
         } => {
             let device = graft_model::default_device()?;
-            let lm = CausalLm::open_as(&adapter, &registry(&plugins)?, &device, dtype)
-                .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+            let options = OpenOptions {
+                model,
+                tokenizer,
+                template: template
+                    .map(|name| chat_template(&name, None))
+                    .transpose()?,
+                dtype,
+            };
+            let lm = open_lm(&adapter, &plugins, &device, &options)?;
             let logits: Vec<f32> = lm.next_token_logits(&prompt)?.to_vec1()?;
             let report = serde_json::json!({
                 "dtype": lm.spec.dtype.name(),

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors of graft-model: loading weights and configs, and building graphs.
 #[derive(Debug, thiserror::Error)]
@@ -15,19 +15,13 @@ pub enum Error {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{path}: not found ({what}); is this a model folder? Expected config.json, model.safetensors and tokenizer.json")]
+    #[error("{path}: not found ({what}); is this a model folder? Expected config.json, model.safetensors (or pytorch_model.bin) and tokenizer.json")]
     MissingFile { path: PathBuf, what: &'static str },
     #[error(
-        "{dir}: the weights are PyTorch pickles ({files}), which graft does not read; convert \
-         them to safetensors once, in that folder (names kept, one file per shard):\n  {command}\n\
-         or load the model with transformers and save it with \
-         `save_pretrained(DIR, safe_serialization=True)`"
+        "{path}: refused: {what}. A PyTorch checkpoint is a pickle, which Python would run; \
+         graft reads it as data and only the tensor-rebuilding globals a state dict needs"
     )]
-    PickleWeights {
-        dir: PathBuf,
-        files: String,
-        command: &'static str,
-    },
+    PickleRefused { path: PathBuf, what: String },
     #[error("{path}: cannot read the weights: {reason}")]
     Weights { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is missing (looked for {tried})")]
@@ -86,3 +80,15 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// What an I/O error on opening `path` is: the file is missing (it holds `what`), or
+    /// another failure.
+    pub fn opening(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| match source.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile { path, what },
+            _ => Error::Io { path, source },
+        }
+    }
+}

@@ -73,6 +73,56 @@ pub fn set_rng_position(rng: &mut SeededRng, position: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Rounds of [`counter_keep`]'s network.
+const ROUNDS: usize = 4;
+
+/// A keep mask (u8: 1 with probability 1 - p) of `shape`, made on `device` by tensor ops from
+/// [`ROUNDS`] keys drawn from `rng` (its only draws) and each entry's index: the index's two
+/// 16-bit halves go through a Feistel network keyed by them (round function: the square
+/// modulo the prime 65521), a permutation of 32-bit counters, and an entry is kept where its
+/// counter's image reaches p · 2^32. All in u32 arithmetic whose intermediates stay below
+/// 2^32, so every device makes the same mask; an entry's value depends on its flat index
+/// only, not on the shape.
+pub fn counter_keep(
+    rng: &mut SeededRng,
+    p: f64,
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    const HALF: u32 = 1 << 16;
+    const PRIME: u32 = 65521;
+    let keys: Vec<u32> = (0..ROUNDS).map(|_| rng.random_range(0..PRIME)).collect();
+    let n: usize = shape.iter().product();
+    if n > u32::MAX as usize {
+        candle_core::bail!("a dropout mask of {n} entries outruns its 32-bit counters");
+    }
+    if n == 0 {
+        return Tensor::zeros(shape, DType::U8, device);
+    }
+    // Counter i is (i / 2^16, i % 2^16): the rows and columns of a [rows, width] grid.
+    let width = n.min(HALF as usize);
+    let rows = n.div_ceil(width);
+    let constant = |v: u32| Tensor::full(v, (), device);
+    let (prime, half) = (constant(PRIME)?, constant(HALF)?);
+    let modulo = |x: &Tensor, m: &Tensor| x - x.broadcast_div(m)?.broadcast_mul(m)?;
+    let mut left = crate::ops::arange(rows, device)?.reshape((rows, 1))?;
+    let mut right = crate::ops::arange(width, device)?.reshape((1, width))?;
+    for key in keys {
+        // right + key < 2^17, y² < 65521², left + f < 2^17.
+        let y = modulo(&right.affine(1.0, f64::from(key))?, &prime)?;
+        let f = modulo(&(&y * &y)?, &prime)?;
+        let mixed = modulo(&left.broadcast_add(&f)?, &half)?;
+        left = std::mem::replace(&mut right, mixed);
+    }
+    let image = right.affine(f64::from(HALF), 0.0)?.broadcast_add(&left)?;
+    let threshold = (p * 2f64.powi(32)).round().min(f64::from(u32::MAX)) as u32;
+    image
+        .broadcast_ge(&constant(threshold)?)?
+        .flatten_all()?
+        .narrow(0, 0, n)?
+        .reshape(shape)
+}
+
 /// Inverted dropout with its own seeded generator. Hooks run behind `&self`, so the generator
 /// sits behind a lock; its position belongs in checkpoints (see [`Dropout::state`]) so that a
 /// resumed run draws the same masks as an uninterrupted one.
@@ -106,17 +156,27 @@ impl Dropout {
     }
 
     /// While training, a scale mask of `shape` (each entry 0 with probability p, else
-    /// 1 / (1 - p)); `None` when p is 0 or in evaluation mode.
+    /// 1 / (1 - p)) in `dtype` on `device`; `None` when p is 0 or in evaluation mode.
+    ///
+    /// On the CPU the generator draws every entry (in f64, as pinned runs were made). Off it,
+    /// and on the CPU under `GRAFT_REFERENCE_OPS`, the generator draws only [`counter_keep`]'s
+    /// keys and the mask is made on the device: nothing is uploaded per entry, and a
+    /// [`Dropout::rewind`] replays it as well.
     pub fn mask(&self, shape: &[usize], dtype: DType, device: &Device) -> Result<Option<Tensor>> {
         if self.p == 0.0 || !self.training.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
         }
         let mut rng = self.generator()?;
-        let keep = uniform(&mut rng, shape, 1.0, DType::F64, &Device::Cpu)?
-            .affine(0.5, 0.5)?
-            .ge(self.p)?
-            .to_dtype(dtype)?;
-        Ok(Some((keep / (1.0 - self.p))?.to_device(device)?))
+        let keep = if device.is_cpu() && !crate::ops::reference_forced() {
+            uniform(&mut rng, shape, 1.0, DType::F64, &Device::Cpu)?
+                .affine(0.5, 0.5)?
+                .ge(self.p)?
+        } else {
+            counter_keep(&mut rng, self.p, shape, device)?
+        };
+        Ok(Some(
+            (keep.to_dtype(dtype)? / (1.0 - self.p))?.to_device(device)?,
+        ))
     }
 
     /// Where the generator stands in its stream: [`Dropout::rewind`] to it draws the same
@@ -162,5 +222,50 @@ impl Dropout {
             set_rng_position(&mut *self.generator()?, position)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keeps 1 - p of the entries, with neighbours (next entry, next row of counters) and the
+    /// masks of successive draws as independent as coin flips; the same generator position
+    /// gives the same mask, whose entries do not depend on the shape.
+    #[test]
+    fn counter_masks_keep_the_right_share_independently() {
+        let n = 300_000;
+        let device = Device::Cpu;
+        for p in [0.1, 0.5] {
+            let mut rng = seeded_rng(21);
+            let start = rng.get_word_pos();
+            let draw = |rng: &mut SeededRng, shape: &[usize]| {
+                let mask = counter_keep(rng, p, shape, &device).unwrap();
+                assert_eq!(mask.dtype(), DType::U8);
+                mask.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+            };
+            let first = draw(&mut rng, &[n]);
+            let second = draw(&mut rng, &[n]);
+            // Five standard deviations of a share of n (or fewer) coin flips.
+            let close = |share: f64, q: f64, count: usize| {
+                let bound = 5.0 * (q * (1.0 - q) / count as f64).sqrt();
+                assert!((share - q).abs() < bound, "p {p}: {share} against {q}");
+            };
+            let share = |hits: usize, count: usize| hits as f64 / count as f64;
+            let dropped = first.iter().filter(|&&k| k == 0).count();
+            close(share(dropped, n), p, n);
+            for step in [1, 1 << 16] {
+                let both = (0..n - step)
+                    .filter(|&i| first[i] == 0 && first[i + step] == 0)
+                    .count();
+                close(share(both, n - step), p * p, n - step);
+            }
+            let agree = (0..n).filter(|&i| first[i] == second[i]).count();
+            close(share(agree, n), p * p + (1.0 - p) * (1.0 - p), n);
+            rng.set_word_pos(start);
+            assert_eq!(draw(&mut rng, &[n]), first);
+            rng.set_word_pos(start);
+            assert_eq!(draw(&mut rng, &[7, 100]), first[..700]);
+        }
     }
 }

@@ -96,16 +96,8 @@ pub fn read_plan(path: &Path) -> Result<(Plan, serde_json::Value)> {
     } else {
         path.to_path_buf()
     };
-    let text = std::fs::read_to_string(&config_path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            path: config_path.clone(),
-            what: "model config",
-        },
-        _ => Error::Io {
-            path: config_path.clone(),
-            source,
-        },
-    })?;
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(Error::opening(&config_path, "model config"))?;
     let parse_error = |source| Error::Config {
         path: config_path.clone(),
         source,

@@ -28,6 +28,56 @@ impl Quantizing {
     }
 }
 
+/// The tensors a reader has read so far, each converted as it arrives (floating-point ones to
+/// `dtype` on `device`, those `quantizing` names quantized), so that no reader holds a file, or
+/// the model in its stored dtype, beside the converted tensors.
+pub struct Loading<'a> {
+    dtype: DType,
+    device: &'a Device,
+    quantizing: Option<&'a Quantizing>,
+    dense: HashMap<String, Tensor>,
+    quantized: HashMap<String, QuantizedWeight>,
+}
+
+impl<'a> Loading<'a> {
+    pub fn new(dtype: DType, device: &'a Device, quantizing: Option<&'a Quantizing>) -> Self {
+        Self {
+            dtype,
+            device,
+            quantizing,
+            dense: HashMap::new(),
+            quantized: HashMap::new(),
+        }
+    }
+
+    /// Keeps `tensor` (read on the CPU) under `name`, converted; `path` names its file in errors.
+    pub fn add(&mut self, path: &Path, name: String, tensor: Tensor) -> Result<()> {
+        if let Some(q) = self.quantizing {
+            if let Some(blocks) = q.apply(&name, &tensor, self.dtype, self.device)? {
+                self.quantized.insert(name, blocks);
+                return Ok(());
+            }
+        }
+        let bad = |e: candle_core::Error| Error::Weights {
+            path: path.to_path_buf(),
+            reason: format!("tensor `{name}`: {e}"),
+        };
+        let tensor = if tensor.dtype().is_float() {
+            tensor.to_dtype(self.dtype).map_err(bad)?
+        } else {
+            tensor
+        };
+        let tensor = tensor.to_device(self.device).map_err(bad)?;
+        self.dense.insert(name, tensor);
+        Ok(())
+    }
+
+    /// The weights read, `path` (a file or an index) naming them in errors.
+    pub fn finish(self, path: &Path) -> Result<Weights> {
+        Weights::from_parts(path, self.dense, self.quantized, self.dtype)
+    }
+}
+
 /// All tensors of one checkpoint, converted to one dtype (or kept quantized), looked up by
 /// name.
 pub struct Weights {

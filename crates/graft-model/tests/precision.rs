@@ -25,10 +25,6 @@ fn mean_nll(logits: &Tensor, ids: &[u32]) -> f32 {
         .map(|&i| i64::from(i))
         .chain([-100])
         .collect();
-    let labels = Tensor::new(labels.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
     causal_lm_loss(logits, &labels)
         .unwrap()
         .to_scalar::<f32>()

@@ -207,10 +207,6 @@ fn story_loss(model: &Decoder, hooks: &dyn Hooks) -> Tensor {
         .map(|&i| i64::from(i))
         .chain([-100])
         .collect();
-    let labels = Tensor::new(labels.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
     let hidden = model.forward(&inputs, hooks, None).unwrap();
     causal_lm_loss(&model.lm_head(&hidden, hooks).unwrap(), &labels).unwrap()
 }

@@ -373,3 +373,46 @@ fn a_frozen_and_a_trained_weight_give_bit_identical_outputs_and_equal_input_grad
         "input gradients differ by {gap}"
     );
 }
+
+/// Dropout as a CUDA build draws it (the reference path's): the mask is
+/// `counter_keep`'s from the generator's position, in the activations' dtype with entries 0
+/// and 1 / (1 - p), and a rewind replays it.
+#[test]
+fn dropout_masks_are_made_on_the_device_and_replay() {
+    use graft_model::init::{counter_keep, seeded_rng, Dropout};
+    force_reference_ops();
+    let (p, seed, shape) = (0.25, 17, [3, 5, 40]);
+    let dropout = Dropout::new(p, seed);
+    dropout.set_training(true);
+    for dtype in [DType::BF16, DType::F16, DType::F32, DType::F64] {
+        let at = dropout.position().unwrap();
+        let mask = dropout.mask(&shape, dtype, &Device::Cpu).unwrap().unwrap();
+        assert_eq!((mask.dtype(), mask.dims()), (dtype, &shape[..]));
+        let mut rng = seeded_rng(seed);
+        rng.set_word_pos(at);
+        let keep = counter_keep(&mut rng, p, &shape, &Device::Cpu).unwrap();
+        let expected = (keep.to_dtype(dtype).unwrap() / (1.0 - p)).unwrap();
+        dropout.rewind(at).unwrap();
+        let again = dropout.mask(&shape, dtype, &Device::Cpu).unwrap().unwrap();
+        for other in [expected, again] {
+            assert_eq!(max_abs(&(&mask - other).unwrap()), 0.0, "{dtype:?}");
+        }
+        let scale = Tensor::new(1.0 / (1.0 - p), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let values = mask
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        assert!(values.iter().all(|&v| v == 0.0 || v == scale));
+        assert!(values.contains(&0.0) && values.contains(&scale));
+    }
+}

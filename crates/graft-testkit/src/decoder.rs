@@ -33,18 +33,7 @@ pub fn check_lm_method(
     let spec = lm_spec(method.name(), family, scratch.path())?;
     let name = format!("{} on {family:?}", method.name());
 
-    let mut lm64 = CausalLm::create(
-        LmSpec {
-            dtype: Precision::F64,
-            ..spec.clone()
-        },
-        method,
-        settings,
-        &Device::Cpu,
-        7,
-        100,
-    )?;
-    prepare(&lm64)?;
+    let mut lm64 = lm_f64(method, settings, spec.clone(), &prepare)?;
     let keys: Vec<(String, Var)> = lm64.trainable();
     if keys.is_empty() {
         return Err(Error::Check(format!("{name} trains no tensor")));
@@ -201,6 +190,41 @@ fn check_loss_fell(name: &str, family: Family, losses: &[f64]) -> Result<()> {
     Ok(())
 }
 
+/// [`check_checkpointing`] alone, for `method` on `family` in f64 (`prepare` as
+/// [`check_lm_method`] takes it): for a test binary that sets `GRAFT_REFERENCE_OPS=1`, where
+/// the dropout masks are made as on a GPU.
+pub fn check_lm_checkpointing(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    family: Family,
+    prepare: impl Fn(&CausalLm) -> Result<()>,
+) -> Result<()> {
+    let scratch =
+        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let spec = lm_spec(method.name(), family, scratch.path())?;
+    let mut lm64 = lm_f64(method, settings, spec, &prepare)?;
+    let batch = story_batch(&lm64, 2)?;
+    let name = format!("{} on {family:?}", method.name());
+    check_checkpointing(&name, &mut lm64, &batch)
+}
+
+/// `method` on `spec`'s model in f64 (seed 7), made ready by `prepare`: what the gradient
+/// and checkpointing checks compare.
+fn lm_f64(
+    method: &dyn Method,
+    settings: &serde_json::Value,
+    spec: LmSpec,
+    prepare: &impl Fn(&CausalLm) -> Result<()>,
+) -> Result<CausalLm> {
+    let spec = LmSpec {
+        dtype: Precision::F64,
+        ..spec
+    };
+    let lm64 = CausalLm::create(spec, method, settings, &Device::Cpu, 7, 100)?;
+    prepare(&lm64)?;
+    Ok(lm64)
+}
+
 /// Gradient checkpointing gives the loss and every trainable tensor's gradient of an ordinary
 /// backward (in f64, to 1e-9 of the largest gradient: only the order of additions differs), in
 /// evaluation mode and, for a method with dropout, in training mode: from the same generator
@@ -300,21 +324,10 @@ pub fn check_lm_quantized(
             ))),
         };
     }
-    let mut lm64 = CausalLm::create(
-        LmSpec {
-            dtype: Precision::F64,
-            ..spec
-        },
-        method,
-        settings,
-        &Device::Cpu,
-        7,
-        100,
-    )?;
+    let mut lm64 = lm_f64(method, settings, spec, &prepare)?;
     if lm64.model.quantized().is_empty() {
         return Err(Error::Check(format!("{name}: no weight is quantized")));
     }
-    prepare(&lm64)?;
     let keys: Vec<(String, Var)> = lm64.trainable();
     let batch = story_batch(&lm64, 2)?;
     let per_tensor = 2;

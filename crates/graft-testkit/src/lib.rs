@@ -19,8 +19,8 @@ pub use classifier::{
     Reloaded,
 };
 pub use decoder::{
-    check_accumulation, check_decoder_classifier, check_lm_families, check_lm_half_precision,
-    check_lm_method, check_lm_quantized, BF16_LOGITS_TOLERANCE,
+    check_accumulation, check_decoder_classifier, check_lm_checkpointing, check_lm_families,
+    check_lm_half_precision, check_lm_method, check_lm_quantized, BF16_LOGITS_TOLERANCE,
 };
 pub use error::{Error, Result};
 pub use fixtures::{

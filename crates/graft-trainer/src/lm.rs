@@ -92,6 +92,24 @@ impl LmSpec {
         })
     }
 
+    /// The task of THUDM's P-tuning v2 output `dir` on `base`: its prompt format (`chatglm2`,
+    /// as `ptuning/main.py` builds its inputs), the base's tokenizer and longest sequence.
+    fn of_thudm(dir: &Path, base: Option<&Path>) -> Result<Self> {
+        let (model, max_len) = crate::thudm::base(dir, base)?;
+        Ok(Self {
+            method: crate::thudm::METHOD.into(),
+            tokenizer: Self::default_tokenizer(&model),
+            model,
+            template: ChatTemplate::ChatGlm2,
+            max_len,
+            dtype: Default::default(),
+            quantize: None,
+            prompt: None,
+            pad_to_max_len: false,
+            random_init: None,
+        })
+    }
+
     /// The tokenizer beside a model folder, or beside a GGUF file.
     pub fn default_tokenizer(model: &Path) -> PathBuf {
         match model.parent() {
@@ -99,6 +117,18 @@ impl LmSpec {
             _ => graft_tokenizer::tokenizer_in(model),
         }
     }
+}
+
+/// What a command gives besides an adapter folder, in place of what the folder records (THUDM's
+/// P-tuning v2 output records none of it and needs `model`).
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The base model (its tokenizer too, unless `tokenizer` is given).
+    pub model: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub template: Option<ChatTemplate>,
+    /// The base's dtype, instead of the one it was trained in.
+    pub dtype: Option<crate::config::Precision>,
 }
 
 pub struct CausalLm {
@@ -183,20 +213,35 @@ impl CausalLm {
     }
 
     /// A trained model from an adapter folder written by graft (or, for full fine-tuning, a
-    /// model folder).
+    /// model folder), or from THUDM's P-tuning v2 output (with `options.model`).
     pub fn open(dir: &Path, registry: &Registry, device: &Device) -> Result<Self> {
-        Self::open_as(dir, registry, device, None)
+        Self::open_with(dir, registry, device, &OpenOptions::default())
     }
 
-    /// [`CausalLm::open`], the base in `dtype` instead of the one it was trained in.
-    pub fn open_as(
+    /// [`CausalLm::open`], with what `options` gives in place of what the folder records.
+    pub fn open_with(
         dir: &Path,
         registry: &Registry,
         device: &Device,
-        dtype: Option<crate::config::Precision>,
+        options: &OpenOptions,
     ) -> Result<Self> {
-        let mut spec = LmSpec::read(dir)?;
-        if let Some(dtype) = dtype {
+        let thudm = crate::thudm::is_checkpoint(dir);
+        let mut spec = if thudm {
+            LmSpec::of_thudm(dir, options.model.as_deref())?
+        } else {
+            LmSpec::read(dir)?
+        };
+        if let (false, Some(model)) = (thudm, &options.model) {
+            spec.tokenizer = LmSpec::default_tokenizer(model);
+            spec.model = model.clone();
+        }
+        if let Some(tokenizer) = &options.tokenizer {
+            spec.tokenizer = tokenizer.clone();
+        }
+        if let Some(template) = &options.template {
+            spec.template = template.clone();
+        }
+        if let Some(dtype) = options.dtype {
             spec.dtype = dtype;
         }
         let plugin = registry.get(&spec.method)?;
@@ -212,7 +257,11 @@ impl CausalLm {
                 attached.tokenizer,
             ));
         }
-        let saved = read_saved(dir, method, &spec.method, device)?;
+        let saved = if thudm {
+            crate::thudm::read(dir, device)?
+        } else {
+            read_saved(dir, method, &spec.method, device)?
+        };
         let (model, attached) = load_base(&spec.model, &spec, spec.dtype.dtype(), device)?;
         let adapter = attach_saved(dir, &saved, method, &attached, device)?;
         Ok(Self::assemble(
@@ -301,13 +350,13 @@ impl CausalLm {
 
     /// The loss from the final hidden states of `batch`.
     fn loss_of_hidden(&self, batch: &CausalBatch, hidden: &Tensor) -> Result<Tensor> {
-        let labels = Tensor::from_slice(
+        let (b, t, h) = hidden.dims3()?;
+        let (rows, targets) = labelled_rows(
             &batch.labels,
-            (batch.batch, batch.seq_len),
+            b * t,
+            self.model.spec().vocab_size,
             self.model.device(),
         )?;
-        let (rows, targets) = labelled_rows(&labels, self.model.spec().vocab_size)?;
-        let (b, t, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
         let logits = self.model.lm_head(&picked, self.hooks())?;
         let mut loss = graft_model::loss::cross_entropy(&logits, &targets)?;

@@ -123,18 +123,25 @@ impl AdamW {
 /// Whether every entry of every var is finite: `0 * x` is 0 for finite entries and NaN for
 /// infinite or NaN ones (a sum of squares would overflow on large finite values).
 pub fn all_finite(vars: &[Var]) -> Result<bool> {
-    for var in vars {
-        let probe = var
-            .as_tensor()
-            .affine(0.0, 0.0)?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        if probe != 0.0 {
-            return Ok(false);
-        }
+    let probes = vars
+        .iter()
+        .map(|var| f64_sum(&var.as_tensor().affine(0.0, 0.0)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(read_total(probes)? == 0.0)
+}
+
+/// The sum of every entry of `t`, in its own dtype, as an f64 scalar on its device.
+fn f64_sum(t: &Tensor) -> Result<Tensor> {
+    t.sum_all()?.to_dtype(candle_core::DType::F64)
+}
+
+/// The total of f64 scalars, added on their device and read back once: one transfer per step
+/// however many tensors train (a read per tensor waits for the device each time).
+fn read_total(parts: Vec<Tensor>) -> Result<f64> {
+    if parts.is_empty() {
+        return Ok(0.0);
     }
-    Ok(true)
+    Tensor::stack(&parts, 0)?.sum_all()?.to_scalar::<f64>()
 }
 
 /// The learning-rate factor at `step` (0-based) of `total`: linear warm-up, then decay.
@@ -151,19 +158,15 @@ pub fn lr_factor(schedule: Schedule, step: usize, total: usize, warmup: usize) -
     }
 }
 
-/// Global L2 norm of the gradients of `vars`.
+/// Global L2 norm of the gradients of `vars`: each tensor's sum of squares in its dtype, the
+/// sums added in f64 on the device, one read.
 pub fn global_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let mut sum = 0.0;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            sum += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-    }
-    Ok(sum.sqrt())
+    let squares = vars
+        .iter()
+        .filter_map(|var| grads.get(var.as_tensor()))
+        .map(|g| f64_sum(&g.sqr()?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(read_total(squares)?.sqrt())
 }
 
 /// Scales every gradient by `factor` in place in the store.
@@ -325,6 +328,50 @@ mod tests {
         assert!((global_norm(&grads, &vars).unwrap() - 5.0).abs() < 1e-12);
         scale_grads(&mut grads, &vars, 0.2).unwrap();
         assert!((global_norm(&grads, &vars).unwrap() - 1.0).abs() < 1e-12);
+    }
+
+    /// The norm read once equals the per-tensor reads it replaced (each tensor's f32 sum of
+    /// squares, added in f64 on the host): bit for bit on the CPU, which adds in the same
+    /// order. A var without a gradient counts nothing; one non-finite var is found among many.
+    #[test]
+    fn one_read_norm_equals_per_tensor_reads() {
+        let mut rng = graft_model::init::seeded_rng(4);
+        let vars: Vec<Var> = [[3, 5], [7, 2], [1, 9], [4, 4]]
+            .iter()
+            .map(|shape| {
+                let t = graft_model::init::normal(
+                    &mut rng,
+                    shape,
+                    1.0,
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+                Var::from_tensor(&t).unwrap()
+            })
+            .collect();
+        let mut grads = GradStore::default();
+        for var in &vars[..3] {
+            grads.insert(var.as_tensor(), (var.as_tensor() * 1.7).unwrap());
+        }
+        let mut host = 0.0f64;
+        for var in &vars[..3] {
+            let g = grads.get(var.as_tensor()).unwrap();
+            host += f64::from(
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+            );
+        }
+        assert_eq!(global_norm(&grads, &vars).unwrap(), host.sqrt());
+        assert!(all_finite(&vars).unwrap());
+        vars[2]
+            .set(&Tensor::new(&[[f32::INFINITY; 9]], &Device::Cpu).unwrap())
+            .unwrap();
+        assert!(!all_finite(&vars).unwrap());
     }
 
     /// Overflowing gradients skip the step and halve the scale; finite ones are divided by

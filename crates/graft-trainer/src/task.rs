@@ -55,6 +55,16 @@ impl TaskSpec {
             }
             return Ok(spec);
         }
+        if crate::thudm::is_checkpoint(dir) {
+            return Err(Error::Adapter {
+                path: dir.to_path_buf(),
+                reason: "THUDM's P-tuning v2 output is a causal-LM prefix with no \
+                         classification head; graft eval and predict read \
+                         sequence-classification adapters: use it with graft generate, logits or \
+                         eval-lm"
+                    .into(),
+            });
+        }
         let config_path = dir.join(adapter::CONFIG_FILE);
         let config = adapter::read_config(dir)?;
         let field = |name: &str| config.get(name).and_then(|v| v.as_str());

@@ -93,6 +93,9 @@ pub struct Decoder {
     lm_head: Option<Linear>,
     /// The checkpoint's config.json, written back when a merged or fully trained model is saved.
     config_json: serde_json::Value,
+    /// Rotary cosines and sines of positions `0..n` on the model's device, kept across steps
+    /// (see [`Decoder::rope_tables`]).
+    rope: std::sync::Mutex<Option<(Tensor, Tensor)>>,
 }
 
 impl Decoder {
@@ -126,6 +129,7 @@ impl Decoder {
             final_norm,
             lm_head,
             config_json,
+            rope: std::sync::Mutex::new(None),
         })
     }
 
@@ -481,12 +485,43 @@ impl Decoder {
         crate::formats::safetensors::save_json(config_json, &dir.join("config.json"))
     }
 
-    /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`, computed in
-    /// f32 as transformers does, so that angles agree to the last bit with the references.
+    /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`: views of
+    /// tables kept on the device, made again (for twice the positions, up to the model's
+    /// limit) only when a step needs a later position or another dtype, so that steps upload
+    /// nothing.
     fn rope_tables(
         &self,
         first: usize,
         t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let end = first + t;
+        let mut kept = self
+            .rope
+            .lock()
+            .map_err(|_| Error::InvalidConfig("the rotary tables' lock is poisoned".into()))?;
+        let fits = |(cos, _): &(Tensor, Tensor)| {
+            cos.dtype() == dtype && cos.device().same_device(device) && cos.dims()[0] >= end
+        };
+        if !kept.as_ref().is_some_and(fits) {
+            let positions = end
+                .next_power_of_two()
+                .min(self.spec.max_positions)
+                .max(end);
+            *kept = Some(self.rope_tables_of(positions, dtype, device)?);
+        }
+        let (cos, sin) = kept
+            .as_ref()
+            .ok_or_else(|| Error::InvalidConfig("no rotary tables".into()))?;
+        Ok((cos.narrow(0, first, t)?, sin.narrow(0, first, t)?))
+    }
+
+    /// Cosines and sines `[positions, rotary_dims / 2]` of positions `0..positions`, computed
+    /// in f32 as transformers does, so that angles agree to the last bit with the references.
+    fn rope_tables_of(
+        &self,
+        positions: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
@@ -496,9 +531,9 @@ impl Decoder {
             .map(|i| 1.0 / rope.theta.powf((2 * i) as f64 / rope.rotary_dims as f64) as f32)
             .map(|f| rope.llama3.map_or(f, |scaling| scaling.apply(f)))
             .collect();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for position in first..first + t {
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for position in 0..positions {
             for f in &inv_freq {
                 let angle = position as f32 * f;
                 cos.push(angle.cos());
@@ -506,8 +541,8 @@ impl Decoder {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?,
-            Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?,
         ))
     }
 
@@ -606,5 +641,56 @@ impl Decoder {
 impl LinearSites for Decoder {
     fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
         Decoder::linear_mut(self, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny random Llama (2 rotary pairs a head, 64 positions).
+    fn tiny() -> Decoder {
+        let json = serde_json::json!({
+            "vocab_size": 11, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
+        });
+        let config: crate::models::llama::Config = serde_json::from_value(json.clone()).unwrap();
+        let plan = crate::models::llama::plan(&config).unwrap();
+        let path = std::path::Path::new("tiny");
+        let weights =
+            crate::formats::random::weights(&plan, 0.02, 1, DType::F32, &Device::Cpu, None, path)
+                .unwrap();
+        Decoder::from_plan(&plan, &weights, json).unwrap()
+    }
+
+    /// The kept tables' views equal tables made for exactly the positions asked, bit for bit,
+    /// as the tables grow (up to the model's 64 positions) and when the dtype changes.
+    #[test]
+    fn kept_rotary_tables_give_the_positions_asked() {
+        let model = tiny();
+        let values = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        for (first, t, dtype) in [
+            (0, 3, DType::F32),
+            (5, 40, DType::F32),
+            (2, 7, DType::F32),
+            (60, 4, DType::BF16),
+        ] {
+            let (cos, sin) = model.rope_tables(first, t, dtype, &Device::Cpu).unwrap();
+            let (all_cos, all_sin) = model
+                .rope_tables_of(first + t, dtype, &Device::Cpu)
+                .unwrap();
+            assert_eq!(cos.dtype(), dtype);
+            assert_eq!(values(&cos), values(&all_cos.narrow(0, first, t).unwrap()));
+            assert_eq!(values(&sin), values(&all_sin.narrow(0, first, t).unwrap()));
+        }
+        let kept = model.rope.lock().unwrap();
+        assert_eq!(kept.as_ref().unwrap().0.dims(), [64, 2]);
     }
 }

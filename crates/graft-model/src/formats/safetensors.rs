@@ -1,8 +1,7 @@
-//! Hugging Face's safetensors checkpoints: a model folder's file or shards read into
-//! [`Weights`], and tensors and configs written back.
+//! Hugging Face's safetensors checkpoints: a file read into [`Weights`], and tensors and
+//! configs written back.
 use crate::error::{Error, Result};
-use crate::quant::QuantizedWeight;
-use crate::weights::{Quantizing, Weights};
+use crate::weights::{Loading, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::io::Write;
@@ -11,79 +10,16 @@ use std::path::{Path, PathBuf};
 impl Weights {
     /// One safetensors file.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_quantizing(path, dtype, device, None)
-    }
-
-    /// One safetensors file, the tensors `quantizing` names kept quantized.
-    fn load_quantizing(
-        path: &Path,
-        dtype: DType,
-        device: &Device,
-        quantizing: Option<&Quantizing>,
-    ) -> Result<Self> {
-        let (dense, quantized) = read_file(path, dtype, device, quantizing)?;
-        Self::from_parts(path, dense, quantized, dtype)
-    }
-
-    /// The weights of a Hugging Face model folder: `model.safetensors`, or the shards listed in
-    /// `model.safetensors.index.json`; the tensors `quantizing` names are quantized as they
-    /// are read, so the model is never held whole unquantized.
-    pub fn load_folder(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        quantizing: Option<&Quantizing>,
-    ) -> Result<Self> {
-        let index = dir.join("model.safetensors.index.json");
-        if !index.is_file() {
-            let single = dir.join("model.safetensors");
-            if !single.exists() {
-                refuse_pickles(dir)?;
-            }
-            return Self::load_quantizing(&single, dtype, device, quantizing);
-        }
-        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
-            path: index.clone(),
-            source,
-        })?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Config {
-                path: index.clone(),
-                source,
-            })?;
-        let map = parsed
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::Weights {
-                path: index.clone(),
-                reason: "no `weight_map` object".into(),
-            })?;
-        let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
-        for shard in shards {
-            let (dense, blocks) = read_file(&dir.join(shard), dtype, device, quantizing)?;
-            tensors.extend(dense);
-            quantized.extend(blocks);
-        }
-        Self::from_parts(&index, tensors, quantized, dtype)
+        let mut loading = Loading::new(dtype, device, None);
+        read_file(path, &mut loading)?;
+        loading.finish(path)
     }
 }
 
-/// The dense and the quantized tensors of one safetensors file.
-type Read = (HashMap<String, Tensor>, HashMap<String, QuantizedWeight>);
-
-/// The tensors of one safetensors file, floating-point ones in `dtype`, those `quantizing`
-/// names quantized. The file is memory-mapped and read tensor by tensor, each converted as it
-/// is read: a shard is never held whole in memory, nor the model in its stored dtype beside
-/// the converted one.
-fn read_file(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-    quantizing: Option<&Quantizing>,
-) -> Result<Read> {
+/// The tensors of one safetensors file, into `loading`. The file is memory-mapped and read
+/// tensor by tensor, each converted as it is read: a shard is never held whole in memory, nor
+/// the model in its stored dtype beside the converted one.
+pub fn read_file(path: &Path, loading: &mut Loading) -> Result<()> {
     if !path.exists() {
         return Err(Error::MissingFile {
             path: path.to_path_buf(),
@@ -97,55 +33,11 @@ fn read_file(
     // SAFETY: the file is only read, and each tensor is copied out before the map is dropped;
     // as with every memory map, a file truncated by another process meanwhile is undefined.
     let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(bad)?;
-    let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
     for (name, _) in file.tensors() {
         let tensor = file.load(&name, &Device::Cpu).map_err(bad)?;
-        if let Some(q) = quantizing {
-            if let Some(blocks) = q.apply(&name, &tensor, dtype, device)? {
-                quantized.insert(name, blocks);
-                continue;
-            }
-        }
-        let tensor = if tensor.dtype().is_float() {
-            tensor.to_dtype(dtype).map_err(bad)?
-        } else {
-            tensor
-        };
-        tensors.insert(name, tensor.to_device(device).map_err(bad)?);
+        loading.add(path, name, tensor)?;
     }
-    Ok((tensors, quantized))
-}
-
-/// Converts a folder's `pytorch_model*.bin` shards (and their index) to safetensors, run in it.
-pub const PICKLE_CONVERSION: &str = "python3 -c \"import glob, json, torch; \
-from safetensors.torch import save_file; \
-st = lambda f: f.replace('pytorch_model', 'model').replace('.bin', '.safetensors'); \
-[save_file({k: v.clone().contiguous() for k, v in torch.load(f, map_location='cpu', \
-weights_only=True).items()}, st(f), metadata={'format': 'pt'}) \
-for f in sorted(glob.glob('pytorch_model*.bin'))]; \
-i = glob.glob('pytorch_model.bin.index.json'); \
-i and json.dump(dict(json.load(open(i[0])), weight_map={k: st(v) for k, v in \
-json.load(open(i[0]))['weight_map'].items()}), open('model.safetensors.index.json', 'w'))\"";
-
-/// A folder with no safetensors but PyTorch `.bin` checkpoints (ChatGLM2-6B ships
-/// `pytorch_model-0000N-of-00007.bin`) gets an error that says how to convert them.
-fn refuse_pickles(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(()); // the missing-file error that follows names the folder
-    };
-    let mut bins: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with("pytorch_model") && n.ends_with(".bin"))
-        .collect();
-    if bins.is_empty() {
-        return Ok(());
-    }
-    bins.sort();
-    Err(Error::PickleWeights {
-        dir: dir.to_path_buf(),
-        files: bins.join(", "),
-        command: PICKLE_CONVERSION,
-    })
+    Ok(())
 }
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename: a crash leaves either
@@ -193,38 +85,4 @@ fn tmp_path(path: &Path) -> PathBuf {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
     move |source| Error::Io { path, source }
-}
-
-#[cfg(test)]
-mod pickle_tests {
-    use super::*;
-
-    #[test]
-    fn pytorch_bin_shards_are_refused_with_the_conversion_command() {
-        let dir = tempfile::tempdir().unwrap();
-        for f in [
-            "pytorch_model-00002-of-00002.bin",
-            "pytorch_model-00001-of-00002.bin",
-        ] {
-            std::fs::write(dir.path().join(f), b"").unwrap();
-        }
-        let err = Weights::load_folder(dir.path(), DType::F32, &Device::Cpu, None)
-            .err()
-            .unwrap();
-        let msg = err.to_string();
-        assert!(matches!(err, Error::PickleWeights { .. }), "{msg}");
-        assert!(
-            msg.contains("pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin"),
-            "{msg}"
-        );
-        assert!(msg.contains("safetensors.torch import save_file"), "{msg}");
-        assert!(msg.contains("safe_serialization=True"), "{msg}");
-
-        // Without them, the plain missing-file error as before.
-        let empty = tempfile::tempdir().unwrap();
-        let err = Weights::load_folder(empty.path(), DType::F32, &Device::Cpu, None)
-            .err()
-            .unwrap();
-        assert!(matches!(err, Error::MissingFile { .. }), "{err}");
-    }
 }

@@ -52,16 +52,7 @@ fn default_model_type() -> String {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                path: path.to_path_buf(),
-                what: "model config",
-            },
-            _ => Error::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+        let text = std::fs::read_to_string(path).map_err(Error::opening(path, "model config"))?;
         let config: Self = serde_json::from_str(&text).map_err(|source| Error::Config {
             path: path.to_path_buf(),
             source,
@@ -543,7 +534,7 @@ pub struct BertForSequenceClassification {
 }
 
 impl BertForSequenceClassification {
-    /// Loads a model folder (config.json + model.safetensors); the head is initialised like
+    /// Loads a model folder (config.json + its weights, as [`Weights::load_folder`] finds them); the head is initialised like
     /// transformers' (normal(0, 0.02) weights, zero bias) from `seed`.
     pub fn load(
         dir: &Path,
@@ -554,8 +545,7 @@ impl BertForSequenceClassification {
         seed: u64,
     ) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let weights =
-            Weights::load(&dir.join("model.safetensors"), dtype, device)?.with_prefix(PREFIX);
+        let weights = Weights::load_folder(dir, dtype, device, None)?.with_prefix(PREFIX);
         let bert = Bert::load(config, &weights)?;
         let h = bert.config.hidden_size;
         // A checkpoint of a sequence classifier (e.g. written by `graft merge`) carries its head.

@@ -1,6 +1,7 @@
 //! Projections: dense, quantized, and with low-rank updates.
 use super::dispatch::{fused, input};
 use super::{cpu, reference};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 
 /// `x · Wᵀ + b` (`weight` `[out, in]`, `x` `[..., in]`). Gradients reach whichever of `x`,
@@ -28,14 +29,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     if weight.track_op() || bias.is_some_and(Tensor::track_op) {
         return reference::linear(x, weight, bias);
     }
-    let output = reference::linear(&x.detach(), weight, bias)?;
-    if !x.track_op() {
-        return Ok(output);
-    }
-    x.apply_op1(FrozenLinearGrad {
-        weight: FrozenWeight::Dense(weight.clone()),
-        output,
-    })
+    frozen_linear(x, cpu::FrozenWeight::Dense(weight.clone()), bias)
 }
 
 /// `x · Wᵀ` through a frozen weight kept quantized (`x` `[..., in]`, W `[out, in]`), with the
@@ -64,17 +58,7 @@ pub fn quantized_linear(x: &Tensor, weight: &crate::quant::QuantizedWeight) -> R
             .contiguous()?
             .apply_op1_arc(std::sync::Arc::new(Box::new(op)));
     }
-    let output = {
-        let dense = weight.dequantize()?.to_dtype(x.dtype())?;
-        reference::linear(&x.detach(), &dense, None)?.contiguous()?
-    };
-    if !x.track_op() {
-        return Ok(output);
-    }
-    x.apply_op1(FrozenLinearGrad {
-        weight: FrozenWeight::Quantized(weight.clone()),
-        output,
-    })
+    frozen_linear(x, cpu::FrozenWeight::Quantized(weight.clone()), None)
 }
 
 /// `x · Wᵀ + bias` through a frozen quantized weight plus a low-rank update `(x ⊙ mask) · aᵀ ·
@@ -270,64 +254,99 @@ pub fn low_rank_delta(x: &Tensor, update: &crate::LowRank) -> Result<Tensor> {
     linear(&linear(&x, &update.a, None)?, &update.b, None)
 }
 
-/// The frozen projection off the CPU: the product is computed outside the graph and this op
-/// carries only the input gradient.
-struct FrozenLinearGrad {
-    weight: FrozenWeight,
-    output: Tensor,
+/// `x · Wᵀ + bias` through a frozen weight and bias, off the fused kernels: one node, see
+/// [`FrozenLinear`].
+fn frozen_linear(x: &Tensor, weight: cpu::FrozenWeight, bias: Option<&Tensor>) -> Result<Tensor> {
+    let bias = bias.map(|b| b.detach().to_dtype(x.dtype())).transpose()?;
+    x.contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenLinear { weight, bias })))
 }
 
-enum FrozenWeight {
-    Dense(Tensor),
-    /// Dequantized whole for each backward (one layer's weight at a time).
-    Quantized(crate::quant::QuantizedWeight),
+/// The frozen projection off the CPU kernels (CUDA, `GRAFT_REFERENCE_OPS`). Its forward is
+/// candle's matmul and broadcast add run on the storages, the arithmetic of
+/// [`reference::linear`], so the graph holds the output once (a product computed outside the
+/// graph and copied in was held twice); its backward carries only the input gradient, `dy · W`
+/// (no weight gradient for a frozen weight). A quantized W is dequantized for each direction
+/// and dropped.
+struct FrozenLinear {
+    weight: cpu::FrozenWeight,
+    /// In the input's dtype.
+    bias: Option<Tensor>,
 }
 
-impl CustomOp1 for FrozenLinearGrad {
+impl FrozenLinear {
+    /// The product on storages of one backend; `of` finds that backend's storage in a tensor.
+    fn product<S: BackendStorage>(
+        &self,
+        x: &S,
+        layout: &Layout,
+        of: fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let foreign = || candle_core::Error::Msg("frozen-linear: tensors on two devices".into());
+        let (out_f, in_f) = self.weight.dims()?;
+        let dims = layout.dims();
+        if dims.last() != Some(&in_f) || !layout.is_contiguous() {
+            candle_core::bail!(
+                "frozen-linear: input {dims:?} does not fit a weight of [{out_f}, {in_f}]"
+            )
+        }
+        let rows = layout.shape().elem_count() / in_f.max(1);
+        let weight = self.weight.whole(x.dtype())?;
+        let (w, w_layout) = weight.storage_and_layout();
+        let mut out = x.matmul(
+            of(&w).ok_or_else(foreign)?,
+            (1, rows, out_f, in_f),
+            &Layout::contiguous_with_offset((rows, in_f), layout.start_offset()),
+            &w_layout.transpose(0, 1)?,
+        )?;
+        if let Some(bias) = &self.bias {
+            let (b, b_layout) = bias.storage_and_layout();
+            out = out.binary_impl::<candle_core::op::Add>(
+                of(&b).ok_or_else(foreign)?,
+                &Layout::contiguous((rows, out_f)),
+                &b_layout.broadcast_as((rows, out_f))?,
+            )?;
+        }
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out_f;
+        }
+        Ok((out, Shape::from(shape)))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.output.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(cpu) if layout.is_contiguous() && layout.start_offset() == 0 => {
-                Ok((cpu.clone(), layout.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-linear: output is not a contiguous CPU tensor"),
-        }
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.product(x, layout, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _input: &candle_core::CudaStorage,
-        _layout: &Layout,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let (storage, layout) = self.output.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(cuda) => Ok((cuda.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("frozen-linear: output is not a CUDA tensor"),
-        }
+        self.product(x, layout, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dequantized;
-        let weight = match &self.weight {
-            FrozenWeight::Dense(w) => w,
-            FrozenWeight::Quantized(q) => {
-                dequantized = q.dequantize()?.to_dtype(grad_res.dtype())?;
-                &dequantized
-            }
-        };
-        let grad_x = match grad_res.dims() {
-            [b, s, o] => grad_res
-                .reshape((b * s, *o))?
-                .matmul(weight)?
-                .reshape((*b, *s, ()))?,
-            _ => grad_res.broadcast_matmul(weight)?,
-        };
+        let weight = self.weight.whole(grad_res.dtype())?;
+        let (out_f, _) = weight.dims2()?;
+        let rows = grad_res.elem_count() / out_f.max(1);
+        let grad_x = grad_res
+            .reshape((rows, out_f))?
+            .matmul(&weight)?
+            .reshape(arg.shape())?;
         Ok(Some(grad_x.to_dtype(arg.dtype())?))
     }
 }
@@ -337,6 +356,45 @@ mod tests {
     use super::*;
     use crate::ops::dispatch::{grad_enabled, without_grad};
     use candle_core::{DType, Device, Var};
+
+    /// The frozen product off the kernels computes what the composition does, bit for bit,
+    /// forward and input gradient, with and without a bias, on an input that starts inside
+    /// its storage and on a transposed one; an untracked input records nothing.
+    #[test]
+    fn frozen_product_is_the_composition() {
+        let mut rng = crate::init::seeded_rng(8);
+        let mut draw = |shape: &[usize]| {
+            crate::init::normal(&mut rng, shape, 1.0, DType::F64, &Device::Cpu).unwrap()
+        };
+        let (w, b, upstream) = (draw(&[5, 8]), draw(&[5]), draw(&[2, 3, 5]));
+        let storage = Var::from_tensor(&draw(&[3, 3, 8])).unwrap();
+        let base = Var::from_tensor(&draw(&[2, 8, 3])).unwrap();
+        let inputs = [
+            (&storage, storage.as_tensor().narrow(0, 1, 2).unwrap()),
+            (&base, base.as_tensor().transpose(1, 2).unwrap()),
+        ];
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for (var, x) in inputs {
+            for bias in [None, Some(&b)] {
+                let ours = frozen_linear(&x, cpu::FrozenWeight::Dense(w.clone()), bias).unwrap();
+                let theirs = reference::linear(&x, &w, bias).unwrap();
+                assert_eq!(ours.dims(), [2, 3, 5]);
+                assert_eq!(values(&ours), values(&theirs));
+                let grad = |y: Tensor| {
+                    let g = (y * &upstream)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    values(g.get(var.as_tensor()).unwrap())
+                };
+                assert_eq!(grad(ours), grad(theirs));
+            }
+        }
+        let untracked = frozen_linear(&w, cpu::FrozenWeight::Dense(w.clone()), None).unwrap();
+        assert!(!untracked.track_op());
+    }
 
     /// Without gradients the ops give the same values and record nothing, and the flag is
     /// restored afterwards.

@@ -10,6 +10,7 @@
 mod attention;
 mod blas;
 mod blocks;
+mod constants;
 mod cpu;
 mod dispatch;
 mod elementwise;
@@ -25,6 +26,7 @@ mod types;
 pub use attention::{attention, attention_packed};
 pub use blas::OPENBLAS_WHEEL;
 pub use blocks::{feed_forward_block, projection_norm, FeedForward, ResidualNorm};
+pub use constants::{arange, causal_visibility};
 pub use dispatch::{
     blas_core_for_this_cpu, blas_notice, fetch_blas, grad_enabled, matmul_path, reference_forced,
     without_grad,

@@ -77,12 +77,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
         scores = scores.broadcast_add(&bias.reshape((b, 1, 1, tk))?.to_dtype(wide)?)?;
     }
     if spec.causal {
-        let offset = tk - tq;
-        let visible: Vec<u8> = (0..tq)
-            .flat_map(|i| (0..tk).map(move |j| u8::from(j <= i + offset)))
-            .collect();
-        let visible = Tensor::from_vec(visible, (tq, tk), q.device())?;
-        let blocked = Tensor::full(f64::NEG_INFINITY, (tq, tk), q.device())?
+        let visible = super::constants::causal_visibility(tq, tk, q.device())?;
+        let blocked = Tensor::full(f64::NEG_INFINITY, (), q.device())?
             .to_dtype(scores.dtype())?
             .broadcast_as(scores.shape())?;
         scores = visible

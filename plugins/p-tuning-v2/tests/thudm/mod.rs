@@ -1,8 +1,9 @@
 //! graft's ChatGLM2 against THUDM's own `modeling_chatglm.py`: a tiny random ChatGLM2 in the
 //! real checkpoint's layout, and the logits THUDM's code computed at every position of two
 //! rows, without and with a P-tuning v2 prefix as THUDM's `ptuning/` trains it (see
-//! `../shared/fixtures/README.md`). The folder is opened as a user's model folder; the prefix
-//! table, under THUDM's key, is loaded through graft's P-tuning v2 method.
+//! `../shared/fixtures/README.md`). The folder is opened as a user's model folder; the prefix,
+//! THUDM's `ptuning/` output folder, is read as `graft_trainer::thudm` reads it and loaded
+//! through graft's P-tuning v2 method.
 //!
 //! `GRAFT_CHATGLM_FIXTURE` names another folder made the same way. Two test binaries include
 //! this module: `thudm_parity` runs the CPU's fused kernels, `thudm_parity_reference_ops` the
@@ -69,12 +70,13 @@ pub fn model(dtype: DType) -> Decoder {
     Decoder::open(&fixture(), dtype, &Device::Cpu).unwrap()
 }
 
-/// THUDM's prefix table, loaded through graft's P-tuning v2 method as THUDM's checkpoint has
-/// it: `transformer.prefix_encoder.embedding.weight` and `pre_seq_len`.
+/// THUDM's prefix table as `ptuning/main.py` saves it (`ptuning/`: `pytorch_model.bin` with
+/// `transformer.prefix_encoder.embedding.weight`, config.json with `pre_seq_len`), read as graft
+/// reads such a folder and loaded through graft's P-tuning v2 method.
 pub fn prefix(model: &Decoder, pre_seq_len: usize) -> Box<dyn Adapter> {
-    let file = fixture().join("prefix_encoder.safetensors");
-    let tensors = graft_peft::candle::safetensors::load(&file, &Device::Cpu).unwrap();
-    assert!(tensors.contains_key(THUDM_PREFIX), "{}", file.display());
+    let saved = graft_trainer::thudm::read(&fixture().join("ptuning"), &Device::Cpu).unwrap();
+    assert!(saved.tensors.contains_key(THUDM_PREFIX));
+    assert_eq!(saved.config["pre_seq_len"], pre_seq_len);
     let info = model.info();
     let sites = model.sites();
     let base = model.named_tensors();
@@ -91,11 +93,7 @@ pub fn prefix(model: &Decoder, pre_seq_len: usize) -> Box<dyn Adapter> {
         total_steps: 0,
     };
     graft_plugin_p_tuning_v2::method()
-        .load(
-            &serde_json::json!({ "pre_seq_len": pre_seq_len }),
-            &tensors,
-            &ctx,
-        )
+        .load(&saved.config, &saved.tensors, &ctx)
         .unwrap()
 }
 

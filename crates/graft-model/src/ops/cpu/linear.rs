@@ -211,19 +211,29 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// A frozen weight `[out, in]` as a fused kernel reads it.
+/// A frozen weight `[out, in]` as a fused kernel (or, off them, `ops::linear`'s frozen
+/// product) reads it.
 pub(crate) enum FrozenWeight {
-    /// Contiguous; half precision is widened a block of rows at a time.
+    /// Contiguous for the kernels; half precision is widened a block of rows at a time.
     Dense(Tensor),
     /// Dequantized a block of rows at a time.
     Quantized(crate::quant::QuantizedWeight),
 }
 
 impl FrozenWeight {
-    pub(super) fn dims(&self) -> Result<(usize, usize)> {
+    pub(crate) fn dims(&self) -> Result<(usize, usize)> {
         match self {
             Self::Dense(w) => w.dims2(),
             Self::Quantized(q) => Ok(q.dims()),
+        }
+    }
+
+    /// The whole weight in `dtype`, a quantized one dequantized (and not kept): what the
+    /// compositions off the kernels multiply by.
+    pub(crate) fn whole(&self, dtype: candle_core::DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.to_dtype(dtype),
+            Self::Quantized(q) => q.dequantize()?.to_dtype(dtype),
         }
     }
 
