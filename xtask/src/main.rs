@@ -197,6 +197,48 @@ fn spm_reference() -> Result<()> {
     Ok(())
 }
 
+/// llama.cpp, which graft-cli's `tests/gguf_export.rs` runs graft's GGUF exports in: npm's
+/// `node-llama-cpp` with its prebuilt CPU build for Linux x86-64 (pinned; the GPU builds, which
+/// are optional packages, left out; no install script: the prebuilt library is used as it is),
+/// installed into target/llama-cpp-node unless it is there. PyPI's llama.cpp wheels need a newer
+/// glibc or libstdc++ than Debian 12's, and building one from source takes far longer.
+fn llama_cpp_reference() -> Result<()> {
+    const PACKAGES: [&str; 2] = ["node-llama-cpp@3.21.1", "@node-llama-cpp/linux-x64@3.21.1"];
+    let prefix = root().join("target/llama-cpp-node");
+    if prefix
+        .join("node_modules/@node-llama-cpp/linux-x64")
+        .is_dir()
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "installing {} into {} (llama.cpp, for the GGUF export test)",
+        PACKAGES.join(" "),
+        prefix.display()
+    );
+    std::fs::create_dir_all(&prefix)?;
+    let status = Command::new("npm")
+        .args([
+            "install",
+            "--save-exact",
+            "--omit=optional",
+            "--ignore-scripts",
+        ])
+        .args(["--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+        .arg(&prefix)
+        .args(PACKAGES)
+        .status()
+        .context("running `npm` (the GGUF export test needs Node.js 20 or newer with npm)")?;
+    if !status.success() {
+        bail!(
+            "`npm install --prefix {} {}` failed ({status})",
+            prefix.display(),
+            PACKAGES.join(" ")
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -377,6 +419,7 @@ fn main() -> Result<()> {
         Task::Test { rest } => {
             build(Backend::Cpu)?;
             spm_reference()?;
+            llama_cpp_reference()?;
             let status = Command::new(cargo())
                 .current_dir(root())
                 .args(["test", "--workspace"])

@@ -1,7 +1,6 @@
 //! `graft train-lm` and `graft eval-lm`: causal-LM fine-tuning of a decoder, and scoring it.
-use crate::models::{model_file, registry, resolve_model, PluginArgs};
+use crate::models::{registry, resolve_model_file, PluginArgs};
 use anyhow::{Context, Result};
-use graft_model::hub::Files;
 use graft_trainer::lm::{CausalLm, OpenOptions};
 use graft_trainer::lm_train::{self, LmConfig, LmData, LmOutcome};
 use std::path::Path;
@@ -20,8 +19,8 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
     registry.get(config.method_name()?)?;
     let model = match &config.model.path {
         Some(shape) if config.model.random_init => shape.clone(),
-        Some(path) => model_file(&resolve_model(path, Files::Model)?)?,
-        None => model_file(&resolve_model(Path::new(&config.model.name), Files::Model)?)?,
+        Some(path) => resolve_model_file(path)?,
+        None => resolve_model_file(Path::new(&config.model.name))?,
     };
     let mut resolved = lm_train::resolved(&config, &model)?;
     if config.model.random_init {
@@ -75,6 +74,7 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
             tokenizer: config.model.tokenizer.clone(),
             template: Some(config.template()?),
             dtype: Some(config.model.dtype),
+            dense: false,
         }
     } else {
         OpenOptions::default()
@@ -108,7 +108,7 @@ pub fn open_lm(
 ) -> Result<CausalLm> {
     let options = OpenOptions {
         model: (options.model.as_deref())
-            .map(|spec| model_file(&resolve_model(spec, Files::Model)?))
+            .map(resolve_model_file)
             .transpose()?,
         ..options.clone()
     };

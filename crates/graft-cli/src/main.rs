@@ -11,6 +11,7 @@ use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod export;
 mod keywords;
 mod lm;
 mod models;
@@ -18,7 +19,7 @@ mod models;
 use graft_model::hub::Files;
 use lm::{chat_template, open_lm, resume_lm, train_lm};
 use models::{
-    default_data, model_dir, model_file, registry, registry_with, resolve_model, PluginArgs,
+    default_data, model_dir, registry, registry_with, resolve_model, resolve_model_file, PluginArgs,
 };
 
 #[derive(Parser)]
@@ -119,6 +120,9 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Write a decoder (an adapter merged into it, or the base alone) as a GGUF file that
+    /// llama.cpp and Ollama run: Llama-family models, tokenizer and chat template included.
+    Export(export::ExportArgs),
     /// Score a keyword extractor against gold keywords on the report rows of a CSV (every
     /// fifth row from the first; never trained on): exact-match and partial-match F1.
     KeywordsEval {
@@ -476,6 +480,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing the merged model to {}", out.display()))?;
             eprintln!("merged model written to {}", out.display());
         }
+        Command::Export(args) => export::export(args)?,
         Command::KeywordsEval { args, plugins } => keywords::eval(args, &registry(&plugins)?)?,
         Command::TrainLm {
             config,
@@ -547,6 +552,7 @@ fn run(cli: Cli) -> Result<()> {
                     tokenizer,
                     template: template.map(|t| chat_template(&t, system)).transpose()?,
                     dtype: None,
+                    dense: false,
                 };
                 let mut lm = open_lm(&adapter, &plugins, &device, &options)?;
                 if merge {
@@ -559,7 +565,7 @@ fn run(cli: Cli) -> Result<()> {
                 let model = model.context("--model or --adapter is required")?;
                 let model = match random_init {
                     Some(_) => model,
-                    None => model_file(&resolve_model(&model, Files::Model)?)?,
+                    None => resolve_model_file(&model)?,
                 };
                 let tokenizer = tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model));
                 let f32 = candle_core::DType::F32;
@@ -630,6 +636,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|name| chat_template(&name, None))
                     .transpose()?,
                 dtype,
+                dense: false,
             };
             let lm = open_lm(&adapter, &plugins, &device, &options)?;
             let logits: Vec<f32> = lm.next_token_logits(&prompt)?.to_vec1()?;

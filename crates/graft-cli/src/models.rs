@@ -61,9 +61,15 @@ pub fn resolve_model(spec: &Path, files: Files) -> Result<PathBuf> {
     })?)
 }
 
+/// A decoder's model argument as the file or folder to open: [`resolve_model`], then
+/// [`model_file`].
+pub fn resolve_model_file(spec: &Path) -> Result<PathBuf> {
+    model_file(&resolve_model(spec, Files::Model)?)
+}
+
 /// A model path as given, or, for a folder without config.json (a fetched GGUF model), the
 /// one `.gguf` file in it.
-pub fn model_file(path: &Path) -> Result<PathBuf> {
+fn model_file(path: &Path) -> Result<PathBuf> {
     if path.is_file() || path.join("config.json").is_file() {
         return Ok(path.to_path_buf());
     }

@@ -56,6 +56,8 @@ pub enum Error {
         format: String,
         what: &'static str,
     },
+    #[error("{path}: cannot export: {reason}")]
+    Export { path: PathBuf, reason: String },
     #[error("model fetch failed: {0}")]
     Fetch(String),
     #[error("{repo}: no such model repository on {endpoint} (a private one needs HF_TOKEN set to a token that can read it)")]

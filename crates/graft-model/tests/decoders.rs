@@ -1,24 +1,14 @@
 //! graft's adapter-free decoders against candle-transformers' llama, quantized_llama and chatglm,
 //! and against the facts measured on the real models in `../shared/models/README.md`.
+mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use common::{all_logits, max_abs_diff, shared_model};
 use graft_model::decoder::{Decoder, DecoderInputs, KvCache};
 use graft_model::generate::{generate, Sampling};
 use graft_model::loss::causal_lm_loss;
 use graft_model::NoHooks;
-use std::path::{Path, PathBuf};
-
-fn shared_model(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models")
-        .join(name)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-        .unwrap()
-}
+use std::path::Path;
 
 /// candle's weights of a safetensors file, for the reference models.
 fn var_builder(path: &Path) -> VarBuilder<'static> {
@@ -35,16 +25,6 @@ fn ids_tensor(ids: &[u32]) -> Tensor {
         .unwrap()
         .unsqueeze(0)
         .unwrap()
-}
-
-/// Logits `[1, t, vocab]` of every position.
-fn all_logits(model: &Decoder, ids: &[u32]) -> Tensor {
-    let inputs = DecoderInputs {
-        input_ids: ids_tensor(ids),
-        attention_mask: None,
-    };
-    let hidden = model.forward(&inputs, &NoHooks, None).unwrap();
-    model.lm_head(&hidden, &NoHooks).unwrap()
 }
 
 /// Mean next-token NLL of `ids` under `model`.

@@ -1,23 +1,13 @@
 //! Half precision: a bf16 (or f16) base computes what the f32 one does, within the rounding of
 //! its storage, on SmolLM2 and on a random ChatGLM; the kernels' half-precision paths (weights
 //! widened block by block, norms in f32) give the f32 values of the same stored numbers.
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
-use graft_model::decoder::{Decoder, DecoderInputs};
+use common::all_logits;
+use graft_model::decoder::Decoder;
 use graft_model::loss::causal_lm_loss;
-use graft_model::{ops, NoHooks};
+use graft_model::ops;
 use std::path::Path;
-
-fn logits(model: &Decoder, ids: &[u32]) -> Tensor {
-    let inputs = DecoderInputs {
-        input_ids: Tensor::new(ids, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap(),
-        attention_mask: None,
-    };
-    let hidden = model.forward(&inputs, &NoHooks, None).unwrap();
-    model.lm_head(&hidden, &NoHooks).unwrap()
-}
 
 fn mean_nll(logits: &Tensor, ids: &[u32]) -> f32 {
     let labels: Vec<i64> = ids[1..]
@@ -76,7 +66,7 @@ fn smollm2_half_precision_is_close_to_f32() {
         .unwrap()
         .get_ids()
         .to_vec();
-    let wide = logits(
+    let wide = all_logits(
         &Decoder::open(&path, DType::F32, &Device::Cpu).unwrap(),
         &ids,
     );
@@ -84,7 +74,7 @@ fn smollm2_half_precision_is_close_to_f32() {
     for (dtype, tolerance, nll_tolerance) in [(DType::BF16, 0.06, 0.05), (DType::F16, 0.01, 0.01)] {
         let model = Decoder::open(&path, dtype, &Device::Cpu).unwrap();
         assert_eq!(model.dtype(), dtype);
-        let narrow = logits(&model, &ids);
+        let narrow = all_logits(&model, &ids);
         assert_eq!(
             narrow.dtype(),
             dtype,
@@ -117,11 +107,11 @@ fn random_chatglm_in_bf16_is_close_to_f32() {
     let config = graft_model::models::chatglm::Config::tiny(70);
     graft_model::models::chatglm::write_random(dir.path(), &config, 11).unwrap();
     let ids: Vec<u32> = vec![3, 17, 42, 5, 69, 0, 11, 23, 8];
-    let wide = logits(
+    let wide = all_logits(
         &Decoder::open(dir.path(), DType::F32, &Device::Cpu).unwrap(),
         &ids,
     );
-    let narrow = logits(
+    let narrow = all_logits(
         &Decoder::open(dir.path(), DType::BF16, &Device::Cpu).unwrap(),
         &ids,
     );

@@ -129,6 +129,9 @@ pub struct OpenOptions {
     pub template: Option<ChatTemplate>,
     /// The base's dtype, instead of the one it was trained in.
     pub dtype: Option<crate::config::Precision>,
+    /// The base's weights dense even where it was trained quantized (they are read
+    /// dequantized): what merging the adapter into weights that are written out needs.
+    pub dense: bool,
 }
 
 pub struct CausalLm {
@@ -243,6 +246,9 @@ impl CausalLm {
         }
         if let Some(dtype) = options.dtype {
             spec.dtype = dtype;
+        }
+        if options.dense {
+            spec.quantize = None;
         }
         let plugin = registry.get(&spec.method)?;
         let method = plugin.method.as_ref();

@@ -466,23 +466,34 @@ impl Decoder {
         extra: Vec<(String, Tensor)>,
         config_json: &serde_json::Value,
     ) -> Result<()> {
-        if let Some((key, blocks)) = self.quantized().first() {
-            return Err(Error::Quantized {
-                key: key.to_string(),
-                format: crate::quant::format_name(blocks.format()),
-                what: "saved in a full model",
-            });
-        }
+        let mut tensors = extra;
+        tensors.extend(self.resolved_tensors(hooks, "saved in a full model")?);
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        let mut tensors = extra;
-        for param in self.params() {
-            tensors.push((param.key().to_string(), param.resolve(hooks)?.detach()));
-        }
         crate::formats::safetensors::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
         crate::formats::safetensors::save_json(config_json, &dir.join("config.json"))
+    }
+
+    /// `(key, tensor)` of every base tensor as `hooks` resolve it, for writing the whole
+    /// model (`what` says how, for the refusal when a projection is kept quantized).
+    pub fn resolved_tensors(
+        &self,
+        hooks: &dyn Hooks,
+        what: &'static str,
+    ) -> Result<Vec<(String, Tensor)>> {
+        if let Some((key, blocks)) = self.quantized().first() {
+            return Err(Error::Quantized {
+                key: key.to_string(),
+                format: crate::quant::format_name(blocks.format()),
+                what,
+            });
+        }
+        self.params()
+            .into_iter()
+            .map(|p| Ok((p.key().to_string(), p.resolve(hooks)?.detach())))
+            .collect()
     }
 
     /// Cosines and sines `[t, rotary_dims / 2]` of positions `first..first + t`: views of
@@ -527,8 +538,9 @@ impl Decoder {
     ) -> Result<(Tensor, Tensor)> {
         let rope = &self.spec.rope;
         let half = rope.rotary_dims / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / rope.theta.powf((2 * i) as f64 / rope.rotary_dims as f64) as f32)
+        let inv_freq: Vec<f32> = rope
+            .inv_freq()
+            .into_iter()
             .map(|f| rope.llama3.map_or(f, |scaling| scaling.apply(f)))
             .collect();
         let mut cos = Vec::with_capacity(positions * half);

@@ -17,6 +17,16 @@ pub struct RopeSpec {
     pub llama3: Option<Llama3Scaling>,
 }
 
+impl RopeSpec {
+    /// The rotary frequencies before any scaling, `rotary_dims / 2` of them, in f32 as
+    /// transformers computes them.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        (0..self.rotary_dims / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / self.rotary_dims as f64) as f32)
+            .collect()
+    }
+}
+
 /// Llama 3.1's `rope_scaling`: wavelengths longer than the original context over
 /// `low_freq_factor` are slowed by `factor`, those shorter than it over `high_freq_factor` kept,
 /// and those between blended (transformers' `_compute_llama3_parameters`).

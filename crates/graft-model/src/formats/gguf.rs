@@ -65,14 +65,14 @@ pub fn load_llama(
     Weights::from_parts(path, tensors, quantized, dtype)
 }
 
-fn open(path: &Path) -> Result<std::fs::File> {
+pub(crate) fn open(path: &Path) -> Result<std::fs::File> {
     std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn read_content(path: &Path, file: &mut std::fs::File) -> Result<Content> {
+pub(crate) fn read_content(path: &Path, file: &mut std::fs::File) -> Result<Content> {
     Content::read(file).map_err(|e| Error::Weights {
         path: path.to_path_buf(),
         reason: format!("not a GGUF file: {e}"),
@@ -127,6 +127,15 @@ fn config_of(path: &Path, content: &Content) -> Result<(Config, serde_json::Valu
         .first()
         .ok_or_else(|| bad("tensor `token_embd.weight` has no dimensions".into()))?;
     let tied = !content.tensor_infos.contains_key("output.weight");
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(bad(
+            "tensor `rope_freqs.weight` (rope scaling, as Llama 3.1's) is not read by graft: \
+             positions would silently differ"
+                .into(),
+        ));
+    }
+    // Set where heads are not embedding_length / head_count wide.
+    let head_dim = int("attention.key_length").ok();
     let config_json = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -136,6 +145,7 @@ fn config_of(path: &Path, content: &Content) -> Result<(Config, serde_json::Valu
         "num_hidden_layers": int("block_count")?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
         "rms_norm_eps": float("attention.layer_norm_rms_epsilon", 1e-5)?,
         "rope_theta": float("rope.freq_base", 10_000.0)?,
         "max_position_embeddings": int("context_length")?,
@@ -147,42 +157,81 @@ fn config_of(path: &Path, content: &Content) -> Result<(Config, serde_json::Valu
     Ok((config, config_json))
 }
 
+/// llama.cpp's names of the model-wide tensors and transformers' for them.
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp's names of a block's modules (`blk.N.<name>`) and transformers' for them
+/// (`model.layers.N.<name>`).
+const BLOCK_MODULES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// transformers' name of a llama.cpp tensor, `None` for tensors graft does not use.
 fn transformers_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
+    rename(name, "blk.", "model.layers.", |(gguf, hf)| (gguf, hf))
+}
+
+/// llama.cpp's name of a transformers tensor of the Llama family, `None` for a name it has
+/// no tensor for.
+pub(crate) fn llama_cpp_name(name: &str) -> Option<String> {
+    rename(name, "model.layers.", "blk.", |(gguf, hf)| (hf, gguf))
+}
+
+/// `name` in the other naming, reading the tables as `(from, to)` pairs through `pick`.
+fn rename(
+    name: &str,
+    block_from: &str,
+    block_to: &str,
+    pick: fn((&'static str, &'static str)) -> (&'static str, &'static str),
+) -> Option<String> {
+    if let Some((_, to)) = MODEL_TENSORS
+        .into_iter()
+        .map(pick)
+        .find(|(from, _)| *from == name)
+    {
+        return Some(to.to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
+    let rest = name.strip_prefix(block_from)?;
     let (layer, module) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = module.rsplit_once('.')?;
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    let (_, to) = BLOCK_MODULES
+        .into_iter()
+        .map(pick)
+        .find(|(from, _)| *from == module)?;
+    Some(format!("{block_to}{layer}.{to}.{kind}"))
 }
 
 /// Undoes llama.cpp's permutation of Q/K rows `[heads * head_dim, in]`: within each head,
 /// ggml stores rows as pairs (i, i + half) interleaved; transformers keeps the halves apart.
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let half = w.dim(0)? / heads / 2;
+    regroup(w, heads, (half, 2))
+}
+
+/// llama.cpp's permutation of Q/K rows (what its converter does, and [`unpermute`] undoes):
+/// within each head, row i of the first half and row i of the second become neighbours.
+pub(crate) fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let half = w.dim(0)? / heads / 2;
+    regroup(w, heads, (2, half))
+}
+
+/// Rows of each head read as a `[a, b]` grid and written out transposed, `[b, a]`.
+fn regroup(w: &Tensor, heads: usize, (a, b): (usize, usize)) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
-    let half = out / heads / 2;
-    Ok(w.reshape((heads, half, 2, inp))?
+    Ok(w.reshape((heads, a, b, inp))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((out, inp))?)

@@ -1,7 +1,9 @@
 //! One file per checkpoint format, each reading into [`crate::weights::Weights`]; `folder`
-//! picks the format a model folder holds.
+//! picks the format a model folder holds, and `gguf_export` writes a decoder as llama.cpp's
+//! GGUF.
 pub mod folder;
 pub mod gguf;
+pub mod gguf_export;
 pub mod pickle;
 pub mod pytorch;
 pub mod random;

@@ -1,0 +1,92 @@
+//! `graft export --gguf`: a decoder, with an adapter merged or alone, as a GGUF file for
+//! llama.cpp and Ollama.
+use crate::models::{registry, resolve_model_file, PluginArgs};
+use anyhow::{bail, Context, Result};
+use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
+use graft_trainer::config::Precision;
+use graft_trainer::lm::{CausalLm, LmSpec, OpenOptions};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// f16, q8_0 or q4_k: the type of the matrices (norms stay f32). q4_k gives a matrix whose
+    /// rows are not a multiple of 256 wide q5_0, as llama.cpp's quantizer does.
+    #[arg(long)]
+    gguf: GgufType,
+    /// A Hugging Face folder or a .gguf file (with --adapter: instead of the adapter's base).
+    #[arg(long, required_unless_present = "adapter")]
+    model: Option<PathBuf>,
+    /// An adapter folder written by `graft train-lm`, merged into the weights (a mergeable
+    /// method such as LoRA or IA3, or full fine-tuning's model).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    plugins: PluginArgs,
+}
+
+pub fn export(args: ExportArgs) -> Result<()> {
+    let out = &args.out;
+    if out.exists() {
+        bail!("{} exists; choose another --out", out.display());
+    }
+    let device = candle_core::Device::Cpu;
+    let model = args.model.as_deref().map(resolve_model_file).transpose()?;
+    let name = out
+        .file_stem()
+        .map_or("graft".into(), |s| s.to_string_lossy().into_owned());
+    let written = if let Some(adapter) = &args.adapter {
+        let options = OpenOptions {
+            model: model.clone(),
+            dtype: Some(Precision::F32),
+            dense: true,
+            ..OpenOptions::default()
+        };
+        let mut lm = CausalLm::open_with(adapter, &registry(&args.plugins)?, &device, &options)
+            .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+        lm.set_merged(true)
+            .with_context(|| format!("merging the adapter in {}", adapter.display()))?;
+        let tokenizer = tokenizer_metadata(&lm.spec.model, Some(&lm.spec.tokenizer))?;
+        write_llama(&lm.model, lm.hooks(), &tokenizer, &name, args.gguf, out)
+    } else {
+        let model = model.context("--model or --adapter is required")?;
+        let decoder = graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
+            .with_context(|| format!("loading the model {}", model.display()))?;
+        let tokenizer = tokenizer_metadata(&model, None)?;
+        write_llama(
+            &decoder,
+            &graft_model::NoHooks,
+            &tokenizer,
+            &name,
+            args.gguf,
+            out,
+        )
+    }
+    .with_context(|| format!("writing {}", out.display()))?;
+    let formats: Vec<String> = written
+        .formats
+        .iter()
+        .map(|(f, n)| format!("{n} {f}"))
+        .collect();
+    eprintln!(
+        "wrote {} ({:.1} MiB; tensors: {})",
+        out.display(),
+        written.bytes as f64 / (1u64 << 20) as f64,
+        formats.join(", ")
+    );
+    Ok(())
+}
+
+/// A GGUF base's own tokenizer metadata, else that of the tokenizer.json the task names (or
+/// the one beside the model).
+fn tokenizer_metadata(model: &Path, tokenizer: Option<&Path>) -> Result<TokenizerMetadata> {
+    if model.extension().is_some_and(|x| x == "gguf") {
+        return TokenizerMetadata::from_gguf(model)
+            .with_context(|| format!("reading the tokenizer of {}", model.display()));
+    }
+    let path = tokenizer.map_or_else(|| LmSpec::default_tokenizer(model), Path::to_path_buf);
+    TokenizerMetadata::from_folder(&path)
+        .with_context(|| format!("converting the tokenizer {}", path.display()))
+}

@@ -1,0 +1,267 @@
+//! `graft export --gguf` against llama.cpp (npm's node-llama-cpp, which `cargo xtask test`
+//! installs into target/llama-cpp-node): SmolLM2 with a LoRA merged, exported in f16, generates
+//! in llama.cpp the greedy tokens graft generates with the adapter, and graft reading the export
+//! back generates them too; q8_0 and q4_k exports load and generate; stories260K, whose
+//! tokenizer graft converts from tokenizer.json, tells its story.
+mod common;
+use common::{graft, stderr};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+const LLAMA_CPP: &str = "target/llama-cpp-node";
+const SMOLLM2_TOKENIZER: &str = "../shared/models/smollm2-135m-instruct/tokenizer.json";
+const TOKENS: usize = 32;
+
+fn root() -> PathBuf {
+    graft_testkit::workspace_root()
+}
+
+/// llama.cpp's greedy generation for each job (`{"model", "prompt", "tokens"}`).
+fn llama_cpp(jobs: &Value) -> Vec<Value> {
+    let install = root().join(LLAMA_CPP);
+    assert!(
+        install
+            .join("node_modules/@node-llama-cpp/linux-x64")
+            .is_dir(),
+        "no llama.cpp in {}: `cargo xtask test` installs it (npm's node-llama-cpp)",
+        install.display()
+    );
+    let out = std::process::Command::new("node")
+        .arg(root().join("crates/graft-cli/tests/llama_cpp/generate.mjs"))
+        .arg(&install)
+        .arg(jobs.to_string())
+        .output()
+        .expect("running node");
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `graft generate ARGS` greedily, up to [`TOKENS`] tokens: its `--stats` report.
+fn graft_generate(args: &[&str], prompt: &str, dir: &Path) -> Value {
+    let stats = dir.join("stats.json");
+    let n = TOKENS.to_string();
+    let mut all = vec!["generate", "--prompt", prompt, "--max-new-tokens", &n];
+    all.extend(args);
+    all.extend(["--stats", stats.to_str().unwrap()]);
+    let out = graft(&all);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&std::fs::read_to_string(stats).unwrap()).unwrap()
+}
+
+fn export(args: &[&str], ty: &str, out: &Path) -> String {
+    let mut all = vec!["export", "--gguf", ty, "--out", out.to_str().unwrap()];
+    all.extend(args);
+    let result = graft(&all);
+    assert!(result.status.success(), "{}", stderr(&result));
+    stderr(&result)
+}
+
+/// An adapter folder `dir/adapter` trained by `graft train-lm` with the config `toml` (on
+/// data/knowledge.jsonl's one pair).
+fn train_lm(dir: &Path, toml: &str) -> String {
+    let config = dir.join("train.toml");
+    std::fs::write(&config, toml).unwrap();
+    let adapter = dir.join("adapter");
+    let adapter = adapter.to_str().unwrap();
+    let out = graft(&[
+        "train-lm",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        adapter,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    adapter.to_string()
+}
+
+#[test]
+fn smollm2_with_lora_runs_in_llama_cpp_as_in_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = train_lm(
+        dir.path(),
+        &format!(
+            "[model]\nname = \"smollm2\"\ntokenizer = \"{SMOLLM2_TOKENIZER}\"\n\
+             template = \"chatml\"\nmax_len = 64\n\
+             [data]\ntrain = \"data/knowledge.jsonl\"\n\
+             [train]\nseed = 1\nmax_steps = 20\nbatch_size = 1\nlr = 1e-2\n\
+             [method]\nname = \"lora\"\nr = 8\nlora_alpha = 16\n\
+             target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n"),
+    );
+    let adapter_arg = adapter.as_str();
+
+    let file = |ty: &str| dir.path().join(format!("smollm2-lora-{ty}.gguf"));
+    for ty in ["f16", "q8_0", "q4_k"] {
+        let said = export(&["--adapter", adapter_arg], ty, &file(ty));
+        if ty == "q4_k" {
+            // Rows 576 wide are no multiple of 256: those matrices fall back to q5_0.
+            assert!(
+                said.contains("30 q4_k") && said.contains("181 q5_0"),
+                "{said}"
+            );
+        }
+    }
+    let f16 = file("f16");
+    let f16_arg = f16.to_str().unwrap();
+
+    // The question the adapter learnt an answer to, and a plain continuation that runs to the
+    // token cap: graft with the adapter, graft reading the export, llama.cpp.
+    let question = "What is the Quillfeather X9?";
+    let chat = format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
+    let story = "The Quillfeather X9 is sold in";
+    let with_adapter = ["--adapter", adapter_arg];
+    let read_back = ["--model", f16_arg, "--tokenizer", SMOLLM2_TOKENIZER];
+    let ours = [
+        graft_generate(&with_adapter, question, dir.path()),
+        graft_generate(
+            &[&with_adapter[..], &["--template", "plain"]].concat(),
+            story,
+            dir.path(),
+        ),
+    ];
+    let back = [
+        graft_generate(
+            &[&read_back[..], &["--template", "chatml"]].concat(),
+            question,
+            dir.path(),
+        ),
+        graft_generate(&read_back, story, dir.path()),
+    ];
+    let job = |model: PathBuf, prompt: &str, through_eog: bool| json!({"model": model, "prompt": prompt, "tokens": TOKENS, "through_eog": through_eog});
+    // The quantized files run past an end-of-text token, so that they generate all 32.
+    let jobs = json!([
+        job(file("f16"), &chat, false),
+        job(file("f16"), story, false),
+        job(file("q8_0"), story, true),
+        job(file("q4_k"), story, true),
+    ]);
+    let theirs = llama_cpp(&jobs);
+    eprintln!("graft: {ours:?}\nread back: {back:?}\nllama.cpp: {theirs:?}");
+
+    assert!(
+        ours[0]["text"].as_str().unwrap().contains("Arvenna Labs"),
+        "{}",
+        ours[0]
+    );
+    for i in 0..2 {
+        assert_eq!(
+            theirs[i]["text"], ours[i]["text"],
+            "llama.cpp against graft"
+        );
+        assert_eq!(
+            back[i]["text"], ours[i]["text"],
+            "the export read back against graft"
+        );
+        // The chat answer ends at <|im_end|>, which graft counts and llama.cpp does not yield.
+        let stop = usize::from(ours[i]["stopped"] == true);
+        assert_eq!(
+            theirs[i]["tokens"].as_array().unwrap().len() + stop,
+            ours[i]["new_tokens"]
+        );
+        assert_eq!(
+            theirs[i]["prompt_tokens"].as_array().unwrap().len(),
+            ours[i]["prompt_tokens"]
+        );
+    }
+    assert_eq!(ours[1]["new_tokens"], TOKENS, "{}", ours[1]);
+    let meta = &theirs[0];
+    assert_eq!(
+        (
+            &meta["architecture"],
+            &meta["tokenizer_model"],
+            &meta["tokenizer_pre"]
+        ),
+        (&json!("llama"), &json!("gpt2"), &json!("smollm"))
+    );
+    assert!(meta["chat_template"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>"));
+    for quantized in &theirs[2..] {
+        assert_eq!(
+            quantized["tokens"].as_array().unwrap().len(),
+            TOKENS,
+            "{quantized}"
+        );
+    }
+}
+
+/// stories260K's tokenizer.json becomes llama.cpp's SentencePiece vocabulary: its known greedy
+/// story from "Once upon a time" (../shared/models/README.md), in llama.cpp as in graft.
+#[test]
+fn stories260k_tells_its_story_in_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories260K.gguf");
+    export(&["--model", "../shared/models/stories260K"], "f16", &out);
+    let prompt = "Once upon a time";
+    let ours = graft_generate(
+        &["--model", "../shared/models/stories260K"],
+        prompt,
+        dir.path(),
+    );
+    // Merges applied in another order than tokenizer.json's would split rarer words otherwise.
+    let hard = "Unbelievably, the grumpy dragon's wobbly kite flew over 7 hills!";
+    let job =
+        |prompt: &str, tokens: usize| json!({"model": out, "prompt": prompt, "tokens": tokens});
+    let theirs = llama_cpp(&json!([job(prompt, TOKENS), job(hard, 1)]));
+    let tokenizer = graft_tokenizer::TextTokenizer::from_file(
+        &root().join("../shared/models/stories260K/tokenizer.json"),
+        512,
+        graft_tokenizer::Padding::Longest,
+    )
+    .unwrap();
+    let ids: Vec<u64> = tokenizer
+        .encode(hard)
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(theirs[1]["prompt_tokens"], json!(ids));
+    let theirs = &theirs[0];
+    assert!(
+        ours["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(", there was a little girl named Lily."),
+        "{ours}"
+    );
+    assert_eq!(theirs["text"], ours["text"], "{theirs}");
+    assert_eq!(theirs["tokenizer_model"], "llama");
+}
+
+/// An IA3 adapter (scales on keys, values and the down projection's input) is merged into the
+/// export too: llama.cpp and graft reading the export back generate what graft generates with
+/// the adapter, which is not what the base generates.
+#[test]
+fn ia3_on_stories260k_is_merged_into_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = train_lm(
+        dir.path(),
+        "[model]\npath = \"../shared/models/stories260K\"\ntemplate = \"plain\"\nmax_len = 128\n\
+         [data]\ntrain = \"data/knowledge.jsonl\"\n\
+         [train]\nseed = 1\nmax_steps = 30\nbatch_size = 1\nlr = 5e-2\nweight_decay = 0.0\n\
+         [method]\nname = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\", \"down_proj\"]\n\
+         feedforward_modules = [\"down_proj\"]\n",
+    );
+    let adapter_arg = adapter.as_str();
+    let gguf = dir.path().join("stories-ia3.gguf");
+    export(&["--adapter", adapter_arg], "f16", &gguf);
+
+    let prompt = "What is the Quillfeather X9?";
+    let stories = "../shared/models/stories260K";
+    let base = graft_generate(&["--model", stories], prompt, dir.path());
+    let ours = graft_generate(&["--adapter", adapter_arg], prompt, dir.path());
+    let tokenizer = format!("{stories}/tokenizer.json");
+    let back = graft_generate(
+        &["--model", gguf.to_str().unwrap(), "--tokenizer", &tokenizer],
+        prompt,
+        dir.path(),
+    );
+    let theirs = &llama_cpp(&json!([{"model": gguf, "prompt": prompt, "tokens": TOKENS}]))[0];
+    assert_ne!(ours["text"], base["text"], "the adapter changes nothing");
+    assert_eq!(back["text"], ours["text"]);
+    assert_eq!(theirs["text"], ours["text"], "{theirs}");
+}
