@@ -1,6 +1,6 @@
 //! `graft export --gguf`: a decoder, with an adapter merged or alone, as a GGUF file for
 //! llama.cpp and Ollama.
-use crate::models::{model_file, registry, PluginArgs};
+use crate::models::{registry, resolve_model_file, PluginArgs};
 use anyhow::{bail, Context, Result};
 use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
 use graft_trainer::config::Precision;
@@ -33,7 +33,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         bail!("{} exists; choose another --out", out.display());
     }
     let device = candle_core::Device::Cpu;
-    let model = args.model.as_deref().map(model_file).transpose()?;
+    let model = args.model.as_deref().map(resolve_model_file).transpose()?;
     let name = out
         .file_stem()
         .map_or("graft".into(), |s| s.to_string_lossy().into_owned());

@@ -1,5 +1,5 @@
 //! `graft train-lm` and `graft eval-lm`: causal-LM fine-tuning of a decoder, and scoring it.
-use crate::models::{known_models, model_file, registry, PluginArgs};
+use crate::models::{registry, resolve_model_file, PluginArgs};
 use anyhow::{Context, Result};
 use graft_trainer::lm::{CausalLm, OpenOptions};
 use graft_trainer::lm_train::{self, LmConfig, LmData, LmOutcome};
@@ -19,17 +19,8 @@ pub fn train_lm(config: LmConfig, out: &Path, plugins: &PluginArgs) -> Result<()
     registry.get(config.method_name()?)?;
     let model = match &config.model.path {
         Some(shape) if config.model.random_init => shape.clone(),
-        Some(path) => model_file(path)?,
-        None => {
-            let known = graft_model::zoo::find_known(&config.model.name).with_context(|| {
-                format!(
-                    "model.name `{}` is not a model graft can fetch (known: {}); set model.path",
-                    config.model.name,
-                    known_models()
-                )
-            })?;
-            model_file(&known.ensure(&mut |m| eprintln!("{m}"))?)?
-        }
+        Some(path) => resolve_model_file(path)?,
+        None => resolve_model_file(Path::new(&config.model.name))?,
     };
     let mut resolved = lm_train::resolved(&config, &model)?;
     if config.model.random_init {
@@ -79,7 +70,7 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
     // THUDM's P-tuning v2 output names no base: the config's model is it.
     let options = if graft_trainer::thudm::is_checkpoint(adapter) {
         OpenOptions {
-            model: config.model.path.as_deref().map(model_file).transpose()?,
+            model: config.model.path.clone(),
             tokenizer: config.model.tokenizer.clone(),
             template: Some(config.template()?),
             dtype: Some(config.model.dtype),
@@ -115,6 +106,12 @@ pub fn open_lm(
     device: &candle_core::Device,
     options: &OpenOptions,
 ) -> Result<CausalLm> {
-    CausalLm::open_with(adapter, &registry(plugins)?, device, options)
+    let options = OpenOptions {
+        model: (options.model.as_deref())
+            .map(resolve_model_file)
+            .transpose()?,
+        ..options.clone()
+    };
+    CausalLm::open_with(adapter, &registry(plugins)?, device, &options)
         .with_context(|| format!("loading the adapter in {}", adapter.display()))
 }

@@ -16,9 +16,10 @@ mod keywords;
 mod lm;
 mod models;
 
+use graft_model::hub::Files;
 use lm::{chat_template, open_lm, resume_lm, train_lm};
 use models::{
-    default_data, known_models, model_dir, model_file, registry, registry_with, PluginArgs,
+    default_data, model_dir, registry, registry_with, resolve_model, resolve_model_file, PluginArgs,
 };
 
 #[derive(Parser)]
@@ -42,7 +43,8 @@ enum Command {
         /// TOML config (see configs/).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Model folder (config.json, model.safetensors, tokenizer.json).
+        /// Model folder (config.json, model.safetensors, tokenizer.json), alias (minilm) or
+        /// hub id (owner/name[@revision]; a local path of that name wins).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Labelled CSV (uuid,title,author,abstract,Keywords,label).
@@ -72,7 +74,8 @@ enum Command {
         /// An adapter folder written by graft, or by Hugging Face PEFT (then give --model).
         #[arg(long)]
         adapter: PathBuf,
-        /// The base model folder (default: the one the adapter's graft_task.json names).
+        /// The base model: a folder, alias or hub id (default: the folder the adapter's
+        /// graft_task.json names).
         #[arg(long)]
         model: Option<PathBuf>,
         #[arg(long)]
@@ -88,7 +91,8 @@ enum Command {
         /// An adapter folder written by graft, or by Hugging Face PEFT (then give --model).
         #[arg(long)]
         adapter: PathBuf,
-        /// The base model folder (default: the one the adapter's graft_task.json names).
+        /// The base model: a folder, alias or hub id (default: the folder the adapter's
+        /// graft_task.json names).
         #[arg(long)]
         model: Option<PathBuf>,
         #[arg(long)]
@@ -211,8 +215,9 @@ enum Command {
     },
     /// Generate text with a decoder, with or without an adapter.
     Generate {
-        /// A Hugging Face folder or a .gguf file (with --adapter: the adapter's base model,
-        /// by default the one it records; THUDM's P-tuning v2 output records none).
+        /// A Hugging Face folder, a .gguf file, an alias or a hub id (owner/name[@revision])
+        /// (with --adapter: the adapter's base model, by default the one it records; THUDM's
+        /// P-tuning v2 output records none).
         #[arg(long, required_unless_present = "adapter")]
         model: Option<PathBuf>,
         /// An adapter folder written by `graft train-lm`, or by THUDM's `ptuning/main.py`.
@@ -271,7 +276,8 @@ enum Command {
     /// Size a decoder and LoRA on it from the config alone (no weights read): parameters,
     /// trainable values, and the memory a training step needs.
     Inspect {
-        /// A model folder, its config.json, or a .gguf file.
+        /// A model folder, its config.json, a .gguf file, an alias or a hub id (only its
+        /// config.json is fetched).
         model: PathBuf,
         /// LoRA rank.
         #[arg(long, default_value_t = 8)]
@@ -308,8 +314,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Put a known model (minilm, smollm2) in graft's cache and print its folder.
-    FetchModel { name: String },
+    /// Fetch a model, a known one (minilm, smollm2) into graft's cache or a hub id
+    /// (owner/name[@revision]) into the Hugging Face cache, and print its folder.
+    FetchModel { name: PathBuf },
     /// Put graft's own copy of OpenBLAS in its cache (PyPI's scipy-openblas32, pinned by
     /// version and hash) and print its path and what the products will run on.
     FetchBlas,
@@ -581,7 +588,7 @@ fn run(cli: Cli) -> Result<()> {
                 let model = model.context("--model or --adapter is required")?;
                 let model = match random_init {
                     Some(_) => model,
-                    None => model_file(&model)?,
+                    None => resolve_model_file(&model)?,
                 };
                 let tokenizer = tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model));
                 let f32 = candle_core::DType::F32;
@@ -662,13 +669,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => {
                     let model = model.context("--adapter or --model is required")?;
+                    let model = resolve_model_file(&model)?;
                     let dtype = dtype.unwrap_or_default();
-                    let decoder = graft_model::decoder::Decoder::open(
-                        &model_file(&model)?,
-                        dtype.dtype(),
-                        &device,
-                    )
-                    .with_context(|| format!("loading the model {}", model.display()))?;
+                    let decoder =
+                        graft_model::decoder::Decoder::open(&model, dtype.dtype(), &device)
+                            .with_context(|| format!("loading the model {}", model.display()))?;
                     let tokenizer = graft_tokenizer::TextTokenizer::from_file(
                         &tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model)),
                         decoder.spec().max_positions,
@@ -756,7 +761,8 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 prefix: prefix.unwrap_or(0),
             };
-            let report = graft_trainer::inspect::inspect(&model, targets, r, shape)
+            let path = resolve_model(&model, Files::Config)?;
+            let report = graft_trainer::inspect::inspect(&path, targets, r, shape)
                 .with_context(|| format!("inspecting {}", model.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -811,9 +817,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::FetchModel { name } => {
-            let known = graft_model::zoo::find_known(&name)
-                .with_context(|| format!("unknown model `{name}` (known: {})", known_models()))?;
-            println!("{}", known.ensure(&mut |m| eprintln!("{m}"))?.display());
+            println!("{}", resolve_model(&name, Files::Model)?.display());
         }
         Command::FetchBlas => {
             let path = graft_model::ops::fetch_blas()?;
@@ -878,8 +882,11 @@ fn report_outcome(outcome: &train::Outcome) {
 
 fn open(adapter: &Path, model: Option<&Path>, registry: &Registry) -> Result<Classifier> {
     let device = graft_model::default_device()?;
+    let model = model
+        .map(|spec| resolve_model(spec, Files::Model))
+        .transpose()?;
     let context = || format!("loading the adapter in {}", adapter.display());
-    let spec = TaskSpec::locate(adapter, model, registry).with_context(context)?;
+    let spec = TaskSpec::locate(adapter, model.as_deref(), registry).with_context(context)?;
     Classifier::open_with_spec(adapter, spec, registry, &device).with_context(context)
 }
 

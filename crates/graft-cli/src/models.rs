@@ -1,6 +1,7 @@
 //! Where a run's plugins, model and default data come from.
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use graft_model::hub::Files;
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
@@ -44,31 +45,31 @@ pub fn default_data() -> Result<PathBuf> {
         })
 }
 
+/// The model a training config names: `--model`, else `model.dir`, else `model.name`.
 pub fn model_dir(config: &TrainConfig, flag: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(dir) = flag.or_else(|| config.model.dir.clone()) {
-        return Ok(dir);
-    }
-    let known = graft_model::zoo::find_known(&config.model.name).with_context(|| {
-        format!(
-            "model.name `{}` is not a model graft can fetch (known: {}); set model.dir or --model",
-            config.model.name,
-            known_models()
-        )
-    })?;
-    Ok(known.ensure(&mut |m| eprintln!("{m}"))?)
+    let spec = flag
+        .or_else(|| config.model.dir.clone())
+        .unwrap_or_else(|| PathBuf::from(&config.model.name));
+    resolve_model(&spec, Files::Model)
 }
 
-pub fn known_models() -> String {
-    graft_model::zoo::KNOWN
-        .iter()
-        .map(|m| m.alias)
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Every model argument's way to a local path: an existing path as given, else an alias
+/// (`minilm`) or a hub id (`owner/name[@revision]`) fetched into its cache.
+pub fn resolve_model(spec: &Path, files: Files) -> Result<PathBuf> {
+    Ok(graft_model::zoo::locate(spec, files, &mut |m| {
+        eprintln!("{m}")
+    })?)
+}
+
+/// A decoder's model argument as the file or folder to open: [`resolve_model`], then
+/// [`model_file`].
+pub fn resolve_model_file(spec: &Path) -> Result<PathBuf> {
+    model_file(&resolve_model(spec, Files::Model)?)
 }
 
 /// A model path as given, or, for a folder without config.json (a fetched GGUF model), the
 /// one `.gguf` file in it.
-pub fn model_file(path: &Path) -> Result<PathBuf> {
+fn model_file(path: &Path) -> Result<PathBuf> {
     if path.is_file() || path.join("config.json").is_file() {
         return Ok(path.to_path_buf());
     }

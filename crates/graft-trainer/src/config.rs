@@ -80,9 +80,10 @@ impl std::fmt::Display for Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// A model folder (config.json, model.safetensors, tokenizer.json); empty: fetch `name`.
+    /// A model folder (config.json, model.safetensors, tokenizer.json) or a hub id
+    /// (`owner/name[@revision]`, fetched; a local folder of that name wins); empty: `name`.
     pub dir: Option<PathBuf>,
-    /// A model graft knows how to fetch (`minilm`), used when `dir` is not set.
+    /// A model graft knows how to fetch (`minilm`) or a hub id, used when `dir` is not set.
     pub name: String,
     pub pooling: Pooling,
     pub max_len: usize,

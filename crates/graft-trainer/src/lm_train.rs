@@ -36,9 +36,10 @@ pub struct LmConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LmModelSection {
-    /// A Hugging Face folder or a `.gguf` file; empty: fetch `name`.
+    /// A Hugging Face folder, a `.gguf` file or a hub id (`owner/name[@revision]`, fetched; a
+    /// local path of that name wins); empty: `name`.
     pub path: Option<PathBuf>,
-    /// A model graft knows how to fetch (`smollm2`), used when `path` is not set.
+    /// A model graft knows how to fetch (`smollm2`) or a hub id, used when `path` is not set.
     pub name: String,
     /// tokenizer.json; empty: beside the model.
     pub tokenizer: Option<PathBuf>,
