@@ -16,7 +16,7 @@ mod keywords;
 mod lm;
 mod models;
 
-use graft_model::hub::Files;
+use graft_hub::Files;
 use lm::{chat_template, open_lm, resume_lm, train_lm};
 use models::{
     default_data, model_dir, registry, registry_with, resolve_model, resolve_model_file, PluginArgs,

@@ -1,7 +1,7 @@
 //! Where a run's plugins, model and default data come from.
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use graft_model::hub::Files;
+use graft_hub::Files;
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
@@ -56,9 +56,7 @@ pub fn model_dir(config: &TrainConfig, flag: Option<PathBuf>) -> Result<PathBuf>
 /// Every model argument's way to a local path: an existing path as given, else an alias
 /// (`minilm`) or a hub id (`owner/name[@revision]`) fetched into its cache.
 pub fn resolve_model(spec: &Path, files: Files) -> Result<PathBuf> {
-    Ok(graft_model::zoo::locate(spec, files, &mut |m| {
-        eprintln!("{m}")
-    })?)
+    Ok(graft_hub::locate(spec, files, &mut |m| eprintln!("{m}"))?)
 }
 
 /// A decoder's model argument as the file or folder to open: [`resolve_model`], then

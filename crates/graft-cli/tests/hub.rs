@@ -5,7 +5,7 @@ mod common;
 mod fake_hub;
 
 use fake_hub::{sha256, FakeHub, FakeRepo, RepoFile};
-use graft_model::hub::{Files, Hub, HubId};
+use graft_hub::{Files, Hub, HubId};
 use graft_testkit as testkit;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ fn id(text: &str) -> HubId {
     HubId::parse(text).unwrap()
 }
 
-fn fetch(hub: &Hub, repo: &str, files: Files) -> graft_model::Result<PathBuf> {
+fn fetch(hub: &Hub, repo: &str, files: Files) -> graft_hub::Result<PathBuf> {
     hub.fetch(&id(repo), files, &mut |m| eprintln!("{m}"))
 }
 
@@ -141,7 +141,7 @@ fn a_file_whose_sha256_differs_from_the_hubs_is_refused_and_removed() {
     let hub = hub(&server, cache.path());
 
     let error = fetch(&hub, STORIES, Files::Model).unwrap_err();
-    let graft_model::Error::HubHashMismatch {
+    let graft_hub::Error::HashMismatch {
         file,
         expected: named,
         actual,
@@ -181,7 +181,7 @@ fn a_missing_repository_and_a_gated_one_say_what_to_do() {
 
     let missing = fetch(&hub, "nobody/nothing", Files::Model).unwrap_err();
     assert!(
-        matches!(missing, graft_model::Error::HubRepoNotFound { .. }),
+        matches!(missing, graft_hub::Error::RepoNotFound { .. }),
         "{missing}"
     );
     assert!(missing.to_string().contains("nobody/nothing"), "{missing}");
@@ -189,7 +189,7 @@ fn a_missing_repository_and_a_gated_one_say_what_to_do() {
     let refused = fetch(&hub, "graft-test/gated", Files::Model).unwrap_err();
     let message = refused.to_string();
     assert!(
-        matches!(refused, graft_model::Error::HubGated { .. }),
+        matches!(refused, graft_hub::Error::Gated { .. }),
         "{message}"
     );
     assert!(

@@ -62,25 +62,6 @@ pub enum Error {
     Fetch(String),
     #[error("GRAFT_DEVICE={given}: this build runs on {known}")]
     DeviceName { given: String, known: &'static str },
-    #[error("{repo}: no such model repository on {endpoint} (a private one needs HF_TOKEN set to a token that can read it)")]
-    HubRepoNotFound { repo: String, endpoint: String },
-    #[error("{repo} is a gated model: accept its terms at {endpoint}/{repo}, {advice}")]
-    HubGated {
-        repo: String,
-        endpoint: String,
-        advice: &'static str,
-    },
-    #[error("{repo}: {file} fails its sha256 check (the hub names {expected}, the download hashes to {actual}); the file was removed")]
-    HubHashMismatch {
-        repo: String,
-        file: String,
-        expected: String,
-        actual: String,
-    },
-    #[error("{repo}: {reason}")]
-    Hub { repo: String, reason: String },
-    #[error("`{spec}` is no file or folder, no model graft knows ({known}), and no hub id (owner/name, optionally @revision)", spec = spec.display())]
-    UnknownModel { spec: PathBuf, known: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

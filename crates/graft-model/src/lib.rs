@@ -12,7 +12,6 @@ pub mod error;
 pub mod formats;
 pub mod generate;
 pub mod hooks;
-pub mod hub;
 pub mod init;
 pub mod layers;
 pub mod load;

