@@ -21,7 +21,8 @@ for tool in cargo rustc nvcc; do
   fi
 done
 
-# The large libraries travel xz-compressed: unpack once, beside the binary.
+# The large files (libraries, and graft itself when it pays) travel xz-compressed: unpack
+# once, beside them, executable (lzma keeps no mode).
 for packed in "$kit"/bin/*.xz; do
   [ -e "$packed" ] || continue
   lib=${packed%.xz}
@@ -30,7 +31,7 @@ for packed in "$kit"/bin/*.xz; do
   python3 -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2] + ".part", "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)' "$packed" "$lib" \
-    && mv "$lib.part" "$lib" \
+    && chmod 755 "$lib.part" && mv "$lib.part" "$lib" \
     || { say "run.sh: step 'unpack $(basename "$packed")' failed"; exit 1; }
 done
 
