@@ -68,6 +68,29 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// `graft COMMAND` with THUDM's ptuning/ folder as the adapter on the fixture's base, the
+/// tokenizer `tokenizer` and the plain template, then `rest`.
+fn graft_with_thudms_prefix(
+    command: &str,
+    tokenizer: &Path,
+    rest: &[&str],
+) -> std::process::Output {
+    let (fixture, ptuning) = (fixture(), fixture().join("ptuning"));
+    let mut args = vec![
+        command,
+        "--adapter",
+        ptuning.to_str().unwrap(),
+        "--model",
+        fixture.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--template",
+        "plain",
+    ];
+    args.extend(rest);
+    graft(&args)
+}
+
 /// What the issue asks of THUDM's prefix through graft: its logits within 1e-4 of THUDM's.
 const TOLERANCE: f32 = 1e-4;
 
@@ -76,25 +99,19 @@ fn graft_logits_with_thudms_ptuning_folder_gives_thudms_logits() {
     let scratch = tempfile::tempdir().unwrap();
     let tokenizer = write_tokenizer(scratch.path());
     let expected = expected();
-    let (fixture, ptuning) = (fixture(), fixture().join("ptuning"));
     for (row, ids) in expected.input_ids.iter().enumerate() {
         let prompt: Vec<String> = ids.iter().map(|i| format!("t{i}")).collect();
         let out = scratch.path().join(format!("row{row}.json"));
-        let run = graft(&[
+        let run = graft_with_thudms_prefix(
             "logits",
-            "--adapter",
-            ptuning.to_str().unwrap(),
-            "--model",
-            fixture.to_str().unwrap(),
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-            "--template",
-            "plain",
-            "--prompt",
-            &prompt.join(" "),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+            &tokenizer,
+            &[
+                "--prompt",
+                &prompt.join(" "),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(run.status.success(), "{}", stderr(&run));
         let report: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
@@ -115,24 +132,13 @@ fn graft_logits_with_thudms_ptuning_folder_gives_thudms_logits() {
 fn graft_generate_with_thudms_ptuning_folder_continues_as_thudms_model_does() {
     let scratch = tempfile::tempdir().unwrap();
     let tokenizer = write_tokenizer(scratch.path());
-    let (fixture, ptuning) = (fixture(), fixture().join("ptuning"));
     // After THUDM's row 0's first two ids, the prefix turns the most likely next id from 159
     // into 342 (by 0.24 over the runner-up; expected.json's logits at position 1).
-    let run = graft(&[
+    let run = graft_with_thudms_prefix(
         "generate",
-        "--adapter",
-        ptuning.to_str().unwrap(),
-        "--model",
-        fixture.to_str().unwrap(),
-        "--tokenizer",
-        tokenizer.to_str().unwrap(),
-        "--template",
-        "plain",
-        "--prompt",
-        "t419 t187",
-        "--max-new-tokens",
-        "1",
-    ]);
+        &tokenizer,
+        &["--prompt", "t419 t187", "--max-new-tokens", "1"],
+    );
     assert!(run.status.success(), "{}", stderr(&run));
     let text = String::from_utf8_lossy(&run.stdout);
     assert_eq!(text.trim(), "t342", "{text}");
