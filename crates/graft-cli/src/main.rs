@@ -3,7 +3,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::data::Dataset;
-use graft_trainer::lm::{generate_text, LmSpec, OpenOptions};
 use graft_trainer::lm_train::LmConfig;
 use graft_trainer::task::{Classifier, TaskSpec};
 use graft_trainer::train::{self, Examples};
@@ -11,16 +10,15 @@ use graft_trainer::TrainConfig;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod decoder;
 mod export;
 mod keywords;
 mod lm;
 mod models;
 
 use graft_hub::Files;
-use lm::{chat_template, open_lm, resume_lm, train_lm};
-use models::{
-    default_data, model_dir, registry, registry_with, resolve_model, resolve_model_file, PluginArgs,
-};
+use lm::{resume_lm, train_lm};
+use models::{default_data, model_dir, registry, registry_with, resolve_model, PluginArgs};
 
 #[derive(Parser)]
 #[command(
@@ -188,91 +186,13 @@ enum Command {
     /// Write the next-token logits after a prompt (f32, JSON) of an adapter trained by
     /// train-lm (or THUDM's P-tuning v2 output, with --model), or of a base model alone: for
     /// comparing devices and dtypes (`cargo xtask gpu-kit`) and implementations.
-    Logits {
-        #[arg(long, required_unless_present = "model")]
-        adapter: Option<PathBuf>,
-        /// The base model: with --adapter, in place of the one the adapter records (THUDM's
-        /// P-tuning v2 output records none); alone, a model run without an adapter.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// tokenizer.json or tokenizer.model (default: the base's).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// plain, chatglm2, chatglm3 or chatml (default: the adapter's; chatglm2 for THUDM's;
-        /// plain for a base model alone).
-        #[arg(long)]
-        template: Option<String>,
-        #[arg(long)]
-        prompt: String,
-        /// The base's dtype (default: the one it was trained in; f32 for --model).
-        #[arg(long)]
-        dtype: Option<graft_trainer::config::Precision>,
-        /// JSON file to write: {"dtype", "device", "logits"}.
-        #[arg(long)]
-        out: PathBuf,
-        #[command(flatten)]
-        plugins: PluginArgs,
-    },
+    Logits(decoder::LogitsArgs),
     /// Generate text with a decoder, with or without an adapter.
-    Generate {
-        /// A Hugging Face folder, a .gguf file, an alias or a hub id (owner/name[@revision])
-        /// (with --adapter: the adapter's base model, by default the one it records; THUDM's
-        /// P-tuning v2 output records none).
-        #[arg(long, required_unless_present = "adapter")]
-        model: Option<PathBuf>,
-        /// An adapter folder written by `graft train-lm`, or by THUDM's `ptuning/main.py`.
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// tokenizer.json (default: beside the model).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// plain, chatglm2 or chatml (default: the adapter's, else plain).
-        #[arg(long)]
-        template: Option<String>,
-        /// ChatML's system turn.
-        #[arg(long)]
-        system: Option<String>,
-        #[arg(long)]
-        prompt: String,
-        #[arg(long, default_value_t = 64)]
-        max_new_tokens: usize,
-        /// 0: greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Merge the adapter into the weights before generating (mergeable methods).
-        #[arg(long)]
-        merge: bool,
-        /// JSON file to write the generation's token counts, time and peak RSS to.
-        #[arg(long)]
-        stats: Option<PathBuf>,
-        /// --model is a config.json to build the model from with random weights of this seed
-        /// (as `train-lm --random-init` builds it with its train.seed), in f32.
-        #[arg(long, requires = "model", conflicts_with = "adapter")]
-        random_init: Option<u64>,
-        #[command(flatten)]
-        plugins: PluginArgs,
-    },
+    Generate(decoder::GenerateArgs),
     /// Write a decoder with random weights, built from a config.json as `train-lm
     /// --random-init` builds it, as a Hugging Face folder (config.json, model.safetensors):
     /// one set of weights that graft and another framework can both read.
-    RandomModel {
-        /// The model's config.json (e.g. configs/shapes/llama-3.2-1b.json).
-        #[arg(long)]
-        shape: PathBuf,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        #[arg(long, default_value = "bf16")]
-        dtype: graft_trainer::config::Precision,
-        /// Folder to write.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    RandomModel(decoder::RandomModelArgs),
     /// Size a decoder and LoRA on it from the config alone (no weights read): parameters,
     /// trainable values, and the memory a training step needs.
     Inspect {
@@ -540,197 +460,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             train_lm(config, &out, &plugins)?
         }
-        Command::Generate {
-            model,
-            adapter,
-            tokenizer,
-            template,
-            system,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            merge,
-            stats,
-            random_init,
-            plugins,
-        } => {
-            let sampling = graft_model::generate::Sampling {
-                temperature,
-                top_k,
-                top_p,
-                seed,
-            };
-            let mut print = |text: &str| {
-                use std::io::Write;
-                print!("{text}");
-                let _ = std::io::stdout().flush();
-            };
-            let device = graft_model::default_device()?;
-            let (answer, seconds) = if let Some(adapter) = adapter {
-                let options = OpenOptions {
-                    model,
-                    tokenizer,
-                    template: template.map(|t| chat_template(&t, system)).transpose()?,
-                    dtype: None,
-                    dense: false,
-                };
-                let mut lm = open_lm(&adapter, &plugins, &device, &options)?;
-                if merge {
-                    lm.set_merged(true)?;
-                }
-                let started = std::time::Instant::now();
-                let answer = lm.generate(&prompt, max_new_tokens, &sampling, &mut print)?;
-                (answer, started.elapsed().as_secs_f64())
-            } else {
-                let model = model.context("--model or --adapter is required")?;
-                let model = match random_init {
-                    Some(_) => model,
-                    None => resolve_model_file(&model)?,
-                };
-                let tokenizer = tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model));
-                let f32 = candle_core::DType::F32;
-                let decoder = match random_init {
-                    Some(seed) => {
-                        graft_model::decoder::Decoder::random(&model, f32, None, &device, seed)
-                    }
-                    None => graft_model::decoder::Decoder::open(&model, f32, &device),
-                }
-                .with_context(|| format!("loading the model {}", model.display()))?;
-                let tokenizer = graft_tokenizer::TextTokenizer::from_file(
-                    &tokenizer,
-                    decoder.spec().max_positions,
-                    graft_tokenizer::Padding::Longest,
-                )?;
-                let template = chat_template(template.as_deref().unwrap_or("plain"), system)?;
-                let started = std::time::Instant::now();
-                let answer = generate_text(
-                    &decoder,
-                    &graft_model::NoHooks,
-                    &tokenizer,
-                    &template,
-                    &prompt,
-                    max_new_tokens,
-                    &sampling,
-                    &mut print,
-                )?;
-                (answer, started.elapsed().as_secs_f64())
-            };
-            println!();
-            if let Some(path) = stats {
-                let report = serde_json::json!({
-                    "prompt_tokens": answer.prompt_tokens,
-                    "new_tokens": answer.new_tokens,
-                    "stopped": answer.stopped,
-                    // Prompt and generation together, as a caller waits for them.
-                    "seconds": seconds,
-                    "new_tokens_per_s": answer.new_tokens as f64 / seconds.max(1e-9),
-                    "text": answer.text,
-                    "peak_rss_mb": graft_trainer::fit::peak_rss_mb(),
-                    "matmul": graft_model::ops::matmul_path(),
-                });
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-        }
+        Command::Generate(args) => decoder::generate(args)?,
         Command::EvalLm {
             adapter,
             config,
             out,
             plugins,
         } => lm::eval_lm(&adapter, &config, &out, &plugins)?,
-        Command::Logits {
-            adapter,
-            model,
-            tokenizer,
-            template,
-            prompt,
-            dtype,
-            out,
-            plugins,
-        } => {
-            let device = graft_model::default_device()?;
-            let template = template
-                .map(|name| chat_template(&name, None))
-                .transpose()?;
-            let (logits, dtype) = match adapter {
-                Some(adapter) => {
-                    let options = OpenOptions {
-                        model,
-                        tokenizer,
-                        template,
-                        dtype,
-                        dense: false,
-                    };
-                    let lm = open_lm(&adapter, &plugins, &device, &options)?;
-                    (lm.next_token_logits(&prompt)?, lm.spec.dtype)
-                }
-                None => {
-                    let model = model.context("--adapter or --model is required")?;
-                    let model = resolve_model_file(&model)?;
-                    let dtype = dtype.unwrap_or_default();
-                    let decoder =
-                        graft_model::decoder::Decoder::open(&model, dtype.dtype(), &device)
-                            .with_context(|| format!("loading the model {}", model.display()))?;
-                    let tokenizer = graft_tokenizer::TextTokenizer::from_file(
-                        &tokenizer.unwrap_or_else(|| LmSpec::default_tokenizer(&model)),
-                        decoder.spec().max_positions,
-                        graft_tokenizer::Padding::Longest,
-                    )?;
-                    let template = match template {
-                        Some(template) => template,
-                        None => chat_template("plain", None)?,
-                    };
-                    let logits = graft_trainer::lm::next_token_logits(
-                        &decoder,
-                        &graft_model::NoHooks,
-                        &tokenizer,
-                        &template,
-                        &prompt,
-                    )?;
-                    (logits, dtype)
-                }
-            };
-            let logits: Vec<f32> = logits.to_vec1()?;
-            let report = serde_json::json!({
-                "dtype": dtype.name(),
-                "device": if device.is_cuda() { "cuda" } else { "cpu" },
-                "logits": logits,
-            });
-            std::fs::write(&out, serde_json::to_string(&report)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-        }
-        Command::RandomModel {
-            shape,
-            seed,
-            dtype,
-            out,
-        } => {
-            if out.join("model.safetensors").exists() {
-                bail!(
-                    "{} already holds a model; choose another --out",
-                    out.display()
-                );
-            }
-            // Drawn and written on the CPU: the weights go to a file, never through a GPU.
-            let decoder = graft_model::decoder::Decoder::random(
-                &shape,
-                dtype.dtype(),
-                None,
-                &candle_core::Device::Cpu,
-                seed,
-            )
-            .with_context(|| format!("building a random model from {}", shape.display()))?;
-            decoder
-                .save(&out, &graft_model::NoHooks)
-                .with_context(|| format!("writing the model to {}", out.display()))?;
-            eprintln!(
-                "random model (seed {seed}, {dtype}) written to {}",
-                out.display()
-            );
-        }
+        Command::Logits(args) => decoder::logits(args)?,
+        Command::RandomModel(args) => decoder::random_model(args)?,
         Command::Inspect {
             model,
             r,
