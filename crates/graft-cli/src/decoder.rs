@@ -148,8 +148,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
             model: args.model,
             tokenizer: args.tokenizer,
             template,
-            dtype: None,
-            dense: false,
+            ..OpenOptions::default()
         };
         let mut lm = open_lm(adapter, &args.plugins, &device, &options)?;
         if args.merge {
@@ -217,7 +216,7 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
                 tokenizer: args.tokenizer,
                 template,
                 dtype: args.dtype,
-                dense: false,
+                ..OpenOptions::default()
             };
             let lm = open_lm(adapter, &args.plugins, &device, &options)?;
             (lm.next_token_logits(&args.prompt)?, lm.spec.dtype)

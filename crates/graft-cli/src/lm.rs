@@ -74,7 +74,7 @@ pub fn eval_lm(adapter: &Path, config_path: &Path, out: &Path, plugins: &PluginA
             tokenizer: config.model.tokenizer.clone(),
             template: Some(config.template()?),
             dtype: Some(config.model.dtype),
-            dense: false,
+            ..OpenOptions::default()
         }
     } else {
         OpenOptions::default()

@@ -167,7 +167,7 @@ pub fn check_reload(
     train_steps(&mut classifier, &texts, &labels, 3, 1e-2)?;
     check_acts_on(method, settings)?;
     let logits = classifier.logits(&texts)?;
-    let dir = tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let dir = crate::fixtures::scratch_dir()?;
     classifier.save(dir.path())?;
     let reloaded = Classifier::open(dir.path(), &registry_of(reopen_with)?, &Device::Cpu)?;
     let after = reloaded.logits(&texts)?;

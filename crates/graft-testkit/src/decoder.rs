@@ -28,8 +28,7 @@ pub fn check_lm_method(
     (steps, lr): (usize, f64),
     prepare: impl Fn(&CausalLm) -> Result<()>,
 ) -> Result<Vec<f64>> {
-    let scratch =
-        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let scratch = crate::fixtures::scratch_dir()?;
     let spec = lm_spec(method.name(), family, scratch.path())?;
     let name = format!("{} on {family:?}", method.name());
 
@@ -87,8 +86,7 @@ pub fn check_lm_half_precision(
     (steps, lr): (usize, f64),
     prepare: impl Fn(&CausalLm) -> Result<()>,
 ) -> Result<Vec<f64>> {
-    let scratch =
-        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let scratch = crate::fixtures::scratch_dir()?;
     let spec = lm_spec(method.name(), family, scratch.path())?;
     let name = format!("{} on {family:?} in bf16", method.name());
     let open = |dtype| {
@@ -199,8 +197,7 @@ pub fn check_lm_checkpointing(
     family: Family,
     prepare: impl Fn(&CausalLm) -> Result<()>,
 ) -> Result<()> {
-    let scratch =
-        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let scratch = crate::fixtures::scratch_dir()?;
     let spec = lm_spec(method.name(), family, scratch.path())?;
     let mut lm64 = lm_f64(method, settings, spec, &prepare)?;
     let batch = story_batch(&lm64, 2)?;
@@ -306,8 +303,7 @@ pub fn check_lm_quantized(
     prepare: impl Fn(&CausalLm) -> Result<()>,
 ) -> Result<Vec<f64>> {
     use graft_model::quant::Quantization;
-    let scratch =
-        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let scratch = crate::fixtures::scratch_dir()?;
     let spec = LmSpec {
         quantize: Some(Quantization::Q8_0),
         ..lm_spec(method.name(), Family::Llama, scratch.path())?
@@ -441,7 +437,7 @@ pub fn check_decoder_classifier(
         )));
     }
     let logits = classifier.logits(&texts)?;
-    let dir = tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let dir = crate::fixtures::scratch_dir()?;
     classifier.save(dir.path())?;
     if !classifier.full_model {
         let saved = graft_peft::adapter::SavedAdapter::read(dir.path(), &Device::Cpu)?;
@@ -477,8 +473,7 @@ pub fn check_accumulation(
 ) -> Result<()> {
     use graft_trainer::fit::{step_gradients, Task};
     use graft_trainer::lm_train::{LmData, LmTask};
-    let scratch =
-        tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))?;
+    let scratch = crate::fixtures::scratch_dir()?;
     let spec = LmSpec {
         dtype: Precision::F64,
         ..lm_spec(method.name(), family, scratch.path())?

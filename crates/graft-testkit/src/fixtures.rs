@@ -310,3 +310,8 @@ pub(crate) fn story_batch(lm: &CausalLm, count: usize) -> Result<CausalBatch> {
         lm.spec.max_len,
     )?)
 }
+
+/// A temporary folder for a check's files (removed when dropped).
+pub(crate) fn scratch_dir() -> Result<tempfile::TempDir> {
+    tempfile::tempdir().map_err(|e| Error::Check(format!("temporary folder: {e}")))
+}
