@@ -2,7 +2,9 @@
 //! adapter bytes (dropout on, the best adapter kept by held-out loss), a run that skipped
 //! non-finite steps resumes with them counted, and the reports have the classifier's shape.
 mod common;
-use common::{graft, kill_after_checkpoint, resume_to_the_same_adapter, stderr};
+use common::{
+    graft, kill_after_checkpoint, resume_refuses_changed_data, resume_to_the_same_adapter, stderr,
+};
 use std::path::Path;
 
 /// A causal-LM run on stories260K: 16 story pairs as JSONL, a quarter held out (the held-out
@@ -254,4 +256,38 @@ fn a_model_built_from_its_config_alone_trains_in_its_dtype() {
             "{kind}: peak RSS {peak:.0} MiB over {bound:.0} MiB"
         );
     }
+}
+
+#[test]
+fn a_train_lm_resume_refuses_training_data_that_changed_since_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 100, "5e-3", "stop");
+    let run = dir.path().join("run");
+    kill_after_checkpoint(
+        &[
+            "train-lm",
+            "--config",
+            &config,
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        &run,
+        2,
+    );
+    // Cut to 4 rows (3 trained on, 1 held out): the saved order names rows past them, where
+    // graft once panicked. Then 16 rows again, one response a word different.
+    let data = dir.path().join("pairs.jsonl");
+    let pairs = std::fs::read_to_string(&data).unwrap();
+    let shrunk: String = pairs.lines().take(4).map(|l| format!("{l}\n")).collect();
+    let edited = pairs.replacen("big dog", "big cat", 1);
+    assert_ne!(edited, pairs);
+    resume_refuses_changed_data(
+        "train-lm",
+        &run,
+        &data,
+        &[
+            (shrunk, "12 training examples were read then and 3 now"),
+            (edited, "the same number of examples, with other content"),
+        ],
+    );
 }

@@ -5,7 +5,9 @@ use graft_trainer::checkpoint;
 use std::path::Path;
 
 mod common;
-use common::{graft, kill_after_checkpoint, resume_to_the_same_adapter, stderr};
+use common::{
+    graft, kill_after_checkpoint, resume_refuses_changed_data, resume_to_the_same_adapter, stderr,
+};
 
 /// A small LoRA run on the demo set, with dropout so that the RNG state matters on resume.
 fn write_config(
@@ -99,6 +101,41 @@ fn a_run_killed_with_sigkill_resumes_to_the_byte_identical_adapter() {
         &whole,
         &killed,
         "adapter/adapter_model.safetensors",
+    );
+}
+
+#[test]
+fn a_resume_refuses_training_data_that_changed_since_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo.csv");
+    let demo =
+        std::fs::read_to_string(graft_testkit::workspace_root().join("data/demo.csv")).unwrap();
+    std::fs::write(&data, &demo).unwrap();
+    let config = write_config(dir.path(), 40, "1e-3", 2, "stop");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("data/demo.csv", data.to_str().unwrap()),
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    kill_after_checkpoint(
+        &["train", "--config", &config, "--out", run.to_str().unwrap()],
+        &run,
+        2,
+    );
+    // The header and the first 12 rows; then every row, one title a letter different.
+    let shrunk: String = demo.lines().take(13).map(|l| format!("{l}\n")).collect();
+    let edited = demo.replacen("Low-dose colchicine", "Low-dose colchicinf", 1);
+    assert_ne!(edited, demo);
+    resume_refuses_changed_data(
+        "train",
+        &run,
+        &data,
+        &[
+            (shrunk, "30 training examples were read then and 8 now"),
+            (edited, "the same number of examples, with other content"),
+        ],
     );
 }
 

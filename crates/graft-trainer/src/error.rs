@@ -25,6 +25,8 @@ pub enum Error {
     Config(String),
     #[error("{path}: {reason}")]
     Adapter { path: PathBuf, reason: String },
+    #[error("cannot resume from {checkpoint}: {reason}")]
+    Resume { checkpoint: PathBuf, reason: String },
     #[error("training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; the run is stopped, and {kept} keeps its last checkpoint (checkpoints/) and best adapter (adapter/); set train.on_non_finite = \"skip\" to skip such batches, or lower the learning rate")]
     NonFinite {
         step: usize,

@@ -103,6 +103,105 @@ pub trait Task {
     fn save(&self, run: &RunDir) -> Result<()>;
     /// Task-specific fields of eval.json and train.json (speeds, sizes, batches by data row).
     fn report(&self, _state: &LoopState, _report: &mut Value) {}
+    /// What the task trains and evaluates on, which a checkpoint records so that a resumed run
+    /// refuses data that changed since (its saved order would pick other rows, or none).
+    fn data_identity(&self) -> Result<DataIdentity>;
+}
+
+/// The identity of a run's data: the config's data fields, how many examples were read, and a
+/// hash of their content as read (after templates, clipping and the split), so that an edit of
+/// the file, of a column the template reads, or of the split is noticed on resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// The config's data fields by their dotted names (`data.train`), see [`DataIdentity::fields`].
+    pub fields: Value,
+    pub train_examples: usize,
+    pub held_out_examples: usize,
+    /// SHA-256, hex, of every example's parts in order (see [`DataHasher`]).
+    pub content_sha256: String,
+}
+
+impl DataIdentity {
+    /// The fields of config `section` (a serialised table) under dotted names, for
+    /// [`DataIdentity::fields`].
+    pub fn fields(section: &str, table: &impl Serialize, into: &mut Value) -> Result<()> {
+        let table = serde_json::to_value(table).map_err(|e| Error::Config(e.to_string()))?;
+        if let (Value::Object(fields), Some(into)) = (table, into.as_object_mut()) {
+            for (key, value) in fields {
+                into.insert(format!("{section}.{key}"), value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Why a run recorded as `self` cannot resume on `now`: each difference in words, or `None`
+    /// when they agree.
+    pub fn differences(&self, now: &DataIdentity) -> Option<String> {
+        let mut changed = Vec::new();
+        let fields = |v: &Value| v.as_object().cloned().unwrap_or_default();
+        let (then_fields, now_fields) = (fields(&self.fields), fields(&now.fields));
+        let mut keys: Vec<&String> = then_fields.keys().chain(now_fields.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let (was, is) = (then_fields.get(key), now_fields.get(key));
+            if was != is {
+                let show = |v: Option<&Value>| v.map_or("(unset)".to_string(), Value::to_string);
+                changed.push(format!("{key} was {} and is {}", show(was), show(is)));
+            }
+        }
+        if self.train_examples != now.train_examples {
+            changed.push(format!(
+                "{} training examples were read then and {} now",
+                self.train_examples, now.train_examples
+            ));
+        }
+        if self.held_out_examples != now.held_out_examples {
+            changed.push(format!(
+                "{} held-out examples were read then and {} now",
+                self.held_out_examples, now.held_out_examples
+            ));
+        }
+        if changed.is_empty() && self.content_sha256 != now.content_sha256 {
+            changed.push(format!(
+                "the same number of examples, with other content (SHA-256 {} then, {} now)",
+                short_hash(&self.content_sha256),
+                short_hash(&now.content_sha256)
+            ));
+        }
+        (!changed.is_empty()).then(|| changed.join("; "))
+    }
+}
+
+fn short_hash(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
+}
+
+/// Hashes examples part by part, each length-prefixed so that no two sequences of parts hash
+/// alike by moving text across a boundary.
+#[derive(Default)]
+pub struct DataHasher(sha2::Sha256);
+
+impl DataHasher {
+    pub fn part(&mut self, bytes: &[u8]) -> &mut Self {
+        use sha2::Digest;
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    pub fn number(&mut self, n: usize) -> &mut Self {
+        self.part(&(n as u64).to_le_bytes())
+    }
+
+    pub fn finish(self) -> String {
+        use sha2::Digest;
+        self.0
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// The best evaluation so far.
@@ -145,6 +244,9 @@ pub struct LoopState {
     pub skipped: Vec<usize>,
     /// f16's loss scaler, where the task scales its loss.
     pub scaler: Option<LossScaler>,
+    /// The data the run trains on; absent in checkpoints of graft before it was recorded.
+    #[serde(default)]
+    pub data: Option<DataIdentity>,
 }
 
 impl LoopState {
@@ -225,11 +327,14 @@ pub fn fit<T: Task>(
         train.eps,
     )?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(train.seed);
+    let data = task.data_identity()?;
     let mut state = LoopState {
         scaler: task.scales_loss().then(LossScaler::default),
+        data: Some(data.clone()),
         ..LoopState::default()
     };
     if let Some(checkpoint) = resume_from {
+        check_resumable(&checkpoint, &data, task.examples())?;
         restore(task, &trainable, &mut optimizer, &mut rng, &checkpoint)?;
         state = checkpoint.state;
     }
@@ -413,6 +518,45 @@ pub fn step_gradients<T: Task>(
     }
     let grads = grads.ok_or_else(|| Error::Config("an empty step".into()))?;
     Ok((step_loss, grads))
+}
+
+/// Refuses a checkpoint whose run read other data than `now`, or that was written before runs
+/// recorded their data, and checks every saved position against the `examples` there are
+/// before the loop indexes by it.
+fn check_resumable(
+    checkpoint: &Checkpoint<LoopState>,
+    now: &DataIdentity,
+    examples: usize,
+) -> Result<()> {
+    let refuse = |reason: String| Error::Resume {
+        checkpoint: checkpoint.dir.clone(),
+        reason,
+    };
+    let state = &checkpoint.state;
+    let saved = state.data.as_ref().ok_or_else(|| {
+        refuse("it does not record the data its run trained on (a graft older than that record wrote it), so a resume could not tell whether the data changed; train afresh instead (the same command without --resume, with a new --out)".into())
+    })?;
+    if let Some(changed) = saved.differences(now) {
+        return Err(refuse(format!(
+            "the training data changed since it was written: {changed}. Its saved data order would pick other rows; restore the data as it was, or train afresh on the data as it is now (the same command without --resume, with a new --out)"
+        )));
+    }
+    // The data agree, so these hold unless the checkpoint itself was edited or damaged.
+    let out_of_range = |what: &str| {
+        refuse(format!(
+            "its {what} names an example past the {examples} there are (a damaged state.json)"
+        ))
+    };
+    if state.order.iter().any(|&i| i >= examples) {
+        return Err(out_of_range("data order"));
+    }
+    if state.cursor > state.order.len() {
+        return Err(out_of_range("position in the data order"));
+    }
+    if state.batches.iter().flatten().any(|&i| i >= examples) {
+        return Err(out_of_range("record of batches"));
+    }
+    Ok(())
 }
 
 /// Puts the checkpoint's tensors, moments, method state and data position back.

@@ -493,6 +493,40 @@ impl fit::Task for LmTask {
         self.lm.save(&run.root)
     }
 
+    /// The config's data fields and the label fields that pick the held-out pairs' classes; the
+    /// pairs with the data rows they came from.
+    fn data_identity(&self) -> Result<fit::DataIdentity> {
+        let data = &self.data;
+        let mut hasher = fit::DataHasher::default();
+        for (pairs, rows) in [
+            (&data.train, &data.train_rows),
+            (&data.validation, &data.validation_rows),
+        ] {
+            hasher.number(pairs.len());
+            for (pair, &row) in pairs.iter().zip(rows) {
+                hasher
+                    .number(row)
+                    .part(pair.prompt.as_bytes())
+                    .part(pair.response.as_bytes());
+            }
+        }
+        hasher.number(data.validation_classes.len());
+        for &class in &data.validation_classes {
+            hasher.number(class);
+        }
+        let mut fields = json!({});
+        fit::DataIdentity::fields("data", &self.config.data, &mut fields)?;
+        let eval = &self.config.eval;
+        fields["eval.labels"] = json!(eval.labels);
+        fields["eval.label_column"] = json!(eval.label_column);
+        Ok(fit::DataIdentity {
+            fields,
+            train_examples: data.train.len(),
+            held_out_examples: data.validation.len(),
+            content_sha256: hasher.finish(),
+        })
+    }
+
     fn report(&self, state: &fit::LoopState, report: &mut serde_json::Value) {
         report["method"] = json!(self.lm.spec.method);
         report["trainable_params"] = json!(fit::value_count(&self.lm.trainable()));

@@ -228,6 +228,17 @@ struct ClassifierTask {
     device: Device,
     /// The last evaluation's speed (a resumed run measures its own).
     eval_throughput: Throughput,
+    data: fit::DataIdentity,
+}
+
+impl Examples {
+    /// Adds every text and label, in order, to `hasher`.
+    fn hash_into(&self, hasher: &mut fit::DataHasher) {
+        hasher.number(self.texts.len());
+        for (text, &label) in self.texts.iter().zip(&self.labels) {
+            hasher.part(text.as_bytes()).number(label);
+        }
+    }
 }
 
 impl fit::Task for ClassifierTask {
@@ -333,6 +344,10 @@ impl fit::Task for ClassifierTask {
         self.classifier.save(&run.adapter_dir())
     }
 
+    fn data_identity(&self) -> Result<fit::DataIdentity> {
+        Ok(self.data.clone())
+    }
+
     fn report(&self, _state: &fit::LoopState, report: &mut serde_json::Value) {
         let head = fit::value_count(&self.classifier.head_vars());
         let base: usize = self
@@ -376,7 +391,19 @@ fn run_loop(
         val_set.texts.len(),
         t.batch_size * t.grad_accum,
     );
+    let mut hasher = fit::DataHasher::default();
+    train_set.hash_into(&mut hasher);
+    val_set.hash_into(&mut hasher);
+    let mut fields = json!({});
+    fit::DataIdentity::fields("data", &config.data, &mut fields)?;
+    let data = fit::DataIdentity {
+        fields,
+        train_examples: train_set.texts.len(),
+        held_out_examples: val_set.texts.len(),
+        content_sha256: hasher.finish(),
+    };
     let mut task = ClassifierTask {
+        data,
         device: classifier.model.head().device().clone(),
         classifier,
         train_set,

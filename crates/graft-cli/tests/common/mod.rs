@@ -102,3 +102,50 @@ pub fn resume_to_the_same_adapter(
         "{command}: resumed to other adapter bytes"
     );
 }
+
+/// Checks that `graft <command> --resume run` (a run killed after a checkpoint, training on the
+/// file `data`) refuses each edit of `data` in `edits` (new contents, and words the refusal
+/// must hold), refuses the checkpoint once it lacks its record of the data (as an older
+/// graft's), and resumes again once both are as they were.
+pub fn resume_refuses_changed_data(
+    command: &str,
+    run: &std::path::Path,
+    data: &std::path::Path,
+    edits: &[(String, &str)],
+) {
+    let resume = || graft(&[command, "--resume", run.to_str().unwrap()]);
+    let refused = |out: &Output, words: &str| {
+        let err = stderr(out);
+        assert!(!out.status.success(), "resumed on changed data: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        let how_to_start_afresh = "without --resume, with a new --out";
+        for needle in [
+            "cannot resume from",
+            "checkpoints/step-",
+            how_to_start_afresh,
+            words,
+        ] {
+            assert!(err.contains(needle), "`{needle}` not in: {err}");
+        }
+    };
+    let original = std::fs::read(data).unwrap();
+    for (contents, words) in edits {
+        std::fs::write(data, contents).unwrap();
+        refused(&resume(), words);
+    }
+    std::fs::write(data, &original).unwrap();
+
+    let latest = run.join(graft_trainer::checkpoint::DIR).join("latest");
+    let name = std::fs::read_to_string(&latest).unwrap();
+    let state_file = latest.with_file_name(name.trim()).join("state.json");
+    let state = std::fs::read_to_string(&state_file).unwrap();
+    let mut older: serde_json::Value = serde_json::from_str(&state).unwrap();
+    older.as_object_mut().unwrap().remove("data").unwrap();
+    std::fs::write(&state_file, older.to_string()).unwrap();
+    refused(&resume(), "does not record the data its run trained on");
+    std::fs::write(&state_file, state).unwrap();
+
+    let out = resume();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming after step"));
+}
