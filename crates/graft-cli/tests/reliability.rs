@@ -196,7 +196,8 @@ fn fingerprint(bytes: &[u8]) -> u64 {
 /// mid-run evaluation) is byte for byte what it was before the classifier and causal-LM loops
 /// became one (2026-12-07). Float results depend on the product library and the kernels the
 /// CPU selects (AVX2 or AVX-512), so the bytes are pinned per path (eval.json's `matmul` and
-/// the CPU's kernel family); on another path the test prints the fingerprint and pins nothing.
+/// the CPU's kernel family). On a path with no pin the test prints the fingerprint and trains
+/// the seed a second time, whose bytes must be the same: it compares something on every CPU.
 #[test]
 fn the_classifier_adapter_bytes_of_a_seed_are_pinned() {
     // Measured on an AMD EPYC with AVX-512 (2026-12-07), with the loops before the change.
@@ -213,20 +214,32 @@ fn the_classifier_adapter_bytes_of_a_seed_are_pinned() {
         .unwrap()
         .replace("[train]\n", "[train]\ngrad_accum = 2\n");
     std::fs::write(&config, text).unwrap();
-    let run = dir.path().join("run");
-    let out = train(&config, &run);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let eval: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
-    let matmul = format!(
-        "{} / {}",
-        eval["matmul"].as_str().unwrap_or_default(),
-        graft_peft::graft_model::ops::blas_core_for_this_cpu().unwrap_or("no AVX2")
-    );
-    let found = fingerprint(&adapter_bytes(&run));
+    // The adapter's fingerprint of a run in `dir/name`, and the path its products ran on.
+    let fingerprint_of_run = |name: &str| {
+        let run = dir.path().join(name);
+        let out = train(&config, &run);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let eval: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+        let matmul = format!(
+            "{} / {}",
+            eval["matmul"].as_str().unwrap_or_default(),
+            graft_peft::graft_model::ops::blas_core_for_this_cpu().unwrap_or("no AVX2")
+        );
+        (fingerprint(&adapter_bytes(&run)), matmul)
+    };
+    let (found, matmul) = fingerprint_of_run("run");
     eprintln!("adapter fingerprint {found:#018x} on `{matmul}`");
     match PINNED.iter().find(|(path, _)| matmul.contains(path)) {
         Some((_, pinned)) => assert_eq!(found, *pinned, "adapter bytes changed on `{matmul}`"),
-        None => eprintln!("no fingerprint pinned for `{matmul}`: nothing compared"),
+        None => {
+            eprintln!("no fingerprint pinned for `{matmul}`: comparing with a second run");
+            let (again, again_matmul) = fingerprint_of_run("again");
+            assert_eq!(again_matmul, matmul);
+            assert_eq!(
+                again, found,
+                "two runs of the same seed wrote different adapters on `{matmul}`"
+            );
+        }
     }
 }

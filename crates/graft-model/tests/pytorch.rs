@@ -41,11 +41,19 @@ fn rounded_to_f16(t: &Tensor) -> Tensor {
 fn every_tensor_of_the_bin_shards_is_the_safetensors_one_in_float16() {
     let bin = fixture().join("bin");
     let theirs = safetensors_weights();
+    // The shards as the index names them, however many the fixture has.
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bin.join("pytorch_model.bin.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|file| file.as_str().unwrap())
+        .collect();
     let mut stored = Vec::new();
-    for shard in [
-        "pytorch_model-00001-of-00002.bin",
-        "pytorch_model-00002-of-00002.bin",
-    ] {
+    for shard in shards {
         PytorchFile::open(&bin.join(shard))
             .unwrap()
             .read_each(|name, t| {
