@@ -200,14 +200,14 @@ fn fingerprint(bytes: &[u8]) -> u64 {
 /// the seed a second time, whose bytes must be the same: it compares something on every CPU.
 #[test]
 fn the_classifier_adapter_bytes_of_a_seed_are_pinned() {
-    // Measured on an AMD EPYC with AVX-512 (2026-12-07), with the loops before the change.
-    const PINNED: &[(&str, u64)] = &[
-        ("gemm crate / SkylakeX", 0x3ec3_292d_c20a_b92c),
-        (
-            "graft's copy, SkylakeX kernels) / SkylakeX",
-            0xd1f3_ee7a_cbe7_6fba,
-        ),
-    ];
+    // Measured on an AMD EPYC with AVX-512 (2026-12-07), with the loops before the change. The
+    // gemm crate's pin of that day is gone: its blocking follows the CPU's cache sizes and the
+    // thread count, so another AVX-512 EPYC wrote other bytes at every thread count tried
+    // (2026-12-08); that path takes the two-run comparison.
+    const PINNED: &[(&str, u64)] = &[(
+        "graft's copy, SkylakeX kernels) / SkylakeX",
+        0xd1f3_ee7a_cbe7_6fba,
+    )];
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), 6, "1e-3", 2, "stop");
     let text = std::fs::read_to_string(&config)
