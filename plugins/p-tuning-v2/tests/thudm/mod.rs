@@ -22,11 +22,23 @@ use std::path::PathBuf;
 pub const F32_TOLERANCE: f32 = 1e-4;
 
 /// Largest difference allowed between graft's bf16 logits and THUDM's float32 ones, relative
-/// to the largest logit. bf16 keeps 8 bits of mantissa (2^-8 = 0.0039 a rounding); the weights,
-/// the embedded input and every block's output are rounded. Measured on the shared fixture:
-/// 0.0198 of the largest without the prefix and 0.0187 with it on the fused path, 0.0194 and
-/// 0.0177 on the reference path; 0.03 leaves half as much again.
-pub const BF16_TOLERANCE: f32 = 0.03;
+/// to the largest logit, for each rounding stage: the embedded input and each block's output
+/// (so `num_layers + 1` of them). bf16 keeps 8 bits of mantissa (2^-8 = 0.0039 a rounding), and
+/// the weights are rounded too, so the error grows with depth. Measured on the shared fixture
+/// (2 layers): 0.0198 of the largest without the prefix and 0.0187 with it on the fused path,
+/// 0.0194 and 0.0177 on the reference path; on a 3-layer fixture made the same way, up to 0.0306
+/// (reference path, with the prefix). 0.01 a stage allows 0.03 at 2 layers and 0.04 at 3.
+pub const BF16_TOLERANCE_PER_STAGE: f32 = 0.01;
+
+/// The fixture's `num_layers` (config.json).
+pub fn num_layers() -> usize {
+    let path = fixture().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["num_layers"]
+        .as_u64()
+        .expect("num_layers in config.json") as usize
+}
 
 pub fn fixture() -> PathBuf {
     match std::env::var_os("GRAFT_CHATGLM_FIXTURE") {
@@ -131,9 +143,10 @@ pub fn check(dtype: DType, path: &str) {
     let expected = expected();
     let model = model(dtype);
     let adapter = prefix(&model, expected.pre_seq_len);
+    let stages = (num_layers() + 1) as f32;
     let bound = |theirs: &Tensor| match dtype {
         DType::F32 => F32_TOLERANCE,
-        _ => BF16_TOLERANCE * max_abs(theirs),
+        _ => BF16_TOLERANCE_PER_STAGE * stages * max_abs(theirs),
     };
     for with_mask in [true, false] {
         for (what, hooks, theirs) in [
