@@ -173,42 +173,75 @@ enum Task {
     },
 }
 
-/// Python's `sentencepiece`, the reference graft-tokenizer's `tests/sentencepiece.rs` checks
-/// graft's reader against, installed by pip into target/spm-site (which the test puts on
-/// `PYTHONPATH`) unless it is there: like the models and OpenBLAS, fetched by the test command
-/// itself, so that it passes on a fresh machine with nothing else run. pip's `--target` needs
-/// no virtual environment (no python3-venv package).
-fn spm_reference() -> Result<()> {
-    const PACKAGE: &str = "sentencepiece==0.2.2";
-    let site = root().join("target/spm-site");
-    if site.join("sentencepiece").is_dir() {
+/// A Python package a test checks graft against, installed by pip into `target/<site>` (which
+/// the test puts on `PYTHONPATH`) unless `target/<site>/<module>` is there: like the models and
+/// OpenBLAS, fetched by the test command itself, so that the tests pass on a fresh machine with
+/// nothing else run. pip's `--target` needs no virtual environment (no python3-venv package).
+struct PythonReference {
+    /// pip's requirement, pinned.
+    package: &'static str,
+    site: &'static str,
+    module: &'static str,
+    /// Whether pip installs its dependencies too.
+    with_deps: bool,
+    /// What the tests use it for.
+    role: &'static str,
+}
+
+/// `sentencepiece`, the reference graft-tokenizer's `tests/sentencepiece.rs` checks graft's
+/// reader against; `tensorboard`, whose own reader graft-cli's `tests/tensorboard.rs` reads
+/// graft's event files with.
+const PYTHON_REFERENCES: [PythonReference; 2] = [
+    PythonReference {
+        package: "sentencepiece==0.2.2",
+        site: "spm-site",
+        module: "sentencepiece",
+        with_deps: false,
+        role: "the SentencePiece tests' reference",
+    },
+    PythonReference {
+        package: "tensorboard==2.21.0",
+        site: "tb-site",
+        module: "tensorboard",
+        with_deps: true,
+        role: "the TensorBoard test's event reader",
+    },
+];
+
+fn install_python_reference(reference: &PythonReference) -> Result<()> {
+    let package = reference.package;
+    let site = root().join("target").join(reference.site);
+    if site.join(reference.module).is_dir() {
         return Ok(());
     }
     eprintln!(
-        "installing {PACKAGE} into {} (the SentencePiece tests' reference)",
-        site.display()
+        "installing {package} into {} ({})",
+        site.display(),
+        reference.role
     );
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args([
-            "--root-user-action=ignore",
-            "--no-deps",
-            "--upgrade",
-            "--target",
-        ])
-        .arg(&site)
-        .arg(PACKAGE)
-        .status()
-        .context("running `python3 -m pip` (the SentencePiece tests need Python 3 with pip)")?;
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(["--root-user-action=ignore", "--upgrade", "--target"])
+    .arg(&site)
+    .arg(package);
+    if !reference.with_deps {
+        pip.arg("--no-deps");
+    }
+    let status = pip.status().with_context(|| {
+        format!(
+            "running `python3 -m pip` ({} needs Python 3 with pip)",
+            reference.role
+        )
+    })?;
     if !status.success() {
         bail!(
-            "`python3 -m pip install --target {} {PACKAGE}` failed ({status})",
+            "`python3 -m pip install --target {} {package}` failed ({status})",
             site.display()
         );
     }
@@ -460,7 +493,9 @@ fn main() -> Result<()> {
         Task::Modules => modules::check(&root()),
         Task::Test { rest } => {
             build(Backend::Cpu)?;
-            spm_reference()?;
+            for reference in &PYTHON_REFERENCES {
+                install_python_reference(reference)?;
+            }
             llama_cpp_reference()?;
             let status = Command::new(cargo())
                 .current_dir(root())

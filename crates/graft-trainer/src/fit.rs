@@ -443,6 +443,8 @@ pub fn fit<T: Task>(
                     "step": done, "epoch": state.epoch, "loss": step_loss,
                     "lr": train.lr * factor, "grad_norm": norm, "tokens_per_s": tokens_per_s,
                     "elapsed_s": started.elapsed().as_secs_f64(),
+                    // The process's peak resident memory so far, in GiB.
+                    "peak_gb": peak_rss_mb().map(|mb| mb / 1024.0),
                 }))?;
             }
         }

@@ -14,6 +14,7 @@ pub mod optim;
 pub mod plot;
 pub mod run;
 pub mod task;
+pub mod tensorboard;
 pub mod thudm;
 pub mod train;
 

@@ -1,6 +1,7 @@
-//! A run directory: resolved config, metrics.jsonl, checkpoints, eval.json, train.json,
-//! curves.svg and the adapter.
+//! A run directory: resolved config, metrics.jsonl (and its TensorBoard event file),
+//! checkpoints, eval.json, train.json, curves.svg and the adapter.
 use crate::error::io_error;
+use crate::tensorboard::EventFile;
 use crate::Result;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 pub struct RunDir {
     pub root: PathBuf,
     metrics: std::fs::File,
+    events: EventFile,
 }
 
 impl RunDir {
@@ -33,25 +35,23 @@ impl RunDir {
         Ok(Self {
             root: root.to_path_buf(),
             metrics,
+            events: EventFile::rewrite(root, [])?,
         })
     }
 
     /// Reopens a run to continue it after `step`: metrics logged after that step (by the
-    /// interrupted process) are dropped, so the file reads as one uninterrupted run.
+    /// interrupted process) are dropped, so the file reads as one uninterrupted run, and the
+    /// event file is written anew from the lines kept.
     pub fn reopen(root: &Path, step: usize) -> Result<Self> {
         let path = root.join(Self::METRICS);
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let kept: String = text
+        let kept: Vec<(&str, serde_json::Value)> = text
             .lines()
-            .filter(|line| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= step)
-            })
-            .map(|line| format!("{line}\n"))
+            .filter_map(|line| Some((line, serde_json::from_str::<serde_json::Value>(line).ok()?)))
+            .filter(|(_, v)| v["step"].as_u64().is_some_and(|s| s as usize <= step))
             .collect();
-        graft_model::formats::safetensors::write_atomic(&path, kept.as_bytes())?;
+        let lines: String = kept.iter().map(|(line, _)| format!("{line}\n")).collect();
+        graft_model::formats::safetensors::write_atomic(&path, lines.as_bytes())?;
         let metrics = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -59,6 +59,7 @@ impl RunDir {
         Ok(Self {
             root: root.to_path_buf(),
             metrics,
+            events: EventFile::rewrite(root, kept.iter().map(|(_, v)| v))?,
         })
     }
 
@@ -70,7 +71,8 @@ impl RunDir {
     pub fn log(&mut self, line: &serde_json::Value) -> Result<()> {
         let path = self.root.join(Self::METRICS);
         writeln!(self.metrics, "{line}").map_err(io_error(&path))?;
-        self.metrics.flush().map_err(io_error(&path))
+        self.metrics.flush().map_err(io_error(&path))?;
+        self.events.log(line)
     }
 
     pub fn write(&self, name: &str, text: &str) -> Result<()> {

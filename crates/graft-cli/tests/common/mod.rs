@@ -55,23 +55,32 @@ pub fn c_library(dir: &std::path::Path, stem: &str, source: &str) -> PathBuf {
 /// Starts `graft args`, waits until the run in `run` has a checkpoint at step `min_step` or
 /// later, and kills it with SIGKILL; returns that checkpoint's step.
 pub fn kill_after_checkpoint(args: &[&str], run: &std::path::Path, min_step: usize) -> usize {
+    kill_when(args, || latest_checkpoint(run).filter(|&s| s >= min_step))
+}
+
+/// The step of `run`'s newest checkpoint, if it has one.
+pub fn latest_checkpoint(run: &std::path::Path) -> Option<usize> {
+    let latest = run.join(graft_trainer::checkpoint::DIR).join("latest");
+    let name = std::fs::read_to_string(latest).ok()?;
+    name.trim().strip_prefix("step-")?.parse().ok()
+}
+
+/// Starts `graft args`, polls `ready` until it gives a value (within 120 s), kills the process
+/// with SIGKILL and returns that value.
+pub fn kill_when(args: &[&str], ready: impl Fn() -> Option<usize>) -> usize {
     let mut child = command(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let latest = run.join(graft_trainer::checkpoint::DIR).join("latest");
     let started = std::time::Instant::now();
     let reached = loop {
-        let step = std::fs::read_to_string(&latest)
-            .ok()
-            .and_then(|name| name.trim().strip_prefix("step-")?.parse::<usize>().ok());
-        if let Some(step) = step.filter(|&s| s >= min_step) {
-            break step;
+        if let Some(value) = ready() {
+            break value;
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(120),
-            "no checkpoint"
+            "the run never reached the point to kill it at"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
