@@ -9,24 +9,9 @@ use common::{graft, kill_when, latest_checkpoint, stderr};
 use std::path::Path;
 use std::process::Command;
 
-/// The folder `cargo xtask test` installs `tensorboard` into (see `xtask/src/main.rs`).
-const TB_SITE: &str = "target/tb-site";
-
+/// A Python with the `tensorboard` package (see `xtask/src/main.rs`).
 fn python() -> Command {
-    if let Some(python) = std::env::var_os("GRAFT_PYTHON") {
-        return Command::new(python);
-    }
-    let site = graft_testkit::workspace_root().join(TB_SITE);
-    assert!(
-        site.join("tensorboard").is_dir(),
-        "no TensorBoard reader in {}: `cargo xtask test` installs it, or run \
-         `python3 -m pip install --target {TB_SITE} tensorboard==2.21.0` in the workspace, \
-         or set GRAFT_PYTHON to a python that has `tensorboard`",
-        site.display()
-    );
-    let mut python = Command::new("python3");
-    python.env("PYTHONPATH", site);
-    python
+    graft_testkit::python_with("tb-site", "tensorboard", "tensorboard==2.21.0")
 }
 
 /// A scalar: its tag, step and value.

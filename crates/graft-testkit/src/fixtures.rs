@@ -19,6 +19,27 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A Python with the reference package `package` (imported as `module`): `$GRAFT_PYTHON`, else
+/// `python3` with the workspace's `target/<site>` on its path, where `cargo xtask test` installs
+/// the package (pip `--target`) before it runs the tests. Panics, saying how to install it, if
+/// neither has it.
+pub fn python_with(site: &str, module: &str, package: &str) -> std::process::Command {
+    if let Some(python) = std::env::var_os("GRAFT_PYTHON") {
+        return std::process::Command::new(python);
+    }
+    let folder = workspace_root().join("target").join(site);
+    assert!(
+        folder.join(module).is_dir(),
+        "no `{module}` in {}: `cargo xtask test` installs it, or run `python3 -m pip install \
+         --target target/{site} {package}` in the workspace, or set GRAFT_PYTHON to a python \
+         that has `{module}`",
+        folder.display()
+    );
+    let mut python = std::process::Command::new("python3");
+    python.env("PYTHONPATH", folder);
+    python
+}
+
 /// all-MiniLM-L6-v2, fetched on first use.
 pub fn minilm_dir() -> Result<PathBuf> {
     Ok(graft_model::zoo::MINILM.ensure(&mut |m| eprintln!("{m}"))?)

@@ -25,8 +25,8 @@ pub use decoder::{
 pub use error::{Error, Result};
 pub use fixtures::{
     attach_error, classifier, fixture_dir, keys, lm_config, lm_spec, loss, max_abs_diff,
-    minilm_dir, randomize, randomize_vars, real_batch, real_data_path, registry_of, spec,
-    stories260k_dir, story_pairs, workspace_root, Family,
+    minilm_dir, python_with, randomize, randomize_vars, real_batch, real_data_path, registry_of,
+    spec, stories260k_dir, story_pairs, workspace_root, Family,
 };
 pub use gradients::{finite_difference_check, GradientSample};
 pub use properties::{check_merge_equals_forward, LowRankCase};

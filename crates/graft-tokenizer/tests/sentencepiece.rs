@@ -25,26 +25,9 @@ fn train_csv() -> PathBuf {
     path
 }
 
-/// The folder `cargo xtask test` installs `sentencepiece` into (see `xtask/src/main.rs`).
-const SPM_SITE: &str = "target/spm-site";
-
-/// A Python that has `sentencepiece`: `$GRAFT_PYTHON`, else `python3` with [`SPM_SITE`] on its
-/// path.
+/// A Python with the `sentencepiece` package (see `xtask/src/main.rs`).
 fn python() -> Command {
-    if let Some(python) = std::env::var_os("GRAFT_PYTHON") {
-        return Command::new(python);
-    }
-    let site = workspace().join(SPM_SITE);
-    assert!(
-        site.join("sentencepiece").is_dir(),
-        "no SentencePiece reference in {}: `cargo xtask test` installs it, or run \
-         `python3 -m pip install --target {SPM_SITE} sentencepiece==0.2.2` in the workspace, \
-         or set GRAFT_PYTHON to a python that has `sentencepiece`",
-        site.display()
-    );
-    let mut python = Command::new("python3");
-    python.env("PYTHONPATH", site);
-    python
+    graft_testkit::python_with("spm-site", "sentencepiece", "sentencepiece==0.2.2")
 }
 
 /// Runs `spm_reference.py` with `args`, failing with its output if it fails.
