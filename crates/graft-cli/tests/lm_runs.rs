@@ -4,64 +4,9 @@
 mod common;
 use common::{
     graft, kill_after_checkpoint, resume_refuses_changed_data, resume_to_the_same_adapter, stderr,
+    write_lm_config,
 };
 use std::path::Path;
-
-/// A causal-LM run on stories260K: 16 story pairs as JSONL, a quarter held out (the held-out
-/// loss picks the best adapter), LoRA with dropout.
-fn write_config(dir: &Path, steps: usize, lr: &str, on_non_finite: &str) -> String {
-    let data = dir.join("pairs.jsonl");
-    let starts = [
-        "Once upon a time",
-        "Lily liked to",
-        "The sun was",
-        "Tom saw a",
-    ];
-    let ends = [
-        " big dog.",
-        " little cat that ran away.",
-        " red ball.",
-        " tree.",
-    ];
-    let lines: Vec<String> = (0..16)
-        .map(|i| {
-            serde_json::json!({ "prompt": starts[i % 4], "response": ends[i / 4] }).to_string()
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let path = dir.join("lm.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[model]
-path = "../shared/models/stories260K"
-template = "plain"
-max_len = 32
-[data]
-train = "{}"
-val_fraction = 0.25
-[train]
-seed = 3
-max_steps = {steps}
-batch_size = 2
-grad_accum = 2
-lr = {lr}
-eval_every = 10
-log_every = 10
-checkpoint_every = 2
-on_non_finite = "{on_non_finite}"
-[method]
-name = "lora"
-r = 4
-lora_dropout = 0.1
-"#,
-            data.display()
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
 
 fn train_lm(config: &str, out: &Path) -> std::process::Output {
     graft(&[
@@ -125,7 +70,7 @@ fn killed_and_resumed_matches_whole(config: &str, dir: &Path, steps: usize) -> s
 fn a_killed_train_lm_run_resumes_to_the_byte_identical_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let steps = 100;
-    let config = write_config(dir.path(), steps, "5e-3", "stop");
+    let config = write_lm_config(dir.path(), steps, "5e-3", "stop");
     let eval = killed_and_resumed_matches_whole(&config, dir.path(), steps);
     // The classifier's shape: the best evaluation's metrics and step, every evaluation, the
     // skipped steps, the run's speed.
@@ -154,13 +99,13 @@ fn a_train_lm_run_that_skipped_non_finite_steps_resumes_with_them() {
     let dir = tempfile::tempdir().unwrap();
     let steps = 100;
     // At 1e30 the first update overflows what the next steps compute: their losses are NaN.
-    let config = write_config(dir.path(), steps, "1e30", "skip");
+    let config = write_lm_config(dir.path(), steps, "1e30", "skip");
     let eval = killed_and_resumed_matches_whole(&config, dir.path(), steps);
     let skipped = eval["skipped_steps"].as_array().unwrap();
     assert!(skipped.len() > steps / 2, "{eval}");
 
     // With the stop policy the run ends at the first NaN step and names it.
-    let config = write_config(dir.path(), steps, "1e30", "stop");
+    let config = write_lm_config(dir.path(), steps, "1e30", "stop");
     let out = train_lm(&config, &dir.path().join("stopped"));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("at step"), "{}", stderr(&out));
@@ -261,7 +206,7 @@ fn a_model_built_from_its_config_alone_trains_in_its_dtype() {
 #[test]
 fn a_train_lm_resume_refuses_training_data_that_changed_since_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 100, "5e-3", "stop");
+    let config = write_lm_config(dir.path(), 100, "5e-3", "stop");
     let run = dir.path().join("run");
     kill_after_checkpoint(
         &[

@@ -7,45 +7,8 @@ use std::path::Path;
 mod common;
 use common::{
     graft, kill_after_checkpoint, resume_refuses_changed_data, resume_to_the_same_adapter, stderr,
+    write_classifier_config,
 };
-
-/// A small LoRA run on the demo set, with dropout so that the RNG state matters on resume.
-fn write_config(
-    dir: &Path,
-    steps: usize,
-    lr: &str,
-    checkpoint_every: usize,
-    on_non_finite: &str,
-) -> String {
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[model]
-max_len = 32
-[data]
-train = "data/demo.csv"
-val_fraction = 0.25
-[train]
-seed = 7
-max_steps = {steps}
-batch_size = 4
-lr = {lr}
-eval_every = 5
-log_every = 1
-checkpoint_every = {checkpoint_every}
-on_non_finite = "{on_non_finite}"
-[method]
-name = "lora"
-r = 4
-lora_dropout = 0.1
-"#
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
 
 fn train(config: &str, out: &Path) -> std::process::Output {
     graft(&["train", "--config", config, "--out", out.to_str().unwrap()])
@@ -58,7 +21,7 @@ fn adapter_bytes(run: &Path) -> Vec<u8> {
 #[test]
 fn two_runs_with_the_same_seed_write_byte_identical_adapters() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 6, "1e-3", 2, "stop");
+    let config = write_classifier_config(dir.path(), 6, "1e-3", 2, "stop");
     for run in ["a", "b"] {
         let out = train(&config, &dir.path().join(run));
         assert!(out.status.success(), "{}", stderr(&out));
@@ -73,7 +36,7 @@ fn two_runs_with_the_same_seed_write_byte_identical_adapters() {
 fn a_run_killed_with_sigkill_resumes_to_the_byte_identical_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let steps = 40;
-    let config = write_config(dir.path(), steps, "1e-3", 2, "stop");
+    let config = write_classifier_config(dir.path(), steps, "1e-3", 2, "stop");
     let whole = dir.path().join("whole");
     let out = train(&config, &whole);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -111,7 +74,7 @@ fn a_resume_refuses_training_data_that_changed_since_its_checkpoint() {
     let demo =
         std::fs::read_to_string(graft_testkit::workspace_root().join("data/demo.csv")).unwrap();
     std::fs::write(&data, &demo).unwrap();
-    let config = write_config(dir.path(), 40, "1e-3", 2, "stop");
+    let config = write_classifier_config(dir.path(), 40, "1e-3", 2, "stop");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
@@ -142,7 +105,7 @@ fn a_resume_refuses_training_data_that_changed_since_its_checkpoint() {
 #[test]
 fn a_diverging_run_stops_with_its_step_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 20, "1e30", 1, "stop");
+    let config = write_classifier_config(dir.path(), 20, "1e30", 1, "stop");
     let run = dir.path().join("run");
     let out = train(&config, &run);
     let message = stderr(&out);
@@ -173,7 +136,7 @@ fn a_diverging_run_stops_with_its_step_and_keeps_the_last_good_checkpoint() {
     }
 
     // Skipping instead: the run finishes and counts the skipped batches.
-    let config = write_config(dir.path(), 6, "1e30", 1, "skip");
+    let config = write_classifier_config(dir.path(), 6, "1e30", 1, "skip");
     let run = dir.path().join("skip");
     let out = train(&config, &run);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -209,7 +172,7 @@ fn the_classifier_adapter_bytes_of_a_seed_are_pinned() {
         0xd1f3_ee7a_cbe7_6fba,
     )];
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 6, "1e-3", 2, "stop");
+    let config = write_classifier_config(dir.path(), 6, "1e-3", 2, "stop");
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("[train]\n", "[train]\ngrad_accum = 2\n");

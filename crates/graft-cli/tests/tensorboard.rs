@@ -5,7 +5,9 @@
 //! Needs Python with `tensorboard`: `$GRAFT_PYTHON`, else `python3` with `target/tb-site` on its
 //! path, where `cargo xtask test` installs the package (pip `--target`) before the tests.
 mod common;
-use common::{graft, kill_when, latest_checkpoint, stderr};
+use common::{
+    graft, kill_when, latest_checkpoint, stderr, write_classifier_config, write_lm_config,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -82,34 +84,12 @@ const TRAIN_TAGS: [&str; 5] = [
 #[test]
 fn a_classifier_run_s_logged_values_read_back_in_tensorboard() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        r#"
-[model]
-max_len = 32
-[data]
-train = "data/demo.csv"
-val_fraction = 0.25
-[train]
-max_steps = 6
-batch_size = 4
-eval_every = 3
-log_every = 1
-[method]
-name = "lora"
-r = 4
-"#,
-    )
-    .unwrap();
+    // Logging every step, evaluating at steps 3 and 6.
+    let config = write_classifier_config(dir.path(), 6, "1e-3", 0, "stop");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("eval_every = 5", "eval_every = 3")).unwrap();
     let run = dir.path().join("run");
-    let out = graft(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let out = graft(&["train", "--config", &config, "--out", run.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut tags = TRAIN_TAGS.to_vec();
     tags.extend(["eval/f1", "eval/loss", "eval/accuracy"]);
@@ -124,44 +104,15 @@ r = 4
 #[test]
 fn a_killed_and_resumed_train_lm_run_s_events_hold_each_step_once() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
-    let pairs: Vec<String> = (0..12)
-        .map(|i| {
-            serde_json::json!({"prompt": format!("Tom saw {i}"), "response": " a dog."}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, pairs.join("\n")).unwrap();
-    let config = dir.path().join("lm.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[model]
-path = "../shared/models/stories260K"
-template = "plain"
-max_len = 32
-[data]
-train = "{}"
-val_fraction = 0.25
-[train]
-max_steps = 60
-batch_size = 2
-eval_every = 5
-log_every = 1
-checkpoint_every = 3
-[method]
-name = "lora"
-r = 4
-"#,
-            data.display()
-        ),
-    )
-    .unwrap();
+    // 60 steps, logging every step, a checkpoint every 2.
+    let config = write_lm_config(dir.path(), 60, "5e-3", "stop");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("log_every = 10", "log_every = 1")).unwrap();
     let run = dir.path().join("run");
     let args = [
         "train-lm",
         "--config",
-        config.to_str().unwrap(),
+        &config,
         "--out",
         run.to_str().unwrap(),
     ];

@@ -158,3 +158,102 @@ pub fn resume_refuses_changed_data(
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("resuming after step"));
 }
+
+/// A small LoRA run on the demo set, with dropout so that the RNG state matters on resume.
+pub fn write_classifier_config(
+    dir: &std::path::Path,
+    steps: usize,
+    lr: &str,
+    checkpoint_every: usize,
+    on_non_finite: &str,
+) -> String {
+    let path = dir.join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[model]
+max_len = 32
+[data]
+train = "data/demo.csv"
+val_fraction = 0.25
+[train]
+seed = 7
+max_steps = {steps}
+batch_size = 4
+lr = {lr}
+eval_every = 5
+log_every = 1
+checkpoint_every = {checkpoint_every}
+on_non_finite = "{on_non_finite}"
+[method]
+name = "lora"
+r = 4
+lora_dropout = 0.1
+"#
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// A causal-LM run on stories260K: 16 story pairs as JSONL, a quarter held out (the held-out
+/// loss picks the best adapter), LoRA with dropout.
+pub fn write_lm_config(
+    dir: &std::path::Path,
+    steps: usize,
+    lr: &str,
+    on_non_finite: &str,
+) -> String {
+    let data = dir.join("pairs.jsonl");
+    let starts = [
+        "Once upon a time",
+        "Lily liked to",
+        "The sun was",
+        "Tom saw a",
+    ];
+    let ends = [
+        " big dog.",
+        " little cat that ran away.",
+        " red ball.",
+        " tree.",
+    ];
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            serde_json::json!({ "prompt": starts[i % 4], "response": ends[i / 4] }).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let path = dir.join("lm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[model]
+path = "../shared/models/stories260K"
+template = "plain"
+max_len = 32
+[data]
+train = "{}"
+val_fraction = 0.25
+[train]
+seed = 3
+max_steps = {steps}
+batch_size = 2
+grad_accum = 2
+lr = {lr}
+eval_every = 10
+log_every = 10
+checkpoint_every = 2
+on_non_finite = "{on_non_finite}"
+[method]
+name = "lora"
+r = 4
+lora_dropout = 0.1
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
