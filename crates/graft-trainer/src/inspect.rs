@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(report.params, 6_243_584_000);
         assert_eq!(report.lora_sites, 28);
         assert_eq!(report.lora_trainable, 1_949_696);
-        // What the README's GPU section quotes: under 16 GB with checkpointing (12.33 GiB),
+        // What docs/usage.md's decoder section quotes: under 16 GB with checkpointing (12.33 GiB),
         // and over it without (the 28 layers' activations).
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         eprintln!("with checkpointing: {:.2} GiB", gib(report.memory.total));
