@@ -22,6 +22,11 @@ pub enum Error {
          graft reads it as data and only the tensor-rebuilding globals a state dict needs"
     )]
     PickleRefused { path: PathBuf, what: String },
+    #[error(
+        "{path}: refused: {what}. torch.save and transformers never write this; graft bounds \
+         what a checkpoint makes it build, so that a forged file costs no more than a real one"
+    )]
+    CheckpointRefused { path: PathBuf, what: String },
     #[error("{path}: cannot read the weights: {reason}")]
     Weights { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is missing (looked for {tried})")]

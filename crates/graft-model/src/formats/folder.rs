@@ -6,7 +6,7 @@ use super::{pytorch, safetensors};
 use crate::error::{Error, Result};
 use crate::weights::{Loading, Quantizing, Weights};
 use candle_core::{DType, Device};
-use std::path::Path;
+use std::path::{Component, Path};
 
 /// A reader of one file into a [`Loading`].
 type Reader = fn(&Path, &mut Loading) -> Result<()>;
@@ -55,7 +55,10 @@ impl Weights {
     }
 }
 
-/// The shard files an index's `weight_map` names, each once, sorted.
+/// The shard files an index's `weight_map` names, each once, sorted: bare file names in the
+/// index's folder, as transformers writes them, so that an index cannot point the reader at
+/// `../../secret.bin` or `/dev/zero`. (A shard that is a symlink is left alone: a Hugging
+/// Face cache's snapshot folder is made of them.)
 fn shards(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
         path: index.to_path_buf(),
@@ -79,5 +82,21 @@ fn shards(index: &Path) -> Result<Vec<String>> {
         .collect();
     shards.sort_unstable();
     shards.dedup();
+    for shard in &shards {
+        let mut parts = Path::new(shard).components();
+        let bare = matches!(
+            (parts.next(), parts.next()),
+            (Some(Component::Normal(_)), None)
+        );
+        if !bare || shard.contains('\\') {
+            return Err(Error::CheckpointRefused {
+                path: index.to_path_buf(),
+                what: format!(
+                    "`weight_map` names the shard `{shard}`, which is not a file name in the \
+                     index's folder"
+                ),
+            });
+        }
+    }
     Ok(shards)
 }

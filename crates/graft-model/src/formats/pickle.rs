@@ -2,20 +2,49 @@
 //! that knows the opcodes a state dict is written with and builds values for the few globals
 //! that rebuild tensors, and calls nothing. Any other opcode or global is refused by name,
 //! since Python's unpickler would import and call it (`posix.system`, `builtins.eval`).
+//!
+//! What the machine builds is capped too ([`MAX_CELLS`], [`MAX_RANK`], [`MAX_KEY`]), so that a
+//! small forged pickle (millions of MARKs, one tensor under a million names through the memo)
+//! costs no more memory than a real state dict's.
 use candle_core::DType;
 use std::collections::HashMap;
 
-/// Why a pickle is not read: something it would run, or bytes that are not a state dict.
+/// Why a pickle is not read: something it would run, bytes that are not a state dict, or a
+/// pickle that would make the reader build more than a state dict needs.
 #[derive(Debug)]
 pub enum Problem {
     Refused(String),
     Malformed(String),
+    Hostile(String),
 }
+
+/// The most cells the machine builds for one pickle: a cell is a value, a container's slot,
+/// a stack slot from the memo, a MARK or a memo entry, each at most a [`Node`] (32 bytes) or a
+/// map entry, so the machine stays under about 64 MiB. torch.save's pickle costs about 45
+/// cells a tensor (measured on THUDM's ChatGLM2 shards), so this reads some 20 000 tensors a
+/// file, several times the largest torch.save shards (a few thousand tensors). Each opcode
+/// builds at most one value, so a short pickle never reaches it; a long one stops here.
+pub const MAX_CELLS: usize = 1 << 20;
+
+/// Cells a tensor is charged: its boxed view, shape, stride and storage key, about 300 bytes.
+const TENSOR_CELLS: usize = 8;
+
+/// The highest rank read. Weights are rank 1 to 4 (a 3-D convolution's kernel is rank 5), and
+/// PyTorch's CUDA kernels stop at 25; 8 leaves room and keeps every view small.
+pub const MAX_RANK: usize = 8;
+
+/// The longest storage key read: torch.save names storages by number (`"0"`, `"731"`), and
+/// each tensor keeps a copy of its storage's key.
+pub const MAX_KEY: usize = 64;
 
 type Res<T> = std::result::Result<T, Problem>;
 
 fn malformed<T>(what: impl Into<String>) -> Res<T> {
     Err(Problem::Malformed(what.into()))
+}
+
+fn hostile<T>(what: impl Into<String>) -> Res<T> {
+    Err(Problem::Hostile(what.into()))
 }
 
 /// A `torch.<Name>Storage` class, which `torch.save` names as a storage's element type.
@@ -27,7 +56,7 @@ pub struct StorageType {
     pub size: usize,
 }
 
-const STORAGES: [StorageType; 10] = [
+static STORAGES: [StorageType; 10] = [
     storage("HalfStorage", Some(DType::F16), 2),
     storage("BFloat16Storage", Some(DType::BF16), 2),
     storage("FloatStorage", Some(DType::F32), 4),
@@ -64,7 +93,7 @@ enum Global {
     RebuildTensor,
     RebuildParameter,
     OrderedDict,
-    Storage(StorageType),
+    Storage(&'static StorageType),
 }
 
 /// The allowed globals by module and name, for the refusal's message too.
@@ -76,7 +105,7 @@ fn global(module: &str, name: &str) -> Res<Global> {
         ("torch", _) => STORAGES
             .iter()
             .find(|s| s.name == name)
-            .map(|s| Global::Storage(*s)),
+            .map(Global::Storage),
         _ => None,
     };
     found.ok_or_else(|| {
@@ -101,8 +130,17 @@ enum Node {
     List(Vec<usize>),
     Dict(Vec<(usize, usize)>),
     Global(Global),
-    Storage(StorageType, String, usize),
-    Tensor(TensorRef),
+    Storage(Box<StorageRef>),
+    // Boxed, as the storage, to keep every node at 32 bytes (what MAX_CELLS counts on).
+    Tensor(Box<TensorRef>),
+}
+
+/// A persistent id's storage: its element type, its zip entry's key and its element count.
+#[derive(Debug)]
+struct StorageRef {
+    ty: StorageType,
+    key: String,
+    len: usize,
 }
 
 impl Node {
@@ -131,6 +169,8 @@ struct Machine<'a> {
     /// Stack lengths at each MARK.
     marks: Vec<usize>,
     memo: HashMap<u64, usize>,
+    /// Cells built so far, against [`MAX_CELLS`].
+    cells: usize,
 }
 
 /// The tensors of a state dict pickled by `torch.save` (a dict or OrderedDict of name to
@@ -143,6 +183,7 @@ pub fn state_dict(input: &[u8]) -> Res<Vec<(String, TensorRef)>> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        cells: 0,
     };
     let top = m.run()?;
     let Node::Dict(items) = &m.nodes[top] else {
@@ -152,12 +193,25 @@ pub fn state_dict(input: &[u8]) -> Res<Vec<(String, TensorRef)>> {
         ));
     };
     let mut out = Vec::with_capacity(items.len());
+    // Each name once and each tensor under one name, as torch.save writes a state dict: a
+    // tensor the memo hands to many names would be read once for each.
+    let mut names = std::collections::HashSet::new();
+    let mut tensors: HashMap<usize, &str> = HashMap::new();
     for &(k, v) in items {
         let Node::Str(name) = &m.nodes[k] else {
             return malformed(format!("a state-dict key is a {}", m.nodes[k].kind()));
         };
+        if !names.insert(name.as_str()) {
+            return hostile(format!("the state dict names `{name}` twice"));
+        }
+        if let Some(first) = tensors.insert(v, name) {
+            return hostile(format!(
+                "`{name}` is the tensor of `{first}` again, through the pickle's memo; \
+                 torch.save writes each name its own tensor"
+            ));
+        }
         match &m.nodes[v] {
-            Node::Tensor(t) => out.push((name.clone(), t.clone())),
+            Node::Tensor(t) => out.push((name.clone(), TensorRef::clone(t))),
             other => return malformed(format!("`{name}` holds a {}, not a tensor", other.kind())),
         }
     }
@@ -200,9 +254,38 @@ impl Machine<'_> {
         String::from_utf8(bytes).or_else(|_| malformed("a string is not UTF-8"))
     }
 
-    fn push(&mut self, node: Node) {
+    /// Counts `n` more cells built, refusing the pickle past [`MAX_CELLS`].
+    fn charge(&mut self, n: usize) -> Res<()> {
+        self.cells = self.cells.saturating_add(n);
+        if self.cells > MAX_CELLS {
+            return hostile(format!(
+                "the pickle builds more than {MAX_CELLS} values, MARKs and memo entries (at \
+                 byte {} of {}); a state dict needs about 45 a tensor",
+                self.pos,
+                self.input.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, node: Node) -> Res<()> {
+        self.charge(1)?;
         self.nodes.push(node);
         self.stack.push(self.nodes.len() - 1);
+        Ok(())
+    }
+
+    /// Pushes a value already built (from the memo, or a parameter's tensor).
+    fn push_again(&mut self, id: usize) -> Res<()> {
+        self.charge(1)?;
+        self.stack.push(id);
+        Ok(())
+    }
+
+    /// A tuple of the values `items`, each a cell.
+    fn push_tuple(&mut self, items: Vec<usize>) -> Res<()> {
+        self.charge(items.len())?;
+        self.push(Node::Tuple(items))
     }
 
     fn pop(&mut self) -> Res<usize> {
@@ -230,6 +313,7 @@ impl Machine<'_> {
     }
 
     fn memo_put(&mut self, key: u64) -> Res<()> {
+        self.charge(1)?;
         let top = self.top()?;
         self.memo.insert(key, top);
         Ok(())
@@ -239,8 +323,7 @@ impl Machine<'_> {
         let Some(&id) = self.memo.get(&key) else {
             return malformed(format!("memo entry {key} is read before it is written"));
         };
-        self.stack.push(id);
-        Ok(())
+        self.push_again(id)
     }
 
     fn int(&self, id: usize, what: &str) -> Res<usize> {
@@ -254,6 +337,12 @@ impl Machine<'_> {
         let Node::Tuple(items) = &self.nodes[id] else {
             return malformed(format!("{what} is a {}", self.nodes[id].kind()));
         };
+        if items.len() > MAX_RANK {
+            return hostile(format!(
+                "{what} has {} dimensions; graft reads tensors of rank {MAX_RANK} at most",
+                items.len()
+            ));
+        }
         items.iter().map(|&i| self.int(i, what)).collect()
     }
 
@@ -278,47 +367,50 @@ impl Machine<'_> {
                     self.take(8)?; // FRAME: a length hint
                 }
                 b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
-                b'}' => self.push(Node::Dict(Vec::new())),
-                b']' => self.push(Node::List(Vec::new())),
-                b')' => self.push(Node::Tuple(Vec::new())),
+                b'(' => {
+                    self.charge(1)?;
+                    self.marks.push(self.stack.len());
+                }
+                b'}' => self.push(Node::Dict(Vec::new()))?,
+                b']' => self.push(Node::List(Vec::new()))?,
+                b')' => self.push(Node::Tuple(Vec::new()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Node::Tuple(items));
+                    self.push_tuple(items)?;
                 }
                 0x85..=0x87 => {
                     let mut items = vec![0; usize::from(op - 0x84)];
                     for slot in items.iter_mut().rev() {
                         *slot = self.pop()?;
                     }
-                    self.push(Node::Tuple(items));
+                    self.push_tuple(items)?;
                 }
                 b'X' => {
                     let len = u32::from_le_bytes(self.array()?);
                     let s = self.string(len.into())?;
-                    self.push(Node::Str(s));
+                    self.push(Node::Str(s))?;
                 }
                 0x8c => {
                     let len = self.array::<1>()?[0];
                     let s = self.string(len.into())?;
-                    self.push(Node::Str(s));
+                    self.push(Node::Str(s))?;
                 }
                 0x8d => {
                     let len = u64::from_le_bytes(self.array()?);
                     let s = self.string(len)?;
-                    self.push(Node::Str(s));
+                    self.push(Node::Str(s))?;
                 }
                 b'J' => {
                     let v = i32::from_le_bytes(self.array()?);
-                    self.push(Node::Int(v.into()));
+                    self.push(Node::Int(v.into()))?;
                 }
                 b'K' => {
                     let v = self.array::<1>()?[0];
-                    self.push(Node::Int(v.into()));
+                    self.push(Node::Int(v.into()))?;
                 }
                 b'M' => {
                     let v = u16::from_le_bytes(self.array()?);
-                    self.push(Node::Int(v.into()));
+                    self.push(Node::Int(v.into()))?;
                 }
                 0x8a => {
                     let n = usize::from(self.array::<1>()?[0]);
@@ -334,14 +426,14 @@ impl Machine<'_> {
                     };
                     let mut full = [fill; 8];
                     full[..n].copy_from_slice(bytes);
-                    self.push(Node::Int(i64::from_le_bytes(full)));
+                    self.push(Node::Int(i64::from_le_bytes(full)))?;
                 }
                 b'G' => {
                     self.take(8)?;
-                    self.push(Node::Float);
+                    self.push(Node::Float)?;
                 }
-                b'N' => self.push(Node::None),
-                0x88 | 0x89 => self.push(Node::Bool),
+                b'N' => self.push(Node::None)?,
+                0x88 | 0x89 => self.push(Node::Bool)?,
                 b'q' => {
                     let key = self.array::<1>()?[0];
                     self.memo_put(key.into())?;
@@ -363,7 +455,7 @@ impl Machine<'_> {
                     let module = self.line()?;
                     let name = self.line()?;
                     let g = global(&module, &name)?;
-                    self.push(Node::Global(g));
+                    self.push(Node::Global(g))?;
                 }
                 0x93 => {
                     let name = self.pop()?;
@@ -374,12 +466,12 @@ impl Machine<'_> {
                         return malformed("STACK_GLOBAL's module and name are not strings");
                     };
                     let g = global(module, name)?;
-                    self.push(Node::Global(g));
+                    self.push(Node::Global(g))?;
                 }
                 b'Q' => {
                     let pid = self.pop()?;
                     let node = self.persistent(pid)?;
-                    self.push(node);
+                    self.push(node)?;
                 }
                 b'R' => {
                     let args = self.pop()?;
@@ -429,6 +521,7 @@ impl Machine<'_> {
     }
 
     fn extend_dict(&mut self, items: &[usize]) -> Res<()> {
+        self.charge(items.len())?;
         let top = self.top()?;
         let Node::Dict(d) = &mut self.nodes[top] else {
             return malformed(format!("SETITEM on a {}", self.nodes[top].kind()));
@@ -438,6 +531,7 @@ impl Machine<'_> {
     }
 
     fn extend_list(&mut self, items: &[usize]) -> Res<()> {
+        self.charge(items.len())?;
         let top = self.top()?;
         let Node::List(l) = &mut self.nodes[top] else {
             return malformed(format!("APPEND on a {}", self.nodes[top].kind()));
@@ -467,8 +561,18 @@ impl Machine<'_> {
         if tag != "storage" {
             return malformed(format!("a persistent id of kind `{tag}`"));
         }
+        if key.len() > MAX_KEY {
+            return hostile(format!(
+                "a storage key of {} bytes; torch.save names storages by number",
+                key.len()
+            ));
+        }
         let len = self.int(parts[4], "a storage's size")?;
-        Ok(Node::Storage(*ty, key.clone(), len))
+        Ok(Node::Storage(Box::new(StorageRef {
+            ty: **ty,
+            key: key.clone(),
+            len,
+        })))
     }
 
     fn reduce(&mut self, callable: usize, args: usize) -> Res<()> {
@@ -486,13 +590,13 @@ impl Machine<'_> {
         };
         let args = args.clone();
         match g {
-            Global::OrderedDict if args.is_empty() => self.push(Node::Dict(Vec::new())),
+            Global::OrderedDict if args.is_empty() => self.push(Node::Dict(Vec::new()))?,
             // (storage, storage_offset, size, stride, requires_grad, backward_hooks[, metadata])
             Global::RebuildTensor if args.len() == 6 || args.len() == 7 => {
-                let Node::Storage(storage, key, storage_len) = &self.nodes[args[0]] else {
+                let Node::Storage(storage) = &self.nodes[args[0]] else {
                     return malformed("_rebuild_tensor_v2's storage is not a storage");
                 };
-                let (storage, key, storage_len) = (*storage, key.clone(), *storage_len);
+                let (storage, key, storage_len) = (storage.ty, storage.key.clone(), storage.len);
                 self.empty_or_none(args[5], "a tensor's backward hooks")?;
                 if let Some(&meta) = args.get(6) {
                     self.empty_or_none(meta, "a tensor's metadata")?;
@@ -505,7 +609,8 @@ impl Machine<'_> {
                     shape: self.ints(args[2], "a tensor's size")?,
                     stride: self.ints(args[3], "a tensor's stride")?,
                 };
-                self.push(Node::Tensor(tensor));
+                self.charge(TENSOR_CELLS)?;
+                self.push(Node::Tensor(Box::new(tensor)))?;
             }
             // (data, requires_grad, backward_hooks): the tensor itself.
             Global::RebuildParameter if args.len() == 3 => {
@@ -513,7 +618,7 @@ impl Machine<'_> {
                     return malformed("_rebuild_parameter's data is not a tensor");
                 }
                 self.empty_or_none(args[2], "a parameter's backward hooks")?;
-                self.stack.push(args[0]);
+                self.push_again(args[0])?;
             }
             Global::Storage(s) => {
                 return Err(Problem::Refused(format!("REDUCE calls torch.{}", s.name)))
@@ -559,5 +664,19 @@ fn opcode_name(op: u8) -> String {
         format!("{op:#04x}")
     } else {
         format!("{name} ({op:#04x})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_32_bytes_as_max_cells_assumes() {
+        assert!(
+            std::mem::size_of::<Node>() <= 32,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! THUDM and older transformers ship): a zip of `<name>/data.pkl`, the state dict pickled, and
 //! one uncompressed entry `<name>/data/<key>` per storage. The pickle is read as data
 //! ([`super::pickle`]), and each tensor's bytes are read from its entry straight into the
-//! tensor: a 2 GB shard is never held in memory.
+//! tensor: a 2 GB shard is never held in memory. Every entry must be stored, as torch.save
+//! writes them: a deflated one could inflate past what it declares.
 use super::pickle::{self, TensorRef};
 use crate::error::{Error, Result};
 use crate::weights::Loading;
@@ -13,8 +14,38 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use zip::ZipArchive;
 
-/// A state dict's pickle is a few hundred bytes a tensor; anything near this is not one.
-const MAX_PICKLE: u64 = 256 << 20;
+/// The largest `data.pkl` read. torch.save's pickle is about 100 bytes a tensor (measured on
+/// THUDM's ChatGLM2 shards), so 16 MiB is over 100 000 tensors, past what the pickle reader's
+/// own cap ([`pickle::MAX_CELLS`]) lets a file hold.
+pub const MAX_PICKLE: u64 = 16 << 20;
+
+/// How many times its own size a file's tensors may hold together: tied weights (T5's three
+/// embeddings) view one storage under several names, and nothing else does; more means
+/// storages viewed over and over, or zip entries that overlap in the file.
+pub const MAX_SHARING: u64 = 4;
+
+/// `entry` of `path`, refused unless it is stored uncompressed.
+fn stored<'a>(
+    path: &Path,
+    archive: &'a mut ZipArchive<BufReader<File>>,
+    entry: &str,
+) -> Result<zip::read::ZipFile<'a, BufReader<File>>> {
+    let found = archive.by_name(entry).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        reason: format!("zip entry {entry}: {e}"),
+    })?;
+    if found.compression() != zip::CompressionMethod::Stored {
+        return Err(Error::CheckpointRefused {
+            path: path.to_path_buf(),
+            what: format!(
+                "zip entry {entry} is compressed ({}), where torch.save stores every entry as \
+                 is; a compressed entry may inflate past the size it declares",
+                found.compression()
+            ),
+        });
+    }
+    Ok(found)
+}
 
 /// One `torch.save` file: its tensors' names and places, read on demand.
 pub struct PytorchFile {
@@ -52,9 +83,11 @@ impl PytorchFile {
             )));
         };
         let dir = pkl.trim_end_matches("data.pkl").to_string();
-        if let Ok(mut entry) = archive.by_name(&format!("{dir}byteorder")) {
+        let byteorder = format!("{dir}byteorder");
+        if archive.index_for_name(&byteorder).is_some() {
             let mut order = String::new();
-            entry
+            stored(path, &mut archive, &byteorder)?
+                .take(16)
                 .read_to_string(&mut order)
                 .map_err(|e| bad(format!("{dir}byteorder: {e}")))?;
             if order != "little" {
@@ -63,10 +96,18 @@ impl PytorchFile {
                 )));
             }
         }
+        let entry = stored(path, &mut archive, pkl)?;
+        if entry.size() > MAX_PICKLE {
+            return Err(Error::CheckpointRefused {
+                path: path.to_path_buf(),
+                what: format!(
+                    "{pkl} is {} bytes; graft reads state-dict pickles of {MAX_PICKLE} at most",
+                    entry.size()
+                ),
+            });
+        }
         let mut bytes = Vec::new();
-        archive
-            .by_name(pkl)
-            .map_err(|e| bad(format!("{pkl}: {e}")))?
+        entry
             .take(MAX_PICKLE)
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("{pkl}: {e}")))?;
@@ -75,8 +116,13 @@ impl PytorchFile {
                 path: path.to_path_buf(),
                 what,
             },
+            pickle::Problem::Hostile(what) => Error::CheckpointRefused {
+                path: path.to_path_buf(),
+                what: format!("{pkl}: {what}"),
+            },
             pickle::Problem::Malformed(reason) => bad(format!("{pkl}: {reason}")),
         })?;
+        shared_at_most(path, &tensors)?;
         Ok(Self {
             path: path.to_path_buf(),
             archive,
@@ -143,11 +189,7 @@ impl PytorchFile {
         let entry_name = format!("{}data/{}", self.dir, t.key);
         let entry_error = |e: zip::result::ZipError| bad(format!("zip entry {entry_name}: {e}"));
         // (zip's seekable entry reports positions in the archive, not in the entry.)
-        let size = self
-            .archive
-            .by_name(&entry_name)
-            .map_err(entry_error)?
-            .size();
+        let size = stored(&self.path, &mut self.archive, &entry_name)?.size();
         let mut entry = self
             .archive
             .by_name_seek(&entry_name)
@@ -176,6 +218,36 @@ impl PytorchFile {
         }
         .map_err(|e| bad(format!("zip entry {entry_name}: {e}")))
     }
+}
+
+/// Refuses tensors that together hold more than [`MAX_SHARING`] times the file's bytes.
+fn shared_at_most(path: &Path, tensors: &[(String, TensorRef)]) -> Result<()> {
+    let file_len = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut total = 0u64;
+    for (_, t) in tensors {
+        // A view past its storage is refused when read; here it only counts as huge.
+        let bytes = t
+            .shape
+            .iter()
+            .try_fold(t.storage.size as u64, |n, &d| n.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
+        total = total.saturating_add(bytes);
+    }
+    if total > file_len.saturating_mul(MAX_SHARING) {
+        return Err(Error::CheckpointRefused {
+            path: path.to_path_buf(),
+            what: format!(
+                "its tensors hold {total} bytes, over {MAX_SHARING} times the file's \
+                 {file_len}: storages viewed by many tensors, or zip entries that overlap"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A tensor of `shape` from `count` little-endian values of `N` bytes, decoded through a small
