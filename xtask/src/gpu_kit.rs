@@ -642,7 +642,9 @@ fn run_dry(kit: &Path) -> Result<()> {
         .status()
         .context("running the kit's run.sh")?;
     let seconds = started.elapsed().as_secs_f64();
-    println!("gpu-kit --dry-run: run.sh took {seconds:.0} s ({status}: one row fails by design)");
+    println!(
+        "gpu-kit --dry-run: run.sh took {seconds:.0} s ({status}; {FAULT_FAIL_AFTER} fails by design)"
+    );
     let report = read_json(&out.join("report.json"))
         .with_context(|| format!("run.sh ({status}) wrote no report"))?;
     let tools = &report["machine"]["tools_on_path"];
@@ -671,7 +673,12 @@ fn run_dry(kit: &Path) -> Result<()> {
     );
     run_killed(kit)?;
     run_without_budget(kit)?;
-    println!("gpu-kit --dry-run: {:.1} MiB came back in {}; the out-of-memory ladder, the cleanup, the killed run's report and the budget's skips check out", mib(bytes), out.display());
+    println!(
+        "gpu-kit --dry-run: {:.0} KiB came back in {}; the ladder, the cleanup, the killed \
+         run's report and the budget's skips check out",
+        bytes as f64 / 1024.0,
+        out.display()
+    );
     Ok(())
 }
 
