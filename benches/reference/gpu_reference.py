@@ -51,6 +51,17 @@ def encode(tokenizer, row, max_len):
     return ids + [0] * pad, [1] * len(ids) + [0] * pad, labels + [-100] * pad
 
 
+def load_bf16(folder):
+    """`dtype=` is what current transformers take; older ones refuse it (a TypeError or ValueError
+    naming the keyword) and take `torch_dtype=`."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    except (TypeError, ValueError) as e:
+        if "dtype" not in str(e):
+            raise
+    return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
+
+
 def main():
     args = parse_args()
     graft_run = json.load(open(args.graft_run))
@@ -63,7 +74,7 @@ def main():
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     loaded = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(device)
+    model = load_bf16(args.model).to(device)
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)

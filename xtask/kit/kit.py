@@ -1,13 +1,19 @@
-"""The GPU kit's checks and measurements, run by run.sh from the kit's folder: python3 kit.py OUT_DIR.
+"""The GPU kit's checks and measurements, run by run.sh from the kit's folder:
+python3 kit.py OUT_DIR SCRATCH_DIR.
 
-Every row runs even when an earlier one failed; each command's output goes to
-OUT_DIR/logs/<step>.log and a failed row names its step. kit.json (written by `cargo xtask
-gpu-kit`) says whether this is the GPU kit or the dry run and which shapes it carries.
+Every row runs even when an earlier one failed. OUT_DIR stays small: report.json and report.md,
+rewritten (temp file + rename) after every row, and logs/<step>.log, each command's output cut to
+its last LOG_CAP bytes. SCRATCH_DIR holds the large things (training runs, random weights, the
+full logs); a row's temporaries are removed however the row ends. kit.json (written by `cargo
+xtask gpu-kit`) says whether this is the GPU kit or the dry run and which shapes it carries.
 """
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -16,6 +22,7 @@ import time
 
 KIT = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.abspath(sys.argv[1])
+SCRATCH = os.path.abspath(sys.argv[2])
 MANIFEST = json.load(open(os.path.join(KIT, "kit.json")))
 GPU = MANIFEST["mode"] == "gpu"
 GRAFT = os.path.join(KIT, "bin", "graft")
@@ -30,15 +37,49 @@ LOGITS_TOLERANCE = {"bf16": 0.06, "f32": 2e-3}
 # (0.2), P-tuning v2 9.72 -> 2.07 (0.22); at a fifth of its learning rate P-tuning v2 stayed at 0.8.
 LOSS_FALLS_TO = 0.5
 CORRECTNESS_STEPS = 20
-# H100 SXM and H200: dense bf16 peak.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, NVIDIA's datasheet figures (their
+# "with sparsity" figure halved), as remembered: none could be checked against a datasheet here.
+# (a word of nvidia-smi's name, a further word it must hold or None, the card, TFLOP/s); the first
+# match wins, so the variants come before their family. Least certain: both NVL figures.
+PEAK_BF16_TFLOPS = [
+    ("H100", "NVL", "H100 NVL", 835),
+    ("H100", "PCIE", "H100 PCIe", 756),
+    ("H100", None, "H100 SXM", 989),
+    ("H200", "NVL", "H200 NVL", 835),
+    ("H200", None, "H200 SXM", 989),
+    ("A100", None, "A100", 312),
+    ("L40S", None, "L40S", 362),
+    ("L4", None, "L4", 121),
+    ("A10", None, "A10", 125),
+]
 # The GPU run: 8 minutes in all on an H100; rows that would start later are skipped.
-BUDGET_S = 450 if GPU else 1800
+# GRAFT_KIT_BUDGET_S overrides it (the dry run checks the skipping with 0).
+_BUDGET = os.environ.get("GRAFT_KIT_BUDGET_S", "")
+BUDGET_S = float(_BUDGET) if re.fullmatch(r"\d+(\.\d+)?", _BUDGET) else (450 if GPU else 1800)
 SEQ = 512
 METHODS = ("lora", "p-tuning-v2")
 SCALE_STEPS = 3 if GPU else 2
 SIDE_STEPS = 6 if GPU else 2
-SCALE_BATCHES = [16, 8, 4, 2] if GPU else [2]
+# The largest-batch rows try the largest of these that graft inspect fits in 85% of the GPU, and
+# halve it on out-of-memory down to 1. The dry run starts at 8 (its faults make 8 and 4 fail).
+SCALE_BATCHES = [16, 8, 4, 2] if GPU else [8]
+# What a failed step's log says when the device ran out of memory: cudarc's DriverError through
+# candle (`DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")`), cuBLAS's workspace, torch.
+OUT_OF_MEMORY = re.compile(r"CUDA_ERROR_OUT_OF_MEMORY|CUBLAS_STATUS_ALLOC_FAILED|out of memory", re.IGNORECASE)
+# Each log copied to OUT_DIR keeps its last LOG_CAP bytes: a row that writes GBs of output
+# must not fill the folder that comes back.
+LOG_CAP = 1 << 20
+
+
+def _batches(text):
+    return sorted({int(b) for b in text.split(",") if b.strip().isdigit()}, reverse=True)
+
+
+# Fault switches, for the dry run (xtask sets them): training at these batch sizes fails as CUDA's
+# out-of-memory does, and this step fails after it ran (its temporaries written).
+FAULT_OOM_BATCHES = _batches(os.environ.get("GRAFT_KIT_FAULT_OOM_BATCHES", ""))
+FAULT_FAIL_AFTER = os.environ.get("GRAFT_KIT_FAULT_FAIL_AFTER", "")
+SIMULATED_OOM = 'Error: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory") (simulated: GRAFT_KIT_FAULT_OOM_BATCHES)'
 
 START = time.monotonic()
 ROWS = []
@@ -53,7 +94,13 @@ def log(message):
 
 
 class StepFailed(Exception):
-    pass
+    def __init__(self, message, out_of_memory=False):
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+class Skipped(Exception):
+    """The time budget is spent: the row is reported skipped, not failed."""
 
 
 class GpuMemory:
@@ -93,35 +140,67 @@ def nvidia_smi(*fields):
     return [f.strip() for f in out.stdout.strip().split(",")]
 
 
-def run(step, argv, env=None, timeout=None):
-    """Runs one command with its output in logs/<step>.log; returns (seconds, peak GPU MiB)."""
+def budget_left():
     remaining = BUDGET_S - elapsed()
     if remaining <= 0:
-        raise StepFailed(f"step '{step}': skipped, the {BUDGET_S} s budget is spent")
-    path = os.path.join(OUT, "logs", f"{step}.log")
+        raise Skipped(f"the {BUDGET_S:.0f} s budget was spent before it started")
+    return remaining
+
+
+def read_tail(path, limit):
+    """The last `limit` bytes of a file, and how many bytes came before them."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - limit, 0))
+        return f.read(), max(size - limit, 0)
+
+
+def publish_log(step):
+    """Copies logs/<step>.log from the scratch folder to OUT_DIR, cut to its last LOG_CAP bytes."""
+    tail, cut = read_tail(os.path.join(SCRATCH, "logs", f"{step}.log"), LOG_CAP)
+    with open(os.path.join(OUT, "logs", f"{step}.log"), "wb") as f:
+        if cut:
+            f.write(f"[graft kit: the first {cut} bytes of this log were cut; its last {LOG_CAP} follow]\n".encode())
+        f.write(tail)
+
+
+def run(step, argv, env=None, timeout=None, simulate_oom=False):
+    """Runs one command with its output in logs/<step>.log; returns (seconds, peak GPU MiB).
+    simulate_oom: a command that fails as CUDA's out-of-memory does runs instead (a fault switch)."""
+    remaining = budget_left()
+    if simulate_oom:
+        argv = [sys.executable, "-c", "import sys; sys.exit(sys.argv[1])", SIMULATED_OOM]
+    path = os.path.join(SCRATCH, "logs", f"{step}.log")
     log(f"{step}: {' '.join(argv)}")
     memory = GpuMemory()
     started = time.monotonic()
-    with open(path, "w") as out:
-        try:
-            code = subprocess.run(
-                argv, stdout=out, stderr=subprocess.STDOUT, cwd=KIT,
-                env={**os.environ, **(env or {})}, timeout=min(timeout or remaining, remaining) + 30,
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-        except OSError as e:
-            code = f"not started: {e}"
+    try:
+        with open(path, "w") as out:
+            try:
+                code = subprocess.run(
+                    argv, stdout=out, stderr=subprocess.STDOUT, cwd=KIT,
+                    env={**os.environ, **(env or {})}, timeout=min(timeout or remaining, remaining) + 30,
+                ).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+            except OSError as e:
+                code = f"not started: {e}"
+    finally:
+        memory.finish()
+        publish_log(step)
     seconds = time.monotonic() - started
-    peak = memory.finish()
+    if code == 0 and step == FAULT_FAIL_AFTER:
+        code = "fault injected by GRAFT_KIT_FAULT_FAIL_AFTER"
     if code != 0:
-        tail = open(path, errors="replace").read().strip().splitlines()[-3:]
-        raise StepFailed(f"step '{step}' failed ({code}); logs/{step}.log ends: {' | '.join(tail)}")
-    return seconds, peak
+        tail = read_tail(path, 64 << 10)[0].decode(errors="replace")
+        last = tail.strip().splitlines()[-3:]
+        raise StepFailed(f"step '{step}' failed ({code}); logs/{step}.log ends: {' | '.join(last)}",
+                         out_of_memory=bool(OUT_OF_MEMORY.search(tail)))
+    return seconds, memory.peak
 
 
-def graft(step, *args, env=None):
-    return run(step, [GRAFT, *args], env=env)
+def graft(step, *args, env=None, simulate_oom=False):
+    return run(step, [GRAFT, *args], env=env, simulate_oom=simulate_oom)
 
 
 def read_json(path):
@@ -137,22 +216,53 @@ def logits_difference(a_path, b_path):
     return max(abs(x - y) for x, y in zip(a, b)) / scale
 
 
-def row(section, name, body):
-    """Runs body() -> dict of results; a row passes unless body raises or sets passed False."""
+@contextlib.contextmanager
+def temporary(name):
+    """A folder path in the scratch folder for one row's large files, removed however the row ends
+    (a failure, a KeyboardInterrupt, or SIGTERM, which main() turns into SystemExit)."""
+    path = os.path.join(SCRATCH, name)
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def scratch_left():
+    """What a row left in the scratch folder besides the logs: should be nothing."""
+    return sorted(n for n in os.listdir(SCRATCH) if n != "logs")
+
+
+def row(section, name, body, always=False):
+    """Runs body() -> dict of results; a row passes unless body raises or sets passed False. A row
+    that starts after the budget is spent is skipped (always: it runs anyway). The report is
+    rewritten after every row."""
     log(f"== {section}: {name}")
     entry = {"section": section, "name": name}
     try:
+        if not always:
+            budget_left()
         entry.update(body())
         entry.setdefault("passed", True)
+    except Skipped as e:
+        entry.update(passed=None, skipped=str(e))
+        log(f"skipped: {e}")
     except StepFailed as e:
         entry.update(passed=False, error=str(e))
         log(f"FAILED: {e}")
     except Exception as e:  # a bug or an unreadable file: the row fails, the run goes on
         entry.update(passed=False, error=f"{type(e).__name__}: {e}")
         log(f"FAILED: {type(e).__name__}: {e}")
-    if entry.get("skipped"):
-        entry["passed"] = None
+    left = scratch_left()
+    entry["scratch_left"] = left
+    if left:
+        entry["passed"] = False
+        entry["error"] = (entry.get("error", "") + f"; left in the scratch folder: {', '.join(left)}").lstrip("; ")
+        for leftover in left:
+            path = os.path.join(SCRATCH, leftover)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
     ROWS.append(entry)
+    write_report(complete=False)
 
 
 def train_summary(run_dir):
@@ -176,7 +286,7 @@ def train_summary(run_dir):
 
 def plugins_load():
     graft("plugins", "plugins")
-    listed = open(os.path.join(OUT, "logs", "plugins.log")).read().splitlines()
+    listed = open(os.path.join(SCRATCH, "logs", "plugins.log")).read().splitlines()
     features = "features cuda;" if GPU else "features cpu;"
     missing = [m for m in METHODS if not any(line.startswith(m + " ") for line in listed)]
     matching = sum(features in line for line in listed)
@@ -186,17 +296,154 @@ def plugins_load():
     return {"passed": not problems, "error": "; ".join(problems)}
 
 
+# ---- the preflight ---------------------------------------------------------------------------
+
+# What the preflight found: the GPU's peak for MFU, and the report's machine section.
+PEAK = {"card": None, "tflops": None, "why_unknown": "the preflight did not run"}
+MACHINE = {"gpu": None, "driver": None, "gpu_memory_mib": None}
+
+TORCH_PROBE = """
+import json
+found, absent = {}, {}
+for name in ("torch", "transformers", "peft"):
+    try:
+        found[name] = __import__(name).__version__
+    except Exception as e:
+        absent[name] = f"{type(e).__name__}: {e}"
+if "torch" in found:
+    import torch
+    found["torch_cuda"] = torch.version.cuda
+    found["torch_cuda_available"] = torch.cuda.is_available()
+print(json.dumps({"found": found, "absent": absent}))
+"""
+
+
+class Absent(Exception):
+    """A probe whose tool or library this machine lacks: recorded, never a failure."""
+
+
+def peak_bf16(gpu_name):
+    """(card, dense bf16 TFLOP/s) for nvidia-smi's name, or None. Words, not substrings: "A10" must
+    not match an A100, nor "L4" an L40S."""
+    words = re.split(r"[\s_-]+", gpu_name.upper())
+    for family, variant, card, tflops in PEAK_BF16_TFLOPS:
+        if family in words and (variant is None or variant in words):
+            return card, tflops
+    return None
+
+
+def ldd(path):
+    """`ldd -r`: the libraries it cannot find and the symbols (or symbol versions) left unresolved."""
+    if not shutil.which("ldd"):
+        raise Absent("no ldd on PATH")
+    done = subprocess.run(["ldd", "-r", path], capture_output=True, text=True, timeout=60)
+    lines = (done.stdout + done.stderr).splitlines()
+    return {
+        "missing_libraries": [line.split("=>")[0].strip() for line in lines if "=> not found" in line],
+        "undefined_symbols": [m.group(1) for m in (re.search(r"undefined symbol: (\S+)", line) for line in lines) if m],
+        "missing_versions": [line.strip() for line in lines if re.search(r"version `[^']+' not found", line)],
+    }
+
+
+def gpu_query():
+    if not shutil.which("nvidia-smi"):
+        raise Absent("no nvidia-smi on PATH")
+    fields = ("name", "driver_version", "memory.total", "memory.free")
+    values = nvidia_smi(*fields)
+    if not values or len(values) != len(fields):
+        raise Absent("nvidia-smi answered nothing for GPU 0")
+    return dict(zip(fields, values))
+
+
+def driver_cuda():
+    """The CUDA version the driver supports: only nvidia-smi's banner states it."""
+    if not shutil.which("nvidia-smi"):
+        raise Absent("no nvidia-smi on PATH")
+    done = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
+    found = re.search(r"CUDA Version:\s*([\d.]+)", done.stdout)
+    if not found:
+        raise Absent("nvidia-smi's banner states no CUDA version")
+    return found.group(1)
+
+
+def jit_cache():
+    path = os.environ.get("CUDA_CACHE_PATH")
+    if not path:
+        raise Absent("CUDA_CACHE_PATH is not set: the driver's default cache")
+    return {"path": path, "writable": os.access(path, os.W_OK), "max_bytes": os.environ.get("CUDA_CACHE_MAXSIZE")}
+
+
+def preflight():
+    """What this machine is, before anything runs. A probe that is missing is recorded as absent;
+    the row fails only when graft's own files do not link (they would fail every other row)."""
+    found, absent = {}, {}
+
+    def probe(name, fn):
+        try:
+            found[name] = fn()
+        except Absent as e:
+            absent[name] = str(e)
+        except Exception as e:  # a probe that breaks is as good as absent: the run goes on
+            absent[name] = f"{type(e).__name__}: {e}"
+
+    binaries = ["graft"] + sorted(f for f in os.listdir(os.path.join(KIT, "bin")) if f.endswith(".so"))
+    for name in binaries:
+        probe(f"ldd {name}", lambda name=name: ldd(os.path.join(KIT, "bin", name)))
+    probe("glibc", lambda: os.confstr("CS_GNU_LIBC_VERSION"))
+    probe("gpu", gpu_query)
+    probe("driver_cuda", driver_cuda)
+    probe("python", lambda: sys.version.split()[0])
+
+    def python_packages():
+        done = subprocess.run([sys.executable, "-c", TORCH_PROBE], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise Absent(f"the probe failed: {done.stderr.strip()[-300:]}")
+        return json.loads(done.stdout)
+    probe("python_packages", python_packages)
+    packages = found.pop("python_packages", {"found": {}, "absent": {}})
+    found.update(packages["found"])
+    absent.update(packages["absent"])
+    probe("cuda_jit_cache", jit_cache)
+    probe("scratch_free_gib", lambda: round(shutil.disk_usage(SCRATCH).free / 2**30, 1))
+    found["scratch"] = SCRATCH
+    found["rust_backtrace"] = os.environ.get("RUST_BACKTRACE")
+
+    gpu = found.get("gpu", {})
+    MACHINE.update(gpu=gpu.get("name"), driver=gpu.get("driver_version"),
+                   gpu_memory_mib=int(gpu["memory.total"]) if gpu.get("memory.total", "").isdigit() else None)
+    peak = peak_bf16(MACHINE["gpu"]) if MACHINE["gpu"] else None
+    if peak:
+        PEAK.update(card=peak[0], tflops=peak[1], why_unknown=None)
+    else:
+        PEAK.update(why_unknown=f"{MACHINE['gpu']} is not in the kit's table of peaks" if MACHINE["gpu"]
+                    else "no GPU found (nvidia-smi)")
+    found["peak_bf16_tflops"] = PEAK["tflops"]
+    if GPU and not MACHINE["gpu"]:
+        log("nvidia-smi answers nothing: the GPU rows will fail")
+
+    problems = []
+    for name in binaries:
+        linkage = found.get(f"ldd {name}", {})
+        for kind, items in linkage.items():
+            if items:
+                problems.append(f"{name}: {kind.replace('_', ' ')}: {', '.join(items[:20])}")
+    return {"found": found, "absent": absent, "passed": not problems, "error": "; ".join(problems)}
+
+
 # ---- (a) correctness -------------------------------------------------------------------------
 
 
 def base_logits(dtype):
     def body():
-        out = os.path.join(OUT, f"base-{dtype}.json")
-        graft(f"base-logits-{dtype}", "logits", "--model", "models/stories260K", "--prompt", PROMPT,
-              "--dtype", dtype, "--out", out)
-        difference = logits_difference(out, os.path.join(KIT, "expected", "base-cpu-f32.json"))
+        with temporary(f"base-{dtype}") as work:
+            os.makedirs(work)
+            out = os.path.join(work, "logits.json")
+            graft(f"base-logits-{dtype}", "logits", "--model", "models/stories260K", "--prompt", PROMPT,
+                  "--dtype", dtype, "--out", out)
+            difference = logits_difference(out, os.path.join(KIT, "expected", "base-cpu-f32.json"))
+            device = read_json(out)["device"]
         return {
-            "device": read_json(out)["device"],
+            "device": device,
             "logits_difference": difference,
             "tolerance": LOGITS_TOLERANCE[dtype],
             "passed": difference <= LOGITS_TOLERANCE[dtype],
@@ -206,8 +453,10 @@ def base_logits(dtype):
 
 def trained_adapter(method):
     def body():
-        run_dir = os.path.join(OUT, "runs", f"story-{method}")
-        shutil.rmtree(run_dir, ignore_errors=True)
+        with temporary(f"story-{method}") as run_dir:
+            return train_and_compare(run_dir)
+
+    def train_and_compare(run_dir):
         graft(f"train-{method}", "train-lm", "--config", f"configs/story-{method}.toml", "--dtype", "bf16",
               "--max-steps", str(CORRECTNESS_STEPS), "--out", run_dir)
         result = train_summary(run_dir)
@@ -258,11 +507,6 @@ def flops_per_token(report, shape_path, span):
     return 4 * n + 12 * report["layers"] * span * report["hidden_size"]
 
 
-def peak_flops():
-    name = (nvidia_smi("name") or [""])[0]
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def gpu_total_mib():
     total = nvidia_smi("memory.total")
     return int(total[0]) if total and total[0].isdigit() else None
@@ -270,39 +514,39 @@ def gpu_total_mib():
 
 def train_shape(step, config, shape, batch, checkpointing, prefix):
     """Trains on a --random-init shape; returns the run's summary, nvidia-smi's peak and inspect's report."""
-    run_dir = os.path.join(OUT, "runs", step)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    args = ["train-lm", "--config", config, "--random-init", shape, "--dtype", "bf16",
-            "--max-steps", str(SCALE_STEPS), "--batch-size", str(batch), "--out", run_dir]
-    if checkpointing:
-        args.append("--checkpointing")
-    _, peak = graft(step, *args)
-    result = train_summary(run_dir)
+    with temporary(step) as run_dir:
+        args = ["train-lm", "--config", config, "--random-init", shape, "--dtype", "bf16",
+                "--max-steps", str(SCALE_STEPS), "--batch-size", str(batch), "--out", run_dir]
+        if checkpointing:
+            args.append("--checkpointing")
+        _, peak = graft(step, *args, simulate_oom=batch in FAULT_OOM_BATCHES)
+        result = train_summary(run_dir)
     result.pop("losses")
     return result, peak, inspect(shape, batch, checkpointing, prefix)
 
 
-def scale_row(method, batch, checkpointing):
+def scale_run(method, batch, checkpointing):
     shape = MANIFEST["shapes"]["scale"]["file"]
     prefix = 128 if method == "p-tuning-v2" else None
+    step = f"scale-{method}-b{batch}{'-ckpt' if checkpointing else ''}"
+    result, peak, estimate = train_shape(step, f"configs/scale-{method}.toml", shape, batch, checkpointing, prefix)
+    flops = flops_per_token(estimate, shape, SEQ + (prefix or 0))
+    tps = result["tokens_per_s"]
+    result.update(
+        batch=batch,
+        checkpointing=checkpointing,
+        peak_gpu_mib_nvidia_smi=peak,
+        inspect_estimate_mib=estimate["memory"]["total"] / 2**20,
+        flops_per_token=flops,
+        mfu=tps * flops / PEAK["tflops"] / 1e12 if tps and PEAK["tflops"] else None,
+    )
+    if result["mfu"] is None:
+        result["mfu_not_stated"] = PEAK["why_unknown"] or "no tokens/s"
+    return result
 
-    def body():
-        b = batch() if callable(batch) else batch
-        step = f"scale-{method}-b{b}{'-ckpt' if checkpointing else ''}"
-        result, peak, estimate = train_shape(step, f"configs/scale-{method}.toml", shape, b, checkpointing, prefix)
-        flops = flops_per_token(estimate, shape, SEQ + (prefix or 0))
-        peak_rate = peak_flops()
-        tps = result["tokens_per_s"]
-        result.update(
-            batch=b,
-            checkpointing=checkpointing,
-            peak_gpu_mib_nvidia_smi=peak,
-            inspect_estimate_mib=estimate["memory"]["total"] / 2**20,
-            flops_per_token=flops,
-            mfu=tps * flops / peak_rate if tps and peak_rate else None,
-        )
-        return result
-    return body
+
+def scale_row(method, batch, checkpointing):
+    return lambda: scale_run(method, batch, checkpointing)
 
 
 def largest_batch(checkpointing):
@@ -315,6 +559,28 @@ def largest_batch(checkpointing):
     return SCALE_BATCHES[-1]
 
 
+def ladder_row(checkpointing):
+    """LoRA at the largest batch that runs: inspect's pick first, halved on out-of-memory."""
+    def body():
+        start = batch = largest_batch(checkpointing)
+        out_of_memory = []
+        while True:
+            try:
+                result = scale_run("lora", batch, checkpointing)
+                break
+            except StepFailed as e:
+                if not e.out_of_memory:
+                    raise
+                out_of_memory.append(batch)
+                if batch == 1:
+                    raise StepFailed(f"out of memory at every batch of {out_of_memory}: {e}") from e
+                log(f"batch {batch} ran out of memory; trying {batch // 2}")
+                batch //= 2
+        result.update(ladder_start=start, out_of_memory_batches=out_of_memory)
+        return result
+    return body
+
+
 def reference_available():
     done = subprocess.run([sys.executable, "-c", "import torch, peft, transformers"], capture_output=True)
     return done.returncode == 0
@@ -324,17 +590,19 @@ def side_row(key):
     shape = MANIFEST["shapes"][key]
 
     def body():
-        work = os.path.join(OUT, "work", key)
-        shutil.rmtree(work, ignore_errors=True)
+        # The 8B's weights are 16 GB: removed however the row ends.
+        with temporary(f"side-{key}") as work:
+            return side_by_side(work)
+
+    def side_by_side(work):
+        model, run_dir = os.path.join(work, "model"), os.path.join(work, "run")
         graft(f"side-{key}-weights", "random-model", "--shape", shape["file"], "--seed", "42", "--dtype", "bf16",
-              "--out", work)
-        config = os.path.join(OUT, f"side-{key}.toml")
+              "--out", model)
+        config = os.path.join(work, "side.toml")
         with open(os.path.join(KIT, "configs", "side.toml")) as f:
-            text = f.read().replace("@MODEL@", work)
+            text = f.read().replace("@MODEL@", model)
         with open(config, "w") as f:
             f.write(text)
-        run_dir = os.path.join(OUT, "runs", f"side-{key}")
-        shutil.rmtree(run_dir, ignore_errors=True)
         _, graft_peak = graft(f"side-{key}-graft", "train-lm", "--config", config, "--dtype", "bf16",
                               "--max-steps", str(SIDE_STEPS), "--out", run_dir)
         ours = train_summary(run_dir)
@@ -342,21 +610,20 @@ def side_row(key):
         result = {"graft": {**ours, "peak_gpu_mib_nvidia_smi": graft_peak}}
         if not reference_available():
             result["reference"] = {"skipped": "python3 cannot import torch, peft and transformers"}
-        else:
-            ref_out = os.path.join(OUT, f"side-{key}-reference.json")
-            _, ref_peak = run(f"side-{key}-reference", [
-                sys.executable, os.path.join(KIT, "reference", "gpu_reference.py"), "--model", work,
-                "--tokenizer", "models/tokenizer.json", "--data", "data/abstracts.csv",
-                "--graft-run", os.path.join(run_dir, "train.json"), "--max-len", str(SEQ), "--out", ref_out,
-            ])
-            reference = read_json(ref_out)
-            reference["peak_gpu_mib_nvidia_smi"] = ref_peak
-            result["reference"] = reference
-            if ours["tokens_per_s"] and reference.get("tokens_per_s"):
-                result["tokens_per_s_ratio"] = ours["tokens_per_s"] / reference["tokens_per_s"]
-            if graft_peak and ref_peak:
-                result["peak_memory_ratio"] = graft_peak / ref_peak
-        shutil.rmtree(work, ignore_errors=True)  # the 8B's weights are 16 GB
+            return result
+        ref_out = os.path.join(work, "reference.json")
+        _, ref_peak = run(f"side-{key}-reference", [
+            sys.executable, os.path.join(KIT, "reference", "gpu_reference.py"), "--model", model,
+            "--tokenizer", "models/tokenizer.json", "--data", "data/abstracts.csv",
+            "--graft-run", os.path.join(run_dir, "train.json"), "--max-len", str(SEQ), "--out", ref_out,
+        ])
+        reference = read_json(ref_out)
+        reference["peak_gpu_mib_nvidia_smi"] = ref_peak
+        result["reference"] = reference
+        if ours["tokens_per_s"] and reference.get("tokens_per_s"):
+            result["tokens_per_s_ratio"] = ours["tokens_per_s"] / reference["tokens_per_s"]
+        if graft_peak and ref_peak:
+            result["peak_memory_ratio"] = graft_peak / ref_peak
         return result
     return body
 
@@ -378,13 +645,41 @@ def status(entry):
     return {True: "pass", False: "FAIL", None: "skipped"}[entry["passed"]]
 
 
+def note(entry):
+    """A row's reason: its error, why it was skipped, and the batches that ran out of memory."""
+    parts = [entry.get("error") or entry.get("skipped") or ""]
+    if entry.get("out_of_memory_batches"):
+        parts.append(f"out of memory at batch {', '.join(map(str, entry['out_of_memory_batches']))}")
+    # A log's tail may hold the table's own separator.
+    return "; ".join(p for p in parts if p).replace("|", "\\|")
+
+
 def markdown(report):
     machine = report["machine"]
+    if not report["complete"]:
+        result = f"incomplete ({len(report['rows'])} rows so far)"
+    else:
+        result = "pass" if report["passed"] else "FAIL"
+    peak = machine["peak_bf16"]
+    against = (f"against the {peak['card']}'s dense bf16 peak, {peak['tflops']} TFLOP/s" if peak["tflops"]
+               else f"not stated: {peak['why_unknown']}")
     lines = [
         f"# graft GPU kit ({MANIFEST['mode']})",
         "",
         f"{machine['gpu'] or 'no GPU'}, driver {machine['driver'] or '-'}; kit built from {MANIFEST['commit']}, "
-        f"{report['elapsed_s']:.0f} s. Result: **{'pass' if report['passed'] else 'FAIL'}**.",
+        f"{report['elapsed_s']:.0f} s. Result: **{result}**. Each step's log (its last {LOG_CAP >> 20} MiB): logs/.",
+        "",
+        "## Preflight",
+        "",
+    ]
+    for r in (r for r in report["rows"] if r["section"] == "preflight"):
+        lines.append(f"{status(r)}{': ' + note(r) if note(r) else ''}")
+        lines.append("")
+        for key, value in r.get("found", {}).items():
+            lines.append(f"- {key}: {json.dumps(value)}")
+        for key, reason in r.get("absent", {}).items():
+            lines.append(f"- {key}: absent ({reason})")
+    lines += [
         "",
         "## Correctness",
         f"Next-token logits against the CPU's in f32 (max difference / max logit); training {CORRECTNESS_STEPS} "
@@ -395,13 +690,14 @@ def markdown(report):
     ]
     for r in (r for r in report["rows"] if r["section"] in ("environment", "correctness")):
         lines.append(f"| {r['name']} | {status(r)} | {cell(r.get('first_loss'))} | {cell(r.get('last_loss'))} | "
-                     f"{cell(r.get('logits_difference'))} | {cell(r.get('tolerance'))} | {r.get('error', '')} |")
+                     f"{cell(r.get('logits_difference'))} | {cell(r.get('tolerance'))} | {note(r)} |")
     scale = MANIFEST["shapes"]["scale"]["name"]
     lines += [
         "",
         f"## Scale: {scale}, bf16, {SEQ} tokens a row, {SCALE_STEPS} steps",
         "Tokens/s of the median step; MFU from 4N + 12·layers·span·hidden FLOPs a token (N: the products' "
-        "weights) against 989 TFLOP/s. Peak: nvidia-smi's memory.used of the whole GPU, sampled every 0.1 s.",
+        f"weights) {against}. Peak: nvidia-smi's memory.used of the whole GPU, sampled every 0.1 s. The "
+        "largest batch: graft inspect's pick, halved on out-of-memory.",
         "",
         "| row | result | batch | checkpointing | tokens/s | MFU | peak GPU (MiB) | inspect (MiB) | note |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
@@ -409,7 +705,7 @@ def markdown(report):
     for r in (r for r in report["rows"] if r["section"] == "scale"):
         lines.append(f"| {r['name']} | {status(r)} | {cell(r.get('batch'))} | {cell(r.get('checkpointing'))} | "
                      f"{cell(r.get('tokens_per_s'))} | {cell(r.get('mfu'))} | {cell(r.get('peak_gpu_mib_nvidia_smi'))} | "
-                     f"{cell(r.get('inspect_estimate_mib'))} | {r.get('error', '')} |")
+                     f"{cell(r.get('inspect_estimate_mib'))} | {note(r)} |")
     lines += [
         "",
         f"## Side by side: graft against PyTorch + PEFT, LoRA r8 on q_proj and v_proj, bf16, {SIDE_STEPS} steps",
@@ -422,19 +718,44 @@ def markdown(report):
     ]
     for r in (r for r in report["rows"] if r["section"] == "side by side"):
         g, ref = r.get("graft", {}), r.get("reference", {})
-        note = r.get("error", "") or ref.get("skipped", "")
         lines.append(f"| {r['name']} | {status(r)} | {cell(g.get('tokens_per_s'))} | {cell(ref.get('tokens_per_s'))} | "
                      f"{cell(r.get('tokens_per_s_ratio'))} | {cell(g.get('peak_gpu_mib_nvidia_smi'))} | "
                      f"{cell(ref.get('peak_gpu_mib_nvidia_smi'))} | {cell(ref.get('peak_allocated_mib'))} | "
-                     f"{cell(r.get('peak_memory_ratio'))} | {note} |")
+                     f"{cell(r.get('peak_memory_ratio'))} | {note(r) or ref.get('skipped', '')} |")
     return "\n".join(lines) + "\n"
 
 
-def main():
-    os.makedirs(os.path.join(OUT, "logs"), exist_ok=True)
-    gpu = nvidia_smi("name", "driver_version", "memory.total")
-    if GPU and not gpu:
-        log("nvidia-smi answers nothing: the GPU rows will fail")
+def write_atomically(name, text):
+    """A reader (or a kill) sees the old file or the new one, never half of one."""
+    path = os.path.join(OUT, name)
+    with open(path + ".part", "w") as f:
+        f.write(text)
+    os.replace(path + ".part", path)
+
+
+def write_report(complete):
+    report = {
+        "kit": MANIFEST,
+        "machine": {**MACHINE, "peak_bf16": PEAK,
+                    "tools_on_path": [t for t in ("cargo", "rustc", "nvcc") if shutil.which(t)]},
+        "faults": {"oom_batches": FAULT_OOM_BATCHES, "fail_after": FAULT_FAIL_AFTER or None},
+        "budget_s": BUDGET_S,
+        "elapsed_s": elapsed(),
+        "complete": complete,
+        "rows": ROWS,
+        "passed": all(r["passed"] is not False for r in ROWS),
+    }
+    write_atomically("report.json", json.dumps(report, indent=2))
+    try:
+        text = markdown(report)
+    except Exception as e:  # a bug here must not lose report.json or stop the rows
+        text = f"# graft GPU kit\n\nreport.md could not be written ({type(e).__name__}: {e}); see report.json.\n"
+    write_atomically("report.md", text)
+    return report
+
+
+def run_rows():
+    row("preflight", "the machine, graft's linkage, versions", preflight, always=True)
     row("environment", "graft loads both plugins with this build's features", plugins_load)
     for dtype in ("f32", "bf16"):
         row("correctness", f"base model logits, {dtype} on the device", base_logits(dtype))
@@ -442,28 +763,27 @@ def main():
         row("correctness", f"{method}: trains, logits bf16 on the device", trained_adapter(method))
     for checkpointing in (False, True):
         row("scale", f"lora, batch 1{', checkpointing' if checkpointing else ''}", scale_row("lora", 1, checkpointing))
-        row("scale", f"lora, largest batch{', checkpointing' if checkpointing else ''}",
-            scale_row("lora", lambda c=checkpointing: largest_batch(c), checkpointing))
     row("scale", "p-tuning-v2 (pre_seq_len 128), batch 1", scale_row("p-tuning-v2", 1, False))
+    # Side by side before the largest batches: the 8B row must not get only what they leave.
     for key in ("side_small", "side_large"):
         row("side by side", MANIFEST["shapes"][key]["name"], side_row(key))
-    report = {
-        "kit": MANIFEST,
-        "machine": {
-            "gpu": gpu[0] if gpu else None,
-            "driver": gpu[1] if gpu else None,
-            "gpu_memory_mib": int(gpu[2]) if gpu and gpu[2].isdigit() else None,
-            "tools_on_path": [t for t in ("cargo", "rustc", "nvcc") if shutil.which(t)],
-        },
-        "elapsed_s": elapsed(),
-        "rows": ROWS,
-        "passed": all(r["passed"] is not False for r in ROWS),
-    }
-    with open(os.path.join(OUT, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(OUT, "report.md"), "w") as f:
-        f.write(markdown(report))
-    failed = [r["name"] for r in ROWS if r["passed"] is False]
+    for checkpointing in (False, True):
+        row("scale", f"lora, largest batch{', checkpointing' if checkpointing else ''}", ladder_row(checkpointing))
+
+
+def main():
+    os.makedirs(os.path.join(OUT, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(SCRATCH, "logs"), exist_ok=True)
+    # SIGTERM (a scheduler's kill; run.sh passes Ctrl-C on as one) unwinds like an exception: the
+    # rows' temporaries go in their finally blocks and the report is written as incomplete.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    complete = False
+    try:
+        run_rows()
+        complete = True
+    finally:
+        report = write_report(complete)
+    failed = [r["name"] for r in report["rows"] if r["passed"] is False]
     log(f"report: {os.path.join(OUT, 'report.md')}; " + (f"FAILED rows: {', '.join(failed)}" if failed else "every row passed"))
     return 1 if failed else 0
 

@@ -9,9 +9,11 @@ use crate::bench::{decoder_config, read_json, read_toml};
 use crate::{build, build_profile, profile_dir, ptx, root, Backend, Profile};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// What a GPU machine may receive.
 const MAX_KIT_BYTES: u64 = 60 << 20;
@@ -278,6 +280,10 @@ fn pack_inputs(kit: &Path, dry_run: bool) -> Result<()> {
     let scripts = root().join("xtask/kit");
     copy(&scripts.join("kit.py"), &kit.join("kit.py"))?;
     copy(&scripts.join("run.sh"), &kit.join("run.sh"))?;
+    // The README's command starts it directly: executable whatever mode the checkout gave it.
+    let run_sh = kit.join("run.sh");
+    std::fs::set_permissions(&run_sh, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", run_sh.display()))?;
     let reference = root().join("benches/reference");
     for script in ["gpu_reference.py", "report.py"] {
         copy(&reference.join(script), &kit.join("reference").join(script))?;
@@ -449,39 +455,364 @@ fn path_without_toolchains() -> Result<std::ffi::OsString> {
     Ok(std::env::join_paths(kept)?)
 }
 
-/// Runs the kit's run.sh as a GPU machine would, with the toolchains off PATH, and fails unless
-/// every row passed.
-fn run_dry(kit: &Path) -> Result<()> {
-    let out = kit.with_extension("out");
-    let path = path_without_toolchains()?;
-    let started = Instant::now();
-    let status = Command::new("bash")
-        .arg(kit.join("run.sh"))
-        .arg(&out)
-        .env("PATH", &path)
+/// The dry run's fault switches (kit.py reads them): training at these batches fails as CUDA's
+/// out-of-memory does, so the largest-batch rows (which start at 8 in the dry run) must climb
+/// down to 2; and this step fails after it ran, its random weights written.
+const FAULT_OOM_BATCHES: [u64; 2] = [8, 4];
+const FAULT_FAIL_AFTER: &str = "side-side_large-graft";
+/// The kill check stops run.sh once report.json holds this many rows.
+const KILL_AFTER_ROWS: usize = 3;
+/// What the folder given to run.sh may hold after the dry run: reports and capped logs.
+const MAX_OUT_BYTES: u64 = 16 << 20;
+
+/// run.sh started directly (the README's command: it must be executable), as a GPU machine would,
+/// with the toolchains off PATH and its scratch folder at `scratch`.
+fn kit_command(kit: &Path, out: &Path, scratch: &Path) -> Result<Command> {
+    let mut command = Command::new(kit.join("run.sh"));
+    command
+        .arg(out)
+        .env("PATH", path_without_toolchains()?)
+        .env("GRAFT_KIT_SCRATCH", scratch)
         // cargo's own variables would tell graft where the CPU build is; a GPU machine has none.
         .env_remove("LD_LIBRARY_PATH")
         .env_remove("CARGO")
-        .env_remove("CARGO_MANIFEST_DIR")
+        .env_remove("CARGO_MANIFEST_DIR");
+    Ok(command)
+}
+
+/// An empty folder for a run's output: an earlier one (it has run.log) is replaced, anything
+/// else is left alone.
+fn fresh_output(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)?.next().is_none();
+        if !empty && !dir.join("run.log").is_file() {
+            bail!(
+                "{} exists and holds no kit output (no run.log): choose another --out",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn folder_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += entry.metadata()?.len();
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// The run folders run.sh left in its scratch root (the JIT cache may stay).
+fn scratch_runs_left(scratch: &Path) -> Result<Vec<String>> {
+    if !scratch.exists() {
+        return Ok(Vec::new());
+    }
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir(scratch)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("run.") {
+            left.push(name);
+        }
+    }
+    Ok(left)
+}
+
+fn rows(report: &Value) -> Result<&Vec<Value>> {
+    report["rows"]
+        .as_array()
+        .context("the report has no rows array")
+}
+
+fn named_rows<'a>(report: &'a Value, prefix: &str) -> Result<Vec<&'a Value>> {
+    Ok(rows(report)?
+        .iter()
+        .filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .collect())
+}
+
+/// The largest-batch rows met the simulated out-of-memory at each faulted batch, halved, and
+/// passed at the next one.
+fn check_ladder(report: &Value) -> Result<()> {
+    let ladder = named_rows(report, "lora, largest batch")?;
+    if ladder.len() != 2 {
+        bail!("{} largest-batch rows, not 2", ladder.len());
+    }
+    let ran = FAULT_OOM_BATCHES[FAULT_OOM_BATCHES.len() - 1] / 2;
+    for row in ladder {
+        let name = &row["name"];
+        if row["passed"] != json!(true) {
+            bail!("{name}: did not pass: {}", row["error"]);
+        }
+        if row["out_of_memory_batches"] != json!(FAULT_OOM_BATCHES) {
+            bail!(
+                "{name}: out of memory at {}, not at the faulted batches {FAULT_OOM_BATCHES:?}: the \
+                 ladder did not take the simulated CUDA out-of-memory for one",
+                row["out_of_memory_batches"]
+            );
+        }
+        if row["batch"] != json!(ran) {
+            bail!("{name}: ran at batch {}, not {ran}", row["batch"]);
+        }
+    }
+    Ok(())
+}
+
+/// No row left anything in the scratch folder; the faulted row failed with the fault's reason
+/// (after its random weights were written), and every other row passed or was skipped.
+fn check_rows(report: &Value) -> Result<()> {
+    if report["complete"] != json!(true) {
+        bail!("the report is not marked complete");
+    }
+    let mut faulted = 0;
+    for row in rows(report)? {
+        let name = &row["name"];
+        if row["scratch_left"] != json!([]) {
+            bail!(
+                "{name}: left {} in the scratch folder (a temporary not removed when the row ended)",
+                row["scratch_left"]
+            );
+        }
+        let error = row["error"].as_str().unwrap_or_default();
+        if error.contains("GRAFT_KIT_FAULT_FAIL_AFTER") {
+            faulted += 1;
+            if row["passed"] != json!(false) {
+                bail!("{name}: failed by the fault switch yet not marked failed");
+            }
+        } else if row["passed"] == json!(false) {
+            bail!("{name}: failed: {error}");
+        }
+    }
+    if faulted != 1 {
+        bail!("{faulted} rows failed by GRAFT_KIT_FAULT_FAIL_AFTER={FAULT_FAIL_AFTER}, not 1");
+    }
+    Ok(())
+}
+
+/// A run killed after `seen` rows: report.json still parses and holds them, marked incomplete.
+fn check_killed(report: &Value, seen: usize) -> Result<()> {
+    let held = rows(report)?.len();
+    if held < seen {
+        bail!("the killed run's report holds {held} rows; {seen} had finished");
+    }
+    if report["complete"] != json!(false) {
+        bail!("the killed run's report is marked complete");
+    }
+    Ok(())
+}
+
+/// With no time budget every row but the preflight is skipped, not failed, and the run passes.
+fn check_budget_skips(report: &Value) -> Result<()> {
+    for row in rows(report)? {
+        let name = &row["name"];
+        let preflight = row["section"] == json!("preflight");
+        if !preflight && (row["passed"] != Value::Null || !row["skipped"].is_string()) {
+            bail!("{name}: not marked skipped with the budget spent ({row})");
+        }
+    }
+    if report["passed"] != json!(true) {
+        bail!("a run whose rows were skipped is not marked passed");
+    }
+    Ok(())
+}
+
+/// Runs the kit's run.sh as a GPU machine would, with the toolchains off PATH and the fault
+/// switches on, and fails unless every check of the result holds; then runs it twice more: killed
+/// after KILL_AFTER_ROWS rows, and with no time budget.
+fn run_dry(kit: &Path) -> Result<()> {
+    let out = kit.with_extension("out");
+    let scratch = kit.with_extension("scratch");
+    fresh_output(&out)?;
+    let oom: Vec<String> = FAULT_OOM_BATCHES.iter().map(u64::to_string).collect();
+    let started = Instant::now();
+    let status = kit_command(kit, &out, &scratch)?
+        .env("GRAFT_KIT_FAULT_OOM_BATCHES", oom.join(","))
+        .env("GRAFT_KIT_FAULT_FAIL_AFTER", FAULT_FAIL_AFTER)
         .status()
         .context("running the kit's run.sh")?;
     let seconds = started.elapsed().as_secs_f64();
-    println!("gpu-kit --dry-run: run.sh took {seconds:.0} s");
+    println!(
+        "gpu-kit --dry-run: run.sh took {seconds:.0} s ({status}; {FAULT_FAIL_AFTER} fails by design)"
+    );
     let report = read_json(&out.join("report.json"))
         .with_context(|| format!("run.sh ({status}) wrote no report"))?;
     let tools = &report["machine"]["tools_on_path"];
     if tools.as_array().is_none_or(|t| !t.is_empty()) {
         bail!("run.sh ran with {tools} on PATH: the dry run must show the kit needs none of them");
     }
-    if !status.success() || report["passed"] != json!(true) {
+    let see = || format!("see {}", out.join("report.md").display());
+    check_ladder(&report).with_context(see)?;
+    check_rows(&report).with_context(see)?;
+    let left = scratch_runs_left(&scratch)?;
+    if !left.is_empty() {
+        bail!("run.sh left {left:?} in {}", scratch.display());
+    }
+    let bytes = folder_bytes(&out)?;
+    if bytes > MAX_OUT_BYTES {
         bail!(
-            "the dry run failed ({status}); see {}",
-            out.join("report.md").display()
+            "run.sh wrote {:.1} MiB to {}, over {} MiB",
+            mib(bytes),
+            out.display(),
+            MAX_OUT_BYTES >> 20
         );
     }
     println!(
         "{}",
         std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
     );
+    run_killed(kit)?;
+    run_without_budget(kit)?;
+    println!(
+        "gpu-kit --dry-run: {:.0} KiB came back in {}; the ladder, the cleanup, the killed \
+         run's report and the budget's skips check out",
+        bytes as f64 / 1024.0,
+        out.display()
+    );
     Ok(())
+}
+
+/// Kills run.sh's whole process group (SIGKILL: no handler runs, so only the reports written
+/// after each row can be there) once report.json holds KILL_AFTER_ROWS rows.
+fn run_killed(kit: &Path) -> Result<()> {
+    let out = kit.with_extension("killed");
+    let scratch = kit.with_extension("killed-scratch");
+    fresh_output(&out)?;
+    let mut child = kit_command(kit, &out, &scratch)?
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the kit's run.sh")?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let report_path = out.join("report.json");
+    let seen = loop {
+        // A half-written report fails to parse: the check would then wait for the next one.
+        let held = read_json(&report_path)
+            .ok()
+            .and_then(|r| r["rows"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if held >= KILL_AFTER_ROWS {
+            break held;
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "run.sh ended ({status}) before report.json held {KILL_AFTER_ROWS} rows: the report \
+                 is not written after every row"
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("report.json held {held} rows after 600 s: the report is not written after every row");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    run_tool(Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]))
+        .context("killing run.sh's process group")?;
+    child.wait()?;
+    let report = read_json(&report_path).context("the killed run's report.json")?;
+    check_killed(&report, seen)?;
+    std::fs::remove_dir_all(&scratch)
+        .with_context(|| format!("removing the killed run's {}", scratch.display()))?;
+    println!(
+        "gpu-kit --dry-run: killed after {seen} rows, report.json held {}",
+        rows(&report)?.len()
+    );
+    Ok(())
+}
+
+fn run_without_budget(kit: &Path) -> Result<()> {
+    let out = kit.with_extension("no-budget");
+    let scratch = kit.with_extension("scratch");
+    fresh_output(&out)?;
+    let status = kit_command(kit, &out, &scratch)?
+        .env("GRAFT_KIT_BUDGET_S", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running the kit's run.sh")?;
+    let report = read_json(&out.join("report.json"))
+        .with_context(|| format!("run.sh ({status}) with no budget wrote no report"))?;
+    check_budget_skips(&report)?;
+    if !status.success() {
+        bail!("run.sh with every row skipped exited {status}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ladder_row(name: &str, oom: Value, batch: u64) -> Value {
+        json!({"section": "scale", "name": name, "passed": true, "scratch_left": [],
+               "out_of_memory_batches": oom, "batch": batch})
+    }
+
+    fn report(rows: Vec<Value>, complete: bool) -> Value {
+        json!({"rows": rows, "complete": complete, "passed": true})
+    }
+
+    fn faulted() -> Value {
+        json!({"section": "side by side", "name": "tiny Llama-3.1-8B", "passed": false,
+               "scratch_left": [], "error": "step failed (fault injected by GRAFT_KIT_FAULT_FAIL_AFTER)"})
+    }
+
+    #[test]
+    fn the_ladder_check_wants_both_faulted_batches_then_half_the_last() {
+        let good = |oom: Value, batch| {
+            report(
+                vec![
+                    ladder_row("lora, largest batch", json!([8, 4]), 2),
+                    ladder_row("lora, largest batch, checkpointing", oom, batch),
+                ],
+                true,
+            )
+        };
+        check_ladder(&good(json!([8, 4]), 2)).unwrap();
+        // Out-of-memory not recognised: the row failed at the first batch, or was not retried.
+        assert!(check_ladder(&good(json!([]), 8)).is_err());
+        assert!(check_ladder(&good(json!([8]), 4)).is_err());
+    }
+
+    #[test]
+    fn the_row_check_catches_a_temporary_left_and_an_unexpected_failure() {
+        let plain = json!({"name": "a", "section": "scale", "passed": true, "scratch_left": []});
+        check_rows(&report(vec![plain.clone(), faulted()], true)).unwrap();
+        let mut left = faulted();
+        left["scratch_left"] = json!(["side-side_large"]);
+        assert!(check_rows(&report(vec![plain.clone(), left], true)).is_err());
+        let mut failed = plain.clone();
+        failed["passed"] = json!(false);
+        assert!(check_rows(&report(vec![failed, faulted()], true)).is_err());
+        assert!(check_rows(&report(vec![plain.clone()], true)).is_err());
+        assert!(check_rows(&report(vec![plain, faulted()], false)).is_err());
+    }
+
+    #[test]
+    fn a_killed_report_holds_the_rows_seen_and_is_incomplete() {
+        let rows = vec![json!({"name": "a"}), json!({"name": "b"})];
+        check_killed(&report(rows.clone(), false), 2).unwrap();
+        assert!(check_killed(&report(rows.clone(), false), 3).is_err());
+        assert!(check_killed(&report(rows, true), 2).is_err());
+    }
+
+    #[test]
+    fn rows_past_the_budget_must_be_skipped_not_failed() {
+        let preflight = json!({"name": "p", "section": "preflight", "passed": true});
+        let skipped = json!({"name": "s", "section": "scale", "passed": null, "skipped": "budget"});
+        check_budget_skips(&report(vec![preflight.clone(), skipped], true)).unwrap();
+        let failed = json!({"name": "s", "section": "scale", "passed": false, "error": "budget"});
+        assert!(check_budget_skips(&report(vec![preflight, failed], true)).is_err());
+    }
 }
