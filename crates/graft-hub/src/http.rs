@@ -1,8 +1,9 @@
 //! The requests graft makes of the hub: one listing per run (the commit a revision names,
 //! every file's hash and size), and files fetched by commit, resumed with `Range` after a
 //! broken or stalled transfer.
+use crate::error::{hub_error, Error, Result};
+use crate::id::{HubId, Token};
 use crate::verify::Hash;
-use crate::{Error, Hub, HubId, Result};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -31,8 +32,9 @@ pub(crate) struct Listing {
 }
 
 /// The hub client: ureq with timeouts, and the token for the endpoint's host only.
-pub(crate) struct Client<'a> {
-    hub: &'a Hub,
+pub(crate) struct Client {
+    endpoint: String,
+    token: Option<Token>,
     agent: ureq::Agent,
 }
 
@@ -61,22 +63,31 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(250 << attempt.min(4))
 }
 
-impl<'a> Client<'a> {
-    pub(crate) fn new(hub: &'a Hub) -> Client<'a> {
+impl Client {
+    pub(crate) fn new(
+        endpoint: String,
+        token: Option<Token>,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+    ) -> Client {
         let agent = ureq::AgentBuilder::new()
-            .timeout_connect(hub.connect_timeout)
-            .timeout_read(hub.read_timeout)
+            .timeout_connect(connect_timeout)
+            .timeout_read(read_timeout)
             .try_proxy_from_env(true)
             // The hub redirects LFS files to its CDN: the token stays with the hub's host.
             .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
             .user_agent(concat!("graft/", env!("CARGO_PKG_VERSION")))
             .build();
-        Client { hub, agent }
+        Client {
+            endpoint,
+            token,
+            agent,
+        }
     }
 
     fn get(&self, url: &str) -> ureq::Request {
         let request = self.agent.get(url);
-        match &self.hub.token {
+        match &self.token {
             Some(token) => request.set("authorization", &format!("Bearer {}", token.secret())),
             None => request,
         }
@@ -86,7 +97,7 @@ impl<'a> Client<'a> {
     pub(crate) fn listing(&self, id: &HubId, log: &mut dyn FnMut(&str)) -> Result<Listing> {
         let url = format!(
             "{}/api/models/{}/revision/{}?blobs=true",
-            self.hub.endpoint,
+            self.endpoint,
             id.repo,
             encode(&id.revision)
         );
@@ -101,7 +112,7 @@ impl<'a> Client<'a> {
                     ));
                     std::thread::sleep(backoff(attempt));
                 }
-                Err(error) => return Err(self.hub.request_error(id, error)),
+                Err(error) => return Err(self.request_error(id, error)),
             }
         };
         let mut text = String::new();
@@ -109,12 +120,9 @@ impl<'a> Client<'a> {
             .into_reader()
             .take(LISTING_LIMIT)
             .read_to_string(&mut text)
-            .map_err(|e| {
-                self.hub
-                    .error(id, format!("reading the listing from {url}: {e}"))
-            })?;
+            .map_err(|e| hub_error(id, format!("reading the listing from {url}: {e}")))?;
         parse_listing(&text).map_err(|reason| {
-            self.hub.error(
+            hub_error(
                 id,
                 format!("the listing from {url} is not the hub's: {reason}"),
             )
@@ -135,7 +143,7 @@ impl<'a> Client<'a> {
     ) -> Result<()> {
         let url = format!(
             "{}/{}/resolve/{commit}/{}",
-            self.hub.endpoint,
+            self.endpoint,
             id.repo,
             file.split('/').map(encode).collect::<Vec<_>>().join("/")
         );
@@ -190,10 +198,10 @@ impl<'a> Client<'a> {
                     "the hub refused the range asked for".to_string()
                 }
                 Err(error) if transient(&error) => error.to_string(),
-                Err(error) => return Err(self.hub.request_error(id, error)),
+                Err(error) => return Err(self.request_error(id, error)),
             };
             if attempt == RETRIES {
-                return Err(self.hub.error(
+                return Err(hub_error(
                     id,
                     format!("{file}: {failure}; gave up after {} tries", RETRIES + 1),
                 ));
@@ -203,6 +211,40 @@ impl<'a> Client<'a> {
                 "{id}: {file}: {failure}; retry {attempt} of {RETRIES}, resuming"
             ));
             std::thread::sleep(backoff(attempt));
+        }
+    }
+
+    /// The hub's answer in words: `x-error-code` says which refusal it is.
+    fn request_error(&self, id: &HubId, error: ureq::Error) -> Error {
+        match error {
+            ureq::Error::Status(status, response) => {
+                let code = response.header("x-error-code").unwrap_or_default();
+                match (code, status) {
+                    ("RepoNotFound", _) | ("", 404) => Error::RepoNotFound {
+                        repo: id.repo.clone(),
+                        endpoint: self.endpoint.clone(),
+                    },
+                    ("GatedRepo", _) | ("", 401 | 403) => Error::Gated {
+                        repo: id.repo.clone(),
+                        endpoint: self.endpoint.clone(),
+                        advice: if self.token.is_some() {
+                            "the token given (HF_TOKEN or the token file) was refused: use one of an account that has accepted them"
+                        } else {
+                            "then set HF_TOKEN to a token of that account"
+                        },
+                    },
+                    ("RevisionNotFound", _) => {
+                        hub_error(id, format!("no revision `{}`", id.revision))
+                    }
+                    _ => hub_error(
+                        id,
+                        format!("HTTP {status} {code} from {}", response.get_url()),
+                    ),
+                }
+            }
+            ureq::Error::Transport(transport) => {
+                hub_error(id, format!("cannot reach {}: {transport}", self.endpoint))
+            }
         }
     }
 }

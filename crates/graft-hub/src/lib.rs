@@ -14,8 +14,14 @@
 //!
 //! A crate of its own, apart from graft-model: its HTTP and TLS stack (ureq, rustls, ring)
 //! stays out of libgraft_peft, which every plugin links.
+mod error;
 mod http;
+mod id;
 mod verify;
+
+use error::hub_error;
+pub use error::{Error, Mismatch, Result};
+pub use id::{HubId, Token};
 
 use graft_model::zoo::{find_known, hf_cache_dir, hf_home, KNOWN};
 use http::{Client, Listing};
@@ -23,57 +29,6 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use verify::{Check, Hash};
-
-/// Errors of graft-hub: reaching the hub, what it answered, what the cache holds.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{repo}: no such model repository on {endpoint} (a private one needs HF_TOKEN set to a token that can read it)")]
-    RepoNotFound { repo: String, endpoint: String },
-    #[error("{repo} is a gated model: accept its terms at {endpoint}/{repo}, {advice}")]
-    Gated {
-        repo: String,
-        endpoint: String,
-        advice: &'static str,
-    },
-    #[error("{}: {} fails its {} check (the hub names {}, the download hashes to {}); the file was removed", .0.repo, .0.file, .0.algorithm, .0.expected, .0.actual)]
-    HashMismatch(Box<Mismatch>),
-    #[error("{}: the cached {} fails its {} check (its blob is named {}, its bytes hash to {}); it was removed: run again without HF_HUB_OFFLINE to fetch it", .0.repo, .0.file, .0.algorithm, .0.expected, .0.actual)]
-    CacheCorrupt(Box<Mismatch>),
-    #[error("{repo}: {reason}")]
-    Hub { repo: String, reason: String },
-    #[error("`{alias}` is neither in graft's cache ({graft}) nor in the Hugging Face cache, and HF_HUB_OFFLINE is set: fetch it once without HF_HUB_OFFLINE", graft = graft.display())]
-    OfflineAlias { alias: String, graft: PathBuf },
-    #[error("{name}={value}: {reason}")]
-    Setting {
-        name: &'static str,
-        value: String,
-        reason: &'static str,
-    },
-    #[error("`{spec}` is no file or folder, no model graft knows ({known}), and no hub id (owner/name, optionally @revision)", spec = spec.display())]
-    UnknownModel { spec: PathBuf, known: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: not a shard index: {reason}")]
-    Index { path: PathBuf, reason: String },
-    /// Fetching a model graft knows by alias.
-    #[error(transparent)]
-    Model(#[from] graft_model::Error),
-}
-
-pub type Result<T> = std::result::Result<T, Error>;
-
-/// A file whose bytes are not the ones its hash names (boxed in [`Error`]: five strings).
-#[derive(Debug)]
-pub struct Mismatch {
-    pub repo: String,
-    pub file: String,
-    pub algorithm: &'static str,
-    pub expected: String,
-    pub actual: String,
-}
 
 /// The files that make a model, besides config.json and its weights, fetched when the
 /// repository has them.
@@ -130,80 +85,6 @@ pub enum Files {
     Config,
     /// config.json, the tokenizer files and the weights.
     Model,
-}
-
-/// A model repository on the hub at a revision (a branch, tag or commit; `main` by default).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubId {
-    pub repo: String,
-    pub revision: String,
-}
-
-impl HubId {
-    /// `owner/name` or `owner/name@revision`, with the hub's rules for names (letters, digits,
-    /// `-`, `_`, `.`; not starting or ending with `-` or `.`, no `--` or `..`); `None` for
-    /// anything else, so that `./runs/x`, `/data/m` or `a/b/c` are never taken for one.
-    pub fn parse(text: &str) -> Option<HubId> {
-        let (repo, revision) = match text.split_once('@') {
-            Some((repo, revision)) => (repo, revision),
-            None => (text, "main"),
-        };
-        let (owner, name) = repo.split_once('/')?;
-        let valid_revision = !revision.is_empty()
-            && !revision.starts_with('/')
-            && !revision.split('/').any(|part| part == ".." || part == ".")
-            && !revision.chars().any(|c| c.is_whitespace() || c == '\\');
-        (valid_name(owner) && valid_name(name) && valid_revision).then(|| HubId {
-            repo: repo.to_string(),
-            revision: revision.to_string(),
-        })
-    }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 96
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with(['-', '.'])
-        && !name.ends_with(['-', '.'])
-        && !name.contains("--")
-        && !name.contains("..")
-}
-
-impl std::fmt::Display for HubId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.repo, self.revision)
-    }
-}
-
-/// A hub token. Its `Debug` print is redacted and graft never logs it: it travels only in the
-/// `authorization` header to the hub's host.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
-
-impl Token {
-    pub fn new(token: impl Into<String>) -> Token {
-        Token(token.into())
-    }
-
-    /// The token itself, for the `authorization` header.
-    pub fn secret(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
-
-impl From<&str> for Token {
-    fn from(token: &str) -> Token {
-        Token::new(token)
-    }
 }
 
 /// Where and how to reach the hub.
@@ -398,7 +279,12 @@ impl Hub {
                 Local::Incomplete => {}
             }
         }
-        let client = Client::new(self);
+        let client = Client::new(
+            self.endpoint.clone(),
+            self.token.clone(),
+            self.connect_timeout,
+            self.read_timeout,
+        );
         let listing = client.listing(id, log)?;
         if !listing.files.contains_key(CONFIG) {
             return Err(self.error(id, "holds no config.json: not a transformers model".into()));
@@ -578,44 +464,7 @@ impl Hub {
     }
 
     fn error(&self, id: &HubId, reason: String) -> Error {
-        Error::Hub {
-            repo: id.to_string(),
-            reason,
-        }
-    }
-
-    /// The hub's answer in words: `x-error-code` says which refusal it is.
-    fn request_error(&self, id: &HubId, error: ureq::Error) -> Error {
-        match error {
-            ureq::Error::Status(status, response) => {
-                let code = response.header("x-error-code").unwrap_or_default();
-                match (code, status) {
-                    ("RepoNotFound", _) | ("", 404) => Error::RepoNotFound {
-                        repo: id.repo.clone(),
-                        endpoint: self.endpoint.clone(),
-                    },
-                    ("GatedRepo", _) | ("", 401 | 403) => Error::Gated {
-                        repo: id.repo.clone(),
-                        endpoint: self.endpoint.clone(),
-                        advice: if self.token.is_some() {
-                            "the token given (HF_TOKEN or the token file) was refused: use one of an account that has accepted them"
-                        } else {
-                            "then set HF_TOKEN to a token of that account"
-                        },
-                    },
-                    ("RevisionNotFound", _) => {
-                        self.error(id, format!("no revision `{}`", id.revision))
-                    }
-                    _ => self.error(
-                        id,
-                        format!("HTTP {status} {code} from {}", response.get_url()),
-                    ),
-                }
-            }
-            ureq::Error::Transport(transport) => {
-                self.error(id, format!("cannot reach {}: {transport}", self.endpoint))
-            }
-        }
+        hub_error(id, reason)
     }
 }
 

@@ -14,7 +14,7 @@
 //! snapshot path that is not the blob it should link to (planted there, or a copy) is always
 //! hashed. The markers live beside `blobs/` so that deleting a repository from the cache
 //! deletes them too, and outside it so that no other tool takes them for blobs.
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use sha2::Digest;
 use std::io::Read;
 use std::path::{Path, PathBuf};
