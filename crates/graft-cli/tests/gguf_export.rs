@@ -287,14 +287,14 @@ fn export_lora(adapter: &str, out: &Path) -> (bool, String) {
 /// generates with the adapter and what llama.cpp generates from the merged f16 export, and
 /// not what the base alone generates in llama.cpp (so an adapter llama.cpp ignored would
 /// fail). Returns the export's report.
-fn unmerged_adapter_runs_in_llama_cpp(method: &str) -> String {
+fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let adapter = train_lm(
         dir.path(),
         &format!(
             "[model]\npath = \"{STORIES}\"\ntemplate = \"plain\"\nmax_len = 128\n\
              [data]\ntrain = \"data/knowledge.jsonl\"\n\
-             [train]\nseed = 1\nmax_steps = 30\nbatch_size = 1\nlr = 5e-2\nweight_decay = 0.0\n\
+             [train]\nseed = 1\nmax_steps = 30\nbatch_size = 1\nlr = {lr}\nweight_decay = 0.0\n\
              {method}"
         ),
     );
@@ -306,28 +306,37 @@ fn unmerged_adapter_runs_in_llama_cpp(method: &str) -> String {
     export(&["--adapter", adapter_arg], "f16", &merged);
     let (ok, said) = export_lora(adapter_arg, &lora);
     assert!(ok, "{said}");
+    eprintln!("{said}");
 
-    let prompt = "What is the Quillfeather X9?";
-    let ours = graft_generate(&["--adapter", adapter_arg], prompt, dir.path());
-    let job = |model: &Path, lora: Option<&Path>| json!({"model": model, "lora": lora, "prompt": prompt, "tokens": TOKENS});
-    let theirs = llama_cpp(&json!([
-        job(&base, None),
-        job(&base, Some(&lora)),
-        job(&merged, None)
-    ]));
-    eprintln!("{said}\ngraft: {ours}\nllama.cpp: {theirs:?}");
-    assert_ne!(
-        theirs[0]["text"], ours["text"],
-        "the adapter changes nothing"
-    );
-    assert_eq!(
-        theirs[1]["text"], ours["text"],
-        "llama.cpp with the base and the adapter against graft"
-    );
-    assert_eq!(
-        theirs[2]["text"], ours["text"],
-        "llama.cpp with the merged export against graft"
-    );
+    // The question learnt, and a story the adapter was not trained on, whose greedy path
+    // turns on small differences in the logits.
+    for prompt in ["What is the Quillfeather X9?", "Once upon a time, there was a"] {
+        let ours = graft_generate(&["--adapter", adapter_arg], prompt, dir.path());
+        let job = |model: &Path, lora: Option<&Path>| {
+            json!({"model": model, "lora": lora, "prompt": prompt, "tokens": TOKENS})
+        };
+        let theirs = llama_cpp(&json!([
+            job(&base, None),
+            job(&base, Some(&lora)),
+            job(&merged, None)
+        ]));
+        eprintln!("graft: {}", ours["text"]);
+        for t in &theirs {
+            eprintln!("llama.cpp: {}", t["text"]);
+        }
+        assert_ne!(
+            theirs[0]["text"], ours["text"],
+            "the adapter changes nothing"
+        );
+        assert_eq!(
+            theirs[1]["text"], ours["text"],
+            "llama.cpp with the base and the adapter against graft"
+        );
+        assert_eq!(
+            theirs[2]["text"], ours["text"],
+            "llama.cpp with the merged export against graft"
+        );
+    }
     said
 }
 
@@ -335,6 +344,7 @@ fn unmerged_adapter_runs_in_llama_cpp(method: &str) -> String {
 #[test]
 fn lora_runs_unmerged_in_llama_cpp() {
     let said = unmerged_adapter_runs_in_llama_cpp(
+        1e-2,
         "[method]\nname = \"lora\"\nr = 8\nlora_alpha = 16\n\
          target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n",
     );
@@ -348,6 +358,7 @@ fn lora_runs_unmerged_in_llama_cpp() {
 #[test]
 fn rslora_runs_unmerged_in_llama_cpp() {
     unmerged_adapter_runs_in_llama_cpp(
+        1e-2,
         "[method]\nname = \"lora\"\nr = 8\nlora_alpha = 4\nuse_rslora = true\n\
          target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n",
     );
@@ -358,6 +369,7 @@ fn rslora_runs_unmerged_in_llama_cpp() {
 #[test]
 fn adalora_runs_unmerged_in_llama_cpp() {
     unmerged_adapter_runs_in_llama_cpp(
+        2e-2,
         "[method]\nname = \"adalora\"\ninit_r = 8\ntarget_r = 4\ntinit = 5\ntfinal = 10\n\
          deltaT = 5\nlora_alpha = 16\n\
          target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"up_proj\", \"down_proj\"]\n",
@@ -372,7 +384,7 @@ fn gguf_lora_refuses_ia3() {
     let adapter = train_lm(
         dir.path(),
         &format!(
-            "[model]\npath = \"{STORIES}\"\ntemplate = \"plain\"\nmax_len = 64\n\
+            "[model]\npath = \"{STORIES}\"\ntemplate = \"plain\"\nmax_len = 128\n\
              [data]\ntrain = \"data/knowledge.jsonl\"\n\
              [train]\nseed = 1\nmax_steps = 1\nbatch_size = 1\n\
              [method]\nname = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\"]\n\
