@@ -287,7 +287,7 @@ fn export_lora(adapter: &str, out: &Path) -> (bool, String) {
 /// generates with the adapter and what llama.cpp generates from the merged f16 export, and
 /// not what the base alone generates in llama.cpp (so an adapter llama.cpp ignored would
 /// fail). Returns the export's report.
-fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str) -> String {
+fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str, adjust: fn(&Path)) -> String {
     let dir = tempfile::tempdir().unwrap();
     let adapter = train_lm(
         dir.path(),
@@ -298,6 +298,7 @@ fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str) -> String {
              {method}"
         ),
     );
+    adjust(Path::new(&adapter));
     let adapter_arg = adapter.as_str();
     let base = dir.path().join("base.gguf");
     let merged = dir.path().join("merged.gguf");
@@ -310,11 +311,12 @@ fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str) -> String {
 
     // The question learnt, and a story the adapter was not trained on, whose greedy path
     // turns on small differences in the logits.
-    for prompt in ["What is the Quillfeather X9?", "Once upon a time, there was a"] {
+    for prompt in [
+        "What is the Quillfeather X9?",
+        "Once upon a time, there was a",
+    ] {
         let ours = graft_generate(&["--adapter", adapter_arg], prompt, dir.path());
-        let job = |model: &Path, lora: Option<&Path>| {
-            json!({"model": model, "lora": lora, "prompt": prompt, "tokens": TOKENS})
-        };
+        let job = |model: &Path, lora: Option<&Path>| json!({"model": model, "lora": lora, "prompt": prompt, "tokens": TOKENS});
         let theirs = llama_cpp(&json!([
             job(&base, None),
             job(&base, Some(&lora)),
@@ -340,16 +342,17 @@ fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str) -> String {
     said
 }
 
-/// LoRA on every projection, Q and K included (whose B rows take the base's permutation).
+/// LoRA on Q and K only, whose B rows take the base's rotary permutation.
 #[test]
 fn lora_runs_unmerged_in_llama_cpp() {
     let said = unmerged_adapter_runs_in_llama_cpp(
-        1e-2,
+        2e-2,
         "[method]\nname = \"lora\"\nr = 8\nlora_alpha = 16\n\
-         target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n",
+         target_modules = [\"q_proj\", \"k_proj\"]\n",
+        |_| {},
     );
     assert!(
-        said.contains("35 weights updated by f32 pairs of rank 8"),
+        said.contains("10 weights updated by f32 pairs of rank 8"),
         "{said}"
     );
 }
@@ -361,11 +364,13 @@ fn rslora_runs_unmerged_in_llama_cpp() {
         1e-2,
         "[method]\nname = \"lora\"\nr = 8\nlora_alpha = 4\nuse_rslora = true\n\
          target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n",
+        |_| {},
     );
 }
 
-/// AdaLoRA prunes ranks per site (8 down to a budget of 4 on average): its pairs, singular
-/// values folded into A, are padded to one rank.
+/// AdaLoRA prunes ranks per site (8 down to a budget of 4 on average), its singular values
+/// folded into A. Saved without its rank_pattern, graft reads each site at its truncated rank
+/// (with the pattern it pads them back to 8): pairs of unequal rank, padded to one.
 #[test]
 fn adalora_runs_unmerged_in_llama_cpp() {
     unmerged_adapter_runs_in_llama_cpp(
@@ -373,6 +378,14 @@ fn adalora_runs_unmerged_in_llama_cpp() {
         "[method]\nname = \"adalora\"\ninit_r = 8\ntarget_r = 4\ntinit = 5\ntfinal = 10\n\
          deltaT = 5\nlora_alpha = 16\n\
          target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"up_proj\", \"down_proj\"]\n",
+        |adapter| {
+            let file = adapter.join("adapter_config.json");
+            let mut config: Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            assert!(config["rank_pattern"].is_object(), "{config}");
+            config.as_object_mut().unwrap().remove("rank_pattern");
+            std::fs::write(&file, config.to_string()).unwrap();
+        },
     );
 }
 
