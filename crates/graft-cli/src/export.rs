@@ -1,8 +1,10 @@
 //! `graft export --gguf`: a decoder, with an adapter merged or alone, as a GGUF file for
-//! llama.cpp and Ollama.
+//! llama.cpp and Ollama; `graft export --gguf-lora`: a LoRA or AdaLoRA adapter alone, as
+//! llama.cpp's adapter GGUF, to load beside the base's GGUF.
 use crate::models::{registry, resolve_model_file, PluginArgs};
 use anyhow::{bail, Context, Result};
 use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
+use graft_model::formats::gguf_lora::write_lora;
 use graft_trainer::config::Precision;
 use graft_trainer::lm::{CausalLm, LmSpec, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -11,58 +13,82 @@ use std::path::{Path, PathBuf};
 pub struct ExportArgs {
     /// f16, q8_0 or q4_k: the type of the matrices (norms stay f32). q4_k gives a matrix whose
     /// rows are not a multiple of 256 wide q5_0, as llama.cpp's quantizer does.
-    #[arg(long)]
-    gguf: GgufType,
+    #[arg(long, required_unless_present = "gguf_lora", requires = "out")]
+    gguf: Option<GgufType>,
+    /// Write the adapter (LoRA or AdaLoRA) unmerged to this file, as llama.cpp's LoRA adapter
+    /// GGUF for the base exported with --gguf (or converted by llama.cpp): `llama-cli -m
+    /// BASE.gguf --lora THIS.gguf`.
+    #[arg(long, value_name = "OUT.gguf", requires = "adapter", conflicts_with_all = ["gguf", "out"])]
+    gguf_lora: Option<PathBuf>,
     /// A Hugging Face folder or a .gguf file (with --adapter: instead of the adapter's base).
     #[arg(long, required_unless_present = "adapter")]
     model: Option<PathBuf>,
     /// An adapter folder written by `graft train-lm`, merged into the weights (a mergeable
-    /// method such as LoRA or IA3, or full fine-tuning's model).
+    /// method such as LoRA or IA3, or full fine-tuning's model); with --gguf-lora, written
+    /// alone.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// The GGUF file to write.
+    /// The GGUF file to write (with --gguf).
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     #[command(flatten)]
     plugins: PluginArgs,
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
-    let out = &args.out;
+    let (out, flag) = match (&args.gguf_lora, &args.out) {
+        (Some(out), _) => (out, "--gguf-lora"),
+        (None, Some(out)) => (out, "--out"),
+        (None, None) => bail!("--out is required"),
+    };
     if out.exists() {
-        bail!("{} exists; choose another --out", out.display());
+        bail!("{} exists; choose another {flag}", out.display());
     }
     let device = candle_core::Device::Cpu;
     let model = args.model.as_deref().map(resolve_model_file).transpose()?;
     let name = out
         .file_stem()
         .map_or("graft".into(), |s| s.to_string_lossy().into_owned());
-    let written = if let Some(adapter) = &args.adapter {
+    let open = |adapter: &Path| {
         let options = OpenOptions {
             model: model.clone(),
             dtype: Some(Precision::F32),
             dense: true,
             ..OpenOptions::default()
         };
-        let mut lm = CausalLm::open_with(adapter, &registry(&args.plugins)?, &device, &options)
-            .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
+        CausalLm::open_with(adapter, &registry(&args.plugins)?, &device, &options)
+            .with_context(|| format!("loading the adapter in {}", adapter.display()))
+    };
+    let Some(ty) = args.gguf else {
+        let adapter = args
+            .adapter
+            .as_deref()
+            .context("--gguf-lora needs --adapter")?;
+        let lm = open(adapter)?;
+        let written = write_lora(&lm.model, lm.hooks(), &lm.spec.method, &name, out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!(
+            "wrote {} ({:.1} KiB; {} weights updated by f32 pairs of rank {}): load it beside \
+             the base's GGUF with llama.cpp's --lora",
+            out.display(),
+            written.bytes as f64 / 1024.0,
+            written.pairs,
+            written.rank
+        );
+        return Ok(());
+    };
+    let written = if let Some(adapter) = &args.adapter {
+        let mut lm = open(adapter)?;
         lm.set_merged(true)
             .with_context(|| format!("merging the adapter in {}", adapter.display()))?;
         let tokenizer = tokenizer_metadata(&lm.spec.model, Some(&lm.spec.tokenizer))?;
-        write_llama(&lm.model, lm.hooks(), &tokenizer, &name, args.gguf, out)
+        write_llama(&lm.model, lm.hooks(), &tokenizer, &name, ty, out)
     } else {
         let model = model.context("--model or --adapter is required")?;
         let decoder = graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
             .with_context(|| format!("loading the model {}", model.display()))?;
         let tokenizer = tokenizer_metadata(&model, None)?;
-        write_llama(
-            &decoder,
-            &graft_model::NoHooks,
-            &tokenizer,
-            &name,
-            args.gguf,
-            out,
-        )
+        write_llama(&decoder, &graft_model::NoHooks, &tokenizer, &name, ty, out)
     }
     .with_context(|| format!("writing {}", out.display()))?;
     let formats: Vec<String> = written

@@ -2,7 +2,9 @@
 //! installs into target/llama-cpp-node): SmolLM2 with a LoRA merged, exported in f16, generates
 //! in llama.cpp the greedy tokens graft generates with the adapter, and graft reading the export
 //! back generates them too; q8_0 and q4_k exports load and generate; stories260K, whose
-//! tokenizer graft converts from tokenizer.json, tells its story.
+//! tokenizer graft converts from tokenizer.json, tells its story. `graft export --gguf-lora`:
+//! LoRA, rsLoRA and AdaLoRA adapters on stories260K, loaded unmerged beside the base's GGUF,
+//! generate in llama.cpp what graft generates with them; other methods are refused.
 mod common;
 use common::{graft, stderr};
 use serde_json::{json, Value};
@@ -264,4 +266,150 @@ fn ia3_on_stories260k_is_merged_into_the_export() {
     assert_ne!(ours["text"], base["text"], "the adapter changes nothing");
     assert_eq!(back["text"], ours["text"]);
     assert_eq!(theirs["text"], ours["text"], "{theirs}");
+}
+
+const STORIES: &str = "../shared/models/stories260K";
+
+/// `graft export --gguf-lora OUT --adapter ADAPTER`: its stderr, and whether it succeeded.
+fn export_lora(adapter: &str, out: &Path) -> (bool, String) {
+    let result = graft(&[
+        "export",
+        "--gguf-lora",
+        out.to_str().unwrap(),
+        "--adapter",
+        adapter,
+    ]);
+    (result.status.success(), stderr(&result))
+}
+
+/// An adapter trained on stories260K with `method` (a `[method]` table), written by
+/// `--gguf-lora` and loaded by llama.cpp beside the base's f16 GGUF: it generates what graft
+/// generates with the adapter and what llama.cpp generates from the merged f16 export, and
+/// not what the base alone generates in llama.cpp (so an adapter llama.cpp ignored would
+/// fail). Returns the export's report.
+fn unmerged_adapter_runs_in_llama_cpp(lr: f64, method: &str, adjust: fn(&Path)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = train_lm(
+        dir.path(),
+        &format!(
+            "[model]\npath = \"{STORIES}\"\ntemplate = \"plain\"\nmax_len = 128\n\
+             [data]\ntrain = \"data/knowledge.jsonl\"\n\
+             [train]\nseed = 1\nmax_steps = 30\nbatch_size = 1\nlr = {lr}\nweight_decay = 0.0\n\
+             {method}"
+        ),
+    );
+    adjust(Path::new(&adapter));
+    let adapter_arg = adapter.as_str();
+    let base = dir.path().join("base.gguf");
+    let merged = dir.path().join("merged.gguf");
+    let lora = dir.path().join("adapter.gguf");
+    export(&["--model", STORIES], "f16", &base);
+    export(&["--adapter", adapter_arg], "f16", &merged);
+    let (ok, said) = export_lora(adapter_arg, &lora);
+    assert!(ok, "{said}");
+    eprintln!("{said}");
+
+    // The question learnt, and a story the adapter was not trained on, whose greedy path
+    // turns on small differences in the logits.
+    for prompt in [
+        "What is the Quillfeather X9?",
+        "Once upon a time, there was a",
+    ] {
+        let ours = graft_generate(&["--adapter", adapter_arg], prompt, dir.path());
+        let job = |model: &Path, lora: Option<&Path>| json!({"model": model, "lora": lora, "prompt": prompt, "tokens": TOKENS});
+        let theirs = llama_cpp(&json!([
+            job(&base, None),
+            job(&base, Some(&lora)),
+            job(&merged, None)
+        ]));
+        eprintln!("graft: {}", ours["text"]);
+        for t in &theirs {
+            eprintln!("llama.cpp: {}", t["text"]);
+        }
+        assert_ne!(
+            theirs[0]["text"], ours["text"],
+            "the adapter changes nothing"
+        );
+        assert_eq!(
+            theirs[1]["text"], ours["text"],
+            "llama.cpp with the base and the adapter against graft"
+        );
+        assert_eq!(
+            theirs[2]["text"], ours["text"],
+            "llama.cpp with the merged export against graft"
+        );
+    }
+    said
+}
+
+/// LoRA on Q and K only, whose B rows take the base's rotary permutation.
+#[test]
+fn lora_runs_unmerged_in_llama_cpp() {
+    let said = unmerged_adapter_runs_in_llama_cpp(
+        2e-2,
+        "[method]\nname = \"lora\"\nr = 8\nlora_alpha = 16\n\
+         target_modules = [\"q_proj\", \"k_proj\"]\n",
+        |_| {},
+    );
+    assert!(
+        said.contains("10 weights updated by f32 pairs of rank 8"),
+        "{said}"
+    );
+}
+
+/// rsLoRA: graft's scale is alpha/sqrt(r), which llama.cpp's alpha/r cannot say by itself.
+#[test]
+fn rslora_runs_unmerged_in_llama_cpp() {
+    unmerged_adapter_runs_in_llama_cpp(
+        1e-2,
+        "[method]\nname = \"lora\"\nr = 8\nlora_alpha = 4\nuse_rslora = true\n\
+         target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]\n",
+        |_| {},
+    );
+}
+
+/// AdaLoRA prunes ranks per site (8 down to a budget of 4 on average), its singular values
+/// folded into A. Saved without its rank_pattern, graft reads each site at its truncated rank
+/// (with the pattern it pads them back to 8): pairs of unequal rank, padded to one.
+#[test]
+fn adalora_runs_unmerged_in_llama_cpp() {
+    unmerged_adapter_runs_in_llama_cpp(
+        2e-2,
+        "[method]\nname = \"adalora\"\ninit_r = 8\ntarget_r = 4\ntinit = 5\ntfinal = 10\n\
+         deltaT = 5\nlora_alpha = 16\n\
+         target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"up_proj\", \"down_proj\"]\n",
+        |adapter| {
+            let file = adapter.join("adapter_config.json");
+            let mut config: Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+            assert!(config["rank_pattern"].is_object(), "{config}");
+            config.as_object_mut().unwrap().remove("rank_pattern");
+            std::fs::write(&file, config.to_string()).unwrap();
+        },
+    );
+}
+
+/// An adapter that is no low-rank update (IA3 rescales activations) is refused by name, with
+/// the merged export offered instead, and nothing is written.
+#[test]
+fn gguf_lora_refuses_ia3() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = train_lm(
+        dir.path(),
+        &format!(
+            "[model]\npath = \"{STORIES}\"\ntemplate = \"plain\"\nmax_len = 128\n\
+             [data]\ntrain = \"data/knowledge.jsonl\"\n\
+             [train]\nseed = 1\nmax_steps = 1\nbatch_size = 1\n\
+             [method]\nname = \"ia3\"\ntarget_modules = [\"k_proj\", \"v_proj\"]\n\
+             feedforward_modules = []\n"
+        ),
+    );
+    let out = dir.path().join("ia3.gguf");
+    let (ok, said) = export_lora(&adapter, &out);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("method `ia3`") && said.contains("merged: --gguf TYPE"),
+        "{said}"
+    );
+    assert!(!out.exists());
 }

@@ -1,7 +1,8 @@
 // Greedy generation in llama.cpp (npm's node-llama-cpp), for tests/gguf_export.rs.
 // Usage: node generate.mjs INSTALL_DIR JOBS_JSON, where INSTALL_DIR holds node_modules/ with
 // node-llama-cpp and JOBS_JSON is [{"model": PATH, "prompt": TEXT, "tokens": N, "through_eog":
-// BOOL}, ...].
+// BOOL, "lora": PATH}, ...]; `lora`, optional, is a LoRA adapter GGUF loaded on the model at
+// scale 1.
 // Prints one JSON line per job: the prompt's and the generated token ids, the generated text,
 // and the metadata llama.cpp read. Special tokens in a prompt are parsed as such (a chat
 // template's markers); generation stops at N tokens or at an end-of-generation token, unless
@@ -19,7 +20,8 @@ const llama = await getLlama({gpu: false, build: "never", skipDownload: true, lo
 const threads = Math.min(4, availableParallelism());
 for (const job of JSON.parse(jobsJson)) {
     const model = await llama.loadModel({modelPath: job.model});
-    const context = await model.createContext({contextSize: 512, threads});
+    const lora = job.lora ? {adapters: [{filePath: job.lora, scale: 1}]} : undefined;
+    const context = await model.createContext({contextSize: 512, threads, lora});
     const md = model.fileInfo.metadata;
     // tokenize() parses special tokens but adds none: BOS goes first where the file says so,
     // as llama.cpp's own tokenizer call with add_special does.

@@ -72,6 +72,9 @@ impl std::fmt::Display for GgufType {
 /// The config.json `model_type`s written, all as llama.cpp's `llama` architecture.
 pub const EXPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
 
+/// llama.cpp's `general.architecture` of every file written (a model, or an adapter to one).
+pub(crate) const ARCHITECTURE: &str = "llama";
+
 /// The `tokenizer.*` metadata of a GGUF file: vocabulary, merges or scores, special token ids,
 /// chat template.
 #[derive(Debug, Clone)]
@@ -289,19 +292,7 @@ pub fn write_llama(
         reason,
     };
     let spec = decoder.spec();
-    if !EXPORTED_MODEL_TYPES.contains(&spec.model_type.as_str()) {
-        return Err(bad(format!(
-            "model_type `{}` is not exported; GGUF export supports {} (llama.cpp's `llama` \
-             architecture)",
-            spec.model_type,
-            EXPORTED_MODEL_TYPES.join(", ")
-        )));
-    }
-    if spec.rope.interleaved || spec.rope.rotary_dims != spec.head_dim {
-        return Err(bad(
-            "the rotary embedding is not Llama's (whole heads, rotate_half)".into(),
-        ));
-    }
+    check_architecture(spec).map_err(bad)?;
     match tokenizer.token_count() {
         Some(n) if n == spec.vocab_size => {}
         n => {
@@ -324,13 +315,7 @@ pub fn write_llama(
                 ))
             })?;
         let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let tensor = if key.ends_with("self_attn.q_proj.weight") {
-            gguf::permute(&tensor, spec.num_heads)?
-        } else if key.ends_with("self_attn.k_proj.weight") {
-            gguf::permute(&tensor, spec.num_kv_heads)?
-        } else {
-            tensor
-        };
+        let tensor = llama_cpp_rows(&key, tensor, spec)?;
         let format = match tensor.dims() {
             [_, width] => ty.format_for(*width),
             _ => GgmlDType::F32,
@@ -350,6 +335,46 @@ pub fn write_llama(
         ));
     }
     let metadata = llama_metadata(spec, name, ty, tokenizer);
+    let bytes = write_gguf(path, &metadata, &tensors)?;
+    Ok(Written { formats, bytes })
+}
+
+/// Why llama.cpp's `llama` architecture cannot run `spec`, if it cannot.
+pub(crate) fn check_architecture(spec: &DecoderSpec) -> std::result::Result<(), String> {
+    if !EXPORTED_MODEL_TYPES.contains(&spec.model_type.as_str()) {
+        return Err(format!(
+            "model_type `{}` is not exported; GGUF export supports {} (llama.cpp's `{ARCHITECTURE}` \
+             architecture)",
+            spec.model_type,
+            EXPORTED_MODEL_TYPES.join(", ")
+        ));
+    }
+    if spec.rope.interleaved || spec.rope.rotary_dims != spec.head_dim {
+        return Err("the rotary embedding is not Llama's (whole heads, rotate_half)".into());
+    }
+    Ok(())
+}
+
+/// The rows of the tensor `key` (a checkpoint key, `[out, ..]`) in llama.cpp's order: Q and K
+/// permuted for its interleaved rotary form, every other tensor as it is. A LoRA adapter's B
+/// (`[out, r]`) takes the same permutation as the weight it updates.
+pub(crate) fn llama_cpp_rows(key: &str, tensor: Tensor, spec: &DecoderSpec) -> Result<Tensor> {
+    if key.ends_with("self_attn.q_proj.weight") {
+        gguf::permute(&tensor, spec.num_heads)
+    } else if key.ends_with("self_attn.k_proj.weight") {
+        gguf::permute(&tensor, spec.num_kv_heads)
+    } else {
+        Ok(tensor)
+    }
+}
+
+/// Writes a GGUF file of `metadata` and `tensors` to a sibling file, then renames it to
+/// `path`, so that a failed write leaves nothing under that name; returns the file's size.
+pub(crate) fn write_gguf(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<u64> {
     let partial = PathBuf::from(format!("{}.partial", path.display()));
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -377,8 +402,7 @@ pub fn write_llama(
         let _ = std::fs::remove_file(&partial);
     }
     result?;
-    let bytes = std::fs::metadata(path).map_err(io(path))?.len();
-    Ok(Written { formats, bytes })
+    Ok(std::fs::metadata(path).map_err(io(path))?.len())
 }
 
 /// llama.cpp's `general.*` and `llama.*` keys for `spec`, then the tokenizer's.
@@ -392,7 +416,7 @@ fn llama_metadata(
     let mut keys = vec![
         (
             "general.architecture".to_string(),
-            Value::String("llama".into()),
+            Value::String(ARCHITECTURE.into()),
         ),
         ("general.name".into(), Value::String(name.into())),
         ("general.file_type".into(), Value::U32(ty.file_type())),

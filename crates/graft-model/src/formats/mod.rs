@@ -1,9 +1,10 @@
 //! One file per checkpoint format, each reading into [`crate::weights::Weights`]; `folder`
-//! picks the format a model folder holds, and `gguf_export` writes a decoder as llama.cpp's
-//! GGUF.
+//! picks the format a model folder holds; `gguf_export` writes a decoder as llama.cpp's GGUF,
+//! `gguf_lora` a low-rank adapter to one as llama.cpp's adapter GGUF.
 pub mod folder;
 pub mod gguf;
 pub mod gguf_export;
+pub mod gguf_lora;
 pub mod pickle;
 pub mod pytorch;
 pub mod random;
