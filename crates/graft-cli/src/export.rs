@@ -2,7 +2,7 @@
 //! llama.cpp and Ollama.
 use crate::models::{registry, resolve_model_file, PluginArgs};
 use anyhow::{bail, Context, Result};
-use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
+use graft_model::formats::gguf_export::{write_gguf, GgufType, TokenizerMetadata};
 use graft_trainer::config::Precision;
 use graft_trainer::lm::{CausalLm, LmSpec, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,13 @@ pub struct ExportArgs {
     /// The GGUF file to write.
     #[arg(long)]
     out: PathBuf,
+    /// --model is a config.json to build the model from with random weights of this seed, in
+    /// bf16 (to measure an export at a real model's size).
+    #[arg(long, requires = "model", conflicts_with = "adapter")]
+    random_init: Option<u64>,
+    /// tokenizer.json (default: the model's, or the one the adapter's task names).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[command(flatten)]
     plugins: PluginArgs,
 }
@@ -33,7 +40,10 @@ pub fn export(args: ExportArgs) -> Result<()> {
         bail!("{} exists; choose another --out", out.display());
     }
     let device = candle_core::Device::Cpu;
-    let model = args.model.as_deref().map(resolve_model_file).transpose()?;
+    let model = match args.random_init {
+        Some(_) => args.model.clone(),
+        None => args.model.as_deref().map(resolve_model_file).transpose()?,
+    };
     let name = out
         .file_stem()
         .map_or("graft".into(), |s| s.to_string_lossy().into_owned());
@@ -48,14 +58,24 @@ pub fn export(args: ExportArgs) -> Result<()> {
             .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
         lm.set_merged(true)
             .with_context(|| format!("merging the adapter in {}", adapter.display()))?;
-        let tokenizer = tokenizer_metadata(&lm.spec.model, Some(&lm.spec.tokenizer))?;
-        write_llama(&lm.model, lm.hooks(), &tokenizer, &name, args.gguf, out)
+        let tokenizer_path = args.tokenizer.as_deref().unwrap_or(&lm.spec.tokenizer);
+        let tokenizer = tokenizer_metadata(&lm.spec.model, Some(tokenizer_path))?;
+        write_gguf(&lm.model, lm.hooks(), &tokenizer, &name, args.gguf, out)
     } else {
         let model = model.context("--model or --adapter is required")?;
-        let decoder = graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
-            .with_context(|| format!("loading the model {}", model.display()))?;
-        let tokenizer = tokenizer_metadata(&model, None)?;
-        write_llama(
+        let decoder = match args.random_init {
+            Some(seed) => graft_model::decoder::Decoder::random(
+                &model,
+                candle_core::DType::BF16,
+                None,
+                &device,
+                seed,
+            ),
+            None => graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device),
+        }
+        .with_context(|| format!("loading the model {}", model.display()))?;
+        let tokenizer = tokenizer_metadata(&model, args.tokenizer.as_deref())?;
+        write_gguf(
             &decoder,
             &graft_model::NoHooks,
             &tokenizer,

@@ -4,6 +4,7 @@
 pub mod folder;
 pub mod gguf;
 pub mod gguf_export;
+mod gguf_writer;
 pub mod pickle;
 pub mod pytorch;
 pub mod random;
