@@ -99,14 +99,70 @@ pub fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// A GGUF base's own tokenizer metadata, else that of the tokenizer.json the task names (or
-/// the one beside the model).
+/// A GGUF base's own tokenizer metadata, else that of the tokenizer.json or SentencePiece
+/// tokenizer.model the task names (or the one beside the model).
 fn tokenizer_metadata(model: &Path, tokenizer: Option<&Path>) -> Result<TokenizerMetadata> {
     if model.extension().is_some_and(|x| x == "gguf") {
         return TokenizerMetadata::from_gguf(model)
             .with_context(|| format!("reading the tokenizer of {}", model.display()));
     }
     let path = tokenizer.map_or_else(|| LmSpec::default_tokenizer(model), Path::to_path_buf);
+    if path.extension().is_some_and(|x| x == "model") {
+        return sentencepiece_metadata(&path)
+            .with_context(|| format!("converting the tokenizer {}", path.display()));
+    }
     TokenizerMetadata::from_folder(&path)
         .with_context(|| format!("converting the tokenizer {}", path.display()))
+}
+
+/// A SentencePiece model's vocabulary for llama.cpp; for ChatGLM's, THUDM's special tokens
+/// (`[gMASK]`, `sop`, the role tokens) after it as control tokens, no BOS (the `[gMASK]sop`
+/// prefix comes from ChatGLM3's chat format, which llama.cpp applies) and that format.
+fn sentencepiece_metadata(path: &Path) -> Result<TokenizerMetadata> {
+    use graft_model::formats::gguf_export::{
+        SentencePieceToken, SentencePieceVocab, TokenKind, CHATGLM3_TEMPLATE,
+    };
+    use graft_tokenizer::{PieceType, SentencePieceFlavour, SentencePieceModel};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let model = SentencePieceModel::parse(path, &bytes)?;
+    let flavour = SentencePieceFlavour::detect(path)?;
+    let mut tokens: Vec<SentencePieceToken> = model
+        .pieces
+        .iter()
+        .map(|p| SentencePieceToken {
+            text: p.piece.clone(),
+            score: p.score,
+            kind: match p.kind {
+                PieceType::Normal => TokenKind::Normal,
+                PieceType::Unknown => TokenKind::Unknown,
+                PieceType::Control => TokenKind::Control,
+                PieceType::UserDefined => TokenKind::UserDefined,
+                PieceType::Unused => TokenKind::Unused,
+                PieceType::Byte => TokenKind::Byte,
+            },
+        })
+        .collect();
+    let id = |i: i32| u32::try_from(i).ok();
+    let (add_bos, chat_template) = match flavour {
+        SentencePieceFlavour::ChatGlm => {
+            tokens.extend(graft_tokenizer::CHATGLM_SPECIAL_TOKENS.iter().map(|t| {
+                SentencePieceToken {
+                    text: t.to_string(),
+                    score: 0.0,
+                    kind: TokenKind::Control,
+                }
+            }));
+            (false, Some(CHATGLM3_TEMPLATE.to_string()))
+        }
+        SentencePieceFlavour::Plain { add_bos, .. } => (add_bos, None),
+    };
+    Ok(TokenizerMetadata::from_sentencepiece(SentencePieceVocab {
+        tokens,
+        bos: id(model.bos_id),
+        eos: id(model.eos_id),
+        unk: id(model.unk_id),
+        add_bos,
+        add_space_prefix: model.add_dummy_prefix,
+        chat_template,
+    }))
 }

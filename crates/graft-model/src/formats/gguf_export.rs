@@ -69,13 +69,62 @@ impl std::fmt::Display for GgufType {
     }
 }
 
-/// The config.json `model_type`s written: Llama and Mistral as llama.cpp's `llama`.
-pub const EXPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
+/// The config.json `model_type`s written: Llama and Mistral as llama.cpp's `llama`, Qwen2 and
+/// ChatGLM2/3 as its `qwen2` and `chatglm`.
+pub const EXPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "chatglm"];
 
 /// The `tokenizer.*` metadata of a GGUF file: vocabulary, merges or scores, special token ids,
 /// chat template.
 #[derive(Debug, Clone)]
 pub struct TokenizerMetadata(Vec<(String, Value)>);
+
+/// A SentencePiece vocabulary (`tokenizer.model`) as llama.cpp's `llama` tokenizer takes it:
+/// every token in id order with its score and type, the special ids, whether a BOS and a space
+/// go before a text.
+#[derive(Debug, Clone)]
+pub struct SentencePieceVocab {
+    pub tokens: Vec<SentencePieceToken>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub unk: Option<u32>,
+    pub add_bos: bool,
+    pub add_space_prefix: bool,
+    pub chat_template: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SentencePieceToken {
+    pub text: String,
+    pub score: f32,
+    pub kind: TokenKind,
+}
+
+/// SentencePiece's piece types, which are llama.cpp's token types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl TokenKind {
+    fn llama_cpp(self) -> i32 {
+        match self {
+            Self::Normal => NORMAL,
+            Self::Unknown => UNKNOWN,
+            Self::Control => CONTROL,
+            Self::UserDefined => USER_DEFINED,
+            Self::Unused => UNUSED,
+            Self::Byte => BYTE,
+        }
+    }
+}
+
+/// ChatGLM3's chat format, which llama.cpp recognises by its `[gMASK]sop` and applies itself.
+pub const CHATGLM3_TEMPLATE: &str = "[gMASK]sop{% for message in messages %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
 
 /// llama.cpp's token types (`llama_token_type`).
 const NORMAL: i32 = 1;
@@ -104,12 +153,65 @@ impl TokenizerMetadata {
         Ok(metadata)
     }
 
+    /// From a SentencePiece vocabulary, as llama.cpp's `llama` tokenizer.
+    pub fn from_sentencepiece(vocab: SentencePieceVocab) -> Self {
+        let mut keys = vec![
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.pre", Value::String("default".into())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(
+                    vocab
+                        .tokens
+                        .iter()
+                        .map(|t| Value::String(t.text.clone()))
+                        .collect(),
+                ),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                Value::Array(vocab.tokens.iter().map(|t| Value::F32(t.score)).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(
+                    vocab
+                        .tokens
+                        .iter()
+                        .map(|t| Value::I32(t.kind.llama_cpp()))
+                        .collect(),
+                ),
+            ),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(vocab.add_bos)),
+            ("tokenizer.ggml.add_eos_token", Value::Bool(false)),
+            (
+                "tokenizer.ggml.add_space_prefix",
+                Value::Bool(vocab.add_space_prefix),
+            ),
+        ];
+        let ids = [
+            ("tokenizer.ggml.bos_token_id", vocab.bos),
+            ("tokenizer.ggml.eos_token_id", vocab.eos),
+            ("tokenizer.ggml.unknown_token_id", vocab.unk),
+        ];
+        keys.extend(
+            ids.into_iter()
+                .filter_map(|(k, id)| Some((k, Value::U32(id?)))),
+        );
+        if let Some(template) = vocab.chat_template {
+            keys.push(("tokenizer.chat_template", Value::String(template)));
+        }
+        Self(keys.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    }
+
     /// From a Hugging Face `tokenizer.json` (and the `tokenizer_config.json` beside it, for
     /// special tokens, `add_bos_token` and the chat template). SentencePiece-style BPE (byte
     /// fallback, `▁` for spaces, as Llama 2's) becomes llama.cpp's `llama` model, a merge's
-    /// result scoring minus its rank so that merges apply in the same order. Byte-level BPE is
-    /// refused: llama.cpp picks its pre-tokenizer by a name its converter derives from a hash
-    /// of the tokenizer's output, which graft cannot name reliably.
+    /// result scoring minus its rank so that merges apply in the same order. Byte-level BPE
+    /// whose pre-tokenizer splits with Qwen2's pattern becomes llama.cpp's `gpt2` model with
+    /// the `qwen2` pre-tokenizer, merges as they are. Other byte-level BPE is refused: llama.cpp
+    /// picks its pre-tokenizer by a name its converter derives from a hash of the tokenizer's
+    /// output, which graft cannot name reliably.
     pub fn from_folder(tokenizer_json: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Export {
             path: tokenizer_json.to_path_buf(),
@@ -120,11 +222,13 @@ impl TokenizerMetadata {
         let spm_style = model["type"] == "BPE"
             && model["byte_fallback"] == true
             && json["normalizer"].to_string().contains('▁');
-        if !spm_style {
+        let qwen2_style = model["type"] == "BPE" && splits_as_qwen2(&json["pre_tokenizer"]);
+        if !spm_style && !qwen2_style {
             return Err(bad(format!(
-                "only SentencePiece-style BPE tokenizers (byte fallback, `▁` for spaces) are \
-                 exported from a model folder; this one is {} with pre-tokenizer {}. Export \
-                 from the model's GGUF file, whose tokenizer metadata is copied",
+                "only SentencePiece-style BPE tokenizers (byte fallback, `▁` for spaces) and \
+                 byte-level BPE with Qwen2's pre-tokenizer are exported from a model folder; \
+                 this one is {} with pre-tokenizer {}. Export from the model's GGUF file, whose \
+                 tokenizer metadata is copied",
                 model["type"], json["pre_tokenizer"]
             )));
         }
@@ -140,7 +244,8 @@ impl TokenizerMetadata {
             let id = id
                 .as_u64()
                 .ok_or_else(|| bad(format!("token `{token}` has id {id}")))?;
-            let is_byte = token.len() == 6 && token.starts_with("<0x") && token.ends_with('>');
+            let is_byte =
+                spm_style && token.len() == 6 && token.starts_with("<0x") && token.ends_with('>');
             by_id.insert(id, (token.clone(), if is_byte { BYTE } else { NORMAL }));
         }
         for a in &added {
@@ -167,18 +272,19 @@ impl TokenizerMetadata {
             .enumerate()
             .map(|(i, (t, _))| (t.as_str(), i))
             .collect();
-        let mut scores = vec![0f32; count];
-        let merges = model["merges"].as_array().cloned().unwrap_or_default();
-        for (rank, merge) in merges.iter().enumerate() {
+        let mut merges = Vec::new();
+        for merge in model["merges"].as_array().into_iter().flatten() {
             // Merges are "a b" strings or ["a", "b"] pairs, by the tokenizers version.
-            let joined = match merge {
-                serde_json::Value::String(s) => s.replacen(' ', "", 1),
-                serde_json::Value::Array(p) => p.iter().filter_map(|x| x.as_str()).collect(),
+            let pair = match merge {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(p) => p
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 other => return Err(bad(format!("merge {other} is neither a string nor a pair"))),
             };
-            if let Some(&i) = index.get(joined.as_str()) {
-                scores[i] = -(rank as f32) - 1.0;
-            }
+            merges.push(pair);
         }
         let config_path = tokenizer_json.with_file_name("tokenizer_config.json");
         let config = if config_path.is_file() {
@@ -191,35 +297,54 @@ impl TokenizerMetadata {
         if let Some(&i) = unk.and_then(|u| index.get(u)) {
             types[i] = UNKNOWN;
         }
-        let mut keys = vec![
-            ("tokenizer.ggml.model", Value::String("llama".into())),
-            ("tokenizer.ggml.pre", Value::String("default".into())),
-            (
-                "tokenizer.ggml.tokens",
-                Value::Array(
-                    by_id
-                        .values()
-                        .map(|(t, _)| Value::String(t.clone()))
-                        .collect(),
+        let tokens = Value::Array(
+            by_id
+                .values()
+                .map(|(t, _)| Value::String(t.clone()))
+                .collect(),
+        );
+        let mut keys = if spm_style {
+            let mut scores = vec![0f32; count];
+            for (rank, pair) in merges.iter().enumerate() {
+                if let Some(&i) = index.get(pair.replacen(' ', "", 1).as_str()) {
+                    scores[i] = -(rank as f32) - 1.0;
+                }
+            }
+            vec![
+                ("tokenizer.ggml.model", Value::String("llama".into())),
+                ("tokenizer.ggml.pre", Value::String("default".into())),
+                ("tokenizer.ggml.tokens", tokens),
+                (
+                    "tokenizer.ggml.scores",
+                    Value::Array(scores.into_iter().map(Value::F32).collect()),
                 ),
-            ),
-            (
-                "tokenizer.ggml.scores",
-                Value::Array(scores.into_iter().map(Value::F32).collect()),
-            ),
+            ]
+        } else {
+            vec![
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                ("tokenizer.ggml.pre", Value::String("qwen2".into())),
+                ("tokenizer.ggml.tokens", tokens),
+                (
+                    "tokenizer.ggml.merges",
+                    Value::Array(merges.into_iter().map(Value::String).collect()),
+                ),
+            ]
+        };
+        keys.extend([
             (
                 "tokenizer.ggml.token_type",
                 Value::Array(types.into_iter().map(Value::I32).collect()),
             ),
             (
                 "tokenizer.ggml.add_bos_token",
-                Value::Bool(config["add_bos_token"].as_bool().unwrap_or(true)),
+                // Byte-level BPE models (Qwen2) put no BOS unless their config says so.
+                Value::Bool(config["add_bos_token"].as_bool().unwrap_or(spm_style)),
             ),
             (
                 "tokenizer.ggml.add_eos_token",
                 Value::Bool(config["add_eos_token"].as_bool().unwrap_or(false)),
             ),
-        ];
+        ]);
         let special = [
             ("bos_token", "tokenizer.ggml.bos_token_id"),
             ("eos_token", "tokenizer.ggml.eos_token_id"),
@@ -287,6 +412,24 @@ impl TokenizerMetadata {
     }
 }
 
+/// Qwen2's pre-tokenizer pattern in its tokenizer.json, which llama.cpp's `qwen2`
+/// pre-tokenizer applies.
+pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Whether a tokenizer.json `pre_tokenizer` is Qwen2's: a split by [`QWEN2_PATTERN`] (its
+/// matches kept as pieces), then byte-level mapping without a regex of its own.
+fn splits_as_qwen2(pre: &serde_json::Value) -> bool {
+    let steps = pre["pretokenizers"].as_array().cloned().unwrap_or_default();
+    matches!(steps.as_slice(), [split, bytes]
+        if split["type"] == "Split"
+            && split["pattern"]["Regex"] == QWEN2_PATTERN
+            && split["behavior"] == "Isolated"
+            && split["invert"] == false
+            && bytes["type"] == "ByteLevel"
+            && bytes["use_regex"] == false
+            && bytes["add_prefix_space"] == false)
+}
+
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
@@ -348,6 +491,12 @@ impl Arch {
             Self::Qwen2 if rope.llama3.is_some() => {
                 Some("llama.cpp's qwen2 has no Llama 3.1 rope scaling".into())
             }
+            // llama.cpp's qwen2 projects queries to the embedding width.
+            Self::Qwen2 if spec.num_heads * spec.head_dim != spec.hidden_size => Some(format!(
+                "llama.cpp's qwen2 needs heads x head_dim = hidden_size; this one has {} x {} \
+                 and {}",
+                spec.num_heads, spec.head_dim, spec.hidden_size
+            )),
             Self::ChatGlm if !rope.interleaved => {
                 Some("a ChatGLM whose rotary pairs are not interleaved".into())
             }
