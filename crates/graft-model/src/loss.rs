@@ -8,8 +8,9 @@ use candle_core::{Device, Tensor, D};
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     // In f32 for half-precision logits: a 49k-way log-sum-exp in bf16 loses the loss.
     let logits = &logits.to_dtype(ops::compute_dtype(logits.dtype()))?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    // A constant: no logits-sized gradient of the maximum kept to the backward's end.
+    let shifted = ops::reference::with_constant(logits, &max, ops::reference::ConstantOp::Sub)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let log_probs = shifted.broadcast_sub(&log_sum)?;
     let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?;
