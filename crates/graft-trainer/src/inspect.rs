@@ -24,7 +24,9 @@ pub struct StepShape {
     /// alone: a response's); `None`: every token.
     pub labelled: Option<usize>,
     /// The step runs the composed ops (a CUDA build): a quantized product dequantizes its
-    /// whole weight; the CPU's kernels dequantize [`CPU_DEQUANTIZED_VALUES`] at a time.
+    /// whole weight; the CPU's kernels dequantize [`CPU_DEQUANTIZED_VALUES`] at a time. A
+    /// LoRA step's activations are then [`composed_step_bytes`]'s (`graft inspect --device
+    /// cuda`).
     pub composed_ops: bool,
     /// Key/value prefix positions every layer attends to (prefix tuning, P-tuning v2 without
     /// projection): its table is then what trains, instead of LoRA; 0: LoRA.
@@ -112,6 +114,94 @@ pub fn activation_elements(plan: &Plan, shape: StepShape) -> usize {
     }
 }
 
+/// Bytes a LoRA step holds at its peak on the composed ops a CUDA build runs (as measured on the
+/// CPU under `GRAFT_REFERENCE_OPS=1` by plugins/lora's `tests/cuda_memory.rs`): candle's graph
+/// keeps every intermediate of the forward pass until the backward ends, so per layer and token
+/// (B the dtype's bytes, W the f32 bytes of the norms and scores, 0 extra when B is f32):
+/// each norm's f32 copy, square, quotient and product and its cast back (3W + [W + B]), each
+/// projection's output, three with LoRA (base, update, sum), the rotary embedding's four
+/// products, two sums and concatenation (4·rotary·B per head, plus a copy when a head only
+/// partly rotates or the projections are fused), the attention's head-major copies of q, k and
+/// v (and k, v repeated for grouped queries), context and its copy, the residual sums and the
+/// SwiGLU's two products; per score (batch · heads · queries · keys): the product in B, its
+/// f32 copy, the scaled, biased, shifted, exponentiated and normalised scores and the cast back
+/// (5W + [W + B]). The gradients of constants (masks, maxima, frozen norm weights, angles) are
+/// not kept ([`graft_model::ops::reference::with_constant`]). On top, the backward's largest
+/// transient: about 9 score-sized f32 buffers in a layer's attention, or 6 logits-sized ones
+/// in the loss (measured). With checkpointing: each block's input, the head's graph, one
+/// block's graph and that transient.
+///
+/// Returns (activations with the transient, the head's graph).
+pub fn composed_step_bytes(
+    plan: &Plan,
+    shape: StepShape,
+    lora: &dyn Fn(&str) -> bool,
+) -> (usize, usize) {
+    let s = &plan.spec;
+    let b = shape.dtype.size_in_bytes();
+    let w = graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
+    // The casts to f32 and back, absent when the activations are f32 already.
+    let (to_wide, to_narrow) = if w == b { (0, 0) } else { (w, b) };
+    let tokens = shape.batch * shape.seq_len;
+    let keys = shape.seq_len + shape.prefix;
+    let (q, kv) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+    let h = s.hidden_size;
+    let norm = tokens * h * (3 * w + to_wide + to_narrow);
+    let sites = plan.sites();
+    let per_layer = |layer: usize| -> usize {
+        let in_layer = sites.iter().filter(|site| site.layer == Some(layer));
+        let fused_qkv = in_layer
+            .clone()
+            .any(|site| site.out_features == q + 2 * kv && q + 2 * kv != h);
+        let projections: usize = in_layer
+            .map(|site| {
+                let copies = if lora(&site.name) { 3 } else { 1 };
+                copies * tokens * site.out_features * b
+            })
+            .sum();
+        let rotary = s.rope.rotary_dims;
+        let partial = usize::from(rotary < s.head_dim || fused_qkv);
+        let rope = |heads: usize| tokens * heads * (4 * rotary + partial * s.head_dim) * b;
+        let repeated = if s.num_heads == s.num_kv_heads {
+            0
+        } else {
+            2 * shape.batch * keys * q * b
+        };
+        let heads_copies = (tokens * q + 2 * shape.batch * keys * kv) * b + repeated;
+        let scores = shape.batch * s.num_heads * shape.seq_len * keys;
+        let score_bytes = scores * (b + 5 * w + to_wide + to_narrow);
+        let bias = shape.batch * shape.seq_len * keys * w;
+        let context = 2 * tokens * q * b;
+        let residuals = 2 * tokens * h * b;
+        let swiglu = 2 * tokens * s.intermediate_size * b;
+        let fused_copies = if fused_qkv { tokens * kv * b } else { 0 };
+        2 * norm
+            + projections
+            + rope(s.num_heads)
+            + rope(s.num_kv_heads)
+            + fused_copies
+            + heads_copies
+            + score_bytes
+            + bias
+            + context
+            + residuals
+            + swiglu
+    };
+    let labelled = shape.labelled.unwrap_or(shape.seq_len).min(shape.seq_len);
+    let logits = shape.batch * labelled * s.vocab_size;
+    // The final norm, the labelled rows, their logits in B, and the loss's f32 copy, shifted
+    // logits, exponentials and log-probabilities.
+    let head = norm + shape.batch * labelled * h * b + logits * (b + 3 * w + to_wide);
+    let transient = (9 * shape.batch * s.num_heads * shape.seq_len * keys * w).max(6 * logits * w);
+    let blocks = if shape.checkpointing {
+        let largest = (0..s.num_layers).map(per_layer).max().unwrap_or(0);
+        (s.num_layers + 1) * tokens * h * b + largest
+    } else {
+        (0..s.num_layers).map(per_layer).sum::<usize>()
+    };
+    (blocks + transient, head)
+}
+
 /// Inspects the decoder at `path` (a model folder, a config.json or a `.gguf` file) with LoRA
 /// of rank `r` on `targets` (PEFT's default for the architecture when `None`).
 pub fn inspect(
@@ -160,9 +250,18 @@ pub fn inspect(
     };
     // Value, gradient and two AdamW moments, in f32 whatever the base's dtype (f64 in f64).
     let trainable = 4 * trained * graft_model::ops::compute_dtype(shape.dtype).size_in_bytes();
-    let activations = activation_elements(&plan, shape) * bytes;
-    let labelled = shape.labelled.unwrap_or(shape.seq_len).min(shape.seq_len);
-    let logits = 3 * shape.batch * labelled * s.vocab_size * 4;
+    let (activations, logits) = if shape.composed_ops && shape.prefix == 0 {
+        let sites = plan.sites();
+        let selected = targets.select("lora", &sites)?;
+        let lora = |name: &str| selected.iter().any(|site| site.name == name);
+        composed_step_bytes(&plan, shape, &lora)
+    } else {
+        let labelled = shape.labelled.unwrap_or(shape.seq_len).min(shape.seq_len);
+        (
+            activation_elements(&plan, shape) * bytes,
+            3 * shape.batch * labelled * s.vocab_size * 4,
+        )
+    };
     Ok(Inspection {
         model_type: s.model_type.clone(),
         layers: s.num_layers,

@@ -102,7 +102,11 @@ struct Shape {
 
 /// Bytes allocated at the peak of one LoRA step above those live before it, and inspect's
 /// CUDA estimate of them.
-fn counted_and_estimated(shape: &Shape, checkpointing: bool, scratch: &std::path::Path) -> (usize, usize) {
+fn counted_and_estimated(
+    shape: &Shape,
+    checkpointing: bool,
+    scratch: &std::path::Path,
+) -> (usize, usize) {
     use graft_trainer::config::Precision;
     use graft_trainer::inspect::{inspect, StepShape};
     use graft_trainer::lm::{CausalLm, LmSpec};
@@ -132,8 +136,15 @@ fn counted_and_estimated(shape: &Shape, checkpointing: bool, scratch: &std::path
     };
     let lora = graft_plugin_lora::method();
     let settings = json!({ "r": 8, "lora_alpha": 16 });
-    let lm = CausalLm::create(spec, lora.as_ref(), &settings, &graft_peft::candle::Device::Cpu, 1, 1)
-        .unwrap();
+    let lm = CausalLm::create(
+        spec,
+        lora.as_ref(),
+        &settings,
+        &graft_peft::candle::Device::Cpu,
+        1,
+        1,
+    )
+    .unwrap();
     let tokens = shape.batch * shape.seq;
     let batch = graft_tokenizer::CausalBatch {
         input_ids: (0..tokens).map(|i| (i * 7 % 500) as u32 + 3).collect(),
@@ -161,31 +172,6 @@ fn counted_and_estimated(shape: &Shape, checkpointing: bool, scratch: &std::path
     drop(lm.loss_and_grads(&batch, checkpointing, 1.0).unwrap());
     let before = LIVE.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
-    if !checkpointing && std::env::var("DIAG").is_ok() {
-        let loss = lm.loss(&batch).unwrap();
-        let fwd = LIVE.load(Ordering::SeqCst) - before;
-        let fwd_peak = PEAK.load(Ordering::SeqCst) - before;
-        let g = loss.backward().unwrap();
-        let end = LIVE.load(Ordering::SeqCst) - before;
-        eprintln!("DIAG forward live {fwd} peak {fwd_peak}; after backward live {end} peak {}", PEAK.load(Ordering::SeqCst) - before);
-        let text = format!("{g:?}");
-        let mut shapes = std::collections::BTreeMap::<String, usize>::new();
-        for part in text.split("Tensor[").skip(1) {
-            let head: String = part.chars().take_while(|c| *c != ']').collect();
-            *shapes.entry(head).or_default() += 1;
-        }
-        let total: usize = shapes.iter().map(|(k, n)| {
-            let (dims, dt) = k.trim_start_matches("dims ").split_once("; ").unwrap();
-            let e: usize = dims.split(", ").map(|d| d.parse::<usize>().unwrap()).product();
-            e * n * if dt == "f32" { 4 } else { 2 }
-        }).sum();
-        eprintln!("DIAG grads {total} B {shapes:?}");
-        drop(g);
-        eprintln!("DIAG grads dropped: live {}", LIVE.load(Ordering::SeqCst) - before);
-        drop(loss);
-        eprintln!("DIAG all dropped: live {}", LIVE.load(Ordering::SeqCst) - before);
-        PEAK.store(before, Ordering::SeqCst);
-    }
     let (loss, grads) = lm.loss_and_grads(&batch, checkpointing, 1.0).unwrap();
     let counted = (PEAK.load(Ordering::SeqCst) - before) as usize;
     drop((loss, grads));
@@ -201,8 +187,24 @@ fn inspect_counts_what_the_composed_ops_hold() {
     );
     let scratch = tempfile::tempdir().unwrap();
     let shapes = [
-        Shape { hidden: 128, intermediate: 352, layers: 2, heads: 4, kv_heads: 2, batch: 2, seq: 64 },
-        Shape { hidden: 64, intermediate: 176, layers: 3, heads: 4, kv_heads: 4, batch: 2, seq: 128 },
+        Shape {
+            hidden: 128,
+            intermediate: 352,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            batch: 2,
+            seq: 64,
+        },
+        Shape {
+            hidden: 64,
+            intermediate: 176,
+            layers: 3,
+            heads: 4,
+            kv_heads: 4,
+            batch: 2,
+            seq: 128,
+        },
     ];
     let mut failures = Vec::new();
     for shape in &shapes {
@@ -218,5 +220,8 @@ fn inspect_counts_what_the_composed_ops_hold() {
             }
         }
     }
-    assert!(failures.is_empty(), "estimate off by over 15 %: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "estimate off by over 15 %: {failures:?}"
+    );
 }

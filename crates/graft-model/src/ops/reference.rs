@@ -182,7 +182,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttentionSpec) -> Re
         let blocked = Tensor::full(f64::NEG_INFINITY, (), q.device())?
             .to_dtype(wide)?
             .broadcast_as((tq, tk))?;
-        Some(visible.where_cond(&zeros, &blocked)?.reshape((1, 1, tq, tk))?)
+        Some(
+            visible
+                .where_cond(&zeros, &blocked)?
+                .reshape((1, 1, tq, tk))?,
+        )
     } else {
         None
     };
@@ -229,8 +233,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let wide = compute_dtype(x.dtype());
     let xw = x.to_dtype(wide)?;
     let mean_square = xw.sqr()?.mean_keepdim(D::Minus1)?;
-    let out = xw
-        .broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+    let out = xw.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
     let out = times(&out, &weight.to_dtype(wide)?)?;
     out.to_dtype(x.dtype())
 }
