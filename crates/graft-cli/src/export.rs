@@ -3,7 +3,7 @@
 //! llama.cpp's adapter GGUF, to load beside the base's GGUF.
 use crate::models::{registry, resolve_model_file, PluginArgs};
 use anyhow::{bail, Context, Result};
-use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
+use graft_model::formats::gguf_export::{write_gguf, GgufType, TokenizerMetadata};
 use graft_model::formats::gguf_lora::write_lora;
 use graft_trainer::config::Precision;
 use graft_trainer::lm::{CausalLm, LmSpec, OpenOptions};
@@ -31,6 +31,14 @@ pub struct ExportArgs {
     /// The GGUF file to write (with --gguf).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// --model is a config.json to build the model from with random weights of this seed, in
+    /// bf16 (to measure an export at a real model's size).
+    #[arg(long, requires = "model", conflicts_with = "adapter")]
+    random_init: Option<u64>,
+    /// tokenizer.json or a SentencePiece tokenizer.model (default: the model's, or the one the
+    /// adapter's task names; with --gguf).
+    #[arg(long, conflicts_with = "gguf_lora")]
+    tokenizer: Option<PathBuf>,
     #[command(flatten)]
     plugins: PluginArgs,
 }
@@ -45,7 +53,10 @@ pub fn export(args: ExportArgs) -> Result<()> {
         bail!("{} exists; choose another {flag}", out.display());
     }
     let device = candle_core::Device::Cpu;
-    let model = args.model.as_deref().map(resolve_model_file).transpose()?;
+    let model = match args.random_init {
+        Some(_) => args.model.clone(),
+        None => args.model.as_deref().map(resolve_model_file).transpose()?,
+    };
     let name = out
         .file_stem()
         .map_or("graft".into(), |s| s.to_string_lossy().into_owned());
@@ -81,14 +92,24 @@ pub fn export(args: ExportArgs) -> Result<()> {
         let mut lm = open(adapter)?;
         lm.set_merged(true)
             .with_context(|| format!("merging the adapter in {}", adapter.display()))?;
-        let tokenizer = tokenizer_metadata(&lm.spec.model, Some(&lm.spec.tokenizer))?;
-        write_llama(&lm.model, lm.hooks(), &tokenizer, &name, ty, out)
+        let tokenizer_path = args.tokenizer.as_deref().unwrap_or(&lm.spec.tokenizer);
+        let tokenizer = tokenizer_metadata(&lm.spec.model, Some(tokenizer_path))?;
+        write_gguf(&lm.model, lm.hooks(), &tokenizer, &name, ty, out)
     } else {
         let model = model.context("--model or --adapter is required")?;
-        let decoder = graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device)
-            .with_context(|| format!("loading the model {}", model.display()))?;
-        let tokenizer = tokenizer_metadata(&model, None)?;
-        write_llama(&decoder, &graft_model::NoHooks, &tokenizer, &name, ty, out)
+        let decoder = match args.random_init {
+            Some(seed) => graft_model::decoder::Decoder::random(
+                &model,
+                candle_core::DType::BF16,
+                None,
+                &device,
+                seed,
+            ),
+            None => graft_model::decoder::Decoder::open(&model, candle_core::DType::F32, &device),
+        }
+        .with_context(|| format!("loading the model {}", model.display()))?;
+        let tokenizer = tokenizer_metadata(&model, args.tokenizer.as_deref())?;
+        write_gguf(&decoder, &graft_model::NoHooks, &tokenizer, &name, ty, out)
     }
     .with_context(|| format!("writing {}", out.display()))?;
     let formats: Vec<String> = written
@@ -105,14 +126,70 @@ pub fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// A GGUF base's own tokenizer metadata, else that of the tokenizer.json the task names (or
-/// the one beside the model).
+/// A GGUF base's own tokenizer metadata, else that of the tokenizer.json or SentencePiece
+/// tokenizer.model the task names (or the one beside the model).
 fn tokenizer_metadata(model: &Path, tokenizer: Option<&Path>) -> Result<TokenizerMetadata> {
     if model.extension().is_some_and(|x| x == "gguf") {
         return TokenizerMetadata::from_gguf(model)
             .with_context(|| format!("reading the tokenizer of {}", model.display()));
     }
     let path = tokenizer.map_or_else(|| LmSpec::default_tokenizer(model), Path::to_path_buf);
+    if path.extension().is_some_and(|x| x == "model") {
+        return sentencepiece_metadata(&path)
+            .with_context(|| format!("converting the tokenizer {}", path.display()));
+    }
     TokenizerMetadata::from_folder(&path)
         .with_context(|| format!("converting the tokenizer {}", path.display()))
+}
+
+/// A SentencePiece model's vocabulary for llama.cpp; for ChatGLM's, THUDM's special tokens
+/// (`[gMASK]`, `sop`, the role tokens) after it as control tokens, no BOS (the `[gMASK]sop`
+/// prefix comes from ChatGLM3's chat format, which llama.cpp applies) and that format.
+fn sentencepiece_metadata(path: &Path) -> Result<TokenizerMetadata> {
+    use graft_model::formats::gguf_export::{
+        SentencePieceToken, SentencePieceVocab, TokenKind, CHATGLM3_TEMPLATE,
+    };
+    use graft_tokenizer::{PieceType, SentencePieceFlavour, SentencePieceModel};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let model = SentencePieceModel::parse(path, &bytes)?;
+    let flavour = SentencePieceFlavour::detect(path)?;
+    let mut tokens: Vec<SentencePieceToken> = model
+        .pieces
+        .iter()
+        .map(|p| SentencePieceToken {
+            text: p.piece.clone(),
+            score: p.score,
+            kind: match p.kind {
+                PieceType::Normal => TokenKind::Normal,
+                PieceType::Unknown => TokenKind::Unknown,
+                PieceType::Control => TokenKind::Control,
+                PieceType::UserDefined => TokenKind::UserDefined,
+                PieceType::Unused => TokenKind::Unused,
+                PieceType::Byte => TokenKind::Byte,
+            },
+        })
+        .collect();
+    let id = |i: i32| u32::try_from(i).ok();
+    let (add_bos, chat_template) = match flavour {
+        SentencePieceFlavour::ChatGlm => {
+            tokens.extend(graft_tokenizer::CHATGLM_SPECIAL_TOKENS.iter().map(|t| {
+                SentencePieceToken {
+                    text: t.to_string(),
+                    score: 0.0,
+                    kind: TokenKind::Control,
+                }
+            }));
+            (false, Some(CHATGLM3_TEMPLATE.to_string()))
+        }
+        SentencePieceFlavour::Plain { add_bos, .. } => (add_bos, None),
+    };
+    Ok(TokenizerMetadata::from_sentencepiece(SentencePieceVocab {
+        tokens,
+        bos: id(model.bos_id),
+        eos: id(model.eos_id),
+        unk: id(model.unk_id),
+        add_bos,
+        add_space_prefix: model.add_dummy_prefix,
+        chat_template,
+    }))
 }

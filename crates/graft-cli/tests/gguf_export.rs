@@ -413,3 +413,204 @@ fn gguf_lora_refuses_ia3() {
     );
     assert!(!out.exists());
 }
+
+/// A Qwen2-style tokenizer folder in `dir`: SmolLM2's byte-level BPE vocabulary and merges with
+/// Qwen2's pre-tokenizer (its split pattern, then bytes mapped without a regex) and NFC, and a
+/// tokenizer_config.json as Qwen2's (no BOS, `<|endoftext|>` ends and pads).
+fn qwen2_tokenizer(dir: &Path) {
+    let text = std::fs::read_to_string(root().join(SMOLLM2_TOKENIZER)).unwrap();
+    let mut json: Value = serde_json::from_str(&text).unwrap();
+    json["normalizer"] = json!({"type": "NFC"});
+    json["pre_tokenizer"] = json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": graft_model::formats::gguf_export::QWEN2_PATTERN},
+         "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+    ]});
+    json["post_processor"] = Value::Null;
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    let config = json!({"add_bos_token": false, "bos_token": null,
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"});
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
+
+/// A tiny Qwen2 (random f16-exact weights, biases on q, k and v, rope theta 1e6, untied head)
+/// with a Qwen2-style tokenizer, exported alone, with a LoRA merged and the LoRA unmerged
+/// (`--gguf-lora`): llama.cpp generates the greedy tokens graft generates from the same prompt,
+/// and the adapter changes them.
+#[test]
+fn tiny_qwen2_with_and_without_lora_runs_in_llama_cpp_as_in_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = dir.path().join("qwen2-tiny.json");
+    let config = json!({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 512,
+        "tie_word_embeddings": false});
+    std::fs::write(&shape, config.to_string()).unwrap();
+    let model = dir.path().join("qwen2");
+    let model_arg = model.to_str().unwrap();
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_graft"))
+        .args([
+            "random-model",
+            "--shape",
+            shape.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--dtype",
+            "f16",
+            "--out",
+            model_arg,
+        ])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    qwen2_tokenizer(&model);
+    let adapter = train_lm(
+        dir.path(),
+        &format!(
+            "[model]\npath = \"{model_arg}\"\ntemplate = \"plain\"\nmax_len = 64\n\
+             [data]\ntrain = \"data/knowledge.jsonl\"\n\
+             [train]\nseed = 1\nmax_steps = 5\nbatch_size = 1\nlr = 5e-2\n\
+             [method]\nname = \"lora\"\nr = 4\nlora_alpha = 8\n\
+             target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n"
+        ),
+    );
+    let base_gguf = dir.path().join("qwen2.gguf");
+    let lora_gguf = dir.path().join("qwen2-lora.gguf");
+    export(&["--model", model_arg], "f16", &base_gguf);
+    export(&["--adapter", &adapter], "f16", &lora_gguf);
+    let unmerged = dir.path().join("qwen2-adapter.gguf");
+    let (ok, said) = export_lora(&adapter, &unmerged);
+    assert!(ok, "{said}");
+
+    let prompt = "The Quillfeather X9 is sold in";
+    let ours = [
+        graft_generate(&["--model", model_arg], prompt, dir.path()),
+        graft_generate(&["--adapter", &adapter], prompt, dir.path()),
+    ];
+    let job = |model: &Path, lora: Option<&Path>| json!({"model": model, "lora": lora, "prompt": prompt, "tokens": TOKENS});
+    let theirs = llama_cpp(&json!([
+        job(&base_gguf, None),
+        job(&lora_gguf, None),
+        job(&base_gguf, Some(&unmerged))
+    ]));
+    eprintln!("graft: {ours:?}\nllama.cpp: {theirs:?}");
+    assert_ne!(
+        ours[0]["text"], ours[1]["text"],
+        "the adapter changes nothing"
+    );
+    assert_eq!(
+        theirs[2]["text"], ours[1]["text"],
+        "llama.cpp with the base and the --gguf-lora adapter against graft"
+    );
+    for (ours, theirs) in ours.iter().zip(&theirs) {
+        assert_eq!(theirs["text"], ours["text"], "llama.cpp against graft");
+        let stop = usize::from(ours["stopped"] == true);
+        assert_eq!(
+            theirs["tokens"].as_array().unwrap().len() + stop,
+            ours["new_tokens"]
+        );
+        assert_eq!(
+            theirs["prompt_tokens"].as_array().unwrap().len(),
+            ours["prompt_tokens"]
+        );
+        assert_eq!(
+            (
+                &theirs["architecture"],
+                &theirs["tokenizer_model"],
+                &theirs["tokenizer_pre"]
+            ),
+            (&json!("qwen2"), &json!("gpt2"), &json!("qwen2"))
+        );
+    }
+}
+
+/// A ChatGLM SentencePiece model in `dir` (`tokenizer.model`, with a tokenizer_config.json
+/// naming THUDM's tokenizer): BPE trained by SentencePiece with ChatGLM's settings on abstracts,
+/// `pieces` pieces, so that with THUDM's nine special tokens it fills the embedding table.
+fn chatglm_tokenizer(dir: &Path, pieces: usize) -> PathBuf {
+    let script = "import csv, sys, sentencepiece as spm\n\
+        rows = [r['title'] + '\\n' + r['abstract'] for r in csv.DictReader(open(sys.argv[1], encoding='utf-8'))][:400]\n\
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(rows), model_prefix=sys.argv[2], \
+        vocab_size=int(sys.argv[3]), model_type='bpe', byte_fallback=True, split_digits=True, \
+        normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=True, \
+        allow_whitespace_only_pieces=True, character_coverage=0.9995, num_threads=1, minloglevel=2)\n";
+    let prefix = dir.join("tokenizer");
+    let out = graft_testkit::python_with("spm-site", "sentencepiece", "sentencepiece==0.2.2")
+        .args(["-c", script])
+        .arg(root().join("../shared/data/abstracts/train.csv"))
+        .arg(&prefix)
+        .arg(pieces.to_string())
+        .output()
+        .expect("running python");
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"tokenizer_class": "ChatGLMTokenizer"}"#,
+    )
+    .unwrap();
+    dir.join("tokenizer.model")
+}
+
+/// The shared tiny ChatGLM2 (THUDM's layout: fused qkv with its bias, fused gate+up, rotary on
+/// half of each head in interleaved pairs, two multi-query groups) with a ChatGLM SentencePiece
+/// tokenizer: llama.cpp's `chatglm` generates from `[gMASK]sop` and a text the greedy tokens
+/// graft generates.
+#[test]
+fn chatglm2_runs_in_llama_cpp_as_in_graft() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = "../shared/fixtures/chatglm2_thudm";
+    let tokenizer = chatglm_tokenizer(dir.path(), 512 - 9);
+    let tokenizer_arg = tokenizer.to_str().unwrap();
+    let gguf = dir.path().join("chatglm2.gguf");
+    export(
+        &["--model", model, "--tokenizer", tokenizer_arg],
+        "f16",
+        &gguf,
+    );
+    let text = "The clinical trial of the new treatment";
+    let ours = graft_generate(
+        &["--model", model, "--tokenizer", tokenizer_arg],
+        text,
+        dir.path(),
+    );
+    let prompt = format!("[gMASK]sop{text}");
+    let theirs = &llama_cpp(&json!([{"model": gguf, "prompt": prompt, "tokens": TOKENS}]))[0];
+    eprintln!("graft: {ours}\nllama.cpp: {theirs}");
+    // llama.cpp's tokens decoded as graft decodes (a run of byte tokens that is no UTF-8 is
+    // one U+FFFD per byte in graft, fewer in llama.cpp), against graft's text.
+    let decoder = graft_tokenizer::TextTokenizer::from_file(
+        &tokenizer,
+        512,
+        graft_tokenizer::Padding::Longest,
+    )
+    .unwrap();
+    let ids: Vec<u32> = theirs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(
+        decoder.decode(&ids).unwrap(),
+        ours["text"].as_str().unwrap(),
+        "llama.cpp against graft"
+    );
+    let stop = usize::from(ours["stopped"] == true);
+    assert_eq!(
+        theirs["tokens"].as_array().unwrap().len() + stop,
+        ours["new_tokens"]
+    );
+    assert_eq!(
+        theirs["prompt_tokens"].as_array().unwrap().len(),
+        ours["prompt_tokens"]
+    );
+    assert_eq!(
+        (&theirs["architecture"], &theirs["tokenizer_model"]),
+        (&json!("chatglm"), &json!("llama"))
+    );
+    assert!(theirs["chat_template"]
+        .as_str()
+        .unwrap()
+        .starts_with("[gMASK]sop"));
+}

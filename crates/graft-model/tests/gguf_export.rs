@@ -6,7 +6,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device};
 use common::{all_logits, max_abs_diff, shared_model};
 use graft_model::decoder::Decoder;
-use graft_model::formats::gguf_export::{write_llama, GgufType, TokenizerMetadata};
+use graft_model::formats::gguf_export::{write_gguf, GgufType, TokenizerMetadata};
 use graft_model::NoHooks;
 use std::path::{Path, PathBuf};
 
@@ -28,7 +28,7 @@ fn round_trip(
     ty: GgufType,
     path: &Path,
 ) -> Decoder {
-    write_llama(model, &NoHooks, tokenizer, "test", ty, path).unwrap();
+    write_gguf(model, &NoHooks, tokenizer, "test", ty, path).unwrap();
     Decoder::open(path, DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -91,7 +91,7 @@ fn smollm2_exports_and_reads_back_to_its_logits() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("q4_k.gguf");
-    let written = write_llama(
+    let written = write_gguf(
         &model,
         &NoHooks,
         &tokenizer,
@@ -175,27 +175,28 @@ fn what_llama_cpp_would_misread_is_refused() {
     let export = |json: serde_json::Value| {
         let (_folder, model) = random_llama(&json);
         let out = dir.path().join("out.gguf");
-        let e = write_llama(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap_err();
+        let e = write_gguf(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap_err();
         assert!(!out.exists());
         e.to_string()
     };
-    let e = export(small("qwen2"));
+    let mut scaled = small("qwen2");
+    scaled["rope_scaling"] = serde_json::json!({ "rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192 });
+    let e = export(scaled);
+    assert!(e.contains("qwen2 has no Llama 3.1 rope scaling"), "{e}");
+    // A table wider than the vocabulary is padded with unused tokens; a narrower one cannot be.
+    let mut narrower = small("llama");
+    narrower["vocab_size"] = 400.into();
+    let e = export(narrower);
     assert!(
-        e.contains("`qwen2` is not exported") && e.contains("llama, mistral"),
-        "{e}"
-    );
-    let mut wider = small("llama");
-    wider["vocab_size"] = 600.into();
-    let e = export(wider);
-    assert!(
-        e.contains("512 tokens and the embedding table 600 rows"),
+        e.contains("512 tokens and the embedding table 400 rows"),
         "{e}"
     );
     let mut biased = small("llama");
     biased["attention_bias"] = true.into();
     let e = export(biased);
     assert!(
-        e.contains("q_proj.bias") && e.contains("biases are not exported"),
+        e.contains("q_proj.bias") && e.contains("no counterpart in llama.cpp's `llama`"),
         "{e}"
     );
     // A byte-level BPE tokenizer needs a pre-tokenizer name graft cannot derive.
@@ -204,7 +205,7 @@ fn what_llama_cpp_would_misread_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("only SentencePiece-style BPE") && e.contains("GGUF file"),
+        e.contains("only SentencePiece-style BPE") && e.contains("Qwen2's pre-tokenizer"),
         "{e}"
     );
     assert!("q5_k"
@@ -229,7 +230,7 @@ fn llama3_rope_scaling_becomes_rope_freqs() {
     let (folder, model) = random_llama(&json);
     let tokenizer = TokenizerMetadata::from_folder(&stories260k().join("tokenizer.json")).unwrap();
     let out = folder.path().join("scaled.gguf");
-    write_llama(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap();
+    write_gguf(&model, &NoHooks, &tokenizer, "t", GgufType::F16, &out).unwrap();
     let content = metadata(&out);
     let mut file = std::fs::File::open(&out).unwrap();
     let factors: Vec<f32> = content

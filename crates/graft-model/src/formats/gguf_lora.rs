@@ -11,7 +11,8 @@
 use crate::decoder::Decoder;
 use crate::error::{Error, Result};
 use crate::formats::gguf;
-use crate::formats::gguf_export::{check_architecture, llama_cpp_rows, write_gguf, ARCHITECTURE};
+use crate::formats::gguf_export::Arch;
+use crate::formats::gguf_writer::{self, TensorInfo};
 use crate::hooks::{Acts, Hooks, LinearSite, LowRank};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -29,7 +30,7 @@ pub struct WrittenLora {
 
 /// Writes the low-rank updates that `hooks` (an adapter of the method named `method`) add to
 /// `decoder`'s projections to `path`, as a llama.cpp LoRA adapter for the base `decoder`
-/// exported by `graft export --gguf` or converted by llama.cpp. Refuses a method whose hooks
+/// exported by `graft export --gguf` (a Llama, Qwen2 or ChatGLM2/3). Refuses a method whose hooks
 /// do anything else (prompts, prefixes, rescaled inputs, replaced weights): llama.cpp's
 /// adapters hold only low-rank pairs, and such a method is exported merged.
 pub fn write_lora(
@@ -44,7 +45,7 @@ pub fn write_lora(
         reason,
     };
     let spec = decoder.spec();
-    check_architecture(spec).map_err(bad)?;
+    let arch = Arch::for_spec(spec).map_err(bad)?;
     if let Some(what) = not_low_rank(decoder, hooks)? {
         return Err(bad(format!(
             "method `{method}` {what}; a llama.cpp adapter holds only low-rank updates of the \
@@ -61,12 +62,19 @@ pub fn write_lora(
             // Every rank pruned (AdaLoRA): the site is left as the base has it.
             continue;
         };
-        let gguf_name = gguf::llama_cpp_name(&key)
-            .ok_or_else(|| bad(format!("`{key}` has no llama.cpp counterpart")))?;
+        let gguf_name = arch.tensor_name(&key).ok_or_else(|| {
+            bad(format!(
+                "`{key}` has no counterpart in llama.cpp's `{}`",
+                arch.name()
+            ))
+        })?;
         let a = update.a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
         let b = update.b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        // Q and K rows are permuted in the base; B's rows are the update's rows.
-        let b = llama_cpp_rows(&key, b, spec)?;
+        // B's rows are the update's rows: permuted as the base's are (Llama's Q and K).
+        let b = match arch.permuted_heads(&key, spec) {
+            Some(heads) => gguf::permute(&b, heads)?,
+            None => b,
+        };
         pairs.push((gguf_name, a, b));
     }
     let rank = pairs
@@ -81,19 +89,21 @@ pub fn write_lora(
     let mut tensors = Vec::with_capacity(2 * pairs.len());
     for (gguf_name, a, b) in &pairs {
         let (a, b) = pad_rank(a, b, rank)?;
-        tensors.push((
-            format!("{gguf_name}.lora_a"),
-            QTensor::quantize(&a, GgmlDType::F32)?,
-        ));
-        tensors.push((
-            format!("{gguf_name}.lora_b"),
-            QTensor::quantize(&b, GgmlDType::F32)?,
-        ));
+        tensors.push((format!("{gguf_name}.lora_a"), a));
+        tensors.push((format!("{gguf_name}.lora_b"), b));
     }
+    let infos: Vec<TensorInfo> = tensors
+        .iter()
+        .map(|(name, t)| TensorInfo {
+            name: name.clone(),
+            dims: t.dims().to_vec(),
+            format: GgmlDType::F32,
+        })
+        .collect();
     let metadata = vec![
         (
             "general.architecture".to_string(),
-            Value::String(ARCHITECTURE.into()),
+            Value::String(arch.name().into()),
         ),
         ("general.type".into(), Value::String("adapter".into())),
         ("general.name".into(), Value::String(name.into())),
@@ -102,7 +112,9 @@ pub fn write_lora(
         ("adapter.type".into(), Value::String("lora".into())),
         ("adapter.lora.alpha".into(), Value::F32(rank as f32)),
     ];
-    let bytes = write_gguf(path, &metadata, &tensors)?;
+    let bytes = gguf_writer::write(path, &metadata, &infos, |i| {
+        Ok(QTensor::quantize(&tensors[i].1, GgmlDType::F32)?)
+    })?;
     Ok(WrittenLora {
         pairs: pairs.len(),
         rank,

@@ -5,6 +5,7 @@ pub mod folder;
 pub mod gguf;
 pub mod gguf_export;
 pub mod gguf_lora;
+mod gguf_writer;
 pub mod pickle;
 pub mod pytorch;
 pub mod random;
