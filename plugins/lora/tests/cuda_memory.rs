@@ -4,6 +4,8 @@
 //! backward of `train-lm`'s loss, above what was live before it (the weights, the LoRA tensors,
 //! the batch), and inspect's activations, logits and LoRA gradients must come within 15 % of it,
 //! at two shapes, with and without gradient checkpointing.
+// The exported functions are the C library's malloc family: their safety contract is its own.
+#![allow(clippy::missing_safety_doc)]
 use graft_peft::candle::DType;
 use graft_peft::serde_json::json;
 use graft_testkit as testkit;

@@ -46,9 +46,9 @@ impl Constant {
         let (c, c_layout) = self.c.storage_and_layout();
         let c = of(&c).ok_or_else(|| candle_core::Error::Msg("constant: two devices".into()))?;
         let out = match self.op {
-            ConstantOp::Add => x.binary_impl::<candle_core::op::Add>(c, layout, &c_layout)?,
-            ConstantOp::Sub => x.binary_impl::<candle_core::op::Sub>(c, layout, &c_layout)?,
-            ConstantOp::Mul => x.binary_impl::<candle_core::op::Mul>(c, layout, &c_layout)?,
+            ConstantOp::Add => x.binary_impl::<candle_core::op::Add>(c, layout, c_layout)?,
+            ConstantOp::Sub => x.binary_impl::<candle_core::op::Sub>(c, layout, c_layout)?,
+            ConstantOp::Mul => x.binary_impl::<candle_core::op::Mul>(c, layout, c_layout)?,
         };
         Ok((out, layout.shape().clone()))
     }
