@@ -414,6 +414,20 @@ fn gguf_lora_refuses_ia3() {
     assert!(!out.exists());
 }
 
+/// llama.cpp read the prompt into as many tokens as graft, and generated as many (graft counts
+/// the end-of-text token it stopped at, llama.cpp does not return it).
+fn assert_same_token_counts(ours: &Value, theirs: &Value) {
+    let stop = usize::from(ours["stopped"] == true);
+    assert_eq!(
+        theirs["tokens"].as_array().unwrap().len() + stop,
+        ours["new_tokens"]
+    );
+    assert_eq!(
+        theirs["prompt_tokens"].as_array().unwrap().len(),
+        ours["prompt_tokens"]
+    );
+}
+
 /// A Qwen2-style tokenizer folder in `dir`: SmolLM2's byte-level BPE vocabulary and merges with
 /// Qwen2's pre-tokenizer (its split pattern, then bytes mapped without a regex) and NFC, and a
 /// tokenizer_config.json as Qwen2's (no BOS, `<|endoftext|>` ends and pads).
@@ -505,15 +519,7 @@ fn tiny_qwen2_with_and_without_lora_runs_in_llama_cpp_as_in_graft() {
     );
     for (ours, theirs) in ours.iter().zip(&theirs) {
         assert_eq!(theirs["text"], ours["text"], "llama.cpp against graft");
-        let stop = usize::from(ours["stopped"] == true);
-        assert_eq!(
-            theirs["tokens"].as_array().unwrap().len() + stop,
-            ours["new_tokens"]
-        );
-        assert_eq!(
-            theirs["prompt_tokens"].as_array().unwrap().len(),
-            ours["prompt_tokens"]
-        );
+        assert_same_token_counts(ours, theirs);
         assert_eq!(
             (
                 &theirs["architecture"],
@@ -596,15 +602,7 @@ fn chatglm2_runs_in_llama_cpp_as_in_graft() {
         ours["text"].as_str().unwrap(),
         "llama.cpp against graft"
     );
-    let stop = usize::from(ours["stopped"] == true);
-    assert_eq!(
-        theirs["tokens"].as_array().unwrap().len() + stop,
-        ours["new_tokens"]
-    );
-    assert_eq!(
-        theirs["prompt_tokens"].as_array().unwrap().len(),
-        ours["prompt_tokens"]
-    );
+    assert_same_token_counts(&ours, theirs);
     assert_eq!(
         (&theirs["architecture"], &theirs["tokenizer_model"]),
         (&json!("chatglm"), &json!("llama"))

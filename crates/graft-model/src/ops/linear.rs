@@ -321,10 +321,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.product(x, layout, |s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        self.product(x, layout, super::cpu_storage)
     }
 
     #[cfg(feature = "cuda")]
@@ -333,10 +330,7 @@ impl CustomOp1 for FrozenLinear {
         x: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.product(x, layout, |s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        self.product(x, layout, super::cuda_storage)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
