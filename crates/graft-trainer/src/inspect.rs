@@ -316,7 +316,7 @@ mod tests {
             checkpointing: true,
             quantize: None,
             labelled: None,
-            composed_ops: true,
+            composed_ops: false,
             prefix: 0,
         };
         let report = inspect(
@@ -352,21 +352,30 @@ mod tests {
         assert!(without.memory.activations > 4 * report.memory.activations);
 
         // On a q4_k base (every projection 4096 wide in q4_k, the 13696-wide down projection in
-        // q5_0; the 0.5 GiB embedding table in bf16): 5.00 GiB, one dequantized weight (the
-        // 65024 x 4096 head, 0.50 GiB) counted, the largest site.
-        let q4 = inspect(
-            &path,
-            Some(TargetModules::Names(vec!["query_key_value".into()])),
-            8,
-            StepShape {
+        // q5_0; the 0.5 GiB embedding table in bf16): 4.51 GiB on the CPU, whose kernels
+        // dequantize a few rows at a time; 6.19 GiB on the composed ops a GPU runs, which hold
+        // one whole dequantized weight (the 65024 x 4096 head, 0.50 GiB) and every
+        // intermediate of the head and a block.
+        let q4 = |composed_ops| {
+            let shape = StepShape {
                 quantize: Some(Quantization::Q4K),
+                composed_ops,
                 ..shape
-            },
-        )
-        .unwrap();
-        eprintln!("on a q4_k base: {:.2} GiB", gib(q4.memory.total));
-        assert!(3 * q4.memory.weights < report.memory.weights);
-        assert!(q4.memory.total < 6_000_000_000, "{:?}", q4.memory);
+            };
+            let target = Some(TargetModules::Names(vec!["query_key_value".into()]));
+            inspect(&path, target, 8, shape).unwrap().memory
+        };
+        let (cpu, gpu) = (q4(false), q4(true));
+        eprintln!(
+            "on a q4_k base: {:.2} GiB on the CPU, {:.2} GiB on a GPU",
+            gib(cpu.total),
+            gib(gpu.total)
+        );
+        assert!(3 * cpu.weights < report.memory.weights);
+        assert!(cpu.total < 5_000_000_000, "{cpu:?}");
+        assert_eq!(gpu.weights, cpu.weights);
+        assert!(gpu.dequantized > 500 << 20, "{gpu:?}");
+        assert!(gpu.total < 7_000_000_000, "{gpu:?}");
     }
 
     /// The quantized weights inspect counts for SmolLM2 are the bytes its quantized load holds
