@@ -321,7 +321,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.product(x, layout, super::cpu_storage)
+        self.product(x, layout, super::types::cpu_storage)
     }
 
     #[cfg(feature = "cuda")]
@@ -330,7 +330,7 @@ impl CustomOp1 for FrozenLinear {
         x: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.product(x, layout, super::cuda_storage)
+        self.product(x, layout, super::types::cuda_storage)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

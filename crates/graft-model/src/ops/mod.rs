@@ -37,20 +37,3 @@ pub use linear::{
     quantized_linear_low_rank,
 };
 pub use types::{additive_mask, compute_dtype, AttentionSpec};
-
-/// A second tensor's CPU storage, for a custom op whose CPU forward reads one beside its input.
-pub(crate) fn cpu_storage(s: &candle_core::Storage) -> Option<&candle_core::CpuStorage> {
-    match s {
-        candle_core::Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-/// A second tensor's CUDA storage, as [`cpu_storage`] for a custom op's CUDA forward.
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_storage(s: &candle_core::Storage) -> Option<&candle_core::CudaStorage> {
-    match s {
-        candle_core::Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}

@@ -60,7 +60,7 @@ impl CustomOp1 for Constant {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.apply(x, layout, super::cpu_storage)
+        self.apply(x, layout, super::types::cpu_storage)
     }
 
     #[cfg(feature = "cuda")]
@@ -69,7 +69,7 @@ impl CustomOp1 for Constant {
         x: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.apply(x, layout, super::cuda_storage)
+        self.apply(x, layout, super::types::cuda_storage)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

@@ -37,3 +37,20 @@ pub fn compute_dtype(dtype: candle_core::DType) -> candle_core::DType {
         other => other,
     }
 }
+
+/// A second tensor's CPU storage, for a custom op whose CPU forward reads one beside its input.
+pub(crate) fn cpu_storage(s: &candle_core::Storage) -> Option<&candle_core::CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// A second tensor's CUDA storage, as [`cpu_storage`] for a custom op's CUDA forward.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_storage(s: &candle_core::Storage) -> Option<&candle_core::CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
