@@ -1,6 +1,8 @@
 //! Sequence classifiers, as transformers' `*ForSequenceClassification`: BERT with its pooler
 //! and `classifier`, or a decoder read at each sequence's last real token with `score` (no
-//! bias). What the trainer's classification task drives, whatever the architecture.
+//! bias); and, with [`Pooling::Tokens`], token classifiers as its `*ForTokenClassification`
+//! (the same heads on every token, the decoder's with a bias). What the trainer's
+//! classification tasks drive, whatever the architecture.
 use crate::decoder::{Decoder, DecoderInputs};
 use crate::error::{Error, Result};
 use crate::hooks::{Hooks, ModelInfo, SiteInfo};
@@ -12,7 +14,8 @@ use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
-/// A model that maps a batch to class logits `[batch, num_labels]`.
+/// A model that maps a batch to class logits `[batch, num_labels]` (with [`Pooling::Tokens`],
+/// `[batch, tokens, num_labels]`).
 pub trait SequenceClassifier: LinearSites + Send + Sync {
     fn info(&self) -> ModelInfo;
     fn sites(&self) -> Vec<SiteInfo>;
@@ -65,10 +68,14 @@ impl SequenceClassifier for BertForSequenceClassification {
 }
 
 /// transformers' LlamaForSequenceClassification (and Qwen2's, Mistral's, ChatGLM's): the
-/// final hidden state of each sequence's last real token through `score`, `[labels, hidden]`.
+/// final hidden state of each sequence's last real token through `score`, `[labels, hidden]`
+/// without bias; with [`Pooling::Tokens`], LlamaForTokenClassification's: every token's final
+/// hidden state through `score` with a bias.
 pub struct DecoderForSequenceClassification {
     pub decoder: Decoder,
     pub head: ClassifierHead,
+    /// [`Pooling::Tokens`] labels every token; any other, the last real one.
+    pub pooling: Pooling,
 }
 
 impl LinearSites for DecoderForSequenceClassification {
@@ -104,6 +111,9 @@ impl SequenceClassifier for DecoderForSequenceClassification {
             hooks,
             None,
         )?;
+        if self.pooling == Pooling::Tokens {
+            return self.head.forward(&hidden);
+        }
         // Right padding: the last real token of row i is at (real tokens - 1).
         let lengths: Vec<u32> = inputs
             .attention_mask
@@ -133,13 +143,13 @@ impl SequenceClassifier for DecoderForSequenceClassification {
             .map(|(name, var)| (format!("score.{name}"), var.as_tensor().detach()))
             .collect();
         let mut json = self.decoder.config_json().clone();
-        let architecture = match self.decoder.spec().model_type.as_str() {
-            "qwen2" => "Qwen2ForSequenceClassification",
-            "mistral" => "MistralForSequenceClassification",
-            "chatglm" => "ChatGLMForSequenceClassification",
-            _ => "LlamaForSequenceClassification",
+        let family = match self.decoder.spec().model_type.as_str() {
+            "qwen2" => "Qwen2",
+            "mistral" => "Mistral",
+            "chatglm" => "ChatGLM",
+            _ => "Llama",
         };
-        json["architectures"] = serde_json::json!([architecture]);
+        json["architectures"] = serde_json::json!([self.pooling.architecture(family)]);
         json["num_labels"] = serde_json::json!(num_labels);
         self.decoder.save_with(dir, hooks, extra, &json)
     }
@@ -195,23 +205,35 @@ pub fn load(
     } else {
         let (plan, json) = read_plan(&path)?;
         let weights = Weights::load_folder(&path, dtype, device, None)?;
-        let head = weights.find("score.weight").cloned();
+        let head = weights
+            .find("score.weight")
+            .map(|w| (w.clone(), weights.find("score.bias").cloned()));
         (Decoder::from_plan(&plan, &weights, json)?, head)
     };
     let h = decoder.spec().hidden_size;
-    let weight = match saved_head {
-        Some(w) if w.dims() == [num_labels, h] => w,
-        _ => init::normal(
-            &mut init::seeded_rng(seed),
-            &[num_labels, h],
-            0.02,
-            dtype,
-            device,
+    let per_token = pooling == Pooling::Tokens;
+    let head = match saved_head {
+        Some((w, b)) if w.dims() == [num_labels, h] && b.is_some() == per_token => {
+            ClassifierHead::new(w, b)?
+        }
+        _ => ClassifierHead::new(
+            init::normal(
+                &mut init::seeded_rng(seed),
+                &[num_labels, h],
+                0.02,
+                dtype,
+                device,
+            )?,
+            // transformers' token head has a bias (zero at first), its sequence head none.
+            per_token
+                .then(|| Tensor::zeros(num_labels, dtype, device))
+                .transpose()?,
         )?,
     };
     Ok(Box::new(DecoderForSequenceClassification {
         decoder,
-        head: ClassifierHead::new(weight, None)?,
+        head,
+        pooling,
     }))
 }
 

@@ -256,6 +256,7 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        labels_sequences(self.model.pooling)?;
         let labels = &self.data.labels;
         let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
         let checks = [
@@ -277,6 +278,19 @@ impl TrainConfig {
         ];
         first_failure(checks)
     }
+}
+
+/// Refuses [`Pooling::Tokens`] where a task labels whole sequences: the classifier's loss,
+/// evaluation and predictions read one label a row.
+pub(crate) fn labels_sequences(pooling: Pooling) -> Result<()> {
+    if pooling == Pooling::Tokens {
+        return Err(Error::Config(
+            "model.pooling = \"tokens\" labels every token, and graft's classifier task labels \
+             whole sequences (pooler or mean); token classification has no task yet"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Prefixes a config error with the file it is about.
@@ -404,4 +418,20 @@ pub fn write_task_file<T: serde::Serialize>(dir: &Path, file: &str, spec: &T) ->
     let text = serde_json::to_string_pretty(spec).map_err(|e| Error::Config(e.to_string()))?;
     graft_model::formats::safetensors::write_atomic(&dir.join(file), text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config asking the classifier task for a label per token is refused at load, not
+    /// handed to a loss that reads one label a row.
+    #[test]
+    fn token_pooling_is_refused_by_the_sequence_task() {
+        let mut config = TrainConfig::default();
+        assert!(config.validate().is_ok());
+        config.model.pooling = Pooling::Tokens;
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("labels every token"), "{e}");
+    }
 }

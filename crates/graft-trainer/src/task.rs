@@ -296,6 +296,7 @@ impl Classifier {
         labels: LabelSet,
         tokenizer: TextTokenizer,
     ) -> Result<Self> {
+        crate::config::labels_sequences(spec.pooling)?;
         let template = Template::parse(&spec.template)?;
         Ok(Self {
             model,

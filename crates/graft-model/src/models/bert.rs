@@ -516,6 +516,20 @@ pub enum Pooling {
     Pooler,
     /// The mean over real tokens, as sentence-transformers' all-MiniLM-L6-v2.
     Mean,
+    /// None: the head labels every token (transformers' `*ForTokenClassification`), logits
+    /// `[batch, tokens, labels]` over the input's tokens (a prompt's virtual tokens get none).
+    Tokens,
+}
+
+impl Pooling {
+    /// transformers' class for a classifier pooled this way: `{family}ForSequenceClassification`
+    /// or `{family}ForTokenClassification`.
+    pub fn architecture(self, family: &str) -> String {
+        match self {
+            Self::Tokens => format!("{family}ForTokenClassification"),
+            Self::Pooler | Self::Mean => format!("{family}ForSequenceClassification"),
+        }
+    }
 }
 
 /// mean over positions where `mask` is 1: `[b, t, h]`, `[b, t]` -> `[b, h]`.
@@ -526,7 +540,8 @@ pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(summed.broadcast_div(&counts)?)
 }
 
-/// transformers' BertForSequenceClassification: encoder, pooling, linear classifier.
+/// transformers' BertForSequenceClassification: encoder, pooling, linear classifier; with
+/// [`Pooling::Tokens`], its BertForTokenClassification (the same `classifier` on every token).
 pub struct BertForSequenceClassification {
     pub bert: Bert,
     pub pooling: Pooling,
@@ -571,7 +586,7 @@ impl BertForSequenceClassification {
         })
     }
 
-    /// Logits `[batch, num_labels]`.
+    /// Logits `[batch, num_labels]`; with [`Pooling::Tokens`], `[batch, tokens, num_labels]`.
     pub fn forward(&self, inputs: &Inputs, hooks: &dyn Hooks) -> Result<Tensor> {
         let pooled = match self.pooling {
             Pooling::Pooler => self
@@ -580,6 +595,12 @@ impl BertForSequenceClassification {
             Pooling::Mean => {
                 let (hidden, mask) = self.bert.forward(inputs, hooks)?;
                 masked_mean(&hidden, &mask)?
+            }
+            Pooling::Tokens => {
+                let (hidden, _) = self.bert.forward(inputs, hooks)?;
+                // A prompt's virtual tokens stand first: only the input's tokens are labelled.
+                let (s, t) = (inputs.input_ids.dim(1)?, hidden.dim(1)?);
+                hidden.narrow(1, t - s, s)?
             }
         };
         self.head.forward(&pooled)
@@ -606,7 +627,7 @@ impl BertForSequenceClassification {
             path: dir.join("config.json"),
             source,
         })?;
-        json["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+        json["architectures"] = serde_json::json!([self.pooling.architecture("Bert")]);
         json["num_labels"] = serde_json::json!(num_labels);
         crate::formats::safetensors::save_json(&json, &dir.join("config.json"))
     }
