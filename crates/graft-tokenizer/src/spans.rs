@@ -3,7 +3,8 @@
 //!
 //! Which sub-tokens carry a label: every token that overlaps a marked span does, the first
 //! `B`, the rest `I`; a token outside every span is `O`; special tokens (`[CLS]`, `[SEP]`, BOS)
-//! and padding carry none. So a word split into sub-tokens has its label on each of them, and
+//! and padding carry none (their offsets are `None`, as [`crate::TextTokenizer::encode_with_offsets`]
+//! gives them). So a word split into sub-tokens has its label on each of them, and
 //! prediction reads a span from its first `B` (or a stray `I`) to its last `I`.
 
 /// A marked part of a text: byte offsets `start..end` (on char boundaries) and the entity type
@@ -149,17 +150,17 @@ impl Tag {
     }
 }
 
-/// One tag per token from its byte offsets in the text (`(0, 0)` for a special token or
-/// padding, which gets `None`): a token overlapping a span is `B` if it is the span's first
+/// One tag per token from its byte offsets in the text (`None` for a special token or
+/// padding, which gets no tag): a token overlapping a span is `B` if it is the span's first
 /// such token, else `I`; every other token `O`.
-pub fn tag_tokens(offsets: &[(usize, usize)], spans: &[Span]) -> Vec<Option<Tag>> {
+pub fn tag_tokens(offsets: &[Option<(usize, usize)>], spans: &[Span]) -> Vec<Option<Tag>> {
     let mut tags = Vec::with_capacity(offsets.len());
     let mut previous_span = None;
-    for &(start, end) in offsets {
-        if start == end {
+    for offset in offsets {
+        let Some((start, end)) = *offset else {
             tags.push(None);
             continue;
-        }
+        };
         let span = spans.iter().position(|s| start < s.end && end > s.start);
         tags.push(Some(match span {
             None => Tag::Outside,
@@ -279,14 +280,14 @@ mod tests {
         let text = "graphene oxide is new";
         let marked = mark_phrases(text, &phrases(&["graphene oxide", "new"]), "KEY");
         let offsets = [
-            (0, 0),
-            (0, 5),
-            (5, 8),
-            (9, 14),
-            (15, 17),
-            (18, 21),
-            (0, 0),
-            (0, 0),
+            None,
+            Some((0, 5)),
+            Some((5, 8)),
+            Some((9, 14)),
+            Some((15, 17)),
+            Some((18, 21)),
+            None,
+            None,
         ];
         let tags = tag_tokens(&offsets, &marked.spans);
         let labels: Vec<String> = tags
@@ -318,7 +319,7 @@ mod tests {
                 kind: String::new(),
             },
         ];
-        let tags = tag_tokens(&[(0, 1), (2, 3)], &spans);
+        let tags = tag_tokens(&[Some((0, 1)), Some((2, 3))], &spans);
         assert_eq!(
             tags,
             [

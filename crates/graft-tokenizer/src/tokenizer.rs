@@ -223,6 +223,23 @@ impl TextTokenizer {
         Ok(self.encode_one(0, text)?.get_ids().to_vec())
     }
 
+    /// Token ids of one text as [`TextTokenizer::encode`] gives them, with each token's byte
+    /// offsets into `text` (`None` for the special tokens the tokenizer adds): what sequence
+    /// tagging labels tokens by ([`crate::tag_tokens`]).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<Option<(usize, usize)>>)> {
+        let encoding = self.encode_one(0, text)?;
+        let offsets = encoding
+            .get_offsets()
+            .iter()
+            .zip(encoding.get_special_tokens_mask())
+            .map(|(&offset, &special)| (special == 0).then_some(offset))
+            .collect();
+        Ok((encoding.get_ids().to_vec(), offsets))
+    }
+
     /// Token ids of one text without the tokenizer's special tokens (no BOS) and never
     /// truncated: for text that continues a sequence, such as an answer after its prompt.
     pub fn encode_no_special(&self, text: &str) -> Result<Vec<u32>> {
@@ -325,6 +342,45 @@ impl TextTokenizer {
 mod tests {
     use super::*;
     use crate::test_paths::smollm2_tokenizer_path;
+
+    /// MiniLM's WordPiece: [CLS] and [SEP] have no offsets, and each word piece points back at
+    /// the bytes it came from, so a phrase marked in the text tags exactly its pieces.
+    #[test]
+    fn offsets_lead_back_to_the_text_and_tag_its_phrases() {
+        let tokenizer =
+            TextTokenizer::from_file(&minilm_tokenizer_path(), 64, Padding::Longest).unwrap();
+        let text = "Graphene oxide membranes: a review";
+        let (ids, offsets) = tokenizer.encode_with_offsets(text).unwrap();
+        assert_eq!(ids, tokenizer.encode(text).unwrap());
+        assert_eq!((offsets[0], offsets[ids.len() - 1]), (None, None));
+        let pieces: Vec<&str> = offsets
+            .iter()
+            .flatten()
+            .map(|&(a, b)| &text[a..b])
+            .collect();
+        // Every byte but the spaces belongs to one piece, in order (offsets index the text as
+        // given, not the lower-cased form WordPiece reads).
+        assert_eq!(pieces.concat(), text.replace(' ', ""));
+        let marked = crate::mark_phrases(text, &["graphene oxide".to_string()], "");
+        let tags: Vec<String> = crate::tag_tokens(&offsets, &marked.spans)
+            .iter()
+            .map(|t| t.as_ref().map_or("-".into(), crate::Tag::label))
+            .collect();
+        // The phrase's pieces (however WordPiece splits the two words) are B then I, the rest O.
+        let phrase_pieces = offsets
+            .iter()
+            .flatten()
+            .filter(|&&(_, end)| end <= "Graphene oxide".len())
+            .count();
+        let mut expected = vec!["-".to_string(), "B".to_string()];
+        expected.extend(std::iter::repeat_n("I".to_string(), phrase_pieces - 1));
+        expected.extend(std::iter::repeat_n(
+            "O".to_string(),
+            ids.len() - 2 - phrase_pieces,
+        ));
+        expected.push("-".to_string());
+        assert_eq!(tags, expected);
+    }
 
     /// Folder holding all-MiniLM-L6-v2's tokenizer.json: $GRAFT_MINILM_DIR, else graft's cache.
     fn minilm_tokenizer_path() -> PathBuf {
