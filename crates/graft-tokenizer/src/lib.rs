@@ -18,7 +18,7 @@ pub use causal::{encode_causal, encode_prompt, CausalBatch, PromptResponse, IGNO
 pub use chat::{ChatTemplate, EOS_CANDIDATES};
 pub use error::{Error, Result};
 pub use labels::LabelSet;
-pub use spans::{entities, mark_phrases, tag_tokens, Marked, Span, Tag};
+pub use spans::{entities, mark_phrases, tag_tokens, Marked, Span, Tag, TokenOffsets};
 pub use spm::{Piece, PieceType, SentencePieceFlavour, SentencePieceModel, CHATGLM_SPECIAL_TOKENS};
 pub use template::{Template, DEFAULT_TEMPLATE, TEMPLATE_WITH_AUTHOR};
 pub use tokenizer::{tokenizer_in, EncodedBatch, Padding, TextTokenizer};

@@ -102,6 +102,9 @@ fn matches_at(chars: &[(usize, char)], i: usize, wanted: &[char]) -> bool {
     open_start && open_end
 }
 
+/// A token's byte range in its text; `None` for a special token or padding.
+pub type TokenOffsets = Option<(usize, usize)>;
+
 /// One token's tag: outside every span, the first token of a span, or a later one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tag {
@@ -153,7 +156,7 @@ impl Tag {
 /// One tag per token from its byte offsets in the text (`None` for a special token or
 /// padding, which gets no tag): a token overlapping a span is `B` if it is the span's first
 /// such token, else `I`; every other token `O`.
-pub fn tag_tokens(offsets: &[Option<(usize, usize)>], spans: &[Span]) -> Vec<Option<Tag>> {
+pub fn tag_tokens(offsets: &[TokenOffsets], spans: &[Span]) -> Vec<Option<Tag>> {
     let mut tags = Vec::with_capacity(offsets.len());
     let mut previous_span = None;
     for offset in offsets {

@@ -226,10 +226,7 @@ impl TextTokenizer {
     /// Token ids of one text as [`TextTokenizer::encode`] gives them, with each token's byte
     /// offsets into `text` (`None` for the special tokens the tokenizer adds): what sequence
     /// tagging labels tokens by ([`crate::tag_tokens`]).
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-    ) -> Result<(Vec<u32>, Vec<Option<(usize, usize)>>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<crate::TokenOffsets>)> {
         let encoding = self.encode_one(0, text)?;
         let offsets = encoding
             .get_offsets()
