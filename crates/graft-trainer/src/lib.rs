@@ -1,5 +1,5 @@
-//! graft-trainer: data sets, the training loop, optimiser and schedules, metrics and run
-//! directories.
+//! graft-trainer: data sets (and sequence-tagging data), the training loop, optimiser and
+//! schedules, metrics and run directories.
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod tagging;
 pub mod task;
 pub mod tensorboard;
 pub mod thudm;
