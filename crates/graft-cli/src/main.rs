@@ -625,6 +625,7 @@ fn open(adapter: &Path, model: Option<&Path>, registry: &Registry) -> Result<Cla
         .transpose()?;
     let context = || format!("loading the adapter in {}", adapter.display());
     let spec = TaskSpec::locate(adapter, model.as_deref(), registry).with_context(context)?;
+    graft_trainer::config::labels_sequences(spec.pooling).with_context(context)?;
     Classifier::open_with_spec(adapter, spec, registry, &device).with_context(context)
 }
 

@@ -42,7 +42,7 @@ fn graft_bert_matches_candle_transformers() {
     let weights = Weights::load(&dir.join("model.safetensors"), DType::F32, &device)
         .unwrap()
         .with_prefix(PREFIX);
-    let ours = Bert::load(config, &weights).unwrap();
+    let ours = Bert::load(config, &weights, true).unwrap();
     let inputs = Inputs {
         input_ids: input_ids.clone(),
         attention_mask: attention_mask.clone(),

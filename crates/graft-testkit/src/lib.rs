@@ -12,6 +12,7 @@ mod fixtures;
 mod gradients;
 mod properties;
 mod suite;
+mod tagging;
 mod training;
 
 pub use classifier::{
@@ -31,4 +32,5 @@ pub use fixtures::{
 pub use gradients::{finite_difference_check, GradientSample};
 pub use properties::{check_merge_equals_forward, LowRankCase};
 pub use suite::{Randomize, Suite};
+pub use tagging::check_tags;
 pub use training::train_steps;

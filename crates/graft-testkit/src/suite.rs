@@ -3,6 +3,7 @@
 use crate::classifier::{check_gradients, check_merge, check_reload, check_trains, Reloaded};
 use crate::decoder::{check_accumulation, check_decoder_classifier, check_lm_families};
 use crate::fixtures::{randomize, randomize_vars, Family};
+use crate::tagging::check_tags;
 use crate::{Error, Result};
 use graft_peft::Method;
 use graft_trainer::lm::CausalLm;
@@ -30,6 +31,8 @@ pub struct Suite {
     pub merge: Option<f64>,
     /// The config on decoders and its (steps, learning rate) there.
     pub decoders: Option<(serde_json::Value, (usize, f64))>,
+    /// AdamW steps and learning rate of the token-classification check, if not `trains`'.
+    pub tags: Option<(usize, f64)>,
 }
 
 impl Suite {
@@ -47,6 +50,7 @@ impl Suite {
             randomize: None,
             merge: None,
             decoders: None,
+            tags: None,
         }
     }
 
@@ -58,6 +62,12 @@ impl Suite {
     pub fn merging(self, tolerance: f64) -> Self {
         let merge = Some(tolerance);
         Self { merge, ..self }
+    }
+
+    /// The token-classification check's own (steps, learning rate).
+    pub fn tagging(self, schedule: (usize, f64)) -> Self {
+        let tags = Some(schedule);
+        Self { tags, ..self }
     }
 
     pub fn on_decoders(self, settings: serde_json::Value, schedule: (usize, f64)) -> Self {
@@ -102,6 +112,18 @@ impl Suite {
         check_trains((self.make)().as_ref(), &self.settings, steps, lr)
     }
 
+    /// [`check_tags`]: token classification, at the suite's tagging schedule (else `trains`').
+    pub fn check_tags(&self) -> Result<Vec<f64>> {
+        let (steps, lr) = self.tags.unwrap_or(self.trains);
+        check_tags(
+            (self.make)().as_ref(),
+            &self.settings,
+            steps,
+            lr,
+            (self.make)(),
+        )
+    }
+
     /// [`check_reload`], then [`check_merge`] for a mergeable method.
     pub fn check_reload(&self) -> Result<Reloaded> {
         let method = (self.make)();
@@ -143,8 +165,9 @@ impl Suite {
 }
 
 /// A module `$module` of `#[test]` functions, one for each check listed, on the [`Suite`]
-/// `$suite`: `gradients`, `trains`, `reloads` (and merges, if the suite says so), `decoders`
-/// (causal LM on every family) and `decoder_classifier` (sequence classification on one).
+/// `$suite`: `gradients`, `trains`, `reloads` (and merges, if the suite says so), `tags`
+/// (token classification), `decoders` (causal LM on every family) and `decoder_classifier`
+/// (sequence classification on one).
 #[macro_export]
 macro_rules! method_tests {
     ($module:ident, $suite:expr, [$($check:ident),+ $(,)?]) => {
@@ -164,6 +187,15 @@ macro_rules! method_tests {
         #[test]
         fn trains_on_a_real_batch_and_every_tensor_gets_a_gradient() {
             let losses = $suite.check_trains().unwrap();
+            eprintln!("losses: {losses:?}");
+        }
+    };
+    (@test tags, $suite:expr) => {
+        /// Token classification (a label per token on MiniLM): trains, and reloads to the
+        /// same labels.
+        #[test]
+        fn tags_tokens_and_reloads_to_the_same_labels() {
+            let losses = $suite.check_tags().unwrap();
             eprintln!("losses: {losses:?}");
         }
     };

@@ -282,11 +282,12 @@ impl TrainConfig {
 
 /// Refuses [`Pooling::Tokens`] where a task labels whole sequences: the classifier's loss,
 /// evaluation and predictions read one label a row.
-pub(crate) fn labels_sequences(pooling: Pooling) -> Result<()> {
+pub fn labels_sequences(pooling: Pooling) -> Result<()> {
     if pooling == Pooling::Tokens {
         return Err(Error::Config(
-            "model.pooling = \"tokens\" labels every token, and graft's classifier task labels \
-             whole sequences (pooler or mean); token classification has no task yet"
+            "model.pooling = \"tokens\" labels every token, and graft's classifier task (train, \
+             eval, predict) labels whole sequences (pooler or mean); token classification runs \
+             through graft_trainer::tag_train, which no command drives yet"
                 .into(),
         ));
     }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod run;
+pub mod tag_train;
 pub mod tagging;
 pub mod task;
 pub mod tensorboard;

@@ -296,7 +296,6 @@ impl Classifier {
         labels: LabelSet,
         tokenizer: TextTokenizer,
     ) -> Result<Self> {
-        crate::config::labels_sequences(spec.pooling)?;
         let template = Template::parse(&spec.template)?;
         Ok(Self {
             model,
@@ -381,7 +380,10 @@ impl Classifier {
             &self.peft_type,
             &self.spec.model_dir,
             serde_json::json!({
-                "task_type": "SEQ_CLS",
+                "task_type": match self.spec.pooling {
+                    Pooling::Tokens => "TOKEN_CLS",
+                    Pooling::Pooler | Pooling::Mean => "SEQ_CLS",
+                },
                 "modules_to_save": ["classifier", "score"],
             }),
             self.adapter.as_ref(),

@@ -54,7 +54,7 @@ fn suite() -> testkit::Suite {
     )
 }
 
-graft_testkit::method_tests!(standard, suite(), [trains, reloads, decoders]);
+graft_testkit::method_tests!(standard, suite(), [trains, tags, reloads, decoders]);
 
 #[test]
 fn finite_differences_agree_with_autograd_in_f64_for_every_adalora_tensor() {

@@ -23,7 +23,7 @@ fn suite() -> testkit::Suite {
 graft_testkit::method_tests!(
     standard,
     suite(),
-    [gradients, trains, decoders, decoder_classifier]
+    [gradients, trains, tags, decoders, decoder_classifier]
 );
 
 #[test]

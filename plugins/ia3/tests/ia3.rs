@@ -15,7 +15,11 @@ fn suite() -> testkit::Suite {
         .on_decoders(settings(), (8, 5e-2))
 }
 
-graft_testkit::method_tests!(standard, suite(), [gradients, trains, reloads, decoders]);
+graft_testkit::method_tests!(
+    standard,
+    suite(),
+    [gradients, trains, tags, reloads, decoders]
+);
 
 #[test]
 fn feedforward_modules_must_be_targets() {

@@ -25,7 +25,14 @@ fn suite() -> testkit::Suite {
 graft_testkit::method_tests!(
     standard,
     suite(),
-    [gradients, trains, reloads, decoders, decoder_classifier]
+    [
+        gradients,
+        trains,
+        tags,
+        reloads,
+        decoders,
+        decoder_classifier
+    ]
 );
 
 #[test]

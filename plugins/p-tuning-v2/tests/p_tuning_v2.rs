@@ -17,7 +17,7 @@ fn suite() -> testkit::Suite {
         .on_decoders(json!({ "num_virtual_tokens": 4 }), (15, 5e-2))
 }
 
-graft_testkit::method_tests!(standard, suite(), [gradients, trains, decoders]);
+graft_testkit::method_tests!(standard, suite(), [gradients, trains, tags, decoders]);
 
 /// Gradient accumulation through the training loop is exact on both decoder families (see
 /// `graft_testkit::check_accumulation`), with the prefix dropout off.

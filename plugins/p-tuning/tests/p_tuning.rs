@@ -34,7 +34,11 @@ fn lstm_suite() -> testkit::Suite {
     )
 }
 
-graft_testkit::method_tests!(mlp_encoder, mlp_suite(), [gradients, trains, decoders]);
+graft_testkit::method_tests!(
+    mlp_encoder,
+    mlp_suite(),
+    [gradients, trains, tags, decoders]
+);
 graft_testkit::method_tests!(lstm_encoder, lstm_suite(), [gradients, trains]);
 
 #[test]

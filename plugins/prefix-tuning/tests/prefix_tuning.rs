@@ -24,7 +24,7 @@ fn projected_suite() -> testkit::Suite {
 graft_testkit::method_tests!(
     without_projection,
     plain(),
-    [gradients, trains, reloads, decoders]
+    [gradients, trains, tags, reloads, decoders]
 );
 graft_testkit::method_tests!(
     with_projection,

@@ -13,7 +13,11 @@ fn suite() -> testkit::Suite {
     testkit::Suite::new(method, settings(), (4, 1), (6, 3e-2)).on_decoders(settings(), (15, 5e-2))
 }
 
-graft_testkit::method_tests!(standard, suite(), [gradients, trains, reloads, decoders]);
+graft_testkit::method_tests!(
+    standard,
+    suite(),
+    [gradients, trains, tags, reloads, decoders]
+);
 
 #[test]
 fn text_and_vocabulary_initialisations_start_from_word_embeddings() {

@@ -126,14 +126,16 @@ pub struct Bert {
     config: Config,
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    pooler: Linear,
+    /// `None` in a token classifier, which has none (transformers' `add_pooling_layer=False`).
+    pooler: Option<Linear>,
 }
 
 /// The prefix every module path of the encoder carries in transformers' task models.
 pub const PREFIX: &str = "bert.";
 
 impl Bert {
-    pub fn load(config: Config, weights: &Weights) -> Result<Self> {
+    /// The encoder from `weights`, with transformers' pooler when `with_pooler`.
+    pub fn load(config: Config, weights: &Weights, with_pooler: bool) -> Result<Self> {
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         let embeddings = Embeddings {
@@ -176,7 +178,9 @@ impl Bert {
                 output_norm: LayerNorm::load(weights, &format!("{p}.output.LayerNorm"), h, eps)?,
             });
         }
-        let pooler = Linear::load(weights, "pooler.dense", h, h, true, None)?;
+        let pooler = with_pooler
+            .then(|| Linear::load(weights, "pooler.dense", h, h, true, None))
+            .transpose()?;
         Ok(Self {
             config,
             embeddings,
@@ -215,7 +219,7 @@ impl Bert {
                     &l.output,
                 ]
             })
-            .chain(std::iter::once(&self.pooler))
+            .chain(self.pooler.as_ref())
     }
 
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
@@ -231,7 +235,7 @@ impl Bert {
                     &mut l.output,
                 ]
             })
-            .chain(std::iter::once(&mut self.pooler))
+            .chain(self.pooler.as_mut())
     }
 
     /// Every base tensor under its checkpoint key, in checkpoint order.
@@ -248,7 +252,9 @@ impl Bert {
             params.extend(l.output.params());
             params.extend(l.output_norm.params());
         }
-        params.extend(self.pooler.params());
+        if let Some(pooler) = &self.pooler {
+            params.extend(pooler.params());
+        }
         params
     }
 
@@ -485,8 +491,11 @@ impl Bert {
 
     /// transformers' BertPooler: dense + tanh on the first position.
     pub fn pool_first(&self, hidden: &Tensor, hooks: &dyn Hooks) -> Result<Tensor> {
+        let pooler = self.pooler.as_ref().ok_or_else(|| {
+            Error::InvalidConfig("this BERT was loaded without its pooler".into())
+        })?;
         let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(self.pooler.forward(&first, hooks)?.tanh()?)
+        Ok(pooler.forward(&first, hooks)?.tanh()?)
     }
 }
 
@@ -561,7 +570,8 @@ impl BertForSequenceClassification {
     ) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let weights = Weights::load_folder(dir, dtype, device, None)?.with_prefix(PREFIX);
-        let bert = Bert::load(config, &weights)?;
+        // transformers' BertForTokenClassification has no pooler: nothing would train it.
+        let bert = Bert::load(config, &weights, pooling != Pooling::Tokens)?;
         let h = bert.config.hidden_size;
         // A checkpoint of a sequence classifier (e.g. written by `graft merge`) carries its head.
         let head = match (
