@@ -1,9 +1,11 @@
 //! `graft`: fine-tune transformer models with PEFT methods loaded as plugins.
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use graft_model::models::bert::Pooling;
 use graft_peft::loader::{search_dirs, Registry};
 use graft_trainer::data::Dataset;
 use graft_trainer::lm_train::LmConfig;
+use graft_trainer::tag_train;
 use graft_trainer::task::{Classifier, TaskSpec};
 use graft_trainer::train::{self, Examples};
 use graft_trainer::TrainConfig;
@@ -268,9 +270,16 @@ fn run(cli: Cli) -> Result<()> {
                 // searched (they are for the command that started the run). `--plugin-dir`
                 // and the built-in directories are.
                 let registry = registry(&plugins)?;
-                let outcome = train::resume(&dir, &registry)
-                    .with_context(|| format!("resuming the run in {}", dir.display()))?;
-                report_outcome(&outcome);
+                let context = || format!("resuming the run in {}", dir.display());
+                let config = TrainConfig::from_file(&dir.join(graft_trainer::run::RunDir::CONFIG))
+                    .with_context(context)?;
+                if config.model.pooling == Pooling::Tokens {
+                    let outcome = tag_train::resume(&dir, &registry).with_context(context)?;
+                    report_tag_outcome(&outcome);
+                } else {
+                    let outcome = train::resume(&dir, &registry).with_context(context)?;
+                    report_outcome(&outcome);
+                }
                 return Ok(());
             }
             let mut cfg = match &config {
@@ -317,8 +326,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let model = model_dir(&cfg, model)?;
             let out = out.unwrap_or_else(|| graft_trainer::run::default_run_dir(&method_name));
-            let outcome = train::train(&cfg, &registry, &model, &data, &out)?;
-            report_outcome(&outcome);
+            if cfg.model.pooling == Pooling::Tokens {
+                let outcome = tag_train::train(&cfg, &registry, &model, &data, &out)?;
+                report_tag_outcome(&outcome);
+            } else {
+                let outcome = train::train(&cfg, &registry, &model, &data, &out)?;
+                report_outcome(&outcome);
+            }
         }
         Command::Eval {
             adapter,
@@ -615,6 +629,28 @@ fn report_outcome(outcome: &train::Outcome) {
         outcome.best.precision,
         outcome.best.recall,
         outcome.best.f1
+    );
+}
+
+fn report_tag_outcome(outcome: &tag_train::TagOutcome) {
+    let m = &outcome.marking;
+    println!(
+        "run: {}\nphrases: {} of {} marked in {} rows ({} unmatched, {} rows without any, {} \
+         spans cut by max_len)\nbest held-out (step {} of {}): entity precision {:.4}  recall \
+         {:.4}  F1 {:.4}  token accuracy {:.4}",
+        outcome.run_dir.display(),
+        m.phrases - m.unmatched,
+        m.phrases,
+        m.rows,
+        m.unmatched,
+        m.rows_without_spans,
+        m.spans_cut,
+        outcome.best_step,
+        outcome.steps,
+        outcome.best.precision,
+        outcome.best.recall,
+        outcome.best.f1,
+        outcome.best.token_accuracy
     );
 }
 

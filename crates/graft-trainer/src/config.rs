@@ -117,8 +117,13 @@ pub struct DataSection {
     pub label_column: String,
     /// Class labels as written in the CSV; index order is the classifier's output order.
     pub labels: Vec<String>,
-    /// Share of each class held out for validation.
+    /// Share of each class held out for validation (of the rows, for token classification).
     pub val_fraction: f64,
+    /// Token classification (with `model.pooling = "tokens"`): the column whose phrases
+    /// (separated by semicolons, or commas) are marked in the template's text, and `labels`
+    /// are the tags (`O`, `B`, `I`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phrase_column: Option<String>,
 }
 
 impl Default for DataSection {
@@ -129,6 +134,7 @@ impl Default for DataSection {
             label_column: "label".into(),
             labels: vec!["0".into(), "1".into()],
             val_fraction: 0.1,
+            phrase_column: None,
         }
     }
 }
@@ -249,6 +255,40 @@ impl TrainConfig {
         method_name(&self.method)
     }
 
+    /// Token classification takes its phrases from `data.phrase_column` and its tags from
+    /// `data.labels` (O, B, I); sequence classification takes neither.
+    fn check_task(&self) -> Result<()> {
+        let tokens = self.model.pooling == Pooling::Tokens;
+        match (tokens, &self.data.phrase_column) {
+            (true, None) => Err(Error::Config(
+                "model.pooling = \"tokens\" labels every token: set data.phrase_column to the \
+                 column of phrases to mark, and data.labels to the tags (e.g. [\"O\", \"B\", \"I\"])"
+                    .into(),
+            )),
+            (false, Some(column)) => Err(Error::Config(format!(
+                "data.phrase_column = {column:?} is for token classification: set \
+                 model.pooling = \"tokens\" (or drop the column for sequence classification)"
+            ))),
+            (true, Some(_)) => {
+                let bad: Vec<&String> = self
+                    .data
+                    .labels
+                    .iter()
+                    .filter(|l| graft_tokenizer::Tag::parse(l).is_none())
+                    .collect();
+                if !bad.is_empty() || !self.data.labels.iter().any(|l| l == "O") {
+                    return Err(Error::Config(format!(
+                        "data.labels {:?}: a token classifier's labels are tags, O and B/I (or \
+                         B-TYPE/I-TYPE); not tags: {bad:?}",
+                        self.data.labels
+                    )));
+                }
+                Ok(())
+            }
+            (false, None) => Ok(()),
+        }
+    }
+
     /// The method's own settings as JSON (the table without `name`), for the plugin.
     pub fn method_settings(&self) -> serde_json::Value {
         method_settings(&self.method)
@@ -256,7 +296,7 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
-        labels_sequences(self.model.pooling)?;
+        self.check_task()?;
         let labels = &self.data.labels;
         let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
         let checks = [
@@ -280,14 +320,13 @@ impl TrainConfig {
     }
 }
 
-/// Refuses [`Pooling::Tokens`] where a task labels whole sequences: the classifier's loss,
-/// evaluation and predictions read one label a row.
+/// Refuses a token classifier ([`Pooling::Tokens`]) where a command reads one label a row
+/// (eval, predict, merge).
 pub fn labels_sequences(pooling: Pooling) -> Result<()> {
     if pooling == Pooling::Tokens {
         return Err(Error::Config(
-            "model.pooling = \"tokens\" labels every token, and graft's classifier task (train, \
-             eval, predict) labels whole sequences (pooler or mean); token classification runs \
-             through graft_trainer::tag_train, which no command drives yet"
+            "this adapter labels every token (model.pooling = \"tokens\"), and this command \
+             reads one label a row: a sequence classifier's"
                 .into(),
         ));
     }
@@ -425,14 +464,21 @@ pub fn write_task_file<T: serde::Serialize>(dir: &Path, file: &str, spec: &T) ->
 mod tests {
     use super::*;
 
-    /// A config asking the classifier task for a label per token is refused at load, not
-    /// handed to a loss that reads one label a row.
+    /// Token classification needs its phrase column and tags; a sequence task neither.
     #[test]
-    fn token_pooling_is_refused_by_the_sequence_task() {
+    fn a_token_task_needs_phrases_and_tags() {
         let mut config = TrainConfig::default();
         assert!(config.validate().is_ok());
         config.model.pooling = Pooling::Tokens;
         let e = config.validate().unwrap_err().to_string();
-        assert!(e.contains("labels every token"), "{e}");
+        assert!(e.contains("data.phrase_column"), "{e}");
+        config.data.phrase_column = Some("Keywords".into());
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("not tags: [\"0\", \"1\"]"), "{e}");
+        config.data.labels = vec!["O".into(), "B".into(), "I".into()];
+        config.validate().unwrap();
+        config.model.pooling = Pooling::Pooler;
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("is for token classification"), "{e}");
     }
 }

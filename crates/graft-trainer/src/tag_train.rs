@@ -56,6 +56,8 @@ pub struct TaggerTask {
     held_out: Vec<LabelledTokens>,
     eval_batch_size: usize,
     data: fit::DataIdentity,
+    /// How the run's phrases were marked, for train.json.
+    pub marking: Option<MarkingReport>,
 }
 
 impl TaggerTask {
@@ -100,6 +102,7 @@ impl TaggerTask {
             train: train_rows,
             held_out: held_out_rows,
             eval_batch_size,
+            marking: None,
         })
     }
 
@@ -241,4 +244,190 @@ impl fit::Task for TaggerTask {
     fn data_identity(&self) -> Result<fit::DataIdentity> {
         Ok(self.data.clone())
     }
+
+    fn report(&self, _state: &fit::LoopState, report: &mut serde_json::Value) {
+        report["split"] = serde_json::json!("held-out rows");
+        report["method"] = serde_json::json!(self.classifier.spec.method);
+        report["trainable_params"] =
+            serde_json::json!(fit::value_count(&self.classifier.trainable()));
+        if let Some(marking) = &self.marking {
+            report["marking"] = serde_json::json!(marking);
+        }
+    }
+}
+
+/// What a token-classification run ends with: where, its best held-out scores and when, and
+/// how many phrases could not be marked.
+pub struct TagOutcome {
+    pub run_dir: std::path::PathBuf,
+    pub best: TaggingEvaluation,
+    pub best_step: usize,
+    pub steps: usize,
+    pub marking: MarkingReport,
+}
+
+/// How the data's phrases were marked (in train.json as `marking`): none is dropped silently.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MarkingReport {
+    pub rows: usize,
+    pub phrases: usize,
+    /// Phrases marked nowhere in their row's text.
+    pub unmatched: usize,
+    /// Rows with no phrase marked (trained on as all `O`).
+    pub rows_without_spans: usize,
+    /// Spans that truncation to `model.max_len` cut, wholly or in part.
+    pub spans_cut: usize,
+    /// The first unmatched phrases with their rows, for a look.
+    pub unmatched_examples: Vec<(usize, String)>,
+}
+
+/// A tagging run's rows, split, and step count, from a resolved config.
+struct TagPlan {
+    spec: crate::task::TaskSpec,
+    train: Vec<TaggedRow>,
+    held_out: Vec<TaggedRow>,
+    marking: crate::tagging::Marking,
+    total: usize,
+}
+
+impl TagPlan {
+    fn new(config: &crate::TrainConfig) -> Result<Self> {
+        config.validate()?;
+        let field = |value: &Option<std::path::PathBuf>, what: &str| {
+            value
+                .clone()
+                .ok_or_else(|| Error::Config(format!("the resolved config lacks {what}")))
+        };
+        let data_path = field(&config.data.train, "data.train")?;
+        let column = config
+            .data
+            .phrase_column
+            .clone()
+            .ok_or_else(|| Error::Config("a tagging run needs data.phrase_column".into()))?;
+        let spec = crate::task::TaskSpec::from_config(
+            config,
+            config.method_name()?,
+            field(&config.model.dir, "model.dir")?,
+        );
+        let template = graft_tokenizer::Template::parse(&spec.template)?;
+        let mut required = template.columns();
+        required.push(&column);
+        let data = crate::data::Dataset::read(&data_path, &required)?;
+        let marking = crate::tagging::mark_rows(&data, &template, &column, "")?;
+        let every_row = vec![0; marking.rows.len()];
+        let (train_idx, held_idx) = crate::data::stratified_split(
+            &every_row,
+            1,
+            config.data.val_fraction,
+            config.train.seed,
+        )?;
+        let pick = |idx: &[usize]| idx.iter().map(|&i| marking.rows[i].clone()).collect();
+        let t = &config.train;
+        let train: Vec<TaggedRow> = pick(&train_idx);
+        let total = if t.max_steps > 0 {
+            t.max_steps
+        } else {
+            t.epochs * train.len().div_ceil(t.batch_size * t.grad_accum).max(1)
+        };
+        Ok(Self {
+            spec,
+            held_out: pick(&held_idx),
+            train,
+            marking,
+            total,
+        })
+    }
+}
+
+/// Trains the token classifier `config` describes (`model.pooling = "tokens"`,
+/// `data.phrase_column`) with the method plugin from `registry`, writing the run into `out`.
+pub fn train(
+    config: &crate::TrainConfig,
+    registry: &graft_peft::loader::Registry,
+    model_dir: &std::path::Path,
+    data_path: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<TagOutcome> {
+    let resolved = config.resolved(model_dir, data_path)?;
+    let plan = TagPlan::new(&resolved)?;
+    let classifier = crate::train::new_classifier(&plan.spec, &resolved, registry, plan.total)?;
+    let run = RunDir::create(out, RunDir::ADAPTER)?;
+    run.write(RunDir::CONFIG, &resolved.to_toml()?)?;
+    run_loop(&resolved, classifier, plan, run, None)
+}
+
+/// Continues the tagging run in `dir` from its newest checkpoint.
+pub fn resume(
+    dir: &std::path::Path,
+    registry: &graft_peft::loader::Registry,
+) -> Result<TagOutcome> {
+    let config = crate::TrainConfig::from_file(&dir.join(RunDir::CONFIG))?;
+    let plan = TagPlan::new(&config)?;
+    let device = graft_model::default_device()?;
+    let checkpoint =
+        crate::checkpoint::read_latest::<fit::LoopState>(dir, &device)?.ok_or_else(|| {
+            Error::Config(format!(
+                "{} has no checkpoint to resume from (train.checkpoint_every was 0, or the run \
+                 stopped before its first)",
+                dir.display()
+            ))
+        })?;
+    let classifier = crate::train::new_classifier(&plan.spec, &config, registry, plan.total)?;
+    let run = RunDir::reopen(dir, checkpoint.state.done)?;
+    run_loop(&config, classifier, plan, run, Some(checkpoint))
+}
+
+fn run_loop(
+    config: &crate::TrainConfig,
+    classifier: Classifier,
+    plan: TagPlan,
+    mut run: RunDir,
+    resume_from: Option<crate::checkpoint::Checkpoint<fit::LoopState>>,
+) -> Result<TagOutcome> {
+    let t = &config.train;
+    let mut fields = serde_json::json!({});
+    fit::DataIdentity::fields("data", &config.data, &mut fields)?;
+    let task = TaggerTask::new(
+        classifier,
+        &plan.train,
+        &plan.held_out,
+        t.eval_batch_size,
+        fields,
+    )?;
+    let marking = MarkingReport {
+        rows: plan.marking.rows.len(),
+        phrases: plan.marking.phrases,
+        unmatched: plan.marking.unmatched.len(),
+        rows_without_spans: plan.marking.rows_without_spans(),
+        spans_cut: task.train.iter().chain(&task.held_out).map(|l| l.cut).sum(),
+        unmatched_examples: plan.marking.unmatched.iter().take(20).cloned().collect(),
+    };
+    let intro = format!(
+        "training {} to tag tokens: {} train / {} held-out rows; {} of {} phrases marked \
+         ({} unmatched, {} rows without any, {} spans cut at max_len {}); {} steps of {}",
+        plan.spec.method,
+        plan.train.len(),
+        plan.held_out.len(),
+        marking.phrases - marking.unmatched,
+        marking.phrases,
+        marking.unmatched,
+        marking.rows_without_spans,
+        marking.spans_cut,
+        plan.spec.max_len,
+        plan.total,
+        t.batch_size * t.grad_accum,
+    );
+    let mut task = task;
+    task.marking = Some(marking.clone());
+    let state = fit::fit(&mut task, t, plan.total, &mut run, resume_from, &intro)?;
+    let best = state.best.ok_or_else(|| {
+        Error::Config("no evaluation ran: data.val_fraction held out no row".into())
+    })?;
+    Ok(TagOutcome {
+        run_dir: run.root.clone(),
+        best: serde_json::from_value(best.metrics).map_err(|e| Error::Config(e.to_string()))?,
+        best_step: best.step,
+        steps: plan.total,
+        marking,
+    })
 }

@@ -162,27 +162,37 @@ impl Plan {
         })
     }
 
-    /// The base model with a fresh head and adapter, seeded by the config.
     fn classifier(&self, config: &TrainConfig, registry: &Registry) -> Result<Classifier> {
-        let plugin = registry.get(&self.spec.method)?;
-        if config.model.dtype == crate::config::Precision::F16 {
-            // f16 gradients underflow without loss scaling, which only train-lm has.
-            return Err(Error::Config(
-                "model.dtype = \"f16\" is for graft train-lm (it scales the loss); \
-                 classification trains in f32 or bf16"
-                    .into(),
-            ));
-        }
-        Classifier::create(
-            self.spec.clone(),
-            plugin.method.as_ref(),
-            &config.method_settings(),
-            &graft_model::default_device()?,
-            config.model.dtype.dtype(),
-            config.train.seed,
-            self.total,
-        )
+        new_classifier(&self.spec, config, registry, self.total)
     }
+}
+
+/// The base model with a fresh head and adapter for `spec`, seeded by the config, for a run of
+/// `total` steps: what sequence and token classification runs start from.
+pub(crate) fn new_classifier(
+    spec: &TaskSpec,
+    config: &TrainConfig,
+    registry: &Registry,
+    total: usize,
+) -> Result<Classifier> {
+    let plugin = registry.get(&spec.method)?;
+    if config.model.dtype == crate::config::Precision::F16 {
+        // f16 gradients underflow without loss scaling, which only train-lm has.
+        return Err(Error::Config(
+            "model.dtype = \"f16\" is for graft train-lm (it scales the loss); \
+             classification trains in f32 or bf16"
+                .into(),
+        ));
+    }
+    Classifier::create(
+        spec.clone(),
+        plugin.method.as_ref(),
+        &config.method_settings(),
+        &graft_model::default_device()?,
+        config.model.dtype.dtype(),
+        config.train.seed,
+        total,
+    )
 }
 
 /// Trains `config` with the method plugin from `registry`, writing the run into `out`.
