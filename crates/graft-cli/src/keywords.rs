@@ -1,22 +1,29 @@
 //! `graft keywords-eval` and the Keywords column of `graft predict --submission`.
 use anyhow::{bail, Context, Result};
+use graft_model::models::bert::Pooling;
 use graft_peft::loader::Registry;
 use graft_trainer::data::Dataset;
 use graft_trainer::keywords::{
     format_keywords, is_report_row, parse_keywords, read_papers, score, GenerativeExtractor,
-    KeywordExtractor, Paper, StatisticalExtractor, StatisticalSettings, WithFallback,
+    KeywordExtractor, Paper, StatisticalExtractor, StatisticalSettings, TaggingExtractor,
+    WithFallback,
 };
+use graft_trainer::task::TaskSpec;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// A tagger's default cut (`--min-score`).
+const DEFAULT_MIN_SCORE: f64 = 0.5;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// CSV with title, abstract and the gold Keywords (challenge_test.csv).
     #[arg(long)]
     data: PathBuf,
-    /// A keyword adapter written by `graft train-lm` (the generative extractor); without it,
-    /// the statistical baseline, fitted on the training rows' titles and abstracts.
+    /// A keyword adapter: a token classifier written by `graft train` (the tagging extractor)
+    /// or a decoder adapter written by `graft train-lm` (the generative one); without it, the
+    /// statistical baseline, fitted on the training rows' titles and abstracts.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Rows whose 0-based index is a multiple of this are the report rows.
@@ -31,6 +38,9 @@ pub struct EvalArgs {
     /// The generated answer's cap, in tokens.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// A tagger's cut: the least mean tag probability of a span kept as a keyword.
+    #[arg(long, default_value_t = DEFAULT_MIN_SCORE)]
+    min_score: f64,
     /// Write the figures and every scored row's keywords as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -119,7 +129,9 @@ pub fn eval(args: EvalArgs, registry: &Registry) -> Result<()> {
     }
     let paper = |i: usize| Paper::of(&dataset, &dataset.records[i]);
     let extractor: Box<dyn KeywordExtractor> = match &args.adapter {
-        Some(dir) => Box::new(generative(dir, &dataset, registry, args.max_new_tokens)?),
+        Some(dir) => {
+            adapter_extractor(dir, &dataset, registry, args.max_new_tokens, args.min_score)?
+        }
         None => Box::new(StatisticalExtractor::fit(
             training.iter().map(|&i| paper(i)),
             StatisticalSettings::default(),
@@ -188,20 +200,36 @@ pub fn eval(args: EvalArgs, registry: &Registry) -> Result<()> {
     Ok(())
 }
 
-/// The generative extractor of `dir`, checked against the columns of `dataset`.
-fn generative(
+/// The extractor of the keyword adapter `dir`, checked against the columns of `dataset`: a
+/// token classifier's (`graft train` with `model.pooling = "tokens"`) tags, keeping spans of
+/// mean tag probability from `min_score` up; else a decoder's generated answer, at most
+/// `max_new_tokens` tokens.
+fn adapter_extractor(
     dir: &Path,
     dataset: &Dataset,
     registry: &Registry,
     max_new_tokens: usize,
-) -> Result<GenerativeExtractor> {
+    min_score: f64,
+) -> Result<Box<dyn KeywordExtractor>> {
     let device = graft_model::default_device()?;
-    let extractor = GenerativeExtractor::open(dir, registry, &device, max_new_tokens)
-        .with_context(|| format!("loading the keyword adapter in {}", dir.display()))?;
-    for column in extractor.columns() {
-        if dataset.column_index(column).is_none() {
+    let context = || format!("loading the keyword adapter in {}", dir.display());
+    let tagger = dir.join(graft_trainer::task::TASK_FILE).is_file()
+        && TaskSpec::read(dir).with_context(context)?.pooling == Pooling::Tokens;
+    let (extractor, columns): (Box<dyn KeywordExtractor>, Vec<String>) = if tagger {
+        let extractor =
+            TaggingExtractor::open(dir, registry, &device, min_score).with_context(context)?;
+        let columns = extractor.columns().iter().map(|c| c.to_string()).collect();
+        (Box::new(extractor), columns)
+    } else {
+        let extractor = GenerativeExtractor::open(dir, registry, &device, max_new_tokens)
+            .with_context(context)?;
+        let columns = extractor.columns().iter().map(|c| c.to_string()).collect();
+        (Box::new(extractor), columns)
+    };
+    for column in columns {
+        if dataset.column_index(&column).is_none() {
             bail!(
-                "{} has no `{column}` column, which the keyword adapter's prompt template reads (columns: {})",
+                "{} has no `{column}` column, which the keyword adapter's template reads (columns: {})",
                 dataset.path.display(),
                 dataset.columns.join(",")
             );
@@ -221,12 +249,12 @@ pub fn submission_keywords(
     let data = &dataset.path;
     let papers = || dataset.records.iter().map(|r| Paper::of(dataset, r));
     let statistical = StatisticalExtractor::fit(papers(), StatisticalSettings::default());
-    let generative = adapter
-        .map(|dir| generative(dir, dataset, registry, 64))
+    let from_adapter = adapter
+        .map(|dir| adapter_extractor(dir, dataset, registry, 64, DEFAULT_MIN_SCORE))
         .transpose()?;
-    let with_fallback = generative
-        .as_ref()
-        .map(|g| WithFallback::new(g, &statistical));
+    let with_fallback = from_adapter
+        .as_deref()
+        .map(|a| WithFallback::new(a, &statistical));
     let extractor: &dyn KeywordExtractor = match &with_fallback {
         Some(w) => w,
         None => &statistical,

@@ -114,6 +114,19 @@ fn a_token_classifier_trains_reports_its_marking_and_saves_token_cls() {
         serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
     assert!(best["token_accuracy"].as_f64().unwrap() > 0.5, "{best}");
 
+    // The tagger as a keyword extractor, scored as the others are (on this file's report rows).
+    let scored = graft(&[
+        "keywords-eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&scored.stdout);
+    assert!(scored.status.success(), "{}", stderr(&scored));
+    assert!(said.starts_with("tagging: exact-match F1"), "{said}");
+    assert!(said.contains("on 8 report rows"), "{said}");
+
     let refused = graft(&[
         "eval",
         "--adapter",

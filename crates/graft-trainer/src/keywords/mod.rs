@@ -5,6 +5,7 @@ pub mod generative;
 mod paper;
 pub mod score;
 pub mod statistical;
+pub mod tagged;
 
 pub use generative::GenerativeExtractor;
 pub use paper::{
@@ -13,6 +14,7 @@ pub use paper::{
 };
 pub use score::{score, KeywordScores};
 pub use statistical::{StatisticalExtractor, StatisticalSettings};
+pub use tagged::TaggingExtractor;
 
 #[cfg(test)]
 mod tests {
