@@ -633,18 +633,11 @@ fn report_outcome(outcome: &train::Outcome) {
 }
 
 fn report_tag_outcome(outcome: &tag_train::TagOutcome) {
-    let m = &outcome.marking;
     println!(
-        "run: {}\nphrases: {} of {} marked in {} rows ({} unmatched, {} rows without any, {} \
-         spans cut by max_len)\nbest held-out (step {} of {}): entity precision {:.4}  recall \
+        "run: {}\nphrases: {}\nbest held-out (step {} of {}): entity precision {:.4}  recall \
          {:.4}  F1 {:.4}  token accuracy {:.4}",
         outcome.run_dir.display(),
-        m.phrases - m.unmatched,
-        m.phrases,
-        m.rows,
-        m.unmatched,
-        m.rows_without_spans,
-        m.spans_cut,
+        outcome.marking,
         outcome.best_step,
         outcome.steps,
         outcome.best.precision,

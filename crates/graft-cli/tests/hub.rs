@@ -53,6 +53,22 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// The transfer of model.safetensors was resumed at byte `offset` (a range request), and the
+/// file in `snapshot` is the hub's (`expected`, its sha256).
+fn assert_resumed_at(server: &FakeHub, offset: usize, snapshot: &Path, expected: &str) {
+    let ranges: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.range)
+        .collect();
+    assert!(
+        ranges.contains(&format!("bytes={offset}-")),
+        "no resuming range in {ranges:?}"
+    );
+    let bytes = std::fs::read(snapshot.join("model.safetensors")).unwrap();
+    assert_eq!(sha256(&bytes), expected);
+}
+
 #[test]
 fn a_hub_id_is_fetched_then_opened_then_served_from_the_cache() {
     let mut repo = stories();
@@ -123,17 +139,7 @@ fn a_download_that_breaks_off_resumes_with_a_range() {
     let cache = tempfile::tempdir().unwrap();
 
     let snapshot = fetch(&hub(&server, cache.path()), STORIES, Files::Model).unwrap();
-    let ranges: Vec<String> = server
-        .requests()
-        .into_iter()
-        .filter_map(|r| r.range)
-        .collect();
-    assert!(
-        ranges.contains(&format!("bytes={cut}-")),
-        "no resuming range in {ranges:?}"
-    );
-    let bytes = std::fs::read(snapshot.join("model.safetensors")).unwrap();
-    assert_eq!(sha256(&bytes), expected);
+    assert_resumed_at(&server, cut, &snapshot, &expected);
 }
 
 #[test]
@@ -387,17 +393,7 @@ fn a_stalled_transfer_times_out_and_resumes() {
         "{:?}",
         started.elapsed()
     );
-    let ranges: Vec<String> = server
-        .requests()
-        .into_iter()
-        .filter_map(|r| r.range)
-        .collect();
-    assert!(
-        ranges.contains(&format!("bytes={stall}-")),
-        "no resuming range in {ranges:?}"
-    );
-    let bytes = std::fs::read(snapshot.join("model.safetensors")).unwrap();
-    assert_eq!(sha256(&bytes), expected);
+    assert_resumed_at(&server, stall, &snapshot, &expected);
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! clear error within 1 s and at most 64 MiB above the process's baseline peak RSS. Each case
 //! runs in a child process (this test binary again, running only `child_opens_a_hostile_case`)
 //! so that its peak is its own, not that of tests running beside it.
+mod common;
+
 use candle_core::{DType, Device};
 use graft_model::weights::Weights;
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -37,34 +38,6 @@ fn state_dict(tensor_w: &[u8], more: &[u8]) -> Vec<u8> {
     p.extend_from_slice(more);
     p.extend_from_slice(b"u.");
     p
-}
-
-/// A `pytorch_model.bin` in `dir` as torch.save lays it out (`archive/data.pkl`,
-/// `archive/byteorder`, the storage `archive/data/0` of four f32), each entry stored unless
-/// `deflated` names it.
-fn write_checkpoint(dir: &Path, pickle: &[u8], deflated: &[&str]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut zip =
-        zip::ZipWriter::new(std::fs::File::create(dir.join("pytorch_model.bin")).unwrap());
-    let data: Vec<u8> = [1f32, 2., 3., 4.]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    for (name, bytes) in [
-        ("archive/data.pkl", pickle),
-        ("archive/byteorder", b"little".as_slice()),
-        ("archive/data/0", &data),
-    ] {
-        let method = if deflated.contains(&name) {
-            zip::CompressionMethod::Deflated
-        } else {
-            zip::CompressionMethod::Stored
-        };
-        let options = zip::write::SimpleFileOptions::default().compression_method(method);
-        zip.start_file(name, options).unwrap();
-        zip.write_all(bytes).unwrap();
-    }
-    zip.finish().unwrap();
 }
 
 /// This process's peak resident memory in KiB (Linux's VmHWM).
@@ -133,7 +106,7 @@ fn millions_of_marks_are_refused_past_the_cell_cap() {
     let mut pickle = b"\x80\x02".to_vec();
     pickle.resize(12_000_000, b'(');
     pickle.push(b'.');
-    write_checkpoint(dir.path(), &pickle, &[]);
+    common::write_torch_checkpoint(dir.path(), &pickle, &[]);
     refused_cheaply(dir.path(), "builds more than");
 }
 
@@ -145,7 +118,7 @@ fn a_shape_of_high_rank_is_refused() {
         tuple.extend_from_slice(b"K\x01");
     }
     tuple.push(b't');
-    write_checkpoint(dir.path(), &state_dict(&tensor(&tuple, &tuple), b""), &[]);
+    common::write_torch_checkpoint(dir.path(), &state_dict(&tensor(&tuple, &tuple), b""), &[]);
     refused_cheaply(dir.path(), "dimensions");
 }
 
@@ -161,13 +134,13 @@ fn one_tensor_under_many_names_is_refused() {
         more.extend_from_slice(name.as_bytes());
         more.extend_from_slice(b"h\x01");
     }
-    write_checkpoint(dir.path(), &state_dict(&matrix(), &more), &[]);
+    common::write_torch_checkpoint(dir.path(), &state_dict(&matrix(), &more), &[]);
     refused_cheaply(dir.path(), "through the pickle's memo");
 
     // And one name twice, each with a tensor of its own.
     let mut twice = b"X\x01\x00\x00\x00w".to_vec();
     twice.extend_from_slice(&matrix());
-    write_checkpoint(dir.path(), &state_dict(&matrix(), &twice), &[]);
+    common::write_torch_checkpoint(dir.path(), &state_dict(&matrix(), &twice), &[]);
     refused_cheaply(dir.path(), "names `w` twice");
 }
 
@@ -178,7 +151,7 @@ fn compressed_entries_are_refused_before_they_inflate() {
     let mut pickle = b"\x80\x02".to_vec();
     pickle.resize(50_000_000, b'(');
     pickle.push(b'.');
-    write_checkpoint(dir.path(), &pickle, &["archive/data.pkl"]);
+    common::write_torch_checkpoint(dir.path(), &pickle, &["archive/data.pkl"]);
     let size = std::fs::metadata(dir.path().join("pytorch_model.bin"))
         .unwrap()
         .len();
@@ -186,7 +159,7 @@ fn compressed_entries_are_refused_before_they_inflate() {
     refused_cheaply(dir.path(), "is compressed");
 
     // A deflated storage, with an honest pickle.
-    write_checkpoint(dir.path(), &state_dict(&matrix(), b""), &["archive/data/0"]);
+    common::write_torch_checkpoint(dir.path(), &state_dict(&matrix(), b""), &["archive/data/0"]);
     refused_cheaply(dir.path(), "archive/data/0 is compressed");
 }
 
@@ -195,7 +168,7 @@ fn an_index_naming_a_shard_outside_its_folder_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let pickle = state_dict(&matrix(), b"");
     // A real checkpoint beside the model folder, which the index must not reach.
-    write_checkpoint(&root.path().join("elsewhere"), &pickle, &[]);
+    common::write_torch_checkpoint(&root.path().join("elsewhere"), &pickle, &[]);
     let model = root.path().join("model");
     for shard in [
         "../elsewhere/pytorch_model.bin",

@@ -2,14 +2,15 @@
 //! tiny ChatGLM2 in `../shared/fixtures/chatglm2_thudm/bin/` (`torch.save`'s zips, see
 //! `../shared/fixtures/README.md`), and pickles that would run code, built here, refused.
 //! `GRAFT_CHATGLM_FIXTURE` names another folder made the same way.
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use graft_model::decoder::{Decoder, DecoderInputs};
 use graft_model::error::Error;
 use graft_model::formats::pytorch::PytorchFile;
 use graft_model::weights::Weights;
 use graft_model::NoHooks;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
     match std::env::var_os("GRAFT_CHATGLM_FIXTURE") {
@@ -146,41 +147,18 @@ fn state_dict_pickle(rebuild: &str) -> Vec<u8> {
     p
 }
 
-/// A `pytorch_model.bin` as torch.save lays it out: `archive/data.pkl`, `archive/byteorder`
-/// and the storage `archive/data/0` holding 1, 2, 3, 4 as f32, all stored uncompressed.
-fn write_checkpoint(dir: &Path, pickle: &[u8]) -> PathBuf {
-    let path = dir.join("pytorch_model.bin");
-    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
-    let stored =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    let data: Vec<u8> = [1f32, 2., 3., 4.]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    for (name, bytes) in [
-        ("archive/data.pkl", pickle),
-        ("archive/byteorder", b"little".as_slice()),
-        ("archive/data/0", &data),
-    ] {
-        zip.start_file(name, stored).unwrap();
-        zip.write_all(bytes).unwrap();
-    }
-    zip.finish().unwrap();
-    path
-}
-
 #[test]
 fn a_state_dict_built_here_is_read() {
     let dir = tempfile::tempdir().unwrap();
     let pickle = state_dict_pickle("torch._utils\n_rebuild_tensor_v2");
-    write_checkpoint(dir.path(), &pickle);
+    common::write_torch_checkpoint(dir.path(), &pickle, &[]);
     let weights = Weights::load_folder(dir.path(), DType::F32, &Device::Cpu, None).unwrap();
     let w = weights.get("w", &[2, 2]).unwrap();
     assert_eq!(w.to_vec2::<f32>().unwrap(), [[1., 2.], [3., 4.]]);
 
     // Bytes cut short anywhere are an error, never a panic or a tensor.
     for end in 0..pickle.len() {
-        let path = write_checkpoint(dir.path(), &pickle[..end]);
+        let path = common::write_torch_checkpoint(dir.path(), &pickle[..end], &[]);
         assert!(PytorchFile::open(&path).is_err(), "cut at {end}");
     }
 }
@@ -188,7 +166,7 @@ fn a_state_dict_built_here_is_read() {
 /// `pickle` in a checkpoint folder is refused, naming `what`.
 fn assert_refused(pickle: &[u8], what: &str) {
     let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), pickle);
+    common::write_torch_checkpoint(dir.path(), pickle, &[]);
     let err = Weights::load_folder(dir.path(), DType::F32, &Device::Cpu, None)
         .err()
         .unwrap();

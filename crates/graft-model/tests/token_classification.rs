@@ -5,6 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use common::max_abs_diff;
 use graft_model::classify::{self, SequenceClassifier};
 use graft_model::hooks::Hooks;
 use graft_model::models::bert::{Inputs, Pooling};
@@ -64,19 +65,6 @@ fn by_hand(model: &dyn SequenceClassifier, hidden: &Tensor) -> Tensor {
         Some((_, bias)) => out.broadcast_add(bias.as_tensor()).unwrap(),
         None => out,
     }
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 #[test]

@@ -1,9 +1,26 @@
 //! A few AdamW steps, noting which trainable tensors got no gradient.
 use crate::fixtures::{loss, scalar};
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use graft_trainer::optim::{AdamW, ParamGroup};
 use graft_trainer::task::Classifier;
+
+/// What every training check asks of a run named `name`: every trainable tensor had a
+/// gradient at the last step (`silent` names those that had none) and the loss fell by 10 %.
+pub(crate) fn judge_training(name: &str, losses: &[f64], silent: &[String]) -> Result<()> {
+    if !silent.is_empty() {
+        return Err(Error::Check(format!(
+            "{name}: no gradient at the last step for {silent:?}"
+        )));
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    if last >= first * 0.9 {
+        return Err(Error::Check(format!(
+            "{name}: loss did not fall by 10%: {losses:?}"
+        )));
+    }
+    Ok(())
+}
 
 /// Trains `steps` AdamW steps on one real batch; returns the losses and the names of
 /// trainable tensors whose gradient was missing or all zero at the last step.

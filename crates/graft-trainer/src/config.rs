@@ -255,6 +255,19 @@ impl TrainConfig {
         method_name(&self.method)
     }
 
+    /// The model folder and data file of a resolved config ([`TrainConfig::resolved`]).
+    pub fn model_and_data(&self) -> Result<(PathBuf, PathBuf)> {
+        let field = |value: &Option<PathBuf>, what: &str| {
+            value
+                .clone()
+                .ok_or_else(|| Error::Config(format!("the resolved config lacks {what}")))
+        };
+        Ok((
+            field(&self.model.dir, "model.dir")?,
+            field(&self.data.train, "data.train")?,
+        ))
+    }
+
     /// Token classification takes its phrases from `data.phrase_column` and its tags from
     /// `data.labels` (O, B, I); sequence classification takes neither.
     fn check_task(&self) -> Result<()> {
@@ -350,6 +363,16 @@ fn first_failure<const N: usize>(checks: [(bool, String); N]) -> Result<()> {
 }
 
 impl TrainSection {
+    /// Optimizer steps of a run over `examples` training examples: `max_steps`, else whole
+    /// epochs of `batch_size` x `grad_accum` (the last step of each taking what is left).
+    pub fn total_steps(&self, examples: usize) -> usize {
+        if self.max_steps > 0 {
+            self.max_steps
+        } else {
+            self.epochs * examples.div_ceil(self.batch_size * self.grad_accum).max(1)
+        }
+    }
+
     /// What the optimiser, the schedule and the batching divide by or step with; shared by
     /// classification and causal-LM runs.
     pub fn validate(&self) -> Result<()> {

@@ -71,6 +71,18 @@ pub struct Scored {
     pub curve: (&'static str, f64),
 }
 
+/// The newest checkpoint of the run in `dir`, on graft's default device, to resume from.
+pub fn latest_checkpoint(dir: &std::path::Path) -> Result<Checkpoint<LoopState>> {
+    let device = graft_model::default_device()?;
+    checkpoint::read_latest::<LoopState>(dir, &device)?.ok_or_else(|| {
+        Error::Config(format!(
+            "{} has no checkpoint to resume from (train.checkpoint_every was 0, or the run \
+             stopped before its first)",
+            dir.display()
+        ))
+    })
+}
+
 /// What the loop needs of a task.
 pub trait Task {
     /// A micro-batch, tokenized.

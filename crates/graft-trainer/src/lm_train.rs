@@ -662,14 +662,7 @@ pub fn train(config: &LmConfig, registry: &Registry, out: &Path) -> Result<LmOut
 pub fn resume(dir: &Path, registry: &Registry) -> Result<LmOutcome> {
     let config = LmConfig::from_file(&dir.join(RunDir::CONFIG))?;
     let data = LmData::load(&config)?;
-    let device = graft_model::default_device()?;
-    let checkpoint =
-        checkpoint::read_latest::<fit::LoopState>(dir, &device)?.ok_or_else(|| {
-            Error::Config(format!(
-                "{} has no checkpoint to resume from (train.checkpoint_every was 0, or the run stopped before its first)",
-                dir.display()
-            ))
-        })?;
+    let checkpoint = fit::latest_checkpoint(dir)?;
     let task = task(&config, registry, data)?;
     let run = RunDir::reopen(dir, checkpoint.state.done)?;
     run_task(task, run, Some(checkpoint))

@@ -34,12 +34,16 @@ fn class_scores(confusion: &[Vec<usize>], class: usize) -> (f64, f64, f64) {
     let actual: usize = confusion[class].iter().sum();
     let precision = ratio(tp, predicted);
     let recall = ratio(tp, actual);
-    let f1 = if precision + recall == 0.0 {
+    (precision, recall, f1(precision, recall))
+}
+
+/// The harmonic mean of `precision` and `recall`; 0 when both are.
+fn f1(precision: f64, recall: f64) -> f64 {
+    if precision + recall == 0.0 {
         0.0
     } else {
         2.0 * precision * recall / (precision + recall)
-    };
-    (precision, recall, f1)
+    }
 }
 
 pub fn evaluate(truth: &[usize], predicted: &[usize], num_classes: usize, loss: f64) -> Evaluation {
@@ -118,15 +122,10 @@ pub fn evaluate_tagging(
     }
     let precision = ratio(correct, predicted_count);
     let recall = ratio(correct, gold_count);
-    let f1 = if precision + recall == 0.0 {
-        0.0
-    } else {
-        2.0 * precision * recall / (precision + recall)
-    };
     TaggingEvaluation {
         precision,
         recall,
-        f1,
+        f1: f1(precision, recall),
         token_accuracy: ratio(right, tokens),
         gold_entities: gold_count,
         predicted_entities: predicted_count,

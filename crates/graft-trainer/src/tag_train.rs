@@ -106,15 +106,6 @@ impl TaggerTask {
         })
     }
 
-    /// Logits `[batch, tokens, labels]` of a padded batch, with the adapter's hooks.
-    fn logits(&self, batch: &TagBatch) -> Result<candle_core::Tensor> {
-        let inputs = self.classifier.inputs(&batch.encoded)?;
-        Ok(self
-            .classifier
-            .model
-            .forward(&inputs, self.classifier.hooks())?)
-    }
-
     /// The held-out rows' scores: entity-level precision, recall and F1, token accuracy.
     pub fn evaluate_held_out(&self) -> Result<TaggingEvaluation> {
         let tag_of = |index: i64| -> Option<Tag> {
@@ -128,7 +119,8 @@ impl TaggerTask {
         for rows in self.held_out.chunks(self.eval_batch_size.max(1)) {
             let refs: Vec<&LabelledTokens> = rows.iter().collect();
             let batch = pad(&refs, pad_id);
-            let logits = graft_model::ops::without_grad(|| self.logits(&batch))?;
+            let logits =
+                graft_model::ops::without_grad(|| self.classifier.forward(&batch.encoded))?;
             let best = logits
                 .argmax(candle_core::D::Minus1)?
                 .flatten_all()?
@@ -178,19 +170,10 @@ impl fit::Task for TaggerTask {
         batch: &TagBatch,
         share: fit::Share,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
-        let inputs = self.classifier.inputs(&batch.encoded)?;
-        let logits = self
-            .classifier
-            .model
-            .forward(&inputs, self.classifier.adapter.as_ref())?;
+        let logits = self.classifier.forward(&batch.encoded)?;
         // Per-position cross-entropy over the labelled tokens: the causal LM's loss, unshifted.
-        let mut loss = graft_model::loss::causal_lm_loss(&logits, &batch.labels)?;
-        if let Some(extra) = self.classifier.adapter.extra_loss()? {
-            loss = (loss + extra)?;
-        }
-        let loss = share.weigh(&loss)?;
-        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        Ok((value, loss.backward()?))
+        let loss = graft_model::loss::causal_lm_loss(&logits, &batch.labels)?;
+        self.classifier.weighed_grads(loss, share)
     }
 
     fn trainable(&self) -> Vec<(String, candle_core::Var)> {
@@ -198,19 +181,7 @@ impl fit::Task for TaggerTask {
     }
 
     fn param_groups(&self, t: &TrainSection) -> Vec<ParamGroup> {
-        let vars = |named: Vec<(String, candle_core::Var)>| named.into_iter().map(|(_, v)| v);
-        vec![
-            ParamGroup {
-                vars: vars(self.classifier.adapter.trainable()).collect(),
-                lr: t.lr,
-                weight_decay: t.weight_decay,
-            },
-            ParamGroup {
-                vars: vars(self.classifier.head_vars()).collect(),
-                lr: t.head_lr.unwrap_or(t.lr),
-                weight_decay: t.weight_decay,
-            },
-        ]
+        self.classifier.param_groups(t)
     }
 
     fn adapter(&self) -> &dyn graft_peft::Adapter {
@@ -281,6 +252,22 @@ pub struct MarkingReport {
     pub unmatched_examples: Vec<(usize, String)>,
 }
 
+impl std::fmt::Display for MarkingReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} marked in {} rows ({} unmatched, {} rows without any, {} spans cut by \
+             max_len)",
+            self.phrases - self.unmatched,
+            self.phrases,
+            self.rows,
+            self.unmatched,
+            self.rows_without_spans,
+            self.spans_cut
+        )
+    }
+}
+
 /// A tagging run's rows, split, and step count, from a resolved config.
 struct TagPlan {
     spec: crate::task::TaskSpec,
@@ -293,22 +280,13 @@ struct TagPlan {
 impl TagPlan {
     fn new(config: &crate::TrainConfig) -> Result<Self> {
         config.validate()?;
-        let field = |value: &Option<std::path::PathBuf>, what: &str| {
-            value
-                .clone()
-                .ok_or_else(|| Error::Config(format!("the resolved config lacks {what}")))
-        };
-        let data_path = field(&config.data.train, "data.train")?;
+        let (model_dir, data_path) = config.model_and_data()?;
         let column = config
             .data
             .phrase_column
             .clone()
             .ok_or_else(|| Error::Config("a tagging run needs data.phrase_column".into()))?;
-        let spec = crate::task::TaskSpec::from_config(
-            config,
-            config.method_name()?,
-            field(&config.model.dir, "model.dir")?,
-        );
+        let spec = crate::task::TaskSpec::from_config(config, config.method_name()?, model_dir);
         let template = graft_tokenizer::Template::parse(&spec.template)?;
         let mut required = template.columns();
         required.push(&column);
@@ -322,13 +300,8 @@ impl TagPlan {
             config.train.seed,
         )?;
         let pick = |idx: &[usize]| idx.iter().map(|&i| marking.rows[i].clone()).collect();
-        let t = &config.train;
         let train: Vec<TaggedRow> = pick(&train_idx);
-        let total = if t.max_steps > 0 {
-            t.max_steps
-        } else {
-            t.epochs * train.len().div_ceil(t.batch_size * t.grad_accum).max(1)
-        };
+        let total = config.train.total_steps(train.len());
         Ok(Self {
             spec,
             held_out: pick(&held_idx),
@@ -363,15 +336,7 @@ pub fn resume(
 ) -> Result<TagOutcome> {
     let config = crate::TrainConfig::from_file(&dir.join(RunDir::CONFIG))?;
     let plan = TagPlan::new(&config)?;
-    let device = graft_model::default_device()?;
-    let checkpoint =
-        crate::checkpoint::read_latest::<fit::LoopState>(dir, &device)?.ok_or_else(|| {
-            Error::Config(format!(
-                "{} has no checkpoint to resume from (train.checkpoint_every was 0, or the run \
-                 stopped before its first)",
-                dir.display()
-            ))
-        })?;
+    let checkpoint = fit::latest_checkpoint(dir)?;
     let classifier = crate::train::new_classifier(&plan.spec, &config, registry, plan.total)?;
     let run = RunDir::reopen(dir, checkpoint.state.done)?;
     run_loop(&config, classifier, plan, run, Some(checkpoint))
@@ -387,7 +352,7 @@ fn run_loop(
     let t = &config.train;
     let mut fields = serde_json::json!({});
     fit::DataIdentity::fields("data", &config.data, &mut fields)?;
-    let task = TaggerTask::new(
+    let mut task = TaggerTask::new(
         classifier,
         &plan.train,
         &plan.held_out,
@@ -403,21 +368,15 @@ fn run_loop(
         unmatched_examples: plan.marking.unmatched.iter().take(20).cloned().collect(),
     };
     let intro = format!(
-        "training {} to tag tokens: {} train / {} held-out rows; {} of {} phrases marked \
-         ({} unmatched, {} rows without any, {} spans cut at max_len {}); {} steps of {}",
+        "training {} to tag tokens: {} train / {} held-out rows; phrases: {marking}, max_len {}; {} \
+         steps of {}",
         plan.spec.method,
         plan.train.len(),
         plan.held_out.len(),
-        marking.phrases - marking.unmatched,
-        marking.phrases,
-        marking.unmatched,
-        marking.rows_without_spans,
-        marking.spans_cut,
         plan.spec.max_len,
         plan.total,
         t.batch_size * t.grad_accum,
     );
-    let mut task = task;
     task.marking = Some(marking.clone());
     let state = fit::fit(&mut task, t, plan.total, &mut run, resume_from, &intro)?;
     let best = state.best.ok_or_else(|| {

@@ -341,9 +341,47 @@ impl Classifier {
 
     /// Logits `[batch, labels]` of already rendered texts.
     pub fn logits(&self, texts: &[String]) -> Result<Tensor> {
-        let encoded = self.tokenizer.encode_batch(texts)?;
-        let inputs = self.inputs(&encoded)?;
-        Ok(self.model.forward(&inputs, self.hooks())?)
+        self.forward(&self.tokenizer.encode_batch(texts)?)
+    }
+
+    /// Logits of an encoded batch (`[batch, labels]`, or `[batch, tokens, labels]` for a token
+    /// classifier), through [`Classifier::hooks`].
+    pub fn forward(&self, batch: &EncodedBatch) -> Result<Tensor> {
+        Ok(self.model.forward(&self.inputs(batch)?, self.hooks())?)
+    }
+
+    /// A micro-batch's value and gradients: its mean `loss` plus the method's extra term,
+    /// weighed by its `share` of the step.
+    pub fn weighed_grads(
+        &self,
+        loss: Tensor,
+        share: crate::fit::Share,
+    ) -> Result<(f64, candle_core::backprop::GradStore)> {
+        let loss = match self.adapter.extra_loss()? {
+            Some(extra) => (loss + extra)?,
+            None => loss,
+        };
+        let loss = share.weigh(&loss)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((value, loss.backward()?))
+    }
+
+    /// The optimizer's groups: the method's tensors at `lr`, the head at `head_lr` (default
+    /// `lr`).
+    pub fn param_groups(&self, t: &crate::config::TrainSection) -> Vec<crate::optim::ParamGroup> {
+        let vars = |named: Vec<(String, Var)>| named.into_iter().map(|(_, v)| v).collect();
+        vec![
+            crate::optim::ParamGroup {
+                vars: vars(self.adapter.trainable()),
+                lr: t.lr,
+                weight_decay: t.weight_decay,
+            },
+            crate::optim::ParamGroup {
+                vars: vars(self.head_vars()),
+                lr: t.head_lr.unwrap_or(t.lr),
+                weight_decay: t.weight_decay,
+            },
+        ]
     }
 
     /// The hooks a forward pass runs: the adapter's, unless it is merged into the weights.

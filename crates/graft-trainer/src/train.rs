@@ -79,11 +79,8 @@ pub fn evaluate_examples(
         .zip(examples.labels.chunks(batch_size.max(1)))
     {
         let encoded = classifier.tokenizer.encode_batch(texts)?;
-        let inputs = classifier.inputs(&encoded)?;
         let started = Instant::now();
-        let logits = graft_model::ops::without_grad(|| {
-            classifier.model.forward(&inputs, classifier.hooks())
-        })?;
+        let logits = graft_model::ops::without_grad(|| classifier.forward(&encoded))?;
         if texts.len() == batch_size {
             throughput
                 .batch_seconds
@@ -132,13 +129,7 @@ impl Plan {
     fn new(config: &TrainConfig) -> Result<Self> {
         config.validate()?;
         let t = &config.train;
-        let field = |value: &Option<PathBuf>, what: &str| {
-            value
-                .clone()
-                .ok_or_else(|| Error::Config(format!("the resolved config lacks {what}")))
-        };
-        let model_dir = field(&config.model.dir, "model.dir")?;
-        let data_path = field(&config.data.train, "data.train")?;
+        let (model_dir, data_path) = config.model_and_data()?;
         let spec = TaskSpec::from_config(config, config.method_name()?, model_dir);
         let examples = Examples::from_file(&data_path, &spec)?;
         let (train_idx, val_idx) = stratified_split(
@@ -148,12 +139,7 @@ impl Plan {
             t.seed,
         )?;
         let train_set = examples.subset(&train_idx);
-        let per_step = t.batch_size * t.grad_accum;
-        let total = if t.max_steps > 0 {
-            t.max_steps
-        } else {
-            t.epochs * train_set.texts.len().div_ceil(per_step).max(1)
-        };
+        let total = t.total_steps(train_set.texts.len());
         Ok(Self {
             spec,
             val_set: examples.subset(&val_idx),
@@ -216,13 +202,7 @@ pub fn train(
 pub fn resume(dir: &Path, registry: &Registry) -> Result<Outcome> {
     let config = TrainConfig::from_file(&dir.join(RunDir::CONFIG))?;
     let plan = Plan::new(&config)?;
-    let device = graft_model::default_device()?;
-    let checkpoint = checkpoint::read_latest::<fit::LoopState>(dir, &device)?.ok_or_else(|| {
-        Error::Config(format!(
-            "{} has no checkpoint to resume from (train.checkpoint_every was 0, or the run stopped before its first)",
-            dir.display()
-        ))
-    })?;
+    let checkpoint = fit::latest_checkpoint(dir)?;
     let classifier = plan.classifier(&config, registry)?;
     let run = RunDir::reopen(dir, checkpoint.state.done)?;
     run_loop(&config, classifier, plan, run, Some(checkpoint))
@@ -288,19 +268,10 @@ impl fit::Task for ClassifierTask {
         (encoded, labels): &Self::Batch,
         share: fit::Share,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
-        let classifier = &self.classifier;
-        let inputs = classifier.inputs(encoded)?;
         let targets = Tensor::from_slice(labels, labels.len(), &self.device)?;
-        let logits = classifier
-            .model
-            .forward(&inputs, classifier.adapter.as_ref())?;
-        let mut loss = graft_model::loss::cross_entropy(&logits, &targets)?;
-        if let Some(extra) = classifier.adapter.extra_loss()? {
-            loss = (loss + extra)?;
-        }
-        let loss = share.weigh(&loss)?;
-        let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        Ok((value, loss.backward()?))
+        let logits = self.classifier.forward(encoded)?;
+        let loss = graft_model::loss::cross_entropy(&logits, &targets)?;
+        self.classifier.weighed_grads(loss, share)
     }
 
     fn trainable(&self) -> Vec<(String, candle_core::Var)> {
@@ -308,19 +279,7 @@ impl fit::Task for ClassifierTask {
     }
 
     fn param_groups(&self, t: &TrainSection) -> Vec<ParamGroup> {
-        let vars = |named: Vec<(String, candle_core::Var)>| named.into_iter().map(|(_, v)| v);
-        vec![
-            ParamGroup {
-                vars: vars(self.classifier.adapter.trainable()).collect(),
-                lr: t.lr,
-                weight_decay: t.weight_decay,
-            },
-            ParamGroup {
-                vars: vars(self.classifier.head_vars()).collect(),
-                lr: t.head_lr.unwrap_or(t.lr),
-                weight_decay: t.weight_decay,
-            },
-        ]
+        self.classifier.param_groups(t)
     }
 
     fn adapter(&self) -> &dyn graft_peft::Adapter {

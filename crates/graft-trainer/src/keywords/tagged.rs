@@ -6,10 +6,10 @@
 use super::{score::normalise, KeywordExtractor, Paper};
 use crate::task::Classifier;
 use crate::{Error, Result};
-use candle_core::{Device, Tensor, D};
-use graft_model::models::bert::{Inputs, Pooling};
+use candle_core::{Device, D};
+use graft_model::models::bert::Pooling;
 use graft_peft::loader::Registry;
-use graft_tokenizer::{entities, Tag, Template};
+use graft_tokenizer::{entities, EncodedBatch, Tag, Template};
 use std::path::Path;
 
 pub struct TaggingExtractor {
@@ -49,23 +49,18 @@ impl TaggingExtractor {
             .render(|column| paper.field(column))
             .map_err(|e| Error::Config(e.to_string()))?;
         let (ids, offsets) = self.classifier.tokenizer.encode_with_offsets(&text)?;
-        let device = self.classifier.model.head().device().clone();
         let n = ids.len();
-        let inputs = Inputs {
-            input_ids: Tensor::from_vec(ids, (1, n), &device)?,
-            attention_mask: Tensor::ones((1, n), candle_core::DType::U32, &device)?,
-            token_type_ids: Some(Tensor::zeros((1, n), candle_core::DType::U32, &device)?),
+        let encoded = EncodedBatch {
+            input_ids: ids,
+            attention_mask: vec![1; n],
+            token_type_ids: vec![0; n],
+            batch: 1,
+            seq_len: n,
         };
-        let logits = graft_model::ops::without_grad(|| {
-            self.classifier
-                .model
-                .forward(&inputs, self.classifier.hooks())
-        })?
-        .squeeze(0)?
-        .to_dtype(candle_core::DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let exp = logits.broadcast_sub(&max)?.exp()?;
-        let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+        let logits = graft_model::ops::without_grad(|| self.classifier.forward(&encoded))?
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?;
+        let probs = graft_model::ops::reference::softmax_last_dim(&logits)?;
         let best = probs.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let best_prob = probs.max(D::Minus1)?.to_vec1::<f32>()?;
         let labels = &self.classifier.labels;
